@@ -1,0 +1,81 @@
+"""Evaluation metrics on hand-computed cases."""
+import math
+
+import pytest
+import torch
+
+from sonar_llm.eval import metrics as M
+
+
+def test_bleu_identity_and_disjoint():
+    refs = ["the cat sat on the red mat today", "a dog ran into the big old park"]
+    assert M.bleu(refs, refs) == pytest.approx(100.0)
+    assert M.bleu(["zz yy xx ww vv uu tt", "qq pp oo nn mm ll kk"], refs) == pytest.approx(0.0)
+
+
+def test_bleu_hand_computed_brevity():
+    # hypothesis = first 4 tokens of a 8-token reference: all n-gram precisions are 1, BP = exp(1 - 8/4)
+    ref = "one two three four five six seven eight"
+    hyp = "one two three four"
+    assert M.bleu([hyp], [ref]) == pytest.approx(100.0 * math.exp(1 - 8 / 4), rel=1e-6)
+
+
+def test_rouge_hand_computed():
+    # unigram overlap 2 of 3 (hyp) and 2 of 4 (ref): F1 = 2*(2/3)*(1/2)/((2/3)+(1/2)) = 4/7
+    r = M.rouge(["cat sat down"], ["the cat sat up"])
+    assert r["rouge1"] == pytest.approx(100 * 4 / 7, rel=1e-6)
+    # bigram: hyp {cat sat, sat down}, ref {the cat, cat sat, sat up}: 1 match, P=1/2, R=1/3 -> F=0.4
+    assert r["rouge2"] == pytest.approx(40.0, rel=1e-6)
+    # LCS "cat sat" = 2 -> same as unigram here
+    assert r["rougeL"] == pytest.approx(100 * 4 / 7, rel=1e-6)
+
+
+def test_meteor_exact_match_formula():
+    # identical 4-word sentences: P=R=1, one chunk of 4 matches: penalty 0.5*(1/4)^3
+    s = M.meteor_no_wordnet(["a b c d"], ["a b c d"])
+    fmean = 1.0
+    assert s == pytest.approx(100 * fmean * (1 - 0.5 * (1 / 4) ** 3), rel=1e-6)
+    assert M.meteor_no_wordnet(["x y"], ["a b"]) == pytest.approx(0.0)
+
+
+def test_repetition_and_overlap():
+    # 4-grams of "a b c d a b c d": 5 grams, distinct {abcd, bcda, cdab, dabc} = 4 -> 1 - 4/5
+    assert M.repetition_n("a b c d a b c d", 4) == pytest.approx(0.2)
+    assert M.repetition_n("a b c", 4) == 0.0
+    assert M.ngram_overlap("the cat sat", "the cat ran", 2) == pytest.approx(0.5)
+    assert M.ngram_overlap("x", "the cat ran", 2) == 0.0
+    with pytest.raises(ValueError, match="n must be"):
+        M.repetition_n("a", 0)
+
+
+def test_round_trip_closed_form():
+    g = torch.Generator().manual_seed(1)
+    emb = torch.randn(5, 8, generator=g)
+    noise = torch.randn(5, 8, generator=g) * 0.1
+    table = {}
+
+    def decode(e):
+        out = []
+        for i in range(e.shape[0]):
+            table[str(i)] = e[i] + noise[i]
+            out.append(str(i))
+        return out
+
+    def encode(texts):
+        return torch.stack([table[t] for t in texts])
+
+    r = M.round_trip(emb, decode, encode)
+    assert r["round_trip_l2"] == pytest.approx(float(noise.norm(dim=-1).mean()), rel=1e-5)
+    cos = torch.nn.functional.cosine_similarity(emb, emb + noise, dim=-1).mean()
+    assert r["round_trip_cos"] == pytest.approx(float(cos), rel=1e-5)
+    with pytest.raises(ValueError, match="embeddings must be"):
+        M.round_trip(emb[0], decode, encode)
+
+
+def test_errors_and_nll():
+    with pytest.raises(ValueError, match="2 hypotheses but 1 references"):
+        M.bleu(["a", "b"], ["a"])
+    s = M.token_nll_summary(10.0, 4)
+    assert s["token_nll"] == 2.5 and s["token_ppl"] == pytest.approx(math.exp(2.5))
+    with pytest.raises(ValueError, match="num_tokens"):
+        M.token_nll_summary(1.0, 0)
