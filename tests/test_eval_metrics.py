@@ -79,3 +79,24 @@ def test_errors_and_nll():
     assert s["token_nll"] == 2.5 and s["token_ppl"] == pytest.approx(math.exp(2.5))
     with pytest.raises(ValueError, match="num_tokens"):
         M.token_nll_summary(1.0, 0)
+
+
+def test_protocol_prompt_split_and_scoring():
+    from sonar_llm.eval.protocol import ProtocolConfig, make_items, run_protocol
+
+    stories = [[f"s{j} of story {n} says word{j * n}." for j in range(n)] for n in (2, 5, 8, 40)]
+    items = make_items(stories, ProtocolConfig(prompt_mode="start"))
+    assert [len(it.prompt) for it in items] == [2, 2]  # 2- and 40-sentence stories are excluded
+    assert items[0].reference == stories[1][2:]
+    half = make_items(stories, ProtocolConfig(prompt_mode="half"))
+    assert [len(it.prompt) for it in half] == [2, 4]
+
+    # a perfect "model" that returns the reference continuation scores 100 BLEU and 0 REP-4
+    lookup = {tuple(s[:2]): s[2:] for s in stories}
+    res = run_protocol(stories, lambda prompts: [lookup[tuple(p)] for p in prompts], ProtocolConfig())
+    assert res["metrics"]["bleu"] == pytest.approx(100.0)
+    assert res["metrics"]["rouge1"] == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="prompt_mode"):
+        make_items(stories, ProtocolConfig(prompt_mode="middle"))
+    with pytest.raises(ValueError, match="returned 0 continuations"):
+        run_protocol(stories, lambda prompts: [], ProtocolConfig())

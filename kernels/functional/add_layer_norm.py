@@ -43,6 +43,7 @@ class AddLayerNormFunction(torch.autograd.Function):
         ctx.use_tri = use_tri
         ctx.has_res = has_res
         ctx.has_bias = bias is not None
+        ctx.set_materialize_grads(False)  # an unused output (often `summed`) gets None, not zeros
         if has_res:
             return y, s
         return (y,)

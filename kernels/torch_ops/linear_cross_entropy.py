@@ -12,23 +12,12 @@ Ignored tokens have loss 0 and no gradient. All reductions accumulate in float32
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 # Number of weight-gradient products run by `backward` (tests assert a frozen weight costs none).
 LAUNCH_COUNTS = {"forward": 0, "backward": 0, "backward_dweight": 0}
 
 _DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
-
-
-@dataclass
-class LCEGrads:
-    """Gradients produced by `backward`; a field is None when it was not requested."""
-
-    hidden: torch.Tensor | None = None
-    weight: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
 
 
 def chunk_rows(num_classes: int, chunk_bytes: int = _DEFAULT_CHUNK_BYTES) -> int:
@@ -119,8 +108,8 @@ def backward(
     need_weight: bool = False,
     need_bias: bool = False,
     chunk_size: int | None = None,
-) -> LCEGrads:
-    """Gradients of sum_i grad_rows[i] * loss_i w.r.t. hidden / weight / bias (only those requested).
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(d_hidden, d_weight, d_bias) of sum_i grad_rows[i] * loss_i, each None unless requested.
 
     `grad_rows` [N] already holds the upstream gradient times the reduction's scale; it is zeroed here
     on ignored rows. Gradients come back in the dtypes of the tensors they belong to.
@@ -128,9 +117,8 @@ def backward(
     LAUNCH_COUNTS["backward"] += 1
     n, d = hidden.shape
     v = weight.shape[0]
-    out = LCEGrads()
     if not (need_hidden or need_weight or need_bias):
-        return out
+        return None, None, None
     acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     w = _compute_weight(weight)
     valid = target != ignore_index
@@ -161,7 +149,8 @@ def backward(
         if need_bias:
             d_bias += z.sum(dim=0)
         del z
-    out.hidden = d_hidden
-    out.weight = d_weight.to(weight.dtype) if need_weight else None
-    out.bias = d_bias.to(bias.dtype) if need_bias else None
-    return out
+    return (
+        d_hidden,
+        d_weight.to(weight.dtype) if need_weight else None,
+        d_bias.to(bias.dtype) if need_bias else None,
+    )

@@ -15,11 +15,11 @@ __all__ = ["SegmentConfig", "split_sentences", "resplit_long"]
 
 _WS = re.compile(r"\s+")
 _PARA = re.compile(r"\n[^\S\n]*\n\s*")
-# Split-point classes for over-long sentences, best first. A split point is the index just after the match.
+# Split-point classes for over-long sentences, best first: (pattern, cut after the match?).
 _SPLIT_LEVELS = (
-    re.compile(r"[.!?;:\u3002\uff01\uff1f\u2026]+[\"')\]\u201d\u2019]*(?=\s)"),  # clause punctuation before a space
-    re.compile(r"[,\u3001\uff0c\u2013\u2014](?=\s)"),                          # commas and dashes before a space
-    re.compile(r"\s"),                                                          # any whitespace
+    (re.compile(r"[.!?;:\u3002\uff01\uff1f\u2026]+[\"')\]\u201d\u2019]*(?=\s)"), True),  # clause punctuation
+    (re.compile(r"[,\u3001\uff0c\u2013\u2014](?=\s)"), True),                          # commas and dashes
+    (re.compile(r"\s"), False),                                                         # any whitespace
 )
 
 
@@ -58,10 +58,9 @@ def resplit_long(sentence: str, max_sentence_chars: int = 256) -> list[str]:
     while len(rest) > limit:
         window = rest[: limit + 1]  # a split point at index `limit` still leaves a piece of `limit` chars
         cut = 0
-        for level in _SPLIT_LEVELS:
-            ends = [m.end() for m in level.finditer(window) if 0 < m.end() <= limit]
-            if level.pattern == r"\s":  # cutting at whitespace: the piece ends before the space
-                ends = [m.start() for m in level.finditer(window) if 0 < m.start() <= limit]
+        for pattern, after in _SPLIT_LEVELS:
+            points = (m.end() if after else m.start() for m in pattern.finditer(window))
+            ends = [e for e in points if 0 < e <= limit]
             if ends:
                 cut = ends[-1]
                 break

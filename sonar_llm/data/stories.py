@@ -37,7 +37,7 @@ GIRL_NAMES = (
     "Nora Julia Alice Molly Rita Tara Lena Fiona Kate Jenny Olive Hazel Ada Iris Luna Chloe Sophie Bella"
 ).split()
 BOY_NAMES = (
-    "Tom Max Ben Sam Leo Jack Tim Finn Noah Omar Luke Oscar Eli Jake Adam Hugo Ravi Kai Milo Theo "
+    "Tom Max Ben Sam Leo Jack Tim Finn Noah Omar Luke Oscar Eli Jake Adam Hugo Ravi Kai Milo Aron "
     "Dan Paul Liam Owen Ryan Alex Nick Joe Ivan Marco Pete Carl Hank Felix Jonas Arlo Rex Toby Ezra"
 ).split()
 # (kind, article) for animal heroes; humans are "girl"/"boy"
@@ -60,7 +60,7 @@ PLACES = {
     "forest": ("in the forest", ["an old oak tree", "a mossy log", "a little stream", "a berry bush", "a dark cave"]),
     "beach": ("at the beach", ["a big rock", "the soft sand", "a tide pool", "the blue waves", "a sand hill"]),
     "garden": ("in the garden", ["the flower bed", "an apple tree", "the old fence", "a small shed", "the vegetable patch"]),
-    "farm": ("on the farm", ["the red barn", "a hay stack", "the chicken coop", "a muddy field", "the big gate"]),
+    "farm": ("on the farm", ["the red barn", "a hay stack", "the hen house", "a muddy field", "the big gate"]),
     "school": ("at school", ["the play yard", "a tall shelf", "the reading corner", "the art table", "the big window"]),
     "lake": ("by the lake", ["a wooden dock", "the tall reeds", "a flat stone", "a small boat", "the sandy shore"]),
     "town": ("in the town", ["the bakery", "the toy shop", "the fountain", "the library", "the market"]),
@@ -108,7 +108,7 @@ FEARS = {
     "thunder": ("a loud boom shook the sky", "a warm blanket", "thunder is only a big noise from the clouds"),
     "deep water": ("the water looked very deep", "a bright swim ring", "the water was not so scary with a friend"),
     "the big dog": ("a big dog barked at the gate", "a crunchy treat", "the big dog only wanted to play"),
-    "the tall slide": ("the slide looked very tall", "a helping hand", "the slide was fast and fun"),
+    "the tall slide": ("the slide looked very tall", "a cup of warm milk", "the slide was fast and fun"),
     "the old attic": ("the attic door creaked", "a flashlight", "the attic was full of old toys"),
 }
 LOST_ANIMALS = [
@@ -173,6 +173,14 @@ def _cap(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
+def _the(phrase: str) -> str:
+    """'a tall tree' -> 'the tall tree' (for a second mention)."""
+    for art in ("a ", "an "):
+        if phrase.startswith(art):
+            return "the " + phrase[len(art):]
+    return phrase
+
+
 def _a(word: str) -> str:
     return ("an " if word[:1] in "aeiou" else "a ") + word
 
@@ -193,6 +201,7 @@ class _StoryWriter:
         self.obj_adj = r.choice(SIZES + COLORS + ["shiny", "old", "new", "favorite", "soft"])
         self.weather = r.choice(list(WEATHER))
         self.hero_adj = r.choice(HERO_ADJS)
+        self.keep = 0.3 if r.random() < 0.25 else 0.95
         self.out: list[str] = []
 
     def _make_char(self, taken: set[str]) -> _Char:
@@ -223,6 +232,26 @@ class _StoryWriter:
     def add(self, s: str) -> None:
         self.out.append(_cap(s))
 
+    def opt(self, s: str) -> None:
+        """An optional sentence: kept with the story's ``keep`` probability (terse stories drop more)."""
+        if self.r.random() < self.keep:
+            self.add(s)
+
+    def detail(self) -> None:
+        """A free sentence about the cast and the day, often with a subordinate clause."""
+        r, h, f = self.r, self.hero, self.friend
+        w = WEATHER[self.weather]
+        self.add(r.choice([
+            f"While {f.name} {r.choice(['hummed a song', 'picked flowers', 'counted clouds', 'looked for bugs'])}, {h.name} {r.choice(['sat on the grass', 'held the ' + self.obj, 'watched the birds', 'told a funny story'])}.",
+            f"{h.name} felt {r.choice(FEELINGS_GOOD)} because {w}.",
+            f"Even though {w}, {f.name} wanted to stay {self.where}.",
+            f"{f.name} told {h.name} a story about {_a(r.choice(HERO_ADJS) + ' ' + r.choice(ANIMALS))} who lived {r.choice(['in a shoe', 'on the moon', 'under the sea', 'in a cloud'])}.",
+            f"After they ate some {r.choice(FOODS)}, they felt strong again.",
+            f"{h.name} looked at {h.his} {self.obj_adj} {self.obj} and thought about {self.grown}.",
+            f"It was {r.choice(['quiet', 'busy', 'noisy', 'peaceful'])} {self.where}, and {w}.",
+            self.say(f.name, r.choice([f"I like your {self.obj}", "this is so much fun", f"I am glad we came here", "look at the sky"])),
+        ]))
+
     # ---------------------------------------------------------------- story parts
     def opening(self) -> None:
         r, h = self.r, self.hero
@@ -240,7 +269,7 @@ class _StoryWriter:
             self.add(f"There once was {_a(desc)} called {h.name}.")
         else:
             self.add(f"{h.name} was {_a(desc)}, and {h.he} loved to play {self.where}.")
-        if r.random() < 0.7:
+        if r.random() < 0.7 * self.keep:
             likes = r.choice([
                 f"{h.he} loved {h.his} {self.obj_adj} {self.obj} more than anything",
                 f"{h.he} had {_a(self.obj_adj + ' ' + self.obj)} that {h.he} took everywhere",
@@ -248,7 +277,7 @@ class _StoryWriter:
                 f"every day, {h.he} played with {h.his} {self.obj_adj} {self.obj}",
             ])
             self.add(likes + ".")
-        if r.random() < 0.6:
+        if r.random() < 0.6 * self.keep:
             f = self.friend
             rel = r.choice(["best friend", "neighbor", "cousin", "friend from school", "big brother" if f.he == "he" else "big sister"])
             self.add(r.choice([
@@ -278,7 +307,7 @@ class _StoryWriter:
             self.add(r.choice([
                 f"They played {r.choice(GAMES)} near {spot}.",
                 f"They ran around {spot} and laughed.",
-                f"{f.name} found {r.choice(SIZES)} {r.choice(['stick', 'leaf', 'feather', 'stone', 'flower'])} near {spot}.",
+                f"{f.name} found {_a(r.choice(SIZES) + ' ' + r.choice(['stick', 'leaf', 'feather', 'stone', 'flower']))} near {spot}.",
                 f"They ate {r.choice(FOODS)} and laughed under the sky.",
             ]))
 
@@ -290,13 +319,13 @@ class _StoryWriter:
             f"Suddenly, {h.name} saw that {h.his} {self.obj} was gone.",
             f"After a while, {h.name} looked around and {h.his} {self.obj} was not there.",
         ]))
-        self.add(self.say(h.name, f"where is my {self.obj}", "?"))
+        self.opt(self.say(h.name, f"where is my {self.obj}", "?"))
         self.add(f"{h.he} felt {r.choice(FEELINGS_BAD)} because {h.he} loved it so much.")
         spots = r.sample(HIDING_SPOTS, 3)
         self.add(f"{h.name} and {f.name} looked {spots[0]}, but it was not there.")
         if r.random() < 0.6:
             self.add(f"Then they looked {spots[1]}, and it was not there either.")
-        self.add(self.say(f.name, r.choice(["don't worry, we will find it", "let's keep looking", "maybe it is close by"])))
+        self.opt(self.say(f.name, r.choice(["don't worry, we will find it", "let's keep looking", "maybe it is close by"])))
         finder = r.choice([f.name, self.grown])
         self.add(f"At last, {finder} found the {self.obj} {spots[2]}.")
         self.add(f"{h.name} hugged {finder} and felt very {r.choice(FEELINGS_GOOD)}.")
@@ -308,41 +337,42 @@ class _StoryWriter:
         cause = r.choice(["A strong wind blew", "By accident, {h} threw", "{f} kicked"]).format(h=h.name, f=f.name)
         self.add(f"{cause} the {self.obj} {high}.")
         self.add(f"{h.name} jumped and jumped, but {h.he} could not reach it.")
-        self.add(self.say(h.name, r.choice(["what can we do now", "how will we get it down", "can you reach it"]), "?"))
+        self.opt(self.say(h.name, r.choice(["what can we do now", "how will we get it down", "can you reach it"]), "?"))
         if r.random() < 0.5:
             self.add(f"{f.name} tried to climb up, but the {r.choice(['tree', 'wall', 'branch'])} was too {r.choice(['high', 'slippery', 'steep'])}.")
         self.add(f"Then {h.name} had an idea, and {h.he} ran to get {self.grown}.")
         tool = r.choice(["a long ladder", "a long stick", "a rope", "a tall chair"])
         self.add(f"{self.grown} came with {tool} and got the {self.obj} down.")
-        self.add(self.say(h.name, r.choice(["thank you so much", "you are the best", "now we can play again"]), "!"))
+        self.opt(self.say(h.name, r.choice(["thank you so much", "you are the best", "now we can play again"]), "!"))
         return "stuck"
 
     def plot_broken(self) -> str:
         r, h, f = self.r, self.hero, self.friend
-        how = r.choice(["dropped it on the hard floor", "stepped on it by mistake", "pulled it too hard", "left it out in the rain"])
+        how = r.choice(["dropped {o} on the hard floor", "stepped on {o} by mistake", "pulled {o} too hard",
+                        "left {o} out in the rain"]).format(o="the " + self.obj)
         who = r.choice([h, f])
-        self.add(f"While they were playing, {who.name} {how}, and the {self.obj} broke.")
+        self.add(f"While they were playing, {who.name} {how}, and it broke.")
         self.add(f"{h.name} felt so {r.choice(FEELINGS_BAD)} that {h.he} began to cry.")
         if who is f:
-            self.add(self.say(f.name, r.choice(["I am so sorry", "I did not mean to break it", "it was my fault"])))
+            self.opt(self.say(f.name, r.choice(["I am so sorry", "I did not mean to break it", "it was my fault"])))
         self.add(f"{self.grown} saw them and came over to help.")
         fix = r.choice(["some glue", "a roll of tape", "a needle and thread", "a little hammer", "some string"])
         self.add(f"With {fix}, {self.grown} fixed the {self.obj} so it looked almost new.")
-        self.add(self.say(self.grown, r.choice(["we just have to be more careful", "there, good as new", "things can be fixed with a little love"])))
+        self.opt(self.say(self.grown, r.choice(["we just have to be more careful", "there, good as new", "things can be fixed with a little love"])))
         if r.random() < 0.6:
             self.add(f"{h.name} held the {self.obj} gently and smiled at {f.name}.")
         return "broken"
 
     def plot_share(self) -> str:
         r, h, f = self.r, self.hero, self.friend
-        self.add(self.say(f.name, f"can I play with your {self.obj}", "?"))
-        self.add(self.say(h.name, r.choice(["no, it is mine", "not now, I am using it", "no, you might break it"])))
+        self.opt(self.say(f.name, f"can I play with your {self.obj}", "?"))
+        self.opt(self.say(h.name, r.choice(["no, it is mine", "not now, I am using it", "no, you might break it"])))
         self.add(f"{f.name} felt {r.choice(FEELINGS_BAD)} and sat alone {r.choice(['on the bench', 'under a tree', 'by the door', 'on the grass'])}.")
         self.add(f"{h.name} played alone, but it was not fun anymore.")
         if r.random() < 0.5:
             self.add(f"{h.he} looked at {f.name} and remembered what {self.grown} always said about sharing.")
         self.add(f"So {h.name} walked over and gave the {self.obj} to {f.name}.")
-        self.add(self.say(h.name, r.choice(["let's play together", "here, you can have a turn", "I am sorry, we can share it"])))
+        self.opt(self.say(h.name, r.choice(["let's play together", "here, you can have a turn", "I am sorry, we can share it"])))
         self.add(f"{f.name} smiled, and they played with the {self.obj} until the sun went down.")
         return "share"
 
@@ -352,10 +382,10 @@ class _StoryWriter:
         event, helper_thing, truth = FEARS[fear]
         self.add(f"{h.name} was afraid of {fear}.")
         self.add(f"That {r.choice(['evening', 'day', 'afternoon', 'night'])}, {event}.")
-        self.add(self.say(h.name, r.choice(["I am scared", "I do not like this", "please stay with me"]), "!"))
+        self.opt(self.say(h.name, r.choice(["I am scared", "I do not like this", "please stay with me"]), "!"))
         self.add(f"{f.name} came close and held {h.his} hand.")
         self.add(f"{self.grown} brought {helper_thing} and sat down next to them.")
-        self.add(self.say(self.grown, r.choice(["you are braver than you think", "there is nothing to fear", "take a deep breath"])))
+        self.opt(self.say(self.grown, r.choice(["you are braver than you think", "there is nothing to fear", "take a deep breath"])))
         self.add(f"Slowly, {h.name} saw that {truth}.")
         self.add(f"{h.he} was not afraid of {fear} anymore, and {h.he} felt {r.choice(FEELINGS_GOOD)}.")
         return "fear"
@@ -366,7 +396,7 @@ class _StoryWriter:
         spot = r.choice(self.spots)
         self.add(f"Near {spot}, {h.name} found {animal}.")
         self.add(f"{h.name} saw that {trouble}.")
-        self.add(self.say(f.name, r.choice(["we have to help it", "poor little thing", "what should we do"]), "!" if r.random() < 0.5 else "?"))
+        self.opt(self.say(f.name, r.choice(["we have to help it", "poor little thing", "what should we do"]), "!" if r.random() < 0.5 else "?"))
         care = r.choice(["wrapped it in a soft scarf", "gave it some water", "carried it very gently", "gave it a few crumbs"])
         self.add(f"{h.name} {care}, and {f.name} went to get {self.grown}.")
         self.add(f"{self.grown} knew just what to do, and soon the animal felt better.")
@@ -380,7 +410,7 @@ class _StoryWriter:
         plan = r.choice(["have a picnic", "fly a kite", "play ball", "go to the lake", "ride their bikes"])
         self.add(f"{h.name} and {f.name} wanted to {plan}, but then it began to rain.")
         self.add(f"Big drops fell on the window, and {h.name} felt {r.choice(FEELINGS_BAD)}.")
-        self.add(self.say(h.name, r.choice(["now the whole day is ruined", "it is not fair", "I wanted to go outside"])))
+        self.opt(self.say(h.name, r.choice(["now the whole day is ruined", "it is not fair", "I wanted to go outside"])))
         self.add(f"{self.grown} smiled and said they could have fun inside.")
         acts = r.sample(ACTIVITIES_INDOOR, 2)
         self.add(f"First they {acts[0].format(g=self.grown)}.")
@@ -397,7 +427,7 @@ class _StoryWriter:
         self.add(f"{h.name} wanted to build the biggest {thing} in the world.")
         self.add(f"{h.he} worked for a long time, and the {thing} grew taller and taller.")
         self.add(f"But then {threat} came and {damage}.")
-        self.add(self.say(h.name, r.choice(["all my work is gone", "oh no, my " + thing, "why did that happen"]), "!"))
+        self.opt(self.say(h.name, r.choice(["all my work is gone", "oh no, my " + thing, "why did that happen"]), "!"))
         self.add(f"{f.name} sat down next to {h.him} and said they could build it again together.")
         self.add(f"This time they built it {fix}.")
         self.add(f"The new {thing} was even better than the first one, and {h.name} felt {r.choice(FEELINGS_GOOD)}.")
@@ -405,23 +435,23 @@ class _StoryWriter:
 
     def plot_newfriend(self) -> str:
         r, h, f = self.r, self.hero, self.friend
-        self.add(f"{r.choice(TIMES)}, a new {f.kind} named {f.name} came {self.where}.")
+        self.add(f"{r.choice(TIMES)}, a new {f.kind} named {f.name} came to {'the house next door' if self.place == 'house' else 'the ' + self.place}.")
         self.add(f"{f.name} stood alone and looked {r.choice(['shy', 'sad', 'lonely', 'nervous'])}.")
         self.add(f"{h.name} wanted to say hello, but {h.he} felt a little shy too.")
         self.add(f"At last, {h.name} took a deep breath and walked over.")
-        self.add(self.say(h.name, r.choice([f"hi, I am {h.name}, do you want to play", "do you want to play with me", f"would you like to see my {self.obj}"]), "?"))
+        self.opt(self.say(h.name, r.choice([f"hi, I am {h.name}, do you want to play", "do you want to play with me", f"would you like to see my {self.obj}"]), "?"))
         self.add(f"{f.name} smiled a big smile and said yes.")
         self.add(f"They played {r.choice(GAMES)} all {r.choice(['morning', 'afternoon', 'day'])} long.")
         return "newfriend"
 
     def plot_race(self) -> str:
         r, h, f = self.r, self.hero, self.friend
-        goal = r.choice(self.spots)
-        self.add(self.say(f.name, f"let's race to {goal}"))
+        goal = _the(r.choice(self.spots))
+        self.opt(self.say(f.name, f"let's race to {goal}"))
         self.add(f"{h.name} and {f.name} ran as fast as they could.")
         self.add(f"Halfway there, {f.name} tripped on {r.choice(['a root', 'a stone', 'a shoe lace', 'a stick'])} and fell down.")
         self.add(f"{h.name} could have won, but {h.he} stopped and went back.")
-        self.add(self.say(h.name, r.choice(["are you okay", "does it hurt", "can you stand up"]), "?"))
+        self.opt(self.say(h.name, r.choice(["are you okay", "does it hurt", "can you stand up"]), "?"))
         self.add(f"{h.name} helped {f.name} up, and they walked to {goal} side by side.")
         self.add(f"They reached it at the same time and laughed together.")
         return "race"
@@ -436,7 +466,7 @@ class _StoryWriter:
         self.add(f"It was hard work, and {h.he} had to try {r.choice(['two', 'three', 'many'])} times.")
         self.add(f"{h.he} hid the gift {r.choice(HIDING_SPOTS)} so nobody would see it.")
         self.add(f"The next day, {h.name} gave {who} the gift.")
-        self.add(self.say(who, r.choice(["this is the best gift ever", "you made this for me", "I love it so much"]), "!"))
+        self.opt(self.say(who, r.choice(["this is the best gift ever", "you made this for me", "I love it so much"]), "!"))
         self.add(f"{h.name} felt warm and {r.choice(FEELINGS_GOOD)} inside.")
         return "gift"
 
@@ -445,7 +475,7 @@ class _StoryWriter:
         found = r.choice(["an old map", "a shiny key", "a secret path", "a glowing stone", "a tiny door", "a message in a bottle"])
         spot = r.choice(self.spots)
         self.add(f"Near {spot}, {h.name} found {found}.")
-        self.add(self.say(f.name, r.choice(["where do you think it leads", "what is it", "should we follow it"]), "?"))
+        self.opt(self.say(f.name, r.choice(["where do you think it leads", "what is it", "should we follow it"]), "?"))
         self.add(f"They decided to follow it, step by step.")
         way = r.choice(["over a little bridge", "through the tall grass", "past a sleepy cat", "along a winding path"])
         self.add(f"They walked {way} until they reached {r.choice(self.spots)}.")
@@ -460,10 +490,18 @@ class _StoryWriter:
         r = self.r
         self.opening()
         plot = r.choice(self.PLOTS)
-        if plot not in ("newfriend",) and r.random() < 0.8:
+        if plot != "newfriend" and r.random() < 0.8 * self.keep:
             self.setting()
+        if r.random() < 0.5 * self.keep:
+            self.detail()
         key = getattr(self, f"plot_{plot}")()
-        # randomly drop some middle sentences so stories vary in length and shape
+        if r.random() < 0.3:  # a second episode: same cast, same place, another problem
+            self.add(r.choice(["Later that day, something else happened.", "But the day was not over yet.",
+                               "After that, they had one more adventure."]))
+            second = r.choice([p for p in self.PLOTS if p not in (plot, "newfriend")])
+            key = getattr(self, f"plot_{second}")()
+        if r.random() < 0.4 * self.keep:
+            self.detail()
         lesson = r.choice(LESSONS[key])
         n_end = 1 if r.random() < 0.7 else 2
         ends = r.sample(ENDINGS, n_end)

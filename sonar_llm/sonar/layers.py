@@ -38,8 +38,9 @@ def sinusoid_table(num_rows: int, dim: int, start_step: int = 2, *, device=None,
     half = dim // 2
     if half < 2:
         raise ValueError(f"sinusoid dim must be >= 4, got {dim}")
-    steps = torch.arange(start_step, start_step + num_rows, device=device, dtype=torch.float64)
-    idx = torch.arange(half, device=device, dtype=torch.float64)
+    # Computed in fp32 like fairseq2 (so the released checkpoints see the same table).
+    steps = torch.arange(start_step, start_step + num_rows, device=device, dtype=torch.float32)
+    idx = torch.arange(half, device=device, dtype=torch.float32)
     freqs = torch.exp(idx * (-math.log(10000.0) / (half - 1)))
     angles = torch.outer(steps, freqs)
     return torch.cat([angles.sin(), angles.cos()], dim=-1).to(dtype)
@@ -59,14 +60,13 @@ class SinusoidalPositions(nn.Module):
         self.reset_buffers()
 
     def reset_buffers(self, device=None) -> None:
-        """(Re)compute the table, e.g. after building on the meta device."""
+        """(Re)compute the fp32 table, e.g. after building on the meta device or a dtype cast."""
         device = device if device is not None else self.freqs.device
-        if torch.device(device).type == "meta":
-            self.freqs = torch.empty(self.max_seq_len, self.dim, device="meta")
-            return
         self.freqs = sinusoid_table(self.max_seq_len, self.dim, self.start_step, device=device)
 
     def table(self, start_step: int, length: int) -> Tensor:
+        if self.freqs.dtype != torch.float32:  # a module-wide .to(dtype) cast it: rebuild in fp32
+            self.reset_buffers()
         if start_step < 0 or start_step + length > self.max_seq_len:
             raise ValueError(
                 f"positions [{start_step}, {start_step + length}) exceed the maximum sequence length "
@@ -86,6 +86,8 @@ class SinusoidalPositions(nn.Module):
                 )
             if positions.numel() and (int(positions.max()) >= self.max_seq_len or int(positions.min()) < 0):
                 raise ValueError(f"positions must lie in [0, {self.max_seq_len})")
+            if self.freqs.dtype != torch.float32:
+                self.reset_buffers()
             pos = self.freqs[positions]
         else:
             pos = self.table(start_step, x.size(-2))

@@ -1,0 +1,273 @@
+"""Triton kernels for the fused linear cross-entropy (no autograd here; see `functional/`).
+
+Forward: a program owns BLOCK_N tokens and one contiguous split of the vocabulary. It walks that split in
+BLOCK_V tiles, builds each [BLOCK_N, BLOCK_V] logit tile with tl.dot over BLOCK_D slices of D, and keeps
+an online log-sum-exp, the target logit and (for label smoothing) the sum of logits per token. Only those
+per-token partials are written ([splits, N] each); a tiny torch reduction merges the splits. No [N, V]
+tensor is ever formed.
+
+Backward: one program per (token block, vocab block) tile recomputes the logit tile, forms
+dlogits = g * (softmax - (1 - eps) onehot - eps / V) in registers and adds dlogits @ W into an fp32
+d_hidden with atomic adds (BLOCK_D columns at a time); dlogits^T @ hidden into d_weight and the column
+sums into d_bias only when asked (constexpr flags: a frozen weight compiles and runs no weight-gradient
+code, and `LAUNCH_COUNTS["backward_dweight"]` stays 0).
+
+Precision: accumulation is always fp32. Under the Triton interpreter (and for fp32 inputs) tiles are
+converted to fp32 as they are loaded, because bf16 arithmetic is wrong in the interpreter. On a GPU,
+fp16/bf16 tiles go to tl.dot as they are (tensor cores, fp32 accumulator); everything after the dot is
+fp32. fp32 inputs use TF32 only when `torch.backends.cuda.matmul.allow_tf32` is on, like torch.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import interpret_mode
+
+# Kernel launches so far; tests assert that a frozen weight never launches weight-gradient work.
+LAUNCH_COUNTS = {"forward": 0, "backward": 0, "backward_dweight": 0}
+
+_INTERPRET = interpret_mode()
+
+if _INTERPRET:  # one small config: autotuning in the interpreter would be far too slow
+    _FWD_CONFIGS = [triton.Config({"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=4, num_stages=1)]
+    _BWD_CONFIGS = list(_FWD_CONFIGS)
+    _SPLIT_ALIGN = 128  # vocab split boundaries are multiples of this (and of every BLOCK_V)
+else:
+    # Ampere (A100) and Hopper (H100/H200) friendly tiles; BLOCK_D 64 = 128-byte rows for bf16.
+    _FWD_CONFIGS = [
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 32}, num_warps=8, num_stages=4),
+    ]
+    _BWD_CONFIGS = [
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=4, num_stages=4),
+    ]
+    _SPLIT_ALIGN = 256
+
+
+@triton.jit
+def _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_mask, v_mask, D, stride_hn, stride_hd, stride_wv,
+                stride_wd, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """fp32 logits [BLOCK_N, BLOCK_V] = h[offs_n] @ w[offs_v]^T (+ bias); masked entries are 0."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        h = tl.load(h_ptr + offs_n[:, None] * stride_hn + offs_d[None, :] * stride_hd,
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_v[:, None] * stride_wv + offs_d[None, :] * stride_wd,
+                    mask=v_mask[:, None] & d_mask[None, :], other=0.0)
+        if UPCAST:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)
+        acc += b[None, :]
+    return acc
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["N_BUCKET", "V", "D"])
+@triton.jit
+def _lce_fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, zt_ptr, zsum_ptr,
+                    N, V, D, V_PER_SPLIT, N_BUCKET,
+                    stride_hn, stride_hd, stride_wv, stride_wd,
+                    HAS_BIAS: tl.constexpr, SMOOTH: tl.constexpr, UPCAST: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    n_mask = offs_n < N
+    tgt = tl.load(t_ptr + offs_n, mask=n_mask, other=-1)
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    v_begin = pid_s * V_PER_SPLIT
+    v_end = tl.minimum(v_begin + V_PER_SPLIT, V)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        v_mask = offs_v < v_end
+        z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_mask, v_mask, D, stride_hn, stride_hd,
+                        stride_wv, stride_wd, HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+        zm = tl.where(v_mask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(zm, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(zm - m_new[:, None]), axis=1)
+        m = m_new
+        zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
+        if SMOOTH:
+            zsum += tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
+    out = pid_s * N + offs_n
+    tl.store(lse_ptr + out, m + tl.log(s), mask=n_mask)
+    tl.store(zt_ptr + out, zt, mask=n_mask)
+    if SMOOTH:
+        tl.store(zsum_ptr + out, zsum, mask=n_mask)
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["N_BUCKET", "V", "D"], reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"])
+@triton.jit
+def _lce_bwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
+                    N, V, D, N_BUCKET, target_weight, uniform_weight,
+                    stride_hn, stride_hd, stride_wv, stride_wd,
+                    HAS_BIAS: tl.constexpr, SMOOTH: tl.constexpr, UPCAST: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
+                    COMPUTE_DB: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    # Token blocks vary fastest: programs running together share the same W tile through L2.
+    pid_n = pid % num_n_blocks
+    pid_v = pid // num_n_blocks
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    n_mask = offs_n < N
+    v_mask = offs_v < V
+    g = tl.load(g_ptr + offs_n, mask=n_mask, other=0.0)  # 0 on ignored rows (set by the launcher)
+    if tl.max(tl.abs(g), axis=0) != 0.0:
+        z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_mask, v_mask, D, stride_hn, stride_hd,
+                        stride_wv, stride_wd, HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+        lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
+        tgt = tl.load(t_ptr + offs_n, mask=n_mask, other=-1)
+        p = tl.exp(z - lse[:, None])
+        if SMOOTH:
+            p = p - uniform_weight
+        p = tl.where(offs_v[None, :] == tgt[:, None], p - target_weight, p)
+        dz = tl.where(v_mask[None, :] & n_mask[:, None], p * g[:, None], 0.0)
+        if UPCAST:
+            dz_dot = dz
+        else:
+            dz_dot = dz.to(w_ptr.dtype.element_ty)
+        if COMPUTE_DB:
+            tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_mask)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < D
+            if COMPUTE_DH:
+                w = tl.load(w_ptr + offs_v[:, None] * stride_wv + offs_d[None, :] * stride_wd,
+                            mask=v_mask[:, None] & d_mask[None, :], other=0.0)
+                if UPCAST:
+                    w = w.to(tl.float32)
+                dh = tl.dot(dz_dot, w, input_precision=DOT_PRECISION)
+                tl.atomic_add(dh_ptr + offs_n[:, None] * D + offs_d[None, :], dh,
+                              mask=n_mask[:, None] & d_mask[None, :])
+            if COMPUTE_DW:
+                h = tl.load(h_ptr + offs_n[:, None] * stride_hn + offs_d[None, :] * stride_hd,
+                            mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+                if UPCAST:
+                    h = h.to(tl.float32)
+                dw = tl.dot(tl.trans(dz_dot), h, input_precision=DOT_PRECISION)
+                tl.atomic_add(dw_ptr + offs_v[:, None] * D + offs_d[None, :], dw,
+                              mask=v_mask[:, None] & d_mask[None, :])
+
+
+def _dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
+    """(UPCAST, DOT_PRECISION) for an input dtype; see the module docstring."""
+    if dtype == torch.float32:
+        allow_tf32 = (not _INTERPRET) and torch.backends.cuda.matmul.allow_tf32
+        return True, "tf32" if allow_tf32 else "ieee"
+    if dtype in (torch.float16, torch.bfloat16):
+        return _INTERPRET, "ieee" if _INTERPRET else "tf32"
+    raise TypeError(f"triton linear_cross_entropy supports float16/bfloat16/float32 inputs, got {dtype}")
+
+
+def _n_bucket(n: int) -> int:
+    """Autotune key bucket for the token count (next power of two, at least 16)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _num_splits(n: int, v: int, device: torch.device) -> int:
+    """How many vocab splits the forward uses so that small N still fills the GPU."""
+    max_splits = triton.cdiv(v, _SPLIT_ALIGN)
+    if _INTERPRET or device.type != "cuda":
+        return min(2, max_splits)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    token_blocks = triton.cdiv(n, 128)
+    return max(1, min(max_splits, triton.cdiv(4 * sms, token_blocks)))
+
+
+def forward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None,
+            *, ignore_index: int = -100, label_smoothing: float = 0.0,
+            num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss [N] (0 on ignored rows) and lse [N], float32. Inputs are assumed validated."""
+    n, d = hidden.shape
+    v = weight.shape[0]
+    upcast, precision = _dot_settings(hidden.dtype)
+    if n == 0:
+        empty = torch.empty(0, dtype=torch.float32, device=hidden.device)
+        return empty, empty.clone()
+    splits = num_splits if num_splits is not None else _num_splits(n, v, hidden.device)
+    splits = max(1, min(int(splits), triton.cdiv(v, _SPLIT_ALIGN)))
+    v_per_split = triton.cdiv(triton.cdiv(v, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    splits = triton.cdiv(v, v_per_split)
+    smooth = label_smoothing != 0.0
+    part_lse = torch.empty(splits, n, dtype=torch.float32, device=hidden.device)
+    part_zt = torch.empty_like(part_lse)
+    part_zsum = torch.empty_like(part_lse) if smooth else None
+    target = target.contiguous()
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
+    _lce_fwd_kernel[grid](
+        hidden, weight, bias, target, part_lse, part_zt, part_zsum,
+        n, v, d, v_per_split, _n_bucket(n),
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        HAS_BIAS=bias is not None, SMOOTH=smooth, UPCAST=upcast, DOT_PRECISION=precision,
+    )
+    LAUNCH_COUNTS["forward"] += 1
+    lse = part_lse[0] if splits == 1 else torch.logsumexp(part_lse, dim=0)
+    z_t = part_zt.sum(dim=0)
+    if smooth:
+        loss = lse - (1.0 - label_smoothing) * z_t - (label_smoothing / v) * part_zsum.sum(dim=0)
+    else:
+        loss = lse - z_t
+    loss = torch.where(target != ignore_index, loss, torch.zeros_like(loss))
+    return loss, lse
+
+
+def backward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
+             lse: torch.Tensor, grad_rows: torch.Tensor, *, ignore_index: int = -100,
+             label_smoothing: float = 0.0, need_hidden: bool = True, need_weight: bool = False,
+             need_bias: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(d_hidden, d_weight, d_bias) of sum_i grad_rows[i] * loss_i, each None unless requested.
+
+    Gradients come back in the dtype of the tensor they belong to (accumulated in fp32).
+    """
+    n, d = hidden.shape
+    v = weight.shape[0]
+    if not (need_hidden or need_weight or need_bias) or n == 0:
+        d_hidden = torch.zeros_like(hidden) if need_hidden else None
+        d_weight = torch.zeros_like(weight) if need_weight else None
+        d_bias = torch.zeros_like(bias) if need_bias else None
+        return d_hidden, d_weight, d_bias
+    upcast, precision = _dot_settings(hidden.dtype)
+    valid = target != ignore_index
+    g = torch.where(valid, grad_rows.float(), torch.zeros((), dtype=torch.float32, device=hidden.device))
+    g = g.contiguous()
+    dh = torch.zeros(n, d, dtype=torch.float32, device=hidden.device) if need_hidden else None
+    dw = torch.zeros(v, d, dtype=torch.float32, device=hidden.device) if need_weight else None
+    db = torch.zeros(v, dtype=torch.float32, device=hidden.device) if need_bias else None
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)  # noqa: E731
+    _lce_bwd_kernel[grid](
+        hidden, weight, bias, target.contiguous(), lse.float().contiguous(), g, dh, dw, db,
+        n, v, d, _n_bucket(n), 1.0 - label_smoothing, label_smoothing / v,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        HAS_BIAS=bias is not None, SMOOTH=label_smoothing != 0.0, UPCAST=upcast, DOT_PRECISION=precision,
+        COMPUTE_DH=need_hidden, COMPUTE_DW=need_weight, COMPUTE_DB=need_bias,
+    )
+    LAUNCH_COUNTS["backward"] += 1
+    if need_weight:
+        LAUNCH_COUNTS["backward_dweight"] += 1
+    return (
+        dh.to(hidden.dtype) if need_hidden else None,
+        dw.to(weight.dtype) if need_weight else None,
+        db.to(bias.dtype) if need_bias else None,
+    )

@@ -1,0 +1,1 @@
+"""Training stack scripts (run as `python train/main.py` / `torchrun train/main.py`)."""

@@ -1,0 +1,149 @@
+"""Distributed setup: process group from the torchrun environment, device choice, FSDP2 sharding
+(per transformer block, then the root), frozen-decoder placement, activation checkpointing, compile.
+
+The frozen SONAR decoder (any submodule whose parameters all have requires_grad=False) is replicated on
+every rank by default: it is excluded from FSDP (`ignored_params`) and cast to the compute dtype, so it
+costs no communication. `decoder_placement="shard"` instead shards every layer of its ModuleLists with
+FSDP2 (no gradients flow into them; their all-gathers are paid each step) to save memory.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from train.config import RunConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    initialized: bool = False  # whether this module created a process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("train.device: 'cuda' requested but no CUDA device is available")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(cfg: RunConfig) -> DistInfo:
+    """Join the process group described by torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...).
+    NCCL on CUDA, gloo on CPU; the collective timeout is `parallel.timeout_minutes`. Without WORLD_SIZE
+    (a plain `python train/main.py`) runs as a single process without a process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(cfg.train.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    info = DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    if "WORLD_SIZE" not in os.environ:
+        return info
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=cfg.parallel.timeout_minutes), **kwargs)
+        info.initialized = True
+    info.rank, info.world_size = dist.get_rank(), dist.get_world_size()
+    return info
+
+
+def shutdown_distributed(info: DistInfo) -> None:
+    if info.initialized and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def frozen_modules(model: nn.Module) -> list[nn.Module]:
+    """Largest submodules whose parameters are all frozen (e.g. SonarLLM's SONAR decoder)."""
+    found: list[nn.Module] = []
+
+    def visit(m: nn.Module) -> None:
+        for child in m.children():
+            params = list(child.parameters())
+            if params and not any(p.requires_grad for p in params):
+                found.append(child)
+            else:
+                visit(child)
+
+    visit(model)
+    return found
+
+
+def apply_activation_checkpointing(blocks: list[nn.Module], mode: str) -> None:
+    """'full': recompute every block in backward; 'selective': every other block (half the memory saving
+    for a quarter of the recompute cost). Done by wrapping the block's forward, so FSDP2's hooks on the
+    block stay outside the checkpointed region."""
+    if mode == "none":
+        return
+    if mode not in ("selective", "full"):
+        raise ValueError(f"activation_checkpointing: expected none|selective|full, got {mode!r}")
+    for i, block in enumerate(blocks):
+        if mode == "selective" and i % 2 == 1:
+            continue
+        inner = block.forward
+        block.forward = functools.partial(checkpoint, inner, use_reentrant=False)
+
+
+def parallelize(model: nn.Module, cfg: RunConfig, info: DistInfo) -> nn.Module:
+    """Move to device, then activation checkpointing, compile (per block) and FSDP2 as configured.
+    Returns the (same, now sharded) module; call `model.loss` as usual."""
+    if not hasattr(model, "transformer_blocks"):
+        raise TypeError(f"model {type(model).__name__} has no transformer_blocks() method")
+    blocks = list(model.transformer_blocks())
+    dtype = DTYPES[cfg.train.precision]
+    model.to(info.device)
+    frozen = frozen_modules(model)
+    use_fsdp = cfg.parallel.fsdp and dist.is_initialized()
+    if dtype != torch.float32 and (not use_fsdp or cfg.parallel.decoder_placement == "replicate"):
+        for m in frozen:  # frozen weights need no fp32 master copy
+            m.to(dtype)
+    apply_activation_checkpointing(blocks, cfg.train.activation_checkpointing)
+    if cfg.train.compile:
+        for b in blocks:
+            b.compile()
+    if not use_fsdp:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    mp = MixedPrecisionPolicy() if dtype == torch.float32 else MixedPrecisionPolicy(
+        param_dtype=dtype, reduce_dtype=torch.float32)
+    kw = dict(mesh=mesh, mp_policy=mp)
+    reshard = cfg.parallel.reshard_after_forward
+    for b in blocks:
+        fully_shard(b, reshard_after_forward=reshard, **kw)
+    ignored: set[nn.Parameter] = set()
+    if cfg.parallel.decoder_placement == "shard":
+        for m in frozen:
+            for sub in m.modules():
+                if isinstance(sub, nn.ModuleList):
+                    for layer in sub:
+                        fully_shard(layer, reshard_after_forward=reshard, **kw)
+    else:
+        for m in frozen:
+            ignored.update(m.parameters())
+    # the root keeps its parameters gathered after forward: backward needs them straight away
+    fully_shard(model, reshard_after_forward=False, ignored_params=ignored or None, **kw)
+    for name in ("loss", "sample"):
+        if hasattr(model, name):
+            register_fsdp_forward_method(model, name)
+    return model
