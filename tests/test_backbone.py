@@ -68,7 +68,9 @@ def ref_forward_doc(model, x):
     def rms(h, name):
         return h / torch.sqrt((h * h).mean(-1, keepdim=True) + cfg.norm_eps) * sd[name]
 
-    inv = RotaryEmbedding(Dh, theta=cfg.rope_theta, scaling=cfg.rope_scaling)._inv_freq
+    inv = RotaryEmbedding(
+        Dh, theta=cfg.rope_theta, scaling=cfg.rope_scaling, scaling_factor=cfg.rope_scaling_factor
+    )._inv_freq
     for n in range(cfg.num_layers):
         p = f"layers.{n}."
         h = rms(x, p + "self_attn_layer_norm.weight")
@@ -99,6 +101,7 @@ def ref_forward_doc(model, x):
         dict(),
         dict(num_kv_heads=2, rope_interleaved=True, attn_bias=True, output_proj_bias=True, ffn_bias=True),
         dict(num_kv_heads=1, rope_scaling="llama3", rope_theta=1e4),
+        dict(num_heads=2, head_dim=24, rope_scaling="llama3", rope_scaling_factor=32.0),  # attn 48 != d 32
     ],
 )
 def test_packed_forward_matches_independent_reference(kw):
@@ -206,10 +209,11 @@ def test_rope_conventions_differ_only_by_permutation():
     torch.testing.assert_close(inter.apply(x[..., perm], pos), half.apply(x, pos)[..., perm])
 
 
-def test_llama3_scaling_matches_formula():
+@pytest.mark.parametrize("factor", [8.0, 32.0])
+def test_llama3_scaling_matches_formula(factor):
     head_dim, theta = 64, 5e5
-    got = RotaryEmbedding(head_dim, theta=theta, scaling="llama3")._inv_freq
-    factor, low, high, old = 8.0, 1.0, 4.0, 8192
+    got = RotaryEmbedding(head_dim, theta=theta, scaling="llama3", scaling_factor=factor)._inv_freq
+    low, high, old = 1.0, 4.0, 8192
     for i in range(head_dim // 2):
         f = theta ** (-2.0 * i / head_dim)
         wavelen = 2 * math.pi / f
@@ -222,8 +226,8 @@ def test_llama3_scaling_matches_formula():
             want = (1 - smooth) * f / factor + smooth * f
         assert got[i].item() == pytest.approx(want, rel=1e-12)
     base = RotaryEmbedding(head_dim, theta=theta)._inv_freq
-    assert got[0] == base[0] and got[-1] == pytest.approx(base[-1].item() / 8, rel=1e-12)
-    assert torch.equal(llama3_scaled_inv_freq(base), got)
+    assert got[0] == base[0] and got[-1] == pytest.approx(base[-1].item() / factor, rel=1e-12)
+    assert torch.equal(llama3_scaled_inv_freq(base, factor=factor), got)
 
 
 def test_attend_with_mask_matches_manual_softmax():

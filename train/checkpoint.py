@@ -12,10 +12,12 @@ previous checkpoint stays the latest. Multi-node runs need `train.out_dir` on a 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
@@ -60,6 +63,14 @@ def _dist() -> bool:
 
 def _rank() -> int:
     return dist.get_rank() if _dist() else 0
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every single-process save/load; that mode is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
+        yield
 
 
 def _barrier() -> None:
@@ -117,12 +128,13 @@ def save_checkpoint(ckpt_root: str | os.PathLike, step: int, model: torch.nn.Mod
     if ok:
         try:
             model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
-            dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=_make_writer(tmp))
+            with _quiet_single_process():
+                dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=_make_writer(tmp), no_dist=not _dist())
             extra = {"rng": rng_state(_device_of(model)), **rank_state}
             torch.save(extra, tmp / f"rank_{rank}.pt")
             if rank == 0:
                 torch.save({"step": step, **trainer_state}, tmp / "trainer.pt")
-        except (OSError, dcp.api.CheckpointException) as e:  # ENOSPC, EIO, a rank's DCP write failing...
+        except (OSError, CheckpointException) as e:  # ENOSPC, EIO, a rank's DCP write failing...
             ok, error = False, e
         ok = _all_ok(ok)
     if ok and rank == 0:
@@ -211,7 +223,8 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
         raise FileNotFoundError(f"{rank_file}: missing (was the checkpoint written with fewer ranks?)")
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not _dist())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
     trainer = torch.load(path / "trainer.pt", weights_only=False)

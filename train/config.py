@@ -285,12 +285,13 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
         if not isinstance(obj, cls):
             raise ConfigError(f"{section}: expected {cls.__name__}, got {type(obj).__name__}")
         for name, typ in _section_types(cls).items():
-            value = getattr(obj, name)
-            coerced = _coerce(f"{section}.{name}", value, typ)
-            if typ is float and isinstance(value, int) and not isinstance(value, bool):
-                setattr(obj, name, coerced)
-            elif typ is int and isinstance(value, float):
-                raise ConfigError(f"{section}.{name}: expected int, got {value!r}")
+            key, value = f"{section}.{name}", getattr(obj, name)
+            if isinstance(value, str) and typ is not str:  # strings are only parsed from the CLI
+                raise ConfigError(f"{key}: expected {getattr(typ, '__name__', typ)}, got {value!r}")
+            coerced = _coerce(key, value, typ)
+            if typ is int and isinstance(value, float):
+                raise ConfigError(f"{key}: expected int, got {value!r}")
+            setattr(obj, name, coerced)
     m, d, o, t, p = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.parallel
     _require(bool(m.family), "model.family", "a family name", m.family)
     _require(bool(m.preset), "model.preset", "a preset name", m.preset)

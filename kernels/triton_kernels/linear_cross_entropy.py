@@ -19,6 +19,8 @@ fp32. fp32 inputs use TF32 only when `torch.backends.cuda.matmul.allow_tf32` is 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -186,12 +188,17 @@ def _n_bucket(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _num_splits(n: int, v: int, device: torch.device) -> int:
     """How many vocab splits the forward uses so that small N still fills the GPU."""
     max_splits = triton.cdiv(v, _SPLIT_ALIGN)
     if _INTERPRET or device.type != "cuda":
         return min(2, max_splits)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     token_blocks = triton.cdiv(n, 128)
     return max(1, min(max_splits, triton.cdiv(4 * sms, token_blocks)))
 

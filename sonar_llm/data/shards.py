@@ -41,7 +41,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "ShardCorruptionError", "ShardArrays", "write_shard",
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "ShardCorruptionError", "ShardArrays", "write_shard", "DatasetWriter",
            "write_json_atomic", "write_npy_atomic", "shard_name", "manifest_part_name", "read_manifest",
            "merge_manifest_parts", "ShardedDataset", "to_storage", "from_storage", "sha256_file"]
 
@@ -304,6 +304,123 @@ def merge_manifest_parts(out_dir: str | os.PathLike) -> dict | None:
     return merged
 
 
+class DatasetWriter:
+    """Writes the shards of one rank and keeps its manifest (part) up to date, atomically.
+
+    Opening an existing manifest (part) keeps its completed shards (`completed` holds their indices) when
+    its settings (`config`, encoder, tokenizer, dtype, end-of-document sentence) equal the new ones;
+    otherwise ValueError names the differing keys (pass overwrite=True to start over).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, *, embed_dim: int, dtype: str, end_of_doc_text: str,
+                 end_of_doc_tokens: Sequence[int], end_of_doc_embedding: torch.Tensor | np.ndarray,
+                 encoder: str = "", tokenizer: str = "", config: dict | None = None, rank: int = 0,
+                 world_size: int = 1, overwrite: bool = False):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        eod = to_storage(end_of_doc_embedding, dtype).reshape(-1)
+        if eod.shape != (embed_dim,):
+            raise ValueError(f"end_of_doc_embedding must have {embed_dim} values, got shape {eod.shape}")
+        self.root = Path(out_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.rank, self.world_size, self.dtype = rank, world_size, dtype
+        self.path = self.root / manifest_part_name(rank, world_size)
+        self.manifest = {
+            "format": FORMAT_NAME, "version": FORMAT_VERSION, "embed_dim": int(embed_dim), "dtype": dtype,
+            "encoder": encoder, "tokenizer": tokenizer,
+            "end_of_doc": {"text": end_of_doc_text, "tokens": [int(t) for t in end_of_doc_tokens],
+                           "file": "end_of_doc.npy"},
+            "config": config or {}, "rank": rank, "world_size": world_size, "complete": False,
+            "num_planned_shards": None, "shards": [], "ingest": None,
+        }
+        if self.path.exists() and not overwrite:
+            old = _load_json(self.path)
+            keys = ("format", "version", "embed_dim", "dtype", "encoder", "tokenizer", "end_of_doc", "world_size")
+            bad = [k for k in keys if old.get(k) != self.manifest[k]]
+            old_cfg, new_cfg = old.get("config", {}), self.manifest["config"]
+            bad += [f"config.{k}" for k in sorted(set(old_cfg) | set(new_cfg)) if old_cfg.get(k) != new_cfg.get(k)]
+            if bad:
+                raise ValueError(f"{self.path} was written with different settings ({bad}); use another output "
+                                 f"directory or overwrite=True")
+            self.manifest["shards"] = sorted(old["shards"], key=lambda e: e["index"])
+            if old.get("complete"):
+                for k in ("complete", "num_planned_shards", "ingest"):
+                    self.manifest[k] = old.get(k)
+        elif overwrite:
+            for p in glob.glob(str(self.root / "shard_*")):
+                idx = Path(p).name[len("shard_"):]
+                if idx.isdigit() and int(idx) % world_size == rank:
+                    shutil.rmtree(p, ignore_errors=True)
+            if world_size > 1 and rank == 0 and (self.root / "manifest.json").exists():
+                os.remove(self.root / "manifest.json")
+        self._clean_tmp()
+        write_npy_atomic(self.root / "end_of_doc.npy", eod)
+        self._commit()
+
+    def _clean_tmp(self) -> None:
+        """Remove temporary files a killed run of this rank left behind (they were never visible)."""
+        for p in glob.glob(str(self.root / ".shard_*.tmp-*")):
+            idx = Path(p).name[len(".shard_"):].split(".")[0]
+            if idx.isdigit() and int(idx) % self.world_size == self.rank:
+                shutil.rmtree(p, ignore_errors=True)
+        patterns = [f".{self.path.name}.tmp-*"] + ([".end_of_doc.npy.tmp-*", ".manifest.json.tmp-*"]
+                                                    if self.rank == 0 else [])
+        for pat in patterns:
+            for p in glob.glob(str(self.root / pat)):
+                try:
+                    os.remove(p)
+                except FileNotFoundError:
+                    pass
+
+    @property
+    def completed(self) -> set[int]:
+        return {int(e["index"]) for e in self.manifest["shards"]}
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    def _commit(self) -> None:
+        shards = self.manifest["shards"]
+        self.manifest["totals"] = _totals(shards)
+        self.manifest["skipped_no_sentences"] = sum(int(e.get("no_sentences", 0)) for e in shards)
+        write_json_atomic(self.path, self.manifest)
+
+    def add_shard(self, index: int, arrays: ShardArrays, *, doc_ids: Sequence[str] | None = None,
+                  extra: dict | None = None) -> dict:
+        """Write shard `index` (must belong to this rank) and record it in the manifest."""
+        if index % self.world_size != self.rank:
+            raise ValueError(f"shard {index} belongs to rank {index % self.world_size}, not rank {self.rank}")
+        if arrays.embeddings.ndim != 2 or arrays.embeddings.shape[1] != self.manifest["embed_dim"]:
+            raise ValueError(f"shard {index}: embeddings shape {arrays.embeddings.shape}, expected "
+                             f"[S, {self.manifest['embed_dim']}]")
+        entry = write_shard(self.root, index, arrays, dtype=self.dtype, doc_ids=doc_ids, extra=extra)
+        entry.update(extra or {})
+        shards = [e for e in self.manifest["shards"] if e["index"] != index] + [entry]
+        self.manifest["shards"] = sorted(shards, key=lambda e: e["index"])
+        self._commit()
+        return entry
+
+    def finish(self, num_planned_shards: int, ingest: dict | None = None) -> dict:
+        """Mark this rank complete; with several ranks, merge the parts once all are complete.
+
+        Returns the merged manifest when it was written, else this rank's manifest.
+        """
+        mine = {k for k in range(num_planned_shards) if k % self.world_size == self.rank}
+        missing = sorted(mine - self.completed)
+        if missing:
+            raise ValueError(f"rank {self.rank} cannot finish: shards {missing[:10]} are not written")
+        self.manifest.update(complete=True, num_planned_shards=int(num_planned_shards), ingest=ingest)
+        self._commit()
+        if self.world_size > 1:
+            merged = merge_manifest_parts(self.root)
+            if merged is not None:
+                return merged
+        return self.manifest
+
+
 class ShardedDataset:
     """Read-only, memory-mapped view of a preprocessed dataset.
 
@@ -438,14 +555,10 @@ class ShardedDataset:
 
     def doc_id(self, i: int) -> str | None:
         k, j = self.locate(int(i))
-        info = self._shard_info[k] or self._check_shard_info_only(k)
-        ids = info.get("doc_ids")
+        if self._shard_info[k] is None:
+            self._shard_info[k] = _load_json(self._shard_dir(k) / "shard.json")
+        ids = self._shard_info[k].get("doc_ids")
         return ids[j] if ids else None
-
-    def _check_shard_info_only(self, k: int) -> dict:
-        info = _load_json(self._shard_dir(k) / "shard.json")
-        self._shard_info[k] = info
-        return info
 
     def doc_lengths(self) -> tuple[np.ndarray, np.ndarray]:
         """(sentences per document, target tokens per document), int64 [num_docs] each (cached)."""

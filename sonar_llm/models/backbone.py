@@ -49,8 +49,11 @@ class BackboneConfig:
 
     `rope_interleaved=False` is the Llama / SONAR-LLM half-split convention (pairs (i, i+Dh/2));
     `True` is fairseq2 / LCM's adjacent-pair convention (pairs (2i, 2i+1)).
-    `rope_scaling="llama3"` applies Llama-3.1's frequency scaling (factor 8, low/high frequency factors
-    1 and 4, original context 8192), as the public SONAR-LLM backbone does.
+    `rope_scaling="llama3"` applies Llama-3's frequency scaling (low/high frequency factors 1 and 4,
+    original context 8192) with `rope_scaling_factor` (8 as Llama-3.1; the public SONAR-LLM JSON
+    configs use 32, as Llama-3.2).
+    `head_dim` defaults to model_dim // num_heads; the public SONAR-LLM configs fix it at 64, so their
+    attention width num_heads * head_dim can differ from model_dim (e.g. 900M: 32 x 64 = 2048 vs 1536).
     `checkpoint_activations` recomputes each layer in the backward pass (saves memory).
     """
 
@@ -63,6 +66,8 @@ class BackboneConfig:
     rope_theta: float = 5e5
     rope_interleaved: bool = False
     rope_scaling: str | None = None
+    rope_scaling_factor: float = 8.0
+    head_dim: int | None = None
     max_seq_len: int = 4096
     attn_bias: bool = False
     output_proj_bias: bool = False
@@ -76,10 +81,15 @@ class BackboneConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"BackboneConfig.{name} must be a positive int, got {value!r}")
-        if self.model_dim % self.num_heads:
-            raise ValueError(
-                f"BackboneConfig.model_dim={self.model_dim} is not divisible by num_heads={self.num_heads}"
-            )
+        if self.head_dim is None:
+            if self.model_dim % self.num_heads:
+                raise ValueError(
+                    f"BackboneConfig.model_dim={self.model_dim} is not divisible by num_heads={self.num_heads}"
+                    " (or set head_dim)"
+                )
+            self.head_dim = self.model_dim // self.num_heads
+        if not isinstance(self.head_dim, int) or self.head_dim <= 0:
+            raise ValueError(f"BackboneConfig.head_dim must be a positive int, got {self.head_dim!r}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.num_kv_heads is None:
@@ -94,8 +104,9 @@ class BackboneConfig:
             raise ValueError(f"BackboneConfig.dropout_p must be in [0, 1), got {self.dropout_p}")
 
     @property
-    def head_dim(self) -> int:
-        return self.model_dim // self.num_heads
+    def attn_dim(self) -> int:
+        """Width of the concatenated attention heads (num_heads * head_dim)."""
+        return self.num_heads * self.head_dim
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,6 +173,7 @@ class RotaryEmbedding:
         theta: float = 5e5,
         interleaved: bool = False,
         scaling: str | None = None,
+        scaling_factor: float = 8.0,
     ) -> None:
         if head_dim % 2:
             raise ValueError(f"RotaryEmbedding head_dim must be even, got {head_dim}")
@@ -172,9 +184,10 @@ class RotaryEmbedding:
         self.theta = theta
         self.interleaved = interleaved
         self.scaling = scaling
+        self.scaling_factor = scaling_factor
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         if scaling == "llama3":
-            inv_freq = llama3_scaled_inv_freq(inv_freq)
+            inv_freq = llama3_scaled_inv_freq(inv_freq, factor=scaling_factor)
         # Kept in fp64 on the host and cast per (device, dtype): unaffected by `model.to(dtype)`.
         self._inv_freq = inv_freq
         self._inv_freq_cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
@@ -219,7 +232,7 @@ class RotaryEmbedding:
     def __repr__(self) -> str:
         return (
             f"RotaryEmbedding(head_dim={self.head_dim}, theta={self.theta}, "
-            f"interleaved={self.interleaved}, scaling={self.scaling})"
+            f"interleaved={self.interleaved}, scaling={self.scaling}, factor={self.scaling_factor})"
         )
 
 
@@ -342,7 +355,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.attn_bias)
         self.output_proj = nn.Linear(cfg.num_heads * hd, d, bias=cfg.output_proj_bias)
         self.rope = (
-            RotaryEmbedding(hd, cfg.max_seq_len, cfg.rope_theta, cfg.rope_interleaved, cfg.rope_scaling)
+            RotaryEmbedding(
+                hd, cfg.max_seq_len, cfg.rope_theta, cfg.rope_interleaved, cfg.rope_scaling,
+                cfg.rope_scaling_factor,
+            )
             if use_rope
             else None
         )

@@ -10,7 +10,8 @@ Reimplements the behaviour of the LCM's scheduler (facts in ``sonar_and_lcm.md``
 * ``timestep_spacing="trailing"``, ``set_alpha_to_one=True``, no clipping by default;
 * classifier-free guidance with the "rescale" correction (Lin et al. 2023, Alg. 2): ``cfg_combine``.
 
-The schedule tables are computed in float64 and cast to the sample dtype when used.
+The schedule tables are computed in float64 on the CPU (also under a ``torch.device("meta")`` context)
+and cast to the sample's device and dtype when used.
 
 **The LCM step-count quirk.** The LCM builds its trailing schedule with
 ``torch.arange(T, 0, -T / S, dtype=torch.long)``: the integer arange truncates the float stride, so
@@ -107,17 +108,17 @@ def _betas_from_alpha_bar(fn, num_steps: int, max_beta: float) -> Tensor:
         a1, a2 = fn(i / num_steps), fn((i + 1) / num_steps)
         beta = 1.0 - a2 / a1 if a1 > 0 else 1.0
         betas.append(min(beta, max_beta))
-    return torch.tensor(betas, dtype=torch.float64)
+    return torch.tensor(betas, dtype=torch.float64, device="cpu")
 
 
 def make_betas(cfg: DDIMSchedulerConfig) -> Tensor:
     """The beta schedule of ``cfg`` (float64, length ``num_train_steps``), before any zero-SNR rescale."""
     n = cfg.num_train_steps
     if cfg.beta_schedule == "linear":
-        return torch.linspace(cfg.beta_start, cfg.beta_end, n, dtype=torch.float64)
+        return torch.linspace(cfg.beta_start, cfg.beta_end, n, dtype=torch.float64, device="cpu")
     if cfg.beta_schedule == "scaled_linear":
         e = cfg.scaled_linear_exponent
-        return torch.linspace(cfg.beta_start ** (1 / e), cfg.beta_end ** (1 / e), n, dtype=torch.float64) ** e
+        return torch.linspace(cfg.beta_start ** (1 / e), cfg.beta_end ** (1 / e), n, dtype=torch.float64, device="cpu") ** e
     if cfg.beta_schedule == "squaredcos_cap_v2":
         return _betas_from_alpha_bar(_alpha_bar_cosine, n, cfg.max_beta)
     a, b = cfg.sigmoid_alpha, cfg.sigmoid_beta
@@ -129,7 +130,7 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
 
     sqrt(alpha_bar) is shifted so its last value is 0 and scaled so its first value is unchanged.
     """
-    betas = betas.to(torch.float64)
+    betas = betas.to(device="cpu", dtype=torch.float64)
     abar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = abar_sqrt[0].item(), abar_sqrt[-1].item()
     if not first > last:
@@ -303,7 +304,7 @@ class DDIMScheduler:
             prev = {t: (ts[i + 1] if i + 1 < len(ts) else -1) for i, t in enumerate(ts)}
         self.num_inference_steps = S
         self.reproduce_lcm_step_quirk = reproduce_lcm_step_quirk
-        self.timesteps = torch.tensor(ts, dtype=torch.long)
+        self.timesteps = torch.tensor(ts, dtype=torch.long, device="cpu")
         self._prev = prev
         return self.timesteps
 

@@ -57,11 +57,14 @@ class SinusoidalPositions(nn.Module):
         self.max_seq_len = max_seq_len
         self.start_step = start_step
         self.register_buffer("freqs", torch.empty(max_seq_len, dim, device=device), persistent=False)
-        self.reset_buffers()
+        self.reset_buffers(self.freqs.device)
 
     def reset_buffers(self, device=None) -> None:
         """(Re)compute the fp32 table, e.g. after building on the meta device or a dtype cast."""
-        device = device if device is not None else self.freqs.device
+        device = torch.device(device) if device is not None else self.freqs.device
+        if device.type == "meta":  # (arange on meta pulls in torch._dynamo: just allocate)
+            self.freqs = torch.empty(self.max_seq_len, self.dim, device=device)
+            return
         self.freqs = sinusoid_table(self.max_seq_len, self.dim, self.start_step, device=device)
 
     def table(self, start_step: int, length: int) -> Tensor:
@@ -202,7 +205,10 @@ class TransformerFrontend(nn.Module):
     def __init__(self, vocab_size: int, model_dim: int, max_seq_len: int, start_step: int = 2,
                  dropout_p: float = 0.0, device=None, dtype=None) -> None:
         super().__init__()
-        self.embed = nn.Embedding(vocab_size, model_dim, device=device, dtype=dtype)
+        weight = torch.empty(vocab_size, model_dim, device=device, dtype=dtype)
+        if weight.device.type != "meta":  # (normal_ on meta pulls in torch._dynamo: skip it there)
+            nn.init.normal_(weight, std=model_dim ** -0.5)  # fairseq2's scaled-embedding init
+        self.embed = nn.Embedding(vocab_size, model_dim, _weight=weight)
         self.scale = math.sqrt(model_dim)
         self.pos_encoder = SinusoidalPositions(model_dim, max_seq_len, start_step, device=device)
         self.dropout_p = dropout_p

@@ -1,0 +1,103 @@
+"""Benchmark: fused linear cross-entropy (forward + backward through hidden, frozen weight).
+
+Compares, side by side in one pytest-benchmark group:
+  ours       sonar_kernels.linear_cross_entropy (impl="auto": Triton on CUDA, chunked PyTorch on the CPU)
+  reference  full logits (hidden @ W^T, upcast to fp32) + F.cross_entropy, what the public code does
+  liger      Liger-Kernel's fused linear cross-entropy (CUDA only; skipped when not importable)
+  cce        Cut Cross-Entropy (CUDA only; skipped when not importable)
+On CUDA the paper's shapes are used (N=16k target tokens, V=256,206, D=1024, bf16) unless quick mode
+(`--benchmark-disable` or SONAR_BENCH_QUICK=1) asks for the small ones; the CPU always uses small shapes
+(N=256, V=8192, D=256, fp32). `SONAR_BENCH_LCE_SHAPE=N,V,D` overrides. Peak CUDA memory of one step above
+the inputs goes into `extra_info["peak_mem_bytes"]` (CUDA only; None on the CPU).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sonar_kernels.functional.linear_cross_entropy import linear_cross_entropy
+
+GROUP = "linear_cross_entropy fwd+bwd"
+PAPER_SHAPE = (16384, 256206, 1024)
+SMALL_SHAPE = (256, 8192, 256)
+
+
+def _shape(quick: bool, device: torch.device) -> tuple[int, int, int]:
+    env = os.environ.get("SONAR_BENCH_LCE_SHAPE")
+    if env:
+        try:
+            n, v, d = (int(x) for x in env.split(","))
+        except ValueError as exc:
+            raise ValueError(f"SONAR_BENCH_LCE_SHAPE must be 'N,V,D' integers, got {env!r}") from exc
+        return n, v, d
+    return SMALL_SHAPE if (quick or device.type != "cuda") else PAPER_SHAPE
+
+
+def _reference(h, w, t):
+    return F.cross_entropy((h @ w.t()).float(), t, ignore_index=-100)
+
+
+def _ours(h, w, t):
+    return linear_cross_entropy(h, w, t, ignore_index=-100)
+
+
+def _liger():
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except Exception as exc:  # not installed, or its import fails on this machine
+        pytest.skip(f"liger-kernel not importable: {exc}")
+    return lambda h, w, t: liger_fused_linear_cross_entropy(h, w, t, ignore_index=-100)
+
+
+def _cce():
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce_lce
+    except Exception as exc:
+        pytest.skip(f"cut-cross-entropy not importable: {exc}")
+    # filter_eps=None: exact gradients, like ours (CCE's default filters small softmax entries)
+    return lambda h, w, t: cce_lce(h, w, t, ignore_index=-100, filter_eps=None)
+
+
+ROLES = {"ours": lambda: _ours, "reference": lambda: _reference, "liger": _liger, "cce": _cce}
+
+
+@pytest.mark.parametrize("role", list(ROLES))
+def test_bench_linear_cross_entropy(benchmark, bench_quick, bench_device, role):
+    device = bench_device
+    if role in ("liger", "cce") and device.type != "cuda":
+        pytest.skip(f"{role} runs its Triton kernels on CUDA only (the CPU interpreter is too slow to time)")
+    fn = ROLES[role]()
+    n, v, d = _shape(bench_quick, device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hidden = torch.randn(n, d, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    weight = (torch.randn(v, d, generator=g) / d ** 0.5).to(device=device, dtype=dtype)  # frozen
+    target = torch.randint(0, v, (n,), generator=g).to(device)
+    target[::17] = -100
+
+    def step():
+        hidden.grad = None
+        loss = fn(hidden, weight, target)
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return loss
+
+    loss = step()  # warm-up (Triton compilation / autotuning) and a sanity check
+    assert torch.isfinite(loss).item() and hidden.grad is not None and weight.grad is None
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        peak = torch.cuda.max_memory_allocated() - base
+    benchmark.group = GROUP
+    benchmark.extra_info.update({
+        "role": role, "N": n, "V": v, "D": d, "dtype": str(dtype).replace("torch.", ""),
+        "peak_mem_bytes": peak, "full_logits_fp32_bytes": n * v * 4,
+    })
+    benchmark(step)

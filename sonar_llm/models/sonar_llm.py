@@ -1,0 +1,192 @@
+"""SONAR-LLM: a decoder-only Transformer over SONAR sentence embeddings, trained with token
+cross-entropy through the frozen SONAR decoder.
+
+    e_0..e_{n-1} --input_proj (E->d)--> Backbone --output_proj (d->E)--> ê_1..ê_n-1
+Inside each document the hidden state of sentence k-1 predicts sentence k's embedding (k >= 1). Each
+prediction ê_k is the single cross-attention key of the frozen SONAR decoder, teacher-forced on sentence
+k's target-mode tokens; the loss is the mean cross-entropy over all target tokens of the batch (the
+public SONAR-LLM objective). `path="fast"` uses `PackedSonarDecoder.loss` (packed sentences, folded
+cross-attention, fused linear cross-entropy); `path="reference"` the public code's padded full-logit
+computation. An optional `mse_weight` adds weight * mean squared error between ê_k and e_k (ablation).
+
+The frozen decoder is NOT a registered submodule: it is absent from `parameters()` and `state_dict()`
+(checkpoints and optimizers hold only the concept model) and `model.to()` does not move it; `loss`
+moves it to the batch's device when needed, `decoder_to(...)` moves/casts it explicitly. Its weights
+never get gradients; gradients reach the concept model through the decoder's inputs only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backbone import Backbone, BackboneConfig
+from .family import ConceptFamily, causal_attention_flops, next_sentence_pairs, select_segments
+
+__all__ = ["SonarLLMConfig", "SonarLLM", "sonar_decoder_flops"]
+
+PATHS = ("fast", "reference")
+
+
+@dataclass
+class SonarLLMConfig:
+    """SONAR-LLM options: the backbone, the SONAR embedding width, the loss path and the MSE ablation."""
+
+    backbone: BackboneConfig
+    sonar_dim: int = 1024
+    path: str = "fast"
+    mse_weight: float = 0.0
+    decoder_impl: str = "auto"  # PackedSonarDecoder kernel backends ("auto" | "triton" | "torch")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.backbone, BackboneConfig):
+            raise TypeError(f"SonarLLMConfig.backbone must be a BackboneConfig, got {type(self.backbone).__name__}")
+        if self.path not in PATHS:
+            raise ValueError(f"SonarLLMConfig.path must be one of {PATHS}, got {self.path!r}")
+        if self.sonar_dim <= 0:
+            raise ValueError(f"SonarLLMConfig.sonar_dim must be positive, got {self.sonar_dim}")
+        if self.mse_weight < 0:
+            raise ValueError(f"SonarLLMConfig.mse_weight must be >= 0, got {self.mse_weight}")
+
+
+def sonar_decoder_flops(decoder_cfg, num_tokens: int, num_sentences: int, sum_sq_half: float) -> float:
+    """Forward FLOPs of the frozen SONAR decoder teacher-forced on `num_tokens` input tokens of
+    `num_sentences` sentences: per token 2 x (self-attention 4D^2 + FFN 2DF per layer + the D x V
+    output projection), per sentence the folded cross-attention constants (2 x L x D x E), plus causal
+    attention scores over the sentences (`sum_sq_half` = sum of L(L+1)/2)."""
+    d, f, L, V = decoder_cfg.model_dim, decoder_cfg.ffn_dim, decoder_cfg.num_layers, decoder_cfg.vocab_size
+    e = getattr(decoder_cfg, "encoder_dim", None) or d
+    per_token = 2.0 * (L * (4 * d * d + 2 * d * f) + d * V)
+    per_sentence = 2.0 * L * d * e
+    attn = 4.0 * L * d * sum_sq_half
+    return per_token * num_tokens + per_sentence * num_sentences + attn
+
+
+class SonarLLM(ConceptFamily):
+    """input_proj Linear(E->d, bias) -> Backbone -> output_proj Linear(d->E, bias); loss through the
+    frozen SONAR decoder (see the module docstring). `cfg` is a `SonarLLMConfig` or a `BackboneConfig`
+    (then defaults for the rest; the SONAR width is taken from the decoder)."""
+
+    def __init__(self, cfg: SonarLLMConfig | BackboneConfig, decoder: nn.Module | None = None) -> None:
+        super().__init__()
+        if isinstance(cfg, BackboneConfig):
+            sonar_dim = decoder.cfg.encoder_dim if decoder is not None else 1024
+            cfg = SonarLLMConfig(backbone=cfg, sonar_dim=sonar_dim)
+        if not isinstance(cfg, SonarLLMConfig):
+            raise TypeError(f"SonarLLM expects a SonarLLMConfig or BackboneConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        d = cfg.backbone.model_dim
+        self.input_proj = nn.Linear(cfg.sonar_dim, d, bias=True)
+        self.backbone = Backbone(cfg.backbone)
+        self.output_proj = nn.Linear(d, cfg.sonar_dim, bias=True)
+        object.__setattr__(self, "_packed", None)
+        if decoder is not None:
+            self.set_decoder(decoder)
+
+    # ------------------------------------------------------------------ the frozen decoder
+    def set_decoder(self, decoder: nn.Module) -> None:
+        """Attach a frozen SONAR decoder (a `SonarTextDecoder` or an existing `PackedSonarDecoder`)."""
+        from sonar_llm.sonar.packed_decoder import PackedSonarDecoder
+
+        packed = decoder if isinstance(decoder, PackedSonarDecoder) else PackedSonarDecoder(
+            decoder, impl=self.cfg.decoder_impl
+        )
+        enc_dim = packed.decoder.cfg.encoder_dim
+        if enc_dim != self.cfg.sonar_dim:
+            raise ValueError(
+                f"decoder reads {enc_dim}-d embeddings but SonarLLMConfig.sonar_dim is {self.cfg.sonar_dim}"
+            )
+        packed.decoder.requires_grad_(False)
+        object.__setattr__(self, "_packed", packed)  # not a submodule: no parameters / state_dict
+
+    @property
+    def packed_decoder(self):
+        if self._packed is None:
+            raise ValueError("SonarLLM has no SONAR decoder: pass one to the constructor or call set_decoder()")
+        return self._packed
+
+    @property
+    def sonar_decoder(self) -> nn.Module:
+        """The frozen `SonarTextDecoder`."""
+        return self.packed_decoder.decoder
+
+    def decoder_to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        """Move/cast the frozen decoder (it is not moved by `model.to`)."""
+        packed = self.packed_decoder
+        packed.to(device=device, dtype=dtype)
+        packed.refresh()  # rebuild the folded / fused buffers from the (cast) weights
+
+    # ------------------------------------------------------------------ forward pieces
+    def embed_inputs(self, embeddings: Tensor) -> Tensor:
+        """SONAR embeddings [..., E] -> backbone inputs [..., d]."""
+        return self.input_proj(embeddings.to(self.input_proj.weight.dtype))
+
+    def predict_embedding(self, hidden: Tensor) -> Tensor:
+        """Backbone outputs [..., d] -> predicted next SONAR embeddings [..., E]."""
+        return self.output_proj(hidden)
+
+    def forward(self, embeddings: Tensor, doc_cu_seqlens: Tensor, max_doc_len: int) -> Tensor:
+        """Packed documents embeddings[S,E] -> predicted next embeddings [S,E] (row k predicts k+1)."""
+        if embeddings.dim() != 2 or embeddings.shape[-1] != self.cfg.sonar_dim:
+            raise ValueError(
+                f"SonarLLM expects embeddings[S, {self.cfg.sonar_dim}], got {tuple(embeddings.shape)}"
+            )
+        hidden = self.backbone(self.embed_inputs(embeddings), doc_cu_seqlens, max_doc_len)
+        return self.predict_embedding(hidden)
+
+    # ------------------------------------------------------------------ family interface
+    def loss(self, batch) -> tuple[Tensor, dict[str, Any]]:
+        """Mean token cross-entropy of every sentence k >= 1 of every document, decoded by the frozen
+        decoder from the prediction of sentence k-1 (+ mse_weight * MSE)."""
+        packed = self.packed_decoder
+        embeddings = batch.embeddings
+        if packed.cross_weight.device != embeddings.device:
+            self.decoder_to(embeddings.device)
+        pred_rows, tgt_rows = next_sentence_pairs(batch.doc_cu_seqlens, embeddings.shape[0])
+        hidden = self.backbone(self.embed_inputs(embeddings), batch.doc_cu_seqlens, batch.max_doc_len)
+        pred = self.predict_embedding(hidden.index_select(0, pred_rows))
+        if pred_rows.numel() == 0:
+            zero = pred.sum() * 0.0
+            return zero, {"ce": 0.0, "target_sentences": 0, "target_tokens": 0}
+        tokens, tok_cu = select_segments(batch.tokens, batch.tok_cu_seqlens, tgt_rows)
+        pred_dec = pred.to(packed.dtype)
+        if self.cfg.path == "fast":
+            prepared = packed.prepare(tokens, tok_cu)
+            ce = packed.loss(pred_dec, prepared, reduction="mean")
+        else:
+            ce = packed.reference_loss(pred_dec, tokens, tok_cu, reduction="mean")
+        num_target_tokens = int(tokens.numel()) - int(tgt_rows.numel())
+        metrics: dict[str, Any] = {
+            "ce": ce.detach(),
+            "target_sentences": int(tgt_rows.numel()),
+            "target_tokens": num_target_tokens,
+        }
+        loss = ce
+        if self.cfg.mse_weight > 0:
+            target = embeddings.index_select(0, tgt_rows).to(pred.dtype)
+            mse = F.mse_loss(pred, target)
+            loss = loss + self.cfg.mse_weight * mse.to(loss.dtype)
+            metrics["mse"] = mse.detach()
+        return loss, metrics
+
+    def flops_per_batch(self, batch) -> float:
+        """Training FLOPs of one step: concept model 6 x params x sentences + 3 x attention; frozen
+        decoder forward + input-gradient backward (about 2 x its forward; no weight gradients)."""
+        cfg = self.cfg.backbone
+        num_sent = int(batch.embeddings.shape[0])
+        backbone_params = sum(p.numel() for p in self.backbone.parameters())
+        proj_params = self.input_proj.weight.numel() + self.output_proj.weight.numel()
+        flops = 6.0 * (backbone_params + proj_params) * num_sent
+        flops += 3.0 * causal_attention_flops(batch.doc_cu_seqlens, cfg.num_layers, cfg.num_heads, cfg.head_dim)
+        if self._packed is None:
+            return flops
+        pred_rows, tgt_rows = next_sentence_pairs(batch.doc_cu_seqlens, num_sent)
+        lengths = (batch.tok_cu_seqlens[1:] - batch.tok_cu_seqlens[:-1]).index_select(0, tgt_rows.to(
+            batch.tok_cu_seqlens.device)).to(torch.float64) - 1  # decoder inputs per sentence
+        num_tokens = float(lengths.sum())
+        sum_sq_half = float((lengths * (lengths + 1) / 2).sum())
+        flops += 2.0 * sonar_decoder_flops(self.sonar_decoder.cfg, num_tokens, int(tgt_rows.numel()), sum_sq_half)
+        return flops

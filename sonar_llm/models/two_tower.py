@@ -1,0 +1,793 @@
+"""Two-Tower diffusion LCM: a causal contextualizer plus an AdaLN denoiser over SONAR embeddings.
+
+Re-implementation of the Large Concept Model's ``two_tower_diffusion_lcm`` (facts in
+``sonar_and_lcm.md`` C1, C3, C5, C7), with the LCM's state-dict names so its checkpoints (e.g. the
+public Two-Tower 1.6B layout) load strictly:
+
+* ``sonar_normalizer.{center,scale}``; ``encoder_frontend.pre_linear`` (Linear E -> d);
+* ``context_encoder``: a causal :class:`~sonar_llm.models.backbone.Backbone` (RMSNorm, SwiGLU, biases,
+  interleaved RoPE theta 1e4) over the *clean* normalised sequence;
+* ``denoiser``: DiT timestep embedding (``embed_time.fc1/fc2``), ``initial_proj.fc`` (E -> d), layers of
+  three AdaLN-modulated sub-blocks ``x = x + gate * Block(RMSNorm(x) * (1 + scale) + shift)``
+  (diagonal-only self-attention, cross-attention to ``[0-vector ; context]``, SwiGLU), a final RMSNorm
+  and ``final_proj.fc`` (d -> E). The model predicts x0.
+
+Training (``loss``): x0 = normalise(embeddings); t ~ U{0..T-1} per position; x_t = add_noise(x0);
+query i of a document cross-attends to key 0 (the zero vector) and context positions < i
+(ShiftedCausal); classifier-free-guidance dropout makes floor((L-1) * p) random rows (never row 0) of
+every document of length L see only the zero vector; loss = squared error to x0 summed over the
+embedding dimensions, averaged (or summed) over positions.
+
+Deviation from the LCM, on purpose: the LCM draws the CFG-dropped rows once per padded batch (the
+same rows for every sequence, counted from the padded length); here they are drawn per document from
+its own length, as the paper describes.
+
+Exact shortcuts (same maths, less work):
+* the diagonal-only self-attention is ``output_proj(v_proj(x))`` (softmax over one key is 1; q_proj and
+  k_proj exist for checkpoint compatibility and get no gradient, as in the LCM where it is exactly 0);
+* a row that may only see the zero vector gets ``output_proj(v_proj(0))`` from its cross-attention;
+* in training the timestep embedding and the AdaLN modulations are computed once per distinct timestep
+  (a T-row table) and gathered per position when there are more positions than timesteps.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from sonar_llm.models.backbone import Attention, Backbone, BackboneConfig, RMSNorm, SwiGLU
+from sonar_llm.models.diffusion import DDIMScheduler, cfg_combine
+from sonar_llm.models.normalizer import SonarNormalizer
+
+__all__ = [
+    "TwoTowerConfig",
+    "TWO_TOWER_PRESETS",
+    "two_tower_1_6B",
+    "two_tower_780M",
+    "two_tower_7B",
+    "two_tower_tiny",
+    "TimestepEmbedding",
+    "AdaLNModulator",
+    "DenoiserLayer",
+    "Denoiser",
+    "TwoTowerLCM",
+    "TwoTowerGeneration",
+    "DocLayout",
+    "shifted_causal_mask",
+    "cfg_dropout_rows",
+    "timestep_sinusoid",
+    "load_lcm_state_dict",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TwoTowerConfig:
+    """Shape, diffusion and training settings of a :class:`TwoTowerLCM` (defaults: the LCM 1.6B)."""
+
+    model_dim: int = 2048
+    num_heads: int = 16
+    num_kv_heads: int | None = None
+    ffn_dim: int = 5632  # SwiGLU inner size (round_up(int(8d/3), 256) in the LCM)
+    context_layers: int = 5
+    denoiser_layers: int = 13
+    sonar_dim: int = 1024
+    timestep_freq_dim: int = 256  # sinusoid size fed to embed_time.fc1
+    timestep_max_period: float = 10000.0
+    max_seq_len: int = 4096
+    norm_eps: float = 1e-5
+    rope_theta: float = 1e4
+    dropout_p: float = 0.1  # residual-branch dropout of the contextualizer
+    denoiser_dropout_p: float = 0.1  # dropout on each denoiser sub-block output
+    cfg_dropout_prob: float = 0.15  # classifier-free-guidance dropout (rows per document)
+    num_train_steps: int = 100
+    beta_schedule: str = "squaredcos_cap_v2"
+    rescale_betas_zero_snr: bool = True
+    init_std: float = 0.02
+    loss_reduction: str = "mean"  # over positions: "mean" | "sum" (the LCM recipes use "sum")
+    checkpoint_activations: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("model_dim", "num_heads", "ffn_dim", "context_layers", "denoiser_layers", "sonar_dim",
+                     "timestep_freq_dim", "max_seq_len", "num_train_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"TwoTowerConfig.{name} must be a positive int, got {value!r}")
+        if self.model_dim % self.num_heads:
+            raise ValueError(
+                f"TwoTowerConfig.model_dim={self.model_dim} is not divisible by num_heads={self.num_heads}"
+            )
+        if not 0.0 <= self.cfg_dropout_prob < 1.0:
+            raise ValueError(f"TwoTowerConfig.cfg_dropout_prob must be in [0, 1), got {self.cfg_dropout_prob}")
+        for name in ("dropout_p", "denoiser_dropout_p"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"TwoTowerConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"TwoTowerConfig.loss_reduction must be 'mean' or 'sum', got {self.loss_reduction!r}")
+
+    def backbone_config(self, num_layers: int | None = None, dropout_p: float | None = None) -> BackboneConfig:
+        """The LCM block settings: biases everywhere, interleaved RoPE (theta 1e4), RMSNorm eps 1e-5."""
+        return BackboneConfig(
+            model_dim=self.model_dim,
+            num_layers=self.context_layers if num_layers is None else num_layers,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            ffn_dim=self.ffn_dim,
+            norm_eps=self.norm_eps,
+            rope_theta=self.rope_theta,
+            rope_interleaved=True,
+            max_seq_len=self.max_seq_len,
+            attn_bias=True,
+            output_proj_bias=True,
+            ffn_bias=True,
+            dropout_p=self.dropout_p if dropout_p is None else dropout_p,
+            init_std=self.init_std,
+            checkpoint_activations=self.checkpoint_activations,
+        )
+
+
+def two_tower_1_6B(**overrides: Any) -> TwoTowerConfig:
+    """LCM ``two_tower_diffusion_lcm_1_6B``: d=2048, 16 heads, 5 + 13 layers, SwiGLU 5632 (1,645,538,304 params)."""
+    return replace(TwoTowerConfig(), **overrides)
+
+
+def two_tower_780M(**overrides: Any) -> TwoTowerConfig:
+    """LCM ``two_tower_diffusion_lcm_780M``: as 1.6B with 3 + 7 layers."""
+    return replace(TwoTowerConfig(context_layers=3, denoiser_layers=7), **overrides)
+
+
+def two_tower_7B(**overrides: Any) -> TwoTowerConfig:
+    """LCM ``two_tower_diffusion_lcm_7B``: d=4096, 32 heads, 5 + 14 layers, SwiGLU 11008."""
+    return replace(
+        TwoTowerConfig(model_dim=4096, num_heads=32, ffn_dim=11008, context_layers=5, denoiser_layers=14),
+        **overrides,
+    )
+
+
+def two_tower_tiny(**overrides: Any) -> TwoTowerConfig:
+    """A test-sized model with the same key set as the real ones (d=32, 2 + 2 layers, E=16)."""
+    return replace(
+        TwoTowerConfig(model_dim=32, num_heads=4, ffn_dim=64, context_layers=2, denoiser_layers=2, sonar_dim=16,
+                       timestep_freq_dim=16, max_seq_len=256, dropout_p=0.0, denoiser_dropout_p=0.0),
+        **overrides,
+    )
+
+
+TWO_TOWER_PRESETS = {
+    "two_tower_1_6B": two_tower_1_6B,
+    "two_tower_780M": two_tower_780M,
+    "two_tower_7B": two_tower_7B,
+    "two_tower_tiny": two_tower_tiny,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Small building blocks
+# ----------------------------------------------------------------------------------------------
+
+
+def timestep_sinusoid(t: Tensor, dim: int, max_period: float = 10000.0, dtype: torch.dtype = torch.float32) -> Tensor:
+    """DiT sinusoid ``[cos(t * f_k) | sin(t * f_k)]``, ``f_k = max_period^(-k / (dim // 2))``: [..., dim]
+    computed in ``dtype`` (fp32 as in the LCM; fp64 for float64 reference runs)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
+    args = t.to(dtype).unsqueeze(-1) * freqs
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[..., :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """DiT timestep encoder: sinusoid(t) [freq_dim] -> fc1 -> SiLU -> fc2 -> [dim]."""
+
+    def __init__(self, dim: int, freq_dim: int = 256, max_period: float = 10000.0) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.max_period = max_period
+        self.fc1 = nn.Linear(freq_dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for fc in (self.fc1, self.fc2):
+            nn.init.normal_(fc.weight, std=0.02)
+            nn.init.zeros_(fc.bias)
+
+    def forward(self, t: Tensor) -> Tensor:
+        wdt = self.fc1.weight.dtype
+        compute = torch.float64 if wdt == torch.float64 else torch.float32
+        emb = timestep_sinusoid(t, self.freq_dim, self.max_period, compute).to(wdt)
+        return self.fc2(F.silu(self.fc1(emb)))
+
+
+class AdaLNModulator(nn.Module):
+    """SiLU -> Linear(d, 9d), zero-initialised: (shift, scale, gate) for each of the 3 sub-blocks."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, 9 * dim)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, emb: Tensor) -> Tensor:
+        return self.fc(F.silu(emb))
+
+
+class _Projection(nn.Module):
+    """A Linear under the attribute ``fc`` (the LCM's ``Projection`` layout)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x)
+
+
+class _EncoderFrontend(nn.Module):
+    """The contextualizer's input: ``pre_linear`` (E -> d); no positions (RoPE is in attention)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.pre_linear = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pre_linear(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks and CFG dropout on packed documents
+# ----------------------------------------------------------------------------------------------
+
+
+class DocLayout:
+    """Index maps between packed rows [S] and a padded [D, L] view of the documents of a batch.
+
+    ``doc_id[S]``, ``pos[S]`` (position in its document), ``lengths[D]``; ``pad_src[D, L]`` indexes
+    ``cat(x, extra_row)`` (value S = padding), ``flat[S] = doc_id * L + pos`` for unpadding.
+    """
+
+    def __init__(self, cu_seqlens: Tensor, total: int, max_len: int) -> None:
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"doc_cu_seqlens must be 1-D with >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
+        device = cu_seqlens.device
+        cu = cu_seqlens.to(torch.int64)
+        self.num_docs = cu.numel() - 1
+        self.total = total
+        self.max_len = max_len
+        self.lengths = cu[1:] - cu[:-1]
+        if cu.device.type == "cpu" and self.num_docs:  # cheap checks where they cost no device sync
+            if int(cu[0]) != 0 or int(cu[-1]) != total or bool((self.lengths < 0).any()):
+                raise ValueError(
+                    f"doc_cu_seqlens must rise from 0 to the number of concepts {total}, got {cu.tolist()}"
+                )
+            if int(self.lengths.max()) > max_len:
+                raise ValueError(
+                    f"max_doc_len={max_len} is smaller than the longest document ({int(self.lengths.max())})"
+                )
+        self.doc_id = torch.repeat_interleave(
+            torch.arange(self.num_docs, device=device), self.lengths, output_size=total
+        )
+        self.pos = torch.arange(total, device=device) - cu[:-1][self.doc_id]
+        self.flat = self.doc_id * max_len + self.pos
+        pad_src = torch.full((self.num_docs * max_len,), total, dtype=torch.int64, device=device)
+        pad_src[self.flat] = torch.arange(total, device=device)
+        self.pad_src = pad_src.view(self.num_docs, max_len)
+        self.cu = cu
+
+    def pad(self, x: Tensor, fill: Tensor | None = None) -> Tensor:
+        """x[S, ...] -> [D, L, ...]; padding rows are ``fill`` (a [1, ...] row) or zeros."""
+        extra = torch.zeros_like(x[:1]) if fill is None else fill.to(x.dtype).expand_as(x[:1])
+        return torch.cat([x, extra])[self.pad_src]
+
+    def unpad(self, y: Tensor) -> Tensor:
+        """y[D, L, ...] -> [S, ...]."""
+        return y.reshape(self.num_docs * self.max_len, *y.shape[2:])[self.flat]
+
+
+def cfg_dropout_rows(layout: DocLayout, prob: float, generator: torch.Generator | None = None) -> Tensor:
+    """bool[S]: per document of length L, floor((L - 1) * prob) distinct random rows, never row 0."""
+    if prob <= 0.0:
+        return torch.zeros(layout.total, dtype=torch.bool, device=layout.pos.device)
+    device = layout.pos.device
+    n_drop = torch.floor((layout.lengths - 1).to(torch.float64) * prob).to(torch.int64).clamp_min(0)
+    r = torch.rand(layout.total, generator=generator, device=device, dtype=torch.float64)
+    r = torch.where(layout.pos == 0, torch.full_like(r, 2.0), r)  # row 0 sorts last: never dropped
+    order = torch.argsort(layout.doc_id.to(torch.float64) * 4.0 + r)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(layout.total, device=device) - layout.cu[:-1][layout.doc_id[order]]
+    return rank < n_drop[layout.doc_id]
+
+
+def shifted_causal_mask(layout: DocLayout, dropped: Tensor | None = None) -> Tensor:
+    """bool[D, L, L+1] over keys ``[0-vector ; context_0 .. context_{L-1}]``: query i sees key 0 and
+    context positions < i (keys 1..i); a ``dropped`` row (bool[S]) sees key 0 only."""
+    L = layout.max_len
+    device = layout.pos.device
+    i = torch.arange(L, device=device)[:, None]
+    j = torch.arange(L + 1, device=device)[None, :]
+    mask = (j <= i).unsqueeze(0).expand(layout.num_docs, L, L + 1)
+    if dropped is not None:
+        drop_pad = torch.zeros(layout.num_docs * L, dtype=torch.bool, device=device)
+        drop_pad[layout.flat] = dropped
+        mask = mask & ~(drop_pad.view(layout.num_docs, L, 1) & (j >= 1))
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-attention plans (training: packed documents; inference: cached keys/values)
+# ----------------------------------------------------------------------------------------------
+
+
+def _zero_key_output(attn: Attention) -> Tensor:
+    """What a query gets when its only key is the zero vector: output_proj(v_proj(0)), shape [d]."""
+    v0 = attn.v_proj.bias if attn.v_proj.bias is not None else attn.v_proj.weight.new_zeros(attn.v_proj.out_features)
+    v0 = v0.view(attn.num_kv_heads, attn.head_dim)
+    v0 = v0.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=0).reshape(-1)
+    return attn.output_proj(v0)
+
+
+class _PackedCross:
+    """Training cross-attention: packed queries [S, d] over per-document ``[0 ; context]`` keys."""
+
+    def __init__(self, context: Tensor, layout: DocLayout, mask: Tensor) -> None:
+        # [S + 1, d]: the contextualizer outputs, then the zero vector (row S)
+        self.context = torch.cat([context, context.new_zeros(1, context.shape[-1])])
+        self.layout = layout
+        self.mask = mask.unsqueeze(1)  # [D, 1, L, L+1]
+        # [D, L+1] rows of self.context: key 0 -> zero vector, key 1+j -> context j (padding -> zero row)
+        self.key_src = torch.cat(
+            [torch.full((layout.num_docs, 1), layout.total, dtype=torch.int64, device=context.device),
+             layout.pad_src], dim=1,
+        )
+
+    def __call__(self, attn: Attention, h: Tensor, layer_idx: int) -> Tensor:
+        lay = self.layout
+        H, Hkv, Dh = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        q = lay.pad(attn.q_proj(h)).view(lay.num_docs, lay.max_len, H, Dh)
+        k = attn.k_proj(self.context)[self.key_src].view(lay.num_docs, lay.max_len + 1, Hkv, Dh)
+        v = attn.v_proj(self.context)[self.key_src].view(lay.num_docs, lay.max_len + 1, Hkv, Dh)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=self.mask, enable_gqa=H != Hkv
+        )
+        out = lay.unpad(out.transpose(1, 2).reshape(lay.num_docs, lay.max_len, H * Dh))
+        return attn.output_proj(out)
+
+
+class _CachedCross:
+    """Inference cross-attention for B conditional rows (+ ``num_uncond`` unconditional rows).
+
+    Keeps per-layer keys/values of ``[0 ; context so far]`` ([B, Hkv, n+1, Dh]); ``extend`` appends
+    new context rows. Unconditional rows see only the zero vector: their output is a constant.
+    """
+
+    def __init__(self, denoiser: "Denoiser", batch: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.denoiser = denoiser
+        self.batch = batch
+        self.num_uncond = 0
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+        zero = torch.zeros(batch, 1, denoiser.model_dim, dtype=dtype, device=device)
+        for layer in denoiser.layers:
+            k, v = self._kv(layer.cross_attention, zero)
+            self.keys.append(k)
+            self.values.append(v)
+        self._uncond_out = [_zero_key_output(layer.cross_attention) for layer in denoiser.layers]
+
+    @staticmethod
+    def _kv(attn: Attention, x: Tensor) -> tuple[Tensor, Tensor]:
+        b, n, _ = x.shape
+        k = attn.k_proj(x).view(b, n, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(b, n, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        return k, v
+
+    def extend(self, context: Tensor) -> None:
+        """Append context rows [B, m, d] (contextualizer outputs) to every layer's keys/values."""
+        for i, layer in enumerate(self.denoiser.layers):
+            k, v = self._kv(layer.cross_attention, context)
+            self.keys[i] = torch.cat([self.keys[i], k], dim=2)
+            self.values[i] = torch.cat([self.values[i], v], dim=2)
+
+    def __call__(self, attn: Attention, h: Tensor, layer_idx: int) -> Tensor:
+        b = self.batch
+        hc = h[:b]
+        q = attn.q_proj(hc).view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q, self.keys[layer_idx], self.values[layer_idx], enable_gqa=attn.num_heads != attn.num_kv_heads
+        )
+        out = attn.output_proj(out.transpose(1, 2).reshape(b, -1))
+        if self.num_uncond:
+            uncond = self._uncond_out[layer_idx].to(out.dtype).expand(self.num_uncond, -1)
+            out = torch.cat([out, uncond])
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Denoiser
+# ----------------------------------------------------------------------------------------------
+
+
+class DenoiserLayer(nn.Module):
+    """AdaLN-modulated block: diagonal self-attention, cross-attention to the context, SwiGLU."""
+
+    def __init__(self, cfg: TwoTowerConfig) -> None:
+        super().__init__()
+        bcfg = cfg.backbone_config(num_layers=cfg.denoiser_layers, dropout_p=cfg.denoiser_dropout_p)
+        d = cfg.model_dim
+        self.self_attn_layer_norm = RMSNorm(d, cfg.norm_eps)
+        self.self_attn = Attention(bcfg, use_rope=False)
+        self.cross_attention_layer_norm = RMSNorm(d, cfg.norm_eps)
+        self.cross_attention = Attention(bcfg, use_rope=False)
+        self.ffn_layer_norm = RMSNorm(d, cfg.norm_eps)
+        self.ffn = SwiGLU(d, cfg.ffn_dim, bias=True)
+        self.modulator = AdaLNModulator(d)
+        self.dropout = nn.Dropout(cfg.denoiser_dropout_p) if cfg.denoiser_dropout_p > 0 else nn.Identity()
+
+    def diagonal_self_attention(self, h: Tensor) -> Tensor:
+        """Self-attention where each position sees only itself: output_proj(v_proj(h))."""
+        attn = self.self_attn
+        v = attn.v_proj(h)
+        if attn.num_kv_heads != attn.num_heads:
+            v = v.view(*h.shape[:-1], attn.num_kv_heads, attn.head_dim)
+            v = v.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=-2).flatten(-2)
+        return attn.output_proj(v)
+
+    def forward(self, x: Tensor, modulation: Tensor, cross, layer_idx: int) -> Tensor:
+        """x[N, d]; modulation [N or 1, 9d] (shift/scale/gate x 3); ``cross(attn, h, layer_idx)`` -> [N, d]."""
+        m_sa, m_ca, m_ff = modulation.chunk(3, dim=-1)
+        shift, scale, gate = m_sa.chunk(3, dim=-1)
+        h = self.self_attn_layer_norm(x) * (1 + scale) + shift
+        x = x + gate * self.dropout(self.diagonal_self_attention(h))
+        shift, scale, gate = m_ca.chunk(3, dim=-1)
+        h = self.cross_attention_layer_norm(x) * (1 + scale) + shift
+        x = x + gate * self.dropout(cross(self.cross_attention, h, layer_idx))
+        shift, scale, gate = m_ff.chunk(3, dim=-1)
+        h = self.ffn_layer_norm(x) * (1 + scale) + shift
+        return x + gate * self.dropout(self.ffn(h))
+
+
+class Denoiser(nn.Module):
+    """``embed_time``, ``initial_proj``, ``layers``, ``layer_norm``, ``final_proj``: x_t [N, E] -> x0 [N, E]."""
+
+    def __init__(self, cfg: TwoTowerConfig) -> None:
+        super().__init__()
+        self.model_dim = cfg.model_dim
+        self.num_train_steps = cfg.num_train_steps
+        self.checkpoint_activations = cfg.checkpoint_activations
+        self.embed_time = TimestepEmbedding(cfg.model_dim, cfg.timestep_freq_dim, cfg.timestep_max_period)
+        self.initial_proj = _Projection(cfg.sonar_dim, cfg.model_dim)
+        self.layers = nn.ModuleList(DenoiserLayer(cfg) for _ in range(cfg.denoiser_layers))
+        self.layer_norm = RMSNorm(cfg.model_dim, cfg.norm_eps)
+        self.final_proj = _Projection(cfg.model_dim, cfg.sonar_dim)
+
+    def _time(self, timesteps: Tensor | int, rows: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """(embedding [M, d], gather index [rows] or None): a T-row table when rows > T."""
+        if not isinstance(timesteps, Tensor):
+            timesteps = torch.tensor(int(timesteps), device=device)
+        if timesteps.is_floating_point():
+            raise TypeError(f"timesteps must be integers, got dtype {timesteps.dtype}")
+        if timesteps.dim() == 0:
+            return self.embed_time(timesteps.reshape(1).to(device)), None
+        if timesteps.shape != (rows,):
+            raise ValueError(f"timesteps must be a scalar or shape [{rows}], got {tuple(timesteps.shape)}")
+        if rows > self.num_train_steps:
+            table = self.embed_time(torch.arange(self.num_train_steps, device=device))
+            return table, timesteps.to(device=device, dtype=torch.int64)
+        return self.embed_time(timesteps.to(device)), None
+
+    def forward(self, x_t: Tensor, timesteps: Tensor | int, cross) -> Tensor:
+        """Predict x0 for rows x_t[N, E] at integer ``timesteps`` (scalar or [N]) given a cross plan."""
+        h = self.initial_proj(x_t)
+        emb, index = self._time(timesteps, x_t.shape[0], x_t.device)
+        for i, layer in enumerate(self.layers):
+            mod = layer.modulator(emb)
+            if index is not None:
+                mod = mod[index]
+            if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, mod, cross, i, use_reentrant=False)
+            else:
+                h = layer(h, mod, cross, i)
+        return self.final_proj(self.layer_norm(h))
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TwoTowerGeneration:
+    """Output of :meth:`TwoTowerLCM.generate` for a batch of prompts.
+
+    ``embeddings[b]``: the generated (denormalised) concepts of prompt b, [n_b, E], the stopping concept
+    included (as the LCM does); ``stopped_on_eos[b]``: whether it stopped on the EOS/repetition rule.
+    ``num_denoiser_steps``: DDIM steps actually run per concept (50 for T=100, S=40 with the quirk).
+    """
+
+    embeddings: list[Tensor]
+    stopped_on_eos: list[bool]
+    num_denoiser_steps: int
+    timesteps: list[int] = field(default_factory=list)
+
+
+class TwoTowerLCM(nn.Module):
+    """The Two-Tower diffusion LCM; implements the model-family interface (loss, flops, blocks)."""
+
+    def __init__(self, cfg: TwoTowerConfig) -> None:
+        super().__init__()
+        if not isinstance(cfg, TwoTowerConfig):
+            raise TypeError(f"TwoTowerLCM expects a TwoTowerConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.sonar_normalizer = SonarNormalizer(cfg.sonar_dim)
+        self.encoder_frontend = _EncoderFrontend(cfg.sonar_dim, cfg.model_dim)
+        self.context_encoder = Backbone(cfg.backbone_config())
+        self.denoiser = Denoiser(cfg)
+        self.noise_scheduler = DDIMScheduler(
+            num_train_steps=cfg.num_train_steps,
+            beta_schedule=cfg.beta_schedule,
+            rescale_betas_zero_snr=cfg.rescale_betas_zero_snr,
+        )
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Contextualizer: Backbone's init; frontend: PyTorch Linear default (kaiming-uniform);
+        denoiser: normal(0, init_std) weights (output projections scaled by 1/sqrt(2 * layers)), zero
+        biases, DiT timestep init, zero AdaLN modulators."""
+        self.encoder_frontend.pre_linear.reset_parameters()
+        self.context_encoder.reset_parameters()
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.denoiser_layers)
+        for name, module in self.denoiser.named_modules():
+            if isinstance(module, nn.Linear) and ".modulator" not in name and "embed_time" not in name:
+                nn.init.normal_(module.weight, 0.0, out_std if name.endswith("output_proj") else std)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+        self.denoiser.embed_time.reset_parameters()
+        for layer in self.denoiser.layers:
+            layer.modulator.reset_parameters()
+
+    # ------------------------------------------------------------------ family interface
+    def transformer_blocks(self) -> list[nn.Module]:
+        """The contextualizer's and the denoiser's layers (what FSDP2 shards one by one)."""
+        return list(self.context_encoder.layers) + list(self.denoiser.layers)
+
+    def encode_context(self, x0: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        """Normalised packed concepts x0[S, E] -> contextualizer outputs [S, d]."""
+        return self.context_encoder(self.encoder_frontend(x0), cu_seqlens, max_seqlen)
+
+    def forward(
+        self,
+        x0: Tensor,
+        x_t: Tensor,
+        timesteps: Tensor,
+        doc_cu_seqlens: Tensor,
+        max_doc_len: int,
+        cfg_dropped: Tensor | None = None,
+    ) -> Tensor:
+        """Training forward on packed documents: x0 [S, E] (clean, normalised) conditions the denoiser
+        of x_t [S, E] at ``timesteps`` [S]; returns the x0 predictions [S, E]."""
+        S = x0.shape[0]
+        if x0.dim() != 2 or x0.shape[-1] != self.cfg.sonar_dim or x_t.shape != x0.shape:
+            raise ValueError(
+                f"x0 and x_t must both be [S, {self.cfg.sonar_dim}], got {tuple(x0.shape)} and {tuple(x_t.shape)}"
+            )
+        context = self.encode_context(x0, doc_cu_seqlens, max_doc_len)
+        layout = DocLayout(doc_cu_seqlens, S, max_doc_len)
+        plan = _PackedCross(context, layout, shifted_causal_mask(layout, cfg_dropped))
+        return self.denoiser(x_t, timesteps, plan)
+
+    def loss(self, batch, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Any]]:
+        """Diffusion loss on a ConceptBatch: squared error to x0 summed over the embedding dimensions,
+        averaged over positions (``cfg.loss_reduction="sum"``: summed, as the LCM recipes do).
+        Random draws (timesteps, noise, CFG rows) use ``generator`` or the global RNG."""
+        emb = batch.embeddings
+        if emb.dim() != 2 or emb.shape[-1] != self.cfg.sonar_dim:
+            raise ValueError(f"batch.embeddings must be [S, {self.cfg.sonar_dim}], got {tuple(emb.shape)}")
+        S = emb.shape[0]
+        if S == 0:
+            raise ValueError("batch.embeddings is empty: the batch has no concepts")
+        dtype = self.encoder_frontend.pre_linear.weight.dtype
+        x0 = self.sonar_normalizer.normalize(emb.float())
+        t = torch.randint(0, self.cfg.num_train_steps, (S,), generator=generator, device=emb.device)
+        noise = torch.randn(x0.shape, generator=generator, device=emb.device, dtype=x0.dtype)
+        x_t = self.noise_scheduler.add_noise(x0, noise, t)
+        layout_dropped = None
+        if self.training and self.cfg.cfg_dropout_prob > 0:
+            layout = DocLayout(batch.doc_cu_seqlens, S, batch.max_doc_len)
+            layout_dropped = cfg_dropout_rows(layout, self.cfg.cfg_dropout_prob, generator)
+        pred = self(x0.to(dtype), x_t.to(dtype), t, batch.doc_cu_seqlens, batch.max_doc_len, layout_dropped)
+        per_pos = (pred.float() - x0).pow(2).sum(-1)
+        loss = per_pos.sum() if self.cfg.loss_reduction == "sum" else per_pos.mean()
+        metrics: dict[str, Any] = {
+            "mse": per_pos.mean().detach(),
+            "num_concepts": S,
+        }
+        if layout_dropped is not None:
+            metrics["cfg_dropped"] = layout_dropped.sum()  # a tensor: no host sync
+        return loss, metrics
+
+    def flops_per_batch(self, batch) -> float:
+        """Forward + backward (3x forward) FLOPs of ``loss`` on this batch, counting matmuls as executed
+        (diagonal self-attention as v/o projections only; timestep table when S > T)."""
+        cfg = self.cfg
+        d, E, f = cfg.model_dim, cfg.sonar_dim, cfg.ffn_dim
+        hd = d // cfg.num_heads
+        hkv = (cfg.num_kv_heads or cfg.num_heads) * hd
+        S = int(batch.embeddings.shape[0])
+        lengths = (batch.doc_cu_seqlens[1:] - batch.doc_cu_seqlens[:-1]).to(torch.float64)
+        causal_pairs = float((lengths * (lengths + 1) / 2).sum())  # sum over queries of visible keys
+        attn_proj = 2 * d * d + 2 * d * hkv  # q, o + k, v weights
+        ffn = 3 * d * f
+        fwd = 2.0 * S * E * d  # pre_linear
+        fwd += cfg.context_layers * (2.0 * S * (attn_proj + ffn) + 4.0 * d * causal_pairs)
+        rows_t = min(S, cfg.num_train_steps)
+        fwd += 2.0 * rows_t * (cfg.timestep_freq_dim * d + d * d)  # embed_time
+        per_layer = 2.0 * rows_t * d * 9 * d  # modulator
+        per_layer += 2.0 * S * (hkv * d + d * d)  # diagonal self-attention: v_proj, output_proj
+        per_layer += 2.0 * S * (2 * d * d + 2 * d * hkv)  # cross: q, o on queries; k, v on the context
+        per_layer += 4.0 * d * causal_pairs  # cross scores + weighted sum (keys 0..i per query i)
+        per_layer += 2.0 * S * ffn
+        fwd += cfg.denoiser_layers * per_layer
+        fwd += 2.0 * S * E * d * 2  # initial_proj, final_proj
+        return 3.0 * fwd
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_embeddings: Tensor,
+        max_sentences: int,
+        eos_embedding: Tensor | None = None,
+        eos_threshold: float = 0.9,
+        num_inference_steps: int = 40,
+        guidance_scale: float = 3.0,
+        guidance_rescale: float = 0.7,
+        initial_noise_scale: float = 0.6,
+        epsilon_scaling: float | None = None,
+        clip_noise: float = 100.0,
+        ddim_eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        *,
+        reproduce_lcm_step_quirk: bool = True,
+        stop_on_repetition_threshold: float | None = None,
+        min_sentences: int = 1,
+    ) -> TwoTowerGeneration:
+        """Generate up to ``max_sentences`` concepts after each prompt (the LCM's two-tower generator).
+
+        ``prompt_embeddings``: raw SONAR embeddings [P, E] or [B, P, E] (equal-length prompts).
+        The prompt (normalised) is prefilled into the contextualizer's KV cache except its last
+        concept; per new concept the last concept is encoded incrementally, ``z ~ N(0, I) *
+        initial_noise_scale`` (clipped to +-clip_noise) is denoised by DDIM over the scheduler's
+        timesteps with classifier-free guidance (a doubled batch whose second half sees only the zero
+        vector; combined with :func:`cfg_combine`, rescale ``guidance_rescale``; skipped at t = T-1,
+        where alpha_bar = 0 and the conditional x0 is used directly; ``guidance_scale == 1`` disables
+        CFG). The final x0 is denormalised and appended.
+
+        **Step count**: with ``reproduce_lcm_step_quirk=True`` (default) the schedule is the LCM's:
+        T=100 with ``num_inference_steps=40`` runs 50 DDIM steps (t = 99, 97, ..., 1); ``False`` runs
+        exactly ``num_inference_steps`` (see :mod:`sonar_llm.models.diffusion`).
+
+        Stop rules (per prompt): cos(concept, eos_embedding) >= eos_threshold, cos(concept, previous)
+        >= stop_on_repetition_threshold (if set), or ``max_sentences``; the EOS/repetition rules apply
+        only once ``min_sentences`` concepts exist. The stopping concept is kept in the output.
+        """
+        if prompt_embeddings.dim() == 2:
+            prompt_embeddings = prompt_embeddings.unsqueeze(0)
+        E = self.cfg.sonar_dim
+        if prompt_embeddings.dim() != 3 or prompt_embeddings.shape[-1] != E or prompt_embeddings.shape[1] < 1:
+            raise ValueError(f"prompt_embeddings must be [P, {E}] or [B, P, {E}] with P >= 1, "
+                             f"got {tuple(prompt_embeddings.shape)}")
+        if not isinstance(max_sentences, int) or max_sentences < 1:
+            raise ValueError(f"max_sentences must be a positive int, got {max_sentences!r}")
+        if eos_embedding is not None and eos_embedding.reshape(-1).shape[0] != E:
+            raise ValueError(f"eos_embedding must have {E} values, got shape {tuple(eos_embedding.shape)}")
+        B, P, _ = prompt_embeddings.shape
+        if P + max_sentences > self.cfg.max_seq_len:
+            raise ValueError(
+                f"prompt length {P} + max_sentences {max_sentences} exceeds max_seq_len {self.cfg.max_seq_len}"
+            )
+        was_training = self.training
+        self.eval()
+        try:
+            return self._generate(
+                prompt_embeddings, max_sentences, eos_embedding, eos_threshold, num_inference_steps,
+                guidance_scale, guidance_rescale, initial_noise_scale, epsilon_scaling, clip_noise, ddim_eta,
+                generator, reproduce_lcm_step_quirk, stop_on_repetition_threshold, min_sentences,
+            )
+        finally:
+            self.train(was_training)
+
+    def _generate(self, prompt, max_sentences, eos_embedding, eos_threshold, num_inference_steps,
+                  guidance_scale, guidance_rescale, initial_noise_scale, epsilon_scaling, clip_noise, ddim_eta,
+                  generator, quirk, rep_threshold, min_sentences) -> TwoTowerGeneration:
+        B, P, E = prompt.shape
+        device = prompt.device
+        dtype = self.encoder_frontend.pre_linear.weight.dtype
+        sched = self.noise_scheduler
+        timesteps = sched.set_timesteps(num_inference_steps, reproduce_lcm_step_quirk=quirk).tolist()
+        T = sched.num_train_steps
+        use_cfg = guidance_scale != 1.0
+
+        x = self.sonar_normalizer.normalize(prompt.float()).to(dtype)
+        cache = self.context_encoder.new_cache(B, P + max_sentences, device=device, dtype=dtype)
+        cross = _CachedCross(self.denoiser, B, dtype, device)
+        if P > 1:
+            cross.extend(self.context_encoder.step(self.encoder_frontend(x[:, :-1]), cache))
+        last = x[:, -1:]
+        eos = None if eos_embedding is None else eos_embedding.reshape(1, E).to(device=device, dtype=torch.float32)
+
+        outputs: list[list[Tensor]] = [[] for _ in range(B)]
+        finished = [False] * B
+        stopped = [False] * B
+        prev_raw = prompt[:, -1].float()
+        for n in range(max_sentences):
+            cross.extend(self.context_encoder.step(self.encoder_frontend(last), cache))
+            z = torch.randn((B, E), generator=generator, device=device, dtype=torch.float32)
+            z = (z * initial_noise_scale).clamp(-clip_noise, clip_noise)  # latents and DDIM maths in fp32
+            pred_x0 = z
+            for t in timesteps:
+                if use_cfg and t != T - 1:
+                    cross.num_uncond = B
+                    out = self.denoiser(torch.cat([z, z]).to(dtype), t, cross).float()
+                    eps_c = sched.to_epsilon(out[:B], z, t)
+                    eps_u = sched.to_epsilon(out[B:], z, t)
+                    eps = cfg_combine(eps_c, eps_u, guidance_scale, guidance_rescale)
+                    z, pred_x0 = sched.step(eps, t, z, eta=ddim_eta, epsilon_scaling=epsilon_scaling,
+                                            generator=generator, prediction_type="epsilon")
+                else:
+                    cross.num_uncond = 0
+                    out = self.denoiser(z.to(dtype), t, cross).float()
+                    z, pred_x0 = sched.step(out, t, z, eta=ddim_eta, epsilon_scaling=epsilon_scaling,
+                                            generator=generator, prediction_type="sample")
+                z = z.clamp(-clip_noise, clip_noise)
+            cross.num_uncond = 0
+            raw = self.sonar_normalizer.denormalize(pred_x0.float())  # [B, E]
+            stop_now = torch.zeros(B, dtype=torch.bool, device=device)
+            if n + 1 >= min_sentences:
+                if eos is not None:
+                    stop_now |= F.cosine_similarity(raw, eos, dim=-1) >= eos_threshold
+                if rep_threshold is not None:
+                    stop_now |= F.cosine_similarity(raw, prev_raw, dim=-1) >= rep_threshold
+            stop_list = stop_now.tolist()
+            for b in range(B):
+                if not finished[b]:
+                    outputs[b].append(raw[b])
+                    if stop_list[b]:
+                        finished[b] = stopped[b] = True
+            if all(finished):
+                break
+            prev_raw = raw
+            last = self.sonar_normalizer.normalize(raw).to(dtype).unsqueeze(1)
+        embeddings = [torch.stack(rows) for rows in outputs]
+        return TwoTowerGeneration(embeddings, stopped, len(timesteps), timesteps)
+
+
+def load_lcm_state_dict(model: TwoTowerLCM, state: dict[str, Tensor] | dict[str, Any], strict: bool = True):
+    """Load an LCM checkpoint state dict (optionally wrapped as ``{"model": ...}``) into ``model``;
+    with ``strict`` raise ValueError naming missing and unexpected keys."""
+    if "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    own = set(model.state_dict().keys())
+    given = set(state.keys())
+    if strict and own != given:
+        missing, unexpected = sorted(own - given), sorted(given - own)
+        raise ValueError(
+            f"LCM state dict does not match TwoTowerLCM: missing {missing[:10]}{'...' if len(missing) > 10 else ''}"
+            f", unexpected {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}"
+        )
+    return model.load_state_dict(state, strict=strict)

@@ -1,0 +1,92 @@
+"""Convenience wrappers: texts -> SONAR embeddings, and embeddings -> texts.
+
+``TextToEmbedding`` sorts by token length, batches, truncates to the encoder's 514 positions with a
+warning (the EOS is lost, as in SONAR), and returns embeddings in input order. ``EmbeddingToText`` decodes
+with beam search (beam 5 by default) through the decoder's KV cache.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .decoder import SonarTextDecoder
+from .encoder import SonarTextEncoder
+from .generation import GenerationConfig, beam_search
+from .tokenizer import NllbTokenizer
+
+__all__ = ["TextToEmbedding", "EmbeddingToText"]
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+class TextToEmbedding:
+    """Encode sentences with a SONAR text encoder."""
+
+    def __init__(self, encoder: SonarTextEncoder, tokenizer: NllbTokenizer, batch_size: int = 64,
+                 device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        _check_batch_size(batch_size)
+        if tokenizer.vocab_size > encoder.cfg.vocab_size:
+            raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} > encoder vocab {encoder.cfg.vocab_size}")
+        self.encoder = encoder.eval()
+        if device is not None or dtype is not None:
+            self.encoder.to(device=device, dtype=dtype)
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.encoder_frontend.embed.weight.device
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], lang: str | None = None) -> Tensor:
+        """texts -> [N, D] fp32 embeddings in input order."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        seqs = self.tokenizer.encode_source(texts, lang, max_len=self.encoder.cfg.max_seq_len)
+        out = torch.empty(len(seqs), self.encoder.cfg.model_dim, dtype=torch.float32)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            tokens, mask = self.tokenizer.pad_batch([seqs[i] for i in idx], device=self.device)
+            out[torch.tensor(idx)] = self.encoder(tokens, mask).float().cpu()
+        return out
+
+
+class EmbeddingToText:
+    """Decode SONAR embeddings to text with beam search (``beam_size=1`` is greedy)."""
+
+    def __init__(self, decoder: SonarTextDecoder, tokenizer: NllbTokenizer, batch_size: int = 32,
+                 device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        _check_batch_size(batch_size)
+        if tokenizer.vocab_size > decoder.cfg.vocab_size:
+            raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} > decoder vocab {decoder.cfg.vocab_size}")
+        self.decoder = decoder.eval()
+        if device is not None or dtype is not None:
+            self.decoder.to(device=device, dtype=dtype)
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+
+    @torch.inference_mode()
+    def decode_ids(self, embeddings: Tensor, lang: str | None = None, beam_size: int = 5,
+                   max_gen_len: int = 129) -> list[list[int]]:
+        """[N, E] -> best token ids (final EOS removed) per embedding."""
+        if not isinstance(embeddings, Tensor) or embeddings.dim() != 2:
+            raise ValueError("embeddings must be a [N, E] tensor")
+        cfg = GenerationConfig(beam_size=beam_size, max_gen_len=max_gen_len)
+        lang_id = self.tokenizer.lang_id(lang)
+        eos = self.tokenizer.eos_idx
+        out: list[list[int]] = []
+        for start in range(0, embeddings.size(0), self.batch_size):
+            for hyps in beam_search(self.decoder, embeddings[start:start + self.batch_size], lang_id, cfg):
+                toks = hyps[0].tokens if hyps else []
+                out.append(toks[:-1] if toks and toks[-1] == eos else toks)
+        return out
+
+    def decode(self, embeddings: Tensor, lang: str | None = None, beam_size: int = 5,
+               max_gen_len: int = 129) -> list[str]:
+        """[N, E] -> N texts in language ``lang``."""
+        return self.tokenizer.decode(self.decode_ids(embeddings, lang, beam_size, max_gen_len))

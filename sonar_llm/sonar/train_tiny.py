@@ -1,0 +1,483 @@
+"""Train the embedded default's tiny SONAR autoencoder on the generated story corpus, and cache it.
+
+``ensure_tiny_sonar()`` returns the paths of a small SONAR text encoder/decoder pair and its SentencePiece
+model, saved in the same fairseq2 formats as the released SONAR assets (``{"model": state_dict}`` with
+fairseq2 key names; a raw SentencePiece ``.model`` that ``NllbTokenizer`` maps to the fairseq2 id layout),
+so that the rest of the stack loads them with the code that loads real SONAR checkpoints.
+
+Steps when no cached copy with the same configuration hash exists:
+1. generate the story corpus (``sonar_llm.data.stories``) and split it like the default pipeline does;
+2. train a BPE SentencePiece model on the training sentences;
+3. train encoder + decoder end to end as an autoencoder: encoder(``[lang] w.. [eos]``) -> mean-pooled
+   embedding (+ small noise) -> decoder teacher-forced on ``[eos, lang] w.. [eos]``, token cross-entropy,
+   AdamW, length-bucketed batches, until the time budget is spent or the loss plateaus;
+4. round-trip held-out sentences (greedy decoding): exact-match rate and BLEU;
+5. save everything atomically (temporary directory + ``os.replace``) with ``tiny_sonar.json``
+   (configuration, its hash, tokenizer facts, metrics, training time).
+
+CLI: ``python -m sonar_llm.sonar.train_tiny [--cache-dir D] [--force] [--time-budget S]``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "TinySonarConfig",
+    "TinySonarPaths",
+    "ensure_tiny_sonar",
+    "default_cache_dir",
+    "train_sentencepiece",
+    "ENCODER_FILE",
+    "DECODER_FILE",
+    "TOKENIZER_FILE",
+    "INFO_FILE",
+    "main",
+]
+
+ENCODER_FILE = "tiny_sonar_encoder.pt"
+DECODER_FILE = "tiny_sonar_decoder.pt"
+TOKENIZER_FILE = "tiny_sonar.model"
+INFO_FILE = "tiny_sonar.json"
+FORMAT_VERSION = 1
+LANG = "eng_Latn"
+
+
+@dataclass
+class TinySonarConfig:
+    """Everything that determines the trained assets (hashed for the cache; the time budget is not)."""
+
+    # corpus (the same generator and split as the embedded default pipeline)
+    n_stories: int = 4000
+    corpus_seed: int = 0
+    held_out_fraction: float = 0.05
+    # tokenizer
+    spm_vocab_size: int = 2000  # SentencePiece pieces; the model vocabulary adds pad + 205 control tags
+    spm_model_type: str = "bpe"
+    spm_max_sentences: int = 30_000  # input_sentence_size: sentences the tokenizer trainer sees
+    # model (the ``tiny`` preset's fields)
+    model_dim: int = 256
+    num_layers: int = 3
+    num_heads: int = 4
+    ffn_dim: int = 1024
+    # training
+    seed: int = 0
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    max_batch_tokens: int = 2048  # padded target tokens per batch
+    max_batch_sentences: int = 256
+    noise_std: float = 0.05  # Gaussian noise on the embedding, relative to its RMS
+    grad_clip: float = 1.0
+    plateau_loss: float = 0.003  # stop once the smoothed loss is below this ...
+    plateau_patience_steps: int = 300  # ... or once it has not improved by 1% for this many steps
+    max_steps: int = 100_000
+    # evaluation
+    eval_sentences: int = 300
+    eval_batch_size: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("n_stories", "spm_vocab_size", "spm_max_sentences", "model_dim", "num_layers", "num_heads",
+                     "ffn_dim", "max_batch_tokens", "max_batch_sentences", "max_steps", "eval_batch_size",
+                     "plateau_patience_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"TinySonarConfig.{name} must be a positive int, got {v!r}")
+        if self.spm_model_type not in ("bpe", "unigram"):
+            raise ValueError(f"TinySonarConfig.spm_model_type must be 'bpe' or 'unigram', got {self.spm_model_type!r}")
+        if not 0.0 < self.held_out_fraction < 1.0:
+            raise ValueError(f"TinySonarConfig.held_out_fraction must be in (0, 1), got {self.held_out_fraction}")
+        if self.lr <= 0 or self.noise_std < 0 or self.eval_sentences < 0:
+            raise ValueError("TinySonarConfig: lr must be > 0, noise_std and eval_sentences >= 0")
+        self.betas = tuple(self.betas)
+
+    def config_hash(self) -> str:
+        blob = json.dumps({"format": FORMAT_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TinySonarPaths:
+    """Where the tiny SONAR assets are."""
+
+    root: Path
+    encoder: Path
+    decoder: Path
+    tokenizer: Path
+    info: Path
+
+    @classmethod
+    def in_dir(cls, root: str | os.PathLike) -> "TinySonarPaths":
+        root = Path(root)
+        return cls(root, root / ENCODER_FILE, root / DECODER_FILE, root / TOKENIZER_FILE, root / INFO_FILE)
+
+    def exist(self) -> bool:
+        return all(p.is_file() for p in (self.encoder, self.decoder, self.tokenizer, self.info))
+
+    def load_info(self) -> dict[str, Any]:
+        return json.loads(self.info.read_text(encoding="utf-8"))
+
+
+def default_cache_dir() -> Path:
+    """``$SONAR_LLM_CACHE/tiny_sonar`` (``SONAR_LLM_CACHE`` defaults to ``~/.cache/sonar_llm``)."""
+    base = os.environ.get("SONAR_LLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sonar_llm")
+    return Path(base) / "tiny_sonar"
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+def train_sentencepiece(sentences: list[str], path: str | os.PathLike, *, vocab_size: int = 2000,
+                        model_type: str = "bpe", max_sentences: int = 30_000, seed: int = 0) -> Path:
+    """Train a SentencePiece model on ``sentences`` and write it to ``path`` (``<unk>``=0, ``<s>``=1,
+    ``</s>``=2, no pad: the raw layout of the NLLB model). Deterministic: the input is deduplicated,
+    sorted and subsampled here with ``seed`` rather than by SentencePiece's own sampler."""
+    import sentencepiece as spm
+
+    uniq = sorted(set(s for s in sentences if s.strip()))
+    if not uniq:
+        raise ValueError("train_sentencepiece: no non-empty sentences")
+    random.Random(seed).shuffle(uniq)
+    uniq = uniq[:max_sentences]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(uniq), model_writer=buf, vocab_size=vocab_size, model_type=model_type,
+        character_coverage=1.0, num_threads=2, input_sentence_size=0, shuffle_input_sentence=False,
+        hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+    )
+    path = Path(path)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+class _Vocab:
+    """Token ids of the tiny model in the fairseq2 NLLB layout, through ``NllbTokenizer``."""
+
+    def __init__(self, model_path: Path) -> None:
+        from .tokenizer import NllbTokenizer
+
+        self.tok = NllbTokenizer(model_path)
+        self.vocab_size = self.tok.vocab_size
+        self.lang_id = self.tok.lang_id(LANG)
+        self.lang_offset = self.tok.lang_offset
+
+    def source(self, texts: list[str]) -> list[list[int]]:
+        return self.tok.encode_source(texts, LANG)
+
+    def target(self, texts: list[str]) -> list[list[int]]:
+        return self.tok.encode_target(texts, LANG)
+
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        return self.tok.decode(ids)
+
+
+# ------------------------------------------------------------------------------------------ batching
+def _pad(seqs: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), n), pad, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out, out != pad
+
+
+def _make_batches(lengths: list[int], max_tokens: int, max_sentences: int, rng: random.Random) -> list[list[int]]:
+    """Length-bucketed batches of indices: sort by length (random tie order), cut by the padded-token
+    budget, shuffle the batch order."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
+    batches, cur, cur_max = [], [], 0
+    for i in order:
+        m = max(cur_max, lengths[i])
+        if cur and (m * (len(cur) + 1) > max_tokens or len(cur) >= max_sentences):
+            batches.append(cur)
+            cur, m = [], lengths[i]
+        cur.append(i)
+        cur_max = m
+    if cur:
+        batches.append(cur)
+    rng.shuffle(batches)
+    return batches
+
+
+# ------------------------------------------------------------------------------------------ training
+def _build_models(cfg: TinySonarConfig, vocab_size: int, lang_offset: int):
+    from .config import decoder_preset, encoder_preset
+    from .decoder import SonarTextDecoder
+    from .encoder import SonarTextEncoder
+
+    kw = dict(model_dim=cfg.model_dim, num_layers=cfg.num_layers, num_heads=cfg.num_heads, ffn_dim=cfg.ffn_dim,
+              vocab_size=vocab_size, lang_offset=lang_offset, dropout_p=0.0)
+    enc_cfg, dec_cfg = encoder_preset("tiny", **kw), decoder_preset("tiny", **kw)
+    encoder, decoder = SonarTextEncoder(enc_cfg), SonarTextDecoder(dec_cfg)
+    _init_weights(encoder)
+    _init_weights(decoder)
+    return encoder, decoder
+
+
+@torch.no_grad()
+def _init_weights(model: torch.nn.Module) -> None:
+    """Training-from-scratch initialisation (as fairseq2 does): embeddings N(0, d^-1/2) with a zero pad
+    row, so that the scaled embedding has unit scale and the tied output logits start near uniform;
+    Xavier-uniform projections with zero biases. The tied ``final_proj`` is the embedding itself."""
+    tied = getattr(model, "final_proj", None)
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Embedding):
+            torch.nn.init.normal_(mod.weight, std=mod.embedding_dim ** -0.5)
+            mod.weight[0].zero_()
+        elif isinstance(mod, torch.nn.Linear) and mod is not tied:
+            torch.nn.init.xavier_uniform_(mod.weight)
+            if mod.bias is not None:
+                mod.bias.zero_()
+
+
+def _autoencoder_loss(encoder, decoder, src, src_mask, tgt, tgt_mask, noise_std: float) -> torch.Tensor:
+    emb = encoder(src, src_mask)
+    if noise_std > 0:
+        rms = emb.pow(2).mean(dim=-1, keepdim=True).sqrt().detach()
+        emb = emb + noise_std * rms * torch.randn_like(emb)
+    dec_in, dec_mask, labels = tgt[:, :-1], tgt_mask[:, :-1], tgt[:, 1:].masked_fill(~tgt_mask[:, 1:], -100)
+    logits = decoder(dec_in, emb, dec_mask)
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
+def _train(cfg: TinySonarConfig, encoder, decoder, src: list[list[int]], tgt: list[list[int]],
+           time_budget_s: float, progress: bool, log_every_s: float = 5.0) -> dict[str, Any]:
+    rng = random.Random(cfg.seed)
+    params = [p for p in {id(p): p for p in [*encoder.parameters(), *decoder.parameters()]}.values()]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
+                            foreach=True)
+    lengths = [len(t) for t in tgt]
+    encoder.train()
+    decoder.train()
+    t0 = time.perf_counter()
+    last_log, step, seen, ema, first_loss, history = t0, 0, 0, None, None, []
+    best, best_step = float("inf"), 0
+    stop_reason = "max_steps"
+    while step < cfg.max_steps:
+        for batch in _make_batches(lengths, cfg.max_batch_tokens, cfg.max_batch_sentences, rng):
+            elapsed = time.perf_counter() - t0
+            if elapsed >= time_budget_s:
+                stop_reason = "time_budget"
+                break
+            frac = min(1.0, max(elapsed / time_budget_s, step / cfg.max_steps))
+            warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+            cos = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * warm * cos
+            s, sm = _pad([src[i] for i in batch])
+            t, tm = _pad([tgt[i] for i in batch])
+            loss = _autoencoder_loss(encoder, decoder, s, sm, t, tm, cfg.noise_std)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            step += 1
+            seen += len(batch)
+            lv = float(loss.detach())
+            first_loss = lv if first_loss is None else first_loss
+            ema = lv if ema is None else 0.95 * ema + 0.05 * lv
+            now = time.perf_counter()
+            if now - last_log >= log_every_s:
+                last_log = now
+                history.append({"step": step, "loss": round(ema, 5), "elapsed_s": round(now - t0, 1)})
+                if progress:
+                    print(f"[tiny-sonar] step {step} loss {ema:.4f} sent/s {seen / (now - t0):.0f} "
+                          f"elapsed {now - t0:.0f}s / {time_budget_s:.0f}s", file=sys.stderr, flush=True)
+            if ema < 0.99 * best:
+                best, best_step = ema, step
+            if step >= 50 and (ema < cfg.plateau_loss or step - best_step >= cfg.plateau_patience_steps):
+                stop_reason = "plateau"
+                break
+            if step >= cfg.max_steps:
+                break
+        else:
+            continue
+        break
+    elapsed = time.perf_counter() - t0
+    encoder.eval()
+    decoder.eval()
+    return {"steps": step, "sentences_seen": seen, "epochs": round(seen / max(len(tgt), 1), 3),
+            "first_loss": first_loss, "final_loss": ema, "train_time_s": round(elapsed, 2),
+            "stop_reason": stop_reason, "loss_history": history}
+
+
+@torch.no_grad()
+def _evaluate(cfg: TinySonarConfig, encoder, decoder, vocab: _Vocab, sentences: list[str],
+              train_set: set[str]) -> dict[str, Any]:
+    from .generation import greedy_decode
+
+    if not sentences:
+        return {"eval_sentences": 0}
+    hyps: list[str] = []
+    for i in range(0, len(sentences), cfg.eval_batch_size):
+        chunk = sentences[i: i + cfg.eval_batch_size]
+        s, sm = _pad(vocab.source(chunk))
+        emb = encoder(s, sm)
+        max_len = int(sm.sum(1).max()) + 8
+        ids = greedy_decode(decoder, emb, vocab.lang_id, max_gen_len=max_len)
+        hyps.extend(vocab.decode(ids))
+    exact = [h.strip() == r.strip() for h, r in zip(hyps, sentences)]
+    unseen = [e for e, r in zip(exact, sentences) if r not in train_set]
+    try:
+        import sacrebleu
+
+        bleu = float(sacrebleu.corpus_bleu(hyps, [sentences]).score)
+    except ImportError:  # pragma: no cover - sacrebleu is a dev/eval dependency
+        bleu = float("nan")
+    examples = [{"ref": r, "hyp": h} for h, r, e in zip(hyps, sentences, exact) if not e][:5]
+    return {"eval_sentences": len(sentences), "exact_match": sum(exact) / len(exact), "bleu": bleu,
+            "unseen_sentences": len(unseen),
+            "unseen_exact_match": (sum(unseen) / len(unseen)) if unseen else None,
+            "error_examples": examples}
+
+
+# ------------------------------------------------------------------------------------------ saving
+def _save_checkpoint(module, path: Path) -> None:
+    from .checkpoint import save_fairseq2_checkpoint
+
+    save_fairseq2_checkpoint(module, path)
+
+
+def _publish(tmp: Path, root: Path) -> None:
+    """Move the finished temporary directory into place (the old copy, if any, is removed)."""
+    old = None
+    if root.exists():
+        old = root.with_name(f"{root.name}.old-{os.getpid()}-{time.time_ns()}")
+        os.replace(root, old)
+    os.replace(tmp, root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _cache_hit(paths: TinySonarPaths, want_hash: str) -> bool:
+    if not paths.exist():
+        return False
+    try:
+        return paths.load_info().get("config_hash") == want_hash
+    except (OSError, ValueError):
+        return False
+
+
+def ensure_tiny_sonar(cache_dir: str | os.PathLike | None = None, *, force: bool = False, progress: bool = True,
+                      time_budget_s: float = 200.0, config: TinySonarConfig | None = None,
+                      num_threads: int | None = 2) -> TinySonarPaths:
+    """Return the tiny SONAR assets in ``cache_dir`` (default ``$SONAR_LLM_CACHE/tiny_sonar``), training
+    them first unless a copy with the same configuration hash is there (or ``force``)."""
+    cfg = config if config is not None else TinySonarConfig()
+    if not isinstance(cfg, TinySonarConfig):
+        raise TypeError(f"config must be a TinySonarConfig, got {type(cfg).__name__}")
+    if not time_budget_s > 0:
+        raise ValueError(f"time_budget_s must be > 0, got {time_budget_s}")
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    paths = TinySonarPaths.in_dir(root)
+    want = cfg.config_hash()
+    if not force and _cache_hit(paths, want):
+        return paths
+
+    from ..data.stories import generate_story_sentences, split_stories
+
+    log = (lambda msg: print(f"[tiny-sonar] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    t_start = time.perf_counter()
+    prev_threads = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    torch.manual_seed(cfg.seed)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        stories = generate_story_sentences(cfg.n_stories, cfg.corpus_seed)
+        train_stories, valid_stories = split_stories(stories, cfg.held_out_fraction, cfg.corpus_seed)
+        train_sents = [s for st in train_stories for s in st]
+        valid_sents = list(dict.fromkeys(s for st in valid_stories for s in st))  # unique, in order
+        log(f"corpus: {len(train_sents)} training sentences, {len(valid_sents)} unique held-out sentences")
+
+        spm_path = train_sentencepiece(train_sents, tmp / TOKENIZER_FILE, vocab_size=cfg.spm_vocab_size,
+                                       model_type=cfg.spm_model_type, max_sentences=cfg.spm_max_sentences,
+                                       seed=cfg.seed)
+        vocab = _Vocab(spm_path)
+        log(f"tokenizer: {vocab.vocab_size} ids (lang {LANG} = {vocab.lang_id})")
+        src, tgt = vocab.source(train_sents), vocab.target(train_sents)
+
+        encoder, decoder = _build_models(cfg, vocab.vocab_size, vocab.lang_offset)
+        n_params = sum(p.numel() for p in encoder.parameters()) + sum(p.numel() for p in decoder.parameters())
+        log(f"model: d={cfg.model_dim} layers={cfg.num_layers} heads={cfg.num_heads} ffn={cfg.ffn_dim}, "
+            f"{n_params / 1e6:.2f}M parameters; training for up to {time_budget_s:.0f}s")
+        train_stats = _train(cfg, encoder, decoder, src, tgt, time_budget_s, progress)
+        log(f"trained {train_stats['steps']} steps ({train_stats['epochs']} epochs), "
+            f"loss {train_stats['first_loss']:.3f} -> {train_stats['final_loss']:.4f}")
+
+        rng = random.Random(cfg.seed + 1)
+        eval_sents = valid_sents if len(valid_sents) <= cfg.eval_sentences else rng.sample(valid_sents, cfg.eval_sentences)
+        t_eval = time.perf_counter()
+        metrics = _evaluate(cfg, encoder, decoder, vocab, eval_sents, set(train_sents)) if cfg.eval_sentences else {}
+        metrics["eval_time_s"] = round(time.perf_counter() - t_eval, 2)
+        if metrics.get("eval_sentences"):
+            log(f"held-out round trip: exact match {metrics['exact_match']:.1%}, BLEU {metrics['bleu']:.1f} "
+                f"({metrics['eval_sentences']} sentences; unseen-in-training exact match "
+                f"{metrics['unseen_exact_match']})")
+
+        _save_checkpoint(encoder, tmp / ENCODER_FILE)
+        _save_checkpoint(decoder, tmp / DECODER_FILE)
+        info = {
+            "format_version": FORMAT_VERSION,
+            "config_hash": want,
+            "config": dataclasses.asdict(cfg),
+            "time_budget_s": time_budget_s,
+            "encoder_config": encoder.cfg.to_dict(),
+            "decoder_config": decoder.cfg.to_dict(),
+            "tokenizer": {"file": TOKENIZER_FILE, "spm_pieces": vocab.tok.spm_size,
+                          "vocab_size": vocab.vocab_size, "lang": LANG, "lang_id": vocab.lang_id,
+                          "lang_offset": vocab.lang_offset},
+            "files": {"encoder": ENCODER_FILE, "decoder": DECODER_FILE},
+            "parameters": n_params,
+            "train": train_stats,
+            "metrics": metrics,
+            "total_time_s": round(time.perf_counter() - t_start, 2),
+        }
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=1), encoding="utf-8")
+        _publish(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        torch.set_num_threads(prev_threads)
+    log(f"saved to {root} in {time.perf_counter() - t_start:.0f}s")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sonar_llm.sonar.train_tiny", description=__doc__.split("\n")[0])
+    p.add_argument("--cache-dir", default=None, help="where to put the assets (default $SONAR_LLM_CACHE/tiny_sonar)")
+    p.add_argument("--force", action="store_true", help="retrain even if a matching cached copy exists")
+    p.add_argument("--time-budget", type=float, default=200.0, help="training time budget in seconds")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = p.parse_args(argv)
+    paths = ensure_tiny_sonar(args.cache_dir, force=args.force, progress=not args.quiet,
+                              time_budget_s=args.time_budget)
+    info = paths.load_info()
+    print(json.dumps({"root": str(paths.root), "metrics": {k: v for k, v in info.get("metrics", {}).items()
+                                                           if k != "error_examples"}}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

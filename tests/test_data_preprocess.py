@@ -1,0 +1,236 @@
+"""Tests for sonar_llm.data.preprocess: content, chunking, kill-and-resume, ranks, CLI (with a fake codec)."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sonar_llm.data.preprocess import SentenceCodec, SonarCodec, main, preprocess
+from sonar_llm.data.segment import split_sentences
+from sonar_llm.data.shards import ShardedDataset
+
+E = 8
+EOD = "End of sequence."
+SHARD = 3
+MAXS = 4
+
+
+class FakeCodec:
+    """Deterministic stand-in for SONAR: embeddings from a hash of the sentence, tokens from its bytes.
+
+    die_after: exit the process abruptly (os._exit, like a kill) on that encode call.
+    """
+
+    encoder_id = "fake-encoder"
+    tokenizer_id = "fake-bytes"
+
+    def __init__(self, die_after=None):
+        self.calls = 0
+        self.die_after = die_after
+
+    def encode(self, sentences):
+        self.calls += 1
+        if self.die_after is not None and self.calls >= self.die_after:
+            os._exit(17)
+        return torch.stack([self.embed(s) for s in sentences])
+
+    @staticmethod
+    def embed(s):
+        seed = int.from_bytes(hashlib.sha256(s.encode()).digest()[:8], "little")
+        return torch.randn(E, generator=torch.Generator().manual_seed(seed))
+
+    def target_tokens(self, sentences):
+        return [[3, 7] + [10 + b for b in s.encode()] + [3] for s in sentences]
+
+
+def _decode(tokens):
+    assert tokens[0] == 3 and tokens[1] == 7 and tokens[-1] == 3
+    return bytes(t - 10 for t in tokens[2:-1]).decode()
+
+
+def _make_corpus(root: Path) -> list[str]:
+    rng = np.random.default_rng(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "blue", "sky", "river", "runs", "far", "away"]
+
+    def doc(n):
+        return " ".join(" ".join(rng.choice(words, rng.integers(2, 7))).capitalize() + "." for _ in range(n))
+
+    root.mkdir()
+    texts = [doc(int(n)) for n in rng.integers(1, 10, 10)]
+    (root / "a.txt").write_text("\n\n".join(texts) + "\n")
+    jl = [doc(int(n)) for n in rng.integers(1, 10, 6)]
+    lines = [json.dumps({"text": t}) for t in jl[:3]] + ["{broken", json.dumps({"text": 3})] + \
+            [json.dumps({"text": t}) for t in jl[3:]]
+    (root / "b.jsonl").write_text("\n".join(lines) + "\n")
+    return texts + jl
+
+
+def _run(inputs, out, codec=None, **kw):
+    kw.setdefault("shard_size_docs", SHARD)
+    kw.setdefault("max_sentences_per_doc", MAXS)
+    return preprocess(inputs, out, codec or FakeCodec(), log=None, **kw)
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    base = tmp_path_factory.mktemp("pre")
+    docs = _make_corpus(base / "corpus")
+    ref = base / "ref"
+    _run(base / "corpus", ref)
+    return base, docs, ref
+
+
+def test_content_chunking_and_counts(corpus):
+    base, docs, ref = corpus
+    ds = ShardedDataset(ref, verify="full")
+    expected = []
+    for text in docs:
+        stream = split_sentences(text) + [EOD]
+        expected += [c for c in (stream[i:i + MAXS] for i in range(0, len(stream), MAXS)) if len(c) >= 2]
+    assert ds.num_docs == len(expected)
+    for i, want in enumerate(expected):
+        emb, tokens, offs = ds.doc(i)
+        got = [_decode(tokens[offs[j]:offs[j + 1]].tolist()) for j in range(len(offs) - 1)]
+        assert got == want
+        ref_emb = torch.stack([FakeCodec.embed(s) for s in want]).half()
+        assert torch.equal(emb, ref_emb)
+    m = ds.manifest
+    assert m["ingest"] == {"files": 2, "records": 18, "documents": 16, "skipped": {"bad_json": 1,
+                                                                                   "non_string_field": 1}}
+    assert m["num_planned_shards"] == len(m["shards"]) == -(-16 // SHARD)
+    assert m["end_of_doc"]["text"] == EOD and _decode(m["end_of_doc"]["tokens"]) == EOD
+    assert torch.equal(ds.end_of_doc_embedding(), FakeCodec.embed(EOD).half())
+    assert m["encoder"] == "fake-encoder" and m["tokenizer"] == "fake-bytes"
+    assert isinstance(FakeCodec(), SentenceCodec)
+
+
+_CHILD = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_data_preprocess import FakeCodec, _run
+_run({corpus!r}, sys.argv[1], FakeCodec(die_after=4))  # calls: 1 end-of-doc, 2-3 shards 0-1, dies in shard 2
+"""
+
+
+class _Killed(BaseException):
+    """Raised by the patched np.save: nothing in the writer may catch it (like a kill)."""
+
+
+def _check_killed_state(out):
+    m = json.loads((out / "manifest.json").read_text())
+    assert not m["complete"] and [s["index"] for s in m["shards"]] == [0, 1]
+    assert not (out / "shard_000002").exists()
+    ds = ShardedDataset(out, verify="full", allow_incomplete=True)  # completed shards are readable
+    assert ds.num_docs == sum(s["num_docs"] for s in m["shards"])
+
+
+def test_killed_process_resumes_to_identical_dataset(corpus, tmp_path):
+    base, _, ref = corpus
+    out = tmp_path / "out"
+    script = _CHILD.format(tests=str(Path(__file__).parent), corpus=str(base / "corpus"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 17, r.stderr
+    _check_killed_state(out)
+    _run(base / "corpus", out)
+    assert _tree(out) == _tree(ref)  # byte for byte
+
+
+def test_interrupted_shard_write_stays_hidden_and_resumes(corpus, tmp_path, monkeypatch):
+    base, _, ref = corpus
+    out = tmp_path / "out"
+    real_save, calls = np.save, [0]
+
+    def dying_save(*a, **k):
+        calls[0] += 1
+        if calls[0] == 11:  # 1: end_of_doc.npy, 2-5: shard 0, 6-9: shard 1, 10-13: shard 2
+            raise _Killed()
+        return real_save(*a, **k)
+
+    monkeypatch.setattr(np, "save", dying_save)
+    with pytest.raises(_Killed):
+        _run(base / "corpus", out)
+    monkeypatch.setattr(np, "save", real_save)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [f".shard_000002.tmp-{os.getpid()}"]
+    _check_killed_state(out)
+    _run(base / "corpus", out)
+    assert _tree(out) == _tree(ref)  # byte for byte, the temporary folder is gone
+
+
+def test_two_ranks_match_single_rank(corpus, tmp_path):
+    base, _, ref = corpus
+    out = tmp_path / "ranks"
+    r1 = _run(base / "corpus", out, rank=1, world_size=2)
+    assert r1["rank"] == 1 and not (out / "manifest.json").exists()
+    merged = _run(base / "corpus", out, rank=0, world_size=2)
+    assert merged["complete"] and (out / "manifest.json").exists()
+    a, b = ShardedDataset(ref, verify="full"), ShardedDataset(out, verify="full")
+    assert a.num_docs == b.num_docs and a.manifest["totals"] == b.manifest["totals"]
+    for i in range(a.num_docs):
+        ea, ta, oa = a.doc(i)
+        eb, tb, ob = b.doc(i)
+        assert torch.equal(ea, eb) and np.array_equal(ta, tb) and np.array_equal(oa, ob)
+    # re-running a finished rank is a no-op that returns the merged manifest
+    assert _run(base / "corpus", out, rank=1, world_size=2)["rank"] is None
+
+
+def test_rerun_with_other_settings_is_refused(corpus, tmp_path):
+    base, _, _ = corpus
+    out = tmp_path / "o"
+    _run(base / "corpus", out, shard_size_docs=100)
+    with pytest.raises(ValueError, match="shard_size_docs"):
+        _run(base / "corpus", out, shard_size_docs=5)
+    m = _run(base / "corpus", out, shard_size_docs=5, overwrite=True, dtype="bf16")
+    assert m["complete"] and len(m["shards"]) == 4
+    assert sorted(p.name for p in out.glob("shard_*")) == [f"shard_{k:06d}" for k in range(4)]
+    assert ShardedDataset(out).doc(0)[0].dtype == torch.bfloat16
+
+
+def test_truncation_of_long_targets_and_truncate_mode(tmp_path):
+    (tmp_path / "c.txt").write_text(("é" * 200) + ".\n\n" + " ".join(f"S{i} here." for i in range(9)) + "\n")
+    ds_dir = tmp_path / "o"
+    _run(tmp_path / "c.txt", ds_dir, doc_overflow="truncate", max_target_tokens=256)
+    ds = ShardedDataset(ds_dir)
+    assert ds.num_docs == 2  # the 10-sentence document is cut to its first chunk only
+    emb, tokens, offs = ds.doc(0)
+    assert offs[1] == 256 and tokens[0] == 3 and tokens[255] == 3  # 2 + 401 + 1 ids cut to 256, </s> kept
+    assert ds.doc_lengths()[0].tolist() == [2, MAXS]
+
+
+def test_cli_with_codec_factory(corpus, tmp_path, capsys):
+    base, _, ref = corpus
+    out = tmp_path / "cli"
+    m = main(["--input", str(base / "corpus" / "a.txt"), str(base / "corpus" / "b.jsonl"), "--output", str(out),
+              "--codec-factory", "test_data_preprocess:FakeCodec", "--shard-size-docs", str(SHARD),
+              "--max-sentences-per-doc", str(MAXS)])
+    assert m["totals"] == json.loads((ref / "manifest.json").read_text())["totals"]
+    assert "2 skipped (bad_json=1, non_string_field=1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--input", "x", "--output", str(out)])
+
+
+def test_sonar_codec_duck_typing():
+    class Enc:
+        def predict(self, sentences):
+            return torch.zeros(len(sentences), 4)
+
+    class Tok:
+        def create_encoder(self, mode, lang):
+            assert mode == "target" and lang == "eng_Latn"
+            return lambda s: torch.tensor([3, 256047] + [100] * len(s) + [3])
+
+    codec = SonarCodec(Enc(), Tok(), max_target_tokens=6)
+    assert codec.encode(["a", "b"]).shape == (2, 4)
+    assert codec.target_tokens(["ab", "abcdef"]) == [[3, 256047, 100, 100, 3], [3, 256047, 100, 100, 100, 3]]
+    with pytest.raises(TypeError, match="tokenizer"):
+        SonarCodec(Enc(), object())

@@ -1,0 +1,149 @@
+"""Tests for sonar_llm.data.shards: round trip (fp16, bf16), manifests, rank parts, corruption detection."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from sonar_llm.data.shards import (DatasetWriter, ShardArrays, ShardCorruptionError, ShardedDataset, read_manifest,
+                                   to_storage)
+
+E = 6
+
+
+def _random_docs(rng, n_docs):
+    """List of docs: (emb float32 [S,E], list of token-id lists)."""
+    docs = []
+    for _ in range(n_docs):
+        s = int(rng.integers(1, 6))
+        emb = torch.from_numpy(rng.standard_normal((s, E)).astype(np.float32) * 3)
+        toks = [[3, 9] + rng.integers(4, 1000, int(rng.integers(0, 7))).tolist() + [3] for _ in range(s)]
+        docs.append((emb, toks))
+    return docs
+
+
+def _arrays(docs, dtype):
+    emb = torch.cat([d[0] for d in docs])
+    sents = [t for d in docs for t in d[1]]
+    sent_off = np.concatenate([[0], np.cumsum([len(t) for t in sents])]).astype(np.int64)
+    doc_off = np.concatenate([[0], np.cumsum([len(d[1]) for d in docs])]).astype(np.int64)
+    tokens = np.array([x for t in sents for x in t], dtype=np.int32)
+    return ShardArrays(to_storage(emb, dtype), tokens, sent_off, doc_off)
+
+
+def _writer(path, dtype="fp16", rank=0, world_size=1, **kw):
+    return DatasetWriter(path, embed_dim=E, dtype=dtype, end_of_doc_text="End of sequence.",
+                         end_of_doc_tokens=[3, 9, 5, 3], end_of_doc_embedding=torch.ones(E), encoder="fake",
+                         tokenizer="bytes", config={"k": 1}, rank=rank, world_size=world_size, **kw)
+
+
+def _write_dataset(path, docs_per_shard, dtype):
+    w = _writer(path, dtype)
+    for k, docs in enumerate(docs_per_shard):
+        w.add_shard(k, _arrays(docs, dtype), doc_ids=[f"d{k}-{i}" for i in range(len(docs))])
+    return w.finish(len(docs_per_shard), {"documents": 1})
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_round_trip(tmp_path, dtype, torch_dtype):
+    rng = np.random.default_rng(1)
+    shards = [_random_docs(rng, 4), _random_docs(rng, 3)]
+    m = _write_dataset(tmp_path, shards, dtype)
+    assert m["complete"] and m["totals"]["docs"] == 7 and m["dtype"] == dtype and m["embed_dim"] == E
+    ds = ShardedDataset(tmp_path, verify="full")
+    flat = [d for s in shards for d in s]
+    assert ds.num_docs == len(ds) == 7
+    n_sent, n_tok = ds.doc_lengths()
+    for i, (emb_ref, toks_ref) in enumerate(flat):
+        emb, tokens, offs = ds.doc(i)
+        assert emb.dtype == torch_dtype and emb.shape == emb_ref.shape
+        assert torch.equal(emb, emb_ref.to(torch_dtype))  # exact: the same rounding as a direct cast
+        assert [tokens[offs[j]:offs[j + 1]].tolist() for j in range(len(toks_ref))] == toks_ref
+        assert n_sent[i] == len(toks_ref) and n_tok[i] == sum(map(len, toks_ref))
+        assert ds.sentence_token_lengths(i).tolist() == [len(t) for t in toks_ref]
+    assert ds.doc_id(5) == "d1-1"
+    assert torch.equal(ds.end_of_doc_embedding(), torch.ones(E, dtype=torch_dtype))
+    assert ds.end_of_doc_text == "End of sequence."
+    with pytest.raises(IndexError):
+        ds.doc(7)
+
+
+def _corrupt_setup(tmp_path):
+    _write_dataset(tmp_path, [_random_docs(np.random.default_rng(2), 3)] * 2, "fp16")
+    return tmp_path / "shard_000001"
+
+
+def test_flipped_byte_is_named_in_full_verification(tmp_path):
+    d = _corrupt_setup(tmp_path)
+    path = d / "embeddings.npy"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40
+    path.write_bytes(bytes(data))
+    ShardedDataset(tmp_path, verify="manifest")  # same size: only a checksum can tell
+    with pytest.raises(ShardCorruptionError, match=str(path)):
+        ShardedDataset(tmp_path, verify="full")
+
+
+def test_truncated_and_missing_files_are_named(tmp_path):
+    d = _corrupt_setup(tmp_path)
+    tok = d / "tokens.npy"
+    tok.write_bytes(tok.read_bytes()[:-4])
+    with pytest.raises(ShardCorruptionError, match=str(tok)):
+        ShardedDataset(tmp_path)
+    ds = ShardedDataset(tmp_path, verify="none")  # unchecked: reading the truncated array still fails clearly
+    with pytest.raises(ShardCorruptionError, match=str(tok)):
+        ds.doc(4)
+    d0 = tmp_path / "shard_000000"
+    os.remove(d0 / "sent_offsets.npy")
+    with pytest.raises(FileNotFoundError, match=str(d0 / "sent_offsets.npy")):
+        ShardedDataset(tmp_path)
+
+
+def test_edited_shard_json_is_named(tmp_path):
+    d = _corrupt_setup(tmp_path)
+    info = json.loads((d / "shard.json").read_text())
+    info["num_docs"] += 1
+    (d / "shard.json").write_text(json.dumps(info))
+    with pytest.raises(ShardCorruptionError, match=str(d / "shard.json")):
+        ShardedDataset(tmp_path)
+
+
+def test_incomplete_dataset_and_settings_mismatch(tmp_path):
+    w = _writer(tmp_path)
+    w.add_shard(0, _arrays(_random_docs(np.random.default_rng(3), 2), "fp16"))
+    with pytest.raises(ValueError, match="not finished"):
+        ShardedDataset(tmp_path)
+    assert ShardedDataset(tmp_path, allow_incomplete=True).num_docs == 2
+    again = _writer(tmp_path)  # re-opening keeps the completed shard
+    assert again.completed == {0}
+    with pytest.raises(ValueError, match="dtype"):
+        _writer(tmp_path, dtype="bf16")
+    with pytest.raises(ValueError, match="shards \\[1\\]"):
+        again.finish(2)
+    with pytest.raises(TypeError, match="float16"):
+        again.add_shard(1, _arrays(_random_docs(np.random.default_rng(3), 2), "bf16"))
+
+
+def test_rank_parts_merge_in_shard_order(tmp_path):
+    rng = np.random.default_rng(4)
+    shards = [_random_docs(rng, n) for n in (2, 3, 1, 2, 2)]
+    w0, w1 = _writer(tmp_path, rank=0, world_size=2), _writer(tmp_path, rank=1, world_size=2)
+    for k, docs in enumerate(shards):
+        (w0 if k % 2 == 0 else w1).add_shard(k, _arrays(docs, "fp16"))
+    with pytest.raises(ValueError, match="belongs to rank 1"):
+        w0.add_shard(1, _arrays(shards[1], "fp16"))
+    assert w1.finish(5)["rank"] == 1  # rank 0 not finished yet: no merged manifest
+    assert not (tmp_path / "manifest.json").exists()
+    with pytest.raises(ValueError, match="incomplete manifest parts"):
+        read_manifest(tmp_path)
+    merged = w0.finish(5)
+    assert (tmp_path / "manifest.json").exists() and merged["complete"]
+    assert [s["index"] for s in merged["shards"]] == [0, 1, 2, 3, 4]
+    ds = ShardedDataset(tmp_path, verify="full")
+    flat = [d for s in shards for d in s]
+    assert ds.num_docs == len(flat)
+    for i, (emb_ref, _) in enumerate(flat):
+        assert torch.equal(ds.doc(i)[0], emb_ref.half())
+    os.remove(tmp_path / "manifest.json")  # the reader merges the parts itself
+    assert ShardedDataset(tmp_path).num_docs == len(flat)

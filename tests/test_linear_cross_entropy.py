@@ -1,0 +1,289 @@
+"""Tests of the fused linear cross-entropy (sonar_kernels.linear_cross_entropy), both implementations.
+
+Reference: float64 full logits + F.cross_entropy (and float64 autograd for gradients) on fresh random
+inputs. The Triton path runs in the CPU interpreter (TRITON_INTERPRET=1 from the root conftest), so its
+shapes stay tiny (N <= 64, V <= 600, D <= 64).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sonar_kernels.functional.linear_cross_entropy import linear_cross_entropy
+from sonar_kernels.nn.linear_cross_entropy import LinearCrossEntropy, LinearCrossEntropyConfig
+from sonar_kernels.torch_ops import linear_cross_entropy as torch_lce
+from sonar_kernels.backend import interpret_mode
+
+IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not (torch.cuda.is_available() or interpret_mode()), reason="triton needs CUDA or TRITON_INTERPRET=1"))]
+
+
+def _inputs(seed, n, d, v, dtype=torch.float32, bias=False, ignore_frac=0.25, ignore_index=-100, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(n, d, generator=g) * scale).to(dtype)
+    weight = (torch.randn(v, d, generator=g) / d ** 0.5).to(dtype)
+    b = torch.randn(v, generator=g).to(dtype) if bias else None
+    target = torch.randint(0, v, (n,), generator=g)
+    drop = torch.rand(n, generator=g) < ignore_frac
+    target[drop] = ignore_index
+    return hidden, weight, target, b
+
+
+def _reference(hidden, weight, target, bias, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+               grad_weight=False, grad_bias=False, grad_out=None):
+    """float64 loss, lse and gradients (hidden, weight, bias) through full logits."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_(grad_weight)
+    b = bias.detach().double().requires_grad_(grad_bias) if bias is not None else None
+    logits = h @ w.t() + (b if b is not None else 0.0)
+    loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    if reduction == "mean" and bool((target == ignore_index).all()):
+        loss = (logits * 0.0).sum()  # our documented convention: 0, not NaN
+    go = grad_out if grad_out is not None else torch.ones_like(loss)
+    loss.backward(go.double())
+    return (loss.detach(), torch.logsumexp(logits.detach(), -1), h.grad,
+            w.grad if grad_weight else None, b.grad if (b is not None and grad_bias) else None)
+
+
+def _run(impl, hidden, weight, target, bias, *, grad_weight=False, grad_bias=False, grad_out=None, **kw):
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_(grad_weight)
+    b = bias.detach().clone().requires_grad_(grad_bias) if bias is not None else None
+    loss, lse = linear_cross_entropy(h, w, target, bias=b, return_lse=True, impl=impl, **kw)
+    go = grad_out if grad_out is not None else torch.ones_like(loss)
+    loss.backward(go.to(loss.dtype))
+    return loss.detach(), lse, h.grad, w.grad, (b.grad if b is not None else None)
+
+
+def _close(got, want, atol, rtol=0.0, what=""):
+    assert got is not None and want is not None, what
+    torch.testing.assert_close(got.double(), want.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_matches_float64_reference(impl, reduction, label_smoothing):
+    seed = {"mean": 1, "sum": 2, "none": 3}[reduction] + int(label_smoothing * 100)
+    hidden, weight, target, bias = _inputs(seed, n=40, d=48, v=300, bias=True)
+    assert (target == -100).any() and (target != -100).any()
+    go = torch.randn(40, generator=torch.Generator().manual_seed(seed)) if reduction == "none" else None
+    kw = dict(reduction=reduction, label_smoothing=label_smoothing)
+    ref = _reference(hidden, weight, target, bias, grad_weight=True, grad_bias=True, grad_out=go, **kw)
+    got = _run(impl, hidden, weight, target, bias, grad_weight=True, grad_bias=True, grad_out=go, **kw)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    if reduction == "none":
+        assert bool((got[0][target == -100] == 0).all())
+    # fp32 accumulation over D=48 and V=300: errors of a few 1e-6 are expected
+    _close(got[0], ref[0], atol=2e-5, rtol=1e-5, what="loss")
+    _close(got[1], ref[1], atol=2e-5, rtol=1e-5, what="lse")
+    for i, name in ((2, "grad hidden"), (3, "grad weight"), (4, "grad bias")):
+        _close(got[i], ref[i], atol=2e-5, rtol=1e-4, what=name)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_custom_ignore_index_and_unsmoothed_mean(impl):
+    hidden, weight, target, _ = _inputs(11, n=24, d=32, v=200, ignore_index=0, ignore_frac=0.4)
+    ref = _reference(hidden, weight, target, None, ignore_index=0)
+    got = _run(impl, hidden, weight, target, None, ignore_index=0)
+    _close(got[0], ref[0], atol=1e-5, what="loss")
+    _close(got[2], ref[2], atol=1e-5, rtol=1e-4, what="grad hidden")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_batch_is_zero_with_zero_grads(impl, reduction):
+    hidden, weight, target, bias = _inputs(5, n=8, d=32, v=150, bias=True)
+    target.fill_(-100)
+    loss, _, gh, gw, gb = _run(impl, hidden, weight, target, bias, grad_weight=True, grad_bias=True,
+                               reduction=reduction, label_smoothing=0.2)
+    assert torch.isfinite(loss).all() and bool((loss == 0).all())
+    for g in (gh, gw, gb):
+        assert g is not None and bool((g == 0).all())
+
+
+@pytest.mark.parametrize("impl,n,v", [("torch", 33, 1007), ("triton", 37, 519), ("torch", 1, 300),
+                                      ("triton", 1, 300)])
+def test_odd_vocab_and_single_token(impl, n, v):
+    if impl == "triton" and not (torch.cuda.is_available() or interpret_mode()):
+        pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
+    hidden, weight, target, bias = _inputs(20 + n + v, n=n, d=40, v=v, bias=True, ignore_frac=0.0)
+    target[-1] = v - 1  # the last (masked-tile) column as a target
+    ref = _reference(hidden, weight, target, bias, label_smoothing=0.05)
+    got = _run(impl, hidden, weight, target, bias, label_smoothing=0.05)
+    _close(got[0], ref[0], atol=2e-5, rtol=1e-5, what="loss")
+    _close(got[1], ref[1], atol=2e-5, rtol=1e-5, what="lse")
+    _close(got[2], ref[2], atol=2e-5, rtol=1e-4, what="grad hidden")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_huge_logits_stay_finite_and_correct(impl):
+    # logits of magnitude ~1e4: a naive exp would overflow
+    hidden, weight, target, _ = _inputs(7, n=16, d=32, v=200, scale=1.0, ignore_frac=0.0)
+    hidden = hidden * (1e4 / (hidden @ weight.t()).abs().max())
+    ref = _reference(hidden, weight, target, None, reduction="none", label_smoothing=0.1)
+    got = _run(impl, hidden, weight, target, None, reduction="none", label_smoothing=0.1)
+    assert (hidden @ weight.t()).abs().max() > 5e3
+    for g in got[:3]:
+        assert torch.isfinite(g).all()
+    # fp32 logits of size 1e4 carry ~1e-3 absolute rounding; the loss is a difference of such values
+    _close(got[0], ref[0], atol=2e-2, rtol=1e-5, what="loss")
+    _close(got[1], ref[1], atol=2e-2, rtol=1e-6, what="lse")
+    _close(got[2], ref[2], atol=5e-3, rtol=1e-3, what="grad hidden")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs(impl, dtype):
+    hidden, weight, target, bias = _inputs(30, n=32, d=64, v=256, dtype=dtype, bias=True)
+    # the reference sees the same rounded half inputs, computed in float64
+    ref = _reference(hidden, weight, target, bias, grad_weight=True, grad_bias=True, label_smoothing=0.1)
+    got = _run(impl, hidden, weight, target, bias, grad_weight=True, grad_bias=True, label_smoothing=0.1)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    assert got[2].dtype == dtype and got[3].dtype == dtype and got[4].dtype == dtype
+    # fp32 accumulation: the loss is near-exact; gradients are rounded to the half dtype on output
+    _close(got[0], ref[0], atol=1e-4, rtol=1e-5, what="loss")
+    _close(got[1], ref[1], atol=1e-4, rtol=1e-5, what="lse")
+    rel = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    for i, name in ((2, "grad hidden"), (3, "grad weight"), (4, "grad bias")):
+        _close(got[i], ref[i], atol=rel * ref[i].abs().max().item(), rtol=rel, what=name)
+
+
+def test_gradcheck_torch_path_float64():
+    hidden, weight, target, bias = _inputs(40, n=6, d=5, v=11, dtype=torch.float64, bias=True, ignore_frac=0.3)
+    target[0] = 3
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    for reduction in ("mean", "none"):
+        fn = lambda h, w, b: linear_cross_entropy(  # noqa: E731
+            h, w, target, bias=b, reduction=reduction, label_smoothing=0.15, impl="torch")
+        assert torch.autograd.gradcheck(fn, (h, w, b), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_frozen_weight_launches_no_weight_gradient(impl):
+    from sonar_kernels.triton_kernels import linear_cross_entropy as triton_lce
+
+    counts = torch_lce.LAUNCH_COUNTS if impl == "torch" else triton_lce.LAUNCH_COUNTS
+    before = dict(counts)
+    hidden, weight, target, bias = _inputs(50, n=16, d=32, v=130, bias=True)
+    loss, _, gh, gw, gb = _run(impl, hidden, weight, target, bias)
+    assert gw is None and gb is None and gh is not None
+    assert counts["backward"] == before["backward"] + 1
+    assert counts["backward_dweight"] == before["backward_dweight"]
+    # and when the weight does require grad, exactly one weight-gradient launch happens
+    _run(impl, hidden, weight, target, bias, grad_weight=True)
+    assert counts["backward_dweight"] == before["backward_dweight"] + 1
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_return_lse_values(impl):
+    hidden, weight, target, bias = _inputs(60, n=20, d=24, v=170, bias=True)
+    loss, lse = linear_cross_entropy(hidden, weight, target, bias=bias, return_lse=True, impl=impl,
+                                     reduction="none")
+    want = torch.logsumexp(hidden.double() @ weight.double().t() + bias.double(), dim=-1)
+    assert lse.shape == (20,) and lse.dtype == torch.float32 and not lse.requires_grad
+    _close(lse, want, atol=1e-5, rtol=1e-6, what="lse")
+    # the probability of the target class follows from loss and lse: log p_t = -loss (no smoothing)
+    valid = target != -100
+    logits = hidden.double() @ weight.double().t() + bias.double()
+    _close(-loss[valid], (logits[valid].gather(1, target[valid, None]).squeeze(1) - want[valid]), atol=1e-5)
+
+
+def test_triton_vocab_splits_agree():
+    if not (torch.cuda.is_available() or interpret_mode()):
+        pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
+    from sonar_kernels.triton_kernels import linear_cross_entropy as triton_lce
+
+    hidden, weight, target, _ = _inputs(70, n=20, d=32, v=450, ignore_frac=0.0)
+    # non-contiguous hidden exercises the strides
+    hidden_t = hidden.t().contiguous().t()
+    assert not hidden_t.is_contiguous()
+    ref = _reference(hidden, weight, target, None, reduction="none", label_smoothing=0.1)[0]
+    for splits in (1, 2, 4):
+        loss, _ = triton_lce.forward(hidden_t, weight, target, None, label_smoothing=0.1, num_splits=splits)
+        _close(loss, ref, atol=2e-5, rtol=1e-5, what=f"{splits} splits")
+
+
+def test_torch_chunking_matches_unchunked():
+    hidden, weight, target, bias = _inputs(80, n=29, d=16, v=90, bias=True)
+    ref = _reference(hidden, weight, target, bias, reduction="none", label_smoothing=0.1)
+    loss, lse = torch_lce.forward(hidden, weight, target, bias, label_smoothing=0.1, chunk_size=4)
+    _close(loss, ref[0], atol=1e-5, what="chunked loss")
+    go = torch.randn(29, generator=torch.Generator().manual_seed(1))
+    ref = _reference(hidden, weight, target, bias, reduction="none", label_smoothing=0.1, grad_weight=True,
+                     grad_out=go)
+    dh, dw, db = torch_lce.backward(hidden, weight, target, bias, lse, go, label_smoothing=0.1,
+                                    need_weight=True, chunk_size=4)
+    assert db is None
+    _close(dh, ref[2], atol=1e-5, rtol=1e-4, what="chunked grad hidden")
+    _close(dw, ref[3], atol=1e-5, rtol=1e-4, what="chunked grad weight")
+    # chunk size keeps one fp32 logit chunk within the budget
+    assert torch_lce.chunk_rows(256206) * 256206 * 4 <= 256 * 2 ** 20
+    assert torch_lce.chunk_rows(10, chunk_bytes=1) == 1
+
+
+def test_module_reshapes_leading_dims():
+    hidden, weight, target, _ = _inputs(90, n=12, d=16, v=50)
+    mod = LinearCrossEntropy(LinearCrossEntropyConfig(reduction="none", return_lse=True, impl="torch"))
+    loss, lse = mod(hidden.view(3, 4, 16), weight, target.view(3, 4))
+    assert loss.shape == (3, 4) and lse.shape == (3, 4)
+    ref = _reference(hidden, weight, target, None, reduction="none")
+    _close(loss.reshape(-1), ref[0], atol=1e-5, what="module loss")
+    mean = LinearCrossEntropy(impl="torch", label_smoothing=0.1)(hidden, weight, target)
+    _close(mean, _reference(hidden, weight, target, None, label_smoothing=0.1)[0], atol=1e-5, what="mean")
+    with pytest.raises(ValueError, match="reduction"):
+        LinearCrossEntropyConfig(reduction="avg")
+    with pytest.raises(ValueError, match="leading shape"):
+        mod(hidden.view(3, 4, 16), weight, target)
+
+
+def test_error_messages():
+    hidden, weight, target, bias = _inputs(100, n=6, d=8, v=20, bias=True, ignore_frac=0.0)
+    with pytest.raises(ValueError, match="disagree on D"):
+        linear_cross_entropy(hidden, weight[:, :7], target)
+    with pytest.raises(ValueError, match="hidden must be 2-D"):
+        linear_cross_entropy(hidden[None], weight, target)
+    with pytest.raises(ValueError, match=r"target must have shape \[N\]"):
+        linear_cross_entropy(hidden, weight, target[:5])
+    with pytest.raises(ValueError, match=r"bias must have shape \[V\]"):
+        linear_cross_entropy(hidden, weight, target, bias=bias[:3])
+    with pytest.raises(TypeError, match="target must be an integer"):
+        linear_cross_entropy(hidden, weight, target.float())
+    with pytest.raises(TypeError, match="weight dtype"):
+        linear_cross_entropy(hidden, weight.double(), target)
+    with pytest.raises(TypeError, match="bias dtype"):
+        linear_cross_entropy(hidden, weight, target, bias=bias.half())
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        linear_cross_entropy(hidden, weight, target, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        linear_cross_entropy(hidden, weight, target, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        linear_cross_entropy(hidden, weight, target, impl="cuda")
+    bad = target.clone()
+    bad[2] = 20
+    with pytest.raises(ValueError, match=r"target values must be in \[0, 20\).*found 20"):
+        linear_cross_entropy(hidden, weight, bad)
+    bad[2] = -1
+    with pytest.raises(ValueError, match="found -1"):
+        linear_cross_entropy(hidden, weight, bad)
+    with pytest.raises(ValueError, match="one device"):
+        linear_cross_entropy(hidden, weight.to("meta"), target)
+    with pytest.raises(TypeError, match="float64"):
+        linear_cross_entropy(hidden.double(), weight.double(), target, impl="triton")
+    # int32 targets are accepted and mean the same as int64
+    a = linear_cross_entropy(hidden, weight, target.int(), impl="torch")
+    b = linear_cross_entropy(hidden, weight, target, impl="torch")
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_weight_grad_without_hidden_grad(impl):
+    hidden, weight, target, bias = _inputs(110, n=20, d=32, v=140, bias=True)
+    w = weight.clone().requires_grad_()
+    loss = linear_cross_entropy(hidden, w, target, bias=bias, impl=impl, reduction="sum")
+    loss.backward()
+    ref = _reference(hidden, weight, target, bias, reduction="sum", grad_weight=True)
+    assert not hidden.requires_grad
+    _close(w.grad, ref[3], atol=2e-5, rtol=1e-4, what="grad weight")

@@ -1,0 +1,167 @@
+"""Tests of the tiny SONAR training command (sonar_llm/sonar/train_tiny.py), with very small dimensions."""
+import json
+import math
+import random
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sonar_llm.sonar import train_tiny as tt
+from sonar_llm.sonar.checkpoint import load_sonar_decoder, load_sonar_encoder, load_state_dict_file
+from sonar_llm.sonar.tokenizer import NllbTokenizer
+from sonar_llm.sonar.train_tiny import (
+    TinySonarConfig,
+    TinySonarPaths,
+    default_cache_dir,
+    ensure_tiny_sonar,
+    train_sentencepiece,
+)
+
+SMALL = dict(n_stories=120, spm_vocab_size=300, model_dim=32, num_layers=1, num_heads=2, ffn_dim=64,
+             max_steps=60, lr=5e-3, warmup_steps=5, max_batch_tokens=1024, eval_sentences=16, noise_std=0.0)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny") / "tiny_sonar"
+    cfg = TinySonarConfig(**SMALL)
+    paths = ensure_tiny_sonar(root, progress=False, time_budget_s=30, config=cfg, num_threads=1)
+    return cfg, paths
+
+
+def test_files_and_info(trained):
+    cfg, paths = trained
+    assert paths.exist() and paths.root.is_dir()
+    info = paths.load_info()
+    assert info["config_hash"] == cfg.config_hash()
+    assert info["tokenizer"]["vocab_size"] == info["encoder_config"]["vocab_size"]
+    m = info["metrics"]
+    assert m["eval_sentences"] == 16 and 0.0 <= m["exact_match"] <= 1.0 and m["bleu"] >= 0.0
+    assert not [p for p in paths.root.parent.iterdir() if p.name.startswith(".tiny_sonar.tmp")]
+
+
+def test_checkpoints_load_strictly_and_match_training(trained):
+    cfg, paths = trained
+    info = paths.load_info()
+    for p in (paths.encoder, paths.decoder):  # fairseq2 layout: {"model": state_dict}
+        raw = torch.load(p, map_location="cpu", weights_only=True)
+        assert isinstance(raw, dict) and "model" in raw
+    enc = load_sonar_encoder(paths.encoder)
+    dec = load_sonar_decoder(paths.decoder)
+    assert enc.cfg.model_dim == cfg.model_dim and dec.cfg.num_layers == cfg.num_layers
+    sd = load_state_dict_file(paths.decoder)
+    assert "decoder.layers.0.encoder_decoder_attn.q_proj.weight" in sd and "decoder_frontend.embed.weight" in sd
+    assert "encoder.layers.0.self_attn.k_proj.bias" in load_state_dict_file(paths.encoder)
+    tok = NllbTokenizer(paths.tokenizer)
+    assert tok.vocab_size == enc.cfg.vocab_size == dec.cfg.vocab_size
+    assert tok.lang_id("eng_Latn") == info["tokenizer"]["lang_id"]
+
+    # the loaded weights are the trained ones: their teacher-forced loss on training sentences is far
+    # below the uniform-guess loss log(V) and close to the loss logged at the end of training
+    from sonar_llm.data.stories import generate_story_sentences, split_stories
+
+    train, _ = split_stories(generate_story_sentences(cfg.n_stories, cfg.corpus_seed), cfg.held_out_fraction,
+                             cfg.corpus_seed)
+    sents = random.Random(0).sample([s for st in train for s in st], 64)
+    src, src_mask = tok.pad_batch(tok.encode_source(sents))
+    tgt, tgt_mask = tok.pad_batch(tok.encode_target(sents))
+    with torch.no_grad():
+        emb = enc(src, src_mask)
+        logits = dec(tgt[:, :-1], emb, tgt_mask[:, :-1])
+        labels = tgt[:, 1:].masked_fill(~tgt_mask[:, 1:], -100)
+        loss = float(F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100))
+    assert loss < math.log(tok.vocab_size) - 1.0
+    assert abs(loss - info["train"]["final_loss"]) < 0.75
+
+
+def test_loss_goes_down(trained):
+    _, paths = trained
+    tr = paths.load_info()["train"]
+    assert tr["steps"] > 10
+    assert tr["final_loss"] < tr["first_loss"] - 1.0
+
+
+def test_cache_hit_returns_without_training(trained, monkeypatch):
+    cfg, paths = trained
+    before = {p: p.stat().st_mtime_ns for p in (paths.encoder, paths.decoder, paths.tokenizer, paths.info)}
+
+    def boom(*a, **k):
+        raise AssertionError("retrained on a cache hit")
+
+    monkeypatch.setattr(tt, "_train", boom)
+    monkeypatch.setattr(tt, "train_sentencepiece", boom)
+    t0 = time.perf_counter()
+    again = ensure_tiny_sonar(paths.root, progress=False, time_budget_s=1, config=TinySonarConfig(**SMALL))
+    assert time.perf_counter() - t0 < 2.0
+    assert again == paths
+    assert before == {p: p.stat().st_mtime_ns for p in before}
+    # another configuration does not hit this cache (and would train: here it raises)
+    with pytest.raises(AssertionError, match="retrained"):
+        ensure_tiny_sonar(paths.root, progress=False, config=TinySonarConfig(**{**SMALL, "seed": 1}))
+    with pytest.raises(AssertionError, match="retrained"):
+        ensure_tiny_sonar(paths.root, progress=False, force=True, config=TinySonarConfig(**SMALL))
+    assert paths.exist() and before == {p: p.stat().st_mtime_ns for p in before}  # old copy survives
+
+
+def test_config_hash_and_validation():
+    a = TinySonarConfig()
+    assert a.config_hash() == TinySonarConfig().config_hash()
+    assert a.config_hash() != TinySonarConfig(model_dim=128).config_hash()
+    with pytest.raises(ValueError, match="model_dim"):
+        TinySonarConfig(model_dim=0)
+    with pytest.raises(ValueError, match="spm_model_type"):
+        TinySonarConfig(spm_model_type="word")
+    with pytest.raises(TypeError, match="config"):
+        ensure_tiny_sonar("/nonexistent", config={"model_dim": 8})
+    with pytest.raises(ValueError, match="time_budget_s"):
+        ensure_tiny_sonar("/nonexistent", time_budget_s=0)
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("SONAR_LLM_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "tiny_sonar"
+    monkeypatch.delenv("SONAR_LLM_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "sonar_llm" / "tiny_sonar"
+
+
+def test_sentencepiece_deterministic_and_raw_layout(tmp_path):
+    from sonar_llm.data.stories import generate_story_sentences
+
+    sents = [s for st in generate_story_sentences(150, seed=3) for s in st]
+    a = train_sentencepiece(sents, tmp_path / "a.model", vocab_size=400)
+    b = train_sentencepiece(list(reversed(sents)), tmp_path / "b.model", vocab_size=400)
+    assert a.read_bytes() == b.read_bytes()  # input order does not matter
+    tok = NllbTokenizer(a)
+    assert tok.spm_size == 400
+    text = sents[7]
+    assert tok.decode(tok.encode_source([text])) == [text]
+    with pytest.raises(ValueError, match="no non-empty"):
+        train_sentencepiece(["", "  "], tmp_path / "c.model")
+
+
+def test_length_bucketed_batches():
+    rng = random.Random(0)
+    lengths = [rng.randint(3, 30) for _ in range(500)]
+    batches = tt._make_batches(lengths, max_tokens=256, max_sentences=40, rng=random.Random(1))
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(500))
+    for b in batches:
+        assert len(b) <= 40
+        assert max(lengths[i] for i in b) * len(b) <= 256 or len(b) == 1
+    # bucketing: the lengths inside a batch are close (sorted order is cut into runs)
+    assert sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches) <= 2
+
+
+def test_publish_replaces_existing(tmp_path):
+    root = tmp_path / "tiny_sonar"
+    root.mkdir()
+    (root / "old.txt").write_text("old")
+    new = tmp_path / ".tiny_sonar.tmp-1"
+    new.mkdir()
+    (new / "new.txt").write_text("new")
+    tt._publish(new, root)
+    assert sorted(p.name for p in root.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny_sonar"]
