@@ -404,3 +404,15 @@ def test_varlen_plan_cache_follows_cu_seqlens():
         cu_inf = _cu([3, 6])
         d = varlen_causal_attention(q, k, v, cu_inf, 6, impl="sdpa")
     torch.testing.assert_close(d.double(), _varlen_reference(q, k, v, [3, 6]), atol=1e-5, rtol=1e-5)
+
+
+def test_plan_cache_lru():
+    cache = va_ops._PlanCache(size=2)
+    a, b, c = _cu([1]), _cu([2]), _cu([3])
+    cache.put(a, (), "A")
+    cache.put(b, (), "B")
+    assert cache.get(a, ()) == "A"  # a becomes most recent
+    cache.put(c, (), "C")  # evicts b
+    assert cache.get(b, ()) is None and cache.get(a, ()) == "A" and cache.get(c, ()) == "C"
+    assert cache.get(_cu([1]), ()) is None  # equal values, different tensor: no hit
+    assert cache.get(a, ("other",)) is None

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from sonar_kernels.backend import interpret_mode, triton_available
 from sonar_llm.sonar.config import decoder_preset
 from sonar_llm.sonar.decoder import SonarTextDecoder
-from sonar_llm.sonar.packed_decoder import PackedSonarDecoder, PreparedTargets, pack_targets
+from sonar_llm.sonar.packed_decoder import PackedSonarDecoder, PreparedTargets, gather_sentences, pack_targets
 
 
 def _decoder(dtype=torch.float64, seed=0, **overrides) -> SonarTextDecoder:
@@ -230,3 +230,28 @@ def test_triton_impl_matches_reference():
     ref, ref_grad = _loss_and_grad(lambda e: packed.reference_loss(e, tokens, cu), emb)
     torch.testing.assert_close(loss, ref, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(grad, ref_grad, atol=2e-5 * ref_grad.abs().max().item(), rtol=2e-4)
+
+
+def test_checkpoint_matches_plain():
+    dec = _decoder(torch.float64, seed=24)
+    tokens, cu = _batch(LENGTHS, dec.cfg.vocab_size, seed=25)
+    emb = torch.randn(len(LENGTHS), dec.cfg.encoder_dim, dtype=torch.float64)
+    plain = PackedSonarDecoder(dec, impl="torch")
+    ckpt = PackedSonarDecoder(dec, impl="torch", checkpoint=True)
+    a, ga = _loss_and_grad(lambda e: plain.loss(e, plain.prepare(tokens, cu)), emb)
+    b, gb = _loss_and_grad(lambda e: ckpt.loss(e, ckpt.prepare(tokens, cu)), emb)
+    torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(ga, gb, atol=1e-12, rtol=1e-12)
+
+
+def test_gather_sentences():
+    tokens, cu = _batch([3, 5, 2, 4], 96, seed=26)
+    index = torch.tensor([2, 0, 3, 0])
+    sel, sel_cu = gather_sentences(tokens, cu, index)
+    pieces = [tokens[cu[i]:cu[i + 1]] for i in index.tolist()]
+    assert torch.equal(sel, torch.cat(pieces))
+    assert sel_cu.dtype == torch.int32 and sel_cu.tolist() == [0, 2, 5, 9, 12]
+    empty, empty_cu = gather_sentences(tokens, cu, torch.zeros(0, dtype=torch.long))
+    assert empty.numel() == 0 and empty_cu.tolist() == [0]
+    with pytest.raises(ValueError, match="index"):
+        gather_sentences(tokens, cu, torch.zeros(2, 2, dtype=torch.long))

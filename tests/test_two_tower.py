@@ -372,3 +372,26 @@ def test_config_errors():
                        torch.zeros(3, dtype=torch.long), torch.arange(4, dtype=torch.int32), 3, 1)
     with pytest.raises(ValueError, match="embeddings"):
         model.loss(bad)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    g = torch.Generator().manual_seed(8)
+    torch.manual_seed(8)
+    plain = TwoTowerLCM(two_tower_tiny(num_train_steps=8))
+    ckpt = TwoTowerLCM(two_tower_tiny(num_train_steps=8, checkpoint_activations=True))
+    ckpt.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        for p in list(plain.parameters()):
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        ckpt.load_state_dict(plain.state_dict())
+    batch = _batch([6, 4], 16, g)
+    grads = []
+    for model in (plain, ckpt):
+        model.train()
+        model.zero_grad()
+        loss, _ = model.loss(batch, generator=torch.Generator().manual_seed(1))
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7)

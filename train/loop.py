@@ -50,30 +50,24 @@ SampleFn = Callable[[nn.Module, int], dict]  # (model, step) -> JSON-able record
 
 
 def default_model_factory(cfg: RunConfig) -> nn.Module:
-    """Build the family named by `model.family` through the models registry (imported lazily)."""
-    from sonar_llm.models import family as fam
+    """Build the family named by `model.family` (train/families.py; the models package is imported lazily)."""
+    from train.families import build_model
 
-    if cfg.model.family not in fam.FAMILIES:
-        raise ValueError(f"model.family: unknown family {cfg.model.family!r} (known: {', '.join(fam.FAMILIES)})")
-    return fam.build_family(cfg.model.family, cfg.model, **_family_deps(cfg))
-
-
-def _family_deps(cfg: RunConfig) -> dict[str, Any]:
-    """Extra objects a family may need (paths of the SONAR models); families ignore what they do not use."""
-    return {"sonar": cfg.sonar}
+    return build_model(cfg)
 
 
 def default_data_factory(cfg: RunConfig, split: str, info: DistInfo) -> Loader:
-    """ShardedDataset + ConceptLoader for the train or validation shards, split by rank."""
-    from sonar_llm.data import loader as data_loader
-    from sonar_llm.data import shards
+    """Resumable packed-batch loader over the train (endless, shuffled) or validation (one ordered pass,
+    restarted by the caller) shards, split by rank."""
+    from sonar_llm.data.loader import make_dataloader
+    from sonar_llm.data.shards import ShardedDataset
 
-    path = cfg.data.path if split == "train" else cfg.data.val_path
-    dataset = shards.ShardedDataset(path)
-    seed = cfg.data.seed if split == "train" else cfg.data.seed + 1
-    return data_loader.ConceptLoader(dataset, max_sentences=cfg.data.max_sentences, max_tokens=cfg.data.max_tokens,
-                                     seed=seed, rank=info.rank, world_size=info.world_size,
-                                     num_workers=cfg.data.workers)
+    train = split == "train"
+    dataset = ShardedDataset(cfg.data.path if train else cfg.data.val_path)
+    return make_dataloader(dataset, num_workers=cfg.data.workers if train else 0,
+                           pin_memory=info.device.type == "cuda", max_sentences=cfg.data.max_sentences,
+                           max_tokens=cfg.data.max_tokens, seed=cfg.data.seed, rank=info.rank,
+                           world_size=info.world_size, shuffle=train, loop=train)
 
 
 def _count(batch: Any, name: str, fallback: Callable[[Any], float]) -> float:

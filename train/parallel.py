@@ -115,6 +115,10 @@ def parallelize(model: nn.Module, cfg: RunConfig, info: DistInfo) -> nn.Module:
     if dtype != torch.float32 and (not use_fsdp or cfg.parallel.decoder_placement == "replicate"):
         for m in frozen:  # frozen weights need no fp32 master copy
             m.to(dtype)
+    if callable(getattr(model, "decoder_to", None)):
+        # SonarLLM keeps its frozen decoder outside the module tree (no state_dict entries, never sharded):
+        # it is always replicated, moved and cast here
+        model.decoder_to(info.device, dtype if dtype != torch.float32 else None)
     apply_activation_checkpointing(blocks, cfg.train.activation_checkpointing)
     if cfg.train.compile:
         for b in blocks:

@@ -50,16 +50,16 @@ def _expand_kv(t: Tensor, groups: int) -> Tensor:
 
 
 class _PlanCache:
-    """Remembers the attention plan (masks) built for the last `cu_seqlens` tensor.
+    """Remembers the attention plans (masks) built for the last few `cu_seqlens` tensors.
 
-    A decoder calls attention once per layer with the same `cu_seqlens`; the plan is keyed on that very
-    tensor object (held here, so its storage cannot be reused) and its in-place version counter.
+    A model calls attention once per layer with the same `cu_seqlens` (the concept backbone with document
+    boundaries, the SONAR decoder with sentence boundaries); a plan is keyed on that very tensor object
+    (held here, so its storage cannot be reused) and its in-place version counter.
     """
 
-    def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._ref: Tensor | None = None
-        self._plan = None
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._entries: list[tuple[Tensor, tuple, object]] = []
 
     @staticmethod
     def _version(t: Tensor) -> int | None:
@@ -70,19 +70,24 @@ class _PlanCache:
 
     def get(self, cu_seqlens: Tensor, extra: tuple):
         version = self._version(cu_seqlens)
-        if version is not None and self._ref is cu_seqlens and self._key == (version, extra):
-            return self._plan
+        if version is None:
+            return None
+        for i, (ref, key, plan) in enumerate(self._entries):
+            if ref is cu_seqlens and key == (version, extra):
+                self._entries.append(self._entries.pop(i))  # most recently used last
+                return plan
         return None
 
     def put(self, cu_seqlens: Tensor, extra: tuple, plan) -> None:
         version = self._version(cu_seqlens)
         if version is None:
-            self.clear()
-        else:
-            self._ref, self._key, self._plan = cu_seqlens, (version, extra), plan
+            return
+        self._entries = [e for e in self._entries if e[0] is not cu_seqlens]
+        self._entries.append((cu_seqlens, (version, extra), plan))
+        del self._entries[:-self.size]
 
     def clear(self) -> None:
-        self._ref, self._key, self._plan = None, None, None
+        self._entries = []
 
 
 _SDPA_PLANS = _PlanCache()

@@ -445,8 +445,15 @@ class DenoiserLayer(nn.Module):
             v = v.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=-2).flatten(-2)
         return attn.output_proj(v)
 
-    def forward(self, x: Tensor, modulation: Tensor, cross, layer_idx: int) -> Tensor:
-        """x[N, d]; modulation [N or 1, 9d] (shift/scale/gate x 3); ``cross(attn, h, layer_idx)`` -> [N, d]."""
+    def forward(self, x: Tensor, time_emb: Tensor, time_index: Tensor | None, cross, layer_idx: int) -> Tensor:
+        """x[N, d]; ``time_emb`` [M, d] timestep embeddings, gathered per row by ``time_index`` [N] (or
+        broadcast when M == 1 / used as is when M == N); ``cross(attn, h, layer_idx)`` -> [N, d].
+
+        The modulation is computed here, inside the layer's forward, so FSDP2 unshards the modulator with
+        the rest of the block."""
+        modulation = self.modulator(time_emb)
+        if time_index is not None:
+            modulation = modulation[time_index]
         m_sa, m_ca, m_ff = modulation.chunk(3, dim=-1)
         shift, scale, gate = m_sa.chunk(3, dim=-1)
         h = self.self_attn_layer_norm(x) * (1 + scale) + shift
@@ -493,13 +500,10 @@ class Denoiser(nn.Module):
         h = self.initial_proj(x_t)
         emb, index = self._time(timesteps, x_t.shape[0], x_t.device)
         for i, layer in enumerate(self.layers):
-            mod = layer.modulator(emb)
-            if index is not None:
-                mod = mod[index]
             if self.checkpoint_activations and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, mod, cross, i, use_reentrant=False)
+                h = checkpoint(layer, h, emb, index, cross, i, use_reentrant=False)
             else:
-                h = layer(h, mod, cross, i)
+                h = layer(h, emb, index, cross, i)
         return self.final_proj(self.layer_norm(h))
 
 

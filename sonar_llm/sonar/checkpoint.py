@@ -218,7 +218,7 @@ def _load(kind: str, path, cfg_or_preset, dtype, device):
     sd, meta = _read(path)
     embed_key, other_key = (_ENC_EMBED, _DEC_EMBED) if is_enc else (_DEC_EMBED, _ENC_EMBED)
     if embed_key not in sd:
-        hint = f" (it looks like a {'decoder' if is_enc else 'encoder'} checkpoint)" if other_key in sd else ""
+        hint = f" (it looks like {'a decoder' if is_enc else 'an encoder'} checkpoint)" if other_key in sd else ""
         sample = ", ".join(sorted(sd)[:5])
         raise ValueError(f"{os.fspath(path)} is not a SONAR text {kind} checkpoint: no '{embed_key}'{hint}; "
                          f"keys start with: {sample}")

@@ -55,11 +55,11 @@ class NllbTokenizer:
     """SentencePiece tokenizer with the fairseq2 NLLB id layout.
 
     ``model_path``: the ``.model`` file; ``langs``: language codes in tag order (default: the 202 SONAR
-    languages); ``default_lang``: used when ``lang`` is not given.
+    languages); ``default_lang``: used when ``lang`` is not given (default eng_Latn, else the first).
     """
 
     def __init__(self, model_path: str | os.PathLike, langs: Sequence[str] | None = None,
-                 default_lang: str = "eng_Latn") -> None:
+                 default_lang: str | None = None) -> None:
         import sentencepiece as spm
 
         path = os.fspath(model_path)
@@ -79,6 +79,8 @@ class NllbTokenizer:
                 f"bos={self.sp.bos_id()}, eos={self.sp.eos_id()}"
             )
         self.langs: tuple[str, ...] = tuple(SONAR_LANGS if langs is None else langs)
+        if not self.langs:
+            raise ValueError("langs must name at least one language")
         if len(set(self.langs)) != len(self.langs):
             raise ValueError("langs contains duplicates")
         for lang in self.langs:
@@ -88,6 +90,8 @@ class NllbTokenizer:
         self.lang_offset = self.spm_size + 1
         self._lang_to_id = {lang: self.lang_offset + i for i, lang in enumerate(self.langs)}
         self.internal_offset = self.lang_offset + len(self.langs)
+        if default_lang is None:
+            default_lang = "eng_Latn" if "eng_Latn" in self._lang_to_id else self.langs[0]
         if default_lang not in self._lang_to_id:
             raise ValueError(f"default_lang {default_lang!r} is not among the tokenizer languages")
         self.default_lang = default_lang

@@ -1,0 +1,73 @@
+"""Measure the peak resident memory of loading a SONAR decoder checkpoint, against the file size.
+
+Writes a full-width (d=1024, FFN 8192), full-vocabulary (256,206) decoder with few layers (default 2) to a
+temporary folder, then loads it in fresh subprocesses with ``load_sonar_decoder`` and reports
+``ru_maxrss`` after import, after loading, and after one forward step (which touches every weight).
+The loader memory-maps the file and assigns tensors into a meta-built model, so the peak should stay near
+one copy of the weights (file-backed pages), not two.
+
+    python bench/measure_load_rss.py [--layers 2] [--dir /tmp] [--dtype float32]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+_CHILD = r"""
+import json, resource, sys, time
+import torch
+torch.set_num_threads(1)
+from sonar_llm.sonar import load_sonar_decoder
+def rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+out = {"after_import_mib": rss_mib()}
+t = time.perf_counter()
+dec = load_sonar_decoder(sys.argv[1], dtype=(None if sys.argv[2] == "keep" else sys.argv[2]))
+out["load_s"] = time.perf_counter() - t
+out["after_load_mib"] = rss_mib()
+with torch.inference_mode():
+    dec(torch.tensor([[3, 256047, 100]]), torch.randn(1, 1024, dtype=dec.final_proj.weight.dtype))
+out["after_forward_mib"] = rss_mib()
+print(json.dumps(out))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--dir", default=None, help="where to write the temporary checkpoint")
+    ap.add_argument("--dtype", default="keep", help="dtype requested at load time (keep = file dtype)")
+    args = ap.parse_args()
+
+    import torch
+
+    from sonar_llm.sonar import SonarTextDecoder, decoder_preset, save_fairseq2_checkpoint
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        path = os.path.join(tmp, "decoder.pt")
+        with torch.device("meta"):
+            dec = SonarTextDecoder(decoder_preset("basic", num_layers=args.layers))
+        dec.to_empty(device="cpu")
+        with torch.no_grad():
+            for p in dec.parameters():
+                p.normal_(0, 0.02)
+        dec.tie_weights()
+        save_fairseq2_checkpoint(dec, path)
+        del dec
+        size_mib = os.path.getsize(path) / 2**20
+        res = subprocess.run([sys.executable, "-c", _CHILD, path, args.dtype], check=True,
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        stats = json.loads(res.stdout.strip().splitlines()[-1])
+    stats["file_mib"] = size_mib
+    stats["load_delta_mib"] = stats["after_load_mib"] - stats["after_import_mib"]
+    stats["forward_delta_mib"] = stats["after_forward_mib"] - stats["after_import_mib"]
+    stats["peak_delta_over_file"] = stats["forward_delta_mib"] / size_mib
+    print(json.dumps({k: round(v, 3) for k, v in stats.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

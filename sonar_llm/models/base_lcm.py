@@ -1,0 +1,119 @@
+"""Base-LCM: next-sentence regression in normalised SONAR space (the LCM's "MSE" baseline).
+
+    e --SonarNormalizer--> (e - center)/scale --frontend.pre_linear (E->d)--> lcm (Backbone)
+      --postnet.fc (d->E)--> prediction of the next normalised embedding
+Module names follow the LCM checkpoints: `frontend.pre_linear`, `frontend.sonar_normalizer.{center,scale}`,
+`lcm.layers.N.*`, `lcm.layer_norm.weight`, `postnet.fc`.
+
+Loss (`next_sentence_mse`): inside each document, the output at position k-1 predicts the normalised
+embedding k (k >= 1; position 0 is never a target); per target the squared error is summed over the E
+dimensions. `reduction="mean"` (default) averages over targets; the LCM's recipes use `"sum"` (sum over
+targets, the optimizer step then scales with the batch size). `compute_rmse` is off, as in the recipes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .backbone import Backbone, BackboneConfig
+from .family import ConceptFamily, causal_attention_flops, next_sentence_pairs
+from .normalizer import SonarNormalizer
+
+__all__ = ["BaseLCMConfig", "BaseLCM"]
+
+REDUCTIONS = ("mean", "sum")
+
+
+@dataclass
+class BaseLCMConfig:
+    """Base-LCM options: the backbone, the SONAR width and the loss reduction over targets."""
+
+    backbone: BackboneConfig
+    sonar_dim: int = 1024
+    reduction: str = "mean"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.backbone, BackboneConfig):
+            raise TypeError(f"BaseLCMConfig.backbone must be a BackboneConfig, got {type(self.backbone).__name__}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"BaseLCMConfig.reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if self.sonar_dim <= 0:
+            raise ValueError(f"BaseLCMConfig.sonar_dim must be positive, got {self.sonar_dim}")
+
+
+class BaseLCM(ConceptFamily):
+    """PreNet (normalizer + pre_linear), Backbone `lcm`, PostNet `fc`. `cfg` is a `BaseLCMConfig`
+    or a `BackboneConfig` (then sonar_dim=1024, reduction="mean")."""
+
+    def __init__(self, cfg: BaseLCMConfig | BackboneConfig) -> None:
+        super().__init__()
+        if isinstance(cfg, BackboneConfig):
+            cfg = BaseLCMConfig(backbone=cfg)
+        if not isinstance(cfg, BaseLCMConfig):
+            raise TypeError(f"BaseLCM expects a BaseLCMConfig or BackboneConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        d, e = cfg.backbone.model_dim, cfg.sonar_dim
+        self.frontend = nn.Module()
+        self.frontend.pre_linear = nn.Linear(e, d, bias=True)
+        self.frontend.sonar_normalizer = SonarNormalizer(e)
+        self.lcm = Backbone(cfg.backbone)
+        self.postnet = nn.Module()
+        self.postnet.fc = nn.Linear(d, e, bias=True)
+
+    @property
+    def backbone(self) -> Backbone:  # the family interface's name for the Transformer stack
+        return self.lcm
+
+    @property
+    def normalizer(self) -> SonarNormalizer:
+        return self.frontend.sonar_normalizer
+
+    # ------------------------------------------------------------------ forward pieces
+    def embed_inputs(self, embeddings: Tensor) -> Tensor:
+        """Raw SONAR embeddings [..., E] -> backbone inputs [..., d] (normalise, then pre_linear)."""
+        w = self.frontend.pre_linear.weight
+        return self.frontend.pre_linear(self.normalizer.normalize(embeddings).to(w.dtype))
+
+    def predict_normalized(self, hidden: Tensor) -> Tensor:
+        """Backbone outputs [..., d] -> predicted next embedding in normalised space [..., E]."""
+        return self.postnet.fc(hidden)
+
+    def predict_embedding(self, hidden: Tensor) -> Tensor:
+        """Backbone outputs [..., d] -> predicted next raw SONAR embedding (denormalised)."""
+        return self.normalizer.denormalize(self.predict_normalized(hidden))
+
+    def forward(self, embeddings: Tensor, doc_cu_seqlens: Tensor, max_doc_len: int) -> Tensor:
+        """Packed raw embeddings [S,E] -> normalised predictions [S,E] (row k predicts row k+1)."""
+        if embeddings.dim() != 2 or embeddings.shape[-1] != self.cfg.sonar_dim:
+            raise ValueError(f"BaseLCM expects embeddings[S, {self.cfg.sonar_dim}], got {tuple(embeddings.shape)}")
+        hidden = self.lcm(self.embed_inputs(embeddings), doc_cu_seqlens, max_doc_len)
+        return self.predict_normalized(hidden)
+
+    # ------------------------------------------------------------------ family interface
+    def loss(self, batch) -> tuple[Tensor, dict[str, Any]]:
+        """Summed-over-dimensions squared error in normalised space, reduced over targets."""
+        embeddings = batch.embeddings
+        pred_rows, tgt_rows = next_sentence_pairs(batch.doc_cu_seqlens, embeddings.shape[0])
+        hidden = self.lcm(self.embed_inputs(embeddings), batch.doc_cu_seqlens, batch.max_doc_len)
+        pred = self.predict_normalized(hidden.index_select(0, pred_rows))
+        target = self.normalizer.normalize(embeddings.index_select(0, tgt_rows)).to(pred.dtype)
+        acc = torch.float64 if pred.dtype == torch.float64 else torch.float32  # fp32 for half types
+        per_target = (pred.to(acc) - target.to(acc)).pow(2).sum(-1)
+        total = per_target.sum()
+        n = int(tgt_rows.numel())
+        loss = total / max(n, 1) if self.cfg.reduction == "mean" else total
+        metrics = {
+            "mse_per_target": (total / max(n, 1)).detach(),
+            "target_sentences": n,
+        }
+        return loss, metrics
+
+    def flops_per_batch(self, batch) -> float:
+        """6 x params x sentences + 3 x causal attention FLOPs."""
+        cfg = self.cfg.backbone
+        params = sum(p.numel() for p in self.parameters())
+        flops = 6.0 * params * int(batch.embeddings.shape[0])
+        return flops + 3.0 * causal_attention_flops(batch.doc_cu_seqlens, cfg.num_layers, cfg.num_heads, cfg.head_dim)

@@ -1,0 +1,339 @@
+"""Generation loops for the model families, batched over stories with the backbone's KV cache.
+
+Concept models (SONAR-LLM, Base-LCM) generate one sentence embedding per step:
+  * `generate_sonar_llm`: predict the next embedding, decode it to text with the SONAR decoder
+    (`decode_fn`, greedy or beam), re-encode the text with the SONAR encoder (`encode_fn`, as the paper
+    does; `reencode=False` keeps the predicted vector) and append it; stop a story when the appended
+    vector has cosine >= `eos_threshold` (0.98) with the end-of-document embedding (the end sentence is
+    not kept), or by the sentence limit.
+  * `generate_sonar_llm_reference`: the public code's loop, one story at a time, re-running the
+    backbone over all embeddings at every step (no KV cache). Same outputs; the speed baseline.
+  * `generate_base_lcm`: the LCM's loop: the prediction itself (denormalised) is appended; cosine stop
+    against the end embedding (the LCM uses 0.9 with "End of text."; pass the corpus's end sentence);
+    deterministic unless `sample_latent_variable` (the LCM's N(0, temperature^2) noise in normalised
+    space, which its code enables by default).
+Sentence limit (the public SONAR-LLM rule): a new sentence is generated while the story (prompt
+included) has at most `max_sentences` sentences, so a story can end with max_sentences + 1.
+
+`generate_token_llm`: greedy decoding of the token LLM with the KV cache (`use_cache=False`: full
+recomputation, the reference).
+
+`decode_fn(embeddings[B,E]) -> list[str]` and `encode_fn(list[str]) -> Tensor[B,E]` are plain
+callables; `sonar_text_functions(text_to_embedding, embedding_to_text, ...)` builds them from the
+pipeline wrappers in `sonar_llm.sonar.pipeline`.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ConceptGeneration",
+    "generate_sonar_llm",
+    "generate_sonar_llm_reference",
+    "generate_base_lcm",
+    "generate_token_llm",
+    "sonar_text_functions",
+]
+
+DecodeFn = Callable[[Tensor], list[str]]
+EncodeFn = Callable[[list[str]], Tensor]
+
+
+@dataclass
+class ConceptGeneration:
+    """One story's continuation: the appended embeddings [m, E], their texts (SONAR-LLM; empty for
+    Base-LCM) and whether the end-of-document rule stopped it."""
+
+    embeddings: Tensor
+    texts: list[str] = field(default_factory=list)
+    stopped_by_eos: bool = False
+
+
+@contextlib.contextmanager
+def _inference(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _check_prompts(prompts: Sequence[Tensor], dim: int) -> None:
+    if not prompts:
+        raise ValueError("prompt_embeddings is empty")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, Tensor) or p.dim() != 2 or p.shape[0] == 0 or p.shape[1] != dim:
+            shape = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
+            raise ValueError(f"prompt_embeddings[{i}] must be a non-empty [n, {dim}] tensor, got {shape}")
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+def _cosine(x: Tensor, eos: Tensor) -> Tensor:
+    return F.cosine_similarity(x.float(), eos.float().reshape(1, -1).to(x.device), dim=-1)
+
+
+def _concept_loop(
+    model: nn.Module,
+    prompts: Sequence[Tensor],
+    next_fn: Callable[[Tensor], tuple[list[str] | None, Tensor]],
+    *,
+    max_sentences: int,
+    eos_embedding: Tensor,
+    eos_threshold: float,
+) -> list[ConceptGeneration]:
+    """KV-cached loop shared by the concept models: ragged prefill of every prompt, then one step per
+    new sentence for the stories still running (finished ones are dropped from the cache)."""
+    dim = eos_embedding.numel()
+    _check_prompts(prompts, dim)
+    if max_sentences < 1:
+        raise ValueError(f"max_sentences must be >= 1, got {max_sentences}")
+    device, dtype = _model_device_dtype(model)
+    batch = len(prompts)
+    lengths = [int(p.shape[0]) for p in prompts]
+    texts: list[list[str]] = [[] for _ in range(batch)]
+    appended: list[list[Tensor]] = [[] for _ in range(batch)]
+    stopped = [False] * batch
+    active = [b for b in range(batch) if lengths[b] <= max_sentences]
+    if active:
+        n_max = max(lengths[b] for b in active)
+        padded = torch.zeros(len(active), n_max, dim, device=device, dtype=dtype)
+        for j, b in enumerate(active):
+            padded[j, : lengths[b]] = prompts[b].to(device=device, dtype=dtype)
+        cache = model.backbone.new_cache(len(active), max(n_max, max_sentences + 1) + 1, device, dtype)
+        lens = torch.tensor([lengths[b] for b in active], device=device)
+        hidden = model.backbone.step(model.embed_inputs(padded), cache, lengths=lens)
+        last = hidden[torch.arange(len(active), device=device), lens - 1]
+        totals = {b: lengths[b] for b in active}
+    while active:
+        step_texts, nxt = next_fn(last)
+        cos = _cosine(nxt, eos_embedding).tolist()
+        keep = []
+        for j, b in enumerate(active):
+            if cos[j] >= eos_threshold:
+                stopped[b] = True
+                continue
+            appended[b].append(nxt[j].detach().to("cpu", torch.float32))
+            if step_texts is not None:
+                texts[b].append(step_texts[j])
+            totals[b] += 1
+            if totals[b] <= max_sentences:
+                keep.append(j)
+        if not keep:
+            break
+        index = torch.tensor(keep, device=device)
+        cache.reorder(index)
+        active = [active[j] for j in keep]
+        nxt = nxt.index_select(0, index).to(device=device, dtype=dtype)
+        last = model.backbone.step(model.embed_inputs(nxt)[:, None], cache)[:, 0]
+    out = []
+    for b in range(batch):
+        emb = torch.stack(appended[b]) if appended[b] else torch.zeros(0, dim)
+        out.append(ConceptGeneration(emb, texts[b], stopped[b]))
+    return out
+
+
+def _sonar_llm_next_fn(model, decode_fn: DecodeFn, encode_fn: EncodeFn, reencode: bool):
+    def next_fn(last_hidden: Tensor) -> tuple[list[str], Tensor]:
+        pred = model.predict_embedding(last_hidden)
+        step_texts = list(decode_fn(pred))
+        if len(step_texts) != pred.shape[0]:
+            raise ValueError(f"decode_fn returned {len(step_texts)} texts for {pred.shape[0]} embeddings")
+        if not reencode:
+            return step_texts, pred
+        enc = encode_fn(step_texts)
+        if not isinstance(enc, Tensor) or enc.shape != pred.shape:
+            raise ValueError(
+                f"encode_fn must return a [{pred.shape[0]}, {pred.shape[1]}] tensor, got "
+                f"{tuple(enc.shape) if isinstance(enc, Tensor) else type(enc).__name__}"
+            )
+        return step_texts, enc.to(pred.device)
+
+    return next_fn
+
+
+def generate_sonar_llm(
+    model: nn.Module,
+    prompt_embeddings: Sequence[Tensor],
+    decode_fn: DecodeFn,
+    encode_fn: EncodeFn | None,
+    *,
+    max_sentences: int = 32,
+    eos_embedding: Tensor,
+    eos_threshold: float = 0.98,
+    reencode: bool = True,
+) -> list[ConceptGeneration]:
+    """Continue every story (prompt_embeddings[i]: [n_i, E]) with SONAR-LLM, batched, KV-cached."""
+    if reencode and encode_fn is None:
+        raise ValueError("reencode=True needs an encode_fn")
+    with _inference(model):
+        return _concept_loop(model, prompt_embeddings, _sonar_llm_next_fn(model, decode_fn, encode_fn, reencode),
+                             max_sentences=max_sentences, eos_embedding=eos_embedding,
+                             eos_threshold=eos_threshold)
+
+
+def generate_sonar_llm_reference(
+    model: nn.Module,
+    prompt_embeddings: Sequence[Tensor],
+    decode_fn: DecodeFn,
+    encode_fn: EncodeFn | None,
+    *,
+    max_sentences: int = 32,
+    eos_embedding: Tensor,
+    eos_threshold: float = 0.98,
+    reencode: bool = True,
+) -> list[ConceptGeneration]:
+    """The public code's loop: one story at a time; every step runs the backbone over all embeddings
+    so far (no cache), decodes the last prediction, re-encodes it and appends it."""
+    if reencode and encode_fn is None:
+        raise ValueError("reencode=True needs an encode_fn")
+    dim = eos_embedding.numel()
+    _check_prompts(prompt_embeddings, dim)
+    device, dtype = _model_device_dtype(model)
+    next_fn = _sonar_llm_next_fn(model, decode_fn, encode_fn, reencode)
+    out = []
+    with _inference(model):
+        for prompt in prompt_embeddings:
+            embs = prompt.to(device=device, dtype=dtype)
+            result = ConceptGeneration(torch.zeros(0, dim))
+            appended = []
+            while embs.shape[0] <= max_sentences:
+                hidden = model.backbone.forward_padded(model.embed_inputs(embs)[None])[0, -1:]
+                step_texts, nxt = next_fn(hidden)
+                if float(_cosine(nxt, eos_embedding)[0]) >= eos_threshold:
+                    result.stopped_by_eos = True
+                    break
+                result.texts.append(step_texts[0])
+                appended.append(nxt[0].to("cpu", torch.float32))
+                embs = torch.cat([embs, nxt.to(device=device, dtype=dtype)])
+            if appended:
+                result.embeddings = torch.stack(appended)
+            out.append(result)
+    return out
+
+
+def generate_base_lcm(
+    model: nn.Module,
+    prompt_embeddings: Sequence[Tensor],
+    *,
+    max_sentences: int = 32,
+    eos_embedding: Tensor,
+    eos_threshold: float = 0.9,
+    sample_latent_variable: bool = False,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    decode_fn: DecodeFn | None = None,
+) -> list[ConceptGeneration]:
+    """Continue every story with a Base-LCM (KV cache). The appended vector is the denormalised
+    prediction (plus N(0, temperature^2) noise in normalised space when `sample_latent_variable`).
+    `decode_fn`, if given, fills `texts` (decoding happens after generation in the LCM)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+
+    def next_fn(last_hidden: Tensor) -> tuple[None, Tensor]:
+        pred = model.predict_normalized(last_hidden)
+        if sample_latent_variable:
+            noise = torch.randn(pred.shape, generator=generator, device=pred.device, dtype=pred.dtype)
+            pred = pred + noise * temperature
+        return None, model.normalizer.denormalize(pred)
+
+    with _inference(model):
+        results = _concept_loop(model, prompt_embeddings, next_fn, max_sentences=max_sentences,
+                                eos_embedding=eos_embedding, eos_threshold=eos_threshold)
+        if decode_fn is not None:
+            for r in results:
+                r.texts = list(decode_fn(r.embeddings)) if r.embeddings.shape[0] else []
+    return results
+
+
+def generate_token_llm(
+    model: nn.Module,
+    prompts: Sequence[Tensor],
+    *,
+    max_new_tokens: int = 256,
+    stop_ids: Sequence[int] = (),
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """Greedy continuation of each prompt (int64 ids [n_i]); stops a row at any of `stop_ids` (not
+    returned) or after `max_new_tokens`. Batched with the KV cache; `use_cache=False` recomputes the
+    full sequence every step (reference)."""
+    if not prompts:
+        raise ValueError("prompts is empty")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, Tensor) or p.dim() != 1 or p.numel() == 0 or p.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"prompts[{i}] must be a non-empty 1-D int64 tensor")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    device, _ = _model_device_dtype(model)
+    stops = set(int(s) for s in stop_ids)
+    batch = len(prompts)
+    outputs: list[list[int]] = [[] for _ in range(batch)]
+    with _inference(model):
+        if not use_cache:
+            for b, p in enumerate(prompts):
+                ids = p.to(device, torch.int64)
+                for _ in range(max_new_tokens):
+                    hidden = model.backbone.forward_padded(model.embed(ids)[None])[0, -1]
+                    tok = int(model.logits(hidden).argmax())
+                    if tok in stops:
+                        break
+                    outputs[b].append(tok)
+                    ids = torch.cat([ids, ids.new_tensor([tok])])
+            return outputs
+        lengths = torch.tensor([p.numel() for p in prompts], device=device)
+        n_max = int(lengths.max())
+        padded = torch.zeros(batch, n_max, dtype=torch.int64, device=device)
+        for b, p in enumerate(prompts):
+            padded[b, : p.numel()] = p.to(device, torch.int64)
+        dtype = model.embed.weight.dtype
+        cache = model.backbone.new_cache(batch, n_max + max_new_tokens + 1, device, dtype)
+        hidden = model.backbone.step(model.embed(padded), cache, lengths=lengths)
+        last = hidden[torch.arange(batch, device=device), lengths - 1]
+        active = list(range(batch))
+        for _ in range(max_new_tokens):
+            toks = model.logits(last).argmax(-1)
+            keep = []
+            for j, b in enumerate(active):
+                tok = int(toks[j])
+                if tok in stops:
+                    continue
+                outputs[b].append(tok)
+                if len(outputs[b]) < max_new_tokens:
+                    keep.append(j)
+            if not keep:
+                break
+            index = torch.tensor(keep, device=device)
+            cache.reorder(index)
+            active = [active[j] for j in keep]
+            last = model.backbone.step(model.embed(toks.index_select(0, index))[:, None], cache)[:, 0]
+    return outputs
+
+
+def sonar_text_functions(
+    text_to_embedding,
+    embedding_to_text,
+    lang: str | None = "eng_Latn",
+    beam_size: int = 5,
+    max_gen_len: int = 129,
+) -> tuple[DecodeFn, EncodeFn]:
+    """(decode_fn, encode_fn) from `sonar_llm.sonar.pipeline.TextToEmbedding` / `EmbeddingToText`
+    (beam 5 and the 129-token cap are SONAR's defaults; beam_size=1 is greedy)."""
+
+    def decode_fn(embeddings: Tensor) -> list[str]:
+        return embedding_to_text.decode(embeddings, lang, beam_size=beam_size, max_gen_len=max_gen_len)
+
+    def encode_fn(texts: list[str]) -> Tensor:
+        return text_to_embedding.encode(texts, lang)
+
+    return decode_fn, encode_fn
