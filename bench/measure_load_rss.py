@@ -36,31 +36,36 @@ print(json.dumps(out))
 """
 
 
+_WRITER = r"""
+import sys
+import torch
+from sonar_llm.sonar import SonarTextDecoder, decoder_preset, save_fairseq2_checkpoint
+with torch.device("meta"):
+    dec = SonarTextDecoder(decoder_preset("basic", num_layers=int(sys.argv[2])))
+dec.to_empty(device="cpu")
+with torch.no_grad():
+    for p in dec.parameters():
+        p.normal_(0, 0.02)
+dec.tie_weights()
+save_fairseq2_checkpoint(dec, sys.argv[1])
+"""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--dir", default=None, help="where to write the temporary checkpoint")
     ap.add_argument("--dtype", default="keep", help="dtype requested at load time (keep = file dtype)")
     args = ap.parse_args()
-
-    import torch
-
-    from sonar_llm.sonar import SonarTextDecoder, decoder_preset, save_fairseq2_checkpoint
-
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # This process stays small (no torch import): Linux keeps ru_maxrss across exec, so a big parent
+    # would inflate the child's figure.
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         path = os.path.join(tmp, "decoder.pt")
-        with torch.device("meta"):
-            dec = SonarTextDecoder(decoder_preset("basic", num_layers=args.layers))
-        dec.to_empty(device="cpu")
-        with torch.no_grad():
-            for p in dec.parameters():
-                p.normal_(0, 0.02)
-        dec.tie_weights()
-        save_fairseq2_checkpoint(dec, path)
-        del dec
+        subprocess.run([sys.executable, "-c", _WRITER, path, str(args.layers)], check=True, env=env)
         size_mib = os.path.getsize(path) / 2**20
         res = subprocess.run([sys.executable, "-c", _CHILD, path, args.dtype], check=True,
-                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             capture_output=True, text=True, env=env)
         stats = json.loads(res.stdout.strip().splitlines()[-1])
     stats["file_mib"] = size_mib
     stats["load_delta_mib"] = stats["after_load_mib"] - stats["after_import_mib"]

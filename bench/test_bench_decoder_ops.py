@@ -9,6 +9,7 @@ Shapes: on the CPU (or in quick mode) a small decoder (d=256, 2 layers, 4 heads,
 sentences; quick mode shrinks further), on CUDA the released SONAR decoder shape (d=1024, 24 layers,
 16 heads, FFN 8192, V=256,206, bf16) with 256 sentences. Sentence lengths are drawn from 10-40 tokens.
 `SONAR_BENCH_DEC_SHAPE=S,D,L,V` overrides. Peak CUDA memory of one step goes into extra_info.
+A second group times the fused add + LayerNorm against eager add then LayerNorm.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sonar_llm.sonar.config import decoder_preset
 from sonar_llm.sonar.decoder import SonarTextDecoder
@@ -43,7 +45,8 @@ def _shape(quick: bool, device: torch.device) -> tuple[int, int, int, int]:
 def _build(shape, device, dtype):
     num_sent, d, n_layers, v = shape
     heads = max(1, d // 64)
-    cfg = decoder_preset("basic", model_dim=d, num_layers=n_layers, num_heads=heads, ffn_dim=4 * d if d < 1024 else 8192,
+    ffn = 4 * d if d < 1024 else 8192
+    cfg = decoder_preset("basic", model_dim=d, num_layers=n_layers, num_heads=heads, ffn_dim=ffn,
                          vocab_size=v, lang_offset=max(4, v - 205), dropout_p=0.0)
     torch.manual_seed(0)
     dec = SonarTextDecoder(cfg, device=device, dtype=dtype)
@@ -96,4 +99,47 @@ def test_bench_decoder_loss(benchmark, bench_quick, bench_device, role):
         "role": role, "S": num_sent, "D": d, "L": n_layers, "V": v, "target_tokens": int(cu[-1]) - num_sent,
         "dtype": str(dtype).replace("torch.", ""), "peak_mem_bytes": peak,
     })
+    benchmark(step)
+
+
+ALN_GROUP = "add_layer_norm fwd+bwd"
+
+
+@pytest.mark.parametrize("role", ["triton", "torch", "eager"])
+def test_bench_add_layer_norm(benchmark, bench_quick, bench_device, role):
+    """Fused residual add + LayerNorm, upstream grads on both outputs: ours (Triton / PyTorch path) vs
+    eager `x + r` then `F.layer_norm`. Rows x D = 16384 x 1024 bf16 on CUDA, 2048 x 256 fp32 on the CPU."""
+    from sonar_kernels.functional.add_layer_norm import add_layer_norm
+
+    device = bench_device
+    if role == "triton" and device.type != "cuda":
+        pytest.skip("the Triton path is timed on CUDA only (the CPU interpreter is not a speed reference)")
+    rows, dim = (16384, 1024) if (device.type == "cuda" and not bench_quick) else (2048, 256)
+    if bench_quick:
+        rows, dim = 64, 64
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, dim, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    r = torch.randn(rows, dim, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    w = torch.ones(dim, device=device, dtype=dtype)
+    b = torch.zeros(dim, device=device, dtype=dtype)
+    gy = torch.randn(rows, dim, generator=g).to(device=device, dtype=dtype)
+
+    def fwd():
+        if role == "eager":
+            s = x + r
+            return F.layer_norm(s, (dim,), w, b, 1e-5), s
+        return add_layer_norm(x, r, w, b, 1e-5, impl=role)
+
+    def step():
+        x.grad = r.grad = None
+        y, s = fwd()
+        torch.autograd.backward([y, s], [gy, gy])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    step()
+    assert x.grad is not None and r.grad is not None
+    benchmark.group = ALN_GROUP
+    benchmark.extra_info.update({"role": role, "rows": rows, "D": dim, "dtype": str(dtype).replace("torch.", "")})
     benchmark(step)

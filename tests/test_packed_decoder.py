@@ -63,7 +63,8 @@ def test_pack_targets_matches_python_loop():
         exp_sid += [s] * (len(sent) - 1)
     assert inputs.tolist() == exp_in and labels.tolist() == exp_lab
     assert positions.tolist() == exp_pos and sids.tolist() == exp_sid
-    assert in_cu.dtype == torch.int32 and in_cu.tolist() == [0] + torch.tensor([n - 1 for n in LENGTHS]).cumsum(0).tolist()
+    assert in_cu.dtype == torch.int32
+    assert in_cu.tolist() == [0] + torch.tensor([n - 1 for n in LENGTHS]).cumsum(0).tolist()
     assert max_len == max(LENGTHS) - 1
 
 

@@ -99,5 +99,11 @@ def test_saved_config_round_trips(tmp_path):
 def test_shipped_configs_are_valid():
     files = sorted((REPO / "configs").glob("*.toml"))
     assert any(f.name == "default.toml" for f in files)
+    from sonar_llm.models.family import FAMILIES
+    from sonar_llm.models.presets import PRESETS
+
     for f in files:
-        load_config(f, check_paths=False)  # raises on any unknown key / bad value
+        cfg = load_config(f, check_paths=False)  # raises on any unknown key / bad value
+        assert cfg.model.family in FAMILIES and cfg.model.preset in PRESETS, f.name
+        if f.name != "default.toml":
+            assert f.stem == f"{cfg.model.family}_{cfg.model.preset.lower()}"

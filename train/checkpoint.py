@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
@@ -223,8 +223,16 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
         raise FileNotFoundError(f"{rank_file}: missing (was the checkpoint written with fewer ranks?)")
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
     state = {"model": model_sd, "optim": optim_sd}
+    reader = FileSystemReader(str(path))
+    saved = reader.read_metadata().state_dict_metadata
+    missing = [k for k in model_sd if f"model.{k}" not in saved]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks model keys {missing[:8]}{' ...' if len(missing) > 8 else ''} "
+                         f"(was it written by another model family or preset?)")
+    # optimizer state may be partial: AdamW has no state for parameters that never received a gradient
     with _quiet_single_process():
-        dcp.load(state, checkpoint_id=str(path), no_dist=not _dist())
+        dcp.load(state, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True),
+                 no_dist=not _dist())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
     trainer = torch.load(path / "trainer.pt", weights_only=False)

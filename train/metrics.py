@@ -73,7 +73,7 @@ def memory_gib(device: torch.device) -> float:
 
 def format_line(m: dict[str, Any]) -> str:
     parts = [f"step {m['step']}"]
-    for key, fmt in (("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"), ("grad_norm", "gnorm {:.3f}"),
+    for key, fmt in (("loss", "loss {:.4f}"), ("eval_loss", "eval loss {:.4f}"), ("lr", "lr {:.2e}"), ("grad_norm", "gnorm {:.3f}"),
                      ("sentences_per_s", "{:.0f} sent/s"), ("tokens_per_s", "{:.0f} tok/s"),
                      ("mfu", "mfu {:.1%}"), ("mem_gib", "mem {:.2f}G"), ("skipped_steps", "skipped {}")):
         if m.get(key) is not None and (key != "skipped_steps" or m[key]):

@@ -134,16 +134,18 @@ def backward(
         stop = min(n, start + rows)
         h = hidden[start:stop]
         z = _logits(h, w, bias)
-        # z becomes dloss/dz in place: softmax - (1-eps) onehot - eps/V, scaled per row.
+        # z becomes dloss/dz in place: softmax - (1-eps) onehot - eps/V (times the row scale g below).
         z.sub_(lse[start:stop, None].to(z.dtype)).exp_()
         if label_smoothing:
             z.sub_(label_smoothing / v)
         idx = safe_target[start:stop, None]
         z.scatter_add_(1, idx, torch.full(idx.shape, -(1.0 - label_smoothing), dtype=z.dtype, device=z.device))
-        z.mul_(g[start:stop, None].to(z.dtype))
+        g_chunk = g[start:stop, None].to(z.dtype)
         if need_hidden:
+            # unscaled dlogits are in [-1, 1]: no fp16 underflow when cast; the row scale comes after
             dz = z if w.dtype == z.dtype else z.to(w.dtype)
-            d_hidden[start:stop] = torch.mm(dz, w).to(hidden.dtype)
+            d_hidden[start:stop] = torch.mm(dz, w).to(z.dtype).mul_(g_chunk).to(hidden.dtype)
+        z.mul_(g_chunk)
         if need_weight:
             d_weight.addmm_(z.t(), h.to(z.dtype))
         if need_bias:

@@ -109,7 +109,10 @@ def add_layer_norm_fwd_triton(
     x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float,
     store_sum: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-    """x, residual: contiguous [M, N]. Returns (normed [M,N] in x.dtype, summed or None, mean fp32 [M], rstd fp32 [M])."""
+    """x, residual: contiguous [M, N].
+
+    Returns (normed [M, N] in x.dtype, summed or None, mean fp32 [M], rstd fp32 [M]).
+    """
     m, n = x.shape
     block_m, block_n = _block_sizes(n)
     y = torch.empty_like(x)

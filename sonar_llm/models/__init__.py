@@ -1,4 +1,9 @@
-"""Concept models on one backbone: SONAR-LLM, Base-LCM, Two-Tower LCM, and the token LLM baseline."""
+"""Concept models on one backbone: SONAR-LLM, Base-LCM, Two-Tower LCM, and the token LLM baseline.
+
+`backbone` (shared Transformer), `presets` (named sizes), `normalizer` (SONAR normalizer), the family
+modules, `family` (common interface + registry) and `generate` (generation loops). The Two-Tower LCM
+lives in `two_tower` / `diffusion` and is reached through `build_family("two_tower", ...)`.
+"""
 from .backbone import (
     Attention,
     Backbone,
@@ -9,14 +14,48 @@ from .backbone import (
     SwiGLU,
     TransformerLayer,
 )
+from .base_lcm import BaseLCM, BaseLCMConfig
+from .family import FAMILIES, ConceptFamily, build_family, family_class
+from .generate import (
+    ConceptGeneration,
+    generate_base_lcm,
+    generate_sonar_llm,
+    generate_sonar_llm_reference,
+    generate_token_llm,
+    sonar_text_functions,
+)
+from .normalizer import SonarNormalizer
+from .presets import PRESETS, backbone_config, count_parameters
+from .sonar_llm import SonarLLM, SonarLLMConfig
+from .token_llm import TokenLLM, TokenLLMConfig
 
 __all__ = [
     "Attention",
     "Backbone",
     "BackboneConfig",
+    "BaseLCM",
+    "BaseLCMConfig",
+    "ConceptFamily",
+    "ConceptGeneration",
+    "FAMILIES",
     "KVCache",
+    "PRESETS",
     "RMSNorm",
     "RotaryEmbedding",
+    "SonarLLM",
+    "SonarLLMConfig",
+    "SonarNormalizer",
     "SwiGLU",
+    "TokenLLM",
+    "TokenLLMConfig",
     "TransformerLayer",
+    "backbone_config",
+    "build_family",
+    "count_parameters",
+    "family_class",
+    "generate_base_lcm",
+    "generate_sonar_llm",
+    "generate_sonar_llm_reference",
+    "generate_token_llm",
+    "sonar_text_functions",
 ]

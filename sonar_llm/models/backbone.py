@@ -191,6 +191,10 @@ class RotaryEmbedding:
         # Kept in fp64 on the host and cast per (device, dtype): unaffected by `model.to(dtype)`.
         self._inv_freq = inv_freq
         self._inv_freq_cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        # The last (positions, dtype) -> (cos, sin): a Backbone shares one RotaryEmbedding across its
+        # layers and passes the same positions tensor to each, so cos/sin are computed once per forward.
+        # Holding `positions` keeps its memory from being reused while cached (identity check below).
+        self._last: tuple[Tensor, torch.dtype, Tensor, Tensor] | None = None
 
     def inv_freq(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
         """The per-pair angular frequencies [Dh/2] on `device` in `dtype`."""
@@ -215,7 +219,12 @@ class RotaryEmbedding:
                 f"positions.shape {tuple(positions.shape)} does not match the T axis of x.shape {tuple(x.shape)}"
             )
         compute = _compute_dtype(x.dtype)
-        cos, sin = self.cos_sin(positions, compute)
+        last = self._last
+        if last is not None and last[0] is positions and last[1] == compute:
+            cos, sin = last[2], last[3]
+        else:
+            cos, sin = self.cos_sin(positions, compute)
+            self._last = (positions, compute, cos, sin)
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [..., T, 1, Dh/2]
         xf = x.to(compute)
         if self.interleaved:
@@ -322,6 +331,7 @@ class KVCache:
         self.v = [t.index_select(0, index) for t in self.v]
         self.seq_lens = self.seq_lens.index_select(0, index)
         self.batch = int(index.numel())
+        self.upper = int(self.seq_lens.max()) if self.batch else 0
 
     def advance(self, lengths: Tensor | int) -> None:
         """Mark `lengths` more positions filled per row (after every layer has written them)."""
@@ -341,10 +351,11 @@ class KVCache:
 class Attention(nn.Module):
     """Multi-head (grouped-query) attention with q_proj, k_proj, v_proj, output_proj.
 
-    `use_rope=False` builds the position-free variant (the Two-Tower denoiser).
+    `use_rope=False` builds the position-free variant (the Two-Tower denoiser); `rope` shares an
+    existing `RotaryEmbedding` (a Backbone gives all its layers one).
     """
 
-    def __init__(self, cfg: BackboneConfig, use_rope: bool = True) -> None:
+    def __init__(self, cfg: BackboneConfig, use_rope: bool = True, rope: RotaryEmbedding | None = None) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
@@ -354,14 +365,15 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.attn_bias)
         self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.attn_bias)
         self.output_proj = nn.Linear(cfg.num_heads * hd, d, bias=cfg.output_proj_bias)
-        self.rope = (
-            RotaryEmbedding(
+        if not use_rope:
+            self.rope = None
+        elif rope is not None:
+            self.rope = rope
+        else:
+            self.rope = RotaryEmbedding(
                 hd, cfg.max_seq_len, cfg.rope_theta, cfg.rope_interleaved, cfg.rope_scaling,
                 cfg.rope_scaling_factor,
             )
-            if use_rope
-            else None
-        )
 
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         lead = x.shape[:-1]
@@ -470,10 +482,10 @@ class SwiGLU(nn.Module):
 class TransformerLayer(nn.Module):
     """Pre-norm block: x + Attn(RMSNorm(x)), then h + SwiGLU(RMSNorm(h)); dropout on both branches."""
 
-    def __init__(self, cfg: BackboneConfig) -> None:
+    def __init__(self, cfg: BackboneConfig, rope: RotaryEmbedding | None = None) -> None:
         super().__init__()
         self.self_attn_layer_norm = RMSNorm(cfg.model_dim, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, rope=rope)
         self.ffn_layer_norm = RMSNorm(cfg.model_dim, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.model_dim, cfg.ffn_dim, cfg.ffn_bias)
         self.dropout = nn.Dropout(cfg.dropout_p) if cfg.dropout_p > 0 else nn.Identity()
@@ -502,7 +514,11 @@ class Backbone(nn.Module):
         if not isinstance(cfg, BackboneConfig):
             raise TypeError(f"Backbone expects a BackboneConfig, got {type(cfg).__name__}")
         self.cfg = cfg
-        self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.num_layers))
+        self.rope = RotaryEmbedding(
+            cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_interleaved, cfg.rope_scaling,
+            cfg.rope_scaling_factor,
+        )
+        self.layers = nn.ModuleList(TransformerLayer(cfg, self.rope) for _ in range(cfg.num_layers))
         self.layer_norm = RMSNorm(cfg.model_dim, cfg.norm_eps)
         self.checkpoint_activations = cfg.checkpoint_activations
         self.reset_parameters()

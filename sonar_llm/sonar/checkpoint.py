@@ -199,11 +199,18 @@ def _resolve_cfg(cfg_or_preset, cls):
 
 
 def _materialize(model: nn.Module, sd: dict[str, Tensor], dtype: torch.dtype | None, device) -> None:
-    converted = {}
+    converted: dict[str, Tensor] = {}
+    done: dict[int, Tensor] = {}  # convert a shared tensor (tied embedding) once
     for k, v in sd.items():
-        if v.is_floating_point() and dtype is not None and v.dtype != dtype:
-            v = v.to(dtype)
-        converted[k] = v.to(device) if v.device != torch.device(device) else v
+        if id(v) in done:
+            converted[k] = done[id(v)]
+            continue
+        out = v
+        if out.is_floating_point() and dtype is not None and out.dtype != dtype:
+            out = out.to(dtype)
+        if out.device != torch.device(device):
+            out = out.to(device)
+        done[id(v)] = converted[k] = out
     model.load_state_dict(converted, strict=True, assign=True)
     for m in model.modules():
         if isinstance(m, SinusoidalPositions):

@@ -143,25 +143,42 @@ def beam_search(decoder: SonarTextDecoder, embeddings: Tensor, lang_ids: int | T
         vocab = lprobs.size(1)
         cand = lprobs + scores[:, step_nr - 1:step_nr]
 
+        # One top-k over all prompts: their beams are padded to the widest with -inf rows.
+        num_active = len(beam_sizes)
+        widest = max(beam_sizes)
+        sizes_t = torch.tensor(beam_sizes, device=device)
+        offsets = torch.cumsum(sizes_t, 0) - sizes_t
+        owner = torch.repeat_interleave(torch.arange(num_active, device=device), sizes_t)
+        slot = torch.arange(cand.size(0), device=device) - offsets[owner]
+        if cand.size(0) == num_active * widest:  # all beams equally wide: no padding needed
+            padded = cand.view(num_active, widest, vocab)
+        else:
+            padded = cand.new_full((num_active, widest, vocab), -torch.inf)
+            padded[owner, slot] = cand
+        k = min(2 * beam, widest * vocab)
+        top_s, top_i = torch.topk(padded.view(num_active, -1), k)
+        rows_all = (top_i // vocab + offsets[:, None]).tolist()
+        toks_all = (top_i % vocab).tolist()
+        scores_all = top_s.tolist()
+        firsts = offsets.tolist()
+        prompt_host = prompt_index.tolist()
+
         keep_rows, keep_tok, keep_score, new_sizes = [], [], [], []
-        offset = 0
-        for size in beam_sizes:
-            block = cand[offset:offset + size].reshape(-1)
-            k = min(2 * beam, block.numel())
-            top_s, top_i = torch.topk(block, k)
-            rows = (top_i // vocab + offset).tolist()
-            toks = (top_i % vocab).tolist()
-            top_s_list = top_s.tolist()
-            pidx = int(prompt_index[offset])
+        seqs_host: list[list[int]] | None = None
+        for a in range(num_active):
+            rows, toks, top_s_list = rows_all[a], toks_all[a], scores_all[a]
+            pidx = prompt_host[firsts[a]]
             done = False
             conts: list[int] = []
             for j in range(k):
+                if top_s_list[j] == -float("inf"):
+                    break  # padding rows or banned tokens: nothing useful below
                 if j < beam and toks[j] == eos:
-                    r = rows[j]
-                    seq = seqs[r, prompt_len:step_nr].tolist() + [eos]
+                    if seqs_host is None:
+                        seqs_host = seqs[:, prompt_len:step_nr].tolist()
                     raw = top_s_list[j]
                     score = raw / (step_nr + 1 - 1) ** cfg.len_penalty if cfg.normalize_scores else raw
-                    output[pidx].append(Hypothesis(seq, float(score)))
+                    output[pidx].append(Hypothesis(seqs_host[rows[j]] + [eos], float(score)))
                     if len(output[pidx]) == beam:
                         done = True
                         break
@@ -174,7 +191,6 @@ def beam_search(decoder: SonarTextDecoder, embeddings: Tensor, lang_ids: int | T
                     keep_tok += [toks[j] for j in conts]
                     keep_score += [top_s_list[j] for j in conts]
                     new_sizes.append(len(conts))
-            offset += size
         if not new_sizes:
             break
         index = torch.tensor(keep_rows, dtype=torch.int64, device=device)
