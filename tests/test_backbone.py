@@ -300,3 +300,15 @@ def test_config_errors_name_the_field():
     model = make_model(10)
     with pytest.raises(ValueError, match="x\\[T,32\\]"):
         model(torch.randn(2, 3, 32, dtype=torch.float64), torch.tensor([0, 2], dtype=torch.int32), 2)
+
+
+def test_shared_rope_cache_never_returns_stale_rotations():
+    model = make_model(11)
+    rope = model.rope
+    assert all(layer.self_attn.rope is rope for layer in model.layers)
+    x = torch.randn(4, 4, 8, dtype=torch.float64)
+    p1, p2 = torch.tensor([0, 1, 2, 3]), torch.tensor([5, 6, 7, 8])
+    out1 = rope.apply(x, p1)
+    torch.testing.assert_close(rope.apply(x, p2), ref_rotate(x, p2, rope.theta, False))
+    torch.testing.assert_close(rope.apply(x.float(), p1), out1.float())  # other dtype: recomputed
+    torch.testing.assert_close(rope.apply(x, p1), out1)

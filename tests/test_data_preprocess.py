@@ -219,18 +219,48 @@ def test_cli_with_codec_factory(corpus, tmp_path, capsys):
         main(["--input", "x", "--output", str(out)])
 
 
+def test_sonar_codec_with_toy_sonar_models(tmp_path):
+    from fixtures_sonar import make_spm_model, toy_encoder
+    from sonar_llm.sonar.checkpoint import save_fairseq2_checkpoint
+    from sonar_llm.sonar.pipeline import TextToEmbedding
+    from sonar_llm.sonar.tokenizer import NllbTokenizer
+
+    from sonar_llm.data.preprocess import load_sonar_codec
+
+    spm_path = make_spm_model(tmp_path / "spm")
+    tok = NllbTokenizer(spm_path)
+    enc = toy_encoder(seed=3)
+    save_fairseq2_checkpoint(enc, tmp_path / "enc.pt")
+    codec = load_sonar_codec(tmp_path / "enc.pt", spm_path, batch_size=4)
+    assert isinstance(codec, SentenceCodec) and codec.encoder_id == "enc.pt"
+    text = "The small cat sees a bird. The old dog sleeps under the tree! A child reads a story."
+    (tmp_path / "c.txt").write_text(text + "\n")
+    _run(tmp_path / "c.txt", tmp_path / "ds", codec=codec, max_sentences_per_doc=128)
+    ds = ShardedDataset(tmp_path / "ds", verify="full")
+    sents = split_sentences(text) + [EOD]
+    assert len(sents) == 4
+    emb, tokens, offs = ds.doc(0)
+    ref = TextToEmbedding(enc, tok).encode(sents, lang="eng_Latn")  # independent pipeline, other batching
+    torch.testing.assert_close(emb.float(), ref.half().float(), atol=2e-3, rtol=2e-3)
+    want = tok.encode_target(sents, lang="eng_Latn")
+    assert [tokens[offs[j]:offs[j + 1]].tolist() for j in range(4)] == want
+    assert all(w[0] == 3 and w[1] == tok.lang_id("eng_Latn") and w[-1] == 3 for w in want)
+
+
 def test_sonar_codec_duck_typing():
     class Enc:
         def predict(self, sentences):
             return torch.zeros(len(sentences), 4)
 
     class Tok:
-        def create_encoder(self, mode, lang):
-            assert mode == "target" and lang == "eng_Latn"
-            return lambda s: torch.tensor([3, 256047] + [100] * len(s) + [3])
+        def encode_target(self, texts, lang):
+            assert lang == "eng_Latn"
+            return [torch.tensor([3, 256047] + [100] * len(s) + [3]) for s in texts]
 
     codec = SonarCodec(Enc(), Tok(), max_target_tokens=6)
     assert codec.encode(["a", "b"]).shape == (2, 4)
     assert codec.target_tokens(["ab", "abcdef"]) == [[3, 256047, 100, 100, 3], [3, 256047, 100, 100, 100, 3]]
-    with pytest.raises(TypeError, match="tokenizer"):
+    with pytest.raises(TypeError, match="encode_target"):
         SonarCodec(Enc(), object())
+    with pytest.raises(ValueError, match="expected \\[n=1, E\\]"):
+        SonarCodec(lambda xs: torch.zeros(4), Tok()).encode(["x"])

@@ -297,16 +297,3 @@ def test_empty_batch(impl):
     none = linear_cross_entropy(hidden, weight, target, reduction="none", impl=impl)
     assert none.shape == (0,)
 
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_fp16_tiny_upstream_gradient(impl):
-    # mean over N tokens times a small upstream gradient: per-logit gradients ~1e-9, below fp16's range;
-    # the row scale must be applied after the half-precision product, not before
-    hidden, weight, target, _ = _inputs(130, n=64, d=32, v=256, dtype=torch.float16, ignore_frac=0.0)
-    go = torch.tensor(1e-3)
-    ref = _reference(hidden, weight, target, None, grad_out=go)
-    got = _run(impl, hidden, weight, target, None, grad_out=go)
-    assert got[2].dtype == torch.float16
-    scale = ref[2].abs().max().item()
-    assert scale > 1e-6
-    _close(got[2], ref[2], atol=3e-3 * scale, rtol=3e-3, what="grad hidden")

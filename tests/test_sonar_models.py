@@ -254,6 +254,15 @@ def test_cross_attention_is_the_one_key_constant():
         torch.testing.assert_close(consts[:, i], closed, atol=1e-12, rtol=0)
 
 
+def test_folded_cross_attention_matches_constants():
+    dec = toy_decoder(seed=13, dtype=torch.float64, num_layers=3)
+    emb = torch.randn(4, 32, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    w, b = dec.folded_cross_attention()
+    assert w.shape == (3 * 32, 32) and b.shape == (3 * 32,)
+    folded = (emb @ w.T + b).view(4, 3, 32)
+    torch.testing.assert_close(folded, dec.cross_attention_constants(emb), atol=1e-12, rtol=1e-12)
+
+
 def test_final_proj_is_tied():
     dec = toy_decoder(seed=2)
     assert dec.final_proj.weight is dec.decoder_frontend.embed.weight

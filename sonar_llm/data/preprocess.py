@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import sys
 import time
@@ -62,75 +63,68 @@ def _truncate_ids(ids: Sequence[int], max_len: int) -> list[int]:
 
 
 class SonarCodec:
-    """`SentenceCodec` over the SONAR text encoder pipeline and the NLLB tokenizer (duck typed).
+    """`SentenceCodec` over a SONAR text-encoder pipeline and the NLLB tokenizer (duck typed).
 
-    encoder: an object with `encode(list[str])`, `predict(list[str])` or `__call__(list[str])` returning
-        a [n, E] tensor (e.g. `sonar_llm.sonar.pipeline.TextToEmbedding`).
-    tokenizer: an object offering target-mode ids through one of `encode_target(text, lang=...)`,
-        `encode(text, mode="target", lang=...)` or fairseq2-style `create_encoder(mode="target", lang=...)`.
+    encoder: e.g. `sonar_llm.sonar.pipeline.TextToEmbedding`: `encode(texts, lang=...)` (or `encode(texts)`,
+        `predict(texts)`, or a callable) returning a [n, E] tensor; it batches by length itself.
+    tokenizer: e.g. `sonar_llm.sonar.tokenizer.NllbTokenizer`: `encode_target(texts, lang=...)` returning one
+        `[3, lang, w1..wn, 3]` id list per text.
+    Target sequences longer than `max_target_tokens` are cut, keeping the closing </s>.
     """
 
     def __init__(self, encoder, tokenizer, *, lang: str = "eng_Latn", max_target_tokens: int = 256,
                  encoder_id: str = "sonar_text_encoder", tokenizer_id: str = "nllb"):
+        if not callable(getattr(tokenizer, "encode_target", None)):
+            raise TypeError(f"tokenizer {type(tokenizer).__name__} has no encode_target(texts, lang=...)")
+        fn = getattr(encoder, "encode", None) or getattr(encoder, "predict", None) or encoder
+        if not callable(fn):
+            raise TypeError(f"encoder {type(encoder).__name__} has no encode/predict and is not callable")
+        try:
+            takes_lang = "lang" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):  # builtins without a signature
+            takes_lang = False
+        self._encode = (lambda xs: fn(xs, lang=lang)) if takes_lang else fn
         self.encoder = encoder
         self.tokenizer = tokenizer
         self.lang = lang
         self.max_target_tokens = max_target_tokens
         self.encoder_id = encoder_id
         self.tokenizer_id = tokenizer_id
-        self._target_fn = self._find_target_fn(tokenizer, lang)
-
-    @staticmethod
-    def _find_target_fn(tokenizer, lang: str) -> Callable[[str], Sequence[int]]:
-        if hasattr(tokenizer, "encode_target"):
-            return lambda s: tokenizer.encode_target(s, lang=lang)
-        if hasattr(tokenizer, "create_encoder"):
-            enc = tokenizer.create_encoder(mode="target", lang=lang)
-            return lambda s: enc(s)
-        if hasattr(tokenizer, "encode"):
-            return lambda s: tokenizer.encode(s, mode="target", lang=lang)
-        raise TypeError(f"tokenizer {type(tokenizer).__name__} has none of encode_target / create_encoder / "
-                        f"encode(mode='target')")
 
     def encode(self, sentences: list[str]) -> torch.Tensor:
-        enc = self.encoder
-        fn = getattr(enc, "encode", None) or getattr(enc, "predict", None) or enc
-        out = fn(list(sentences))
+        out = self._encode(list(sentences))
         if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(sentences):
-            raise ValueError(f"encoder returned {type(out).__name__} "
-                             f"{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}; expected [n={len(sentences)}, E]")
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"encoder returned {got}; expected [n={len(sentences)}, E]")
         return out
 
     def target_tokens(self, sentences: list[str]) -> list[list[int]]:
-        out = []
-        for s in sentences:
-            ids = self._target_fn(s)
-            if isinstance(ids, torch.Tensor):
-                ids = ids.tolist()
-            out.append(_truncate_ids(ids, self.max_target_tokens))
-        return out
+        seqs = self.tokenizer.encode_target(list(sentences), lang=self.lang)
+        if len(seqs) != len(sentences):
+            raise ValueError(f"tokenizer.encode_target returned {len(seqs)} sequences for {len(sentences)} texts")
+        return [_truncate_ids(s.tolist() if isinstance(s, torch.Tensor) else s, self.max_target_tokens)
+                for s in seqs]
 
 
-def load_sonar_codec(encoder_path: str | os.PathLike, tokenizer_path: str | os.PathLike, device: str = "cpu",
-                     dtype: torch.dtype = torch.float32, *, lang: str = "eng_Latn",
-                     batch_size: int | None = None) -> SonarCodec:
-    """Build a SonarCodec from a SONAR encoder checkpoint and the NLLB sentencepiece model."""
-    for name, p in (("encoder_path", encoder_path), ("tokenizer_path", tokenizer_path)):
-        if not os.path.exists(p):
-            raise FileNotFoundError(f"{name} {str(p)!r} does not exist")
-    from sonar_llm.sonar.pipeline import TextToEmbedding  # lazy: the SONAR models are optional here
+def load_sonar_codec(encoder_path: str | os.PathLike | None = None, tokenizer_path: str | os.PathLike | None = None,
+                     device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32, *,
+                     lang: str = "eng_Latn", batch_size: int = 64) -> SonarCodec:
+    """SonarCodec from a SONAR encoder checkpoint and the NLLB sentencepiece model.
+
+    Paths default to the SONAR asset registry (`SONAR_ENCODER` / `SONAR_TOKENIZER` environment variables or
+    the registry TOML, see sonar_llm.sonar.registry).
+    """
+    from sonar_llm.sonar.checkpoint import load_sonar_encoder  # lazy: the SONAR models are optional here
+    from sonar_llm.sonar.pipeline import TextToEmbedding
+    from sonar_llm.sonar.registry import resolve_asset
     from sonar_llm.sonar.tokenizer import NllbTokenizer
 
-    tokenizer = NllbTokenizer(str(tokenizer_path))
-    kwargs = {"device": device, "dtype": dtype}
-    if batch_size is not None:
-        kwargs["batch_size"] = batch_size
-    if hasattr(TextToEmbedding, "from_pretrained"):
-        encoder = TextToEmbedding.from_pretrained(str(encoder_path), str(tokenizer_path), **kwargs)
-    else:
-        encoder = TextToEmbedding(str(encoder_path), str(tokenizer_path), **kwargs)
-    return SonarCodec(encoder, tokenizer, lang=lang, encoder_id=Path(encoder_path).name,
-                      tokenizer_id=Path(tokenizer_path).name)
+    enc_path = resolve_asset("encoder", encoder_path)
+    tok_path = resolve_asset("tokenizer", tokenizer_path)
+    tokenizer = NllbTokenizer(tok_path)
+    encoder = load_sonar_encoder(enc_path, dtype=dtype, device=device)
+    pipeline = TextToEmbedding(encoder, tokenizer, batch_size=batch_size)
+    return SonarCodec(pipeline, tokenizer, lang=lang, encoder_id=enc_path.name, tokenizer_id=tok_path.name)
 
 
 @dataclass
@@ -337,8 +331,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m sonar_llm.data.preprocess", description=__doc__.split("\n")[0])
     p.add_argument("--input", nargs="+", required=True, help="files, directories or glob patterns")
     p.add_argument("--output", required=True, help="dataset directory")
-    p.add_argument("--encoder", help="SONAR text encoder checkpoint (.pt / .safetensors)")
-    p.add_argument("--tokenizer", help="NLLB sentencepiece model")
+    p.add_argument("--encoder", help="SONAR text encoder checkpoint (.pt / .safetensors); default: registry")
+    p.add_argument("--tokenizer", help="NLLB sentencepiece model; default: registry")
+    p.add_argument("--encoder-batch-size", type=int, default=64, help="sentences per encoder forward")
     p.add_argument("--codec-factory", help="'module:callable' returning a SentenceCodec (instead of --encoder)")
     p.add_argument("--lang", default="eng_Latn")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -353,16 +348,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--min-doc-sentences", type=int, default=2)
     p.add_argument("--doc-overflow", default="chunk", choices=["chunk", "truncate"])
     p.add_argument("--max-sentence-chars", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="sentences handed to the codec at once")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     if args.codec_factory:
         codec = _load_factory(args.codec_factory)()
-    elif args.encoder and args.tokenizer:
+    else:  # missing paths come from the SONAR registry / environment
         codec = load_sonar_codec(args.encoder, args.tokenizer, args.device, getattr(torch, args.encoder_dtype),
-                                 lang=args.lang)
-    else:
-        p.error("give --encoder and --tokenizer, or --codec-factory")
+                                 lang=args.lang, batch_size=args.encoder_batch_size)
     return preprocess(args.input, args.output, codec, shard_size_docs=args.shard_size_docs, dtype=args.dtype,
                       end_of_doc_text=args.end_of_doc_text, max_sentences_per_doc=args.max_sentences_per_doc,
                       batch_size=args.batch_size, text_field=args.text_field, doc_separator=args.doc_separator,

@@ -122,6 +122,19 @@ class SonarTextDecoder(nn.Module):
         e = enc[:, 0].to(self.decoder_frontend.embed.weight.dtype)
         return torch.stack([layer.cross_attention_constant(e) for layer in self.decoder.layers], dim=1)
 
+    def folded_cross_attention(self) -> tuple[Tensor, Tensor]:
+        """All layers' one-key cross-attention as one affine map of the embedding:
+        W [L*D, E] = stack(W_o W_v), b [L*D] = stack(W_o b_v + b_o) (float64 math, cast back), so that
+        ``(e @ W.T + b).view(B, L, D)`` equals :meth:`cross_attention_constants`."""
+        ws, bs = [], []
+        for layer in self.decoder.layers:
+            attn = layer.encoder_decoder_attn
+            wo = attn.output_proj.weight.detach().double()
+            ws.append(wo @ attn.v_proj.weight.detach().double())
+            bs.append(wo @ attn.v_proj.bias.detach().double() + attn.output_proj.bias.detach().double())
+        dtype = self.decoder_frontend.embed.weight.dtype
+        return torch.cat(ws, 0).to(dtype), torch.cat(bs, 0).to(dtype)
+
     def init_state(self, embeddings: Tensor, capacity: int | None = None) -> DecoderState:
         """Start incremental decoding for sentence embeddings [B, E]; ``capacity`` = most positions."""
         capacity = self.cfg.max_seq_len if capacity is None else capacity
