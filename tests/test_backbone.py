@@ -276,18 +276,23 @@ def test_init_scales_output_projections():
 
 
 def test_activation_checkpointing_same_grads():
-    model = make_model(9)
-    model_ckpt = make_model(9, checkpoint_activations=True)
-    model.train(), model_ckpt.train()
+    model = make_model(9, num_layers=3)
+    model_ckpt = make_model(9, num_layers=3, checkpoint_activations=True)
+    model_every2 = make_model(9, num_layers=3)
+    model_every2.set_activation_checkpointing(every=2)
+    assert model_ckpt.checkpointed_layers == {0, 1, 2} and model_every2.checkpointed_layers == {0, 2}
+    assert model.checkpointed_layers == set()
     x = torch.randn(6, 32, dtype=torch.float64)
     cu = torch.tensor([0, 2, 6], dtype=torch.int32)
     grads = []
-    for m in (model, model_ckpt):
+    for m in (model, model_ckpt, model_every2):
+        m.train()
         m.zero_grad()
         m(x, cu, 4).pow(2).sum().backward()
         grads.append([p.grad.clone() for p in m.parameters()])
-    for a, b in zip(*grads):
+    for a, b, c in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
 
 
 def test_config_errors_name_the_field():
@@ -312,3 +317,15 @@ def test_shared_rope_cache_never_returns_stale_rotations():
     torch.testing.assert_close(rope.apply(x, p2), ref_rotate(x, p2, rope.theta, False))
     torch.testing.assert_close(rope.apply(x.float(), p1), out1.float())  # other dtype: recomputed
     torch.testing.assert_close(rope.apply(x, p1), out1)
+
+
+def test_rope_cache_survives_inference_mode_then_training():
+    model = make_model(12)
+    x = torch.randn(5, 32, dtype=torch.float64)
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    pos = torch.arange(5)
+    with torch.inference_mode():
+        ref = model(x, cu, 5, positions=pos)
+    out = model(x, cu, 5, positions=pos)  # same positions object, now with autograd
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), ref)

@@ -125,10 +125,10 @@ class _Killed(BaseException):
     """Raised by the patched np.save: nothing in the writer may catch it (like a kill)."""
 
 
-def _check_killed_state(out):
+def _check_killed_state(out, shard2_folder=False):
     m = json.loads((out / "manifest.json").read_text())
     assert not m["complete"] and [s["index"] for s in m["shards"]] == [0, 1]
-    assert not (out / "shard_000002").exists()
+    assert (out / "shard_000002").exists() == shard2_folder  # never listed in the manifest
     ds = ShardedDataset(out, verify="full", allow_incomplete=True)  # completed shards are readable
     assert ds.num_docs == sum(s["num_docs"] for s in m["shards"])
 
@@ -146,25 +146,32 @@ def test_killed_process_resumes_to_identical_dataset(corpus, tmp_path):
     assert _tree(out) == _tree(ref)  # byte for byte
 
 
-def test_interrupted_shard_write_stays_hidden_and_resumes(corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["array_write", "manifest_update"])
+def test_interrupted_write_stays_hidden_and_resumes(corpus, tmp_path, monkeypatch, where):
+    import sonar_llm.data.shards as shards_mod
+
     base, _, ref = corpus
     out = tmp_path / "out"
-    real_save, calls = np.save, [0]
+    # np.save calls: 1 end_of_doc.npy, 2-5 shard 0, 6-9 shard 1, 10-13 shard 2;
+    # write_json_atomic calls: 1 initial manifest, 2-3 after shards 0-1, 4 after shard 2
+    target, name, die_at = (np, "save", 11) if where == "array_write" else (shards_mod, "write_json_atomic", 4)
+    real, calls = getattr(target, name), [0]
 
-    def dying_save(*a, **k):
+    def dying(*a, **k):
         calls[0] += 1
-        if calls[0] == 11:  # 1: end_of_doc.npy, 2-5: shard 0, 6-9: shard 1, 10-13: shard 2
+        if calls[0] == die_at:
             raise _Killed()
-        return real_save(*a, **k)
+        return real(*a, **k)
 
-    monkeypatch.setattr(np, "save", dying_save)
+    monkeypatch.setattr(target, name, dying)
     with pytest.raises(_Killed):
         _run(base / "corpus", out)
-    monkeypatch.setattr(np, "save", real_save)
-    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [f".shard_000002.tmp-{os.getpid()}"]
-    _check_killed_state(out)
+    monkeypatch.setattr(target, name, real)
+    hidden = [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert hidden == ([f".shard_000002.tmp-{os.getpid()}"] if where == "array_write" else [])
+    _check_killed_state(out, shard2_folder=where == "manifest_update")
     _run(base / "corpus", out)
-    assert _tree(out) == _tree(ref)  # byte for byte, the temporary folder is gone
+    assert _tree(out) == _tree(ref)  # byte for byte, leftovers gone or rewritten
 
 
 def test_two_ranks_match_single_rank(corpus, tmp_path):
@@ -207,16 +214,22 @@ def test_truncation_of_long_targets_and_truncate_mode(tmp_path):
     assert ds.doc_lengths()[0].tolist() == [2, MAXS]
 
 
-def test_cli_with_codec_factory(corpus, tmp_path, capsys):
+def test_cli_with_codec_factory(corpus, tmp_path, capsys, monkeypatch):
     base, _, ref = corpus
     out = tmp_path / "cli"
-    m = main(["--input", str(base / "corpus" / "a.txt"), str(base / "corpus" / "b.jsonl"), "--output", str(out),
+    rc = main(["--input", str(base / "corpus" / "a.txt"), str(base / "corpus" / "b.jsonl"), "--output", str(out),
               "--codec-factory", "test_data_preprocess:FakeCodec", "--shard-size-docs", str(SHARD),
               "--max-sentences-per-doc", str(MAXS)])
+    assert rc == 0
+    m = json.loads((out / "manifest.json").read_text())
     assert m["totals"] == json.loads((ref / "manifest.json").read_text())["totals"]
     assert "2 skipped (bad_json=1, non_string_field=1)" in capsys.readouterr().err
+    monkeypatch.setenv("SONAR_ENCODER", str(tmp_path / "missing.pt"))
+    monkeypatch.setenv("SONAR_LLM_REGISTRY", str(tmp_path / "none.toml"))
+    with pytest.raises(FileNotFoundError, match="none.toml|missing.pt"):  # no --encoder: the registry is asked
+        main(["--input", str(base / "corpus"), "--output", str(tmp_path / "x")])
     with pytest.raises(SystemExit):
-        main(["--input", "x", "--output", str(out)])
+        main(["--output", str(out)])
 
 
 def test_sonar_codec_with_toy_sonar_models(tmp_path):
@@ -229,7 +242,7 @@ def test_sonar_codec_with_toy_sonar_models(tmp_path):
 
     spm_path = make_spm_model(tmp_path / "spm")
     tok = NllbTokenizer(spm_path)
-    enc = toy_encoder(seed=3)
+    enc = toy_encoder(seed=3, vocab_size=tok.vocab_size)
     save_fairseq2_checkpoint(enc, tmp_path / "enc.pt")
     codec = load_sonar_codec(tmp_path / "enc.pt", spm_path, batch_size=4)
     assert isinstance(codec, SentenceCodec) and codec.encoder_id == "enc.pt"

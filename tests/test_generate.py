@@ -3,10 +3,9 @@ batched loops == uncached references (SONAR-LLM, Base-LCM, token LLM), re-encodi
 
 The SONAR decoder/encoder are replaced by a codebook: decode = nearest codebook entry by cosine,
 encode = that entry's vector; "END" is the end-of-document entry."""
+import pytest
 import torch
 import torch.nn.functional as F
-
-import pytest
 
 from sonar_llm.models.backbone import BackboneConfig
 from sonar_llm.models.base_lcm import BaseLCM, BaseLCMConfig
@@ -171,3 +170,28 @@ def test_token_llm_cached_equals_uncached():
     firsts = [o[0] for o in free]
     stopped = generate_token_llm(model, ps, max_new_tokens=5, stop_ids=firsts)
     assert stopped == [[] for _ in ps]
+
+
+def test_sonar_llm_end_to_end_with_toy_sonar_models(tmp_path):
+    from fixtures_sonar import toy_decoder, toy_encoder, toy_tokenizer
+
+    from sonar_llm.models.generate import sonar_text_functions
+    from sonar_llm.sonar import EmbeddingToText, TextToEmbedding
+
+    tok = toy_tokenizer(tmp_path / "spm")
+    enc = toy_encoder(seed=1, vocab_size=tok.vocab_size)
+    dec = toy_decoder(seed=2, std=0.5, vocab_size=tok.vocab_size)
+    decode_fn, encode_fn = sonar_text_functions(TextToEmbedding(enc, tok), EmbeddingToText(dec, tok),
+                                                "eng_Latn", beam_size=2, max_gen_len=6)
+    torch.manual_seed(0)
+    model = SonarLLM(SonarLLMConfig(backbone_cfg(), sonar_dim=32))
+    ps = [encode_fn(["The dog sleeps.", "A red bird sings."]), encode_fn(["Paul reads a letter."])]
+    eos = encode_fn(["The end."])[0]
+    kw = dict(max_sentences=4, eos_embedding=eos, eos_threshold=0.98)
+    fast = generate_sonar_llm(model, ps, decode_fn, encode_fn, **kw)
+    ref = generate_sonar_llm_reference(model, ps, decode_fn, encode_fn, **kw)
+    assert [r.texts for r in fast] == [r.texts for r in ref]
+    assert [len(r.texts) for r in fast] == [3, 4]  # nothing decodes to "The end." in a random model
+    for r in fast:
+        assert all(isinstance(t, str) for t in r.texts)
+        torch.testing.assert_close(r.embeddings, encode_fn(r.texts), rtol=1e-5, atol=1e-5)

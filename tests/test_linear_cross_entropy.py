@@ -297,3 +297,23 @@ def test_empty_batch(impl):
     none = linear_cross_entropy(hidden, weight, target, reduction="none", impl=impl)
     assert none.shape == (0,)
 
+
+
+def test_triton_native_fp16_dot_path():
+    """The GPU code path (half tiles straight into tl.dot, half dlogits) run in the interpreter with fp16."""
+    if not (torch.cuda.is_available() or interpret_mode()):
+        pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
+    from sonar_kernels.triton_kernels import linear_cross_entropy as triton_lce
+
+    hidden, weight, target, bias = _inputs(140, n=40, d=48, v=300, dtype=torch.float16, bias=True)
+    go = torch.randn(40, generator=torch.Generator().manual_seed(3))
+    ref = _reference(hidden, weight, target, bias, reduction="none", label_smoothing=0.1, grad_weight=True,
+                     grad_bias=True, grad_out=go)
+    loss, lse = triton_lce.forward(hidden, weight, target, bias, label_smoothing=0.1, native_half_dot=True)
+    _close(loss, ref[0], atol=1e-4, rtol=1e-5, what="loss")
+    dh, dw, db = triton_lce.backward(hidden, weight, target, bias, lse, go, label_smoothing=0.1,
+                                     need_weight=True, need_bias=True, native_half_dot=True)
+    for got, want, name in ((dh, ref[2], "grad hidden"), (dw, ref[3], "grad weight"), (db, ref[4], "grad bias")):
+        assert got.dtype == torch.float16
+        # dlogits are rounded to fp16 before the products: a few fp16 ulps of error
+        _close(got, want, atol=3e-3 * want.abs().max().item(), rtol=3e-3, what=name)

@@ -68,6 +68,14 @@ def test_architecture_inferred_from_shapes(tmp_path):
     assert load_sonar_encoder(bare).cfg.num_layers == 2
 
 
+def test_preset_name_takes_vocab_from_file(tmp_path):
+    enc = toy_encoder(seed=9, vocab_size=120)
+    save_fairseq2_checkpoint(enc, tmp_path / "e.pt")
+    loaded = load_sonar_encoder(tmp_path / "e.pt", "toy")
+    assert loaded.cfg.vocab_size == 120
+    assert_same_state(enc, loaded)
+
+
 def test_decoder_without_final_proj_key_is_tied(tmp_path):
     dec = toy_decoder(seed=5)
     sd = {k: v for k, v in dec.state_dict().items() if k != "final_proj.weight"}

@@ -277,6 +277,9 @@ def test_final_proj_is_tied():
         dec.decoder_frontend.embed.weight[50] += 1.0
     after = dec(tokens, emb)
     assert not torch.allclose(before[..., 50], after[..., 50])
+    for dtype in (torch.float64, torch.bfloat16):  # module-wide casts keep the tie
+        dec = dec.to(dtype)
+        assert dec.final_proj.weight is dec.decoder_frontend.embed.weight
 
 
 def test_incremental_steps_match_full_forward():
@@ -345,6 +348,17 @@ def test_decoder_input_errors():
         dec(tokens, torch.zeros(2, 32, dtype=torch.int64))
     with pytest.raises(ValueError, match="max_seq_len"):
         dec(torch.zeros(1, 65, dtype=torch.int64), torch.randn(1, 32))
+
+
+def test_dropout_only_in_training():
+    dec = toy_decoder(seed=14, dropout_p=0.3)
+    enc = toy_encoder(seed=14, dropout_p=0.3)
+    tokens, emb = torch.tensor([[3, 80, 5, 6, 7]]), torch.randn(1, 32)
+    torch.testing.assert_close(dec(tokens, emb), dec(tokens, emb), atol=0, rtol=0)
+    torch.testing.assert_close(enc(tokens), enc(tokens), atol=0, rtol=0)
+    torch.manual_seed(0)
+    assert not torch.allclose(dec.train()(tokens, emb), dec.eval()(tokens, emb))
+    assert not torch.allclose(enc.train()(tokens), enc.eval()(tokens))
 
 
 # ----------------------------------------------------------------------------- configs

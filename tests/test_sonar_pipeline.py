@@ -24,6 +24,22 @@ def test_text_to_embedding_restores_order(tok):
         torch.testing.assert_close(got[i], enc(ids)[0], atol=1e-5, rtol=1e-5)
 
 
+def test_token_budget_batching(tok):
+    enc = toy_encoder(seed=4, vocab_size=tok.vocab_size)
+    pipe = TextToEmbedding(enc, tok, batch_size=3, max_tokens=70)
+    lengths = [5, 30, 2, 30, 7, 3, 30]
+    batches = pipe._batches(lengths)
+    assert sorted(i for b in batches for i in b) == list(range(7))
+    for b in batches:
+        assert len(b) <= 3 and len(b) * max(lengths[i] for i in b) <= 70
+    assert [lengths[i] for b in batches for i in b] == sorted(lengths)
+    texts = ["The dog sleeps.", "Paul!", "A big red house near the river with a small garden."]
+    torch.testing.assert_close(pipe.encode(texts), TextToEmbedding(enc, tok, batch_size=1).encode(texts),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="max_tokens"):
+        TextToEmbedding(enc, tok, max_tokens=10)
+
+
 def test_text_to_embedding_truncates_with_warning(tok):
     enc = toy_encoder(seed=2, vocab_size=tok.vocab_size, max_seq_len=8)
     pipe = TextToEmbedding(enc, tok, batch_size=3)

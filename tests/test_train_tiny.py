@@ -20,14 +20,21 @@ from sonar_llm.sonar.train_tiny import (
 )
 
 SMALL = dict(n_stories=120, spm_vocab_size=300, model_dim=32, num_layers=1, num_heads=2, ffn_dim=64,
-             max_steps=60, lr=5e-3, warmup_steps=5, max_batch_tokens=1024, eval_sentences=16, noise_std=0.0)
+             max_steps=40, lr=5e-3, warmup_steps=5, max_batch_tokens=1024, eval_sentences=16, noise_std=0.0)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny") / "tiny_sonar"
     cfg = TinySonarConfig(**SMALL)
+    torch.manual_seed(1234)
+    threads = torch.get_num_threads()
     paths = ensure_tiny_sonar(root, progress=False, time_budget_s=30, config=cfg, num_threads=1)
+    # the caller's RNG stream and thread count are left as they were
+    after = torch.rand(3)
+    torch.manual_seed(1234)
+    assert torch.equal(after, torch.rand(3))
+    assert torch.get_num_threads() == threads
     return cfg, paths
 
 

@@ -161,7 +161,13 @@ def _train(cfg: RunConfig, info: DistInfo, model_factory: ModelFactory, data_fac
     use_fsdp = hasattr(model, "set_requires_gradient_sync")
     optimizer = build_optimizer(model, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.optim, t_cfg.steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=t_cfg.precision == "fp16")
+    if use_fsdp and t_cfg.precision == "fp16":
+        # each rank sees only its gradient shard: the scaler all-reduces "found inf" so all ranks agree
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        scaler = ShardedGradScaler(device.type)
+    else:
+        scaler = torch.amp.GradScaler(device.type, enabled=t_cfg.precision == "fp16")
     train_loader = data_factory(cfg, "train", info)
     if sample_fn is None and callable(getattr(model, "sample", None)):
         sample_fn = lambda m, step: m.sample(step)  # noqa: E731

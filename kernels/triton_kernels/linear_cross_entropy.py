@@ -16,7 +16,8 @@ code, and `LAUNCH_COUNTS["backward_dweight"]` stays 0).
 Precision: accumulation is always fp32. Under the Triton interpreter (and for fp32 inputs) tiles are
 converted to fp32 as they are loaded, because bf16 arithmetic is wrong in the interpreter. On a GPU,
 fp16/bf16 tiles go to tl.dot as they are (tensor cores, fp32 accumulator); everything after the dot is
-fp32. fp32 inputs use TF32 only when `torch.backends.cuda.matmul.allow_tf32` is on, like torch.
+fp32. fp32 inputs use plain TF32 only when `torch.backends.cuda.matmul.allow_tf32` is on, like torch,
+and 3xTF32 (about fp32 accuracy) otherwise.
 """
 from __future__ import annotations
 
@@ -179,13 +180,21 @@ def _lce_bwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, 
                               mask=v_mask[:, None] & d_mask[None, :], sem="relaxed")
 
 
-def _dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
-    """(UPCAST, DOT_PRECISION) for an input dtype; see the module docstring."""
+def _dot_settings(dtype: torch.dtype, native_half_dot: bool | None = None) -> tuple[bool, str]:
+    """(UPCAST, DOT_PRECISION) for an input dtype; see the module docstring.
+
+    `native_half_dot` forces (True) or forbids (False) fp16/bf16 tiles going to tl.dot unconverted;
+    None picks the default (native on GPUs, converted in the interpreter). Tests use True with fp16 to
+    run the GPU code path in the interpreter (fp16 arithmetic is correct there, bf16 is not).
+    """
     if dtype == torch.float32:
-        allow_tf32 = (not _INTERPRET) and torch.backends.cuda.matmul.allow_tf32
-        return True, "tf32" if allow_tf32 else "ieee"
+        if _INTERPRET:
+            return True, "ieee"
+        # 3xTF32 keeps fp32 accuracy on tensor cores ("ieee" would be slow and compiles for minutes)
+        return True, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
     if dtype in (torch.float16, torch.bfloat16):
-        return _INTERPRET, "ieee" if _INTERPRET else "tf32"
+        native = (not _INTERPRET) if native_half_dot is None else native_half_dot
+        return not native, "ieee" if _INTERPRET else "tf32"
     raise TypeError(f"triton linear_cross_entropy supports float16/bfloat16/float32 inputs, got {dtype}")
 
 
@@ -210,12 +219,15 @@ def _num_splits(n: int, v: int, device: torch.device) -> int:
 
 
 def forward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None,
-            *, ignore_index: int = -100, label_smoothing: float = 0.0,
-            num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token loss [N] (0 on ignored rows) and lse [N], float32. Inputs are assumed validated."""
+            *, ignore_index: int = -100, label_smoothing: float = 0.0, num_splits: int | None = None,
+            native_half_dot: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss [N] (0 on ignored rows) and lse [N], float32. Inputs are assumed validated.
+
+    `num_splits` overrides how many vocab splits run in parallel; `native_half_dot`: see `_dot_settings`.
+    """
     n, d = hidden.shape
     v = weight.shape[0]
-    upcast, precision = _dot_settings(hidden.dtype)
+    upcast, precision = _dot_settings(hidden.dtype, native_half_dot)
     if n == 0:
         empty = torch.empty(0, dtype=torch.float32, device=hidden.device)
         return empty, empty.clone()
@@ -249,7 +261,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bi
 def backward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
              lse: torch.Tensor, grad_rows: torch.Tensor, *, ignore_index: int = -100,
              label_smoothing: float = 0.0, need_hidden: bool = True, need_weight: bool = False,
-             need_bias: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+             need_bias: bool = False, native_half_dot: bool | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(d_hidden, d_weight, d_bias) of sum_i grad_rows[i] * loss_i, each None unless requested.
 
     Gradients come back in the dtype of the tensor they belong to (accumulated in fp32).
@@ -261,7 +273,7 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, b
         d_weight = torch.zeros_like(weight) if need_weight else None
         d_bias = torch.zeros_like(bias) if need_bias else None
         return d_hidden, d_weight, d_bias
-    upcast, precision = _dot_settings(hidden.dtype)
+    upcast, precision = _dot_settings(hidden.dtype, native_half_dot)
     valid = target != ignore_index
     g = torch.where(valid, grad_rows.float(), torch.zeros((), dtype=torch.float32, device=hidden.device))
     g = g.contiguous()

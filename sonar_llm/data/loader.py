@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .batch import ConceptBatch
+from .shards import from_storage
 
 __all__ = ["ConceptLoader", "ResumableDataLoader", "make_dataloader", "Piece"]
 
@@ -173,21 +174,28 @@ class ConceptLoader:
 
     # -- batches ----------------------------------------------------------------------------------
     def build(self, pieces: list[Piece]) -> ConceptBatch:
-        """Gather the sentences of `pieces` into a ConceptBatch."""
+        """Gather the sentences of `pieces` into a ConceptBatch (one copy out of the memory maps)."""
+        ds = self.dataset
+        raw = getattr(ds, "raw_doc", None)
         embs, toks, tok_lens, doc_lens = [], [], [], []
         for p in pieces:
-            emb, tokens, offs = self.dataset.doc(p.doc)
+            emb, tokens, offs = raw(p.doc) if raw is not None else ds.doc(p.doc)
             embs.append(emb[p.start:p.end])
-            toks.append(np.asarray(tokens[offs[p.start]:offs[p.end]]))
-            tok_lens.append(np.diff(np.asarray(offs[p.start:p.end + 1])))
+            toks.append(tokens[offs[p.start]:offs[p.end]])
+            tok_lens.append(np.diff(offs[p.start:p.end + 1]))
             doc_lens.append(p.end - p.start)
-        embeddings = torch.cat(embs).to(self.dtype) if embs else torch.zeros(0, 0, dtype=self.dtype)
-        tokens = torch.from_numpy(np.concatenate(toks).astype(np.int64)) if toks else torch.zeros(0, dtype=torch.int64)
-        sent_lens = np.concatenate(tok_lens) if tok_lens else np.zeros(0, np.int64)
+        if not embs:
+            raise ValueError("ConceptLoader.build: no pieces")
+        if raw is not None:
+            embeddings = from_storage(np.concatenate(embs), ds.dtype, copy=False).to(self.dtype)
+        else:
+            embeddings = torch.cat([torch.as_tensor(e) for e in embs]).to(self.dtype)
+        tokens = torch.from_numpy(np.concatenate(toks).astype(np.int64))
+        sent_lens = np.concatenate(tok_lens)
         tok_cu = torch.from_numpy(np.concatenate([[0], np.cumsum(sent_lens)]).astype(np.int32))
         doc_cu = torch.from_numpy(np.concatenate([[0], np.cumsum(doc_lens)]).astype(np.int32))
         return ConceptBatch(embeddings=embeddings, doc_cu_seqlens=doc_cu, tokens=tokens, tok_cu_seqlens=tok_cu,
-                            max_doc_len=max(doc_lens, default=0), max_sent_len=int(sent_lens.max(initial=0)))
+                            max_doc_len=max(doc_lens), max_sent_len=int(sent_lens.max()))
 
     def __iter__(self) -> Iterator[ConceptBatch]:
         while True:

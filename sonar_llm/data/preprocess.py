@@ -327,7 +327,8 @@ def _load_factory(spec: str):
     return getattr(importlib.import_module(mod), fn)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point (also the `sonar-llm-preprocess` script); returns the exit status 0."""
     p = argparse.ArgumentParser(prog="python -m sonar_llm.data.preprocess", description=__doc__.split("\n")[0])
     p.add_argument("--input", nargs="+", required=True, help="files, directories or glob patterns")
     p.add_argument("--output", required=True, help="dataset directory")
@@ -356,13 +357,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     else:  # missing paths come from the SONAR registry / environment
         codec = load_sonar_codec(args.encoder, args.tokenizer, args.device, getattr(torch, args.encoder_dtype),
                                  lang=args.lang, batch_size=args.encoder_batch_size)
-    return preprocess(args.input, args.output, codec, shard_size_docs=args.shard_size_docs, dtype=args.dtype,
-                      end_of_doc_text=args.end_of_doc_text, max_sentences_per_doc=args.max_sentences_per_doc,
-                      batch_size=args.batch_size, text_field=args.text_field, doc_separator=args.doc_separator,
-                      file_format=args.file_format, max_sentence_chars=args.max_sentence_chars,
-                      min_doc_sentences=args.min_doc_sentences, doc_overflow=args.doc_overflow,
-                      overwrite=args.overwrite, log=lambda s: print(s, file=sys.stderr, flush=True))
+    preprocess(args.input, args.output, codec, shard_size_docs=args.shard_size_docs, dtype=args.dtype,
+               end_of_doc_text=args.end_of_doc_text, max_sentences_per_doc=args.max_sentences_per_doc,
+               batch_size=args.batch_size, text_field=args.text_field, doc_separator=args.doc_separator,
+               file_format=args.file_format, max_sentence_chars=args.max_sentence_chars,
+               min_doc_sentences=args.min_doc_sentences, doc_overflow=args.doc_overflow,
+               overwrite=args.overwrite, log=lambda s: print(s, file=sys.stderr, flush=True))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -133,16 +133,18 @@ def to_storage(embeddings: torch.Tensor | np.ndarray, dtype: str) -> np.ndarray:
     return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
 
 
-def from_storage(array: np.ndarray, dtype: str) -> torch.Tensor:
-    """Inverse of `to_storage`: a torch tensor (float16 or bfloat16) owning a copy of `array`."""
+def from_storage(array: np.ndarray, dtype: str, *, copy: bool = True) -> torch.Tensor:
+    """Inverse of `to_storage`: a float16 or bfloat16 tensor over a copy of `array` (or over `array` itself
+    with copy=False, for a writable array the caller owns)."""
     if dtype == "fp16":
         if array.dtype != np.float16:
             raise TypeError(f"fp16 embeddings must be stored as float16, got {array.dtype}")
-        return torch.from_numpy(np.array(array, copy=True))
+        return torch.from_numpy(np.array(array, copy=True) if copy else array)
     if dtype == "bf16":
         if array.dtype != np.uint16:
             raise TypeError(f"bf16 embeddings must be stored as uint16, got {array.dtype}")
-        return torch.from_numpy(np.array(array, copy=True).view(np.int16)).view(torch.bfloat16)
+        arr = np.array(array, copy=True) if copy else array
+        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
     raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
 
 
@@ -543,15 +545,19 @@ class ShardedDataset:
         k = bisect.bisect_right(self._doc_starts, i) - 1
         return k, i - self._doc_starts[k]
 
-    def doc(self, i: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        """Document i as (embeddings [S, E] float16/bfloat16 tensor, tokens int32 [T], tok_offsets int64 [S+1])."""
+    def raw_doc(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Document i as zero-copy memory-map views: (embedding storage [S, E] float16/uint16, tokens int32 [T],
+        tok_offsets int64 [S+1] starting at 0). Use `from_storage(emb, dataset.dtype)` for a tensor."""
         k, j = self.locate(int(i))
         a = self._open(k)
         s0, s1 = int(a["doc_offsets"][j]), int(a["doc_offsets"][j + 1])
-        offs = np.array(a["sent_offsets"][s0:s1 + 1], dtype=np.int64)
-        tokens = np.array(a["tokens"][offs[0]:offs[-1]], dtype=np.int32)
-        emb = from_storage(a["embeddings"][s0:s1], self.dtype)
-        return emb, tokens, offs - offs[0]
+        offs = np.asarray(a["sent_offsets"][s0:s1 + 1], dtype=np.int64)
+        return a["embeddings"][s0:s1], a["tokens"][offs[0]:offs[-1]], offs - offs[0]
+
+    def doc(self, i: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """Document i as (embeddings [S, E] float16/bfloat16 tensor, tokens int32 [T], tok_offsets int64 [S+1])."""
+        emb, tokens, offs = self.raw_doc(i)
+        return from_storage(emb, self.dtype), np.array(tokens, dtype=np.int32), offs
 
     def doc_id(self, i: int) -> str | None:
         k, j = self.locate(int(i))

@@ -13,7 +13,8 @@ strictly:
 
 Three ways to run the stack:
   * `Backbone.forward(x[T,d], cu_seqlens, max_seqlen)`: packed documents (no padding), causal inside
-    each document, positions restart at 0 per document (training).
+    each document, positions restart at 0 per document (training); attention is
+    `sonar_kernels.functional.varlen_attention.varlen_causal_attention` (flash-attn / Flex / SDPA).
   * `Backbone.forward_padded(x[B,S,d])`: a padded batch, causal, positions 0..S-1.
   * `Backbone.step(x[B,n,d], cache)`: incremental decoding with a `KVCache` (generation).
 `Attention.attend(q_in, kv_in, mask)` is the arbitrary-mask / cross-attention path (Two-Tower denoiser).
@@ -29,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from sonar_kernels.functional.varlen_attention import varlen_causal_attention
+
 __all__ = [
     "BackboneConfig",
     "RMSNorm",
@@ -39,7 +42,6 @@ __all__ = [
     "TransformerLayer",
     "Backbone",
     "positions_from_cu_seqlens",
-    "varlen_attention_fn",
 ]
 
 
@@ -55,6 +57,8 @@ class BackboneConfig:
     `head_dim` defaults to model_dim // num_heads; the public SONAR-LLM configs fix it at 64, so their
     attention width num_heads * head_dim can differ from model_dim (e.g. 900M: 32 x 64 = 2048 vs 1536).
     `checkpoint_activations` recomputes each layer in the backward pass (saves memory).
+    `attn_impl` picks the packed-attention backend of `sonar_kernels`' varlen_causal_attention
+    ("auto": flash-attn on CUDA fp16/bf16 when installed, else FlexAttention on CUDA, else SDPA).
     """
 
     model_dim: int
@@ -75,6 +79,7 @@ class BackboneConfig:
     dropout_p: float = 0.0
     init_std: float = 0.02
     checkpoint_activations: bool = False
+    attn_impl: str = "auto"  # packed attention backend: "auto" | "flash" | "flex" | "sdpa"
 
     def __post_init__(self) -> None:
         for name in ("model_dim", "num_layers", "num_heads", "ffn_dim", "max_seq_len"):
@@ -100,6 +105,10 @@ class BackboneConfig:
             )
         if self.rope_scaling not in (None, "llama3"):
             raise ValueError(f"BackboneConfig.rope_scaling must be None or 'llama3', got {self.rope_scaling!r}")
+        if self.attn_impl not in ("auto", "flash", "flex", "sdpa"):
+            raise ValueError(
+                f"BackboneConfig.attn_impl must be 'auto', 'flash', 'flex' or 'sdpa', got {self.attn_impl!r}"
+            )
         if not 0.0 <= self.dropout_p < 1.0:
             raise ValueError(f"BackboneConfig.dropout_p must be in [0, 1), got {self.dropout_p}")
 
@@ -194,7 +203,7 @@ class RotaryEmbedding:
         # The last (positions, dtype) -> (cos, sin): a Backbone shares one RotaryEmbedding across its
         # layers and passes the same positions tensor to each, so cos/sin are computed once per forward.
         # Holding `positions` keeps its memory from being reused while cached (identity check below).
-        self._last: tuple[Tensor, torch.dtype, Tensor, Tensor] | None = None
+        self._last: tuple[Tensor, tuple[torch.dtype, bool], Tensor, Tensor] | None = None
 
     def inv_freq(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
         """The per-pair angular frequencies [Dh/2] on `device` in `dtype`."""
@@ -219,12 +228,13 @@ class RotaryEmbedding:
                 f"positions.shape {tuple(positions.shape)} does not match the T axis of x.shape {tuple(x.shape)}"
             )
         compute = _compute_dtype(x.dtype)
+        key = (compute, torch.is_inference_mode_enabled())
         last = self._last
-        if last is not None and last[0] is positions and last[1] == compute:
+        if last is not None and last[0] is positions and last[1] == key:
             cos, sin = last[2], last[3]
         else:
             cos, sin = self.cos_sin(positions, compute)
-            self._last = (positions, compute, cos, sin)
+            self._last = (positions, key, cos, sin)
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [..., T, 1, Dh/2]
         xf = x.to(compute)
         if self.interleaved:
@@ -251,46 +261,6 @@ def positions_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
     lengths = cu[1:] - cu[:-1]
     starts = torch.repeat_interleave(cu[:-1], lengths, output_size=total)
     return torch.arange(total, device=cu.device) - starts
-
-
-# ----------------------------------------------------------------------------------------------
-# Packed causal attention: the kernel op when available, else SDPA with a block-diagonal mask
-# ----------------------------------------------------------------------------------------------
-
-
-def _sdpa_varlen_causal(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
-    """Reference packed causal attention: one SDPA call with a block-diagonal causal mask (O(T^2))."""
-    total = q.shape[0]
-    cu = cu_seqlens.to(torch.int64)
-    doc = torch.repeat_interleave(
-        torch.arange(cu.numel() - 1, device=q.device), cu[1:] - cu[:-1], output_size=total
-    )
-    idx = torch.arange(total, device=q.device)
-    mask = (doc[:, None] == doc[None, :]) & (idx[None, :] <= idx[:, None])
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(0),
-        k.transpose(0, 1).unsqueeze(0),
-        v.transpose(0, 1).unsqueeze(0),
-        attn_mask=mask,
-        enable_gqa=q.shape[1] != k.shape[1],
-    )
-    return out.squeeze(0).transpose(0, 1)
-
-
-_VARLEN_FN: Callable[..., Tensor] | None = None
-
-
-def varlen_attention_fn() -> Callable[..., Tensor]:
-    """`sonar_kernels.functional.varlen_attention.varlen_causal_attention` when it imports, else the
-    local SDPA fallback. Same signature: (q[T,H,Dh], k[T,Hkv,Dh], v, cu_seqlens, max_seqlen)."""
-    global _VARLEN_FN
-    if _VARLEN_FN is None:
-        try:
-            from sonar_kernels.functional.varlen_attention import varlen_causal_attention
-        except ImportError:
-            return _sdpa_varlen_causal  # retried on the next call: the op may land later
-        _VARLEN_FN = varlen_causal_attention
-    return _VARLEN_FN
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,6 +329,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
+        self.attn_impl = cfg.attn_impl
         self.head_dim = cfg.head_dim
         d, hd = cfg.model_dim, cfg.head_dim
         self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=cfg.attn_bias)
@@ -391,7 +362,7 @@ class Attention(nn.Module):
         """Packed causal self-attention: x[T,d], positions[T], cu_seqlens int32[B+1] -> [T,d]."""
         q, k, v = self._qkv(x)
         q, k = self._rotate(q, positions), self._rotate(k, positions)
-        out = varlen_attention_fn()(q, k, v, cu_seqlens, max_seqlen)
+        out = varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen, impl=self.attn_impl)
         return self.output_proj(out.reshape(x.shape[0], -1))
 
     def forward_padded(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
@@ -520,8 +491,16 @@ class Backbone(nn.Module):
         )
         self.layers = nn.ModuleList(TransformerLayer(cfg, self.rope) for _ in range(cfg.num_layers))
         self.layer_norm = RMSNorm(cfg.model_dim, cfg.norm_eps)
-        self.checkpoint_activations = cfg.checkpoint_activations
+        self.checkpointed_layers: set[int] = set()
+        self.set_activation_checkpointing(cfg.checkpoint_activations)
         self.reset_parameters()
+
+    def set_activation_checkpointing(self, enabled: bool = True, every: int = 1) -> None:
+        """Recompute layers i with i % every == 0 in the backward pass (all layers by default);
+        `enabled=False` turns it off. Applies in training mode with gradients enabled."""
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.checkpointed_layers = {i for i in range(len(self.layers)) if enabled and i % every == 0}
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -537,8 +516,8 @@ class Backbone(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
 
-    def _run(self, layer: nn.Module, fn: Callable[..., Tensor], *args) -> Tensor:
-        if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+    def _run(self, index: int, fn: Callable[..., Tensor], *args) -> Tensor:
+        if index in self.checkpointed_layers and self.training and torch.is_grad_enabled():
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
@@ -556,16 +535,16 @@ class Backbone(nn.Module):
             cu_seqlens = cu_seqlens.to(torch.int32)
         if positions is None:
             positions = positions_from_cu_seqlens(cu_seqlens, x.shape[0])
-        for layer in self.layers:
-            x = self._run(layer, layer, x, positions, cu_seqlens, max_seqlen)
+        for i, layer in enumerate(self.layers):
+            x = self._run(i, layer, x, positions, cu_seqlens, max_seqlen)
         return self.layer_norm(x)
 
     def forward_padded(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
         """Padded batch x[B,S,d] -> [B,S,d]; causal, so right-padding never affects real rows."""
         if x.dim() != 3 or x.shape[-1] != self.cfg.model_dim:
             raise ValueError(f"Backbone.forward_padded expects x[B,S,{self.cfg.model_dim}], got {tuple(x.shape)}")
-        for layer in self.layers:
-            x = self._run(layer, layer.forward_padded, x, positions)
+        for i, layer in enumerate(self.layers):
+            x = self._run(i, layer.forward_padded, x, positions)
         return self.layer_norm(x)
 
     def new_cache(
@@ -601,9 +580,3 @@ class Backbone(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-    def flops_per_token(self, context_len: float) -> float:
-        """Forward FLOPs per token: 2 * parameters + causal attention (QK^T and AV over on average
-        `context_len` keys: 2 * 2 * num_layers * num_heads * head_dim * context_len)."""
-        attn = 4.0 * self.cfg.num_layers * self.cfg.num_heads * self.cfg.head_dim * context_len
-        return 2.0 * self.num_parameters() + attn

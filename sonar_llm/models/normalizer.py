@@ -85,7 +85,9 @@ class SonarNormalizer(nn.Module):
     forward = normalize
 
     @torch.no_grad()
-    def fit(self, embeddings: Tensor, method: str = "gaussian_robust", quantile_quirk: bool = False) -> "SonarNormalizer":
+    def fit(
+        self, embeddings: Tensor, method: str = "gaussian_robust", quantile_quirk: bool = False
+    ) -> "SonarNormalizer":
         """Set `center` and `scale` from embeddings[N, dim] (see the module docstring). Returns self."""
         if method not in METHODS:
             raise ValueError(f"SonarNormalizer.fit method must be one of {METHODS}, got {method!r}")

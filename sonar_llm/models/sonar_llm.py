@@ -183,9 +183,9 @@ class SonarLLM(ConceptFamily):
         flops += 3.0 * causal_attention_flops(batch.doc_cu_seqlens, cfg.num_layers, cfg.num_heads, cfg.head_dim)
         if self._packed is None:
             return flops
-        pred_rows, tgt_rows = next_sentence_pairs(batch.doc_cu_seqlens, num_sent)
-        lengths = (batch.tok_cu_seqlens[1:] - batch.tok_cu_seqlens[:-1]).index_select(0, tgt_rows.to(
-            batch.tok_cu_seqlens.device)).to(torch.float64) - 1  # decoder inputs per sentence
+        _, tgt_rows = next_sentence_pairs(batch.doc_cu_seqlens, num_sent)
+        sent_lens = (batch.tok_cu_seqlens[1:] - batch.tok_cu_seqlens[:-1]).to(torch.float64)
+        lengths = sent_lens.index_select(0, tgt_rows.to(sent_lens.device)) - 1  # decoder inputs per target
         num_tokens = float(lengths.sum())
         sum_sq_half = float((lengths * (lengths + 1) / 2).sum())
         flops += 2.0 * sonar_decoder_flops(self.sonar_decoder.cfg, num_tokens, int(tgt_rows.numel()), sum_sq_half)

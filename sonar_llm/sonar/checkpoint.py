@@ -9,6 +9,7 @@ weights_only=True)`` / safetensors), the model is built on the meta device, and 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -147,7 +148,8 @@ def infer_config(sd: dict[str, Tensor], kind: str, meta: dict[str, Any] | None =
     """Config of an ``encoder``/``decoder`` state dict (stored metadata first, else tensor shapes)."""
     cls = SonarEncoderConfig if kind == "encoder" else SonarDecoderConfig
     if meta is not None and meta.get("kind") == kind:
-        fields = {k: v for k, v in meta.items() if k != "kind"}
+        known = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in meta.items() if k in known}  # tolerate fields from other versions
         return cls(**{**fields, **overrides})
     embed = sd[_ENC_EMBED if kind == "encoder" else _DEC_EMBED]
     prefix = "encoder.layers." if kind == "encoder" else "decoder.layers."
@@ -217,12 +219,19 @@ def _materialize(model: nn.Module, sd: dict[str, Tensor], dtype: torch.dtype | N
             m.reset_buffers(torch.device(device))
 
 
+def embed_key_of(kind: str) -> str:
+    return _ENC_EMBED if kind == "encoder" else _DEC_EMBED
+
+
 def _load(kind: str, path, cfg_or_preset, dtype, device):
     is_enc = kind == "encoder"
     cls = SonarEncoderConfig if is_enc else SonarDecoderConfig
     dtype = resolve_dtype(dtype)
     cfg = _resolve_cfg(cfg_or_preset, cls)
     sd, meta = _read(path)
+    if isinstance(cfg_or_preset, str) and embed_key_of(kind) in sd:
+        # a preset name fixes the architecture; the vocabulary size comes from the file
+        cfg = cls.from_preset(cfg_or_preset, vocab_size=int(sd[embed_key_of(kind)].shape[0]))
     embed_key, other_key = (_ENC_EMBED, _DEC_EMBED) if is_enc else (_DEC_EMBED, _ENC_EMBED)
     if embed_key not in sd:
         hint = f" (it looks like {'a decoder' if is_enc else 'an encoder'} checkpoint)" if other_key in sd else ""
@@ -253,7 +262,9 @@ def _load(kind: str, path, cfg_or_preset, dtype, device):
 def load_sonar_encoder(path: str | os.PathLike, cfg_or_preset: SonarEncoderConfig | str | None = None,
                        dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
                        ) -> SonarTextEncoder:
-    """Load a SONAR text encoder (eval mode). ``dtype`` None keeps the file's dtype."""
+    """Load a SONAR text encoder (eval mode). ``cfg_or_preset``: a config, a preset name (its vocabulary
+    size is then read from the file) or None (stored config, else inferred). ``dtype`` None keeps the
+    file's dtype."""
     return _load("encoder", path, cfg_or_preset, dtype, device)
 
 

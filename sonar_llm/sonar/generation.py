@@ -155,7 +155,7 @@ def beam_search(decoder: SonarTextDecoder, embeddings: Tensor, lang_ids: int | T
         else:
             padded = cand.new_full((num_active, widest, vocab), -torch.inf)
             padded[owner, slot] = cand
-        k = min(2 * beam, widest * vocab)
+        k = min(2 * beam, vocab)  # as fairseq2's StandardBeamSearchAlgorithm
         top_s, top_i = torch.topk(padded.view(num_active, -1), k)
         rows_all = (top_i // vocab + offsets[:, None]).tolist()
         toks_all = (top_i % vocab).tolist()

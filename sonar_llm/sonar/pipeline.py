@@ -1,6 +1,7 @@
 """Convenience wrappers: texts -> SONAR embeddings, and embeddings -> texts.
 
-``TextToEmbedding`` sorts by token length, batches, truncates to the encoder's 514 positions with a
+``TextToEmbedding`` sorts by token length, batches (by count, and optionally by a padded-token budget
+``max_tokens``), truncates to the encoder's 514 positions with a
 warning (the EOS is lost, as in SONAR), and returns embeddings in input order. ``EmbeddingToText`` decodes
 with beam search (beam 5 by default) through the decoder's KV cache.
 """
@@ -28,8 +29,13 @@ class TextToEmbedding:
     """Encode sentences with a SONAR text encoder."""
 
     def __init__(self, encoder: SonarTextEncoder, tokenizer: NllbTokenizer, batch_size: int = 64,
-                 device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+                 device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                 max_tokens: int | None = None) -> None:
         _check_batch_size(batch_size)
+        if max_tokens is not None and max_tokens < encoder.cfg.max_seq_len:
+            raise ValueError(f"max_tokens must be >= the encoder max_seq_len {encoder.cfg.max_seq_len}, "
+                             f"got {max_tokens}")
+        self.max_tokens = max_tokens
         if tokenizer.vocab_size > encoder.cfg.vocab_size:
             raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} > encoder vocab {encoder.cfg.vocab_size}")
         self.encoder = encoder.eval()
@@ -48,12 +54,28 @@ class TextToEmbedding:
         texts = [texts] if isinstance(texts, str) else list(texts)
         seqs = self.tokenizer.encode_source(texts, lang, max_len=self.encoder.cfg.max_seq_len)
         out = torch.empty(len(seqs), self.encoder.cfg.model_dim, dtype=torch.float32)
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
+        for idx in self._batches([len(s) for s in seqs]):
             tokens, mask = self.tokenizer.pad_batch([seqs[i] for i in idx], device=self.device)
             out[torch.tensor(idx)] = self.encoder(tokens, mask).float().cpu()
         return out
+
+    def _batches(self, lengths: list[int]) -> list[list[int]]:
+        """Indices sorted by length, cut into batches of at most ``batch_size`` sentences and (when set)
+        ``max_tokens`` padded tokens."""
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        batches: list[list[int]] = []
+        cur: list[int] = []
+        for i in order:
+            full = len(cur) == self.batch_size
+            if self.max_tokens is not None and cur:
+                full = full or (len(cur) + 1) * lengths[i] > self.max_tokens
+            if full:
+                batches.append(cur)
+                cur = []
+            cur.append(i)
+        if cur:
+            batches.append(cur)
+        return batches
 
 
 class EmbeddingToText:

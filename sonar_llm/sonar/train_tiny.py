@@ -397,12 +397,13 @@ def ensure_tiny_sonar(cache_dir: str | os.PathLike | None = None, *, force: bool
 
     log = (lambda msg: print(f"[tiny-sonar] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     t_start = time.perf_counter()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     prev_threads = torch.get_num_threads()
     if num_threads:
         torch.set_num_threads(num_threads)
+    rng_state = torch.random.get_rng_state()  # seeded training must not disturb the caller's RNG
     torch.manual_seed(cfg.seed)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
         stories = generate_story_sentences(cfg.n_stories, cfg.corpus_seed)
         train_stories, valid_stories = split_stories(stories, cfg.held_out_fraction, cfg.corpus_seed)
@@ -460,6 +461,7 @@ def ensure_tiny_sonar(cache_dir: str | os.PathLike | None = None, *, force: bool
         raise
     finally:
         torch.set_num_threads(prev_threads)
+        torch.random.set_rng_state(rng_state)
     log(f"saved to {root} in {time.perf_counter() - t_start:.0f}s")
     return paths
 

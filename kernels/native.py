@@ -1,0 +1,273 @@
+"""Optional native (C++) CPU linear cross-entropy: loader, op wrappers and the build command.
+
+The library `kernels/_native/libsonar_native.so` is built from `native/*.cpp` by the root CMakeLists.txt
+(`python -m sonar_kernels.native build`, or `scripts/build_native.sh`) and registers the operators
+`torch.ops.sonar_native.lce_forward` / `lce_backward`. Importing this module never fails when the
+library is absent or was built against another torch: `native_available()` is then False and
+`native_load_error()` says why.
+
+`forward` / `backward` have the same signatures and return conventions as
+`sonar_kernels.torch_ops.linear_cross_entropy.forward` / `.backward`, so the autograd Function in
+`functional/linear_cross_entropy.py` can call either module. `linear_cross_entropy_native` is a
+self-contained user-facing function with the semantics of `sonar_kernels.linear_cross_entropy`.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+LIBRARY_DIR = PACKAGE_DIR / "_native"
+LIBRARY_NAME = "libsonar_native.so"
+SOURCE_ROOT = PACKAGE_DIR.parent  # the checkout: CMakeLists.txt and native/ live here
+
+# Tile sizes: token rows x vocabulary columns of one fp32 logits tile (64 x 1024 x 4 B = 256 KiB, which
+# fits a 512 KiB-1 MiB L2 together with the GEMM's packed panels). 0 lets the library pick.
+BLOCK_ROWS = 64
+BLOCK_VOCAB = 1024
+
+_load_error: str | None = None
+
+
+def library_path() -> Path:
+    """Where the built library is looked for (override with SONAR_NATIVE_LIB=/path/to/lib.so)."""
+    env = os.environ.get("SONAR_NATIVE_LIB")
+    return Path(env) if env else LIBRARY_DIR / LIBRARY_NAME
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> bool:
+    global _load_error
+    path = library_path()
+    if not path.is_file():
+        _load_error = f"native library not built: {path} does not exist (run `python -m sonar_kernels.native build`)"
+        return False
+    try:
+        torch.ops.load_library(str(path))
+        torch.ops.sonar_native.lce_forward  # noqa: B018 - raises if the ops did not register
+    except (OSError, RuntimeError, AttributeError) as exc:
+        _load_error = f"native library {path} failed to load (rebuild it against this torch): {exc}"
+        return False
+    return True
+
+
+def native_available() -> bool:
+    """True when the native library is built and loads into this torch."""
+    return _load()
+
+
+def native_load_error() -> str | None:
+    """Why `native_available()` is False (None when it is True or was not asked yet)."""
+    _load()
+    return _load_error
+
+
+def _require() -> None:
+    if not native_available():
+        raise RuntimeError(f"impl='native' requested but {native_load_error()}")
+
+
+def use_native(impl: str, *tensors: torch.Tensor | None) -> bool:
+    """Whether an op called with `impl` on these tensors runs the native path.
+
+    "native" forces it (RuntimeError when the library is missing, ValueError for non-CPU tensors);
+    "auto" picks it for CPU tensors when the library is available, unless SONAR_KERNELS_IMPL=torch|triton
+    or SONAR_NATIVE=0 says otherwise; any other impl does not use it.
+    """
+    on_cpu = all(t.device.type == "cpu" for t in tensors if t is not None)
+    if impl == "native":
+        _require()
+        if not on_cpu:
+            devices = sorted({str(t.device) for t in tensors if t is not None})
+            raise ValueError(f"impl='native' runs on CPU tensors only, got devices {devices}")
+        return True
+    if impl != "auto":
+        return False
+    if os.environ.get("SONAR_KERNELS_IMPL", "auto") not in ("", "auto", "native"):
+        return False
+    if os.environ.get("SONAR_NATIVE", "1") == "0":
+        return False
+    return on_cpu and native_available()
+
+
+def forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    block_rows: int = BLOCK_ROWS,
+    block_vocab: int = BLOCK_VOCAB,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss [N] (0 on ignored rows) and lse [N], float32 (float64 for float64 inputs)."""
+    _require()
+    return torch.ops.sonar_native.lce_forward(
+        hidden, weight, target, bias, int(ignore_index), float(label_smoothing), int(block_rows), int(block_vocab)
+    )
+
+
+def backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    grad_rows: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    need_hidden: bool = True,
+    need_weight: bool = False,
+    need_bias: bool = False,
+    block_rows: int = BLOCK_ROWS,
+    block_vocab: int = BLOCK_VOCAB,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(d_hidden, d_weight, d_bias) of sum_i grad_rows[i] * loss_i, each None unless requested."""
+    _require()
+    if need_bias and bias is None:
+        raise ValueError("need_bias=True but bias is None")
+    if not (need_hidden or need_weight or need_bias):
+        return None, None, None
+    dh, dw, db = torch.ops.sonar_native.lce_backward(
+        hidden, weight, target, bias, lse, grad_rows, int(ignore_index), float(label_smoothing),
+        bool(need_hidden), bool(need_weight), bool(need_bias), int(block_rows), int(block_vocab),
+    )
+    return (dh if need_hidden else None, dw if need_weight else None, db if need_bias else None)
+
+
+class NativeLinearCrossEntropyFunction(torch.autograd.Function):
+    """autograd.Function over the native ops: (loss, lse) from hidden/weight/bias; lse is not differentiable."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, bias, ignore_index, reduction, label_smoothing):
+        rows, lse = forward(hidden, weight, target, bias, ignore_index=ignore_index, label_smoothing=label_smoothing)
+        count = (target != ignore_index).sum().clamp_min(1).to(rows.dtype)
+        loss = rows if reduction == "none" else (rows.sum() if reduction == "sum" else rows.sum() / count)
+        ctx.save_for_backward(hidden, weight, target, bias, lse, count)
+        ctx.ignore_index, ctx.reduction, ctx.label_smoothing = ignore_index, reduction, label_smoothing
+        ctx.mark_non_differentiable(lse)
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        hidden, weight, target, bias, lse, count = ctx.saved_tensors
+        need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
+        need_b = need_b and bias is not None
+        if grad_loss is None or not (need_h or need_w or need_b):
+            return (None,) * 7
+        n = hidden.shape[0]
+        g = grad_loss.to(lse.dtype)
+        if ctx.reduction == "none":
+            grad_rows = g
+        else:
+            grad_rows = (g if ctx.reduction == "sum" else g / count).expand(n)
+        d_h, d_w, d_b = backward(
+            hidden, weight, target, bias, lse, grad_rows.contiguous(), ignore_index=ctx.ignore_index,
+            label_smoothing=ctx.label_smoothing, need_hidden=need_h, need_weight=need_w, need_bias=need_b,
+        )
+        return d_h, d_w, None, d_b, None, None, None
+
+
+def linear_cross_entropy_native(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    return_lse: bool = False,
+):
+    """`sonar_kernels.linear_cross_entropy(..., impl="native")`: same arguments, values and gradients.
+
+    CPU tensors only; fp16/bf16 inputs compute in float32 (their gradients come back in their dtype),
+    float64 in float64. Raises RuntimeError when the library is not built.
+    """
+    from .functional.linear_cross_entropy import _validate
+
+    _validate(hidden, weight, target, bias, ignore_index, reduction, label_smoothing)
+    use_native("native", hidden, weight, target, bias)
+    if target.dtype != torch.int64:
+        target = target.long()
+    loss, lse = NativeLinearCrossEntropyFunction.apply(
+        hidden, weight, target, bias, ignore_index, reduction, float(label_smoothing)
+    )
+    return (loss, lse) if return_lse else loss
+
+
+# ---------------------------------------------------------------------------------------------------
+# build command
+# ---------------------------------------------------------------------------------------------------
+
+def build(build_dir: Path | None = None, jobs: int | None = None, generator: str | None = None,
+          verbose: bool = False) -> Path:
+    """Configure, build and install the library into kernels/_native/; returns the installed path.
+
+    Needs cmake >= 3.25 and a C++17 compiler; CMAKE_PREFIX_PATH comes from the running torch.
+    """
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise FileNotFoundError("cmake not found on PATH (need cmake >= 3.25 to build the native library)")
+    lists = SOURCE_ROOT / "CMakeLists.txt"
+    if not lists.is_file():
+        raise FileNotFoundError(f"{lists} not found: the native build needs a source checkout")
+    build_dir = Path(build_dir) if build_dir else SOURCE_ROOT / "build" / "native"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if generator is None and shutil.which("ninja"):
+        generator = "Ninja"
+    configure = [cmake, "-S", str(SOURCE_ROOT), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+                 f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", f"-DCMAKE_INSTALL_PREFIX={LIBRARY_DIR}"]
+    if generator:
+        configure += ["-G", generator]
+    out = None if verbose else subprocess.DEVNULL
+    steps = [configure,
+             [cmake, "--build", str(build_dir), "--parallel", str(jobs or os.cpu_count() or 1)],
+             [cmake, "--install", str(build_dir)]]
+    for cmd in steps:
+        res = subprocess.run(cmd, stdout=out, stderr=None if verbose else subprocess.PIPE, text=True)
+        if res.returncode != 0:
+            detail = "" if verbose else f"\n{res.stderr[-4000:]}"
+            raise RuntimeError(f"native build step failed ({' '.join(cmd)}){detail}")
+    path = LIBRARY_DIR / LIBRARY_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"the build finished but {path} is missing")
+    _load.cache_clear()
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sonar_kernels.native",
+                                     description="Build or inspect the optional native CPU library.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="configure + build + install into kernels/_native/")
+    b.add_argument("--build-dir", type=Path, default=None, help="CMake build folder (default build/native)")
+    b.add_argument("--jobs", type=int, default=None, help="parallel compile jobs (default: all cores)")
+    b.add_argument("--verbose", action="store_true", help="show CMake and compiler output")
+    sub.add_parser("status", help="say whether the library is built and loads")
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        start = time.perf_counter()
+        path = build(args.build_dir, args.jobs, verbose=args.verbose)
+        ok = native_available()
+        print(f"built {path} in {time.perf_counter() - start:.0f} s; loads: {ok}")
+        if not ok:
+            print(native_load_error(), file=sys.stderr)
+        return 0 if ok else 1
+    ok = native_available()
+    print(f"native library {library_path()}: " + ("available" if ok else native_load_error()))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
