@@ -29,10 +29,10 @@ LIBRARY_DIR = PACKAGE_DIR / "_native"
 LIBRARY_NAME = "libsonar_native.so"
 SOURCE_ROOT = PACKAGE_DIR.parent  # the checkout: CMakeLists.txt and native/ live here
 
-# Tile sizes: token rows x vocabulary columns of one fp32 logits tile (64 x 1024 x 4 B = 256 KiB, which
-# fits a 512 KiB-1 MiB L2 together with the GEMM's packed panels). 0 lets the library pick.
-BLOCK_ROWS = 64
-BLOCK_VOCAB = 1024
+# Tile sizes (token rows x vocabulary columns of one logits tile); 0 lets the library pick: up to 256 x 512
+# (512 KiB in fp32), fewer rows when there are fewer tokens than threads x 256.
+BLOCK_ROWS = 0
+BLOCK_VOCAB = 0
 
 _load_error: str | None = None
 

@@ -114,10 +114,19 @@ struct Blocks {
   int64_t vocab;
 };
 
+// Default tiles: up to 256 token rows x 512 vocabulary columns (a 512 KiB fp32 tile: fits a 1 MiB L2
+// beside the GEMM's packed panels; measured best of 64-256 x 512-2048 on the tiny-SONAR and SONAR-like
+// shapes, see docs/native.md). With few tokens the row block shrinks (not below 16) so that every
+// thread gets a token block.
 Blocks pick_blocks(int64_t block_rows, int64_t block_vocab, int64_t n, int64_t v) {
   TORCH_CHECK(block_rows >= 0 && block_vocab >= 0, "block_rows and block_vocab must be >= 0 (0 = default), got ",
               block_rows, " and ", block_vocab);
-  Blocks b{block_rows ? block_rows : 64, block_vocab ? block_vocab : 1024};
+  Blocks b{block_rows, block_vocab ? block_vocab : 512};
+  if (!b.rows) {
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t per_thread = (n + threads - 1) / threads;
+    b.rows = std::min<int64_t>(256, std::max<int64_t>(16, (per_thread + 15) / 16 * 16));
+  }
   b.rows = std::max<int64_t>(1, std::min(b.rows, n));
   b.vocab = std::max<int64_t>(1, std::min(b.vocab, v));
   return b;

@@ -29,7 +29,7 @@ def trained(tmp_path_factory):
     cfg = TinySonarConfig(**SMALL)
     torch.manual_seed(1234)
     threads = torch.get_num_threads()
-    paths = ensure_tiny_sonar(root, progress=False, time_budget_s=30, config=cfg, num_threads=1)
+    paths = ensure_tiny_sonar(root, progress=False, time_budget_s=20, config=cfg, num_threads=1)
     # the caller's RNG stream and thread count are left as they were
     after = torch.rand(3)
     torch.manual_seed(1234)

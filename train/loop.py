@@ -115,6 +115,22 @@ def _all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def _all_reduce_grads(model: nn.Module, info: DistInfo) -> None:
+    """Plain data parallelism (parallel.fsdp = false): average the gradients of every rank, one bucket."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:  # every rank must contribute the same buffer layout
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= info.world_size
+    for g, r in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(r)
+
+
 def run_training(cfg: RunConfig, *, model_factory: ModelFactory | None = None,
                  data_factory: DataFactory | None = None, sample_fn: SampleFn | None = None,
                  stream=None) -> dict[str, Any]:
@@ -159,6 +175,7 @@ def _train(cfg: RunConfig, info: DistInfo, model_factory: ModelFactory, data_fac
             raise TypeError(f"model family {type(model).__name__} lacks the {name}() method")
     model = parallelize(model, cfg, info)
     use_fsdp = hasattr(model, "set_requires_gradient_sync")
+    replicated = not use_fsdp and dist.is_initialized() and info.world_size > 1  # parallel.fsdp = false
     optimizer = build_optimizer(model, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.optim, t_cfg.steps)
     if use_fsdp and t_cfg.precision == "fp16":
@@ -192,8 +209,8 @@ def _train(cfg: RunConfig, info: DistInfo, model_factory: ModelFactory, data_fac
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                 else contextlib.nullcontext())
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.message(f"{cfg.model.family}/{cfg.model.preset}: {n_params / 1e6:.2f}M trainable parameters "
-                   f"(this rank's shard when sharded), world size {info.world_size}, device {device}, "
+    logger.message(f"{cfg.model.family}/{cfg.model.preset}: {n_params / 1e6:.2f}M trainable parameters, "
+                   f"world size {info.world_size} ({'FSDP2' if use_fsdp else 'replicated'}), device {device}, "
                    f"steps {start_step}->{t_cfg.steps}")
 
     def checkpoint_now(step: int) -> bool:
@@ -227,6 +244,8 @@ def _train(cfg: RunConfig, info: DistInfo, model_factory: ModelFactory, data_fac
                 raise ValueError(f"{type(model).__name__}.loss must return a scalar, got shape {tuple(loss.shape)}")
             scaler.scale(loss / t_cfg.grad_accum).backward()
             loss_sum += loss.detach().double()
+        if replicated:
+            _all_reduce_grads(model, info)
         scaler.unscale_(optimizer)
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(_grad_params(model), max_norm)

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Build the optional native CPU library (CMakeLists.txt + native/) and install it into kernels/_native/.
+# Needs cmake >= 3.25, a C++17 compiler and the torch it will run with. Usage:
+#   scripts/build_native.sh [--jobs N] [--build-dir DIR] [--verbose]
+# The pure-Python package works without it; `python -m sonar_kernels.native status` says whether it loads.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec python3 -m sonar_kernels.native build "$@"
