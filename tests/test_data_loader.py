@@ -236,3 +236,19 @@ def test_concept_batch_validate_and_to():
     with pytest.raises(ValueError, match="strictly increasing"):
         ConceptBatch(good.embeddings, good.doc_cu_seqlens, good.tokens,
                      torch.tensor([0, 2, 2, 7], dtype=torch.int32), 2, 5).validate()
+
+
+def test_bf16_dataset_batches_match_the_stored_values(tmp_path):
+    rng = np.random.default_rng(7)
+    emb = torch.from_numpy(rng.standard_normal((7, E)).astype(np.float32))
+    w = DatasetWriter(tmp_path, embed_dim=E, dtype="bf16", end_of_doc_text="End.", end_of_doc_tokens=[3, 7, 3],
+                      end_of_doc_embedding=torch.zeros(E))
+    tokens = np.array([3, 7, 9, 3] * 7, np.int32)
+    w.add_shard(0, ShardArrays(to_storage(emb, "bf16"), tokens, np.arange(0, 29, 4, dtype=np.int64),
+                               np.array([0, 3, 7], np.int64)))
+    w.finish(1)
+    ds_bf16 = ShardedDataset(tmp_path, verify="full")
+    (batch,) = _collect(ConceptLoader(ds_bf16, max_sentences=8, max_tokens=64, shuffle=False, dtype=torch.float64))
+    assert batch.embeddings.dtype == torch.float64
+    assert torch.equal(batch.embeddings, emb.to(torch.bfloat16).double())  # exact: bf16 -> f64 is lossless
+    assert batch.doc_cu_seqlens.tolist() == [0, 3, 7] and batch.tokens.tolist() == tokens.tolist()

@@ -87,3 +87,14 @@ def test_bf16_sharded_decoder_and_checkpointing_close_to_fp32(tmp_path):
     lb, lf = train_losses(tmp_path / "bf16"), train_losses(tmp_path / "fp32")
     for s in (1, 2, 3):  # bf16 has 8 mantissa bits: 3e-2 relative covers a few roundings per layer
         assert abs(lb[s] - lf[s]) <= 3e-2 * abs(lf[s]), (s, lb[s], lf[s])
+
+
+def test_replicated_data_parallel_matches_one_process(tmp_path):
+    """parallel.fsdp = false: full replicas, gradients averaged by one all-reduce per step."""
+    p, _ = torchrun(BASE + ["--parallel.fsdp=false", f"--train.out_dir={tmp_path / 'ddp'}"])
+    assert final(p)["step"] == 6
+    cfg = load_config(None, BASE + [f"--train.out_dir={tmp_path / 'one'}", "--train.grad_accum=2"], check_paths=False)
+    run_training(cfg, model_factory=fake_model_factory, data_factory=fake_data_factory)
+    la, lb = train_losses(tmp_path / "one"), train_losses(tmp_path / "ddp")
+    for s in range(1, 7):
+        assert abs(la[s] - lb[s]) <= 1e-5 * abs(la[s]), (s, la[s], lb[s])

@@ -245,6 +245,9 @@ def _merge(parts: list[dict], paths: list[Path], *, allow_incomplete: bool) -> d
     if len(parts) != w:
         raise ValueError(f"found {len(parts)} manifest parts for world_size={w}: {[p.name for p in paths]}")
     base = parts[0]
+    if base.get("format") != FORMAT_NAME or base.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{paths[0]}: not a {FORMAT_NAME} v{FORMAT_VERSION} manifest "
+                         f"(format={base.get('format')!r}, version={base.get('version')!r})")
     for part, path in zip(parts[1:], paths[1:]):
         bad = [k for k in _SHARED_KEYS if part.get(k) != base.get(k)]
         if bad:

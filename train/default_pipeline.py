@@ -1,0 +1,187 @@
+"""The embedded default: `python train/main.py` with no arguments, offline, on a clean clone.
+
+1. writes the project's own story corpus (sonar_llm.data.stories) as train/valid JSONL;
+2. trains the tiny SONAR autoencoder on it, unless a cached copy exists ($SONAR_LLM_CACHE/tiny_sonar);
+3. encodes every sentence with that SONAR into memory-mapped shards (resumable);
+4. trains a small SONAR-LLM with the standard loop (configs/default.toml; FSDP2 under torchrun);
+5. evaluates it: validation loss, token NLL, and the paper's generation protocol on held-out stories;
+6. prints a generated continuation of a held-out story.
+
+Under torchrun, rank 0 prepares steps 1-3 while the other ranks wait for its "ready" marker; every rank
+trains; rank 0 evaluates. Re-running resumes: cached assets and complete shards are reused, and training
+continues from the latest checkpoint in runs/default (delete that folder to start over).
+Environment: SONAR_LLM_DEFAULT_DIR (default "runs/default"), SONAR_LLM_CACHE (tiny SONAR cache),
+SONAR_LLM_DEFAULT_STEPS (training steps), SONAR_LLM_TINY_BUDGET (tiny SONAR training seconds).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+from train.config import load_config  # noqa: E402
+
+N_STORIES = 4000
+HELD_OUT_FRACTION = 0.05  # the tiny SONAR's split: its held-out stories are never seen by any model
+EVAL_STORIES = 24
+END_OF_DOC = "End of sequence."
+
+
+def _say(msg: str) -> None:
+    print(f"[default] {msg}", flush=True)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _wait_for(marker: Path, timeout_s: float = 3600.0) -> None:
+    """Non-zero ranks wait for rank 0's preparation (or its failure marker)."""
+    failed = marker.with_suffix(".failed")
+    t0 = time.monotonic()
+    while not marker.exists():
+        if failed.exists():
+            raise RuntimeError(f"rank 0 failed to prepare the default run: {failed.read_text()}")
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"waited {timeout_s:.0f}s for rank 0 to write {marker}")
+        time.sleep(1.0)
+
+
+def prepare(run_dir: Path, tiny_budget_s: float) -> dict:
+    """Steps 1-3: corpus, tiny SONAR, shards. Returns the paths the training config needs."""
+    from sonar_llm.data.preprocess import load_sonar_codec, preprocess
+    from sonar_llm.data.stories import generate_stories, split_stories, write_corpus
+    from sonar_llm.sonar.train_tiny import ensure_tiny_sonar
+
+    data = run_dir / "data"
+    t0 = time.perf_counter()
+    stories = generate_stories(N_STORIES, seed=0)
+    train_st, valid_st = split_stories(stories, HELD_OUT_FRACTION, seed=0)
+    write_corpus(data / "corpus" / "train.jsonl", train_st)
+    write_corpus(data / "corpus" / "valid.jsonl", valid_st)
+    _say(f"[1/6] corpus: {len(train_st)} training and {len(valid_st)} held-out stories ({time.perf_counter() - t0:.1f}s)")
+
+    t0 = time.perf_counter()
+    tiny = ensure_tiny_sonar(time_budget_s=tiny_budget_s)
+    metrics = tiny.load_info().get("metrics", {})
+    _say(f"[2/6] tiny SONAR ready at {tiny.root} ({time.perf_counter() - t0:.0f}s; held-out round trip: exact match "
+         f"{metrics.get('exact_match', float('nan')):.1%}, BLEU {metrics.get('bleu', float('nan')):.1f})")
+
+    t0 = time.perf_counter()
+    codec = load_sonar_codec(tiny.encoder, tiny.tokenizer, batch_size=256)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    for split in ("train", "valid"):
+        preprocess(data / "corpus" / f"{split}.jsonl", data / split, codec, shard_size_docs=1000,
+                   dtype="fp16", end_of_doc_text=END_OF_DOC, log=None)
+    _say(f"[3/6] sentences encoded into shards under {data} ({time.perf_counter() - t0:.0f}s)")
+    return {"train": str(data / "train"), "valid": str(data / "valid"), "decoder": str(tiny.decoder),
+            "encoder": str(tiny.encoder), "tokenizer": str(tiny.tokenizer),
+            "corpus_valid": str(data / "corpus" / "valid.jsonl")}
+
+
+def training_config(run_dir: Path, assets: dict, steps: int | None):
+    overrides = [f"--data.path={assets['train']}", f"--data.val_path={assets['valid']}",
+                 f"--sonar.decoder={assets['decoder']}", f"--sonar.encoder={assets['encoder']}",
+                 f"--sonar.tokenizer={assets['tokenizer']}", f"--train.out_dir={run_dir}"]
+    if not torch.cuda.is_available():
+        overrides.append("--train.precision=fp32")  # CPU bf16 autocast is slower than fp32 without AMX
+    if steps is not None:
+        overrides.append(f"--train.steps={steps}")
+    return load_config(str(_ROOT / "configs" / "default.toml"), overrides)
+
+
+def load_trained(cfg):
+    """The trained model, rebuilt from the latest complete checkpoint (works after FSDP training too)."""
+    from train.export import find_checkpoint, load_model_state
+    from train.families import build_model
+
+    model = build_model(cfg)
+    state = load_model_state(find_checkpoint(cfg.train.out_dir))
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def evaluate_and_show(cfg, assets: dict, final: dict) -> dict:
+    """Steps 5-6: NLL, the generation protocol, and one continuation printed in full."""
+    from sonar_llm.eval.protocol import ProtocolConfig, metrics_table, run_protocol, write_result
+    from sonar_llm.models.generate import generate_sonar_llm, sonar_text_functions
+    from sonar_llm.sonar import (EmbeddingToText, NllbTokenizer, TextToEmbedding, load_sonar_decoder,
+                                 load_sonar_encoder)
+    from sonar_llm.data.segment import split_sentences
+
+    t0 = time.perf_counter()
+    model = load_trained(cfg)
+    tok = NllbTokenizer(assets["tokenizer"])
+    t2e = TextToEmbedding(load_sonar_encoder(assets["encoder"]).eval(), tok, batch_size=128)
+    e2t = EmbeddingToText(load_sonar_decoder(assets["decoder"]).eval(), tok, batch_size=128)
+    decode_fn, encode_fn = sonar_text_functions(t2e, e2t, "eng_Latn", beam_size=1)
+    eos = encode_fn([END_OF_DOC])[0]
+
+    def generate(prompts: list[list[str]]) -> list[list[str]]:
+        embs = [encode_fn(p) for p in prompts]
+        outs = generate_sonar_llm(model, embs, decode_fn, encode_fn, max_sentences=16, eos_embedding=eos,
+                                  eos_threshold=0.98, reencode=True)
+        return [list(o.texts) for o in outs]
+
+    stories = [json.loads(line)["text"] for line in Path(assets["corpus_valid"]).read_text().splitlines() if line]
+    story_sents = [split_sentences(s) for s in stories]
+    res = run_protocol(story_sents, generate, ProtocolConfig(prompt_mode="start", num_stories=EVAL_STORIES),
+                       batch_size=EVAL_STORIES)
+    res["train"] = final
+    write_result(res, Path(cfg.train.out_dir) / "eval" / "protocol_start.json")
+    _say(f"[5/6] evaluation on {len(res['items'])} held-out stories ({time.perf_counter() - t0:.0f}s): "
+         f"validation loss {final.get('eval_loss', float('nan')):.3f}")
+    print(metrics_table({"SONAR-LLM (default)": res}), flush=True)
+    item = res["items"][0]
+    print("\n[6/6] a held-out story, continued by the model", flush=True)
+    print("  prompt:    " + " ".join(item["prompt"]), flush=True)
+    print("  generated: " + " ".join(item["generation"]), flush=True)
+    print("  original:  " + " ".join(item["reference"]), flush=True)
+    return res
+
+
+def main() -> int:
+    run_dir = Path(os.environ.get("SONAR_LLM_DEFAULT_DIR", "runs/default"))
+    steps = os.environ.get("SONAR_LLM_DEFAULT_STEPS")
+    tiny_budget = float(os.environ.get("SONAR_LLM_TINY_BUDGET", "200"))
+    marker = run_dir / ".prepared.json"
+    t_start = time.perf_counter()
+    if _rank() == 0:
+        marker.unlink(missing_ok=True)
+        marker.with_suffix(".failed").unlink(missing_ok=True)
+        try:
+            assets = prepare(run_dir, tiny_budget)
+        except BaseException as e:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            marker.with_suffix(".failed").write_text(f"{type(e).__name__}: {e}")
+            raise
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps(assets))
+        os.replace(tmp, marker)
+    else:
+        _wait_for(marker)
+        assets = json.loads(marker.read_text())
+
+    cfg = training_config(run_dir, assets, int(steps) if steps else None)
+    _say(f"[4/6] training SONAR-LLM ({cfg.model.preset} preset, {cfg.train.steps} steps) in {run_dir}")
+    from train.loop import run_training
+
+    final = run_training(cfg)
+    if _rank() != 0:
+        return 0
+    evaluate_and_show(cfg, assets, final)
+    _say(f"done in {time.perf_counter() - t_start:.0f}s; metrics in {run_dir}/metrics.jsonl, "
+         f"generations in {run_dir}/eval/protocol_start.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
