@@ -98,7 +98,7 @@ class MetricsLogger:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = (run_dir / "metrics.jsonl").open("a", buffering=1)
+        self._jsonl = run_dir / "metrics.jsonl"  # opened per record: nothing is lost when a run dies
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -112,7 +112,8 @@ class MetricsLogger:
             return
         record = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
         record.setdefault("time", time.time())
-        self._jsonl.write(json.dumps(record) + "\n")
+        with self._jsonl.open("a") as f:
+            f.write(json.dumps(record) + "\n")
         line = format_line(record)
         if self.tty:
             self.stream.write("\r" + line.ljust(120)[:160])
@@ -140,9 +141,6 @@ class MetricsLogger:
         if self._open_line:
             self.stream.write("\n")
             self._open_line = False
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None
