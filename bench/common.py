@@ -8,8 +8,10 @@
   depends on shapes, not on weights, so no checkpoint or tokenizer is needed.
 * `IdTextCodec`: a tokenizer-free "text" (token ids written as decimal numbers) so the generation loops
   that decode to text and re-encode text run end to end with the real decoder and encoder costs.
-* `PeakMemory`, `peak_flops`, `mfu`, `sonar_encoder_flops`, `record_throughput`: what goes into
-  `benchmark.extra_info`.
+* `PeakMemory`, `tensor_bytes`, `peak_flops`, `mfu`, `sonar_encoder_flops`, `record_throughput`: what
+  goes into `benchmark.extra_info`.
+* `issue_targets` / `python bench/common.py targets RESULT.json`: the benchmark issue's targets against a
+  result file.
 
 Random weights never emit EOS on their own, so decoding is pinned to a fixed length
 (`min_gen_len = max_gen_len`): every method decodes exactly the same number of tokens per sentence.
@@ -47,6 +49,7 @@ __all__ = [
     "pad_batch",
     "IdTextCodec",
     "PeakMemory",
+    "tensor_bytes",
     "peak_flops",
     "mfu",
     "sonar_encoder_flops",
@@ -54,6 +57,9 @@ __all__ = [
     "record_throughput",
     "cached",
     "no_grad_eval",
+    "TARGETS",
+    "issue_targets",
+    "format_targets",
 ]
 
 NUM_LANG_TAGS = 205  # SONAR's 202 languages + spares: the last ids of the vocabulary are language tags
@@ -357,16 +363,19 @@ class IdTextCodec:
 
 
 class PeakMemory:
-    """Peak memory of the code run inside `with PeakMemory(device) as pm:`.
+    """Memory of the code run inside `with PeakMemory(device) as pm:`.
 
-    CUDA: `pm.peak_bytes` = torch.cuda.max_memory_allocated during the block (absolute: weights,
-    optimizer state and activations). CPU: `pm.rss_growth_bytes` = growth of the process's resident-set
-    high-water mark (ru_maxrss) during the block, 0 when an earlier peak was already higher (a lower
-    bound; Python allocators and earlier tests blur it)."""
+    CUDA: `pm.extra_peak_bytes` = torch.cuda.max_memory_allocated during the block minus what was
+    allocated when it began (activations, logits, gradients, temporaries: what the block adds on top of
+    the resident weights and optimizer state); `pm.resident_bytes` = allocated at the start (everything
+    alive in the process, other benchmarks' cached models included). CPU: `pm.rss_growth_bytes` = growth
+    of the process's resident-set high-water mark (ru_maxrss) during the block, 0 when an earlier peak
+    was already higher (a lower bound at best)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = torch.device(device)
-        self.peak_bytes: int | None = None
+        self.extra_peak_bytes: int | None = None
+        self.resident_bytes: int | None = None
         self.rss_growth_bytes: int | None = None
 
     @staticmethod
@@ -377,6 +386,7 @@ class PeakMemory:
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            self.resident_bytes = int(torch.cuda.memory_allocated(self.device))
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             self._rss0 = self._maxrss_bytes()
@@ -385,15 +395,57 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+            self.extra_peak_bytes = int(torch.cuda.max_memory_allocated(self.device)) - self.resident_bytes
         else:
             self.rss_growth_bytes = self._maxrss_bytes() - self._rss0
 
-    def info(self) -> dict[str, int | None]:
-        """The extra_info entries: peak_mem_bytes (CUDA) or cpu_maxrss_growth_bytes (CPU)."""
+    def info(self, state_bytes: int | None = None) -> dict[str, int | None]:
+        """extra_info entries. With `state_bytes` (the method's own weights, gradients and optimizer state,
+        see `tensor_bytes`), CUDA also gets `peak_mem_bytes` = state_bytes + extra_peak_bytes: the peak
+        the method needs on its own, independent of what else the process holds."""
+        out: dict[str, int | None] = {}
+        if state_bytes is not None:
+            out["state_bytes"] = int(state_bytes)
         if self.device.type == "cuda":
-            return {"peak_mem_bytes": self.peak_bytes}
-        return {"cpu_maxrss_growth_bytes": self.rss_growth_bytes}
+            out["step_extra_peak_bytes"] = self.extra_peak_bytes
+            out["peak_mem_bytes"] = (state_bytes + self.extra_peak_bytes) if state_bytes is not None else None
+        else:
+            out["cpu_maxrss_growth_bytes"] = self.rss_growth_bytes
+        return out
+
+
+def tensor_bytes(*items) -> int:
+    """Bytes of the distinct tensor storages reachable from `items`: tensors, modules (parameters,
+    their .grad, buffers) and optimizers (their state tensors). Shared storages count once."""
+    seen: set[tuple[str, int]] = set()
+    total = 0
+
+    def add(t) -> None:
+        nonlocal total
+        if not isinstance(t, Tensor) or t.device.type == "meta":
+            return
+        st = t.untyped_storage()
+        key = (str(t.device), st.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += st.nbytes()
+
+    for item in items:
+        if isinstance(item, Tensor):
+            add(item)
+        elif isinstance(item, torch.nn.Module):
+            for p in item.parameters():
+                add(p)
+                add(p.grad)
+            for b in item.buffers():
+                add(b)
+        elif isinstance(item, torch.optim.Optimizer):
+            for state in item.state.values():
+                for v in state.values():
+                    add(v)
+        elif item is not None:
+            raise TypeError(f"tensor_bytes accepts tensors, modules and optimizers, got {type(item).__name__}")
+    return total
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -467,3 +519,80 @@ def no_grad_eval(*models: torch.nn.Module) -> Iterator[None]:
     finally:
         for m, f in zip(models, flags):
             m.train(f)
+
+
+# ----------------------------------------------------------------------------------------------
+# The issue's targets, read from a result file
+# ----------------------------------------------------------------------------------------------
+
+# (name, group, numerator role, denominator role or None, extra_info key, threshold)
+TARGETS: list[tuple[str, str, str, str | None, str, float]] = [
+    ("SONAR-LLM training, fast / reference sentences/s", "training-sonar-llm", "ours", "reference",
+     "sentences_per_s", 3.0),
+    ("SONAR-LLM training MFU (fast path, frozen decoder counted)", "training-sonar-llm", "ours", None, "mfu", 0.45),
+    ("SONAR-LLM generation, ours / public loop sentences/s", "generation-sonar-llm", "ours", "reference",
+     "sentences_per_s", 10.0),
+    ("SONAR-LLM / Two-Tower LCM (CFG, 40 steps) generation sentences/s", "generation-families", "ours",
+     "reference", "sentences_per_s", 5.0),
+    ("SONAR encoder sentences/s", "sonar-encoder", "ours", None, "sentences_per_s", 10_000.0),
+]
+
+
+def issue_targets(result: dict) -> list[dict]:
+    """The issue's targets against a pytest-benchmark result (the dict of a bench/results JSON): one row
+    per target with `value` (a ratio of two roles of one group, or one role's figure), `threshold`,
+    `met` (None when the figure is missing, e.g. with timing disabled) and the scale it was measured at."""
+    by_role: dict[tuple[str, str], dict] = {}
+    for b in result.get("benchmarks", []):
+        info = b.get("extra_info", {}) or {}
+        by_role[(b.get("group") or "-", info.get("role", "-"))] = info
+    rows = []
+    for name, group, num_role, den_role, key, threshold in TARGETS:
+        num = by_role.get((group, num_role), {}).get(key)
+        value = None
+        if den_role is None:
+            value = num
+        else:
+            den = by_role.get((group, den_role), {}).get(key)
+            if num is not None and den:
+                value = num / den
+        rows.append({"target": name, "value": value, "threshold": threshold,
+                     "met": None if value is None else bool(value >= threshold),
+                     "scale": by_role.get((group, num_role), {}).get("scale")})
+    return rows
+
+
+def format_targets(rows: list[dict], gpu: str | None) -> str:
+    """A markdown table of `issue_targets` rows (the targets are stated for one H200 at the paper's shapes;
+    other devices and the CPU's reduced shapes are for comparison only)."""
+    lines = [f"Targets of the benchmark issue (stated for one H200, bf16, paper shapes; this run: "
+             f"{gpu or 'CPU'})", "", "| target | measured | threshold | met | scale |", "|---|---|---|---|---|"]
+    for r in rows:
+        v = "-" if r["value"] is None else f"{r['value']:.4g}"
+        met = "-" if r["met"] is None else ("yes" if r["met"] else "NO")
+        lines.append(f"| {r['target']} | {v} | {r['threshold']:g} | {met} | {r['scale'] or '-'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(description="bench/common.py helpers: `targets RESULT.json` prints the "
+                                             "issue's targets against a result file")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("targets")
+    t.add_argument("result", type=Path)
+    args = ap.parse_args(argv)
+    if not args.result.is_file():
+        print(f"error: no such result file: {args.result}", file=sys.stderr)
+        return 2
+    result = json.loads(args.result.read_text())
+    gpu = (result.get("machine_info_sonar") or {}).get("gpu")
+    print(format_targets(issue_targets(result), gpu))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -86,7 +86,10 @@ def test_bench_linear_cross_entropy(benchmark, bench_quick, bench_device, role):
             torch.cuda.synchronize()
         return loss
 
-    loss = step()  # warm-up (Triton compilation / autotuning) and a sanity check
+    try:
+        loss = step()  # warm-up (Triton compilation / autotuning) and a sanity check
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip(f"{role} runs out of GPU memory at N={n}, V={v}, D={d}")
     assert torch.isfinite(loss).item() and hidden.grad is not None and weight.grad is None
     peak = None
     if device.type == "cuda":

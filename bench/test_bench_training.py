@@ -24,6 +24,7 @@ import torch
 
 from common import (
     PeakMemory,
+    tensor_bytes,
     bench_scale,
     cached,
     compute_dtype,
@@ -59,6 +60,11 @@ def two_tower_config(backbone: BackboneConfig, sonar_dim: int) -> TwoTowerConfig
 def build_family(name: str, scale, device: torch.device, decoder=None, path: str = "fast") -> torch.nn.Module:
     """One family at the scale's backbone preset (fp32 parameters on `device`)."""
     torch.manual_seed(0)
+    with torch.device(device):  # initialise on the device: the paper-scale models take seconds on a CPU
+        return _build(name, scale, decoder, path).train()
+
+
+def _build(name: str, scale, decoder, path: str) -> torch.nn.Module:
     bb = backbone_config(get_preset(scale.backbone))
     e = scale.sonar.model_dim
     if name == "sonar_llm":
@@ -71,7 +77,7 @@ def build_family(name: str, scale, device: torch.device, decoder=None, path: str
         model = TokenLLM(TokenLLMConfig(backbone=bb), vocab_size=scale.sonar.vocab_size)
     else:
         raise ValueError(f"unknown family {name!r}")
-    return model.to(device).train()
+    return model
 
 
 def _decoder(scale, device):
@@ -85,6 +91,7 @@ def run_training_benchmark(benchmark, scale, device, family: str, role: str, pat
                                     seed=0, device=device)
     decoder = _decoder(scale, device) if family == "sonar_llm" else None
     model = build_family(family, scale, device, decoder=decoder, path=path)
+    frozen = model.sonar_decoder if family == "sonar_llm" else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
@@ -115,7 +122,7 @@ def run_training_benchmark(benchmark, scale, device, family: str, role: str, pat
         "trainable_params": sum(p.numel() for p in params),
         "sonar_shape": f"d={scale.sonar.model_dim} L={scale.sonar.num_layers} V={scale.sonar.vocab_size}",
         "dtype": "bf16 autocast, fp32 master" if device.type == "cuda" else "fp32",
-        **mem.info(),
+        **mem.info(tensor_bytes(model, opt, frozen)),
     })
     benchmark.pedantic(step, rounds=scale.train_rounds, warmup_rounds=0, iterations=1)
     record_throughput(benchmark, flops=flops, peak=peak_flops(device), sentences=batch.num_sentences,

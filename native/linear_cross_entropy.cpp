@@ -17,6 +17,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -109,6 +111,28 @@ inline void row_softmax_grad(float* z, int64_t n, float lse, float off, float g)
 inline double exp_any(double x) { return std::exp(x); }
 inline float exp_any(float x) { return exp1(x); }
 
+// Each worker thread runs its tile GEMMs single-threaded. MKL (PyTorch's x86 BLAS) would otherwise
+// start its own threads inside every small GEMM of every worker: measured 4-15x slower with 2 threads on
+// a 2-core machine. mkl_set_num_threads_local is looked up at run time, so a torch built on another
+// BLAS (OpenBLAS on ARM, ...) simply skips this.
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas() {
+    if (set_local_ != nullptr) previous_ = set_local_(1);
+  }
+  ~SingleThreadedBlas() {
+    if (set_local_ != nullptr) set_local_(previous_);
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  using SetLocal = int (*)(int);
+  static inline const SetLocal set_local_ =
+      reinterpret_cast<SetLocal>(dlsym(RTLD_DEFAULT, "mkl_set_num_threads_local"));
+  int previous_ = 0;
+};
+
 struct Blocks {
   int64_t rows;
   int64_t vocab;
@@ -173,6 +197,7 @@ void forward_kernel(const at::Tensor& h, const at::Tensor& w, const at::Tensor& 
   const int64_t nblocks = (n + blk.rows - 1) / blk.rows;
   const T ls = static_cast<T>(eps);
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    SingleThreadedBlas one_thread;
     at::Tensor buf = at::empty({blk.rows, blk.vocab}, h.options());
     std::vector<T> m(blk.rows), s(blk.rows), zt(blk.rows), zs(blk.rows);
     for (int64_t rb = b0; rb < b1; ++rb) {
@@ -239,6 +264,7 @@ void backward_hidden_kernel(const at::Tensor& h, const at::Tensor& w, const at::
   const int64_t nblocks = (n + blk.rows - 1) / blk.rows;
   const T ls_over_v = static_cast<T>(eps / static_cast<double>(v)), hit = static_cast<T>(1.0 - eps);
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    SingleThreadedBlas one_thread;
     at::Tensor buf = at::empty({blk.rows, blk.vocab}, h.options());
     for (int64_t rb = b0; rb < b1; ++rb) {
       const int64_t r0 = rb * blk.rows, br = std::min(blk.rows, n - r0);
@@ -279,6 +305,7 @@ void backward_weight_kernel(const at::Tensor& h, const at::Tensor& w, const at::
   const int nthreads = at::get_num_threads();
   std::vector<at::Tensor> partial(nthreads);
   at::parallel_for(0, nvb, 1, [&](int64_t v0, int64_t v1) {
+    SingleThreadedBlas one_thread;
     const int tid = at::get_thread_num();
     at::Tensor buf = at::empty({blk.rows, blk.vocab}, h.options());
     at::Tensor dh_local;

@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from _train_fakes import fake_data_factory, fake_model_factory
 from train import main as train_main
 from train.metrics import MetricsLogger, format_line, gpu_peak_flops, measure_cpu_flops

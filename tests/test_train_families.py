@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from fixtures_sonar import toy_decoder
 from sonar_llm.data.shards import DatasetWriter, ShardArrays

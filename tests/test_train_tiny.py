@@ -1,5 +1,4 @@
 """Tests of the tiny SONAR training command (sonar_llm/sonar/train_tiny.py), with very small dimensions."""
-import json
 import math
 import random
 import time
@@ -13,7 +12,6 @@ from sonar_llm.sonar.checkpoint import load_sonar_decoder, load_sonar_encoder, l
 from sonar_llm.sonar.tokenizer import NllbTokenizer
 from sonar_llm.sonar.train_tiny import (
     TinySonarConfig,
-    TinySonarPaths,
     default_cache_dir,
     ensure_tiny_sonar,
     train_sentencepiece,

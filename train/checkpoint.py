@@ -196,7 +196,7 @@ def latest_checkpoint(ckpt_root: str | os.PathLike) -> Path | None:
 
 
 def prune(ckpt_root: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints, and stale .tmp directories older than them."""
+    """Delete all but the newest `keep_last` complete checkpoints."""
     steps = complete_steps(ckpt_root)
     for s in steps[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(ckpt_root / step_dir_name(s), ignore_errors=True)

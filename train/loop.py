@@ -13,14 +13,12 @@ as 1 rank x 2 micro-batches fed the same batches).
 from __future__ import annotations
 
 import contextlib
-import math
-import os
 import random
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch

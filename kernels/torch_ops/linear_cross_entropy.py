@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-# Number of weight-gradient products run by `backward` (tests assert a frozen weight costs none).
+# Calls so far; "backward_dweight" counts backward passes that computed a weight gradient (tests assert
+# that a frozen weight costs none).
 LAUNCH_COUNTS = {"forward": 0, "backward": 0, "backward_dweight": 0}
 
 _DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
@@ -84,9 +85,10 @@ def forward(
         z = _logits(hidden[start:stop], w, bias)
         z_lse = torch.logsumexp(z, dim=-1)
         z_t = z.gather(1, safe_target[start:stop, None]).squeeze(1)
-        row_loss = z_lse - (1.0 - label_smoothing) * z_t if label_smoothing else z_lse - z_t
         if label_smoothing:
-            row_loss = row_loss - (label_smoothing / v) * z.sum(dim=-1)
+            row_loss = z_lse - (1.0 - label_smoothing) * z_t - (label_smoothing / v) * z.sum(dim=-1)
+        else:
+            row_loss = z_lse - z_t
         lse[start:stop] = z_lse
         loss[start:stop] = row_loss
         del z
