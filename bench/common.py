@@ -18,12 +18,11 @@ Random weights never emit EOS on their own, so decoding is pinned to a fixed len
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import resource
 import sys
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -56,7 +55,6 @@ __all__ = [
     "mean_seconds",
     "record_throughput",
     "cached",
-    "no_grad_eval",
     "TARGETS",
     "issue_targets",
     "format_targets",
@@ -505,20 +503,6 @@ def record_throughput(benchmark, *, flops: float | None = None, peak: float | No
         info["flops_per_call"] = float(flops)
         info["peak_flops_used"] = peak
         info["mfu"] = mfu(flops, mean, peak)
-
-
-@contextlib.contextmanager
-def no_grad_eval(*models: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and no_grad for the duration (restores the training flags)."""
-    flags = [m.training for m in models]
-    for m in models:
-        m.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, f in zip(models, flags):
-            m.train(f)
 
 
 # ----------------------------------------------------------------------------------------------

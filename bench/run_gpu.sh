@@ -32,7 +32,7 @@ fi
 
 start=$(date +%s)
 timeout --signal=INT --kill-after=30 "$budget" \
-    python -m pytest bench -q -p no:cacheprovider "${extra[@]}" "$@" 2>&1 | tee -a "$log"
+    python -m pytest bench -q -p no:cacheprovider ${extra[@]+"${extra[@]}"} "$@" 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
 echo "run_gpu.sh: pytest exit status ${status} after $(( $(date +%s) - start )) s" | tee -a "$log"
 

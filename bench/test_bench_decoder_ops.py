@@ -65,6 +65,7 @@ def _build(shape, device, dtype):
     return dec, tokens.to(device), cu.to(device), emb.requires_grad_()
 
 
+@pytest.mark.benchmark(group=GROUP)
 @pytest.mark.parametrize("role", ["packed", "reference"])
 def test_bench_decoder_loss(benchmark, bench_quick, bench_device, role):
     device = bench_device
@@ -94,7 +95,6 @@ def test_bench_decoder_loss(benchmark, bench_quick, bench_device, role):
         step()
         peak = torch.cuda.max_memory_allocated() - base
     num_sent, d, n_layers, v = shape
-    benchmark.group = GROUP
     benchmark.extra_info.update({
         "role": role, "S": num_sent, "D": d, "L": n_layers, "V": v, "target_tokens": int(cu[-1]) - num_sent,
         "dtype": str(dtype).replace("torch.", ""), "peak_mem_bytes": peak,
@@ -105,6 +105,7 @@ def test_bench_decoder_loss(benchmark, bench_quick, bench_device, role):
 ALN_GROUP = "add_layer_norm fwd+bwd"
 
 
+@pytest.mark.benchmark(group=ALN_GROUP)
 @pytest.mark.parametrize("role", ["triton", "torch", "eager"])
 def test_bench_add_layer_norm(benchmark, bench_quick, bench_device, role):
     """Fused residual add + LayerNorm, upstream grads on both outputs: ours (Triton / PyTorch path) vs
@@ -140,6 +141,5 @@ def test_bench_add_layer_norm(benchmark, bench_quick, bench_device, role):
 
     step()
     assert x.grad is not None and r.grad is not None
-    benchmark.group = ALN_GROUP
     benchmark.extra_info.update({"role": role, "rows": rows, "D": dim, "dtype": str(dtype).replace("torch.", "")})
     benchmark(step)

@@ -113,7 +113,8 @@ inline float exp_any(float x) { return exp1(x); }
 
 // Each worker thread runs its tile GEMMs single-threaded. MKL (PyTorch's x86 BLAS) would otherwise
 // start its own threads inside every small GEMM of every worker: measured 4-15x slower with 2 threads on
-// a 2-core machine. mkl_set_num_threads_local is looked up at run time, so a torch built on another
+// a 2-core machine. MKL_Set_Num_Threads_Local (the C entry point; the lower-case symbol is the Fortran one
+// that takes a pointer) is looked up at run time, so a torch built on another
 // BLAS (OpenBLAS on ARM, ...) simply skips this.
 class SingleThreadedBlas {
  public:
@@ -129,7 +130,7 @@ class SingleThreadedBlas {
  private:
   using SetLocal = int (*)(int);
   static inline const SetLocal set_local_ =
-      reinterpret_cast<SetLocal>(dlsym(RTLD_DEFAULT, "mkl_set_num_threads_local"));
+      reinterpret_cast<SetLocal>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
   int previous_ = 0;
 };
 

@@ -35,6 +35,12 @@ import torch  # noqa: E402
 FAMILIES = ("sonar_llm", "base_lcm", "two_tower", "token_llm")
 FAMILY_NAMES = {"sonar_llm": "SONAR-LLM", "base_lcm": "Base-LCM", "two_tower": "Two-Tower LCM",
                 "token_llm": "token LLM"}
+# backbone sizes: name -> (preset, backbone overrides); the same for every family
+SIZES = {
+    "tiny": ("tiny", {}),  # d=64, 2 layers, 4 heads, FFN 128
+    "tiny-wide": ("tiny", {"model_dim": 128, "ffn_dim": 512, "num_layers": 4}),
+    "small": ("small", {}),  # d=256, 4 layers, FFN 1024
+}
 LOSS_KIND = {"sonar_llm": "token CE through the frozen decoder (nats)", "base_lcm": "MSE (normalised space)",
              "two_tower": "diffusion MSE (normalised space)", "token_llm": "token CE (nats)"}
 
@@ -45,17 +51,18 @@ class ReproConfig:
 
     out: str = "bench/results/reproduction"
     work: str = "runs/reproduction"
-    sizes: tuple[str, ...] = ("tiny", "small")
+    sizes: tuple[str, ...] = ("tiny", "tiny-wide")  # names in SIZES
     families: tuple[str, ...] = FAMILIES
-    steps: int = 300
-    max_sentences: int = 128  # per batch (every family: the same documents)
+    steps: int = 120
+    max_sentences: int = 64  # per batch (every family: the same documents)
     max_tokens: int = 8192
     lr: float = 1e-3
     warmup_steps: int = 30
     seed: int = 0
     n_stories: int = 4000
-    eval_stories: int = 48
-    nll_docs: int = 100
+    eval_stories: int = 16
+    max_story_sentences: int = 24  # the corpus has <= 20 sentences per story; caps run-away generations
+    nll_docs: int = 64
     tiny_budget_s: float = 200.0
     tiny_config: dict = field(default_factory=dict)  # TinySonarConfig overrides ({} = the default's)
     two_tower_steps: int = 40
@@ -107,8 +114,9 @@ def run_config(rc: ReproConfig, assets: dict, family: str, size: str, sonar_dim:
     from train.config import RunConfig, validate
 
     cfg = RunConfig()
-    cfg.model.family, cfg.model.preset = family, size
-    cfg.model.overrides = {} if family == "token_llm" else {"sonar_dim": sonar_dim}
+    preset, size_over = SIZES[size]
+    cfg.model.family, cfg.model.preset = family, preset
+    cfg.model.overrides = dict(size_over) if family == "token_llm" else {**size_over, "sonar_dim": sonar_dim}
     if family == "two_tower":
         cfg.model.overrides["max_seq_len"] = 256
     cfg.data.path, cfg.data.val_path = assets["train"], assets["valid"]
@@ -146,7 +154,8 @@ def train_and_evaluate(rc: ReproConfig, assets: dict, family: str, size: str, so
     loaded = load_trained(run=cfg.train.out_dir, decoder=assets["decoder"])
     blocks, total = parameter_counts(loaded.model)
     ecfg = EvalConfig(run=cfg.train.out_dir, stories=assets["stories"], prompt_mode="start",
-                      num_stories=rc.eval_stories, beam_size=1, max_gen_len=64,
+                      num_stories=rc.eval_stories, max_story_sentences=rc.max_story_sentences,
+                      beam_size=1, max_gen_len=48,
                       num_inference_steps=rc.two_tower_steps, max_new_tokens=400, seed=rc.seed,
                       nll_data=assets["valid"] if family in ("sonar_llm", "token_llm") else "",
                       nll_docs=rc.nll_docs, batch_size=rc.eval_stories)
@@ -202,7 +211,9 @@ def write_report(rc: ReproConfig, assets: dict, rows: list[dict], out: Path, ela
         f"{rc.max_sentences} sentences / {rc.max_tokens} tokens (the same documents in the same order), AdamW "
         f"lr {rc.lr} with {rc.warmup_steps} warm-up steps and cosine decay, fp32 on "
         f"{'CUDA' if torch.cuda.is_available() else 'CPU'}, seed {rc.seed}.",
-        f"Evaluation: {rc.eval_stories} held-out stories, prompt = first 2 sentences, greedy SONAR decoding "
+        "Sizes: " + "; ".join(f"`{n}` = preset {SIZES[n][0]} {SIZES[n][1] or ''}" for n in rc.sizes) + ".",
+        f"Evaluation: {rc.eval_stories} held-out stories (at most {rc.max_story_sentences} sentences, also the "
+        f"generation limit), prompt = first 2 sentences, greedy SONAR decoding "
         f"(beam 1), Two-Tower CFG with {rc.two_tower_steps} requested steps (guidance 3, rescale 0.7, noise 0.6); "
         f"token NLL over the first {rc.nll_docs} held-out documents (sentences 3+, words + EOS).",
         f"Script: `python scripts/reproduce_small.py{' --quick' if rc.quick else ''}` ({elapsed / 60:.1f} min).",
@@ -282,12 +293,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--families", default=",".join(FAMILIES))
+    p.add_argument("--sizes", default="tiny,tiny-wide", help=f"comma-separated, from {sorted(SIZES)}")
     a = p.parse_args(argv)
     fams = tuple(f for f in a.families.split(",") if f)
+    sizes = tuple(x for x in a.sizes.split(",") if x)
+    if any(x not in SIZES for x in sizes):
+        p.error(f"--sizes: choose from {sorted(SIZES)}")
     bad = [f for f in fams if f not in FAMILIES]
     if bad:
         p.error(f"--families: unknown {bad}; choose from {FAMILIES}")
-    extra = {"families": fams}
+    extra = {"families": fams, "sizes": sizes}
     if a.out:
         extra["out"] = a.out
     rc = ReproConfig.quick_config(**extra) if a.quick else ReproConfig(**extra)
@@ -307,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     elapsed = time.perf_counter() - t_start
     rows.sort(key=lambda r: (FAMILIES.index(r["family"]), r["params_total"]))
+    if not rows:
+        raise SystemExit("nothing was trained")
     plot(rows, out / "loss_vs_params.png")
     write_report(rc, assets, rows, out, elapsed)
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(rc).items()}

@@ -2,6 +2,7 @@
 sonar_llm.models / sonar_llm.data). Fault injection through `model.overrides`:
   nan_calls = [i, ...]   training-mode loss call i (0-based, per process) returns NaN
   crash_call = i, crash_rank = r, crash_mode = "raise"|"exit"   rank r fails at training call i
+  signal_call = i        the process sends itself SIGUSR1 at training call i
 """
 from __future__ import annotations
 
@@ -111,6 +112,10 @@ class FakeFamily(nn.Module):
             call = self.calls
             self.calls += 1
             f = self.faults
+            if call == f.get("signal_call", -1):
+                import signal
+
+                os.kill(os.getpid(), signal.SIGUSR1)
             if call == f.get("crash_call", -1) and int(os.environ.get("RANK", "0")) == f.get("crash_rank", 0):
                 if f.get("crash_mode", "raise") == "exit":
                     os._exit(17)

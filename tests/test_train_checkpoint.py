@@ -114,3 +114,16 @@ def test_export_round_trip(tmp_path):
     assert info["step"] == 1 and info["run_config"]["train"]["steps"] == 2
     with pytest.raises(FileNotFoundError, match="--step: no complete checkpoint for step 7"):
         export(tmp_path / "run", tmp_path / "x.safetensors", step=7)
+
+
+def test_sigusr1_saves_and_stops_then_resume_matches(tmp_path):
+    full = fake_cfg(tmp_path / "full", 6)
+    run(full)
+    cfg = fake_cfg(tmp_path / "stop", 6)
+    cfg.model.overrides = {"signal_call": 2}  # SIGUSR1 arrives during step 3
+    res = run(cfg)
+    assert res["stopped"] is True and res["step"] == 3 and res["checkpoint"].endswith("step_000003")
+    cfg.model.overrides = {}
+    res = run(cfg)
+    assert res["step"] == 6 and "stopped" not in res
+    assert losses(tmp_path / "stop") == losses(tmp_path / "full")

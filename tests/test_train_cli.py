@@ -89,3 +89,25 @@ def test_metrics_logger_jsonl_and_lines(tmp_path):
     silent.log({"step": 1})
     assert not (tmp_path / "other").exists()
     assert format_line({"step": 3, "loss": None, "skipped_steps": 2}) == "step 3 | skipped 2"
+
+
+def test_tensorboard_mirror_when_installed(tmp_path, monkeypatch):
+    import types
+
+    scalars = []
+
+    class Writer:
+        def __init__(self, logdir):
+            self.logdir = logdir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def close(self):
+            scalars.append("closed")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    log = MetricsLogger(tmp_path, enabled=True, tensorboard=True, stream=io.StringIO())
+    log.log({"kind": "eval", "step": 4, "eval_loss": 1.5, "note": "x"})
+    log.close()
+    assert scalars == [("eval/eval_loss", 1.5, 4), "closed"]

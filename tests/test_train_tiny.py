@@ -1,4 +1,5 @@
 """Tests of the tiny SONAR training command (sonar_llm/sonar/train_tiny.py), with very small dimensions."""
+import json
 import math
 import random
 import time
@@ -113,7 +114,7 @@ def test_cache_hit_returns_without_training(trained, monkeypatch):
 def test_config_hash_and_validation():
     a = TinySonarConfig()
     assert a.config_hash() == TinySonarConfig().config_hash()
-    assert a.config_hash() != TinySonarConfig(model_dim=128).config_hash()
+    assert a.config_hash() != TinySonarConfig(model_dim=96).config_hash()
     with pytest.raises(ValueError, match="model_dim"):
         TinySonarConfig(model_dim=0)
     with pytest.raises(ValueError, match="spm_model_type"):
@@ -170,3 +171,21 @@ def test_publish_replaces_existing(tmp_path):
     tt._publish(new, root)
     assert sorted(p.name for p in root.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny_sonar"]
+
+
+def test_cli_passes_arguments_and_prints_metrics(trained, monkeypatch, capsys):
+    _, paths = trained
+    calls = []
+
+    def fake(cache_dir, **kw):
+        calls.append((cache_dir, kw))
+        return paths
+
+    monkeypatch.setattr(tt, "ensure_tiny_sonar", fake)
+    assert tt.main(["--cache-dir", str(paths.root), "--force", "--time-budget", "12", "--threads", "1",
+                    "--quiet"]) == 0
+    assert calls == [(str(paths.root), dict(force=True, progress=False, time_budget_s=12.0, num_threads=1))]
+    out = json.loads(capsys.readouterr().out)
+    assert out["root"] == str(paths.root) and "exact_match" in out["metrics"]
+    with pytest.raises(SystemExit):
+        tt.main(["--threads", "0"])

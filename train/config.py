@@ -107,16 +107,17 @@ class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or out of range (the message names the key)."""
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
-
-
 def _section_types(section_cls) -> dict[str, Any]:
+    """Field name -> resolved type of a section dataclass."""
     return typing.get_type_hints(section_cls)
 
 
 def _section_classes() -> dict[str, type]:
-    hints = typing.get_type_hints(RunConfig)
-    return {name: hints[name] for name in _SECTIONS}
+    """Section name -> its dataclass (model -> ModelConfig, ...)."""
+    return _section_types(RunConfig)
+
+
+_SECTIONS = tuple(_section_classes())
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:

@@ -32,6 +32,35 @@ from train.optim import build_optimizer, build_scheduler
 from train.parallel import DTYPES, DistInfo, init_distributed, parallelize, shutdown_distributed
 
 
+class _StopFlag:
+    """Set by SIGUSR1 (e.g. SLURM `--signal=USR1@120` before preemption); checked once per step, agreed on by
+    all ranks through the per-step all-reduce."""
+
+    requested = False
+    _previous = None
+
+    def install(self) -> None:
+        import signal
+        import threading
+
+        self.requested = False
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGUSR1"):
+            self._previous = signal.signal(signal.SIGUSR1, self._handle)
+
+    def uninstall(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGUSR1, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+
+_STOP = _StopFlag()
+
+
 class TrainingAborted(RuntimeError):
     """Training stopped on purpose (e.g. too many non-finite steps in a row); the message says why."""
 
@@ -133,7 +162,7 @@ def run_training(cfg: RunConfig, *, model_factory: ModelFactory | None = None,
                  data_factory: DataFactory | None = None, sample_fn: SampleFn | None = None,
                  stream=None) -> dict[str, Any]:
     """Train as configured; returns the final metrics (step, loss, eval_loss, skipped_steps, steps_per_s,
-    checkpoint). Raises TrainingAborted / ValueError / ... after logging; the process group is destroyed
+    checkpoint, and stopped=True when SIGUSR1 ended the run early after a checkpoint). Raises TrainingAborted / ValueError / ... after logging; the process group is destroyed
     on the way out in every case."""
     validate(cfg, check_paths=data_factory is None)
     if data_factory is None and cfg.train.eval_every and not cfg.data.val_path:
@@ -149,6 +178,7 @@ def run_training(cfg: RunConfig, *, model_factory: ModelFactory | None = None,
                 traceback.print_exc(file=sys.stderr)
         raise
     finally:
+        _STOP.uninstall()
         shutdown_distributed(info)
 
 
@@ -218,6 +248,7 @@ def _train(cfg: RunConfig, info: DistInfo, model_factory: ModelFactory, data_fac
                                     {"loader": train_loader.state_dict()}, keep_last=t_cfg.keep_last)
 
     batches = _BatchStream(train_loader)
+    _STOP.install()
     model.train()
     result: dict[str, Any] = {"step": start_step, "loss": None, "eval_loss": None, "skipped_steps": skipped}
     step_times: list[float] = []
@@ -255,7 +286,8 @@ def _train(cfg: RunConfig, info: DistInfo, model_factory: ModelFactory, data_fac
         f64 = dict(dtype=torch.float64, device=device)
         stats = torch.stack([torch.nan_to_num(loss_sum, nan=0.0, posinf=0.0, neginf=0.0), bad_local.double(),
                              torch.tensor(n_sent, **f64), torch.tensor(n_tok, **f64), torch.tensor(flops, **f64),
-                             norm.detach().to(device).double()])
+                             norm.detach().to(device).double(),
+                             torch.tensor(float(_STOP.requested), **f64)])
         stats = _all_reduce_sum(stats, info).tolist()
         bad = stats[1] > 0
         grad_norm = stats[5] / info.world_size  # identical on every rank: the mean is the value
@@ -306,6 +338,12 @@ def _train(cfg: RunConfig, info: DistInfo, model_factory: ModelFactory, data_fac
             if checkpoint_now(done):
                 last_saved = done
         result.update(step=done, loss=last_loss, skipped_steps=skipped)
+        if stats[6] > 0 and done < t_cfg.steps:  # a rank got SIGUSR1: all ranks save and stop here
+            if checkpoint_now(done):
+                last_saved = done
+            result["stopped"] = True
+            logger.message(f"stop requested (SIGUSR1): checkpoint saved at step {done}, exiting")
+            break
     logger.close()
     result["steps_per_s"] = (len(step_times) / sum(step_times)) if step_times else None
     result["checkpoint"] = (str(ckpt_root / ckpt.step_dir_name(last_saved)) if last_saved is not None else None)

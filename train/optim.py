@@ -32,10 +32,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; apex FusedAdam if `cfg.apex` and importable, else torch AdamW(fused=True) on CUDA if `cfg.fused`."""
+    """AdamW; apex FusedAdam if `cfg.apex`, importable and the parameters are not FSDP-sharded, else torch
+    AdamW(fused=True) on CUDA if `cfg.fused`."""
     groups = param_groups(model, cfg.weight_decay)
     betas = (float(cfg.betas[0]), float(cfg.betas[1]))
-    if cfg.apex and device.type == "cuda":
+    sharded = any(type(p).__name__ == "DTensor" for g in groups for p in g["params"])
+    if cfg.apex and device.type == "cuda" and not sharded:  # apex kernels take plain tensors, not DTensors
         try:
             from apex.optimizers import FusedAdam  # type: ignore[import-not-found]
 

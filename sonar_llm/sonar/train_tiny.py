@@ -71,8 +71,7 @@ class TinySonarConfig:
     spm_vocab_size: int = 2000  # SentencePiece pieces; the model vocabulary adds pad + 205 control tags
     spm_model_type: str = "bpe"
     spm_max_sentences: int = 30_000  # input_sentence_size: sentences the tokenizer trainer sees
-    # model (the ``tiny`` preset's fields)
-    # (small enough to learn within ~3 minutes on 2 CPU cores; the ``tiny`` preset's other fields apply)
+    # model: overrides of the ``tiny`` preset, small enough to learn within ~3 minutes on 2 CPU cores
     model_dim: int = 128
     num_layers: int = 2
     num_heads: int = 4
@@ -472,10 +471,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=None, help="where to put the assets (default $SONAR_LLM_CACHE/tiny_sonar)")
     p.add_argument("--force", action="store_true", help="retrain even if a matching cached copy exists")
     p.add_argument("--time-budget", type=float, default=200.0, help="training time budget in seconds")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
+    if args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
     paths = ensure_tiny_sonar(args.cache_dir, force=args.force, progress=not args.quiet,
-                              time_budget_s=args.time_budget)
+                              time_budget_s=args.time_budget, num_threads=args.threads)
     info = paths.load_info()
     print(json.dumps({"root": str(paths.root), "metrics": {k: v for k, v in info.get("metrics", {}).items()
                                                            if k != "error_examples"}}, indent=1))
