@@ -309,10 +309,11 @@ void backward_weight_kernel(const at::Tensor& h, const at::Tensor& w, const at::
     SingleThreadedBlas one_thread;
     const int tid = at::get_thread_num();
     at::Tensor buf = at::empty({blk.rows, blk.vocab}, h.options());
+    TORCH_CHECK(tid >= 0 && tid < nthreads, "thread id ", tid, " outside [0, ", nthreads, ")");
     at::Tensor dh_local;
-    if (need_h) {
-      dh_local = at::zeros_like(dh);
-      partial[tid] = dh_local;
+    if (need_h) {  // a backend may hand one thread several chunks: keep adding into its partial sum
+      if (!partial[tid].defined()) partial[tid] = at::zeros_like(dh);
+      dh_local = partial[tid];
     }
     for (int64_t vb = v0; vb < v1; ++vb) {
       const int64_t c0 = vb * blk.vocab, bc = std::min(blk.vocab, v - c0);

@@ -4,8 +4,9 @@
 
 1. prepares the data like train/default_pipeline.py: the project's story corpus, the tiny SONAR trained on
    it (cached), every sentence encoded into train / held-out shards;
-2. trains every family (sonar_llm, base_lcm, two_tower, token_llm) at two backbone sizes (presets "tiny"
-   and "small") with the SAME budget: same steps, batch, learning-rate schedule, data order and seed;
+2. trains every family (sonar_llm, base_lcm, two_tower, token_llm) at two backbone sizes (`--sizes`, default
+   "tiny" = d 64 x 2 layers and "tiny-wide" = d 128 x 4 layers; "small" = d 256 x 4 layers when CPU time
+   allows) with the SAME budget: same steps, batch, learning-rate schedule, data order and seed;
 3. evaluates each with sonar_llm.eval.evaluate (the paper's protocol on held-out stories, "start"
    prompts, greedy SONAR decoding) and sonar_llm.eval.nll (token NLL of true next sentences, for the two
    families with a token distribution);
@@ -53,16 +54,17 @@ class ReproConfig:
     work: str = "runs/reproduction"
     sizes: tuple[str, ...] = ("tiny", "tiny-wide")  # names in SIZES
     families: tuple[str, ...] = FAMILIES
-    steps: int = 120
-    max_sentences: int = 64  # per batch (every family: the same documents)
+    steps: int = 60
+    max_sentences: int = 48  # per batch (every family: the same documents)
     max_tokens: int = 8192
     lr: float = 1e-3
     warmup_steps: int = 30
     seed: int = 0
-    n_stories: int = 4000
-    eval_stories: int = 16
+    n_stories: int = 4000  # the corpus (and split) the tiny SONAR is trained on: held-out stays held out
+    train_stories: int = 1000  # training stories encoded into shards (0 = all); enough for the step budget
+    eval_stories: int = 12
     max_story_sentences: int = 24  # the corpus has <= 20 sentences per story; caps run-away generations
-    nll_docs: int = 64
+    nll_docs: int = 48
     tiny_budget_s: float = 200.0
     tiny_config: dict = field(default_factory=dict)  # TinySonarConfig overrides ({} = the default's)
     two_tower_steps: int = 40
@@ -70,7 +72,7 @@ class ReproConfig:
 
     @classmethod
     def quick_config(cls, **kw) -> "ReproConfig":
-        base = dict(steps=20, n_stories=300, eval_stories=6, nll_docs=10, tiny_budget_s=20.0, quick=True,
+        base = dict(steps=20, n_stories=300, train_stories=0, eval_stories=6, nll_docs=10, tiny_budget_s=20.0, quick=True,
                     tiny_config=dict(n_stories=300, model_dim=64, num_layers=1, ffn_dim=128, eval_sentences=50),
                     two_tower_steps=10, work="runs/reproduction_quick", out="runs/reproduction_quick/report")
         return cls(**{**base, **kw})
@@ -91,6 +93,8 @@ def prepare(rc: ReproConfig) -> dict:
     data = Path(rc.work) / "data"
     stories = generate_stories(rc.n_stories, seed=0)
     train_st, valid_st = split_stories(stories, dp.HELD_OUT_FRACTION, seed=0)
+    if rc.train_stories:
+        train_st = train_st[:rc.train_stories]
     write_corpus(data / "corpus" / "train.jsonl", train_st)
     write_corpus(data / "corpus" / "valid.jsonl", valid_st)
     tiny_cfg = TinySonarConfig(**rc.tiny_config)

@@ -1,7 +1,7 @@
 """Two gloo processes under torchrun with FSDP2 on the fake family: same losses as one process fed the same
 global batch; a rank that dies takes the job down (non-zero exit, no hang); resume after the crash follows
 the uninterrupted 2-process run; bf16 mixed precision with a sharded frozen decoder and activation
-checkpointing stays close to fp32."""
+checkpointing stays close to fp32; plain replicated data parallelism (parallel.fsdp = false) matches too."""
 import json
 import os
 import subprocess
@@ -90,25 +90,18 @@ def test_two_ranks_match_one_and_survive_a_dead_rank(tmp_path):
         assert abs(r["loss"] - lb[r["step"]]) <= 1e-6 * abs(lb[r["step"]])
 
 
-def test_bf16_sharded_decoder_and_checkpointing_close_to_fp32(tmp_path):
-    args = BASE + ["--train.steps=3", "--train.precision=bf16", "--parallel.decoder_placement=shard",
-                   "--train.activation_checkpointing=full", f"--train.out_dir={tmp_path / 'bf16'}"]
-    p, _ = torchrun(args)
-    assert final(p)["step"] == 3
-    cfg = load_config(None, BASE + ["--train.steps=3", "--train.grad_accum=2", f"--train.out_dir={tmp_path / 'fp32'}"],
-                      check_paths=False)
+def test_bf16_sharded_decoder_checkpointing_and_replicated_mode(tmp_path):
+    """Two jobs at once: bf16 FSDP2 with the frozen decoder sharded and full activation checkpointing (close
+    to fp32), and parallel.fsdp = false (full replicas, one gradient all-reduce per step: equal to fp32)."""
+    bf16 = start_torchrun(BASE + ["--train.steps=3", "--train.precision=bf16", "--parallel.decoder_placement=shard",
+                                  "--train.activation_checkpointing=full", f"--train.out_dir={tmp_path / 'bf16'}"])
+    ddp = start_torchrun(BASE + ["--parallel.fsdp=false", f"--train.out_dir={tmp_path / 'ddp'}"])
+    cfg = load_config(None, BASE + ["--train.grad_accum=2", f"--train.out_dir={tmp_path / 'fp32'}"], check_paths=False)
     run_training(cfg, model_factory=fake_model_factory, data_factory=fake_data_factory)
-    lb, lf = train_losses(tmp_path / "bf16"), train_losses(tmp_path / "fp32")
+    assert final(wait_torchrun(bf16)[0])["step"] == 3
+    assert final(wait_torchrun(ddp)[0])["step"] == 6
+    lf, lb, ld = (train_losses(tmp_path / d) for d in ("fp32", "bf16", "ddp"))
     for s in (1, 2, 3):  # bf16 has 8 mantissa bits: 3e-2 relative covers a few roundings per layer
         assert abs(lb[s] - lf[s]) <= 3e-2 * abs(lf[s]), (s, lb[s], lf[s])
-
-
-def test_replicated_data_parallel_matches_one_process(tmp_path):
-    """parallel.fsdp = false: full replicas, gradients averaged by one all-reduce per step."""
-    p, _ = torchrun(BASE + ["--parallel.fsdp=false", f"--train.out_dir={tmp_path / 'ddp'}"])
-    assert final(p)["step"] == 6
-    cfg = load_config(None, BASE + [f"--train.out_dir={tmp_path / 'one'}", "--train.grad_accum=2"], check_paths=False)
-    run_training(cfg, model_factory=fake_model_factory, data_factory=fake_data_factory)
-    la, lb = train_losses(tmp_path / "one"), train_losses(tmp_path / "ddp")
     for s in range(1, 7):
-        assert abs(la[s] - lb[s]) <= 1e-5 * abs(la[s]), (s, la[s], lb[s])
+        assert abs(ld[s] - lf[s]) <= 1e-5 * abs(lf[s]), (s, ld[s], lf[s])

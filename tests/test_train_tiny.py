@@ -19,7 +19,7 @@ from sonar_llm.sonar.train_tiny import (
 )
 
 SMALL = dict(n_stories=120, spm_vocab_size=300, model_dim=32, num_layers=1, num_heads=2, ffn_dim=64,
-             max_steps=40, lr=5e-3, warmup_steps=5, max_batch_tokens=1024, eval_sentences=16, noise_std=0.0)
+             max_steps=30, lr=5e-3, warmup_steps=5, max_batch_tokens=1024, eval_sentences=16, noise_std=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def trained(tmp_path_factory):
     cfg = TinySonarConfig(**SMALL)
     torch.manual_seed(1234)
     threads = torch.get_num_threads()
-    paths = ensure_tiny_sonar(root, progress=False, time_budget_s=20, config=cfg, num_threads=1)
+    paths = ensure_tiny_sonar(root, progress=False, time_budget_s=60, config=cfg, num_threads=1)
     # the caller's RNG stream and thread count are left as they were
     after = torch.rand(3)
     torch.manual_seed(1234)
