@@ -2,7 +2,8 @@
 
 `impl="auto"` picks Triton only where it can run natively (CUDA tensors and a Triton GPU driver);
 `impl="triton"` forces Triton (on CPU tensors this needs `TRITON_INTERPRET=1`); `impl="torch"` forces
-PyTorch. The environment variable `SONAR_KERNELS_IMPL` (torch|triton) overrides "auto" globally.
+PyTorch; `impl="native"` asks for the optional compiled CPU library (kernels/native.py decides).
+The environment variable `SONAR_KERNELS_IMPL` (torch|triton) overrides "auto" globally.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import os
 
 import torch
 
-IMPLS = ("auto", "triton", "torch")
+IMPLS = ("auto", "triton", "torch", "native")
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,7 +39,7 @@ def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
         if impl not in IMPLS:
             raise ValueError(f"SONAR_KERNELS_IMPL must be one of {IMPLS}, got {impl!r}")
     on_cuda = all(t.is_cuda for t in tensors if t is not None)
-    if impl == "torch":
+    if impl in ("torch", "native"):  # "native" (the optional CPU library) is resolved by kernels/native.py
         return False
     if impl == "auto":
         return triton_available() and on_cuda and torch.cuda.is_available()

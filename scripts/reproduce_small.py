@@ -98,7 +98,8 @@ def prepare(rc: ReproConfig) -> dict:
     write_corpus(data / "corpus" / "train.jsonl", train_st)
     write_corpus(data / "corpus" / "valid.jsonl", valid_st)
     tiny_cfg = TinySonarConfig(**rc.tiny_config)
-    cache = default_cache_dir() if not rc.tiny_config else default_cache_dir().with_name("tiny_sonar_quick")
+    # a cache of its own: a copy trained here under a short budget must not stand in for the default's
+    cache = default_cache_dir().with_name("tiny_sonar_quick" if rc.quick else "tiny_sonar_reproduction")
     t0 = time.perf_counter()
     tiny = ensure_tiny_sonar(cache, time_budget_s=rc.tiny_budget_s, config=tiny_cfg)
     _say(f"tiny SONAR at {tiny.root} ({time.perf_counter() - t0:.0f}s)")

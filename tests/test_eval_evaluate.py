@@ -286,3 +286,40 @@ def test_bad_inputs_are_named(toy, tmp_path, capsys):
         EV.load_trained(run=str(tmp_path / "no_run_here"))
     with pytest.raises(ValueError, match="--beam-size"):
         EV.EvalConfig(model=str(path), stories=str(toy["stories"]), beam_size=0).validate()
+
+
+def test_run_directory_after_training_and_nll_data(toy, tmp_path):
+    """--run: a real 2-step training run on toy shards is reloaded from its DCP checkpoint; the token NLL
+    over the held-out shards equals the per-batch function summed over the same documents."""
+    from sonar_llm.data.preprocess import SonarCodec, preprocess
+    from sonar_llm.data.shards import ShardedDataset
+    from sonar_llm.eval.nll import batches_from_dataset
+    from sonar_llm.sonar import TextToEmbedding
+
+    tc, _, _ = EV._import_train()
+    from train.loop import run_training
+
+    codec = SonarCodec(TextToEmbedding(toy["enc"], toy["tok"]), toy["tok"])
+    for split in ("train", "valid"):
+        preprocess(toy["stories"], tmp_path / split, codec, shard_size_docs=10, log=None)
+    cfg = tc.RunConfig()
+    cfg.model.family, cfg.model.preset = "token_llm", "tiny"
+    cfg.data.path, cfg.data.val_path, cfg.data.max_sentences = str(tmp_path / "train"), str(tmp_path / "valid"), 16
+    cfg.train.steps, cfg.train.precision, cfg.train.device, cfg.train.log_every = 2, "fp32", "cpu", 1
+    cfg.train.out_dir = str(tmp_path / "run")
+    cfg.sonar.encoder, cfg.sonar.decoder, cfg.sonar.tokenizer = (str(toy["enc_path"]), str(toy["dec_path"]),
+                                                                 str(toy["spm"]))
+    run_training(cfg)
+    out = tmp_path / "res.json"
+    assert EV.main(["--run", cfg.train.out_dir, "--stories", str(toy["stories"]), "--out", str(out),
+                    "--num-stories", "2", "--max-story-sentences", "6", "--max-new-tokens", "20",
+                    "--nll-data", str(tmp_path / "valid")]) == 0
+    res = json.loads(out.read_text())
+    assert res["family"] == "token_llm" and res["step"] == 2
+    loaded = EV.load_trained(run=cfg.train.out_dir)
+    total, count = 0.0, 0
+    for b in batches_from_dataset(ShardedDataset(tmp_path / "valid"), NLLConfig()):
+        s, n = token_llm_token_nll(loaded.model, b, 2)
+        total, count = total + s, count + n
+    assert res["nll"]["num_tokens"] == count
+    assert res["metrics"]["token_nll"] == pytest.approx(total / count, rel=1e-6)

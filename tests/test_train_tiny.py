@@ -1,7 +1,9 @@
 """Tests of the tiny SONAR training command (sonar_llm/sonar/train_tiny.py), with very small dimensions."""
 import json
 import math
+import os
 import random
+import stat
 import time
 
 import pytest
@@ -168,8 +170,15 @@ def test_publish_replaces_existing(tmp_path):
     new = tmp_path / ".tiny_sonar.tmp-1"
     new.mkdir()
     (new / "new.txt").write_text("new")
-    tt._publish(new, root)
+    os.chmod(new / "new.txt", 0o600)
+    os.chmod(new, 0o700)
+    umask = os.umask(0o022)
+    try:
+        tt._publish(new, root)
+    finally:
+        os.umask(umask)
     assert sorted(p.name for p in root.iterdir()) == ["new.txt"]
+    assert stat.S_IMODE(root.stat().st_mode) == 0o755 and stat.S_IMODE((root / "new.txt").stat().st_mode) == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny_sonar"]
 
 

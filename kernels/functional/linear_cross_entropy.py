@@ -141,9 +141,17 @@ def linear_cross_entropy(
     target [N] holds class ids or `ignore_index`, bias [V] is optional. Returns the loss (scalar for
     "mean"/"sum", [N] for "none" with 0 on ignored rows), float32, and with `return_lse=True` also the
     per-token log-sum-exp [N] (float32; not differentiable), from which perplexity or the probability
-    of any class follows without a second pass. `impl` is "auto" | "triton" | "torch" (see backend.py).
+    of any class follows without a second pass. `impl` is "auto" | "triton" | "torch" | "native" (see backend.py;
+    "auto" takes the compiled CPU library for CPU tensors when it is built, see kernels/native.py).
     """
     _validate(hidden, weight, target, bias, ignore_index, reduction, label_smoothing)
+    if hidden.dtype == torch.float64 and impl == "native":
+        raise TypeError("impl='native' does not support float64 inputs; use impl='torch' or 'auto'")
+    from .. import native as _native  # imported here so `python -m sonar_kernels.native` runs cleanly
+
+    if hidden.dtype != torch.float64 and _native.use_native(impl, hidden, weight, target, bias):
+        return _native.linear_cross_entropy_native(hidden, weight, target, bias=bias, ignore_index=ignore_index,
+                                                   reduction=reduction, label_smoothing=label_smoothing, return_lse=return_lse)
     if target.dtype != torch.int64:
         target = target.long()
     if hidden.dtype == torch.float64 and impl == "triton":

@@ -84,9 +84,10 @@ WEATHER = {
     "rainy": "light rain tapped on the windows",
     "cool": "the air was cool and fresh",
 }
+# times of day only: the season and the weather are the story's ``WEATHER`` entry, never contradicted here
 TIMES = (
-    "One morning|One sunny day|One afternoon|On a cold winter day|One spring morning|One warm summer day|"
-    "One autumn evening|Early one morning|One day|Last Saturday|On a bright Sunday|One rainy afternoon"
+    "One morning|One afternoon|One evening|Early one morning|One day|Last Saturday|On a quiet Sunday|"
+    "After breakfast|After lunch|One Monday|Later that week|The next morning"
 ).split("|")
 OPENINGS = ("Once upon a time", "Long ago", "Not long ago", "Once")
 GROWNUPS = [
