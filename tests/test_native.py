@@ -253,3 +253,30 @@ def test_non_contiguous_inputs_and_validation_errors():
         native.backward(hidden, weight, target, None, torch.zeros(20), torch.ones(20), need_bias=True)
     with pytest.raises(RuntimeError, match="block_rows"):
         native.forward(hidden, weight, target, None, block_rows=-1)
+
+
+def test_auto_dispatch_picks_native_on_cpu_only_when_available(monkeypatch):
+    """The public op routes "auto" CPU calls to the native library exactly when it is available and allowed."""
+    import sonar_kernels
+
+    calls = []
+    real = native.linear_cross_entropy_native
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(native, "linear_cross_entropy_native", spy)
+    g = torch.Generator().manual_seed(7)
+    h, w = torch.randn(5, 8, generator=g), torch.randn(11, 8, generator=g)
+    t = torch.randint(0, 11, (5,), generator=g)
+    ref = torch.nn.functional.cross_entropy(h.double() @ w.double().T, t)
+    out = sonar_kernels.linear_cross_entropy(h, w, t, impl="auto")
+    assert float(out) == pytest.approx(float(ref), rel=1e-5)
+    assert len(calls) == (1 if native.native_available() else 0)
+    monkeypatch.setenv("SONAR_NATIVE", "0")
+    sonar_kernels.linear_cross_entropy(h, w, t, impl="auto")
+    sonar_kernels.linear_cross_entropy(h.double(), w.double(), t, impl="auto")  # fp64 never goes native
+    assert len(calls) == (1 if native.native_available() else 0)
+    with pytest.raises(TypeError, match="float64"):
+        sonar_kernels.linear_cross_entropy(h.double(), w.double(), t, impl="native")
