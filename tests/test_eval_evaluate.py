@@ -60,10 +60,10 @@ def _export_untrained(toy, family: str, seed: int = 0):
     cfg.sonar.decoder = str(toy["dec_path"])
     cfg.model.overrides = ({"vocab_size": toy["tok"].vocab_size} if family == "token_llm"
                            else {"sonar_dim": toy["dim"]})
-    if family == "two_tower":
-        cfg.model.overrides["max_seq_len"] = 64
     torch.manual_seed(seed)
     model = tf.build_model(cfg)
+    if family in ("base_lcm", "two_tower"):  # as when training inferred the width from its data
+        del cfg.model.overrides["sonar_dim"]
     if hasattr(model, "normalizer") and family == "base_lcm":  # give the normalizer a non-trivial state
         model.normalizer.center.normal_(0, 0.1)
     path = toy["root"] / f"{family}.safetensors"

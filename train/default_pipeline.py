@@ -122,7 +122,7 @@ def evaluate_and_show(cfg, assets: dict, final: dict) -> dict:
     tok = NllbTokenizer(assets["tokenizer"])
     t2e = TextToEmbedding(load_sonar_encoder(assets["encoder"]).eval(), tok, batch_size=128)
     e2t = EmbeddingToText(load_sonar_decoder(assets["decoder"]).eval(), tok, batch_size=128)
-    decode_fn, encode_fn = sonar_text_functions(t2e, e2t, "eng_Latn", beam_size=1)
+    decode_fn, encode_fn = sonar_text_functions(t2e, e2t, "eng_Latn", beam_size=1, max_gen_len=64)
     eos = encode_fn([END_OF_DOC])[0]
 
     def generate(prompts: list[list[str]]) -> list[list[str]]:

@@ -84,9 +84,12 @@ def build_model(cfg: RunConfig) -> nn.Module:
         from sonar_llm.sonar.registry import resolve_asset
 
         _check_fields(SonarLLMConfig, fam_over, name)
-        mcfg = SonarLLMConfig(backbone=backbone_config(preset, **bb_over), **fam_over)
         decoder = load_sonar_decoder(resolve_asset("decoder", cfg.sonar.decoder or None), dtype=torch.float32)
+        fam_over.setdefault("sonar_dim", decoder.cfg.encoder_dim)  # 1024 for the real SONAR
+        mcfg = SonarLLMConfig(backbone=backbone_config(preset, **bb_over), **fam_over)
         return cls(mcfg, decoder=decoder)
+    if name in ("base_lcm", "two_tower") and cfg.data.path and "sonar_dim" not in fam_over:
+        fam_over["sonar_dim"] = _dataset_embed_dim(cfg)
     if name == "base_lcm":
         from sonar_llm.models.base_lcm import BaseLCMConfig
 
@@ -110,6 +113,13 @@ def build_model(cfg: RunConfig) -> nn.Module:
     if cfg.data.path:
         fit_normalizer_from_data(model, cfg.data.path)
     return model
+
+
+def _dataset_embed_dim(cfg: RunConfig) -> int:
+    """Sentence-embedding width of the training data (1024 for the real SONAR encoder)."""
+    from sonar_llm.data.shards import read_manifest
+
+    return int(read_manifest(cfg.data.path)["embed_dim"])
 
 
 def _dataset_vocab_size(cfg: RunConfig) -> int:

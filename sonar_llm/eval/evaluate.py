@@ -227,6 +227,12 @@ def load_trained(model: str = "", run: str = "", family: str = "auto", decoder: 
         if "embed.weight" not in state:
             raise ValueError(f"{source}: token_llm state has no 'embed.weight'")
         cfg.model.overrides = {**cfg.model.overrides, "vocab_size": int(state["embed.weight"].shape[0])}
+    if name in ("base_lcm", "two_tower") and "sonar_dim" not in cfg.model.overrides:
+        # training inferred the width from its data; the normalizer's center holds it too
+        centers = [v for k, v in state.items() if k.endswith("normalizer.center")]
+        if not centers:
+            raise ValueError(f"{source}: {name} state has no normalizer center to read the SONAR width from")
+        cfg.model.overrides = {**cfg.model.overrides, "sonar_dim": int(centers[0].numel())}
     if name == "sonar_llm":
         cfg.sonar.decoder = str(decoder) if decoder else cfg.sonar.decoder
     net = tf.build_model(cfg)

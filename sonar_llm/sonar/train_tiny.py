@@ -15,7 +15,11 @@ Steps when no cached copy with the same configuration hash exists:
 5. save everything atomically (temporary directory + ``os.replace``) with ``tiny_sonar.json``
    (configuration, its hash, tokenizer facts, metrics, training time).
 
-CLI: ``python -m sonar_llm.sonar.train_tiny [--cache-dir D] [--force] [--time-budget S]``.
+Measured (d=128, 2+2 layers, 1.5M parameters, 2,206 ids): 78K sentences seen (1.5 epochs, 450 s on one
+heavily shared CPU thread, ~170 sentences/s) give 82% exact round trips of held-out sentences (74% of those
+never seen in training) and BLEU 94; after 41K sentences, 61% / BLEU 86.
+
+CLI: ``python -m sonar_llm.sonar.train_tiny [--cache-dir D] [--force] [--time-budget S] [--threads N]``.
 """
 from __future__ import annotations
 
