@@ -8,8 +8,8 @@ library is absent or was built against another torch: `native_available()` is th
 
 `forward` / `backward` have the same signatures and return conventions as
 `sonar_kernels.torch_ops.linear_cross_entropy.forward` / `.backward`, so the autograd Function in
-`functional/linear_cross_entropy.py` can call either module. `linear_cross_entropy_native` is a
-self-contained user-facing function with the semantics of `sonar_kernels.linear_cross_entropy`.
+`functional/linear_cross_entropy.py` runs any of them; `linear_cross_entropy_native` is
+`sonar_kernels.linear_cross_entropy(..., impl="native")`.
 """
 from __future__ import annotations
 
@@ -145,39 +145,6 @@ def backward(
     return (dh if need_hidden else None, dw if need_weight else None, db if need_bias else None)
 
 
-class NativeLinearCrossEntropyFunction(torch.autograd.Function):
-    """autograd.Function over the native ops: (loss, lse) from hidden/weight/bias; lse is not differentiable."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, target, bias, ignore_index, reduction, label_smoothing):
-        rows, lse = forward(hidden, weight, target, bias, ignore_index=ignore_index, label_smoothing=label_smoothing)
-        count = (target != ignore_index).sum().clamp_min(1).to(rows.dtype)
-        loss = rows if reduction == "none" else (rows.sum() if reduction == "sum" else rows.sum() / count)
-        ctx.save_for_backward(hidden, weight, target, bias, lse, count)
-        ctx.ignore_index, ctx.reduction, ctx.label_smoothing = ignore_index, reduction, label_smoothing
-        ctx.mark_non_differentiable(lse)
-        return loss, lse
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
-        hidden, weight, target, bias, lse, count = ctx.saved_tensors
-        need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
-        need_b = need_b and bias is not None
-        if grad_loss is None or not (need_h or need_w or need_b):
-            return (None,) * 7
-        n = hidden.shape[0]
-        g = grad_loss.to(lse.dtype)
-        if ctx.reduction == "none":
-            grad_rows = g
-        else:
-            grad_rows = (g if ctx.reduction == "sum" else g / count).expand(n)
-        d_h, d_w, d_b = backward(
-            hidden, weight, target, bias, lse, grad_rows.contiguous(), ignore_index=ctx.ignore_index,
-            label_smoothing=ctx.label_smoothing, need_hidden=need_h, need_weight=need_w, need_bias=need_b,
-        )
-        return d_h, d_w, None, d_b, None, None, None
-
-
 def linear_cross_entropy_native(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -194,16 +161,10 @@ def linear_cross_entropy_native(
     CPU tensors only; fp16/bf16 inputs compute in float32 (their gradients come back in their dtype),
     float64 in float64. Raises RuntimeError when the library is not built.
     """
-    from .functional.linear_cross_entropy import _validate
+    from .functional.linear_cross_entropy import linear_cross_entropy
 
-    _validate(hidden, weight, target, bias, ignore_index, reduction, label_smoothing)
-    use_native("native", hidden, weight, target, bias)
-    if target.dtype != torch.int64:
-        target = target.long()
-    loss, lse = NativeLinearCrossEntropyFunction.apply(
-        hidden, weight, target, bias, ignore_index, reduction, float(label_smoothing)
-    )
-    return (loss, lse) if return_lse else loss
+    return linear_cross_entropy(hidden, weight, target, bias=bias, ignore_index=ignore_index, reduction=reduction,
+                                label_smoothing=label_smoothing, return_lse=return_lse, impl="native")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -54,15 +54,15 @@ class ReproConfig:
     work: str = "runs/reproduction"
     sizes: tuple[str, ...] = ("tiny", "tiny-wide")  # names in SIZES
     families: tuple[str, ...] = FAMILIES
-    steps: int = 60
-    max_sentences: int = 48  # per batch (every family: the same documents)
+    steps: int = 150
+    max_sentences: int = 64  # per batch (every family: the same documents)
     max_tokens: int = 8192
     lr: float = 1e-3
     warmup_steps: int = 30
     seed: int = 0
     n_stories: int = 4000  # the corpus (and split) the tiny SONAR is trained on: held-out stays held out
     train_stories: int = 1000  # training stories encoded into shards (0 = all); enough for the step budget
-    eval_stories: int = 12
+    eval_stories: int = 16
     max_story_sentences: int = 24  # the corpus has <= 20 sentences per story; caps run-away generations
     nll_docs: int = 48
     tiny_budget_s: float = 200.0
@@ -124,6 +124,12 @@ def run_config(rc: ReproConfig, assets: dict, family: str, size: str, sonar_dim:
     cfg.model.overrides = dict(size_over) if family == "token_llm" else {**size_over, "sonar_dim": sonar_dim}
     if family == "two_tower":
         cfg.model.overrides["max_seq_len"] = 256
+        if "num_layers" in cfg.model.overrides:  # the two towers split the layers 5:13, as train/families.py does
+            from train.families import TWO_TOWER_CONTEXT_SHARE
+
+            n = cfg.model.overrides.pop("num_layers")
+            ctx = max(1, round(n * TWO_TOWER_CONTEXT_SHARE))
+            cfg.model.overrides.update(context_layers=ctx, denoiser_layers=max(1, n - ctx))
     cfg.data.path, cfg.data.val_path = assets["train"], assets["valid"]
     cfg.data.max_sentences, cfg.data.max_tokens, cfg.data.seed = rc.max_sentences, rc.max_tokens, rc.seed
     cfg.optim.lr, cfg.optim.warmup_steps = rc.lr, rc.warmup_steps

@@ -371,7 +371,7 @@ def test_presets_and_overrides():
         1024, 24, 16, 8192, 256206, 514)
     assert (dec.max_seq_len, dec.encoder_dim, dec.pos_start_step, dec.pad_idx, dec.eos_idx) == (512, 1024, 2, 0, 3)
     tiny = decoder_preset("tiny", vocab_size=5000)
-    assert (tiny.model_dim, tiny.num_layers, tiny.num_heads, tiny.ffn_dim, tiny.vocab_size) == (256, 4, 4, 1024, 5000)
+    assert (tiny.model_dim, tiny.num_layers, tiny.num_heads, tiny.ffn_dim, tiny.vocab_size) == (128, 2, 4, 512, 5000)
     assert SonarEncoderConfig.from_preset("toy").head_dim == 8
     with pytest.raises(ValueError, match="unknown"):
         encoder_preset("huge")

@@ -19,10 +19,17 @@ REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _triton_module():
-    from ..triton_kernels import linear_cross_entropy as _triton_lce
+def _backend_module(backend: str):
+    """The module with `forward(...)`/`backward(...)` for a backend: "torch", "triton" or "native"."""
+    if backend == "triton":
+        from ..triton_kernels import linear_cross_entropy as _triton_lce
 
-    return _triton_lce
+        return _triton_lce
+    if backend == "native":
+        from .. import native as _native
+
+        return _native
+    return _torch_lce
 
 
 def _validate(hidden, weight, target, bias, ignore_index, reduction, label_smoothing) -> None:
@@ -80,9 +87,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """autograd.Function: (loss, lse) from hidden/weight/bias; lse is not differentiable."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, bias, ignore_index, reduction, label_smoothing, triton):
-        impl = _triton_module() if triton else _torch_lce
-        rows, lse = impl.forward(hidden, weight, target, bias, ignore_index=ignore_index,
+    def forward(ctx, hidden, weight, target, bias, ignore_index, reduction, label_smoothing, backend):
+        rows, lse = _backend_module(backend).forward(hidden, weight, target, bias, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing)
         valid = target != ignore_index
         count = valid.sum().clamp_min(1).to(rows.dtype)
@@ -96,7 +102,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.ignore_index = ignore_index
         ctx.reduction = reduction
         ctx.label_smoothing = label_smoothing
-        ctx.triton = triton
+        ctx.backend = backend
         ctx.mark_non_differentiable(lse)
         return loss, lse
 
@@ -115,8 +121,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grad_rows = grad_loss.to(acc).expand(n)
         else:
             grad_rows = (grad_loss.to(acc) / count).expand(n)
-        impl = _triton_module() if ctx.triton else _torch_lce
-        d_hidden, d_weight, d_bias = impl.backward(
+        d_hidden, d_weight, d_bias = _backend_module(ctx.backend).backward(
             hidden, weight, target, bias, lse, grad_rows.contiguous(), ignore_index=ctx.ignore_index,
             label_smoothing=ctx.label_smoothing, need_hidden=need_h, need_weight=need_w, need_bias=need_b,
         )
@@ -145,19 +150,19 @@ def linear_cross_entropy(
     "auto" takes the compiled CPU library for CPU tensors when it is built, see kernels/native.py).
     """
     _validate(hidden, weight, target, bias, ignore_index, reduction, label_smoothing)
-    if hidden.dtype == torch.float64 and impl == "native":
-        raise TypeError("impl='native' does not support float64 inputs; use impl='torch' or 'auto'")
     from .. import native as _native  # imported here so `python -m sonar_kernels.native` runs cleanly
 
-    if hidden.dtype != torch.float64 and _native.use_native(impl, hidden, weight, target, bias):
-        return _native.linear_cross_entropy_native(hidden, weight, target, bias=bias, ignore_index=ignore_index,
-                                                   reduction=reduction, label_smoothing=label_smoothing, return_lse=return_lse)
     if target.dtype != torch.int64:
         target = target.long()
     if hidden.dtype == torch.float64 and impl == "triton":
         raise TypeError("impl='triton' does not support float64 inputs; use impl='torch' or 'auto'")
-    triton = use_triton(impl, hidden, weight, target, bias) and hidden.dtype != torch.float64
+    if (impl == "native" or hidden.dtype != torch.float64) and _native.use_native(impl, hidden, weight, target, bias):
+        backend = "native"  # "auto" sends float64 (reference computations) to the PyTorch path
+    elif hidden.dtype != torch.float64 and use_triton(impl, hidden, weight, target, bias):
+        backend = "triton"
+    else:
+        backend = "torch"
     loss, lse = LinearCrossEntropyFunction.apply(
-        hidden, weight, target, bias, ignore_index, reduction, float(label_smoothing), triton
+        hidden, weight, target, bias, ignore_index, reduction, float(label_smoothing), backend
     )
     return (loss, lse) if return_lse else loss

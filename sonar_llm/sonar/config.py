@@ -4,7 +4,7 @@ Presets:
 - ``basic``: the released SONAR text models (24 layers, d=1024, 16 heads, FFN 8192, vocabulary 256,206;
   encoder position table of 514 rows, decoder of 512).
 - ``toy``: a very small model for unit tests.
-- ``tiny``: the embedded default model (d=256, 4 layers, 4 heads, FFN 1024); its vocabulary size comes
+- ``tiny``: the embedded default model (d=128, 2 layers, 4 heads, FFN 512); its vocabulary size comes
   from its own SentencePiece model, so pass ``vocab_size=...``.
 
 Token-id conventions (fairseq2 layout): pad 0, unk 1, bos 2, eos 3. The released checkpoints declare a
@@ -133,7 +133,7 @@ _TOY: dict[str, Any] = dict(
     model_dim=32, num_layers=2, num_heads=4, ffn_dim=64, vocab_size=96, lang_offset=80, dropout_p=0.0,
 )
 _TINY: dict[str, Any] = dict(
-    model_dim=256, num_layers=4, num_heads=4, ffn_dim=1024, vocab_size=8192, lang_offset=8192 - 205,
+    model_dim=128, num_layers=2, num_heads=4, ffn_dim=512, vocab_size=2206, lang_offset=2206 - 205,
 )
 
 SonarEncoderConfig._PRESETS = {
