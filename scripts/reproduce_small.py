@@ -298,6 +298,17 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def write_outputs(rc: ReproConfig, assets: dict, rows: list[dict], out: Path, elapsed: float) -> None:
+    """report.md + loss_vs_params.png + results.json for the rows so far."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = sorted(rows, key=lambda r: (FAMILIES.index(r["family"]), r["params_total"]))
+    plot(rows, out / "loss_vs_params.png")
+    write_report(rc, assets, rows, out, elapsed)
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(rc).items()}
+    (out / "results.json").write_text(json.dumps({"settings": settings, "tiny_sonar": assets["tiny_info"],
+                                                  "elapsed_seconds": elapsed, "rows": rows}, indent=1, default=str))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny budget everywhere, to test the script")
@@ -325,21 +336,14 @@ def main(argv: list[str] | None = None) -> int:
 
     sonar = load_sonar_text(SonarAssets(Path(assets["encoder"]), Path(assets["decoder"]), Path(assets["tokenizer"])))
     sonar_dim = sonar[0].encoder.cfg.model_dim
-    rows = []
+    out = Path(rc.out)
+    rows: list[dict] = []
     for size in rc.sizes:
         for fam in rc.families:
             rows.append(train_and_evaluate(rc, assets, fam, size, sonar, sonar_dim))
-    out = Path(rc.out)
-    out.mkdir(parents=True, exist_ok=True)
+            write_outputs(rc, assets, rows, out, time.perf_counter() - t_start)  # partial results survive
     elapsed = time.perf_counter() - t_start
-    rows.sort(key=lambda r: (FAMILIES.index(r["family"]), r["params_total"]))
-    if not rows:
-        raise SystemExit("nothing was trained")
-    plot(rows, out / "loss_vs_params.png")
-    write_report(rc, assets, rows, out, elapsed)
-    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(rc).items()}
-    (out / "results.json").write_text(json.dumps({"settings": settings, "tiny_sonar": assets["tiny_info"],
-                                                  "elapsed_seconds": elapsed, "rows": rows}, indent=1, default=str))
+    write_outputs(rc, assets, rows, out, elapsed)
     _say(f"wrote {out / 'report.md'}, {out / 'loss_vs_params.png'}, {out / 'results.json'} "
          f"({elapsed / 60:.1f} min)")
     return 0

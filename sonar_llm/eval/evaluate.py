@@ -31,7 +31,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -118,7 +118,7 @@ class EvalConfig:
 def _import_train():
     """The `train` package lives at the repository root (not installed): make it importable."""
     try:
-        import train.config  # noqa: F401
+        import train.config  # noqa: F401  (probe)
     except ModuleNotFoundError:
         root = Path(__file__).resolve().parents[2]
         if not (root / "train" / "config.py").is_file():

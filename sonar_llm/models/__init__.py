@@ -25,7 +25,6 @@ from .generate import (
     sonar_text_functions,
 )
 from .normalizer import SonarNormalizer
-from .presets import PRESETS, backbone_config, count_parameters
 from .sonar_llm import SonarLLM, SonarLLMConfig
 from .token_llm import TokenLLM, TokenLLMConfig
 
@@ -59,3 +58,12 @@ __all__ = [
     "generate_token_llm",
     "sonar_text_functions",
 ]
+
+
+def __getattr__(name):
+    # presets are imported on first use, so that `python -m sonar_llm.models.presets` runs cleanly
+    if name in ("PRESETS", "backbone_config", "count_parameters"):
+        from . import presets
+
+        return getattr(presets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
