@@ -253,6 +253,14 @@ def write_report(rc: ReproConfig, assets: dict, rows: list[dict], out: Path, ela
         "without WordNet synonyms (a lower bound). REP-4: repeated 4-grams in the continuation; OVL-3: share of "
         "its 3-grams copied from the prompt. Round-trip cos: cosine between a generated embedding and the "
         "re-encoding of its decoded text (1.0 = on the decoder's manifold).",
+    ]
+    empty = [r for r in rows if r["metrics"].get("mean_generated_sentences", 1.0) < 0.5]
+    if empty:
+        lines.append("- Empty continuations (" + ", ".join(f"{FAMILY_NAMES[r['family']]} {r['size']}" for r in empty)
+                     + "): with greedy decoding the model's most likely next sentence right after the prompt is "
+                     "the end-of-document sentence, so it stops at once and its text metrics are 0; at this "
+                     "budget its token NLL is the informative number.")
+    lines += [
         "",
         "![loss vs parameters](loss_vs_params.png)",
         "",
@@ -281,10 +289,11 @@ def plot(rows: list[dict], path: Path) -> None:
         if not rs:
             continue
         x = [r["params_total"] for r in rs]
-        axes[0].plot(x, [r["val_loss"] for r in rs], "o-", label=f"{FAMILY_NAMES[fam]} ({LOSS_KIND[fam]})")
+        color = f"C{FAMILIES.index(fam)}"  # one colour per family in both panels
+        axes[0].plot(x, [r["val_loss"] for r in rs], "o-", color=color, label=f"{FAMILY_NAMES[fam]} ({LOSS_KIND[fam]})")
         nll = [r["metrics"].get("token_nll") for r in rs]
         if all(v is not None for v in nll):
-            axes[1].plot(x, nll, "o-", label=FAMILY_NAMES[fam])
+            axes[1].plot(x, nll, "o-", color=color, label=FAMILY_NAMES[fam])
     axes[0].set(xscale="log", yscale="log", xlabel="trainable parameters (incl. IO)",
                 ylabel="final validation loss (own objective)", title="Validation loss vs size (not comparable across families)")
     axes[1].set(xscale="log", xlabel="trainable parameters (incl. IO)", ylabel="token NLL (nats/token)",
@@ -316,7 +325,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--families", default=",".join(FAMILIES))
     p.add_argument("--sizes", default="tiny,tiny-wide", help=f"comma-separated, from {sorted(SIZES)}")
+    p.add_argument("--report-only", action="store_true", help="rewrite report.md and the plot from results.json")
     a = p.parse_args(argv)
+    if a.report_only:
+        out = Path(a.out or ReproConfig().out)
+        if not (out / "results.json").is_file():
+            p.error(f"--report-only: {out / 'results.json'} not found")
+        data = json.loads((out / "results.json").read_text())
+        st = data["settings"]
+        rc = ReproConfig(**{k: (tuple(v) if k in ("sizes", "families") else v) for k, v in st.items()})
+        write_outputs(rc, {"tiny_info": data["tiny_sonar"]}, data["rows"], out, data["elapsed_seconds"])
+        _say(f"rewrote {out / 'report.md'} and {out / 'loss_vs_params.png'}")
+        return 0
     fams = tuple(f for f in a.families.split(",") if f)
     sizes = tuple(x for x in a.sizes.split(",") if x)
     if any(x not in SIZES for x in sizes):
