@@ -98,48 +98,20 @@ def training_config(run_dir: Path, assets: dict, steps: int | None):
     return load_config(str(_ROOT / "configs" / "default.toml"), overrides)
 
 
-def load_trained(cfg):
-    """The trained model, rebuilt from the latest complete checkpoint (works after FSDP training too)."""
-    from train.export import find_checkpoint, load_model_state
-    from train.families import build_model
-
-    model = build_model(cfg)
-    state = load_model_state(find_checkpoint(cfg.train.out_dir))
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
 def evaluate_and_show(cfg, assets: dict, final: dict) -> dict:
-    """Steps 5-6: NLL, the generation protocol, and one continuation printed in full."""
-    from sonar_llm.eval.protocol import ProtocolConfig, metrics_table, run_protocol, write_result
-    from sonar_llm.models.generate import generate_sonar_llm, sonar_text_functions
-    from sonar_llm.sonar import (EmbeddingToText, NllbTokenizer, TextToEmbedding, load_sonar_decoder,
-                                 load_sonar_encoder)
-    from sonar_llm.data.segment import split_sentences
+    """Steps 5-6: the generation protocol (with round trip and token NLL) and one continuation in full."""
+    from sonar_llm.eval.evaluate import EvalConfig, evaluate
 
     t0 = time.perf_counter()
-    model = load_trained(cfg)
-    tok = NllbTokenizer(assets["tokenizer"])
-    t2e = TextToEmbedding(load_sonar_encoder(assets["encoder"]).eval(), tok, batch_size=128)
-    e2t = EmbeddingToText(load_sonar_decoder(assets["decoder"]).eval(), tok, batch_size=128)
-    decode_fn, encode_fn = sonar_text_functions(t2e, e2t, "eng_Latn", beam_size=1, max_gen_len=64)
-    eos = encode_fn([END_OF_DOC])[0]
-
-    def generate(prompts: list[list[str]]) -> list[list[str]]:
-        embs = [encode_fn(p) for p in prompts]
-        outs = generate_sonar_llm(model, embs, decode_fn, encode_fn, max_sentences=16, eos_embedding=eos,
-                                  eos_threshold=0.98, reencode=True)
-        return [list(o.texts) for o in outs]
-
-    stories = [json.loads(line)["text"] for line in Path(assets["corpus_valid"]).read_text().splitlines() if line]
-    story_sents = [split_sentences(s) for s in stories]
-    res = run_protocol(story_sents, generate, ProtocolConfig(prompt_mode="start", num_stories=EVAL_STORIES),
-                       batch_size=EVAL_STORIES)
-    res["train"] = final
-    write_result(res, Path(cfg.train.out_dir) / "eval" / "protocol_start.json")
-    _say(f"[5/6] evaluation on {len(res['items'])} held-out stories ({time.perf_counter() - t0:.0f}s): "
-         f"validation loss {final.get('eval_loss', float('nan')):.3f}")
-    print(metrics_table({"SONAR-LLM (default)": res}), flush=True)
+    ecfg = EvalConfig(run=str(cfg.train.out_dir), stories=assets["corpus_valid"], num_stories=EVAL_STORIES,
+                      max_story_sentences=20, beam_size=1, max_gen_len=64, encoder=assets["encoder"],
+                      decoder=assets["decoder"], tokenizer=assets["tokenizer"], nll_data=assets["valid"],
+                      nll_docs=64, out=str(Path(cfg.train.out_dir) / "eval" / "protocol_start.json"))
+    res = evaluate(ecfg, log=lambda table: print(table, flush=True))
+    m = res["metrics"]
+    _say(f"[5/6] evaluated on {len(res['items'])} held-out stories ({time.perf_counter() - t0:.0f}s): "
+         f"validation loss {final.get('eval_loss', float('nan')):.3f}, token NLL {m.get('token_nll', float('nan')):.3f}, "
+         f"round-trip cosine {m.get('round_trip_cos', float('nan')):.3f}")
     item = res["items"][0]
     print("\n[6/6] a held-out story, continued by the model", flush=True)
     print("  prompt:    " + " ".join(item["prompt"]), flush=True)
