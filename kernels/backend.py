@@ -3,7 +3,7 @@
 `impl="auto"` picks Triton only where it can run natively (CUDA tensors and a Triton GPU driver);
 `impl="triton"` forces Triton (on CPU tensors this needs `TRITON_INTERPRET=1`); `impl="torch"` forces
 PyTorch; `impl="native"` asks for the optional compiled CPU library (kernels/native.py decides).
-The environment variable `SONAR_KERNELS_IMPL` (torch|triton) overrides "auto" globally.
+The environment variable `SONAR_KERNELS_IMPL` (torch|triton|native) overrides "auto" globally.
 """
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         impl = os.environ.get("SONAR_KERNELS_IMPL", "auto") or "auto"
+        if impl == "native":  # resolved by kernels/native.py; Triton is not used then
+            return False
         if impl not in IMPLS:
             raise ValueError(f"SONAR_KERNELS_IMPL must be one of {IMPLS}, got {impl!r}")
     on_cuda = all(t.is_cuda for t in tensors if t is not None)

@@ -255,8 +255,9 @@ def test_non_contiguous_inputs_and_validation_errors():
         native.forward(hidden, weight, target, None, block_rows=-1)
 
 
-def test_auto_dispatch_picks_native_on_cpu_only_when_available(monkeypatch):
-    """The public op routes "auto" CPU calls to the native library exactly when it is available and allowed."""
+def test_auto_dispatch_takes_native_only_when_asked(monkeypatch):
+    """"auto" stays on the PyTorch path (native does not win on a quiet machine, docs/native.md);
+    SONAR_KERNELS_IMPL=native routes "auto" CPU calls to the library when it is available."""
     import sonar_kernels
 
     calls = []
@@ -273,8 +274,9 @@ def test_auto_dispatch_picks_native_on_cpu_only_when_available(monkeypatch):
     ref = torch.nn.functional.cross_entropy(h.double() @ w.double().T, t)
     out = sonar_kernels.linear_cross_entropy(h, w, t, impl="auto")
     assert float(out) == pytest.approx(float(ref), rel=1e-5)
-    assert len(calls) == (1 if native.native_available() else 0)
-    monkeypatch.setenv("SONAR_NATIVE", "0")
-    sonar_kernels.linear_cross_entropy(h, w, t, impl="auto")
-    sonar_kernels.linear_cross_entropy(h.double(), w.double(), t, impl="auto")  # fp64 never goes native
+    assert calls == []
+    monkeypatch.setenv("SONAR_KERNELS_IMPL", "native")
+    out = sonar_kernels.linear_cross_entropy(h, w, t, impl="auto")
+    assert float(out) == pytest.approx(float(ref), rel=1e-5)
+    sonar_kernels.linear_cross_entropy(h.double(), w.double(), t, impl="auto")  # fp64 stays on PyTorch
     assert len(calls) == (1 if native.native_available() else 0)

@@ -147,7 +147,7 @@ def linear_cross_entropy(
     "mean"/"sum", [N] for "none" with 0 on ignored rows), float32, and with `return_lse=True` also the
     per-token log-sum-exp [N] (float32; not differentiable), from which perplexity or the probability
     of any class follows without a second pass. `impl` is "auto" | "triton" | "torch" | "native" (see backend.py;
-    "auto" takes the compiled CPU library for CPU tensors when it is built, see kernels/native.py).
+    "native" is the optional compiled CPU library, see kernels/native.py; "auto" does not pick it).
     """
     _validate(hidden, weight, target, bias, ignore_index, reduction, label_smoothing)
     from .. import native as _native  # imported here so `python -m sonar_kernels.native` runs cleanly
