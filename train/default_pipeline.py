@@ -77,7 +77,6 @@ def prepare(run_dir: Path, tiny_budget_s: float) -> dict:
 
     t0 = time.perf_counter()
     codec = load_sonar_codec(tiny.encoder, tiny.tokenizer, batch_size=256)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     for split in ("train", "valid"):
         preprocess(data / "corpus" / f"{split}.jsonl", data / split, codec, shard_size_docs=1000,
                    dtype="fp16", end_of_doc_text=END_OF_DOC, log=None)
