@@ -79,7 +79,7 @@ def prepare(run_dir: Path, tiny_budget_s: float) -> dict:
     codec = load_sonar_codec(tiny.encoder, tiny.tokenizer, batch_size=256)
     for split in ("train", "valid"):
         preprocess(data / "corpus" / f"{split}.jsonl", data / split, codec, shard_size_docs=1000,
-                   dtype="fp16", end_of_doc_text=END_OF_DOC, log=None)
+                   dtype="fp16", end_of_doc_text=END_OF_DOC, log=None, rank=0, world_size=1)  # rank 0 alone
     _say(f"[3/6] sentences encoded into shards under {data} ({time.perf_counter() - t0:.0f}s)")
     return {"train": str(data / "train"), "valid": str(data / "valid"), "decoder": str(tiny.decoder),
             "encoder": str(tiny.encoder), "tokenizer": str(tiny.tokenizer),
@@ -108,9 +108,13 @@ def evaluate_and_show(cfg, assets: dict, final: dict) -> dict:
                       nll_docs=64, out=str(Path(cfg.train.out_dir) / "eval" / "protocol_start.json"))
     res = evaluate(ecfg, log=lambda table: print(table, flush=True))
     m = res["metrics"]
+
+    def fmt(v) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
     _say(f"[5/6] evaluated on {len(res['items'])} held-out stories ({time.perf_counter() - t0:.0f}s): "
-         f"validation loss {final.get('eval_loss', float('nan')):.3f}, token NLL {m.get('token_nll', float('nan')):.3f}, "
-         f"round-trip cosine {m.get('round_trip_cos', float('nan')):.3f}")
+         f"validation loss {fmt(final.get('eval_loss'))}, token NLL {fmt(m.get('token_nll'))}, "
+         f"round-trip cosine {fmt(m.get('round_trip_cos'))}")
     item = res["items"][0]
     print("\n[6/6] a held-out story, continued by the model", flush=True)
     print("  prompt:    " + " ".join(item["prompt"]), flush=True)
