@@ -84,34 +84,14 @@ def _say(msg: str) -> None:
 
 # ------------------------------------------------------------------------------------------ data
 def prepare(rc: ReproConfig) -> dict:
-    """Corpus, tiny SONAR and shards (the default pipeline's steps 1-3, with this script's sizes)."""
-    from sonar_llm.data.preprocess import load_sonar_codec, preprocess
-    from sonar_llm.data.stories import generate_stories, split_stories, write_corpus
-    from sonar_llm.sonar.train_tiny import TinySonarConfig, default_cache_dir, ensure_tiny_sonar
+    """Corpus, tiny SONAR and shards: the default pipeline's steps 1-3 with this script's sizes."""
+    from sonar_llm.sonar.train_tiny import TinySonarConfig, default_cache_dir
     from train import default_pipeline as dp
 
-    data = Path(rc.work) / "data"
-    stories = generate_stories(rc.n_stories, seed=0)
-    train_st, valid_st = split_stories(stories, dp.HELD_OUT_FRACTION, seed=0)
-    if rc.train_stories:
-        train_st = train_st[:rc.train_stories]
-    write_corpus(data / "corpus" / "train.jsonl", train_st)
-    write_corpus(data / "corpus" / "valid.jsonl", valid_st)
-    tiny_cfg = TinySonarConfig(**rc.tiny_config)
     # a cache of its own: a copy trained here under a short budget must not stand in for the default's
     cache = default_cache_dir().with_name("tiny_sonar_quick" if rc.quick else "tiny_sonar_reproduction")
-    t0 = time.perf_counter()
-    tiny = ensure_tiny_sonar(cache, time_budget_s=rc.tiny_budget_s, config=tiny_cfg)
-    _say(f"tiny SONAR at {tiny.root} ({time.perf_counter() - t0:.0f}s)")
-    t0 = time.perf_counter()
-    codec = load_sonar_codec(tiny.encoder, tiny.tokenizer, batch_size=256)
-    for split in ("train", "valid"):
-        preprocess(data / "corpus" / f"{split}.jsonl", data / split, codec, shard_size_docs=1000, dtype="fp16",
-                   end_of_doc_text=dp.END_OF_DOC, log=None)
-    _say(f"{len(train_st)} training / {len(valid_st)} held-out stories encoded ({time.perf_counter() - t0:.0f}s)")
-    return {"train": str(data / "train"), "valid": str(data / "valid"), "encoder": str(tiny.encoder),
-            "decoder": str(tiny.decoder), "tokenizer": str(tiny.tokenizer),
-            "stories": str(data / "corpus" / "valid.jsonl"), "tiny_info": tiny.load_info()}
+    return dp.prepare(Path(rc.work), rc.tiny_budget_s, n_stories=rc.n_stories, train_stories=rc.train_stories,
+                      tiny_config=TinySonarConfig(**rc.tiny_config), tiny_cache_dir=cache, say=_say)
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -164,7 +144,7 @@ def train_and_evaluate(rc: ReproConfig, assets: dict, family: str, size: str, so
     train_s = time.perf_counter() - t0
     loaded = load_trained(run=cfg.train.out_dir, decoder=assets["decoder"])
     blocks, total = parameter_counts(loaded.model)
-    ecfg = EvalConfig(run=cfg.train.out_dir, stories=assets["stories"], prompt_mode="start",
+    ecfg = EvalConfig(run=cfg.train.out_dir, stories=assets["corpus_valid"], prompt_mode="start",
                       num_stories=rc.eval_stories, max_story_sentences=rc.max_story_sentences,
                       beam_size=1, max_gen_len=48,
                       num_inference_steps=rc.two_tower_steps, max_new_tokens=400, seed=rc.seed,

@@ -55,35 +55,42 @@ def _wait_for(marker: Path, timeout_s: float = 3600.0) -> None:
         time.sleep(1.0)
 
 
-def prepare(run_dir: Path, tiny_budget_s: float) -> dict:
-    """Steps 1-3: corpus, tiny SONAR, shards. Returns the paths the training config needs."""
+def prepare(run_dir: Path, tiny_budget_s: float, *, n_stories: int = N_STORIES, train_stories: int = 0,
+            tiny_config=None, tiny_cache_dir: Path | None = None, say=print) -> dict:
+    """Steps 1-3: corpus, tiny SONAR, shards (run by one process). Returns the paths the training config
+    needs and the tiny SONAR's info. `train_stories` > 0 keeps only that many training stories (the split,
+    and so the held-out stories, stay those of the full corpus); `tiny_config` / `tiny_cache_dir` select
+    another tiny SONAR than the default's (see sonar_llm.sonar.train_tiny)."""
     from sonar_llm.data.preprocess import load_sonar_codec, preprocess
     from sonar_llm.data.stories import generate_stories, split_stories, write_corpus
     from sonar_llm.sonar.train_tiny import ensure_tiny_sonar
 
     data = run_dir / "data"
     t0 = time.perf_counter()
-    stories = generate_stories(N_STORIES, seed=0)
+    stories = generate_stories(n_stories, seed=0)
     train_st, valid_st = split_stories(stories, HELD_OUT_FRACTION, seed=0)
+    if train_stories:
+        train_st = train_st[:train_stories]
     write_corpus(data / "corpus" / "train.jsonl", train_st)
     write_corpus(data / "corpus" / "valid.jsonl", valid_st)
-    _say(f"[1/6] corpus: {len(train_st)} training and {len(valid_st)} held-out stories ({time.perf_counter() - t0:.1f}s)")
+    say(f"corpus: {len(train_st)} training and {len(valid_st)} held-out stories ({time.perf_counter() - t0:.1f}s)")
 
     t0 = time.perf_counter()
-    tiny = ensure_tiny_sonar(time_budget_s=tiny_budget_s)
-    metrics = tiny.load_info().get("metrics", {})
-    _say(f"[2/6] tiny SONAR ready at {tiny.root} ({time.perf_counter() - t0:.0f}s; held-out round trip: exact match "
-         f"{metrics.get('exact_match', float('nan')):.1%}, BLEU {metrics.get('bleu', float('nan')):.1f})")
+    tiny = ensure_tiny_sonar(tiny_cache_dir, time_budget_s=tiny_budget_s, config=tiny_config)
+    tiny_info = tiny.load_info()
+    metrics = tiny_info.get("metrics", {})
+    say(f"tiny SONAR ready at {tiny.root} ({time.perf_counter() - t0:.0f}s; held-out round trip: exact match "
+        f"{metrics.get('exact_match', float('nan')):.1%}, BLEU {metrics.get('bleu', float('nan')):.1f})")
 
     t0 = time.perf_counter()
     codec = load_sonar_codec(tiny.encoder, tiny.tokenizer, batch_size=256)
     for split in ("train", "valid"):
         preprocess(data / "corpus" / f"{split}.jsonl", data / split, codec, shard_size_docs=1000,
-                   dtype="fp16", end_of_doc_text=END_OF_DOC, log=None, rank=0, world_size=1)  # rank 0 alone
-    _say(f"[3/6] sentences encoded into shards under {data} ({time.perf_counter() - t0:.0f}s)")
+                   dtype="fp16", end_of_doc_text=END_OF_DOC, log=None, rank=0, world_size=1)  # one process
+    say(f"sentences encoded into shards under {data} ({time.perf_counter() - t0:.0f}s)")
     return {"train": str(data / "train"), "valid": str(data / "valid"), "decoder": str(tiny.decoder),
             "encoder": str(tiny.encoder), "tokenizer": str(tiny.tokenizer),
-            "corpus_valid": str(data / "corpus" / "valid.jsonl")}
+            "corpus_valid": str(data / "corpus" / "valid.jsonl"), "tiny_info": tiny_info}
 
 
 def training_config(run_dir: Path, assets: dict, steps: int | None):
@@ -133,7 +140,8 @@ def main() -> int:
         marker.unlink(missing_ok=True)
         marker.with_suffix(".failed").unlink(missing_ok=True)
         try:
-            assets = prepare(run_dir, tiny_budget)
+            steps_done = iter(range(1, 4))
+            assets = prepare(run_dir, tiny_budget, say=lambda msg: _say(f"[{next(steps_done)}/6] {msg}"))
         except BaseException as e:
             run_dir.mkdir(parents=True, exist_ok=True)
             marker.with_suffix(".failed").write_text(f"{type(e).__name__}: {e}")
