@@ -2,7 +2,8 @@
 
 `impl="auto"` picks Triton only where it can run natively (CUDA tensors and a Triton GPU driver);
 `impl="triton"` forces Triton (on CPU tensors this needs `TRITON_INTERPRET=1`); `impl="torch"` forces
-PyTorch; `impl="native"` asks for the optional compiled CPU library (kernels/native.py decides).
+PyTorch. The linear cross-entropy also takes `impl="native"` (the optional compiled CPU library,
+kernels/native.py), which it resolves before asking this module.
 The environment variable `SONAR_KERNELS_IMPL` (torch|triton|native) overrides "auto" globally.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 
 import torch
 
-IMPLS = ("auto", "triton", "torch", "native")
+IMPLS = ("auto", "triton", "torch")
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,12 +37,12 @@ def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         impl = os.environ.get("SONAR_KERNELS_IMPL", "auto") or "auto"
-        if impl == "native":  # resolved by kernels/native.py; Triton is not used then
+        if impl == "native":  # the compiled CPU library (kernels/native.py) or else PyTorch: never Triton
             return False
         if impl not in IMPLS:
-            raise ValueError(f"SONAR_KERNELS_IMPL must be one of {IMPLS}, got {impl!r}")
+            raise ValueError(f"SONAR_KERNELS_IMPL must be one of {IMPLS + ('native',)}, got {impl!r}")
     on_cuda = all(t.is_cuda for t in tensors if t is not None)
-    if impl in ("torch", "native"):  # "native" (the optional CPU library) is resolved by kernels/native.py
+    if impl == "torch":
         return False
     if impl == "auto":
         return triton_available() and on_cuda and torch.cuda.is_available()
