@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import report  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+# SONAR_BENCH_RESULTS_DIR redirects the result files (bench/run_gpu.sh's rehearsal writes to a temp dir)
+RESULTS = Path(os.environ.get("SONAR_BENCH_RESULTS_DIR") or Path(__file__).parent / "results")
 
 
 def _disabled(config) -> bool:

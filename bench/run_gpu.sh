@@ -9,37 +9,91 @@
 # Writes bench/results/<date>_<gpu>_<commit>.json / .md / .png (through bench/conftest.py and
 # bench/report.py), a <date>_gpu_run.log with nvidia-smi and the pytest output, and prints the issue's
 # targets against the measured figures (bench/common.py targets). Usage: bash bench/run_gpu.sh [pytest args]
+#
+# It needs no installation of this project, so it runs on a bare GPU machine that has only torch, triton,
+# pytest and pytest-benchmark: the checkout's kernels/ is put on PYTHONPATH as `sonar_kernels` (ahead of
+# any installed copy, so this checkout is what gets measured). Wheels in .whl/ (for example Liger-Kernel
+# and Cut Cross-Entropy, fetched by scripts/fetch_gpu_wheels.sh on a machine with a package registry) are
+# unpacked to a temporary directory and put on PYTHONPATH too.
+#
+# Environment: PYTHON (default python3), SONAR_BENCH_BUDGET_S, SONAR_BENCH_RESULTS_DIR (default
+# bench/results). SONAR_BENCH_REHEARSE=1 rehearses the script on a CPU machine: quick shapes, Triton
+# kernels in the interpreter, a 300 s budget unless SONAR_BENCH_BUDGET_S says otherwise (what
+# tests/test_run_gpu_script.py runs, so the script itself is tested where no GPU is).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+repo="$PWD"
+py="${PYTHON:-python3}"
+rehearse="${SONAR_BENCH_REHEARSE:-0}"
+[[ "$rehearse" == "1" ]] && budget="${SONAR_BENCH_BUDGET_S:-300}" || budget="${SONAR_BENCH_BUDGET_S:-470}"
 
-budget="${SONAR_BENCH_BUDGET_S:-470}"
-if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "run_gpu.sh: no CUDA device; on the CPU run: python -m pytest bench/" >&2
+if ! command -v "$py" >/dev/null 2>&1; then
+    echo "run_gpu.sh: no '$py' on PATH (set PYTHON)" >&2
     exit 2
 fi
-mkdir -p bench/results
-stamp="$(date -u +%Y%m%d-%H%M%S)"
-log="bench/results/${stamp}_gpu_run.log"
-{ echo "# bench/run_gpu.sh ${stamp} UTC"; nvidia-smi || true; } >"$log" 2>&1
+if [[ "$rehearse" == "1" ]]; then
+    export SONAR_BENCH_SCALE=quick TRITON_INTERPRET=1
+elif ! "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "run_gpu.sh: no CUDA device; on the CPU run: python -m pytest bench/ " \
+         "(or SONAR_BENCH_REHEARSE=1 bash bench/run_gpu.sh to rehearse this script)" >&2
+    exit 2
+fi
 
-# paper shapes: no quick mode, no forced scale, real (not interpreted) Triton kernels
-unset SONAR_BENCH_QUICK SONAR_BENCH_SCALE TRITON_INTERPRET SONAR_KERNELS_IMPL
+# this checkout's kernels as `sonar_kernels`, and any carried wheels, without installing anything
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+ln -s "$repo/kernels" "$tmp/sonar_kernels"
+pypath="$tmp:$repo"
+shopt -s nullglob
+wheels=("$repo"/.whl/*.whl)
+if (( ${#wheels[@]} )); then
+    if "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$tmp/site" \
+            "${wheels[@]}"; then
+        pypath="$pypath:$tmp/site"
+    else
+        echo "run_gpu.sh: could not unpack the wheels in .whl/; going on without them" >&2
+    fi
+fi
+export PYTHONPATH="$pypath${PYTHONPATH:+:$PYTHONPATH}"
+if ! where="$("$py" -c "import os, sonar_kernels; print(os.path.realpath(os.path.dirname(sonar_kernels.__file__)))")" \
+        || [[ "$where" != "$(realpath "$repo/kernels")" ]]; then
+    echo "run_gpu.sh: sonar_kernels does not resolve to $repo/kernels (got: ${where:-an import error})" >&2
+    exit 2
+fi
+
+results="${SONAR_BENCH_RESULTS_DIR:-$repo/bench/results}"
+mkdir -p "$results"
+export SONAR_BENCH_RESULTS_DIR="$results"
+stamp="$(date -u +%Y%m%d-%H%M%S)"
+log="$results/${stamp}_gpu_run.log"
+{
+    echo "# bench/run_gpu.sh ${stamp} UTC (rehearsal: ${rehearse})"
+    nvidia-smi || true
+    "$py" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__,
+'| triton', triton.__version__)" || true
+    "$py" -m pip list 2>/dev/null | grep -iE "^(liger|cut.cross|flash.attn|pytest.benchmark) " || true
+} >"$log" 2>&1
+
+# paper shapes (unless rehearsing): no quick mode, real (not interpreted) Triton kernels
+unset SONAR_BENCH_QUICK SONAR_KERNELS_IMPL
+[[ "$rehearse" == "1" ]] || unset SONAR_BENCH_SCALE TRITON_INTERPRET
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 extra=()
-if python -c "import pytest_timeout" 2>/dev/null; then
+if "$py" -c "import pytest_timeout" 2>/dev/null; then
     extra+=(--timeout=300)  # one hung benchmark must not eat the whole budget
 fi
 
 start=$(date +%s)
+touch "$tmp/started"  # result files newer than this are this run's (the log itself keeps growing)
 timeout --signal=INT --kill-after=30 "$budget" \
-    python -m pytest bench -q -p no:cacheprovider ${extra[@]+"${extra[@]}"} "$@" 2>&1 | tee -a "$log"
+    "$py" -m pytest bench -q -p no:cacheprovider ${extra[@]+"${extra[@]}"} "$@" 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
 echo "run_gpu.sh: pytest exit status ${status} after $(( $(date +%s) - start )) s" | tee -a "$log"
 
-result="$(find bench/results -maxdepth 1 -name '*.json' -newer "$log" | sort | tail -n 1)"
+result="$(find "$results" -maxdepth 1 -name '*.json' -newer "$tmp/started" | sort | tail -n 1)"
 if [[ -n "$result" ]]; then
     echo "results: ${result%.json}.{json,md,png}" | tee -a "$log"
-    python bench/common.py targets "$result" 2>&1 | tee -a "$log"
+    "$py" bench/common.py targets "$result" 2>&1 | tee -a "$log"
 else
     echo "run_gpu.sh: no result file was written (see $log)" | tee -a "$log"
 fi

@@ -1,0 +1,78 @@
+"""bench/run_gpu.sh, rehearsed on the CPU: the one script that a lent GPU runs must work the first time.
+
+The GPU machine is bare (no install of this project, `python3` only, no package registry), so the script
+makes this checkout's kernels importable as `sonar_kernels` by itself, writes the result files, the log
+and the targets table. SONAR_BENCH_REHEARSE=1 runs exactly that path at quick shapes with Triton in the
+interpreter; these tests run it on a small selection of benchmarks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "run_gpu.sh"
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="needs bash and coreutils' timeout")
+
+
+def _run(tmp_path: Path, *args: str, rehearse: bool = True, extra_env: dict | None = None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SONAR_BENCH_", "PYTEST_"))}
+    env.update({"PYTHON": sys.executable, "SONAR_BENCH_RESULTS_DIR": str(tmp_path / "results"),
+                "SONAR_BENCH_BUDGET_S": "240"})
+    if rehearse:
+        env["SONAR_BENCH_REHEARSE"] = "1"
+    env.update(extra_env or {})
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_without_cuda_the_script_refuses_and_says_how_to_rehearse(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the script would really run")
+    res = _run(tmp_path, rehearse=False)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "no CUDA device" in res.stderr and "SONAR_BENCH_REHEARSE=1" in res.stderr
+    assert not (tmp_path / "results").exists(), "nothing may be written when the script refuses"
+
+
+def test_missing_python_is_named(tmp_path):
+    res = _run(tmp_path, extra_env={"PYTHON": "no-such-python-3.99"})
+    assert res.returncode == 2
+    assert "no 'no-such-python-3.99' on PATH" in res.stderr
+
+
+def test_rehearsal_writes_results_log_and_targets_from_this_checkout(tmp_path):
+    # a stale, broken `sonar_kernels` earlier on PYTHONPATH must not be what gets measured
+    stale = tmp_path / "stale" / "sonar_kernels"
+    stale.mkdir(parents=True)
+    (stale / "__init__.py").write_text("raise ImportError('stale copy imported')\n")
+    res = _run(tmp_path, "-k", "sonar_encoder or (linear_cross_entropy and (ours or reference))",
+               extra_env={"PYTHONPATH": str(stale.parent)})
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    results = tmp_path / "results"
+    jsons = sorted(results.glob("*.json"))
+    assert len(jsons) == 1, f"expected one result file, got {jsons}"
+    for suffix in (".md", ".png"):
+        assert jsons[0].with_suffix(suffix).is_file(), f"missing {suffix} beside {jsons[0].name}"
+    logs = list(results.glob("*_gpu_run.log"))
+    assert len(logs) == 1 and "pytest exit status 0" in logs[0].read_text()
+    data = json.loads(jsons[0].read_text())
+    assert data["machine_info_sonar"]["commit"] not in (None, "")
+    by_name = {b["name"]: b for b in data["benchmarks"]}
+    assert set(by_name) == {"test_bench_sonar_encoder[ours]", "test_bench_sonar_encoder[reference]",
+                            "test_bench_linear_cross_entropy[ours]", "test_bench_linear_cross_entropy[reference]"}
+    enc = by_name["test_bench_sonar_encoder[ours]"]["extra_info"]
+    assert enc["scale"] == "quick" and enc["sentences_per_s"] > 0
+    assert "Targets of the benchmark issue" in res.stdout
+    assert f"results: {jsons[0].with_suffix('')}" in res.stdout
