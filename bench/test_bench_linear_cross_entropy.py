@@ -1,7 +1,10 @@
 """Benchmark: fused linear cross-entropy (forward + backward through hidden, frozen weight).
 
 Compares, side by side in one pytest-benchmark group:
-  ours       sonar_kernels.linear_cross_entropy (impl="auto": Triton on CUDA, chunked PyTorch on the CPU)
+  ours       sonar_kernels.linear_cross_entropy (impl="auto": Triton on CUDA, chunked PyTorch on the CPU),
+             with its default backward (the "dlogits" strategy on Triton: chunked dlogits + cuBLAS)
+  ours-atomic-bwd  the same Triton forward with the "atomic" backward strategy (CUDA only)
+  torch-chunked    impl="torch": the chunked plain-PyTorch path (CUDA only; on the CPU it is "ours")
   reference  full logits (hidden @ W^T, upcast to fp32) + F.cross_entropy, what the public code does
   liger      Liger-Kernel's fused linear cross-entropy (CUDA only; skipped when not importable)
   cce        Cut Cross-Entropy (CUDA only; skipped when not importable)
@@ -18,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common import peak_flops, record_throughput
 from sonar_kernels.functional.linear_cross_entropy import linear_cross_entropy
 
 GROUP = "linear_cross_entropy fwd+bwd"
@@ -61,15 +65,37 @@ def _cce():
     return lambda h, w, t: cce_lce(h, w, t, ignore_index=-100, filter_eps=None)
 
 
-ROLES = {"ours": lambda: _ours, "reference": lambda: _reference, "liger": _liger, "cce": _cce}
+def _torch_chunked():
+    return lambda h, w, t: linear_cross_entropy(h, w, t, ignore_index=-100, impl="torch")
+
+
+ROLES = {"ours": lambda: _ours, "ours-atomic-bwd": lambda: _ours, "torch-chunked": _torch_chunked,
+         "reference": lambda: _reference, "liger": _liger, "cce": _cce}
+def _backward_name(role: str, device: torch.device) -> str | None:
+    """Which backward the role runs (for the report)."""
+    if role == "ours-atomic-bwd":
+        return "triton atomic"
+    if role == "ours" and device.type == "cuda":
+        from sonar_kernels.triton_kernels.linear_cross_entropy import BACKWARD_STRATEGY
+
+        return f"triton {BACKWARD_STRATEGY}"
+    return "torch chunked" if role in ("ours", "torch-chunked") else None
+
+
+CUDA_ONLY = {"ours-atomic-bwd": "the Triton path is timed on CUDA only",
+             "torch-chunked": "on the CPU the chunked PyTorch path is what 'ours' runs",
+             "liger": "liger runs its Triton kernels on CUDA only (the CPU interpreter is too slow to time)",
+             "cce": "cce runs its Triton kernels on CUDA only (the CPU interpreter is too slow to time)"}
 
 
 @pytest.mark.benchmark(group=GROUP)
 @pytest.mark.parametrize("role", list(ROLES))
-def test_bench_linear_cross_entropy(benchmark, bench_quick, bench_device, role):
+def test_bench_linear_cross_entropy(benchmark, bench_quick, bench_device, role, monkeypatch):
     device = bench_device
-    if role in ("liger", "cce") and device.type != "cuda":
-        pytest.skip(f"{role} runs its Triton kernels on CUDA only (the CPU interpreter is too slow to time)")
+    if role in CUDA_ONLY and device.type != "cuda":
+        pytest.skip(CUDA_ONLY[role])
+    if role == "ours-atomic-bwd":
+        monkeypatch.setenv("SONAR_KERNELS_LCE_BACKWARD", "atomic")
     fn = ROLES[role]()
     n, v, d = _shape(bench_quick, device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -102,5 +128,9 @@ def test_bench_linear_cross_entropy(benchmark, bench_quick, bench_device, role):
     benchmark.extra_info.update({
         "role": role, "N": n, "V": v, "D": d, "dtype": str(dtype).replace("torch.", ""),
         "peak_mem_bytes": peak, "full_logits_fp32_bytes": n * v * 4,
+        "backward": _backward_name(role, device),
     })
     benchmark(step)
+    # useful work: the logits GEMM and the d_hidden GEMM, 2*N*V*D each (the fused paths also recompute the
+    # logits in the backward: a third GEMM they pay for never holding [N, V], not counted here)
+    record_throughput(benchmark, flops=4.0 * n * v * d, peak=peak_flops(device), tokens=n)

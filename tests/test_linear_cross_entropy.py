@@ -317,3 +317,95 @@ def test_triton_native_fp16_dot_path():
         assert got.dtype == torch.float16
         # dlogits are rounded to fp16 before the products: a few fp16 ulps of error
         _close(got, want, atol=3e-3 * want.abs().max().item(), rtol=3e-3, what=name)
+
+
+def _triton_lce_or_skip():
+    if not (torch.cuda.is_available() or interpret_mode()):
+        pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
+    from sonar_kernels.triton_kernels import linear_cross_entropy as triton_lce
+
+    return triton_lce
+
+
+@pytest.mark.parametrize("strategy,chunk_rows", [("atomic", None), ("dlogits", None), ("dlogits", 16)])
+@pytest.mark.parametrize("half", [False, True])
+def test_triton_backward_strategies_match_float64(strategy, chunk_rows, half):
+    """Both backward strategies (and the dlogits one over several chunks, the last one short) against float64
+    autograd, with smoothing, a bias, weight/bias gradients and a whole token block of ignored rows (the
+    dlogits kernel must still write that tile's zeros into its uninitialised buffer)."""
+    triton_lce = _triton_lce_or_skip()
+    dtype = torch.float16 if half else torch.float32
+    n, d, v = 72, 40, 260
+    hidden, weight, target, bias = _inputs(150, n=n, d=d, v=v, dtype=dtype, bias=True, ignore_frac=0.2)
+    target[:32] = -100  # the first BLOCK_N=32 tile (interpreter config) is all ignored
+    go = torch.randn(n, generator=torch.Generator().manual_seed(4))
+    ref = _reference(hidden, weight, target, bias, reduction="none", label_smoothing=0.05, grad_weight=True,
+                     grad_bias=True, grad_out=go)
+    _, lse = triton_lce.forward(hidden, weight, target, bias, label_smoothing=0.05, native_half_dot=half)
+    dh, dw, db = triton_lce.backward(hidden, weight, target, bias, lse, go, label_smoothing=0.05,
+                                     need_weight=True, need_bias=True, native_half_dot=half,
+                                     strategy=strategy, chunk_rows=chunk_rows)
+    # fp32: fp32 arithmetic throughout; fp16: dlogits rounded to fp16 before the products (a few ulps)
+    tol = 3e-3 if half else 1e-5
+    for got, want, name in ((dh, ref[2], "grad hidden"), (dw, ref[3], "grad weight"), (db, ref[4], "grad bias")):
+        assert got.dtype == dtype, name
+        _close(got, want, atol=tol * want.abs().max().item(), rtol=tol, what=f"{strategy} {name}")
+    assert dh[:32].abs().max().item() == 0.0, "ignored rows must get exactly zero gradient"
+
+
+def test_triton_backward_frozen_weight_and_strategy_errors(monkeypatch):
+    triton_lce = _triton_lce_or_skip()
+    hidden, weight, target, _ = _inputs(151, n=20, d=16, v=100)
+    _, lse = triton_lce.forward(hidden, weight, target)
+    go = torch.full((20,), 0.05)
+    before = dict(triton_lce.LAUNCH_COUNTS)
+    dh, dw, db = triton_lce.backward(hidden, weight, target, None, lse, go, strategy="dlogits")
+    assert dw is None and db is None and dh.shape == hidden.shape
+    assert triton_lce.LAUNCH_COUNTS["backward_dweight"] == before["backward_dweight"]
+    with pytest.raises(ValueError, match="strategy .* must be one of"):
+        triton_lce.backward(hidden, weight, target, None, lse, go, strategy="scatter")
+    monkeypatch.setenv("SONAR_KERNELS_LCE_BACKWARD", "nope")
+    with pytest.raises(ValueError, match="SONAR_KERNELS_LCE_BACKWARD"):
+        triton_lce.backward(hidden, weight, target, None, lse, go)
+    monkeypatch.setenv("SONAR_KERNELS_LCE_BACKWARD", "atomic")
+    dh_atomic, _, _ = triton_lce.backward(hidden, weight, target, None, lse, go)
+    _close(dh_atomic, dh, atol=1e-6, what="atomic (from the environment) vs dlogits")
+    with pytest.raises(ValueError, match="chunk_rows"):
+        triton_lce.backward(hidden, weight, target, None, lse, go, chunk_rows=0)
+
+
+def test_dlogits_chunk_rows_bounds_the_buffer():
+    from sonar_kernels.triton_kernels import linear_cross_entropy as triton_lce
+
+    v = 256_206
+    for budget in (1 << 30, 300 << 20, 1 << 20):
+        rows = triton_lce.dlogits_chunk_rows(v, 2, budget)
+        assert rows % 128 == 0 and rows >= 128
+        if rows > 128:  # the floor of 128 rows may exceed a tiny budget; otherwise the buffer fits it
+            assert rows * v * 2 <= budget < (rows + 128) * v * 2
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        triton_lce.dlogits_chunk_rows(v, 2, 0)
+
+
+def test_dlogits_kernel_writes_every_element():
+    """The dlogits kernel on a NaN-poisoned buffer: every element written, equal to the closed form
+    softmax - (1 - eps) onehot - eps / V on live rows and exactly 0 on rows with g = 0."""
+    triton_lce = _triton_lce_or_skip()
+    n, d, v, eps = 70, 24, 300, 0.1
+    hidden, weight, target, bias = _inputs(152, n=n, d=d, v=v, bias=True, ignore_frac=0.0)
+    g = torch.rand(n, generator=torch.Generator().manual_seed(5)) + 0.5
+    g[:32] = 0.0  # one whole token tile dead
+    g[40] = 0.0
+    z = hidden.double() @ weight.double().t() + bias.double()
+    lse = torch.logsumexp(z, -1)
+    want = torch.softmax(z, -1) - eps / v
+    want[torch.arange(n), target] -= 1.0 - eps
+    want[g == 0] = 0.0
+    out = torch.full((n, v + 5), float("nan"))[:, :v]  # a row stride wider than V
+    upcast, precision = triton_lce._dot_settings(torch.float32)
+    triton_lce.write_dlogits(out, hidden, weight, target, bias, lse.float(), g, eps, upcast, precision)
+    assert not torch.isnan(out).any(), "some dlogits elements were never written"
+    _close(out, want, atol=1e-6, what="dlogits")
+    assert out[g == 0].abs().max().item() == 0.0
+    with pytest.raises(ValueError, match="out must be"):
+        triton_lce.write_dlogits(out.t(), hidden, weight, target, bias, lse.float(), g, eps, upcast, precision)

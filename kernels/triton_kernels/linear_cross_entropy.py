@@ -6,12 +6,21 @@ an online log-sum-exp, the target logit and (for label smoothing) the sum of log
 per-token partials are written ([splits, N] each); a tiny torch reduction merges the splits. No [N, V]
 tensor is ever formed.
 
-Backward: one program per (token block, vocab block) tile recomputes the logit tile, forms
-dlogits = g * (softmax - (1 - eps) onehot - eps / V) in registers and adds dlogits @ W into an fp32
-d_hidden with atomic adds (BLOCK_D columns at a time; the row scale g is applied after the dot so that
-fp16 dlogits cannot underflow); dlogits^T @ hidden into d_weight and the column
-sums into d_bias only when asked (constexpr flags: a frozen weight compiles and runs no weight-gradient
-code, and `LAUNCH_COUNTS["backward_dweight"]` stays 0).
+Backward, two strategies (`backward(..., strategy=...)`, default `BACKWARD_STRATEGY`):
+* "dlogits" (default): tokens go in chunks of at most `DLOGITS_CHUNK_BYTES` of dlogits. For each chunk,
+  `_lce_dlogits_kernel` recomputes the logit tiles (one program per token block x vocab block) and writes
+  the unscaled dlogits = softmax - (1 - eps) onehot - eps / V in the input dtype to a [chunk, V] buffer;
+  cuBLAS then forms d_hidden = (dlogits @ W) * g (fp32 output) and, only when asked, d_weight += (g *
+  dlogits)^T @ h and d_bias. No atomics; the buffer bounds memory at the chunk size, never [N, V].
+* "atomic": one program per (token block, vocab block) tile recomputes the logit tile, forms dlogits in
+  registers and adds dlogits @ W into an fp32 d_hidden with atomic adds (BLOCK_D columns at a time), and
+  dlogits^T @ hidden into d_weight / column sums into d_bias only when asked (constexpr flags).
+Why "dlogits" is the default (by counting bytes; not yet measured on a GPU): at the SONAR shape
+(N=16k tokens, V=256k, D=1024) the atomic strategy adds N x D x V / BLOCK_V fp32 atomic updates (about 67 GB
+at BLOCK_V=256) to a 64 MB d_hidden that does not stay in a 60 MB L2, while the dlogits strategy writes
+and reads N x V bf16 once (about 17 GB) and leaves the d_hidden GEMM to cuBLAS. `bench/` times both.
+In both, the row scale g (about 1/N) is applied after the dot so fp16 dlogits cannot underflow, and a
+frozen weight runs no weight-gradient work (`LAUNCH_COUNTS["backward_dweight"]` stays 0).
 
 Precision: accumulation is always fp32. Under the Triton interpreter (and for fp32 inputs) tiles are
 converted to fp32 as they are loaded, because bf16 arithmetic is wrong in the interpreter. On a GPU,
@@ -22,6 +31,7 @@ and 3xTF32 (about fp32 accuracy) otherwise.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -55,6 +65,12 @@ else:
         triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=4, num_stages=2),
     ]
     _SPLIT_ALIGN = 256
+# the dlogits kernel: a logit tile and one store, no D loop after it
+_DLOGITS_CONFIGS = _FWD_CONFIGS
+
+BACKWARD_STRATEGIES = ("dlogits", "atomic")
+BACKWARD_STRATEGY = "dlogits"
+DLOGITS_CHUNK_BYTES = 1 << 30  # the [chunk, V] dlogits buffer of the "dlogits" backward
 
 
 @triton.jit
@@ -182,6 +198,42 @@ def _lce_bwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, 
                               mask=v_mask[:, None] & d_mask[None, :], sem="relaxed")
 
 
+@triton.autotune(configs=_DLOGITS_CONFIGS, key=["N_BUCKET", "V", "D"])
+@triton.jit
+def _lce_dlogits_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, out_ptr,
+                        N, V, D, N_BUCKET, target_weight, uniform_weight,
+                        stride_hn, stride_hd, stride_wv, stride_wd, stride_on,
+                        HAS_BIAS: tl.constexpr, SMOOTH: tl.constexpr, UPCAST: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[n, v] = softmax(z_n)_v - target_weight [v == t_n] - uniform_weight, 0 on rows with g == 0."""
+    pid = tl.program_id(0)
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    pid_n = pid % num_n_blocks  # token blocks fastest: programs running together share a W tile in L2
+    pid_v = pid // num_n_blocks
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    n_mask = offs_n < N
+    v_mask = offs_v < V
+    out_offs = offs_n[:, None] * stride_on + offs_v[None, :]
+    out_mask = n_mask[:, None] & v_mask[None, :]
+    g = tl.load(g_ptr + offs_n, mask=n_mask, other=0.0)  # 0 on ignored rows (set by the launcher)
+    if tl.max(tl.abs(g), axis=0) != 0.0:
+        z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_mask, v_mask, D, stride_hn, stride_hd,
+                        stride_wv, stride_wd, HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+        lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
+        tgt = tl.load(t_ptr + offs_n, mask=n_mask, other=-1)
+        p = tl.exp(z - lse[:, None])
+        if SMOOTH:
+            p = p - uniform_weight
+        p = tl.where(offs_v[None, :] == tgt[:, None], p - target_weight, p)
+        p = tl.where(g[:, None] != 0.0, p, 0.0)
+        tl.store(out_ptr + out_offs, p.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:  # the buffer is uninitialised: a tile of ignored rows still writes its zeros
+        tl.store(out_ptr + out_offs, tl.zeros((BLOCK_N, BLOCK_V), dtype=out_ptr.dtype.element_ty),
+                 mask=out_mask)
+
+
 def _dot_settings(dtype: torch.dtype, native_half_dot: bool | None = None) -> tuple[bool, str]:
     """(UPCAST, DOT_PRECISION) for an input dtype; see the module docstring.
 
@@ -260,14 +312,42 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bi
     return loss, lse
 
 
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result (half inputs: fp32 straight out of the GEMM where torch supports it)."""
+    if a.dtype in (torch.float16, torch.bfloat16):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):  # older torch, or no such kernel here
+            pass
+    return torch.mm(a, b).float()
+
+
+def dlogits_chunk_rows(v: int, elem_bytes: int, chunk_bytes: int | None = None) -> int:
+    """Tokens per chunk of the "dlogits" backward: the [rows, V] buffer within `chunk_bytes` (default
+    DLOGITS_CHUNK_BYTES), rounded down to a multiple of 128 tokens, at least 128."""
+    budget = DLOGITS_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    if budget <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {budget}")
+    return max(128, budget // (v * elem_bytes) // 128 * 128)
+
+
 def backward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
              lse: torch.Tensor, grad_rows: torch.Tensor, *, ignore_index: int = -100,
              label_smoothing: float = 0.0, need_hidden: bool = True, need_weight: bool = False,
-             need_bias: bool = False, native_half_dot: bool | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+             need_bias: bool = False, native_half_dot: bool | None = None, strategy: str | None = None,
+             chunk_rows: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(d_hidden, d_weight, d_bias) of sum_i grad_rows[i] * loss_i, each None unless requested.
 
-    Gradients come back in the dtype of the tensor they belong to (accumulated in fp32).
+    Gradients come back in the dtype of the tensor they belong to (accumulated in fp32). `strategy` is
+    "dlogits" or "atomic" (see the module docstring; default BACKWARD_STRATEGY, or the environment
+    variable SONAR_KERNELS_LCE_BACKWARD); `chunk_rows` overrides the "dlogits" chunk.
     """
+    strategy = strategy or os.environ.get("SONAR_KERNELS_LCE_BACKWARD") or BACKWARD_STRATEGY
+    if strategy not in BACKWARD_STRATEGIES:
+        raise ValueError(f"strategy (or SONAR_KERNELS_LCE_BACKWARD) must be one of {BACKWARD_STRATEGIES}, "
+                         f"got {strategy!r}")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     n, d = hidden.shape
     v = weight.shape[0]
     if not (need_hidden or need_weight or need_bias) or n == 0:
@@ -279,17 +359,14 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, b
     valid = target != ignore_index
     g = torch.where(valid, grad_rows.float(), torch.zeros((), dtype=torch.float32, device=hidden.device))
     g = g.contiguous()
-    dh = torch.zeros(n, d, dtype=torch.float32, device=hidden.device) if need_hidden else None
-    dw = torch.zeros(v, d, dtype=torch.float32, device=hidden.device) if need_weight else None
-    db = torch.zeros(v, dtype=torch.float32, device=hidden.device) if need_bias else None
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)  # noqa: E731
-    _lce_bwd_kernel[grid](
-        hidden, weight, bias, target.contiguous(), lse.float().contiguous(), g, dh, dw, db,
-        n, v, d, _n_bucket(n), 1.0 - label_smoothing, label_smoothing / v,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        HAS_BIAS=bias is not None, SMOOTH=label_smoothing != 0.0, UPCAST=upcast, DOT_PRECISION=precision,
-        COMPUTE_DH=need_hidden, COMPUTE_DW=need_weight, COMPUTE_DB=need_bias,
-    )
+    target = target.contiguous()
+    lse = lse.float().contiguous()
+    if strategy == "atomic":
+        dh, dw, db = _backward_atomic(hidden, weight, target, bias, lse, g, label_smoothing, upcast, precision,
+                                      need_hidden, need_weight, need_bias)
+    else:
+        dh, dw, db = _backward_dlogits(hidden, weight, target, bias, lse, g, label_smoothing, upcast, precision,
+                                       need_hidden, need_weight, need_bias, chunk_rows)
     LAUNCH_COUNTS["backward"] += 1
     if need_weight:
         LAUNCH_COUNTS["backward_dweight"] += 1
@@ -298,3 +375,73 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, b
         dw.to(weight.dtype) if need_weight else None,
         db.to(bias.dtype) if need_bias else None,
     )
+
+
+def _backward_atomic(hidden, weight, target, bias, lse, g, label_smoothing, upcast, precision,
+                     need_hidden, need_weight, need_bias):
+    """fp32 (dh, dw, db) from one launch of `_lce_bwd_kernel` (atomic adds)."""
+    n, d = hidden.shape
+    v = weight.shape[0]
+    dh = torch.zeros(n, d, dtype=torch.float32, device=hidden.device) if need_hidden else None
+    dw = torch.zeros(v, d, dtype=torch.float32, device=hidden.device) if need_weight else None
+    db = torch.zeros(v, dtype=torch.float32, device=hidden.device) if need_bias else None
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)  # noqa: E731
+    _lce_bwd_kernel[grid](
+        hidden, weight, bias, target, lse, g, dh, dw, db,
+        n, v, d, _n_bucket(n), 1.0 - label_smoothing, label_smoothing / v,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        HAS_BIAS=bias is not None, SMOOTH=label_smoothing != 0.0, UPCAST=upcast, DOT_PRECISION=precision,
+        COMPUTE_DH=need_hidden, COMPUTE_DW=need_weight, COMPUTE_DB=need_bias,
+    )
+    return dh, dw, db
+
+
+def write_dlogits(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                  bias: torch.Tensor | None, lse: torch.Tensor, g: torch.Tensor, label_smoothing: float,
+                  upcast: bool, precision: str) -> None:
+    """Fill out [N, V] (row stride free, unit column stride) with the unscaled dlogits of every token:
+    softmax - (1 - eps) onehot - eps / V, and zeros on rows whose g is 0. Every element is written."""
+    m, d = hidden.shape
+    v = weight.shape[0]
+    if out.shape != (m, v) or out.stride(1) != 1:
+        raise ValueError(f"out must be [{m}, {v}] with unit column stride, got {tuple(out.shape)} "
+                         f"strides {out.stride()}")
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)  # noqa: E731
+    _lce_dlogits_kernel[grid](
+        hidden, weight, bias, target, lse, g, out,
+        m, v, d, _n_bucket(m), 1.0 - label_smoothing, label_smoothing / v,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
+        HAS_BIAS=bias is not None, SMOOTH=label_smoothing != 0.0, UPCAST=upcast, DOT_PRECISION=precision,
+    )
+
+
+def _backward_dlogits(hidden, weight, target, bias, lse, g, label_smoothing, upcast, precision,
+                      need_hidden, need_weight, need_bias, chunk_rows):
+    """fp32 (dh, dw, db): per token chunk, `_lce_dlogits_kernel` writes the unscaled dlogits, GEMMs do the rest."""
+    n, d = hidden.shape
+    v = weight.shape[0]
+    # the buffer feeds the GEMMs: the input dtype on GPUs (tensor cores), fp32 where tiles are upcast
+    buf_dtype = torch.float32 if upcast else hidden.dtype
+    w = weight if weight.dtype == buf_dtype else weight.to(buf_dtype)
+    rows = min(n, chunk_rows or dlogits_chunk_rows(v, torch.finfo(buf_dtype).bits // 8))
+    buf = torch.empty(rows, v, dtype=buf_dtype, device=hidden.device)
+    dh = torch.empty(n, d, dtype=torch.float32, device=hidden.device) if need_hidden else None
+    dw = torch.zeros(v, d, dtype=torch.float32, device=hidden.device) if need_weight else None
+    db = torch.zeros(v, dtype=torch.float32, device=hidden.device) if need_bias else None
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        m = stop - start
+        h = hidden[start:stop]
+        dl = buf[:m]
+        write_dlogits(dl, h, weight, target[start:stop], bias, lse[start:stop], g[start:stop], label_smoothing,
+                      upcast, precision)
+        g_chunk = g[start:stop, None]
+        if need_hidden:
+            dh[start:stop] = _mm_f32(dl, w).mul_(g_chunk)
+        if need_weight or need_bias:
+            scaled = dl.float().mul_(g_chunk)
+            if need_weight:
+                dw += _mm_f32(scaled.to(buf_dtype).t(), h if h.dtype == buf_dtype else h.to(buf_dtype))
+            if need_bias:
+                db += scaled.sum(dim=0)
+    return dh, dw, db
