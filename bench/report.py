@@ -21,10 +21,15 @@ from pathlib import Path
 
 
 def git_commit(repo: Path | None = None) -> str:
+    """Short commit of the checkout, "-dirty" when tracked files changed (untracked ones, such as new result
+    files, do not count). SONAR_BENCH_COMMIT overrides it, for copies of a tree that travel without .git."""
+    forced = os.environ.get("SONAR_BENCH_COMMIT", "").strip()
+    if forced:
+        return forced
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo or Path(__file__).parent,
                              capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo or Path(__file__).parent,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo or Path(__file__).parent,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except Exception:

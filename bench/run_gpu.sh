@@ -61,13 +61,16 @@ if ! where="$("$py" -c "import os, sonar_kernels; print(os.path.realpath(os.path
     exit 2
 fi
 
+# the commit goes into the result names; a tree copied without .git needs SONAR_BENCH_COMMIT from outside
+export SONAR_BENCH_COMMIT="${SONAR_BENCH_COMMIT:-$("$py" -c "import sys; sys.path.insert(0, 'bench'); import report; print(report.git_commit())")}"
+
 results="${SONAR_BENCH_RESULTS_DIR:-$repo/bench/results}"
 mkdir -p "$results"
 export SONAR_BENCH_RESULTS_DIR="$results"
 stamp="$(date -u +%Y%m%d-%H%M%S)"
 log="$results/${stamp}_gpu_run.log"
 {
-    echo "# bench/run_gpu.sh ${stamp} UTC (rehearsal: ${rehearse})"
+    echo "# bench/run_gpu.sh ${stamp} UTC (rehearsal: ${rehearse}, commit ${SONAR_BENCH_COMMIT})"
     nvidia-smi || true
     "$py" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__,
 '| triton', triton.__version__)" || true
@@ -83,10 +86,16 @@ if "$py" -c "import pytest_timeout" 2>/dev/null; then
     extra+=(--timeout=300)  # one hung benchmark must not eat the whole budget
 fi
 
+# the files in the order of what matters most, so a budget stop cuts the least important: the training
+# step (3x and MFU targets), the fused cross-entropy, generation (10x / 5x), the encoder, the decoder ops
+files=(bench/test_bench_training.py bench/test_bench_linear_cross_entropy.py bench/test_bench_generation.py
+       bench/test_bench_encoder.py bench/test_bench_decoder_ops.py bench/test_bench_native.py)
+for f in bench/test_bench_*.py; do [[ " ${files[*]} " == *" $f "* ]] || files+=("$f"); done
+
 start=$(date +%s)
 touch "$tmp/started"  # result files newer than this are this run's (the log itself keeps growing)
 timeout --signal=INT --kill-after=30 "$budget" \
-    "$py" -m pytest bench -q -p no:cacheprovider ${extra[@]+"${extra[@]}"} "$@" 2>&1 | tee -a "$log"
+    "$py" -m pytest "${files[@]}" -q -p no:cacheprovider ${extra[@]+"${extra[@]}"} "$@" 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
 echo "run_gpu.sh: pytest exit status ${status} after $(( $(date +%s) - start )) s" | tee -a "$log"
 

@@ -57,7 +57,7 @@ def test_rehearsal_writes_results_log_and_targets_from_this_checkout(tmp_path):
     stale.mkdir(parents=True)
     (stale / "__init__.py").write_text("raise ImportError('stale copy imported')\n")
     res = _run(tmp_path, "-k", "sonar_encoder or (linear_cross_entropy and (ours or reference))",
-               extra_env={"PYTHONPATH": str(stale.parent)})
+               extra_env={"PYTHONPATH": str(stale.parent), "SONAR_BENCH_COMMIT": "0123abcd-test"})
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
     results = tmp_path / "results"
@@ -68,7 +68,8 @@ def test_rehearsal_writes_results_log_and_targets_from_this_checkout(tmp_path):
     logs = list(results.glob("*_gpu_run.log"))
     assert len(logs) == 1 and "pytest exit status 0" in logs[0].read_text()
     data = json.loads(jsons[0].read_text())
-    assert data["machine_info_sonar"]["commit"] not in (None, "")
+    assert data["machine_info_sonar"]["commit"] == "0123abcd-test"  # SONAR_BENCH_COMMIT, given below
+    assert "0123abcd-test" in jsons[0].name
     by_name = {b["name"]: b for b in data["benchmarks"]}
     assert set(by_name) == {"test_bench_sonar_encoder[ours]", "test_bench_sonar_encoder[reference]",
                             "test_bench_linear_cross_entropy[ours]", "test_bench_linear_cross_entropy[reference]"}
@@ -76,3 +77,26 @@ def test_rehearsal_writes_results_log_and_targets_from_this_checkout(tmp_path):
     assert enc["scale"] == "quick" and enc["sentences_per_s"] > 0
     assert "Targets of the benchmark issue" in res.stdout
     assert f"results: {jsons[0].with_suffix('')}" in res.stdout
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_result_commit_ignores_untracked_files_and_honours_the_override(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import report
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    monkeypatch.delenv("SONAR_BENCH_COMMIT", raising=False)
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(git + ["init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "a.txt").write_text("a\n")
+    subprocess.run(git + ["-C", str(tmp_path), "add", "a.txt"], check=True)
+    subprocess.run(git + ["-C", str(tmp_path), "commit", "-qm", "a"], check=True)
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "--short=12", "HEAD"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    (tmp_path / "new_result.json").write_text("{}")  # untracked, like a fresh result file
+    assert report.git_commit(tmp_path) == head
+    (tmp_path / "a.txt").write_text("changed\n")
+    assert report.git_commit(tmp_path) == head + "-dirty"
+    monkeypatch.setenv("SONAR_BENCH_COMMIT", "given")
+    assert report.git_commit(tmp_path) == "given"
