@@ -26,6 +26,8 @@ from sonar_kernels.functional.cross_attention_constants import (
 from sonar_kernels.functional.varlen_attention import varlen_causal_attention
 from sonar_kernels.nn.decoder_ops import AddLayerNorm, CrossAttentionConstants
 
+from _devices import triton_device
+
 needs_triton = pytest.mark.skipif(
     not (triton_available() and (torch.cuda.is_available() or interpret_mode())),
     reason="Triton needs a GPU or TRITON_INTERPRET=1",
@@ -136,16 +138,20 @@ def _aln_reference(x, r, w, b, eps):
 def _check_add_layer_norm(impl, dtype, shape, atol, use_residual=True, affine=True, seed=0, eps=1e-5):
     g = torch.Generator().manual_seed(seed)
     n = shape[-1]
-    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype).requires_grad_()
-    r = torch.randn(shape, generator=g).to(dtype).requires_grad_() if use_residual else None
-    w = (1 + 0.5 * torch.randn(n, generator=g)).to(dtype).requires_grad_() if affine else None
-    b = (0.5 * torch.randn(n, generator=g)).to(dtype).requires_grad_() if affine else None
+    dev = triton_device() if impl == "triton" else torch.device("cpu")  # the GPU when Triton runs natively
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dev, dtype).requires_grad_()
+    r = torch.randn(shape, generator=g).to(dev, dtype).requires_grad_() if use_residual else None
+    w = (1 + 0.5 * torch.randn(n, generator=g)).to(dev, dtype).requires_grad_() if affine else None
+    b = (0.5 * torch.randn(n, generator=g)).to(dev, dtype).requires_grad_() if affine else None
     y, s = add_layer_norm(x, r, w, b, eps, impl=impl)
     assert y.dtype == dtype and s.dtype == dtype and y.shape == x.shape and s.shape == x.shape
-    gy = torch.randn(shape, generator=g).to(dtype)
-    gs = torch.randn(shape, generator=g).to(dtype)
+    gy = torch.randn(shape, generator=g).to(dev, dtype)
+    gs = torch.randn(shape, generator=g).to(dev, dtype)
     inputs = [t for t in (x, r, w, b) if t is not None]
     grads = torch.autograd.grad((y.double() * gy.double()).sum() + (s.double() * gs.double()).sum(), inputs)
+    y, s, gy, gs = y.cpu(), s.cpu(), gy.cpu(), gs.cpu()
+    grads = [t.cpu() for t in grads]
+    inputs = [t.detach().cpu() for t in inputs]
 
     ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
     it = iter(ref_inputs)
@@ -214,10 +220,11 @@ def test_add_layer_norm_triton_matches_torch_many_rows():
     w, b = torch.randn(32, generator=g), torch.randn(32, generator=g)
     outs = {}
     for impl in ("torch", "triton"):
-        ts = [t.clone().requires_grad_() for t in (x, r, w, b)]
+        dev = triton_device() if impl == "triton" else torch.device("cpu")
+        ts = [t.to(dev).requires_grad_() for t in (x, r, w, b)]
         y, s = add_layer_norm(*ts, impl=impl)
         (y.sin().sum() + s.cos().sum()).backward()
-        outs[impl] = [y, s] + [t.grad for t in ts]
+        outs[impl] = [t.detach().cpu() for t in [y, s] + [t.grad for t in ts]]
     for a, c in zip(outs["torch"], outs["triton"]):
         torch.testing.assert_close(a, c, atol=5e-5, rtol=5e-5)
 
@@ -226,12 +233,14 @@ def test_add_layer_norm_triton_matches_torch_many_rows():
 def test_add_layer_norm_only_normed_used_and_frozen_affine(impl):
     """Unused `summed` output and weight/bias without grad: dx = LN'(dy), no weight grads produced."""
     g = torch.Generator().manual_seed(24)
-    x = torch.randn(10, 20, generator=g, requires_grad=True)
-    r = torch.randn(10, 20, generator=g, requires_grad=True)
-    w, b = torch.randn(20, generator=g), torch.randn(20, generator=g)
+    dev = triton_device() if impl == "triton" else torch.device("cpu")
+    x = torch.randn(10, 20, generator=g).to(dev).requires_grad_()
+    r = torch.randn(10, 20, generator=g).to(dev).requires_grad_()
+    w, b = torch.randn(20, generator=g).to(dev), torch.randn(20, generator=g).to(dev)
     y, _ = add_layer_norm(x, r, w, b, impl=impl)
-    gy = torch.randn(10, 20, generator=g)
-    gx, gr = torch.autograd.grad((y * gy).sum(), (x, r))
+    gy = torch.randn(10, 20, generator=g).to(dev)
+    gx, gr = (t.cpu() for t in torch.autograd.grad((y * gy).sum(), (x, r)))
+    x, r, w, b, gy = (t.detach().cpu() for t in (x, r, w, b, gy))
     xs = (x.detach() + r.detach()).double().requires_grad_()
     (ref,) = torch.autograd.grad((F.layer_norm(xs, (20,), w.double(), b.double()) * gy.double()).sum(), xs)
     torch.testing.assert_close(gx.double(), ref, atol=2e-5, rtol=2e-5)

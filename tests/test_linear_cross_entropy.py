@@ -2,7 +2,8 @@
 
 Reference: float64 full logits + F.cross_entropy (and float64 autograd for gradients) on fresh random
 inputs. The Triton path runs in the CPU interpreter (TRITON_INTERPRET=1 from the root conftest), so its
-shapes stay tiny (N <= 64, V <= 600, D <= 64).
+shapes stay tiny (N <= 64, V <= 600, D <= 64); on a GPU machine the same tests run the kernels on the GPU
+(inputs moved by `tests/_devices.for_triton`, results compared on the CPU).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from sonar_kernels.functional.linear_cross_entropy import linear_cross_entropy
 from sonar_kernels.nn.linear_cross_entropy import LinearCrossEntropy, LinearCrossEntropyConfig
 from sonar_kernels.torch_ops import linear_cross_entropy as torch_lce
 from sonar_kernels.backend import interpret_mode
+
+from _devices import for_triton
 
 IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     not (torch.cuda.is_available() or interpret_mode()), reason="triton needs CUDA or TRITON_INTERPRET=1"))]
@@ -48,13 +51,16 @@ def _reference(hidden, weight, target, bias, *, ignore_index=-100, reduction="me
 
 
 def _run(impl, hidden, weight, target, bias, *, grad_weight=False, grad_bias=False, grad_out=None, **kw):
+    if impl == "triton":
+        hidden, weight, target, bias, grad_out = for_triton(hidden, weight, target, bias, grad_out)
     h = hidden.detach().clone().requires_grad_()
     w = weight.detach().clone().requires_grad_(grad_weight)
     b = bias.detach().clone().requires_grad_(grad_bias) if bias is not None else None
     loss, lse = linear_cross_entropy(h, w, target, bias=b, return_lse=True, impl=impl, **kw)
     go = grad_out if grad_out is not None else torch.ones_like(loss)
     loss.backward(go.to(loss.dtype))
-    return loss.detach(), lse, h.grad, w.grad, (b.grad if b is not None else None)
+    out = (loss.detach(), lse, h.grad, w.grad, (b.grad if b is not None else None))
+    return tuple(t if t is None else t.cpu() for t in out)
 
 
 def _close(got, want, atol, rtol=0.0, what=""):
@@ -180,8 +186,9 @@ def test_frozen_weight_launches_no_weight_gradient(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_return_lse_values(impl):
     hidden, weight, target, bias = _inputs(60, n=20, d=24, v=170, bias=True)
-    loss, lse = linear_cross_entropy(hidden, weight, target, bias=bias, return_lse=True, impl=impl,
-                                     reduction="none")
+    args = for_triton(hidden, weight, target, bias) if impl == "triton" else (hidden, weight, target, bias)
+    loss, lse = linear_cross_entropy(*args[:3], bias=args[3], return_lse=True, impl=impl, reduction="none")
+    loss, lse = loss.cpu(), lse.cpu()
     want = torch.logsumexp(hidden.double() @ weight.double().t() + bias.double(), dim=-1)
     assert lse.shape == (20,) and lse.dtype == torch.float32 and not lse.requires_grad
     _close(lse, want, atol=1e-5, rtol=1e-6, what="lse")
@@ -201,9 +208,10 @@ def test_triton_vocab_splits_agree():
     hidden_t = hidden.t().contiguous().t()
     assert not hidden_t.is_contiguous()
     ref = _reference(hidden, weight, target, None, reduction="none", label_smoothing=0.1)[0]
+    hidden_t, weight, target = for_triton(hidden_t, weight, target)
     for splits in (1, 2, 4):
         loss, _ = triton_lce.forward(hidden_t, weight, target, None, label_smoothing=0.1, num_splits=splits)
-        _close(loss, ref, atol=2e-5, rtol=1e-5, what=f"{splits} splits")
+        _close(loss.cpu(), ref, atol=2e-5, rtol=1e-5, what=f"{splits} splits")
 
 
 def test_torch_chunking_matches_unchunked():
@@ -281,12 +289,14 @@ def test_error_messages():
 @pytest.mark.parametrize("impl", IMPLS)
 def test_weight_grad_without_hidden_grad(impl):
     hidden, weight, target, bias = _inputs(110, n=20, d=32, v=140, bias=True)
+    ref = _reference(hidden, weight, target, bias, reduction="sum", grad_weight=True)
+    if impl == "triton":
+        hidden, weight, target, bias = for_triton(hidden, weight, target, bias)
     w = weight.clone().requires_grad_()
     loss = linear_cross_entropy(hidden, w, target, bias=bias, impl=impl, reduction="sum")
     loss.backward()
-    ref = _reference(hidden, weight, target, bias, reduction="sum", grad_weight=True)
     assert not hidden.requires_grad
-    _close(w.grad, ref[3], atol=2e-5, rtol=1e-4, what="grad weight")
+    _close(w.grad.cpu(), ref[3], atol=2e-5, rtol=1e-4, what="grad weight")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -294,6 +304,8 @@ def test_empty_batch(impl):
     hidden, weight, target, _ = _inputs(120, n=0, d=16, v=40)
     loss, lse, gh, _, _ = _run(impl, hidden, weight, target, None)
     assert loss.item() == 0.0 and lse.shape == (0,) and gh.shape == (0, 16)
+    if impl == "triton":
+        hidden, weight, target = for_triton(hidden, weight, target)
     none = linear_cross_entropy(hidden, weight, target, reduction="none", impl=impl)
     assert none.shape == (0,)
 
@@ -309,11 +321,13 @@ def test_triton_native_fp16_dot_path():
     go = torch.randn(40, generator=torch.Generator().manual_seed(3))
     ref = _reference(hidden, weight, target, bias, reduction="none", label_smoothing=0.1, grad_weight=True,
                      grad_bias=True, grad_out=go)
+    hidden, weight, target, bias, go = for_triton(hidden, weight, target, bias, go)
     loss, lse = triton_lce.forward(hidden, weight, target, bias, label_smoothing=0.1, native_half_dot=True)
-    _close(loss, ref[0], atol=1e-4, rtol=1e-5, what="loss")
+    _close(loss.cpu(), ref[0], atol=1e-4, rtol=1e-5, what="loss")
     dh, dw, db = triton_lce.backward(hidden, weight, target, bias, lse, go, label_smoothing=0.1,
                                      need_weight=True, need_bias=True, native_half_dot=True)
     for got, want, name in ((dh, ref[2], "grad hidden"), (dw, ref[3], "grad weight"), (db, ref[4], "grad bias")):
+        got = got.cpu()
         assert got.dtype == torch.float16
         # dlogits are rounded to fp16 before the products: a few fp16 ulps of error
         _close(got, want, atol=3e-3 * want.abs().max().item(), rtol=3e-3, what=name)
@@ -341,10 +355,11 @@ def test_triton_backward_strategies_match_float64(strategy, chunk_rows, half):
     go = torch.randn(n, generator=torch.Generator().manual_seed(4))
     ref = _reference(hidden, weight, target, bias, reduction="none", label_smoothing=0.05, grad_weight=True,
                      grad_bias=True, grad_out=go)
+    hidden, weight, target, bias, go = for_triton(hidden, weight, target, bias, go)
     _, lse = triton_lce.forward(hidden, weight, target, bias, label_smoothing=0.05, native_half_dot=half)
-    dh, dw, db = triton_lce.backward(hidden, weight, target, bias, lse, go, label_smoothing=0.05,
-                                     need_weight=True, need_bias=True, native_half_dot=half,
-                                     strategy=strategy, chunk_rows=chunk_rows)
+    dh, dw, db = (t.cpu() for t in triton_lce.backward(hidden, weight, target, bias, lse, go, label_smoothing=0.05,
+                                                       need_weight=True, need_bias=True, native_half_dot=half,
+                                                       strategy=strategy, chunk_rows=chunk_rows))
     # fp32: fp32 arithmetic throughout; fp16: dlogits rounded to fp16 before the products (a few ulps)
     tol = 3e-3 if half else 1e-5
     for got, want, name in ((dh, ref[2], "grad hidden"), (dw, ref[3], "grad weight"), (db, ref[4], "grad bias")):
@@ -356,8 +371,9 @@ def test_triton_backward_strategies_match_float64(strategy, chunk_rows, half):
 def test_triton_backward_frozen_weight_and_strategy_errors(monkeypatch):
     triton_lce = _triton_lce_or_skip()
     hidden, weight, target, _ = _inputs(151, n=20, d=16, v=100)
-    _, lse = triton_lce.forward(hidden, weight, target)
     go = torch.full((20,), 0.05)
+    hidden, weight, target, go = for_triton(hidden, weight, target, go)
+    _, lse = triton_lce.forward(hidden, weight, target)
     before = dict(triton_lce.LAUNCH_COUNTS)
     dh, dw, db = triton_lce.backward(hidden, weight, target, None, lse, go, strategy="dlogits")
     assert dw is None and db is None and dh.shape == hidden.shape
@@ -369,7 +385,7 @@ def test_triton_backward_frozen_weight_and_strategy_errors(monkeypatch):
         triton_lce.backward(hidden, weight, target, None, lse, go)
     monkeypatch.setenv("SONAR_KERNELS_LCE_BACKWARD", "atomic")
     dh_atomic, _, _ = triton_lce.backward(hidden, weight, target, None, lse, go)
-    _close(dh_atomic, dh, atol=1e-6, what="atomic (from the environment) vs dlogits")
+    _close(dh_atomic.cpu(), dh.cpu(), atol=1e-6, what="atomic (from the environment) vs dlogits")
     with pytest.raises(ValueError, match="chunk_rows"):
         triton_lce.backward(hidden, weight, target, None, lse, go, chunk_rows=0)
 
@@ -401,11 +417,13 @@ def test_dlogits_kernel_writes_every_element():
     want = torch.softmax(z, -1) - eps / v
     want[torch.arange(n), target] -= 1.0 - eps
     want[g == 0] = 0.0
-    out = torch.full((n, v + 5), float("nan"))[:, :v]  # a row stride wider than V
+    out = for_triton(torch.full((n, v + 5), float("nan")))[:, :v]  # a row stride wider than V
     upcast, precision = triton_lce._dot_settings(torch.float32)
-    triton_lce.write_dlogits(out, hidden, weight, target, bias, lse.float(), g, eps, upcast, precision)
+    hidden, weight, target, bias, lse, g = for_triton(hidden, weight, target, bias, lse.float(), g)
+    triton_lce.write_dlogits(out, hidden, weight, target, bias, lse, g, eps, upcast, precision)
     assert not torch.isnan(out).any(), "some dlogits elements were never written"
-    _close(out, want, atol=1e-6, what="dlogits")
+    out, g = out.cpu(), g.cpu()
+    _close(out, want, atol=1e-5, what="dlogits")  # fp32 logits (3xTF32 on a GPU), values in [-1, 1]
     assert out[g == 0].abs().max().item() == 0.0
     with pytest.raises(ValueError, match="out must be"):
-        triton_lce.write_dlogits(out.t(), hidden, weight, target, bias, lse.float(), g, eps, upcast, precision)
+        triton_lce.write_dlogits(out.t(), hidden, weight, target, bias, lse, g, eps, upcast, precision)

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from sonar_kernels.backend import interpret_mode, triton_available
+
+from _devices import triton_device
 from sonar_llm.sonar.config import decoder_preset
 from sonar_llm.sonar.decoder import SonarTextDecoder
 from sonar_llm.sonar.packed_decoder import PackedSonarDecoder, PreparedTargets, gather_sentences, pack_targets
@@ -223,10 +225,11 @@ def test_errors():
 @pytest.mark.skipif(not (triton_available() and (torch.cuda.is_available() or interpret_mode())),
                     reason="Triton needs a GPU or TRITON_INTERPRET=1")
 def test_triton_impl_matches_reference():
-    dec = _decoder(torch.float32, seed=22, num_layers=2)
+    dev = triton_device()  # the GPU when Triton runs natively there, else the interpreter on the CPU
+    dec = _decoder(torch.float32, seed=22, num_layers=2).to(dev)
     packed = PackedSonarDecoder(dec, impl="triton")
-    tokens, cu = _batch([5, 2, 7], dec.cfg.vocab_size, seed=23)
-    emb = torch.randn(3, dec.cfg.encoder_dim)
+    tokens, cu = (t.to(dev) for t in _batch([5, 2, 7], dec.cfg.vocab_size, seed=23))
+    emb = torch.randn(3, dec.cfg.encoder_dim).to(dev)
     loss, grad = _loss_and_grad(lambda e: packed.loss(e, packed.prepare(tokens, cu)), emb)
     ref, ref_grad = _loss_and_grad(lambda e: packed.reference_loss(e, tokens, cu), emb)
     torch.testing.assert_close(loss, ref, atol=2e-5, rtol=2e-5)
