@@ -4,7 +4,9 @@
 # Kernels (linear cross-entropy, decoder fast path), training steps of every family (SONAR-LLM fast vs
 # reference path at the 600M preset with the released SONAR decoder's shape), generation, SONAR decoding
 # and SONAR encoding; sized to finish within 8 minutes on one H200 (a hard stop at SONAR_BENCH_BUDGET_S,
-# default 470 s, interrupts pytest, which still writes what it measured).
+# default 380 s, interrupts pytest, which still writes what it measured). Before them, the kernel
+# correctness tests run on the GPU against float64 references (SONAR_GPU_TESTS, a space-separated list of
+# test files, within SONAR_GPU_TEST_BUDGET_S, default 90 s): both stages together stay under 8 minutes.
 #
 # Writes bench/results/<date>_<gpu>_<commit>.json / .md / .png (through bench/conftest.py and
 # bench/report.py), a <date>_gpu_run.log with nvidia-smi and the pytest output, and prints the issue's
@@ -25,7 +27,7 @@ cd "$(dirname "$0")/.."
 repo="$PWD"
 py="${PYTHON:-python3}"
 rehearse="${SONAR_BENCH_REHEARSE:-0}"
-[[ "$rehearse" == "1" ]] && budget="${SONAR_BENCH_BUDGET_S:-300}" || budget="${SONAR_BENCH_BUDGET_S:-470}"
+[[ "$rehearse" == "1" ]] && budget="${SONAR_BENCH_BUDGET_S:-300}" || budget="${SONAR_BENCH_BUDGET_S:-380}"
 
 if ! command -v "$py" >/dev/null 2>&1; then
     echo "run_gpu.sh: no '$py' on PATH (set PYTHON)" >&2
@@ -86,7 +88,18 @@ if "$py" -c "import pytest_timeout" 2>/dev/null; then
     extra+=(--timeout=300)  # one hung benchmark must not eat the whole budget
 fi
 
-# the files in the order of what matters most, so a budget stop cuts the least important: the training
+# 1. correctness on the device first: the kernel tests (Triton for real on CUDA tensors, against float64)
+#    and the linear cross-entropy at the SONAR shape in bf16; one autotune config each, for a fast start
+test_budget="${SONAR_GPU_TEST_BUDGET_S:-90}"
+read -r -a tests <<<"${SONAR_GPU_TESTS:-tests/test_kernels_at_scale.py tests/test_linear_cross_entropy.py \
+tests/test_decoder_ops.py tests/test_packed_decoder.py}"
+echo "run_gpu.sh: kernel correctness tests (budget ${test_budget} s)" | tee -a "$log"
+SONAR_KERNELS_AUTOTUNE=0 timeout --signal=INT --kill-after=15 "$test_budget" \
+    "$py" -m pytest "${tests[@]}" -q -p no:cacheprovider --benchmark-disable -rfEs 2>&1 | tee -a "$log"
+test_status=${PIPESTATUS[0]}
+echo "run_gpu.sh: correctness tests exit status ${test_status}" | tee -a "$log"
+
+# 2. the benchmarks, in the order of what matters most, so a budget stop cuts the least important: the training
 # step (3x and MFU targets), the fused cross-entropy, generation (10x / 5x), the encoder, the decoder ops
 files=(bench/test_bench_training.py bench/test_bench_linear_cross_entropy.py bench/test_bench_generation.py
        bench/test_bench_encoder.py bench/test_bench_decoder_ops.py bench/test_bench_native.py)
@@ -106,4 +119,6 @@ if [[ -n "$result" ]]; then
 else
     echo "run_gpu.sh: no result file was written (see $log)" | tee -a "$log"
 fi
-exit "$status"
+echo "run_gpu.sh: correctness tests exit status ${test_status}, benchmarks exit status ${status}" | tee -a "$log"
+(( status != 0 )) && exit "$status"
+exit "$test_status"

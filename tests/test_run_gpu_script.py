@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
 def _run(tmp_path: Path, *args: str, rehearse: bool = True, extra_env: dict | None = None):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SONAR_BENCH_", "PYTEST_"))}
     env.update({"PYTHON": sys.executable, "SONAR_BENCH_RESULTS_DIR": str(tmp_path / "results"),
-                "SONAR_BENCH_BUDGET_S": "240"})
+                "SONAR_BENCH_BUDGET_S": "240", "SONAR_GPU_TESTS": "tests/test_kernels_at_scale.py"})
     if rehearse:
         env["SONAR_BENCH_REHEARSE"] = "1"
     env.update(extra_env or {})
@@ -66,7 +66,10 @@ def test_rehearsal_writes_results_log_and_targets_from_this_checkout(tmp_path):
     for suffix in (".md", ".png"):
         assert jsons[0].with_suffix(suffix).is_file(), f"missing {suffix} beside {jsons[0].name}"
     logs = list(results.glob("*_gpu_run.log"))
-    assert len(logs) == 1 and "pytest exit status 0" in logs[0].read_text()
+    assert len(logs) == 1
+    log = logs[0].read_text()
+    assert "pytest exit status 0" in log and "correctness tests exit status 0" in log
+    assert "3 passed" in log  # the kernel correctness stage ran its tests
     data = json.loads(jsons[0].read_text())
     assert data["machine_info_sonar"]["commit"] == "0123abcd-test"  # SONAR_BENCH_COMMIT, given below
     assert "0123abcd-test" in jsons[0].name
@@ -100,3 +103,12 @@ def test_result_commit_ignores_untracked_files_and_honours_the_override(tmp_path
     assert report.git_commit(tmp_path) == head + "-dirty"
     monkeypatch.setenv("SONAR_BENCH_COMMIT", "given")
     assert report.git_commit(tmp_path) == "given"
+
+
+def test_a_failing_correctness_test_fails_the_run_but_the_benchmarks_still_run(tmp_path):
+    bad = tmp_path / "test_wrong_kernel.py"
+    bad.write_text("def test_kernel_is_wrong():\n    assert 1 + 1 == 3\n")
+    res = _run(tmp_path, "-k", "sonar_encoder and ours", extra_env={"SONAR_GPU_TESTS": str(bad)})
+    assert res.returncode == 1, (res.stdout + res.stderr)[-3000:]
+    assert "correctness tests exit status 1, benchmarks exit status 0" in res.stdout
+    assert len(list((tmp_path / "results").glob("*.json"))) == 1
