@@ -7,7 +7,8 @@ Compares, side by side in one pytest-benchmark group:
   torch-chunked    impl="torch": the chunked plain-PyTorch path (CUDA only; on the CPU it is "ours")
   reference  full logits (hidden @ W^T, upcast to fp32) + F.cross_entropy, what the public code does
   liger      Liger-Kernel's fused linear cross-entropy (CUDA only; skipped when not importable)
-  cce        Cut Cross-Entropy (CUDA only; skipped when not importable)
+  cce        Cut Cross-Entropy, exact gradients (filter_eps=None; CUDA only; skipped when not importable)
+  cce-filtered  Cut Cross-Entropy with its default gradient filtering (approximate; CUDA only)
 On CUDA the paper's shapes are used (N=16k target tokens, V=256,206, D=1024, bf16) unless quick mode
 (`--benchmark-disable` or SONAR_BENCH_QUICK=1) asks for the small ones; the CPU always uses small shapes
 (N=256, V=8192, D=256, fp32). `SONAR_BENCH_LCE_SHAPE=N,V,D` overrides. Peak CUDA memory of one step above
@@ -56,13 +57,14 @@ def _liger():
     return lambda h, w, t: liger_fused_linear_cross_entropy(h, w, t, ignore_index=-100)
 
 
-def _cce():
+def _cce(filter_eps=None):
     try:
         from cut_cross_entropy import linear_cross_entropy as cce_lce
     except Exception as exc:
         pytest.skip(f"cut-cross-entropy not importable: {exc}")
-    # filter_eps=None: exact gradients, like ours (CCE's default filters small softmax entries)
-    return lambda h, w, t: cce_lce(h, w, t, ignore_index=-100, filter_eps=None)
+    # filter_eps=None: exact gradients, like ours; "high" (CCE's default) skips gradient blocks whose
+    # softmax entries are all below a threshold: faster, approximate
+    return lambda h, w, t: cce_lce(h, w, t, ignore_index=-100, filter_eps=filter_eps)
 
 
 def _torch_chunked():
@@ -70,7 +72,7 @@ def _torch_chunked():
 
 
 ROLES = {"ours": lambda: _ours, "ours-atomic-bwd": lambda: _ours, "torch-chunked": _torch_chunked,
-         "reference": lambda: _reference, "liger": _liger, "cce": _cce}
+         "reference": lambda: _reference, "liger": _liger, "cce": _cce, "cce-filtered": lambda: _cce("high")}
 def _backward_name(role: str, device: torch.device) -> str | None:
     """Which backward the role runs (for the report)."""
     if role == "ours-atomic-bwd":
@@ -85,7 +87,8 @@ def _backward_name(role: str, device: torch.device) -> str | None:
 CUDA_ONLY = {"ours-atomic-bwd": "the Triton path is timed on CUDA only",
              "torch-chunked": "on the CPU the chunked PyTorch path is what 'ours' runs",
              "liger": "liger runs its Triton kernels on CUDA only (the CPU interpreter is too slow to time)",
-             "cce": "cce runs its Triton kernels on CUDA only (the CPU interpreter is too slow to time)"}
+             "cce": "cce runs its Triton kernels on CUDA only (the CPU interpreter is too slow to time)",
+             "cce-filtered": "cce runs its Triton kernels on CUDA only (the CPU interpreter is too slow to time)"}
 
 
 @pytest.mark.benchmark(group=GROUP)
