@@ -427,3 +427,30 @@ def test_dlogits_kernel_writes_every_element():
     assert out[g == 0].abs().max().item() == 0.0
     with pytest.raises(ValueError, match="out must be"):
         triton_lce.write_dlogits(out.t(), hidden, weight, target, bias, lse, g, eps, upcast, precision)
+
+
+def test_autotune_prunes_configs_that_cannot_fit_shared_memory(monkeypatch):
+    """The pre-filter keeps the configs whose pipelined tiles fit the device's shared memory, at least one."""
+    import triton
+
+    from sonar_kernels.triton_kernels import linear_cross_entropy as triton_lce
+
+    big = triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=4)
+    small = triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32}, num_warps=4, num_stages=3)
+    # closed form: stages x (BLOCK_N + BLOCK_V) x BLOCK_D x bytes per element
+    assert triton_lce.smem_estimate(big, 2) == 4 * 320 * 64 * 2
+    assert triton_lce.smem_estimate(small, 4) == 3 * 192 * 32 * 4
+
+    class FakeCudaTensor(torch.Tensor):
+        is_cuda = True
+
+    h32 = torch.empty(2, 2).as_subclass(FakeCudaTensor)
+    h16 = torch.empty(2, 2, dtype=torch.bfloat16).as_subclass(FakeCudaTensor)
+    monkeypatch.setattr(triton_lce, "_smem_limit", lambda index: 232448)  # H100 / H200 per block
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert triton_lce.prune_configs_by_smem([big, small], {"h_ptr": h16}) == [big, small]
+    assert triton_lce.prune_configs_by_smem([big, small], {"h_ptr": h32}) == [small]  # 327680 B > limit
+    monkeypatch.setattr(triton_lce, "_smem_limit", lambda index: 1000)
+    assert triton_lce.prune_configs_by_smem([big, small], {"h_ptr": h32}) == [small]  # never empty
+    cpu = torch.empty(2, 2)
+    assert triton_lce.prune_configs_by_smem([big, small], {"h_ptr": cpu}) == [big, small]  # interpreter

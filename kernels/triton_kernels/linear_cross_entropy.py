@@ -49,12 +49,15 @@ if _INTERPRET:  # one small config: autotuning in the interpreter would be far t
     _BWD_CONFIGS = list(_FWD_CONFIGS)
     _SPLIT_ALIGN = 128  # vocab split boundaries are multiples of this (and of every BLOCK_V)
 else:
-    # Ampere (A100) and Hopper (H100/H200) friendly tiles; BLOCK_D 64 = 128-byte rows for bf16.
+    # Ampere (A100) and Hopper (H100/H200) friendly tiles; BLOCK_D 64 = 128-byte rows for bf16. Chosen with
+    # `python -m sonar_kernels.aot_check` (bench/results/aot/): none of these spills registers on sm_90 in
+    # bf16, and the last one (the SONAR_KERNELS_AUTOTUNE=0 choice) fits fp32 tiles on A100 and H100 too.
     _FWD_CONFIGS = [
         triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32}, num_warps=4, num_stages=3),
     ]
     _BWD_CONFIGS = [
         triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
@@ -69,12 +72,42 @@ else:
         # one config each, the last (smallest shared-memory footprint, fits fp32 tiles on A100 and H100):
         # a fast start for correctness runs, where a dozen autotuned compilations per shape would dominate
         _FWD_CONFIGS, _BWD_CONFIGS = _FWD_CONFIGS[-1:], _BWD_CONFIGS[-1:]
-# the dlogits kernel: a logit tile and one store, no D loop after it
-_DLOGITS_CONFIGS = _FWD_CONFIGS
+# the dlogits kernel: a logit tile and one store, no D loop after it (the same tiles as the forward)
+_DLOGITS_CONFIGS = list(_FWD_CONFIGS)
 
 BACKWARD_STRATEGIES = ("dlogits", "atomic")
 BACKWARD_STRATEGY = "dlogits"
 DLOGITS_CHUNK_BYTES = 1 << 30  # the [chunk, V] dlogits buffer of the "dlogits" backward
+
+
+def smem_estimate(config, elem_bytes: int) -> int:
+    """Shared memory of one config's pipelined h and W tiles: stages x (BLOCK_N + BLOCK_V) x BLOCK_D elements
+    (what Triton allocates for the forward and dlogits kernels in bf16 on sm_90, per `aot_check`)."""
+    kw = config.kwargs
+    return config.num_stages * (kw["BLOCK_N"] + kw["BLOCK_V"]) * kw["BLOCK_D"] * elem_bytes
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_limit(device_index: int) -> int | None:
+    props = torch.cuda.get_device_properties(device_index)
+    return getattr(props, "shared_memory_per_block_optin", None)
+
+
+def prune_configs_by_smem(configs, named_args, **kwargs):
+    """Autotune pre-filter: drop the configs whose tiles cannot fit the GPU's shared memory (fp32 inputs
+    with the larger tiles), instead of compiling them only to fail at load; keeps at least the smallest."""
+    h = named_args.get("h_ptr")
+    if not isinstance(h, torch.Tensor) or not h.is_cuda:
+        return configs
+    limit = _smem_limit(h.device.index if h.device.index is not None else torch.cuda.current_device())
+    if not limit:
+        return configs
+    elem = h.element_size()
+    keep = [c for c in configs if smem_estimate(c, elem) <= limit]
+    return keep or [min(configs, key=lambda c: smem_estimate(c, elem))]
+
+
+_PRUNE = {"early_config_prune": prune_configs_by_smem}
 
 
 @triton.jit
@@ -100,7 +133,7 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_mask, v_mask, D, stride_h
     return acc
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["N_BUCKET", "V", "D"])
+@triton.autotune(configs=_FWD_CONFIGS, key=["N_BUCKET", "V", "D"], prune_configs_by=_PRUNE)
 @triton.jit
 def _lce_fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, zt_ptr, zsum_ptr,
                     N, V, D, V_PER_SPLIT, N_BUCKET,
@@ -138,7 +171,8 @@ def _lce_fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, zt_ptr, zsum_ptr,
         tl.store(zsum_ptr + out, zsum, mask=n_mask)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["N_BUCKET", "V", "D"], reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"])
+@triton.autotune(configs=_BWD_CONFIGS, key=["N_BUCKET", "V", "D"], reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"],
+                 prune_configs_by=_PRUNE)
 @triton.jit
 def _lce_bwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
                     N, V, D, N_BUCKET, target_weight, uniform_weight,
@@ -202,7 +236,7 @@ def _lce_bwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, 
                               mask=v_mask[:, None] & d_mask[None, :], sem="relaxed")
 
 
-@triton.autotune(configs=_DLOGITS_CONFIGS, key=["N_BUCKET", "V", "D"])
+@triton.autotune(configs=_DLOGITS_CONFIGS, key=["N_BUCKET", "V", "D"], prune_configs_by=_PRUNE)
 @triton.jit
 def _lce_dlogits_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, out_ptr,
                         N, V, D, N_BUCKET, target_weight, uniform_weight,
@@ -219,23 +253,28 @@ def _lce_dlogits_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, out_ptr,
     offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     n_mask = offs_n < N
     v_mask = offs_v < V
-    out_offs = offs_n[:, None] * stride_on + offs_v[None, :]
-    out_mask = n_mask[:, None] & v_mask[None, :]
     g = tl.load(g_ptr + offs_n, mask=n_mask, other=0.0)  # 0 on ignored rows (set by the launcher)
     if tl.max(tl.abs(g), axis=0) != 0.0:
         z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_mask, v_mask, D, stride_hn, stride_hd,
                         stride_wv, stride_wd, HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+        # everything tile-shaped below is formed after the dot, with 32-bit column indices (V < 2^31),
+        # so no [BLOCK_N, BLOCK_V] index tile stays live across the D loop (register pressure, spills)
+        cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
-        tgt = tl.load(t_ptr + offs_n, mask=n_mask, other=-1)
+        tgt = tl.load(t_ptr + offs_n, mask=n_mask, other=-1).to(tl.int32)
         p = tl.exp(z - lse[:, None])
         if SMOOTH:
             p = p - uniform_weight
-        p = tl.where(offs_v[None, :] == tgt[:, None], p - target_weight, p)
+        p = tl.where(cols[None, :] == tgt[:, None], p - target_weight, p)
         p = tl.where(g[:, None] != 0.0, p, 0.0)
-        tl.store(out_ptr + out_offs, p.to(out_ptr.dtype.element_ty), mask=out_mask)
+        rows = out_ptr + offs_n * stride_on
+        tl.store(rows[:, None] + cols[None, :], p.to(out_ptr.dtype.element_ty),
+                 mask=n_mask[:, None] & (cols < V)[None, :])
     else:  # the buffer is uninitialised: a tile of ignored rows still writes its zeros
-        tl.store(out_ptr + out_offs, tl.zeros((BLOCK_N, BLOCK_V), dtype=out_ptr.dtype.element_ty),
-                 mask=out_mask)
+        cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        rows = out_ptr + offs_n * stride_on
+        tl.store(rows[:, None] + cols[None, :], tl.zeros((BLOCK_N, BLOCK_V), dtype=out_ptr.dtype.element_ty),
+                 mask=n_mask[:, None] & (cols < V)[None, :])
 
 
 def _dot_settings(dtype: torch.dtype, native_half_dot: bool | None = None) -> tuple[bool, str]:
