@@ -37,6 +37,17 @@ def bench_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _benchmark_json_is_path() -> bool:
+    """True where pytest-benchmark (>= 5.3) takes --benchmark-json as a path rather than an open file."""
+    try:
+        import pytest_benchmark
+
+        major, minor = (int(x) for x in pytest_benchmark.__version__.split(".")[:2])
+    except Exception:  # no version to read: the long-standing open-file form
+        return False
+    return (major, minor) >= (5, 3)
+
+
 def pytest_configure(config):
     if _disabled(config) or getattr(config.option, "benchmark_json", None) is not None:
         return
@@ -47,7 +58,9 @@ def pytest_configure(config):
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     path = RESULTS / f"{stamp}_{device}_{report.git_commit()}.json"
     config._sonar_bench_json = path
-    config.option.benchmark_json = open(path, "wb")
+    # pytest-benchmark >= 5.3 declares --benchmark-json as a path and opens it itself when saving; older
+    # releases declare it as argparse.FileType("wb") and write into the open file they were given
+    config.option.benchmark_json = path if _benchmark_json_is_path() else open(path, "wb")
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
@@ -59,10 +72,11 @@ def pytest_unconfigure(config):
     if path is None:
         return
     fh = config.option.benchmark_json
-    try:
-        fh.close()
-    except Exception:
-        pass
+    if hasattr(fh, "close"):  # an open file (pytest-benchmark < 5.3); a path needs no closing
+        try:
+            fh.close()
+        except Exception:
+            pass
     if path.exists() and path.stat().st_size > 0:
         try:
             report.write_outputs(path)

@@ -454,3 +454,17 @@ def test_autotune_prunes_configs_that_cannot_fit_shared_memory(monkeypatch):
     assert triton_lce.prune_configs_by_smem([big, small], {"h_ptr": h32}) == [small]  # never empty
     cpu = torch.empty(2, 2)
     assert triton_lce.prune_configs_by_smem([big, small], {"h_ptr": cpu}) == [big, small]  # interpreter
+
+
+def test_atomic_backward_autotune_hook_zeroes_only_the_requested_outputs():
+    """Between autotune trials the atomic backward's outputs are zeroed; outputs not requested are None
+    (frozen weight, no bias) and must be skipped (Triton 3.6's reset_to_zero called .zero_() on None)."""
+    from sonar_kernels.triton_kernels import linear_cross_entropy as triton_lce
+
+    hook = triton_lce._zero_bwd_outputs
+    dh, db = torch.randn(3, 2), torch.randn(5)
+    hook({"dh_ptr": dh, "dw_ptr": None, "db_ptr": db})
+    assert dh.abs().max().item() == 0.0 and db.abs().max().item() == 0.0
+    dh.fill_(2.0)
+    hook({"dh_ptr": dh, "dw_ptr": None, "db_ptr": None}, reset_only=True)
+    assert dh.abs().max().item() == 0.0

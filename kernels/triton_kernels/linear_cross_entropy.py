@@ -171,7 +171,18 @@ def _lce_fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, zt_ptr, zsum_ptr,
         tl.store(zsum_ptr + out, zsum, mask=n_mask)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["N_BUCKET", "V", "D"], reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"],
+def _zero_bwd_outputs(nargs, reset_only=False):
+    """The atomic backward's reset_to_zero while autotuning, skipping outputs not requested (None).
+
+    Not `reset_to_zero=[...]`: Triton 3.6 (torch 2.11's) calls `.zero_()` on every listed argument, None
+    included, so autotuning with a frozen weight (dw None) or no bias (db None) raised AttributeError;
+    Triton 3.9 skips None itself. A pre_hook behaves the same on both."""
+    for name in ("dh_ptr", "dw_ptr", "db_ptr"):
+        if nargs.get(name) is not None:
+            nargs[name].zero_()
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["N_BUCKET", "V", "D"], pre_hook=_zero_bwd_outputs,
                  prune_configs_by=_PRUNE)
 @triton.jit
 def _lce_bwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
