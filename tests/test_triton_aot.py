@@ -78,3 +78,6 @@ def test_sm90_subset_compiles_and_fits(tmp_path):
         assert r["shared"] <= aot_check.SMEM_LIMIT[90], where
         assert r["regs"] <= aot_check.REGS_PER_THREAD, where
         assert r["fits"], where + ": " + "; ".join(r["problems"])
+        if r["kernel"] in ("lce_fwd", "lce_dlogits"):  # SONAR-LLM's hot path: bf16, no bias, no smoothing
+            assert r["spill_stores"] == 0 and r["spill_loads"] == 0, where + ": spills registers"
+            assert r["hgmma"] > 0, where + ": no wgmma (HGMMA) in its SASS"
