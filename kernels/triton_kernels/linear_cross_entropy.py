@@ -133,6 +133,15 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_mask, v_mask, D, stride_h
     return acc
 
 
+@triton.jit
+def _dlogits_tile(z, lse, cols, tgt, target_weight, uniform_weight, SMOOTH: tl.constexpr):
+    """Unscaled dlogits of a logit tile: softmax - target_weight [col == target] - uniform_weight."""
+    p = tl.exp(z - lse[:, None])
+    if SMOOTH:
+        p = p - uniform_weight
+    return tl.where(cols[None, :] == tgt[:, None], p - target_weight, p)
+
+
 @triton.autotune(configs=_FWD_CONFIGS, key=["N_BUCKET", "V", "D"], prune_configs_by=_PRUNE)
 @triton.jit
 def _lce_fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, zt_ptr, zsum_ptr,
@@ -207,10 +216,7 @@ def _lce_bwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, 
                         stride_wv, stride_wd, HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
         lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
         tgt = tl.load(t_ptr + offs_n, mask=n_mask, other=-1)
-        p = tl.exp(z - lse[:, None])
-        if SMOOTH:
-            p = p - uniform_weight
-        p = tl.where(offs_v[None, :] == tgt[:, None], p - target_weight, p)
+        p = _dlogits_tile(z, lse, offs_v, tgt, target_weight, uniform_weight, SMOOTH)
         # dlogits without the per-row scale g: values stay in [-1, 1], so casting them to fp16 for the
         # d_hidden dot cannot underflow the way g-scaled values (g ~ 1/N) would; g is applied after the dot.
         dz_u = tl.where(v_mask[None, :] & n_mask[:, None], p, 0.0)
@@ -273,10 +279,7 @@ def _lce_dlogits_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, out_ptr,
         cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
         tgt = tl.load(t_ptr + offs_n, mask=n_mask, other=-1).to(tl.int32)
-        p = tl.exp(z - lse[:, None])
-        if SMOOTH:
-            p = p - uniform_weight
-        p = tl.where(cols[None, :] == tgt[:, None], p - target_weight, p)
+        p = _dlogits_tile(z, lse, cols, tgt, target_weight, uniform_weight, SMOOTH)
         p = tl.where(g[:, None] != 0.0, p, 0.0)
         rows = out_ptr + offs_n * stride_on
         tl.store(rows[:, None] + cols[None, :], p.to(out_ptr.dtype.element_ty),
