@@ -53,6 +53,7 @@ __all__ = [
     "mfu",
     "sonar_encoder_flops",
     "mean_seconds",
+    "shape_from_env",
     "record_throughput",
     "cached",
     "TARGETS",
@@ -479,6 +480,22 @@ def sonar_encoder_flops(cfg, lengths: list[int] | Tensor, padded_to: list[int] |
     tokens = float(sum(widths))
     pairs = float(sum(w * w for w in widths))
     return 2.0 * layers * (4 * d * d + 2 * d * f) * tokens + 4.0 * layers * d * pairs
+
+
+def shape_from_env(var: str, fields: str) -> tuple[int, ...] | None:
+    """The shape override in environment variable `var`, e.g. SONAR_BENCH_LCE_SHAPE="4096,8192,256" with
+    fields "N,V,D"; None when it is unset. Raises a ValueError naming the variable when it is malformed."""
+    env = os.environ.get(var)
+    if not env:
+        return None
+    n_fields = len(fields.split(","))
+    try:
+        shape = tuple(int(x) for x in env.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != n_fields:
+        raise ValueError(f"{var} must be '{fields}' integers, got {env!r}")
+    return shape
 
 
 def mean_seconds(benchmark) -> float | None:

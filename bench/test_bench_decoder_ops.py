@@ -13,12 +13,12 @@ A second group times the fused add + LayerNorm against eager add then LayerNorm.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from common import shape_from_env
 from sonar_llm.sonar.config import decoder_preset
 from sonar_llm.sonar.decoder import SonarTextDecoder
 from sonar_llm.sonar.packed_decoder import PackedSonarDecoder
@@ -30,13 +30,9 @@ CUDA_SHAPE = (256, 1024, 24, 256206)
 
 
 def _shape(quick: bool, device: torch.device) -> tuple[int, int, int, int]:
-    env = os.environ.get("SONAR_BENCH_DEC_SHAPE")
+    env = shape_from_env("SONAR_BENCH_DEC_SHAPE", "S,D,L,V")
     if env:
-        try:
-            s, d, n_layers, v = (int(x) for x in env.split(","))
-        except ValueError as exc:
-            raise ValueError(f"SONAR_BENCH_DEC_SHAPE must be 'S,D,L,V' integers, got {env!r}") from exc
-        return s, d, n_layers, v
+        return env
     if quick:
         return QUICK_SHAPE
     return CUDA_SHAPE if device.type == "cuda" else CPU_SHAPE

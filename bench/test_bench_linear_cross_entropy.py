@@ -16,13 +16,12 @@ the inputs goes into `extra_info["peak_mem_bytes"]` (CUDA only; None on the CPU)
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from common import peak_flops, record_throughput
+from common import peak_flops, record_throughput, shape_from_env
 from sonar_kernels.functional.linear_cross_entropy import linear_cross_entropy
 
 GROUP = "linear_cross_entropy fwd+bwd"
@@ -31,13 +30,9 @@ SMALL_SHAPE = (256, 8192, 256)
 
 
 def _shape(quick: bool, device: torch.device) -> tuple[int, int, int]:
-    env = os.environ.get("SONAR_BENCH_LCE_SHAPE")
+    env = shape_from_env("SONAR_BENCH_LCE_SHAPE", "N,V,D")
     if env:
-        try:
-            n, v, d = (int(x) for x in env.split(","))
-        except ValueError as exc:
-            raise ValueError(f"SONAR_BENCH_LCE_SHAPE must be 'N,V,D' integers, got {env!r}") from exc
-        return n, v, d
+        return env
     return SMALL_SHAPE if (quick or device.type != "cuda") else PAPER_SHAPE
 
 

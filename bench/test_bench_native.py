@@ -11,11 +11,11 @@ shape in docs/native.md is 512,65536,1024). Skipped when the native library is n
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
+from common import shape_from_env
 from sonar_kernels import native
 from sonar_kernels.torch_ops import linear_cross_entropy as torch_lce
 
@@ -27,13 +27,9 @@ pytestmark = pytest.mark.skipif(not native.native_available(), reason=str(native
 
 
 def _shape(quick: bool) -> tuple[int, int, int]:
-    env = os.environ.get("SONAR_BENCH_NATIVE_SHAPE")
+    env = shape_from_env("SONAR_BENCH_NATIVE_SHAPE", "N,V,D")
     if env:
-        try:
-            n, v, d = (int(x) for x in env.split(","))
-        except ValueError as exc:
-            raise ValueError(f"SONAR_BENCH_NATIVE_SHAPE must be 'N,V,D' integers, got {env!r}") from exc
-        return n, v, d
+        return env
     return QUICK_SHAPE if quick else DEFAULT_SHAPE
 
 

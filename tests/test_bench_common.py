@@ -51,6 +51,17 @@ def test_bench_scale_selection(monkeypatch):
         bench_scale(False, torch.device("cpu"))
 
 
+def test_shape_from_env(monkeypatch):
+    monkeypatch.delenv("SONAR_BENCH_X_SHAPE", raising=False)
+    assert common.shape_from_env("SONAR_BENCH_X_SHAPE", "N,V,D") is None
+    monkeypatch.setenv("SONAR_BENCH_X_SHAPE", "4096,8192,256")
+    assert common.shape_from_env("SONAR_BENCH_X_SHAPE", "N,V,D") == (4096, 8192, 256)
+    for bad in ("4096,8192", "4096,8192,256,1", "a,b,c"):
+        monkeypatch.setenv("SONAR_BENCH_X_SHAPE", bad)
+        with pytest.raises(ValueError, match="SONAR_BENCH_X_SHAPE must be 'N,V,D' integers"):
+            common.shape_from_env("SONAR_BENCH_X_SHAPE", "N,V,D")
+
+
 def test_synthetic_concept_batch_layout():
     batch = synthetic_concept_batch(SHAPE, num_docs=3, sents_per_doc=5, words=(2, 6), emb_dim=16, seed=4)
     batch.validate()
