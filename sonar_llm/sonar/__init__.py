@@ -11,7 +11,7 @@ from .config import (
 )
 from .decoder import DecoderState, SonarTextDecoder
 from .encoder import SonarTextEncoder
-from .layers import FeedForward, KVCache, MultiheadAttention, SinusoidalPositions, sinusoid_table
+from .layers import FeedForward, LayerKVCache, MultiheadAttention, SinusoidalPositions, sinusoid_table
 from .checkpoint import (
     convert_from_safetensors,
     convert_to_safetensors,
@@ -29,7 +29,7 @@ from .tokenizer import SONAR_LANGS, NllbTokenizer
 __all__ = [
     "PRESET_NAMES", "SONAR_LANG_OFFSET", "SONAR_VOCAB_SIZE", "SonarDecoderConfig", "SonarEncoderConfig",
     "decoder_preset", "encoder_preset", "DecoderState", "SonarTextDecoder", "SonarTextEncoder",
-    "FeedForward", "KVCache", "MultiheadAttention", "SinusoidalPositions", "sinusoid_table",
+    "FeedForward", "LayerKVCache", "MultiheadAttention", "SinusoidalPositions", "sinusoid_table",
     "convert_from_safetensors", "convert_to_safetensors", "infer_config", "load_sonar_decoder",
     "load_sonar_encoder", "load_state_dict_file", "save_fairseq2_checkpoint", "GenerationConfig",
     "Hypothesis", "beam_search", "generate", "greedy_decode", "EmbeddingToText", "TextToEmbedding",

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .config import SonarDecoderConfig
 from .encoder import check_tokens
-from .layers import DecoderLayer, KVCache, TransformerFrontend
+from .layers import DecoderLayer, LayerKVCache, TransformerFrontend
 
 __all__ = ["SonarTextDecoder", "DecoderState"]
 
@@ -25,7 +25,7 @@ class DecoderState:
     """Incremental decoding state: per-layer self-attention caches, cross-attention constants
     [B, L, D], and the number of positions consumed so far (``step_nr``)."""
 
-    caches: list[KVCache]
+    caches: list[LayerKVCache]
     cross_constants: Tensor
     step_nr: int = 0
     capacity: int = field(default=0)
@@ -143,7 +143,8 @@ class SonarTextDecoder(nn.Module):
         consts = self.cross_attention_constants(embeddings)
         w = self.decoder_frontend.embed.weight
         caches = [
-            KVCache(consts.size(0), self.cfg.num_heads, self.cfg.head_dim, capacity, dtype=w.dtype, device=w.device)
+            LayerKVCache(consts.size(0), self.cfg.num_heads, self.cfg.head_dim, capacity,
+                         dtype=w.dtype, device=w.device)
             for _ in range(self.cfg.num_layers)
         ]
         return DecoderState(caches, consts, 0, capacity)

@@ -3,7 +3,8 @@
 - ``SinusoidalPositions``: fixed sinusoid table, layout ``[sin(half) | cos(half)]``, frequencies
   ``exp(-i * ln(1e4) / (half - 1))`` and steps starting at ``start_step`` (2 for SONAR, the fairseq legacy
   offset), added in fp32 as fairseq2 does.
-- ``KVCache``: preallocated per-layer key/value cache for incremental decoding (supports beam reordering).
+- ``LayerKVCache``: preallocated key/value cache of one self-attention layer for incremental decoding
+  (supports beam reordering; not the concept backbone's ``sonar_llm.models.backbone.KVCache``).
 - ``MultiheadAttention``: ``q_proj``, ``k_proj``, ``v_proj``, ``output_proj`` (all biased), through
   ``F.scaled_dot_product_attention``.
 - ``FeedForward``: ``inner_proj`` -> ReLU -> dropout -> ``output_proj``.
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 __all__ = [
     "sinusoid_table",
     "SinusoidalPositions",
-    "KVCache",
+    "LayerKVCache",
     "MultiheadAttention",
     "FeedForward",
     "TransformerFrontend",
@@ -97,8 +98,8 @@ class SinusoidalPositions(nn.Module):
         return (x.float() + pos).type_as(x)
 
 
-class KVCache:
-    """Keys and values of one attention layer: [B, H, capacity, Dh], filled up to ``length``."""
+class LayerKVCache:
+    """Keys and values of one SONAR self-attention layer: [B, H, capacity, Dh], filled up to ``length``."""
 
     def __init__(self, batch_size: int, num_heads: int, head_dim: int, capacity: int, *,
                  dtype: torch.dtype, device) -> None:
@@ -148,7 +149,7 @@ class MultiheadAttention(nn.Module):
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
     def forward(self, x: Tensor, kv: Tensor | None = None, *, key_padding_mask: Tensor | None = None,
-                causal: bool = False, cache: KVCache | None = None) -> Tensor:
+                causal: bool = False, cache: LayerKVCache | None = None) -> Tensor:
         """x [B, S, D]; kv [B, T, kv_dim] (None = self-attention); key_padding_mask [B, T] bool, True =
         real key; ``causal`` masks future keys (positions counted after the cached ones); ``cache`` holds
         earlier keys/values (self-attention only)."""
@@ -263,7 +264,7 @@ class DecoderLayer(nn.Module):
         return attn.output_proj(attn.v_proj(encoder_output))
 
     def forward(self, x: Tensor, encoder_output: Tensor | None = None, *, padding_mask: Tensor | None = None,
-                encoder_padding_mask: Tensor | None = None, cache: KVCache | None = None,
+                encoder_padding_mask: Tensor | None = None, cache: LayerKVCache | None = None,
                 cross_constant: Tensor | None = None) -> Tensor:
         """x [B, S, D]. Either ``encoder_output`` [B, T, E] (real cross-attention) or ``cross_constant``
         [B, D] (the exact one-key shortcut, used for generation) must be given."""
