@@ -1,7 +1,7 @@
 """Two gloo processes under torchrun with FSDP2 on the fake family: same losses as one process fed the same
 global batch; a rank that dies takes the job down (non-zero exit, no hang); resume after the crash follows
-the uninterrupted 2-process run; bf16 mixed precision with a sharded frozen decoder and activation
-checkpointing stays close to fp32; plain replicated data parallelism (parallel.fsdp = false) matches too."""
+the uninterrupted 2-process run; bf16 mixed precision (frozen decoder replicated, cast to bf16) with
+activation checkpointing stays close to fp32; plain replicated data parallelism (parallel.fsdp = false) matches too."""
 import json
 import os
 import subprocess
@@ -91,9 +91,9 @@ def test_two_ranks_match_one_and_survive_a_dead_rank(tmp_path):
 
 
 def test_bf16_sharded_decoder_checkpointing_and_replicated_mode(tmp_path):
-    """Two jobs at once: bf16 FSDP2 with the frozen decoder sharded and full activation checkpointing (close
+    """Two jobs at once: bf16 FSDP2 (frozen decoder replicated in bf16) with full activation checkpointing (close
     to fp32), and parallel.fsdp = false (full replicas, one gradient all-reduce per step: equal to fp32)."""
-    bf16 = start_torchrun(BASE + ["--train.steps=3", "--train.precision=bf16", "--parallel.decoder_placement=shard",
+    bf16 = start_torchrun(BASE + ["--train.steps=3", "--train.precision=bf16",
                                   "--train.activation_checkpointing=full", f"--train.out_dir={tmp_path / 'bf16'}"])
     ddp = start_torchrun(BASE + ["--parallel.fsdp=false", f"--train.out_dir={tmp_path / 'ddp'}"])
     cfg = load_config(None, BASE + ["--train.grad_accum=2", f"--train.out_dir={tmp_path / 'fp32'}"], check_paths=False)

@@ -76,8 +76,7 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    fsdp: bool = True  # FSDP2 when a process group exists
-    decoder_placement: str = "replicate"  # replicate | shard (the frozen SONAR decoder)
+    fsdp: bool = True  # FSDP2 when a process group exists (frozen submodules are always replicated)
     reshard_after_forward: bool = True
     timeout_minutes: float = 10.0  # process-group collective timeout
 
@@ -105,6 +104,13 @@ class RunConfig:
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or out of range (the message names the key)."""
+
+
+# keys that existed once and were removed on purpose: reading one is an error that says why
+_REMOVED_KEYS = {
+    "parallel.decoder_placement": "removed: frozen decoders are always replicated (SONAR-LLM's SONAR decoder "
+                                  "lives outside the module tree, so sharding could never apply to it)",
+}
 
 
 def _section_types(section_cls) -> dict[str, Any]:
@@ -193,6 +199,8 @@ def _set(cfg: RunConfig, dotted: str, value: Any, from_cli: bool) -> None:
     section = getattr(cfg, parts[0])
     types = _section_types(classes[parts[0]])
     name = parts[1]
+    if f"{parts[0]}.{name}" in _REMOVED_KEYS:
+        raise ConfigError(f"{parts[0]}.{name}: {_REMOVED_KEYS[parts[0] + '.' + name]}")
     if name not in types:
         raise ConfigError(f"{parts[0]}.{name}: unknown key in [{parts[0]}] (known: {', '.join(types)})")
     typ = types[name]
@@ -322,8 +330,6 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     _require(t.max_bad_steps > 0, "train.max_bad_steps", "int > 0", t.max_bad_steps)
     _require(bool(t.out_dir), "train.out_dir", "a directory path", t.out_dir)
     _require(t.peak_flops >= 0, "train.peak_flops", "float >= 0", t.peak_flops)
-    _require(p.decoder_placement in ("replicate", "shard"), "parallel.decoder_placement",
-             "one of replicate, shard", p.decoder_placement)
     _require(p.timeout_minutes > 0, "parallel.timeout_minutes", "float > 0", p.timeout_minutes)
     if check_paths:
         _require(bool(d.path), "data.path", "a shard directory", d.path)

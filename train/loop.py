@@ -1,14 +1,17 @@
 """The one training loop for every model family: `run_training(cfg) -> dict`.
 
-Steps: join the process group, build model (sonar_llm.models.family.build_family) and data
-(sonar_llm.data), shard with FSDP2, resume from the latest complete checkpoint, then for each optimizer
-step: `train.grad_accum` micro-batches (gradient sync only on the last), gradient clipping, a non-finite
-check (skip the update; abort after `train.max_bad_steps` bad steps in a row), the lr schedule, logging,
-periodic evaluation / samples / checkpoints. Fault handling lives here too (TrainingAborted).
+    run_training = validate -> init_distributed -> build_run -> train -> (shutdown)
+    build_run    = model (family factory), parallelize (FSDP2 or not), optimizer, lr schedule, grad scaler,
+                   train loader, metrics logger, resume from the newest verified checkpoint
+    train        = for each optimizer step: train_step -> apply_or_skip -> the cadence
+                   (log_progress, maybe_evaluate, maybe_sample, maybe_checkpoint, stop on SIGUSR1)
+    train_step   = `train.grad_accum` micro-batches (gradient sync only on the last), gradient clipping,
+                   one all-reduce of the step's statistics -> `StepStats` (named fields)
 
-Loss normalisation: every family returns a mean loss per micro-batch; the step's gradient is the mean
-over the micro-batches of all ranks (so a run with 2 ranks x 1 micro-batch follows the same trajectory
-as 1 rank x 2 micro-batches fed the same batches).
+Non-finite steps are skipped (no update); `train.max_bad_steps` of them in a row abort the run
+(TrainingAborted). Loss normalisation: every family returns a mean loss per micro-batch; the step's
+gradient is the mean over the micro-batches of all ranks (so a run with 2 ranks x 1 micro-batch follows
+the same trajectory as 1 rank x 2 micro-batches fed the same batches).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import random
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -29,7 +33,7 @@ from train import checkpoint as ckpt
 from train.config import RunConfig, save_config, validate
 from train.metrics import MetricsLogger, memory_gib, peak_flops
 from train.optim import build_optimizer, build_scheduler
-from train.parallel import DTYPES, DistInfo, init_distributed, parallelize, shutdown_distributed
+from train.parallel import DTYPES, DistInfo, init_distributed, parallelize, shutdown_distributed, uses_fsdp
 
 
 class _StopFlag:
@@ -97,13 +101,6 @@ def default_data_factory(cfg: RunConfig, split: str, info: DistInfo) -> Loader:
                            world_size=info.world_size, shuffle=train, loop=train)
 
 
-def _count(batch: Any, name: str, fallback: Callable[[Any], float]) -> float:
-    v = getattr(batch, name, None)
-    if v is None:
-        return float(fallback(batch))
-    return float(v() if callable(v) else v)
-
-
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -132,10 +129,6 @@ class _BatchStream:
         return b
 
 
-def _grad_params(model: nn.Module) -> list[torch.Tensor]:
-    return [p for p in model.parameters() if p.requires_grad and p.grad is not None]
-
-
 def _all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if dist.is_initialized() and info.world_size > 1:
         dist.all_reduce(t)
@@ -158,34 +151,45 @@ def _all_reduce_grads(model: nn.Module, info: DistInfo) -> None:
         g.copy_(r)
 
 
-def run_training(cfg: RunConfig, *, model_factory: ModelFactory | None = None,
-                 data_factory: DataFactory | None = None, sample_fn: SampleFn | None = None,
-                 stream=None) -> dict[str, Any]:
-    """Train as configured; returns the final metrics (step, loss, eval_loss, skipped_steps, steps_per_s,
-    checkpoint, and stopped=True when SIGUSR1 ended the run early after a checkpoint). Raises TrainingAborted / ValueError / ... after logging; the process group is destroyed
-    on the way out in every case."""
-    validate(cfg, check_paths=data_factory is None)
-    if data_factory is None and cfg.train.eval_every and not cfg.data.val_path:
-        raise ValueError("train.eval_every > 0 needs data.val_path (the validation shards)")
-    info = init_distributed(cfg)
-    try:
-        return _train(cfg, info, model_factory or default_model_factory, data_factory or default_data_factory,
-                      sample_fn, stream)
-    except BaseException as e:
-        if not isinstance(e, KeyboardInterrupt):
-            print(f"[rank {info.rank}] training failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            if not isinstance(e, TrainingAborted):
-                traceback.print_exc(file=sys.stderr)
-        raise
-    finally:
-        _STOP.uninstall()
-        shutdown_distributed(info)
+# ------------------------------------------------------------------------------------------------ the run
+@dataclass
+class Run:
+    """Everything one training run holds; built by `build_run`, advanced by `train`."""
+
+    cfg: RunConfig
+    info: DistInfo
+    model: nn.Module
+    use_fsdp: bool  # sharded with FSDP2 (else: one process, or full replicas with a gradient all-reduce)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    loader: Loader  # the training loader (its state is checkpointed)
+    batches: _BatchStream
+    data_factory: DataFactory
+    sample_fn: SampleFn | None
+    logger: MetricsLogger
+    autocast: Any  # context manager for the loss computation
+    peak_flops: float  # per device, for MFU
+    run_dir: Path
+    ckpt_root: Path
+    step: int = 0  # optimizer steps done
+    skipped: int = 0  # non-finite steps skipped in total
+    bad_in_row: int = 0
+    last_saved: int | None = None  # step of the newest checkpoint this run saved or resumed from
+    last_loss: float | None = None
+    eval_loss: float | None = None
+
+    @property
+    def replicated(self) -> bool:
+        """Full replicas on several ranks (parallel.fsdp = false under torchrun)."""
+        return not self.use_fsdp and dist.is_initialized() and self.info.world_size > 1
 
 
-def _train(cfg: RunConfig, info: DistInfo, model_factory: ModelFactory, data_factory: DataFactory,
-           sample_fn: SampleFn | None, stream) -> dict[str, Any]:
+def build_run(cfg: RunConfig, info: DistInfo, model_factory: ModelFactory, data_factory: DataFactory,
+              sample_fn: SampleFn | None, stream) -> Run:
+    """Model, parallelism, optimizer, schedule, scaler, loader and logger; resumed from the latest complete
+    checkpoint when `train.resume` and one exists."""
     t_cfg = cfg.train
-    device = info.device
     run_dir = Path(t_cfg.out_dir)
     ckpt_root = run_dir / "checkpoints"
     if info.is_main:
@@ -201,153 +205,279 @@ def _train(cfg: RunConfig, info: DistInfo, model_factory: ModelFactory, data_fac
     for name in ("loss", "flops_per_batch", "transformer_blocks"):
         if not callable(getattr(model, name, None)):
             raise TypeError(f"model family {type(model).__name__} lacks the {name}() method")
+    use_fsdp = uses_fsdp(cfg)
     model = parallelize(model, cfg, info)
-    use_fsdp = hasattr(model, "set_requires_gradient_sync")
-    replicated = not use_fsdp and dist.is_initialized() and info.world_size > 1  # parallel.fsdp = false
-    optimizer = build_optimizer(model, cfg.optim, device)
+    optimizer = build_optimizer(model, cfg.optim, info.device)
     scheduler = build_scheduler(optimizer, cfg.optim, t_cfg.steps)
     if use_fsdp and t_cfg.precision == "fp16":
         # each rank sees only its gradient shard: the scaler all-reduces "found inf" so all ranks agree
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-        scaler = ShardedGradScaler(device.type)
+        scaler = ShardedGradScaler(info.device.type)
     else:
-        scaler = torch.amp.GradScaler(device.type, enabled=t_cfg.precision == "fp16")
-    train_loader = data_factory(cfg, "train", info)
-    if sample_fn is None and callable(getattr(model, "sample", None)):
-        sample_fn = lambda m, step: m.sample(step)  # noqa: E731
-
-    logger = MetricsLogger(run_dir, info.is_main, t_cfg.tensorboard, stream=stream)
-    start_step, skipped, bad_in_row = 0, 0, 0
-    last_ckpt = ckpt.latest_checkpoint(ckpt_root) if t_cfg.resume else None
-    if last_ckpt is not None:
-        trainer_state, rank_state = ckpt.load_checkpoint(last_ckpt, model, optimizer)
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        scaler.load_state_dict(trainer_state["scaler"])
-        train_loader.load_state_dict(rank_state["loader"])
-        start_step = int(trainer_state["step"])
-        skipped = int(trainer_state.get("skipped_steps", 0))
-        bad_in_row = int(trainer_state.get("bad_in_row", 0))
-        logger.message(f"resumed from {last_ckpt} at step {start_step}")
-    else:
-        _seed_all(t_cfg.seed + 1 + info.rank)  # per-rank streams for dropout / diffusion noise
-
-    peak = peak_flops(device, t_cfg.precision, t_cfg.peak_flops)
+        scaler = torch.amp.GradScaler(info.device.type, enabled=t_cfg.precision == "fp16")
+    loader = data_factory(cfg, "train", info)
     dtype = DTYPES[t_cfg.precision]
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
-                else contextlib.nullcontext())
+    run = Run(cfg=cfg, info=info, model=model, use_fsdp=use_fsdp, optimizer=optimizer, scheduler=scheduler,
+              scaler=scaler, loader=loader, batches=None, data_factory=data_factory, sample_fn=sample_fn,
+              logger=MetricsLogger(run_dir, info.is_main, t_cfg.tensorboard, stream=stream),
+              autocast=(torch.autocast(info.device.type, dtype=dtype) if dtype != torch.float32
+                        else contextlib.nullcontext()),
+              peak_flops=peak_flops(info.device, t_cfg.precision, t_cfg.peak_flops),
+              run_dir=run_dir, ckpt_root=ckpt_root)
+    if not (t_cfg.resume and _resume(run)):
+        _seed_all(t_cfg.seed + 1 + info.rank)  # per-rank streams for dropout / diffusion noise
+    run.batches = _BatchStream(loader)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.message(f"{cfg.model.family}/{cfg.model.preset}: {n_params / 1e6:.2f}M trainable parameters, "
-                   f"world size {info.world_size} ({'FSDP2' if use_fsdp else 'replicated'}), device {device}, "
-                   f"steps {start_step}->{t_cfg.steps}")
+    run.logger.message(f"{cfg.model.family}/{cfg.model.preset}: {n_params / 1e6:.2f}M trainable parameters, "
+                       f"world size {info.world_size} ({'FSDP2' if use_fsdp else 'replicated'}), device "
+                       f"{info.device}, steps {run.step}->{t_cfg.steps}")
+    return run
 
-    def checkpoint_now(step: int) -> bool:
-        trainer_state = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                         "skipped_steps": skipped, "bad_in_row": bad_in_row}
-        return ckpt.save_checkpoint(ckpt_root, step, model, optimizer, trainer_state,
-                                    {"loader": train_loader.state_dict()}, keep_last=t_cfg.keep_last)
 
-    batches = _BatchStream(train_loader)
-    _STOP.install()
-    model.train()
-    result: dict[str, Any] = {"step": start_step, "loss": None, "eval_loss": None, "skipped_steps": skipped}
-    step_times: list[float] = []
-    window = {"time": 0.0, "sent": 0.0, "tok": 0.0, "flops": 0.0, "steps": 0}
-    last_loss = None
-    last_saved = start_step if last_ckpt is not None else None
-    for step in range(start_step, t_cfg.steps):
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        n_sent = n_tok = flops = 0.0
-        for micro in range(t_cfg.grad_accum):
-            batch = batches.next()
-            batch = batch.to(device)
-            n_sent += _count(batch, "num_sentences", lambda b: b.embeddings.shape[0])
-            n_tok += _count(batch, "num_target_tokens", lambda b: b.tokens.numel())
-            flops += float(model.flops_per_batch(batch))
-            if use_fsdp:
-                model.set_requires_gradient_sync(micro == t_cfg.grad_accum - 1)
-            with autocast:
-                loss, _ = model.loss(batch)
-            if loss.ndim != 0:
-                raise ValueError(f"{type(model).__name__}.loss must return a scalar, got shape {tuple(loss.shape)}")
-            scaler.scale(loss / t_cfg.grad_accum).backward()
-            loss_sum += loss.detach().double()
-        if replicated:
-            _all_reduce_grads(model, info)
-        scaler.unscale_(optimizer)
-        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(_grad_params(model), max_norm)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        bad_local = ~torch.isfinite(loss_sum)
-        if t_cfg.precision != "fp16":  # fp16 overflow is the grad scaler's business
-            bad_local = bad_local | ~torch.isfinite(norm.to(device).double())
-        f64 = dict(dtype=torch.float64, device=device)
-        stats = torch.stack([torch.nan_to_num(loss_sum, nan=0.0, posinf=0.0, neginf=0.0), bad_local.double(),
-                             torch.tensor(n_sent, **f64), torch.tensor(n_tok, **f64), torch.tensor(flops, **f64),
-                             norm.detach().to(device).double(),
-                             torch.tensor(float(_STOP.requested), **f64)])
-        stats = _all_reduce_sum(stats, info).tolist()
-        bad = stats[1] > 0
-        grad_norm = stats[5] / info.world_size  # identical on every rank: the mean is the value
-        if bad:
-            optimizer.zero_grad(set_to_none=True)
-            if scaler.is_enabled():
-                scaler.update()
-            skipped += 1
-            bad_in_row += 1
-            logger.message(f"step {step + 1}: non-finite loss or gradient, update skipped "
-                           f"({bad_in_row} in a row, {skipped} in total)")
-            if bad_in_row >= t_cfg.max_bad_steps:
-                latest = ckpt.latest_checkpoint(ckpt_root)
-                raise TrainingAborted(
-                    f"{bad_in_row} non-finite steps in a row (train.max_bad_steps={t_cfg.max_bad_steps}) at step "
-                    f"{step + 1}; last good checkpoint: {latest if latest else 'none'}")
-        else:
-            scaler.step(optimizer)
+def _resume(run: Run) -> bool:
+    """Restore the latest complete checkpoint into `run`; False if there is none."""
+    path = ckpt.latest_checkpoint(run.ckpt_root)
+    if path is None:
+        return False
+    trainer_state, rank_state = ckpt.load_checkpoint(path, run.model, run.optimizer)
+    run.scheduler.load_state_dict(trainer_state["scheduler"])
+    run.scaler.load_state_dict(trainer_state["scaler"])
+    run.loader.load_state_dict(rank_state["loader"])
+    run.step = run.last_saved = int(trainer_state["step"])
+    run.skipped = int(trainer_state.get("skipped_steps", 0))
+    run.bad_in_row = int(trainer_state.get("bad_in_row", 0))
+    run.logger.message(f"resumed from {path} at step {run.step}")
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ one step
+@dataclass
+class StepStats:
+    """One optimizer step, summed over its micro-batches and all ranks (the same on every rank)."""
+
+    loss: float | None  # mean micro-batch loss over micro-batches and ranks; None when the step is skipped
+    skipped: bool  # a rank saw a non-finite loss (or, outside fp16, gradient norm): no update
+    sentences: float  # sentences in the step's batches
+    tokens: float  # target tokens in the step's batches
+    flops: float  # model FLOPs of the step (forward + backward)
+    grad_norm: float  # global gradient norm before clipping
+    stop_requested: bool  # a rank received SIGUSR1
+    seconds: float = 0.0  # wall time of the step on this rank
+
+    # the all-reduced vector: one float64 per name, summed over ranks (the only place that packs it)
+    _PACKED = ("loss_sum", "bad_ranks", "sentences", "tokens", "flops", "grad_norm_sum", "stop_ranks")
+
+    @classmethod
+    def all_reduce(cls, local: dict[str, torch.Tensor | float], info: DistInfo, micro_batches: int) -> StepStats:
+        """Sum this rank's values over all ranks and name them (`local` holds every name in _PACKED)."""
+        f64 = dict(dtype=torch.float64, device=info.device)
+        vec = torch.stack([torch.as_tensor(local[k], **f64).reshape(()) for k in cls._PACKED])
+        total = dict(zip(cls._PACKED, _all_reduce_sum(vec, info).tolist()))
+        skipped = total["bad_ranks"] > 0
+        return cls(loss=None if skipped else total["loss_sum"] / (micro_batches * info.world_size),
+                   skipped=skipped, sentences=total["sentences"], tokens=total["tokens"], flops=total["flops"],
+                   grad_norm=total["grad_norm_sum"] / info.world_size,  # the same on every rank: the mean is it
+                   stop_requested=total["stop_ranks"] > 0)
+
+
+def train_step(run: Run) -> StepStats:
+    """Forward/backward over `train.grad_accum` micro-batches, gradient all-reduce (replicated mode),
+    unscale and clip. The optimizer is not stepped here (see `apply_or_skip`)."""
+    cfg, model, device = run.cfg, run.model, run.info.device
+    t0 = time.perf_counter()
+    accum = cfg.train.grad_accum
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    sentences = tokens = flops = 0.0
+    for micro in range(accum):
+        batch = run.batches.next().to(device)
+        sentences += float(batch.num_sentences)
+        tokens += float(batch.num_target_tokens)
+        flops += float(model.flops_per_batch(batch))
+        if run.use_fsdp:
+            model.set_requires_gradient_sync(micro == accum - 1)
+        with run.autocast:
+            loss, _ = model.loss(batch)
+        if loss.ndim != 0:
+            raise ValueError(f"{type(model).__name__}.loss must return a scalar, got shape {tuple(loss.shape)}")
+        run.scaler.scale(loss / accum).backward()
+        loss_sum += loss.detach().double()
+    if run.replicated:
+        _all_reduce_grads(model, run.info)
+    run.scaler.unscale_(run.optimizer)
+    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+    params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if run.use_fsdp:  # a DTensor over the sharded gradients
+        norm = norm.full_tensor()
+    norm = norm.detach().to(device).double()
+    bad = ~torch.isfinite(loss_sum)
+    if cfg.train.precision != "fp16":  # fp16 overflow is the grad scaler's business
+        bad = bad | ~torch.isfinite(norm)
+    local = {"loss_sum": torch.nan_to_num(loss_sum, nan=0.0, posinf=0.0, neginf=0.0), "bad_ranks": bad.double(),
+             "sentences": sentences, "tokens": tokens, "flops": flops, "grad_norm_sum": norm,
+             "stop_ranks": float(_STOP.requested)}
+    stats = StepStats.all_reduce(local, run.info, accum)
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def apply_or_skip(run: Run, stats: StepStats) -> float:
+    """Step the optimizer (or drop the gradients of a skipped step, aborting after too many in a row) and
+    the schedule; returns the lr the step used."""
+    opt, scaler = run.optimizer, run.scaler
+    if stats.skipped:
+        opt.zero_grad(set_to_none=True)
+        if scaler.is_enabled():
             scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            bad_in_row = 0
-            last_loss = stats[0] / (t_cfg.grad_accum * info.world_size)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        dt = time.perf_counter() - t0
-        if step > start_step:  # the first step includes start-up costs
-            step_times.append(dt)
-        for k, v in (("time", dt), ("sent", stats[2]), ("tok", stats[3]), ("flops", stats[4]), ("steps", 1)):
-            window[k] += v
-        done = step + 1
-        if done % t_cfg.log_every == 0 or done == t_cfg.steps:
-            w = window
-            logger.log({"kind": "train", "step": done,
-                        "loss": None if bad else last_loss, "lr": lr, "grad_norm": grad_norm,
-                        "sentences_per_s": w["sent"] / w["time"], "tokens_per_s": w["tok"] / w["time"],
-                        "mfu": w["flops"] / w["time"] / (peak * info.world_size),
-                        "step_s": w["time"] / w["steps"],
-                        "mem_gib": memory_gib(device), "skipped_steps": skipped})
-            window = {k: 0.0 for k in window}
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-        if t_cfg.eval_every and done % t_cfg.eval_every == 0:
-            result["eval_loss"] = evaluate(model, cfg, info, data_factory, autocast)
-            logger.log({"kind": "eval", "step": done, "eval_loss": result["eval_loss"]})
-        if sample_fn is not None and t_cfg.sample_every and done % t_cfg.sample_every == 0:
-            _write_samples(model, sample_fn, done, run_dir, info)
-        if (t_cfg.checkpoint_every and done % t_cfg.checkpoint_every == 0) or done == t_cfg.steps:
-            if checkpoint_now(done):
-                last_saved = done
-        result.update(step=done, loss=last_loss, skipped_steps=skipped)
-        if stats[6] > 0 and done < t_cfg.steps:  # a rank got SIGUSR1: all ranks save and stop here
-            if checkpoint_now(done):
-                last_saved = done
+        run.skipped += 1
+        run.bad_in_row += 1
+        run.logger.message(f"step {run.step + 1}: non-finite loss or gradient, update skipped "
+                           f"({run.bad_in_row} in a row, {run.skipped} in total)")
+        limit = run.cfg.train.max_bad_steps
+        if run.bad_in_row >= limit:
+            latest = ckpt.latest_checkpoint(run.ckpt_root)
+            raise TrainingAborted(f"{run.bad_in_row} non-finite steps in a row (train.max_bad_steps={limit}) at "
+                                  f"step {run.step + 1}; last good checkpoint: {latest if latest else 'none'}")
+    else:
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        run.bad_in_row = 0
+        run.last_loss = stats.loss
+    lr = run.scheduler.get_last_lr()[0]
+    run.scheduler.step()
+    return lr
+
+
+# ------------------------------------------------------------------------------------------------ cadence
+@dataclass
+class _Window:
+    """Throughput accumulated since the last progress line."""
+
+    seconds: float = 0.0
+    sentences: float = 0.0
+    tokens: float = 0.0
+    flops: float = 0.0
+    steps: int = 0
+
+    def add(self, s: StepStats) -> None:
+        self.seconds += s.seconds
+        self.sentences += s.sentences
+        self.tokens += s.tokens
+        self.flops += s.flops
+        self.steps += 1
+
+
+def _every(step: int, period: int) -> bool:
+    return bool(period) and step % period == 0
+
+
+def log_progress(run: Run, stats: StepStats, lr: float, window: _Window) -> _Window:
+    """Every `train.log_every` steps (and at the end): one metrics record; returns the next window."""
+    done, t_cfg, device = run.step, run.cfg.train, run.info.device
+    if not (_every(done, t_cfg.log_every) or done == t_cfg.steps):
+        return window
+    w = window
+    run.logger.log({"kind": "train", "step": done, "loss": None if stats.skipped else run.last_loss, "lr": lr,
+                    "grad_norm": stats.grad_norm, "sentences_per_s": w.sentences / w.seconds,
+                    "tokens_per_s": w.tokens / w.seconds,
+                    "mfu": w.flops / w.seconds / (run.peak_flops * run.info.world_size),
+                    "step_s": w.seconds / w.steps, "mem_gib": memory_gib(device), "skipped_steps": run.skipped})
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return _Window()
+
+
+def maybe_evaluate(run: Run) -> None:
+    if _every(run.step, run.cfg.train.eval_every):
+        run.eval_loss = evaluate(run.model, run.cfg, run.info, run.data_factory, run.autocast)
+        run.logger.log({"kind": "eval", "step": run.step, "eval_loss": run.eval_loss})
+
+
+def maybe_sample(run: Run) -> None:
+    if run.sample_fn is not None and _every(run.step, run.cfg.train.sample_every):
+        _write_samples(run.model, run.sample_fn, run.step, run.run_dir, run.info)
+
+
+def save_checkpoint(run: Run) -> bool:
+    """Checkpoint the current step (collective); True if it is saved and now the latest."""
+    trainer_state = {"scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+                     "skipped_steps": run.skipped, "bad_in_row": run.bad_in_row}
+    ok = ckpt.save_checkpoint(run.ckpt_root, run.step, run.model, run.optimizer, trainer_state,
+                              {"loader": run.loader.state_dict()}, keep_last=run.cfg.train.keep_last)
+    if ok:
+        run.last_saved = run.step
+    return ok
+
+
+def maybe_checkpoint(run: Run) -> None:
+    if _every(run.step, run.cfg.train.checkpoint_every) or run.step == run.cfg.train.steps:
+        save_checkpoint(run)
+
+
+def stop_if_requested(run: Run, stats: StepStats) -> bool:
+    """A rank got SIGUSR1: every rank saves and stops here (True)."""
+    if not stats.stop_requested or run.step >= run.cfg.train.steps:
+        return False
+    save_checkpoint(run)
+    run.logger.message(f"stop requested (SIGUSR1): checkpoint saved at step {run.step}, exiting")
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def train(run: Run) -> dict[str, Any]:
+    """Run the remaining steps; returns the final metrics."""
+    result: dict[str, Any] = {"step": run.step, "loss": None, "eval_loss": None, "skipped_steps": run.skipped}
+    first_step, step_times, window = run.step, [], _Window()
+    _STOP.install()
+    run.model.train()
+    while run.step < run.cfg.train.steps:
+        stats = train_step(run)
+        lr = apply_or_skip(run, stats)
+        if run.step > first_step:  # the first step includes start-up costs
+            step_times.append(stats.seconds)
+        run.step += 1
+        window.add(stats)
+        window = log_progress(run, stats, lr, window)
+        maybe_evaluate(run)
+        maybe_sample(run)
+        maybe_checkpoint(run)
+        result.update(step=run.step, loss=run.last_loss, skipped_steps=run.skipped, eval_loss=run.eval_loss)
+        if stop_if_requested(run, stats):
             result["stopped"] = True
-            logger.message(f"stop requested (SIGUSR1): checkpoint saved at step {done}, exiting")
             break
-    logger.close()
+    run.logger.close()
     result["steps_per_s"] = (len(step_times) / sum(step_times)) if step_times else None
-    result["checkpoint"] = (str(ckpt_root / ckpt.step_dir_name(last_saved)) if last_saved is not None else None)
+    result["checkpoint"] = (str(run.ckpt_root / ckpt.step_dir_name(run.last_saved))
+                            if run.last_saved is not None else None)
     return result
+
+
+def run_training(cfg: RunConfig, *, model_factory: ModelFactory | None = None,
+                 data_factory: DataFactory | None = None, sample_fn: SampleFn | None = None,
+                 stream=None) -> dict[str, Any]:
+    """Train as configured; returns the final metrics (step, loss, eval_loss, skipped_steps, steps_per_s,
+    checkpoint, and stopped=True when SIGUSR1 ended the run early after a checkpoint). Raises TrainingAborted /
+    ValueError / ... after logging; the process group is destroyed on the way out in every case.
+    `sample_fn(model, step) -> record` is called every `train.sample_every` steps (None: no samples)."""
+    validate(cfg, check_paths=data_factory is None)
+    if data_factory is None and cfg.train.eval_every and not cfg.data.val_path:
+        raise ValueError("train.eval_every > 0 needs data.val_path (the validation shards)")
+    info = init_distributed(cfg)
+    try:
+        run = build_run(cfg, info, model_factory or default_model_factory, data_factory or default_data_factory,
+                        sample_fn, stream)
+        return train(run)
+    except BaseException as e:
+        if not isinstance(e, KeyboardInterrupt):
+            print(f"[rank {info.rank}] training failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            if not isinstance(e, TrainingAborted):
+                traceback.print_exc(file=sys.stderr)
+        raise
+    finally:
+        _STOP.uninstall()
+        shutdown_distributed(info)
 
 
 def evaluate(model: nn.Module, cfg: RunConfig, info: DistInfo, data_factory: DataFactory,

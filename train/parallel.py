@@ -1,10 +1,10 @@
 """Distributed setup: process group from the torchrun environment, device choice, FSDP2 sharding
-(per transformer block, then the root), frozen-decoder placement, activation checkpointing, compile.
+(per transformer block, then the root), activation checkpointing, compile.
 
-The frozen SONAR decoder (any submodule whose parameters all have requires_grad=False) is replicated on
-every rank by default: it is excluded from FSDP (`ignored_params`) and cast to the compute dtype, so it
-costs no communication. `decoder_placement="shard"` instead shards every layer of its ModuleLists with
-FSDP2 (no gradients flow into them; their all-gathers are paid each step) to save memory.
+Frozen submodules (any submodule whose parameters all have requires_grad=False) are replicated on every
+rank: excluded from FSDP (`ignored_params`) and cast to the compute dtype, so they cost no communication.
+SonarLLM keeps its frozen SONAR decoder outside the module tree altogether (`decoder_to` moves and casts it).
+Whether FSDP2 is used is decided by `uses_fsdp(cfg)` (the trainer asks it; nothing probes the module).
 """
 from __future__ import annotations
 
@@ -102,6 +102,11 @@ def apply_activation_checkpointing(blocks: list[nn.Module], mode: str) -> None:
         block.forward = functools.partial(checkpoint, inner, use_reentrant=False)
 
 
+def uses_fsdp(cfg: RunConfig) -> bool:
+    """FSDP2 sharding: `parallel.fsdp` and a process group exists (else one process, or full replicas)."""
+    return cfg.parallel.fsdp and dist.is_initialized()
+
+
 def parallelize(model: nn.Module, cfg: RunConfig, info: DistInfo) -> nn.Module:
     """Move to device, then activation checkpointing, compile (per block) and FSDP2 as configured.
     Returns the (same, now sharded) module; call `model.loss` as usual."""
@@ -111,8 +116,8 @@ def parallelize(model: nn.Module, cfg: RunConfig, info: DistInfo) -> nn.Module:
     dtype = DTYPES[cfg.train.precision]
     model.to(info.device)
     frozen = frozen_modules(model)
-    use_fsdp = cfg.parallel.fsdp and dist.is_initialized()
-    if dtype != torch.float32 and (not use_fsdp or cfg.parallel.decoder_placement == "replicate"):
+    use_fsdp = uses_fsdp(cfg)
+    if dtype != torch.float32:
         for m in frozen:  # frozen weights need no fp32 master copy
             m.to(dtype)
     if callable(getattr(model, "decoder_to", None)):
@@ -135,19 +140,8 @@ def parallelize(model: nn.Module, cfg: RunConfig, info: DistInfo) -> nn.Module:
     reshard = cfg.parallel.reshard_after_forward
     for b in blocks:
         fully_shard(b, reshard_after_forward=reshard, **kw)
-    ignored: set[nn.Parameter] = set()
-    if cfg.parallel.decoder_placement == "shard":
-        for m in frozen:
-            for sub in m.modules():
-                if isinstance(sub, nn.ModuleList):
-                    for layer in sub:
-                        fully_shard(layer, reshard_after_forward=reshard, **kw)
-    else:
-        for m in frozen:
-            ignored.update(m.parameters())
+    ignored = {p for m in frozen for p in m.parameters()}
     # the root keeps its parameters gathered after forward: backward needs them straight away
     fully_shard(model, reshard_after_forward=False, ignored_params=ignored or None, **kw)
-    for name in ("loss", "sample"):
-        if hasattr(model, name):
-            register_fsdp_forward_method(model, name)
+    register_fsdp_forward_method(model, "loss")  # the trainer calls loss(), not forward()
     return model
