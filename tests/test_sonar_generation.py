@@ -63,14 +63,16 @@ def test_greedy_matches_independent_loop():
             out.append(tok)
             seq.append(tok)
         expected.append(out)
-    assert greedy_decode(dec, emb, LANG, max_gen_len=max_gen_len) == expected
+    old_bans = GenerationConfig(max_gen_len=max_gen_len, banned_ids=(0, 1))  # the reference above bans 0 and 1
+    assert greedy_decode(dec, emb, LANG, cfg=old_bans) == expected
     assert any(len(e) < max_gen_len - 1 for e in expected) and any(e for e in expected)
 
 
 def test_hypothesis_scores_and_length_rules():
     dec, emb = gen_decoder(), embeddings(seed=2)
     max_gen_len, beam = 6, 3
-    results = beam_search(dec, emb, LANG, GenerationConfig(beam_size=beam, max_gen_len=max_gen_len))
+    results = beam_search(dec, emb, LANG, GenerationConfig(beam_size=beam, max_gen_len=max_gen_len,
+                                                            banned_ids=(0, 1)))
     for b, hyps in enumerate(results):
         assert 1 <= len(hyps) <= beam
         assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
@@ -102,11 +104,12 @@ def test_min_gen_len_bans_early_eos():
 
 
 def test_pad_and_unk_never_emitted():
+    """The former default (ban the tokenizer's pad 0 and unk 1), now asked for explicitly."""
     dec, emb = gen_decoder(), embeddings(seed=4)
     with torch.no_grad():
         dec.decoder_frontend.embed.weight[0:2].mul_(50.0)
     for beam in (1, 3):
-        out = generate(dec, emb, LANG, beam_size=beam, max_gen_len=8)
+        out = generate(dec, emb, LANG, cfg=GenerationConfig(beam_size=beam, max_gen_len=8, banned_ids=(0, 1)))
         assert all(0 not in t and 1 not in t for t in out)
 
 

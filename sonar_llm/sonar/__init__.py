@@ -21,7 +21,17 @@ from .checkpoint import (
     load_state_dict_file,
     save_fairseq2_checkpoint,
 )
-from .generation import GenerationConfig, Hypothesis, beam_search, generate, greedy_decode
+from .generation import (
+    PROMPT_LEN,
+    GenerationConfig,
+    Hypothesis,
+    beam_search,
+    decode_hypotheses,
+    generate,
+    greedy_decode,
+    make_generator,
+    sample_hypotheses,
+)
 from .pipeline import EmbeddingToText, TextToEmbedding
 from .registry import resolve_asset, resolve_assets
 from .tokenizer import SONAR_LANGS, NllbTokenizer
@@ -32,6 +42,7 @@ __all__ = [
     "FeedForward", "LayerKVCache", "MultiheadAttention", "SinusoidalPositions", "sinusoid_table",
     "convert_from_safetensors", "convert_to_safetensors", "infer_config", "load_sonar_decoder",
     "load_sonar_encoder", "load_state_dict_file", "save_fairseq2_checkpoint", "GenerationConfig",
-    "Hypothesis", "beam_search", "generate", "greedy_decode", "EmbeddingToText", "TextToEmbedding",
+    "Hypothesis", "beam_search", "generate", "greedy_decode", "decode_hypotheses", "sample_hypotheses", "make_generator",
+    "PROMPT_LEN", "EmbeddingToText", "TextToEmbedding",
     "resolve_asset", "resolve_assets", "SONAR_LANGS", "NllbTokenizer",
 ]

@@ -1,13 +1,46 @@
-"""Decode sentence embeddings to token ids with beam search (greedy = beam 1), as fairseq2 does.
+"""Decode sentence embeddings to token ids: beam search (greedy = beam 1) as fairseq2 does, or sampling.
 
-Semantics (fairseq2 ``BeamSearchSeq2SeqGenerator`` defaults used by SONAR's EmbeddingToText pipeline):
-- prompt ``[eos=3, lang]``; the prompt's own log-probability (of ``lang`` after ``eos``) is part of the score;
-- sequence cap ``min(max_seq_len, prompt_len + max_gen_len)`` (so at most ``max_gen_len`` = 128 + 1 = 129
-  generated tokens by default), the last allowed step forces EOS; EOS is banned while
-  ``step < prompt_len + min_gen_len - 1``; pad (0) and unk (1) are never emitted;
-- fairseq's beam step: take the best ``2 * beam`` candidates of (cumulative score + log-prob), finish those
-  among the first ``beam`` that are EOS, continue with the first ``beam`` that are not; a sentence is done
-  when ``beam`` hypotheses have finished; hypotheses are ranked by ``score / (seq_len - 1) ** len_penalty``.
+Defaults reproduce SONAR's ``EmbeddingToTextModelPipeline.predict`` (fairseq2 v0.4.6
+``BeamSearchSeq2SeqGenerator`` with its defaults; read in ``generation/_beam_search/_generator.py`` and
+``sonar/inference_pipelines/text.py``) token for token:
+
+- **Prompt** ``[eos=3, lang]``; the prompt's own log-probability (of ``lang`` after ``eos``) is part of the
+  score.
+- **Length.** fairseq2 allows ``a * source_len + b`` generated tokens, ``max_gen_len=(a, b) = (1, 128)``.
+  SONAR hands the generator the embedding batch ``[N, E]`` *as the source sequences* (a dummy encoder turns
+  it into the one-key encoder output), so ``source_len`` is the embedding **width** ``E``, not 1: the
+  default allows ``E + 128`` tokens. The whole sequence, prompt included, is then capped by ``max_seq_len``
+  (default and upper bound: the decoder's position table, ``max_target_seq_len`` = 512 rows for the released
+  models). So a sentence gets at most ``min(rows, 2 + E + 128) - 2`` tokens, final EOS included: 510 for
+  the released models (``E`` = 1024), 192 for a 512-row decoder read with width 64, 126 for a 128-row
+  decoder. (An older note here assumed ``source_len`` = 1 and a cap of 129: that is not what SONAR does.)
+  The last allowed step forces EOS; EOS is banned while ``step < prompt_len + min_gen_len - 1``.
+  :meth:`GenerationConfig.max_new_tokens` computes this cap, :meth:`GenerationConfig.summary` states it.
+- **Banned ids.** fairseq2 never emits the model's ``vocab_info.pad_idx``; SONAR's model configs set it to
+  1, the same id as ``<unk>`` (the tokenizer's real ``<pad>`` is 0). So the default bans id 1 only and
+  *may emit id 0*, as SONAR does (its ``unk_penalty`` is 0). ``banned_ids=(0, 1)`` gives this module's
+  former rule.
+- **Beam step** (fairseq's): take the best ``2 * beam`` candidates of (cumulative score + log-prob), finish
+  those among the first ``beam`` that are EOS, continue with the first ``beam`` that are not; a sentence is
+  done when ``beam`` hypotheses have finished.
+- **Scores**: log-probabilities of ``softmax(logits / temperature)`` in fp32, summed over the prompt's
+  language tag and the generated tokens, divided by ``(seq_len - 1) ** len_penalty`` where ``seq_len``
+  counts the prompt (``normalize_scores``); hypotheses are ranked by that score.
+
+Saner caps for evaluation: the public SONAR-LLM generation passes ``max_seq_len=256`` (254 tokens per
+sentence at width 1024); ``max_gen_len`` as a plain int caps the generated tokens (EOS included) directly.
+
+Sampling (``do_sample=True``) follows fairseq2's ``SamplingSeq2SeqGenerator``: the same prompt, length rule,
+bans, forced final EOS and fp32 ``softmax(logits / temperature)``; banned ids get probability 0; the state
+is fanned out to ``num_samples`` rows per embedding after the prompt. Filters: ``top_k`` keeps the ``k``
+most likely tokens (ties broken by ``torch.topk``); ``top_p`` keeps the most likely tokens, in descending
+order, while the probability mass *before* a token is ``<= p`` (fairseq2's ``TopPSampler``: the smallest
+set whose mass reaches ``p``, plus ties at the boundary). fairseq2 takes one sampler; here both may be set
+and apply in the order top-k, renormalise, top-p. Differences from fairseq2, chosen on purpose: the default
+temperature stays 1.0 (fairseq2's sampling generator defaults to 0.6: pass ``temperature=0.6`` to match it),
+and scores are always computed (as fairseq2's ``compute_scores=True``: from the temperature softmax before
+the top-k/top-p filters). Draws come from ``generator`` (or one seeded from ``seed``), so they depend on
+the batch composition: the same seed and batch give the same samples.
 
 The incremental path uses the decoder's KV cache and the exact one-key cross-attention constants
 (``W_o (W_v e + b_v) + b_o`` per layer); ``use_cache=False`` runs the full reference forward at every step
@@ -15,37 +48,132 @@ The incremental path uses the decoder's KV cache and the exact one-key cross-att
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from .config import SonarDecoderConfig
 from .decoder import SonarTextDecoder
 
-__all__ = ["GenerationConfig", "Hypothesis", "generate", "greedy_decode", "beam_search"]
+__all__ = [
+    "PROMPT_LEN", "GenerationConfig", "Hypothesis", "decode_hypotheses", "beam_search", "sample_hypotheses",
+    "generate", "greedy_decode", "make_generator",
+]
+
+PROMPT_LEN = 2  # [eos, lang]
 
 
 @dataclass
 class GenerationConfig:
+    """How to turn one sentence embedding into tokens. The defaults are SONAR's own pipeline (module docstring)."""
+
     beam_size: int = 5
+    """Beam width (1 = greedy). Unused when ``do_sample``."""
     min_gen_len: int = 1
-    max_gen_len: int = 129  # fairseq2 (1, 128) with a source length of 1
-    max_seq_len: int = 512
+    """EOS is banned until this many tokens have been generated (EOS counted)."""
+    max_gen_len: int | tuple[float, float] = (1, 128)
+    """Most generated tokens, EOS included: an int, or fairseq2's ``(a, b)`` = ``a * width + b`` where
+    ``width`` is the embedding size (SONAR's source length; see the module docstring)."""
+    max_seq_len: int | None = None
+    """Cap on the whole sequence, 2-token prompt included; None = the decoder's position table (fairseq2's
+    default). Larger values are cut to the table. The public SONAR-LLM generation uses 256."""
     normalize_scores: bool = True
+    """Divide a hypothesis' score by ``(seq_len - 1) ** len_penalty`` (``seq_len`` counts the prompt)."""
     len_penalty: float = 1.0
+    """Exponent of the length normalisation."""
     temperature: float = 1.0
-    ban_unk: bool = True
+    """Logits are divided by this before the softmax (beam search and sampling)."""
+    banned_ids: tuple[int, ...] | None = None
+    """Ids never generated (except the forced final EOS); None = SONAR's, ``(unk_idx,)`` = (1,): fairseq2's
+    model pad index. ``(0, 1)`` also bans the tokenizer's pad."""
     use_cache: bool = True
+    """Incremental decoding through the KV cache; False = full forward every step (reference, slow)."""
+    do_sample: bool = False
+    """Sample tokens instead of beam search."""
+    top_k: int = 0
+    """Sampling: keep only the k most likely tokens (0 = all)."""
+    top_p: float = 1.0
+    """Sampling: nucleus threshold in (0, 1] (1 = all tokens)."""
+    num_samples: int = 1
+    """Sampling: continuations per embedding (beam search returns one best per embedding)."""
+    seed: int | None = None
+    """Sampling: seed of a fresh ``torch.Generator`` when none is passed (None = torch's global RNG)."""
 
     def __post_init__(self) -> None:
-        if self.beam_size < 1:
-            raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
-        if self.max_gen_len < 1:
-            raise ValueError(f"max_gen_len must be >= 1, got {self.max_gen_len}")
-        if self.min_gen_len < 0:
-            raise ValueError(f"min_gen_len must be >= 0, got {self.min_gen_len}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        def positive_int(name: str, value: Any, low: int = 1) -> None:
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"GenerationConfig.{name} must be an int >= {low}, got {value!r}")
+
+        positive_int("beam_size", self.beam_size)
+        positive_int("min_gen_len", self.min_gen_len, 0)
+        if isinstance(self.max_gen_len, list):  # e.g. read back from JSON
+            self.max_gen_len = tuple(self.max_gen_len)
+        if isinstance(self.max_gen_len, tuple):
+            if len(self.max_gen_len) != 2 or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.max_gen_len):
+                raise ValueError(f"GenerationConfig.max_gen_len must be an int or a pair (a, b) meaning "
+                                 f"a * embedding width + b, got {self.max_gen_len!r}")
+        else:
+            positive_int("max_gen_len", self.max_gen_len)
+        if self.max_seq_len is not None:
+            positive_int("max_seq_len", self.max_seq_len, PROMPT_LEN + 1)
+        if not self.temperature > 0:
+            raise ValueError(f"GenerationConfig.temperature must be > 0, got {self.temperature}")
+        if self.banned_ids is not None:
+            self.banned_ids = tuple(self.banned_ids)
+            for i in self.banned_ids:
+                positive_int("banned_ids[...]", i, 0)
+        positive_int("top_k", self.top_k, 0)
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"GenerationConfig.top_p must be in (0, 1], got {self.top_p}")
+        positive_int("num_samples", self.num_samples)
+        if self.num_samples > 1 and not self.do_sample:
+            raise ValueError("GenerationConfig.num_samples > 1 needs do_sample=True (beam search returns one "
+                             "best hypothesis per embedding; beam_search() returns all finished ones)")
+        if self.seed is not None:
+            positive_int("seed", self.seed, 0)
+
+    def max_new_tokens(self, width: int, max_positions: int) -> int:
+        """Most tokens one sentence can get, final EOS included, for embeddings of size ``width`` and a
+        decoder with ``max_positions`` position rows: ``min(cap, 2 + max_gen_len) - 2`` with
+        ``cap = min(max_seq_len or max_positions, max_positions)``."""
+        if isinstance(self.max_gen_len, tuple):
+            a, b = self.max_gen_len
+            gen = int(a * width + b)
+            if gen < 1:
+                raise ValueError(f"GenerationConfig.max_gen_len={self.max_gen_len} gives {gen} tokens for "
+                                 f"width {width}; it must allow at least 1")
+        else:
+            gen = self.max_gen_len
+        cap = max_positions if self.max_seq_len is None else min(self.max_seq_len, max_positions)
+        if cap <= PROMPT_LEN:
+            raise ValueError(f"a sequence cap of {cap} positions leaves no room after the {PROMPT_LEN}-token prompt")
+        return min(cap, PROMPT_LEN + gen) - PROMPT_LEN
+
+    def resolved_banned_ids(self, decoder_cfg: SonarDecoderConfig) -> tuple[int, ...]:
+        """The ids this configuration bans for a decoder: ``banned_ids``, or SONAR's ``(unk_idx,)``."""
+        ids = (decoder_cfg.unk_idx,) if self.banned_ids is None else self.banned_ids
+        for i in ids:
+            if not 0 <= i < decoder_cfg.vocab_size:
+                raise ValueError(f"banned id {i} is outside the decoder vocabulary [0, {decoder_cfg.vocab_size})")
+        return ids
+
+    def summary(self, decoder_cfg: SonarDecoderConfig, width: int | None = None) -> dict[str, Any]:
+        """JSON-ready statement of the decoding actually run with this decoder (what an evaluation or
+        generation command should print and store): every field plus the resolved ``max_new_tokens`` and
+        ``banned_ids``. ``width`` defaults to the decoder's ``encoder_dim``."""
+        width = decoder_cfg.encoder_dim if width is None else width
+        out = dataclasses.asdict(self)
+        out["max_gen_len"] = list(self.max_gen_len) if isinstance(self.max_gen_len, tuple) else self.max_gen_len
+        out["strategy"] = "sample" if self.do_sample else ("greedy" if self.beam_size == 1 else "beam")
+        out["banned_ids"] = list(self.resolved_banned_ids(decoder_cfg))
+        out["decoder_positions"] = decoder_cfg.max_seq_len
+        out["width"] = width
+        out["max_new_tokens"] = self.max_new_tokens(width, decoder_cfg.max_seq_len)
+        return out
 
 
 @dataclass
@@ -87,59 +215,82 @@ def _lang_column(lang_ids: int | Tensor | list[int], batch: int, device) -> Tens
     return col
 
 
+class _Setup:
+    """What beam search and sampling share: checked embeddings, the prompt, the length limits, the stepper,
+    and the prompt's score (the prefill)."""
+
+    def __init__(self, decoder: SonarTextDecoder, embeddings: Tensor, lang_ids: int | Tensor | list[int],
+                 cfg: GenerationConfig) -> None:
+        if not isinstance(embeddings, Tensor) or embeddings.dim() != 2:
+            shape = tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings).__name__
+            raise ValueError(f"embeddings must be [B, E], got {shape}")
+        vcfg = decoder.cfg
+        if embeddings.size(1) != vcfg.encoder_dim:
+            raise ValueError(f"embeddings dim {embeddings.size(1)} != decoder encoder_dim {vcfg.encoder_dim}")
+        w = decoder.decoder_frontend.embed.weight
+        self.device = w.device
+        self.emb = embeddings.to(device=self.device, dtype=w.dtype)
+        self.num_prompts = self.emb.size(0)
+        self.eos = vcfg.eos_idx
+        self.banned = torch.tensor(cfg.resolved_banned_ids(vcfg), dtype=torch.int64, device=self.device)
+        self.max_seq_len = PROMPT_LEN + cfg.max_new_tokens(embeddings.size(1), vcfg.max_seq_len)
+        self.min_seq_len = min(self.max_seq_len, PROMPT_LEN + cfg.min_gen_len)
+        self.cfg = cfg
+        if self.num_prompts == 0:
+            return
+        self.seqs = torch.empty(self.num_prompts, self.max_seq_len, dtype=torch.int64, device=self.device)
+        self.seqs[:, 0] = self.eos
+        self.seqs[:, 1] = _lang_column(lang_ids, self.num_prompts, self.device)
+        self.stepper = (_CachedStepper(decoder, self.emb, self.max_seq_len) if cfg.use_cache
+                        else _BruteForceStepper(decoder, self.emb))
+        # Prefill: score the language tag after EOS.
+        lp = self.lprobs(self.stepper(self.seqs, 0, PROMPT_LEN - 1)[:, 0])
+        self.prompt_score = lp.gather(-1, self.seqs[:, 1:2]).squeeze(-1)
+
+    def lprobs(self, logits: Tensor) -> Tensor:
+        return torch.log_softmax(logits.float() / self.cfg.temperature, dim=-1)
+
+    def step_lprobs(self, step_nr: int) -> Tensor:
+        """Log-probabilities for position ``step_nr`` with the rules applied: the last step forces EOS,
+        otherwise banned ids and (before the minimum length) EOS get -inf."""
+        lprobs = self.lprobs(self.stepper(self.seqs, step_nr - 1, step_nr)[:, 0])
+        if step_nr == self.max_seq_len - 1:
+            forced = torch.full_like(lprobs, -torch.inf)
+            forced[:, self.eos] = lprobs[:, self.eos]
+            return forced
+        lprobs[:, self.banned] = -torch.inf
+        if step_nr < self.min_seq_len - 1:
+            lprobs[:, self.eos] = -torch.inf
+        return lprobs
+
+    def final_score(self, raw: float, step_nr: int) -> float:
+        # (step_nr + 1) - 1: fairseq2 divides by the sequence length (prompt included) minus one.
+        return raw / step_nr ** self.cfg.len_penalty if self.cfg.normalize_scores else raw
+
+    def reorder(self, index: Tensor) -> None:
+        self.stepper.reorder(index)
+        self.seqs = self.seqs.index_select(0, index)
+
+
 @torch.inference_mode()
 def beam_search(decoder: SonarTextDecoder, embeddings: Tensor, lang_ids: int | Tensor | list[int],
                 cfg: GenerationConfig | None = None) -> list[list[Hypothesis]]:
     """All finished hypotheses per embedding, best first. embeddings [B, E]; lang_ids: int or [B]."""
     cfg = cfg or GenerationConfig()
-    if not isinstance(embeddings, Tensor) or embeddings.dim() != 2:
-        shape = tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings).__name__
-        raise ValueError(f"embeddings must be [B, E], got {shape}")
-    if embeddings.size(1) != decoder.cfg.encoder_dim:
-        raise ValueError(f"embeddings dim {embeddings.size(1)} != decoder encoder_dim {decoder.cfg.encoder_dim}")
-    vcfg = decoder.cfg
-    eos, pad, unk = vcfg.eos_idx, vcfg.pad_idx, vcfg.unk_idx
-    w = decoder.decoder_frontend.embed.weight
-    device = w.device
-    emb = embeddings.to(device=device, dtype=w.dtype)
-    num_prompts = emb.size(0)
+    run = _Setup(decoder, embeddings, lang_ids, cfg)
+    num_prompts, device, eos = run.num_prompts, run.device, run.eos
     if num_prompts == 0:
         return []
-    prompt_len = 2
-    max_seq_len = min(cfg.max_seq_len, vcfg.max_seq_len, prompt_len + cfg.max_gen_len)
-    min_seq_len = min(cfg.max_seq_len, vcfg.max_seq_len, prompt_len + cfg.min_gen_len)
-    if max_seq_len <= prompt_len:
-        raise ValueError(f"max_seq_len {max_seq_len} leaves no room after the {prompt_len}-token prompt")
     beam = cfg.beam_size
-
-    seqs = torch.empty(num_prompts, max_seq_len, dtype=torch.int64, device=device)
-    seqs[:, 0] = eos
-    seqs[:, 1] = _lang_column(lang_ids, num_prompts, device)
-    scores = torch.zeros(num_prompts, max_seq_len, dtype=torch.float32, device=device)
-    stepper = _CachedStepper(decoder, emb, max_seq_len) if cfg.use_cache else _BruteForceStepper(decoder, emb)
-
-    # Prefill: score the language tag after EOS.
-    logits = stepper(seqs, 0, prompt_len - 1)
-    lp = torch.log_softmax(logits.float() / cfg.temperature, dim=-1)
-    scores[:, 1] = lp[:, 0].gather(-1, seqs[:, 1:2]).squeeze(-1)
+    scores = torch.zeros(num_prompts, run.max_seq_len, dtype=torch.float32, device=device)
+    scores[:, 1] = run.prompt_score
 
     prompt_index = torch.arange(num_prompts, device=device)
     beam_sizes = [1] * num_prompts
     output: list[list[Hypothesis]] = [[] for _ in range(num_prompts)]
 
-    for step_nr in range(prompt_len, max_seq_len):
-        logits = stepper(seqs, step_nr - 1, step_nr)[:, 0]
-        lprobs = torch.log_softmax(logits.float() / cfg.temperature, dim=-1)
-        if step_nr == max_seq_len - 1:
-            forced = torch.full_like(lprobs, -torch.inf)
-            forced[:, eos] = lprobs[:, eos]
-            lprobs = forced
-        else:
-            lprobs[:, pad] = -torch.inf
-            if cfg.ban_unk:
-                lprobs[:, unk] = -torch.inf
-            if step_nr < min_seq_len - 1:
-                lprobs[:, eos] = -torch.inf
+    for step_nr in range(PROMPT_LEN, run.max_seq_len):
+        lprobs = run.step_lprobs(step_nr)
         vocab = lprobs.size(1)
         cand = lprobs + scores[:, step_nr - 1:step_nr]
 
@@ -175,9 +326,8 @@ def beam_search(decoder: SonarTextDecoder, embeddings: Tensor, lang_ids: int | T
                     break  # padding rows or banned tokens: nothing useful below
                 if j < beam and toks[j] == eos:
                     if seqs_host is None:
-                        seqs_host = seqs[:, prompt_len:step_nr].tolist()
-                    raw = top_s_list[j]
-                    score = raw / (step_nr + 1 - 1) ** cfg.len_penalty if cfg.normalize_scores else raw
+                        seqs_host = run.seqs[:, PROMPT_LEN:step_nr].tolist()
+                    score = run.final_score(top_s_list[j], step_nr)
                     output[pidx].append(Hypothesis(seqs_host[rows[j]] + [eos], float(score)))
                     if len(output[pidx]) == beam:
                         done = True
@@ -194,11 +344,10 @@ def beam_search(decoder: SonarTextDecoder, embeddings: Tensor, lang_ids: int | T
         if not new_sizes:
             break
         index = torch.tensor(keep_rows, dtype=torch.int64, device=device)
-        stepper.reorder(index)
-        seqs = seqs.index_select(0, index)
+        run.reorder(index)
         scores = scores.index_select(0, index)
         prompt_index = prompt_index.index_select(0, index)
-        seqs[:, step_nr] = torch.tensor(keep_tok, dtype=torch.int64, device=device)
+        run.seqs[:, step_nr] = torch.tensor(keep_tok, dtype=torch.int64, device=device)
         scores[:, step_nr] = torch.tensor(keep_score, dtype=torch.float32, device=device)
         beam_sizes = new_sizes
 
@@ -207,21 +356,108 @@ def beam_search(decoder: SonarTextDecoder, embeddings: Tensor, lang_ids: int | T
     return output
 
 
+def make_generator(cfg: GenerationConfig, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A ``torch.Generator`` on ``device`` seeded with ``cfg.seed`` (None when no seed is set)."""
+    if cfg.seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(cfg.seed)
+
+
+def _filter_probs(probs: Tensor, top_k: int, top_p: float) -> Tensor:
+    """probs [N, V] (banned ids at 0) -> unnormalised sampling weights after top-k, then top-p. Each filter
+    sees a renormalised distribution (the bans removed some mass), as fairseq2's samplers do."""
+    vocab = probs.size(-1)
+    probs = probs / probs.sum(-1, keepdim=True)
+    if 0 < top_k < vocab:
+        _, idx = torch.topk(probs, top_k, dim=-1)
+        keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, idx, True)
+        probs = probs.masked_fill(~keep, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass of the strictly more likely tokens
+        sorted_p = sorted_p.masked_fill(before > top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return probs
+
+
+@torch.inference_mode()
+def sample_hypotheses(decoder: SonarTextDecoder, embeddings: Tensor, lang_ids: int | Tensor | list[int],
+           cfg: GenerationConfig | None = None, generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
+    """``cfg.num_samples`` sampled hypotheses per embedding, in sample order (not sorted by score).
+    ``generator`` (on the decoder's device) drives the draws; None = one seeded from ``cfg.seed``, or
+    torch's global RNG when no seed is set."""
+    cfg = cfg or GenerationConfig(do_sample=True)
+    run = _Setup(decoder, embeddings, lang_ids, cfg)
+    if run.num_prompts == 0:
+        return []
+    if generator is None:
+        generator = make_generator(cfg, run.device)
+    device, eos, n = run.device, run.eos, cfg.num_samples
+    # Fan out after the prompt: row r is sample r % n of embedding r // n.
+    fan_out = torch.arange(run.num_prompts, device=device).repeat_interleave(n)
+    run.reorder(fan_out)
+    score = run.prompt_score.index_select(0, fan_out)
+    slot = torch.arange(run.num_prompts * n, device=device)
+    done: list[Hypothesis | None] = [None] * (run.num_prompts * n)
+
+    for step_nr in range(PROMPT_LEN, run.max_seq_len):
+        lprobs = run.step_lprobs(step_nr)
+        if step_nr == run.max_seq_len - 1:
+            tokens = torch.full((lprobs.size(0),), eos, dtype=torch.int64, device=device)
+        else:
+            weights = _filter_probs(lprobs.exp(), cfg.top_k, cfg.top_p)
+            tokens = torch.multinomial(weights, 1, generator=generator).squeeze(-1)
+        score = score + lprobs.gather(-1, tokens[:, None]).squeeze(-1)
+        run.seqs[:, step_nr] = tokens
+        finished = tokens == eos
+        if bool(finished.any()):
+            rows = finished.nonzero().squeeze(-1)
+            for r, s, toks in zip(slot[rows].tolist(), score[rows].tolist(),
+                                  run.seqs[rows, PROMPT_LEN:step_nr + 1].tolist()):
+                done[r] = Hypothesis(toks, float(run.final_score(s, step_nr)))
+            active = (~finished).nonzero().squeeze(-1)
+            if active.numel() == 0:
+                break
+            run.reorder(active)
+            score, slot = score.index_select(0, active), slot.index_select(0, active)
+    return [[h for h in done[p * n:(p + 1) * n] if h is not None] for p in range(run.num_prompts)]
+
+
+def decode_hypotheses(decoder: SonarTextDecoder, embeddings: Tensor, lang_ids: int | Tensor | list[int],
+                      cfg: GenerationConfig | None = None,
+                      generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
+    """:func:`sample_hypotheses` when ``cfg.do_sample``, else :func:`beam_search`."""
+    cfg = cfg or GenerationConfig()
+    if cfg.do_sample:
+        return sample_hypotheses(decoder, embeddings, lang_ids, cfg, generator)
+    return beam_search(decoder, embeddings, lang_ids, cfg)
+
+
 def generate(decoder: SonarTextDecoder, embeddings: Tensor, lang_ids: int | Tensor | list[int], *,
-             beam_size: int = 5, max_gen_len: int = 129, use_cache: bool = True,
-             cfg: GenerationConfig | None = None) -> list[list[int]]:
-    """Best hypothesis per embedding, as token ids without the final EOS. ``cfg`` overrides the keywords."""
+             beam_size: int = 5, max_gen_len: int | tuple[float, float] | None = None, use_cache: bool = True,
+             cfg: GenerationConfig | None = None, generator: torch.Generator | None = None) -> list[list[int]]:
+    """Token ids without the final EOS: the best hypothesis per embedding (beam search), or, when
+    ``cfg.do_sample``, ``cfg.num_samples`` samples per embedding, embedding-major (``B * num_samples``
+    lists). ``cfg`` overrides the keywords; ``max_gen_len=None`` keeps SONAR's default rule."""
     if cfg is None:
-        cfg = GenerationConfig(beam_size=beam_size, max_gen_len=max_gen_len, use_cache=use_cache)
+        extra = {} if max_gen_len is None else {"max_gen_len": max_gen_len}
+        cfg = GenerationConfig(beam_size=beam_size, use_cache=use_cache, **extra)
     eos = decoder.cfg.eos_idx
     out = []
-    for hyps in beam_search(decoder, embeddings, lang_ids, cfg):
-        toks = hyps[0].tokens if hyps else []
-        out.append(toks[:-1] if toks and toks[-1] == eos else toks)
+    for hyps in decode_hypotheses(decoder, embeddings, lang_ids, cfg, generator):
+        chosen = hyps if cfg.do_sample else hyps[:1]
+        for h in chosen or [Hypothesis([], float("-inf"))]:
+            toks = h.tokens
+            out.append(toks[:-1] if toks and toks[-1] == eos else toks)
     return out
 
 
 def greedy_decode(decoder: SonarTextDecoder, embeddings: Tensor, lang_ids: int | Tensor | list[int], *,
-                  max_gen_len: int = 129, use_cache: bool = True) -> list[list[int]]:
-    """Greedy decoding (beam size 1)."""
-    return generate(decoder, embeddings, lang_ids, beam_size=1, max_gen_len=max_gen_len, use_cache=use_cache)
+                  max_gen_len: int | tuple[float, float] | None = None, use_cache: bool = True,
+                  cfg: GenerationConfig | None = None) -> list[list[int]]:
+    """Greedy decoding (beam size 1); ``cfg`` (its other fields) overrides the keywords."""
+    if cfg is not None:
+        cfg = dataclasses.replace(cfg, beam_size=1, do_sample=False, num_samples=1)
+    return generate(decoder, embeddings, lang_ids, beam_size=1, max_gen_len=max_gen_len, use_cache=use_cache,
+                    cfg=cfg)

@@ -3,7 +3,8 @@
 ``TextToEmbedding`` sorts by token length, batches (by count, and optionally by a padded-token budget
 ``max_tokens``), truncates to the encoder's 514 positions with a
 warning (the EOS is lost, as in SONAR), and returns embeddings in input order. ``EmbeddingToText`` decodes
-with beam search (beam 5 by default) through the decoder's KV cache.
+through the decoder's KV cache with SONAR's own defaults (beam 5, its length rule and banned ids; see
+``sonar_llm.sonar.generation``), or with any ``GenerationConfig`` (greedy, other caps, sampling).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import Tensor
 
 from .decoder import SonarTextDecoder
 from .encoder import SonarTextEncoder
-from .generation import GenerationConfig, beam_search
+from .generation import GenerationConfig, generate, make_generator
 from .tokenizer import NllbTokenizer
 
 __all__ = ["TextToEmbedding", "EmbeddingToText"]
@@ -79,7 +80,7 @@ class TextToEmbedding:
 
 
 class EmbeddingToText:
-    """Decode SONAR embeddings to text with beam search (``beam_size=1`` is greedy)."""
+    """Decode SONAR embeddings to text with beam search (``beam_size=1`` is greedy) or sampling."""
 
     def __init__(self, decoder: SonarTextDecoder, tokenizer: NllbTokenizer, batch_size: int = 32,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> None:
@@ -92,23 +93,35 @@ class EmbeddingToText:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
 
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.decoder_frontend.embed.weight.device
+
     @torch.inference_mode()
     def decode_ids(self, embeddings: Tensor, lang: str | None = None, beam_size: int = 5,
-                   max_gen_len: int = 129) -> list[list[int]]:
-        """[N, E] -> best token ids (final EOS removed) per embedding."""
+                   max_gen_len: int | tuple[float, float] | None = None, *, cfg: GenerationConfig | None = None,
+                   generator: torch.Generator | None = None) -> list[list[int]]:
+        """[N, E] -> token ids (final EOS removed): the best hypothesis per embedding, or with
+        ``cfg.do_sample`` ``cfg.num_samples`` samples per embedding, embedding-major (N * num_samples lists).
+        ``cfg`` overrides ``beam_size``/``max_gen_len``; the defaults are SONAR's pipeline (see
+        ``sonar_llm.sonar.generation``). Sampling draws from ``generator``, else one seeded from ``cfg.seed``
+        for the whole call (so results depend on ``batch_size``)."""
         if not isinstance(embeddings, Tensor) or embeddings.dim() != 2:
             raise ValueError("embeddings must be a [N, E] tensor")
-        cfg = GenerationConfig(beam_size=beam_size, max_gen_len=max_gen_len)
+        if cfg is None:
+            cfg = GenerationConfig(beam_size=beam_size, **({} if max_gen_len is None else {"max_gen_len": max_gen_len}))
+        if cfg.do_sample and generator is None:
+            generator = make_generator(cfg, self.device)
         lang_id = self.tokenizer.lang_id(lang)
-        eos = self.tokenizer.eos_idx
         out: list[list[int]] = []
         for start in range(0, embeddings.size(0), self.batch_size):
-            for hyps in beam_search(self.decoder, embeddings[start:start + self.batch_size], lang_id, cfg):
-                toks = hyps[0].tokens if hyps else []
-                out.append(toks[:-1] if toks and toks[-1] == eos else toks)
+            out += generate(self.decoder, embeddings[start:start + self.batch_size], lang_id, cfg=cfg,
+                            generator=generator)
         return out
 
     def decode(self, embeddings: Tensor, lang: str | None = None, beam_size: int = 5,
-               max_gen_len: int = 129) -> list[str]:
-        """[N, E] -> N texts in language ``lang``."""
-        return self.tokenizer.decode(self.decode_ids(embeddings, lang, beam_size, max_gen_len))
+               max_gen_len: int | tuple[float, float] | None = None, *, cfg: GenerationConfig | None = None,
+               generator: torch.Generator | None = None) -> list[str]:
+        """[N, E] -> texts in language ``lang`` (N, or N * num_samples when sampling; see ``decode_ids``)."""
+        return self.tokenizer.decode(self.decode_ids(embeddings, lang, beam_size, max_gen_len, cfg=cfg,
+                                                     generator=generator))
