@@ -1,12 +1,12 @@
 """Optional native (C++) CPU linear cross-entropy: loader, op wrappers and the build command.
 
 The library `kernels/_native/libsonar_native.so` is built from `native/*.cpp` by the root CMakeLists.txt
-(`python -m sonar_kernels.native build`, or `scripts/build_native.sh`) and registers the operators
-`torch.ops.sonar_native.lce_forward` / `lce_backward`. Importing this module never fails when the
+(`python -m sonar_kernels.native build`, or `scripts/build_native.sh`, both through `native_build.py`) and registers the operators
+`torch.ops.sonar_native.lce_forward` / `lce_backward` / `lce_forward_grad`. Importing this module never fails when the
 library is absent or was built against another torch: `native_available()` is then False and
 `native_load_error()` says why.
 
-`forward` / `backward` have the same signatures and return conventions as
+`forward` / `backward` / `forward_with_grad` have the same signatures and return conventions as
 `sonar_kernels.torch_ops.linear_cross_entropy.forward` / `.backward`, so the autograd Function in
 `functional/linear_cross_entropy.py` runs any of them; `linear_cross_entropy_native` is
 `sonar_kernels.linear_cross_entropy(..., impl="native")`.
@@ -16,18 +16,18 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from . import native_build
+from .torch_ops.linear_cross_entropy import CHUNK_FRACTION, MAX_CHUNK_BYTES, z_loss_shifted_lse
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 LIBRARY_DIR = PACKAGE_DIR / "_native"
-LIBRARY_NAME = "libsonar_native.so"
-SOURCE_ROOT = PACKAGE_DIR.parent  # the checkout: CMakeLists.txt and native/ live here
+LIBRARY_NAME = native_build.LIBRARY_NAME
 
 # Tile sizes (token rows x vocabulary columns of one logits tile); 0 lets the library pick: up to 256 x 512
 # (512 KiB in fp32), fewer rows when there are fewer tokens than threads x 256.
@@ -128,9 +128,13 @@ def backward(
     need_bias: bool = False,
     block_rows: int = BLOCK_ROWS,
     block_vocab: int = BLOCK_VOCAB,
+    z_loss: float = 0.0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(d_hidden, d_weight, d_bias) of sum_i grad_rows[i] * loss_i, each None unless requested."""
+    """(d_hidden, d_weight, d_bias) of sum_i grad_rows[i] * loss_i, each None unless requested.
+    `z_loss`: include the gradient of z_loss * lse^2 (see `torch_ops...z_loss_shifted_lse`)."""
     _require()
+    if z_loss:
+        lse = z_loss_shifted_lse(lse, z_loss)
     if need_bias and bias is None:
         raise ValueError("need_bias=True but bias is None")
     if not (need_hidden or need_weight or need_bias):
@@ -140,6 +144,30 @@ def backward(
         bool(need_hidden), bool(need_weight), bool(need_bias), int(block_rows), int(block_vocab),
     )
     return (dh if need_hidden else None, dw if need_weight else None, db if need_bias else None)
+
+
+def forward_with_grad(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss [N], lse [N], d_hidden [N, D] for a unit upstream gradient), as
+    `sonar_kernels.torch_ops.linear_cross_entropy.forward_with_grad`. `chunk_size` is the token rows of
+    one thread's block (default: the threads' fp32 [rows, V] buffers within min(1/8 of the full fp32
+    logits, 256 MB), at most 64 rows)."""
+    _require()
+    n, v = hidden.shape[0], weight.shape[0]
+    elem = 8 if hidden.dtype == torch.float64 else 4
+    budget = min(MAX_CHUNK_BYTES, n * v * elem // CHUNK_FRACTION)
+    return torch.ops.sonar_native.lce_forward_grad(
+        hidden, weight, target, bias, int(ignore_index), float(label_smoothing), float(z_loss),
+        int(chunk_size or 0), int(budget))
 
 
 def linear_cross_entropy_native(
@@ -170,36 +198,9 @@ def linear_cross_entropy_native(
 
 def build(build_dir: Path | None = None, jobs: int | None = None, generator: str | None = None,
           verbose: bool = False) -> Path:
-    """Configure, build and install the library into kernels/_native/; returns the installed path.
-
-    Needs cmake >= 3.25 and a C++17 compiler; CMAKE_PREFIX_PATH comes from the running torch.
-    """
-    cmake = shutil.which("cmake")
-    if cmake is None:
-        raise FileNotFoundError("cmake not found on PATH (need cmake >= 3.25 to build the native library)")
-    lists = SOURCE_ROOT / "CMakeLists.txt"
-    if not lists.is_file():
-        raise FileNotFoundError(f"{lists} not found: the native build needs a source checkout")
-    build_dir = Path(build_dir) if build_dir else SOURCE_ROOT / "build" / "native"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    if generator is None and shutil.which("ninja"):
-        generator = "Ninja"
-    configure = [cmake, "-S", str(SOURCE_ROOT), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
-                 f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", f"-DCMAKE_INSTALL_PREFIX={LIBRARY_DIR}"]
-    if generator:
-        configure += ["-G", generator]
-    out = None if verbose else subprocess.DEVNULL
-    steps = [configure,
-             [cmake, "--build", str(build_dir), "--parallel", str(jobs or os.cpu_count() or 1)],
-             [cmake, "--install", str(build_dir)]]
-    for cmd in steps:
-        res = subprocess.run(cmd, stdout=out, stderr=None if verbose else subprocess.PIPE, text=True)
-        if res.returncode != 0:
-            detail = "" if verbose else f"\n{res.stderr[-4000:]}"
-            raise RuntimeError(f"native build step failed ({' '.join(cmd)}){detail}")
-    path = LIBRARY_DIR / LIBRARY_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"the build finished but {path} is missing")
+    """Configure, build and install the library into kernels/_native/ (see `native_build.py`); returns
+    the installed path. Needs cmake >= 3.25 and a C++ compiler for the standard the installed torch needs."""
+    path = native_build.run_build(LIBRARY_DIR, build_dir, jobs, generator, verbose)
     _load.cache_clear()
     return path
 

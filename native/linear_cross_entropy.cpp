@@ -12,7 +12,11 @@
 //   lse_i  = log sum_c exp(z_c)
 //   loss_i = lse_i - (1 - eps) z_{t_i} - eps/V sum_c z_c
 //   dz_c   = g_i * (exp(z_c - lse_i) - (1 - eps)[c == t_i] - eps/V)
-// Registered as torch.ops.sonar_native.lce_forward / lce_backward (TORCH_LIBRARY, no pybind11).
+// lce_forward_grad (frozen weight) does the forward and the d_hidden of a unit upstream gradient at once:
+// per token block, the [rows, V] logits in one GEMM, lse / loss / dlogits in place, d_hidden in a second
+// GEMM (two products instead of the three of forward + recomputing backward). With a z-loss weight zeta,
+// loss_i += zeta lse_i^2 and the softmax term of dz is scaled by c_i = 1 + 2 zeta lse_i.
+// Registered as torch.ops.sonar_native.lce_forward / lce_backward / lce_forward_grad (TORCH_LIBRARY).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -97,15 +101,17 @@ inline float row_sum_exp(const float* z, int64_t n, float shift) {
   return s;
 }
 
-// z <- g * (exp(z - lse) - off) in place
-inline void row_softmax_grad(double* z, int64_t n, double lse, double off, double g) {
-  for (int64_t j = 0; j < n; ++j) z[j] = g * (std::exp(z[j] - lse) - off);
+// z <- g * (c * exp(z - lse) - off) in place (c = 1 + 2 zeta lse with a z-loss, else 1)
+inline void row_softmax_grad(double* z, int64_t n, double lse, double off, double g, double c = 1.0) {
+  const double gc = g * c;
+  for (int64_t j = 0; j < n; ++j) z[j] = gc * std::exp(z[j] - lse) - g * off;
 }
 
-inline void row_softmax_grad(float* z, int64_t n, float lse, float off, float g) {
+inline void row_softmax_grad(float* z, int64_t n, float lse, float off, float g, float c = 1.0f) {
+  const float gc = g * c, goff = g * off;
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8) store8(z + j, g * (exp8(load8(z + j) - lse) - off));
-  for (; j < n; ++j) z[j] = g * (exp1(z[j] - lse) - off);
+  for (; j + 8 <= n; j += 8) store8(z + j, gc * exp8(load8(z + j) - lse) - goff);
+  for (; j < n; ++j) z[j] = gc * exp1(z[j] - lse) - goff;
 }
 
 inline double exp_any(double x) { return std::exp(x); }
@@ -256,6 +262,49 @@ void dz_tile(at::Tensor& tile, int64_t r0, int64_t c0, const int64_t* tgt, const
   }
 }
 
+// The gradient in the forward (frozen weight): token blocks in parallel; each block's logits against the
+// whole vocabulary [br, V] go to a per-thread buffer with one GEMM, every row gets its lse and loss and is
+// turned into the unit dlogits c softmax - (1-eps) onehot - eps/V in place, and a second GEMM writes
+// d_hidden = dlogits @ W. Two products in all; the caller scales d_hidden rows by the upstream gradient.
+template <typename T>
+void forward_grad_kernel(const at::Tensor& h, const at::Tensor& w, const at::Tensor& b, const int64_t* tgt,
+                         int64_t ignore_index, double eps, double zeta, int64_t rows, T* loss, T* lse,
+                         at::Tensor& dh) {
+  const int64_t n = h.size(0), v = w.size(0);
+  const int64_t nblocks = (n + rows - 1) / rows;
+  const T ls = static_cast<T>(eps), ls_over_v = static_cast<T>(eps / static_cast<double>(v));
+  const T hit = static_cast<T>(1.0 - eps), zl = static_cast<T>(zeta);
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    SingleThreadedBlas one_thread;
+    at::Tensor buf = at::empty({rows, v}, h.options());
+    for (int64_t rb = b0; rb < b1; ++rb) {
+      const int64_t r0 = rb * rows, br = std::min(rows, n - r0);
+      at::Tensor tile = buf.narrow(0, 0, br);
+      tile_logits(tile, h.narrow(0, r0, br), w, b);
+      T* base = tile.data_ptr<T>();
+      for (int64_t i = 0; i < br; ++i) {
+        T* z = base + i * v;
+        const int64_t t = tgt[r0 + i];
+        T mx, sum;
+        row_max_sum(z, v, mx, sum);
+        const T l = mx + std::log(row_sum_exp(z, v, mx));
+        lse[r0 + i] = l;
+        if (t == ignore_index) {
+          loss[r0 + i] = T(0);
+          std::fill(z, z + v, T(0));
+          continue;
+        }
+        const T zt = (t >= 0 && t < v) ? z[t] : T(0);
+        loss[r0 + i] = l - hit * zt - (ls / static_cast<T>(v)) * sum + zl * l * l;
+        row_softmax_grad(z, v, l, ls_over_v, T(1), T(1) + T(2) * zl * l);
+        if (t >= 0 && t < v) z[t] -= hit;
+      }
+      at::Tensor dhb = dh.narrow(0, r0, br);
+      at::mm_out(dhb, tile, w);
+    }
+  });
+}
+
 // d_hidden only (frozen weight): token blocks in parallel, each accumulating its own d_hidden rows.
 template <typename T>
 void backward_hidden_kernel(const at::Tensor& h, const at::Tensor& w, const at::Tensor& b, const int64_t* tgt,
@@ -361,6 +410,41 @@ std::tuple<at::Tensor, at::Tensor> lce_forward(const at::Tensor& hidden, const a
   return {loss, lse};
 }
 
+// Tokens per block of lce_forward_grad: the threads' [rows, V] buffers together within `budget_bytes`
+// (the caller's bound), at most 64 rows (a GEMM of 64 x D x V is already efficient), at least 1.
+int64_t forward_grad_rows(int64_t requested, int64_t n, int64_t v, int64_t elem, int64_t budget_bytes) {
+  if (requested > 0) return std::min(requested, std::max<int64_t>(n, 1));
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t rows = budget_bytes / std::max<int64_t>(1, threads * v * elem);
+  rows = std::min<int64_t>(rows, 64);
+  rows = std::min<int64_t>(rows, (n + threads - 1) / threads);
+  return std::max<int64_t>(1, rows);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_forward_grad(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
+    const std::optional<at::Tensor>& bias, int64_t ignore_index, double label_smoothing, double z_loss,
+    int64_t block_rows, int64_t budget_bytes) {
+  check_inputs(hidden, weight, target, bias);
+  const auto acc = acc_type(hidden);
+  const int64_t n = hidden.size(0), v = weight.size(0), d = hidden.size(1);
+  at::Tensor loss = at::empty({n}, hidden.options().dtype(acc));
+  at::Tensor lse = at::empty({n}, hidden.options().dtype(acc));
+  at::Tensor dh = at::empty({n, d}, hidden.options().dtype(acc));
+  if (n > 0) {
+    const at::Tensor h = hidden.to(acc).contiguous();
+    const at::Tensor w = weight.to(acc).contiguous();
+    const at::Tensor b = (bias.has_value() && bias->defined()) ? bias->to(acc).contiguous() : at::Tensor();
+    const at::Tensor t = target.contiguous();
+    const int64_t rows = forward_grad_rows(block_rows, n, v, at::elementSize(acc), budget_bytes);
+    AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "sonar_native_lce_forward_grad", [&] {
+      forward_grad_kernel<scalar_t>(h, w, b, t.data_ptr<int64_t>(), ignore_index, label_smoothing, z_loss, rows,
+                                    loss.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), dh);
+    });
+  }
+  return {loss, lse, dh.to(hidden.scalar_type())};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
     const std::optional<at::Tensor>& bias, const at::Tensor& lse, const at::Tensor& grad_rows,
@@ -416,11 +500,15 @@ TORCH_LIBRARY(sonar_native, m) {
       "lce_backward(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor lse, Tensor grad_rows, "
       "int ignore_index, float label_smoothing, bool need_hidden, bool need_weight, bool need_bias, "
       "int block_rows=0, int block_vocab=0) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "lce_forward_grad(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, int ignore_index, "
+      "float label_smoothing, float z_loss, int block_rows, int budget_bytes) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(sonar_native, CPU, m) {
   m.impl("lce_forward", &lce_forward);
   m.impl("lce_backward", &lce_backward);
+  m.impl("lce_forward_grad", &lce_forward_grad);
 }
 
 }  // namespace sonar_native

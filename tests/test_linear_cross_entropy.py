@@ -174,7 +174,13 @@ def test_frozen_weight_launches_no_weight_gradient(impl):
     counts = torch_lce.LAUNCH_COUNTS if impl == "torch" else triton_lce.LAUNCH_COUNTS
     before = dict(counts)
     hidden, weight, target, bias = _inputs(50, n=16, d=32, v=130, bias=True)
+    # default: the gradient is computed in the forward, the backward launches nothing
     loss, _, gh, gw, gb = _run(impl, hidden, weight, target, bias)
+    assert gw is None and gb is None and gh is not None
+    assert counts["forward_with_grad"] == before["forward_with_grad"] + 1
+    assert counts["backward"] == before["backward"]
+    # the recomputing strategy: one backward, still no weight-gradient work
+    loss, _, gh, gw, gb = _run(impl, hidden, weight, target, bias, strategy="recompute")
     assert gw is None and gb is None and gh is not None
     assert counts["backward"] == before["backward"] + 1
     assert counts["backward_dweight"] == before["backward_dweight"]

@@ -78,7 +78,7 @@ def test_absent_library_is_reported_not_raised(monkeypatch, tmp_path):
 
 
 def test_build_reports_missing_cmake(monkeypatch):
-    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    monkeypatch.setattr(native.native_build.shutil, "which", lambda name: None)
     with pytest.raises(FileNotFoundError, match="cmake"):
         native.build()
 

@@ -6,7 +6,16 @@ an online log-sum-exp, the target logit and (for label smoothing) the sum of log
 per-token partials are written ([splits, N] each); a tiny torch reduction merges the splits. No [N, V]
 tensor is ever formed.
 
-Backward, two strategies (`backward(..., strategy=...)`, default `BACKWARD_STRATEGY`):
+Gradient in the forward (`forward_with_grad`, frozen weight: the default of `linear_cross_entropy` when
+d_hidden is needed): per chunk of tokens cuBLAS writes the fp32 logits [chunk, V] (half inputs, fp32
+output: never rounded before the softmax), `_lce_softmax_grad_kernel` (one program per token row) reads
+the row twice: an online max / sum-exp (plus the target logit and, with smoothing, the row sum) gives the
+lse and the loss, then the row becomes the unit dlogits c softmax - (1 - eps) onehot - eps / V (c = 1 +
+2 zeta lse with a z-loss), written in place (fp32) or into a half buffer for the tensor-core GEMM; cuBLAS
+forms d_hidden = dlogits @ W. Two GEMMs in all; the autograd backward only scales rows of d_hidden.
+
+Backward after a plain forward (trainable weight), two strategies (`backward(..., strategy=...)`,
+default `BACKWARD_STRATEGY`):
 * "dlogits" (default): tokens go in chunks of at most `DLOGITS_CHUNK_BYTES` of dlogits. For each chunk,
   `_lce_dlogits_kernel` recomputes the logit tiles (one program per token block x vocab block) and writes
   the unscaled dlogits = softmax - (1 - eps) onehot - eps / V in the input dtype to a [chunk, V] buffer;
@@ -38,9 +47,10 @@ import triton
 import triton.language as tl
 
 from ..backend import interpret_mode
+from ..torch_ops.linear_cross_entropy import z_loss_shifted_lse
 
 # Kernel launches so far; tests assert that a frozen weight never launches weight-gradient work.
-LAUNCH_COUNTS = {"forward": 0, "backward": 0, "backward_dweight": 0}
+LAUNCH_COUNTS = {"forward": 0, "backward": 0, "backward_dweight": 0, "forward_with_grad": 0}
 
 _INTERPRET = interpret_mode()
 
@@ -74,6 +84,9 @@ else:
         _FWD_CONFIGS, _BWD_CONFIGS = _FWD_CONFIGS[-1:], _BWD_CONFIGS[-1:]
 # the dlogits kernel: a logit tile and one store, no D loop after it (the same tiles as the forward)
 _DLOGITS_CONFIGS = list(_FWD_CONFIGS)
+# the row softmax-gradient kernel of `forward_with_grad`: memory-bound, one program per token row
+SOFTMAX_GRAD_BLOCK_V = 128 if _INTERPRET else 2048
+SOFTMAX_GRAD_WARPS = 8
 
 BACKWARD_STRATEGIES = ("dlogits", "atomic")
 BACKWARD_STRATEGY = "dlogits"
@@ -392,12 +405,15 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, b
              lse: torch.Tensor, grad_rows: torch.Tensor, *, ignore_index: int = -100,
              label_smoothing: float = 0.0, need_hidden: bool = True, need_weight: bool = False,
              need_bias: bool = False, native_half_dot: bool | None = None, strategy: str | None = None,
-             chunk_rows: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+             chunk_rows: int | None = None, z_loss: float = 0.0,
+             ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(d_hidden, d_weight, d_bias) of sum_i grad_rows[i] * loss_i, each None unless requested.
 
     Gradients come back in the dtype of the tensor they belong to (accumulated in fp32). `strategy` is
     "dlogits" or "atomic" (see the module docstring; default BACKWARD_STRATEGY, or the environment
-    variable SONAR_KERNELS_LCE_BACKWARD); `chunk_rows` overrides the "dlogits" chunk.
+    variable SONAR_KERNELS_LCE_BACKWARD); `chunk_rows` overrides the "dlogits" chunk. `z_loss` adds the
+    gradient of z_loss * lse^2, whose softmax factor c = 1 + 2 z_loss lse enters the kernels as a shifted
+    lse (c softmax = exp(z - (lse - log c))); that needs c > 0, i.e. lse > -1 / (2 z_loss), checked.
     """
     strategy = strategy or os.environ.get("SONAR_KERNELS_LCE_BACKWARD") or BACKWARD_STRATEGY
     if strategy not in BACKWARD_STRATEGIES:
@@ -418,6 +434,8 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, b
     g = g.contiguous()
     target = target.contiguous()
     lse = lse.float().contiguous()
+    if z_loss:
+        lse = z_loss_shifted_lse(lse, z_loss)
     if strategy == "atomic":
         dh, dw, db = _backward_atomic(hidden, weight, target, bias, lse, g, label_smoothing, upcast, precision,
                                       need_hidden, need_weight, need_bias)
@@ -502,3 +520,121 @@ def _backward_dlogits(hidden, weight, target, bias, lse, g, label_smoothing, upc
             if need_bias:
                 db += scaled.sum(dim=0)
     return dh, dw, db
+
+
+@triton.jit
+def _lce_softmax_grad_kernel(z_ptr, out_ptr, t_ptr, loss_ptr, lse_ptr, V, stride_z, stride_o, ignore_index,
+                             target_weight, uniform_weight, z_loss,
+                             SMOOTH: tl.constexpr, ZLOSS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Row `pid` of fp32 logits z [rows, V]: lse, loss (with z-loss) and the unit dlogits into out.
+
+    out may alias z (every element is read before the same program overwrites it). Ignored rows get loss 0
+    and dlogits 0; a target outside [0, V) is never read (the host checks targets)."""
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    o_row = out_ptr + row * stride_o
+    tgt = tl.load(t_ptr + row)
+    valid = tgt != ignore_index
+    in_range = (tgt >= 0) & (tgt < V)
+    m = tl.full((BLOCK_V,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    zsum = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        z = tl.load(z_row + cols, mask=cols < V, other=float("-inf"))
+        m_new = tl.maximum(m, z)
+        live = m_new != float("-inf")
+        s = tl.where(live, s * tl.exp(m - m_new) + tl.exp(z - m_new), 0.0)
+        m = m_new
+        if SMOOTH:
+            zsum += tl.where(cols < V, z, 0.0)
+    m_row = tl.max(m, axis=0)
+    lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
+    z_t = tl.load(z_row + tgt, mask=in_range, other=0.0)
+    loss = lse - target_weight * z_t
+    if SMOOTH:
+        loss -= uniform_weight * tl.sum(zsum, axis=0)
+    c = 1.0
+    if ZLOSS:
+        loss += z_loss * lse * lse
+        c = 1.0 + 2.0 * z_loss * lse
+    tl.store(lse_ptr + row, lse)
+    tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
+    keep = tl.where(valid, 1.0, 0.0)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        v_mask = cols < V
+        z = tl.load(z_row + cols, mask=v_mask, other=0.0)
+        p = tl.exp(z - lse) * c
+        if SMOOTH:
+            p = p - uniform_weight
+        p = tl.where(cols == tgt, p - target_weight, p) * keep
+        tl.store(o_row + cols, p.to(out_ptr.dtype.element_ty), mask=v_mask)
+
+
+def softmax_grad_rows(z: torch.Tensor, out: torch.Tensor, target: torch.Tensor, *, ignore_index: int,
+                      label_smoothing: float, z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch `_lce_softmax_grad_kernel` on fp32 logits z [rows, V]; out [rows, V] (may be z) receives
+    the unit dlogits. Returns (loss, lse), float32 [rows]."""
+    rows, v = z.shape
+    if z.dtype != torch.float32 or z.stride(1) != 1 or out.shape != z.shape or out.stride(1) != 1:
+        raise ValueError("softmax_grad_rows needs fp32 z and out of one shape with unit column stride, got "
+                         f"{z.dtype} {tuple(z.shape)} {z.stride()} and {out.dtype} {tuple(out.shape)} {out.stride()}")
+    loss = torch.empty(rows, dtype=torch.float32, device=z.device)
+    lse = torch.empty_like(loss)
+    if rows:
+        _lce_softmax_grad_kernel[(rows,)](
+            z, out, target, loss, lse, v, z.stride(0), out.stride(0), ignore_index,
+            1.0 - label_smoothing, label_smoothing / v, float(z_loss),
+            SMOOTH=label_smoothing != 0.0, ZLOSS=z_loss != 0.0, BLOCK_V=SOFTMAX_GRAD_BLOCK_V,
+            num_warps=SOFTMAX_GRAD_WARPS)
+    return loss, lse
+
+
+GRAD_IN_FORWARD_MAX_BYTES = 256 * 1024 * 1024
+GRAD_IN_FORWARD_FRACTION = 8
+
+
+def grad_in_forward_chunk_rows(n: int, v: int, half_buffer: bool) -> int:
+    """Tokens per chunk of `forward_with_grad`: the fp32 logits (plus the half dlogits buffer on GPUs) of a
+    chunk within min(1/8 of the full fp32 [N, V] logits, 256 MB); at least 1."""
+    budget = min(GRAD_IN_FORWARD_MAX_BYTES, n * v * 4 // GRAD_IN_FORWARD_FRACTION)
+    return max(1, budget // (v * (6 if half_buffer else 4)))
+
+
+def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                      bias: torch.Tensor | None = None, *, ignore_index: int = -100, label_smoothing: float = 0.0,
+                      z_loss: float = 0.0, chunk_size: int | None = None, native_half_dot: bool | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss [N], lse [N], d_hidden [N, D]) with d_hidden for a unit upstream gradient, in hidden's dtype.
+
+    Per chunk of `chunk_size` tokens (default `grad_in_forward_chunk_rows`): cuBLAS fp32 logits, the row
+    kernel, cuBLAS d_hidden. `native_half_dot`: see `_dot_settings` (decides the dlogits buffer dtype)."""
+    n, d = hidden.shape
+    v = weight.shape[0]
+    upcast, _ = _dot_settings(hidden.dtype, native_half_dot)
+    dev = hidden.device
+    loss = torch.empty(n, dtype=torch.float32, device=dev)
+    lse = torch.empty_like(loss)
+    d_hidden = torch.empty(n, d, dtype=hidden.dtype, device=dev)
+    if n == 0:
+        return loss, lse, d_hidden
+    half_buffer = not upcast  # GPU half inputs: dlogits in the input dtype feed the tensor-core GEMM
+    rows = min(n, chunk_size or grad_in_forward_chunk_rows(n, v, half_buffer))
+    w_gemm = weight if (half_buffer or weight.dtype == torch.float32) else weight.float()
+    dl_buf = torch.empty(rows, v, dtype=hidden.dtype, device=dev) if half_buffer else None
+    target = target.contiguous()
+    b32 = bias.float() if bias is not None else None
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        h = hidden[start:stop]
+        z = _mm_f32(h if half_buffer or h.dtype == torch.float32 else h.float(), w_gemm.t())
+        if b32 is not None:
+            z += b32
+        out = dl_buf[: stop - start] if half_buffer else z
+        loss[start:stop], lse[start:stop] = softmax_grad_rows(
+            z, out, target[start:stop], ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss)
+        d_hidden[start:stop] = _mm_f32(out, w_gemm)
+        del z
+    LAUNCH_COUNTS["forward_with_grad"] += 1
+    return loss, lse, d_hidden
