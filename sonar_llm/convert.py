@@ -1,0 +1,286 @@
+"""Convert SONAR-LLM checkpoints between the public code's format and this project's export format.
+
+    python -m sonar_llm.convert --from public --checkpoint checkpoint_step_16480.pt \\
+        [--config SonarLLM_600M.json] --out model.safetensors [--sonar-decoder-out sonar_decoder.pt]
+    python -m sonar_llm.convert --to public --model model.safetensors --out checkpoint.pt [--config-out cfg.json]
+
+`--from public` reads a checkpoint of Pabiya/SONAR-LLM's train_sonarllm_fast.py safely (no pickled code
+runs; see `sonar_llm.models.public_format`), maps its keys to `SonarLLM`, drops the unused Llama token
+embedding and head (and says so), skips the frozen `sonar_decoder.*` (about 3 GB) unless
+`--sonar-decoder-out` asks to write it as a fairseq2-layout SONAR decoder checkpoint, and writes what
+train/export.py writes: `model.safetensors` and `model.json` = {"run_config": {"model": {"family",
+"preset", "overrides"}}, "step", "family", "preset", "dtype", "checkpoint", ...}. The architecture comes
+from `--config` (a public SonarLLM_*.json) or is inferred from the tensor shapes (`--head-dim` when the
+head width is not the public 64 / 32-at-hidden-512). The result loads in
+`python -m sonar_llm.eval.evaluate --model model.safetensors ...` and in `load_sonar_llm`.
+
+`--to public` turns such an export (ours, or one from train/export.py) into a public-format file:
+{"model_state_dict", "global_step", "epoch", "step_in_epoch"} plus the public JSON config (`--config-out`,
+default: the output path with suffix .json), which the public generate.py reads (`--config`,
+`--checkpoint`; it loads with strict=False, so the absent token embedding / head / decoder stay as it
+builds them). Both directions keep every tensor bit-exact.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sonar_llm.models import public_format as pf
+from sonar_llm.models.backbone import BackboneConfig
+
+__all__ = [
+    "ImportReport",
+    "import_public",
+    "export_public",
+    "write_model_file",
+    "read_model_file",
+    "backbone_from_run_config",
+    "run_config_for",
+    "load_sonar_llm",
+    "main",
+]
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ------------------------------------------------------------------------------------- our export format
+def run_config_for(cfg: BackboneConfig, sonar_dim: int = 1024) -> dict[str, Any]:
+    """A run config ({"model": {"family": "sonar_llm", "preset", "overrides"}}) that rebuilds exactly `cfg`:
+    the preset whose backbone differs from `cfg` in the fewest fields, those fields as overrides."""
+    from sonar_llm.models.presets import PRESETS, backbone_config
+
+    mine = dataclasses.asdict(cfg)
+    best: tuple[int, str, dict[str, Any]] | None = None
+    for name in PRESETS:
+        base = dataclasses.asdict(backbone_config(name))
+        diff = {k: v for k, v in mine.items() if base[k] != v}
+        if best is None or len(diff) < best[0]:
+            best = (len(diff), name, diff)
+    assert best is not None
+    _, preset, overrides = best
+    if sonar_dim != 1024:
+        overrides = {**overrides, "sonar_dim": sonar_dim}
+    rebuilt = backbone_config(preset, **{k: v for k, v in overrides.items() if k in mine})
+    if rebuilt != cfg:  # pragma: no cover - a field that does not round-trip through the preset
+        raise AssertionError(f"run config does not rebuild the backbone: {rebuilt} != {cfg}")
+    return {"model": {"family": "sonar_llm", "preset": preset, "overrides": overrides}}
+
+
+def backbone_from_run_config(run_cfg: dict[str, Any], source: str = "model.json") -> tuple[BackboneConfig, int]:
+    """(BackboneConfig, sonar_dim) of a sonar_llm run config: `model.preset` + the backbone-field overrides."""
+    from sonar_llm.models.presets import backbone_config
+
+    model = run_cfg.get("model") or {}
+    if model.get("family", "sonar_llm") != "sonar_llm":
+        raise ValueError(f"{source}: family {model.get('family')!r} is not sonar_llm; only SONAR-LLM has a "
+                         "public format")
+    overrides = dict(model.get("overrides") or {})
+    names = {f.name for f in dataclasses.fields(BackboneConfig)}
+    try:
+        cfg = backbone_config(model.get("preset", "tiny"), **{k: v for k, v in overrides.items() if k in names})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: cannot rebuild the backbone from the run config: {exc}") from exc
+    return cfg, int(overrides.get("sonar_dim", 1024))
+
+
+def write_model_file(state: dict[str, Tensor], cfg: BackboneConfig, out: str | os.PathLike,
+                     info: dict[str, Any], sonar_dim: int = 1024) -> Path:
+    """`out` (safetensors) + `out`.json in train/export.py's format; returns the safetensors path."""
+    from safetensors.torch import save_file
+
+    pf.check_state_matches(state, cfg, sonar_dim, str(out))
+    out = Path(out)
+    run_cfg = run_config_for(cfg, sonar_dim)
+    model = run_cfg["model"]
+    full = {"run_config": run_cfg, "step": info.get("step"), "family": "sonar_llm", "preset": model["preset"],
+            "dtype": info.get("dtype", "as trained"), **{k: v for k, v in info.items() if k not in ("step", "dtype")}}
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    meta = {"family": "sonar_llm", "preset": str(model["preset"]), "step": str(full["step"])}
+    _atomic(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    out.with_suffix(".json").write_text(json.dumps(full, indent=2))
+    return out
+
+
+def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], BackboneConfig, int, dict[str, Any]]:
+    """(state, backbone config, sonar_dim, model.json) of an export (ours or train/export.py's)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--model: file not found: {path}")
+    info_path = path.with_suffix(".json")
+    if not info_path.is_file():
+        raise FileNotFoundError(f"--model: the export's config {info_path} is missing")
+    try:
+        info = json.loads(info_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{info_path}: invalid JSON: {exc}") from exc
+    if not isinstance(info, dict) or not isinstance(info.get("run_config"), dict):
+        raise ValueError(f"{info_path}: no 'run_config'")
+    cfg, sonar_dim = backbone_from_run_config(info["run_config"], str(info_path))
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable safetensors file: {exc}") from exc
+    return state, cfg, sonar_dim, info
+
+
+def load_sonar_llm(path: str | os.PathLike, decoder=None, device: str | torch.device = "cpu"):
+    """A `SonarLLM` (eval mode) from an export; `decoder` (a SonarTextDecoder) is attached when given."""
+    from sonar_llm.models.sonar_llm import SonarLLM, SonarLLMConfig
+
+    state, cfg, sonar_dim, _ = read_model_file(path)
+    model = SonarLLM(SonarLLMConfig(backbone=cfg, sonar_dim=sonar_dim), decoder=decoder)
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval()
+
+
+# ------------------------------------------------------------------------------------- the two directions
+@dataclass
+class ImportReport:
+    """What `import_public` did."""
+
+    out: Path
+    layout: str
+    backbone: BackboneConfig
+    config_source: str
+    step: int | None
+    notes: list[str] = field(default_factory=list)
+    sonar_decoder_out: Path | None = None
+
+
+def _write_sonar_decoder(dec_state: dict[str, Tensor], out: Path) -> None:
+    """The wrapped SONAR decoder as a fairseq2-layout checkpoint {"model": sd} (validated first)."""
+    from sonar_llm.sonar.checkpoint import infer_config
+
+    infer_config(dec_state, "decoder")  # raises if the keys are not a SONAR decoder's
+    payload = {"model": {k: v.contiguous() for k, v in dec_state.items()}}
+    _atomic(out, lambda tmp: torch.save(payload, tmp))
+
+
+def import_public(checkpoint: str | os.PathLike, out: str | os.PathLike, config: str | os.PathLike | None = None,
+                  head_dim: int | None = None, sonar_decoder_out: str | os.PathLike | None = None,
+                  dtype: str | None = None) -> ImportReport:
+    """Public checkpoint -> `out` (.safetensors) + `out`.json (see the module docstring)."""
+    ck = pf.read_public_checkpoint(checkpoint)
+    state, dec_state, dec_outside = pf.split_sonar_decoder(ck.state)
+    ours, notes = pf.public_to_ours(state, ck.path)
+    sonar_dim = int(ours["input_proj.weight"].shape[1]) if "input_proj.weight" in ours else 1024
+    if config is not None:
+        llama, embed_dim = pf.read_public_json(config)
+        cfg = pf.backbone_from_llama_config(llama, str(config))
+        if embed_dim != sonar_dim:
+            raise ValueError(f"{config}: embed_dim {embed_dim} but forward_proj reads {sonar_dim}-d embeddings")
+        source = str(config)
+    else:
+        cfg = pf.infer_backbone_config(ours, head_dim)
+        source = (f"inferred from tensor shapes (head_dim {cfg.head_dim}; numerics of the public JSONs: RMSNorm eps "
+                  f"1e-6, RoPE theta 5e5, llama3 scaling factor 32)")
+    if dtype is not None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"--dtype: expected one of {', '.join(_DTYPES)}, got {dtype!r}")
+        ours = {k: v.to(_DTYPES[dtype]) for k, v in ours.items()}
+    dec_path = None
+    if dec_state:
+        if sonar_decoder_out is not None:
+            dec_path = Path(sonar_decoder_out)
+            _write_sonar_decoder(dec_state, dec_path)
+            notes.append(f"wrote the frozen SONAR decoder ({len(dec_state)} tensors) to {dec_path}")
+        else:
+            notes.append(f"skipped the frozen SONAR decoder ({len(dec_state)} sonar_decoder.* tensors; "
+                         "--sonar-decoder-out writes it)")
+        if dec_outside:
+            notes.append(f"ignored sonar_decoder.* keys outside the decoder: {dec_outside[:4]}")
+    elif sonar_decoder_out is not None:
+        raise ValueError(f"{ck.path}: --sonar-decoder-out given but the checkpoint holds no sonar_decoder.* keys")
+    if ck.other_entries:
+        notes.append(f"not imported (training state): {', '.join(ck.other_entries)}")
+    info = {"step": ck.step, "dtype": dtype or "as stored", "checkpoint": ck.path,
+            "source": f"public SONAR-LLM checkpoint, layout {ck.layout}", "config_source": source, "notes": notes}
+    path = write_model_file(ours, cfg, out, info, sonar_dim)
+    return ImportReport(path, ck.layout, cfg, source, ck.step, notes, dec_path)
+
+
+def export_public(model: str | os.PathLike, out: str | os.PathLike, config_out: str | os.PathLike | None = None,
+                  ) -> tuple[Path, Path]:
+    """Export (`model` .safetensors + .json) -> public-format `out` + its public JSON config."""
+    state, cfg, sonar_dim, info = read_model_file(model)
+    pf.check_state_matches(state, cfg, sonar_dim, str(model))
+    public = pf.ours_to_public(state)
+    llama = pf.llama_config_from_backbone(cfg)
+    step = info.get("step")
+    payload = {"model_state_dict": public, "global_step": int(step) if isinstance(step, int) else 0,
+               "epoch": 0, "step_in_epoch": 0}
+    out = Path(out)
+    cfg_path = Path(config_out) if config_out else out.with_suffix(".json")
+    if cfg_path.resolve() == Path(model).with_suffix(".json").resolve():
+        raise ValueError(f"--config-out {cfg_path} would overwrite the input's model.json")
+    _atomic(out, lambda tmp: torch.save(payload, tmp))
+    public_json = {"pretrained_model_name_or_path": "meta-llama/Llama-3.2-1B", "llama_config": llama,
+                   "embed_dim": sonar_dim}
+    cfg_path.write_text(json.dumps(public_json, indent=4))
+    return out, cfg_path
+
+
+# ------------------------------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sonar_llm.convert", description=__doc__.split("\n\n")[0])
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from", dest="src", choices=["public"], help="import a public checkpoint")
+    way.add_argument("--to", dest="dst", choices=["public"], help="export to the public format")
+    p.add_argument("--checkpoint", help="--from public: the public .pt file")
+    p.add_argument("--config", help="--from public: the public SonarLLM_*.json (optional: shapes are inferred)")
+    p.add_argument("--head-dim", type=int, default=None, help="--from public without --config: the head width")
+    p.add_argument("--sonar-decoder-out", help="--from public: also write the frozen SONAR decoder here (fairseq2 layout)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="--from public: cast the weights")
+    p.add_argument("--model", help="--to public: an exported .safetensors (with its .json)")
+    p.add_argument("--config-out", help="--to public: where to write the public JSON (default: OUT with .json)")
+    p.add_argument("--out", required=True, help="output file")
+    args = p.parse_args(argv)
+    try:
+        if args.src == "public":
+            if not args.checkpoint:
+                p.error("--from public needs --checkpoint")
+            rep = import_public(args.checkpoint, args.out, args.config, args.head_dim, args.sonar_decoder_out,
+                                args.dtype)
+            b = rep.backbone
+            print(f"imported {args.checkpoint} (layout {rep.layout}, step {rep.step})")
+            print(f"  backbone: d={b.model_dim} ffn={b.ffn_dim} layers={b.num_layers} heads={b.num_heads}x{b.head_dim} "
+                  f"kv={b.num_kv_heads} ({rep.config_source})")
+            for note in rep.notes:
+                print(f"  {note}")
+            print(f"wrote {rep.out} and {rep.out.with_suffix('.json')}")
+        else:
+            if not args.model:
+                p.error("--to public needs --model")
+            out, cfg_path = export_public(args.model, args.out, args.config_out)
+            print(f"wrote {out} (public SONAR-LLM format) and {cfg_path} (its config, for generate.py --config)")
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"convert error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
