@@ -172,14 +172,15 @@ def _chunk_document(sents: list[str], eod: str, cfg: PreprocessConfig) -> list[l
 
 
 def _encode_shard(docs: list[tuple[str, str]], codec: SentenceCodec, cfg: PreprocessConfig,
-                  eod_emb: torch.Tensor, eod_tokens: list[int]) -> tuple[ShardArrays, list[str], dict]:
+                  eod_emb: torch.Tensor, eod_tokens: list[int],
+                  segment: Callable[[str], list[str]] | None = None) -> tuple[ShardArrays, list[str], dict]:
     seg = SegmentConfig(cfg.max_sentence_chars, cfg.newline_is_boundary)
     eod = cfg.end_of_doc_text
     chunks: list[list[str]] = []
     ids: list[str] = []
     stats = {"source_docs": len(docs), "no_sentences": 0, "dropped_short_chunks": 0, "chunked_docs": 0}
     for doc_id, text in docs:
-        sents = split_sentences(text, config=seg)
+        sents = segment(text) if segment is not None else split_sentences(text, config=seg)
         if not sents:
             stats["no_sentences"] += 1
             continue
@@ -239,10 +240,13 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir:
                text_field: str = "text", doc_separator: str = "blank_line", file_format: str | None = None,
                max_sentence_chars: int = 256, min_doc_sentences: int = 2, doc_overflow: str = "chunk",
                newline_is_boundary: bool = False, max_target_tokens: int = 256, overwrite: bool = False,
-               log: Callable[[str], None] | None = print) -> dict:
+               log: Callable[[str], None] | None = print,
+               segment: Callable[[str], list[str]] | None = None, segmenter: str = "") -> dict:
     """Preprocess `inputs` into a sharded dataset at `out_dir`; return this rank's manifest (merged if final).
 
     Safe to re-run: completed shards are kept and the run continues with the first incomplete one.
+    `segment(text) -> sentences` replaces `split_sentences` (then `max_sentence_chars` and
+    `newline_is_boundary` are not used); `segmenter` names it in the manifest's config.
     """
     if rank is None:
         rank = int(os.environ.get("RANK", "0"))
@@ -264,6 +268,8 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir:
     encoder_id, tokenizer_id = _identifiers(codec)
     config = asdict(cfg)
     config["inputs"] = files
+    if segment is not None:
+        config["segmenter"] = segmenter or getattr(segment, "__name__", "custom")
 
     # the end-of-document sentence: encoded once, stored beside the shards and appended to every document
     eod_emb = codec.encode([end_of_doc_text])
@@ -290,7 +296,7 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir:
 
     def flush() -> None:
         nonlocal pending, written
-        arrays, ids, sstats = _encode_shard(pending, codec, cfg, eod_emb, eod_tokens)
+        arrays, ids, sstats = _encode_shard(pending, codec, cfg, eod_emb, eod_tokens, segment)
         entry = writer.add_shard(pending_idx, arrays, doc_ids=ids, extra=sstats)
         written += 1
         log(f"preprocess: rank {rank} wrote {shard_name(pending_idx)} ({entry['num_docs']} docs, "
