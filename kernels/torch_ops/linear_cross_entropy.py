@@ -91,7 +91,7 @@ def forward(
     rows = chunk_size or chunk_rows(v, num_tokens=n)
     w = _compute_weight(weight)
     valid = target != ignore_index
-    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    safe_target = torch.where(valid, target, torch.zeros_like(target)).clamp_(0, v - 1)  # never out of bounds
     for start in range(0, n, rows):
         stop = min(n, start + rows)
         z = _logits(hidden[start:stop], w, bias)
@@ -138,7 +138,7 @@ def backward(
     acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     w = _compute_weight(weight)
     valid = target != ignore_index
-    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    safe_target = torch.where(valid, target, torch.zeros_like(target)).clamp_(0, v - 1)  # never out of bounds
     g = torch.where(valid, grad_rows.to(acc_dtype), torch.zeros((), dtype=acc_dtype, device=hidden.device))
     d_hidden = torch.empty(n, d, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
     d_weight = torch.zeros(v, d, dtype=acc_dtype, device=hidden.device) if need_weight else None
@@ -215,7 +215,7 @@ def forward_with_grad(
         return loss, lse, d_hidden
     w = _compute_weight(weight)
     valid = target != ignore_index
-    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    safe_target = torch.where(valid, target, torch.zeros_like(target)).clamp_(0, v - 1)  # never out of bounds
     rows = min(n, chunk_size or chunk_rows(v, num_tokens=n))
     buf = torch.empty(rows, v, dtype=acc_dtype, device=dev)
     half_gemm = w.dtype in (torch.float16, torch.bfloat16)
