@@ -7,7 +7,9 @@ the (deterministic) ingest stream, `shard_size_docs` source documents per shard;
 are split into sentences (`segment.split_sentences`), the end-of-document sentence is appended, and
 documents longer than `max_sentences_per_doc` sentences are cut into consecutive chunks of at most that
 many sentences (`doc_overflow="chunk"`; only the last chunk ends with the end-of-document sentence) or
-cut to the first chunk (`"truncate"`); chunks of fewer than `min_doc_sentences` sentences are dropped.
+cut to the first chunk (`"truncate"`), or cut to their first `max_sentences_per_doc - 1` sentences followed by
+the end-of-document sentence (`"cut"`: the public SONAR-LLM dataset, 32 sentences + "End of sequence." with
+max_sentences_per_doc=33); chunks of fewer than `min_doc_sentences` sentences are dropped.
 The unique sentences of a shard are sorted by length and encoded in batches of `batch_size`
 (`codec.encode`) and tokenized in target mode (`codec.target_tokens`, at most `max_target_tokens` ids,
 the final </s> kept). The end-of-document sentence is encoded once.
@@ -155,8 +157,8 @@ class PreprocessConfig:
             raise ValueError(f"max_target_tokens must be >= 3, got {self.max_target_tokens}")
         if self.dtype not in ("fp16", "bf16"):
             raise ValueError(f"dtype must be 'fp16' or 'bf16', got {self.dtype!r}")
-        if self.doc_overflow not in ("chunk", "truncate"):
-            raise ValueError(f"doc_overflow must be 'chunk' or 'truncate', got {self.doc_overflow!r}")
+        if self.doc_overflow not in ("chunk", "truncate", "cut"):
+            raise ValueError(f"doc_overflow must be 'chunk', 'truncate' or 'cut', got {self.doc_overflow!r}")
         if not self.end_of_doc_text.strip():
             raise ValueError("end_of_doc_text must not be empty")
         SegmentConfig(self.max_sentence_chars, self.newline_is_boundary)  # validates
@@ -168,6 +170,8 @@ def _chunk_document(sents: list[str], eod: str, cfg: PreprocessConfig) -> list[l
     chunks = [stream[i:i + m] for i in range(0, len(stream), m)]
     if cfg.doc_overflow == "truncate":
         chunks = chunks[:1]
+    elif cfg.doc_overflow == "cut":
+        chunks = [sents[:m - 1] + [eod]]
     return [c for c in chunks if len(c) >= cfg.min_doc_sentences]
 
 
@@ -186,7 +190,7 @@ def _encode_shard(docs: list[tuple[str, str]], codec: SentenceCodec, cfg: Prepro
             continue
         all_chunks = _chunk_document(sents, eod, cfg)
         n_total = -(-(len(sents) + 1) // cfg.max_sentences_per_doc)
-        if cfg.doc_overflow == "truncate":
+        if cfg.doc_overflow in ("truncate", "cut"):
             n_total = 1
         stats["dropped_short_chunks"] += n_total - len(all_chunks)
         stats["chunked_docs"] += int(n_total > 1)
@@ -353,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--end-of-doc-text", default="End of sequence.")
     p.add_argument("--max-sentences-per-doc", type=int, default=128)
     p.add_argument("--min-doc-sentences", type=int, default=2)
-    p.add_argument("--doc-overflow", default="chunk", choices=["chunk", "truncate"])
+    p.add_argument("--doc-overflow", default="chunk", choices=["chunk", "truncate", "cut"])
     p.add_argument("--max-sentence-chars", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=256, help="sentences handed to the codec at once")
     p.add_argument("--overwrite", action="store_true")
