@@ -13,8 +13,7 @@ import time
 import torch
 
 from sonar_llm.sonar import SonarEncoderConfig, SonarTextEncoder
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from sonar_llm.sonar.checkpoint import DTYPES
 
 
 def main(argv=None) -> None:

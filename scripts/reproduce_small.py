@@ -33,17 +33,18 @@ if str(_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-FAMILIES = ("sonar_llm", "base_lcm", "two_tower", "token_llm")
-FAMILY_NAMES = {"sonar_llm": "SONAR-LLM", "base_lcm": "Base-LCM", "two_tower": "Two-Tower LCM",
-                "token_llm": "token LLM"}
+from sonar_llm.models.family import FAMILIES as _REGISTRY  # noqa: E402
+from sonar_llm.models.family import get_family  # noqa: E402
+
+FAMILIES = tuple(_REGISTRY)
+FAMILY_NAMES = {name: get_family(name).title for name in FAMILIES}
 # backbone sizes: name -> (preset, backbone overrides); the same for every family
 SIZES = {
     "tiny": ("tiny", {}),  # d=64, 2 layers, 4 heads, FFN 128
     "tiny-wide": ("tiny", {"model_dim": 128, "ffn_dim": 512, "num_layers": 4}),
     "small": ("small", {}),  # d=256, 4 layers, FFN 1024
 }
-LOSS_KIND = {"sonar_llm": "token CE through the frozen decoder (nats)", "base_lcm": "MSE (normalised space)",
-             "two_tower": "diffusion MSE (normalised space)", "token_llm": "token CE (nats)"}
+LOSS_KIND = {name: get_family(name).loss_name for name in FAMILIES}
 
 
 @dataclass
@@ -101,15 +102,9 @@ def run_config(rc: ReproConfig, assets: dict, family: str, size: str, sonar_dim:
     cfg = RunConfig()
     preset, size_over = SIZES[size]
     cfg.model.family, cfg.model.preset = family, preset
-    cfg.model.overrides = dict(size_over) if family == "token_llm" else {**size_over, "sonar_dim": sonar_dim}
-    if family == "two_tower":
-        cfg.model.overrides["max_seq_len"] = 256
-        if "num_layers" in cfg.model.overrides:  # the two towers split the layers 5:13, as train/families.py does
-            from train.families import TWO_TOWER_CONTEXT_SHARE
-
-            n = cfg.model.overrides.pop("num_layers")
-            ctx = max(1, round(n * TWO_TOWER_CONTEXT_SHARE))
-            cfg.model.overrides.update(context_layers=ctx, denoiser_layers=max(1, n - ctx))
+    # sentence-embedding models read sonar_dim-wide inputs; a `num_layers` override is the total layer count
+    # (the Two-Tower LCM splits it between its towers itself)
+    cfg.model.overrides = {**size_over, "sonar_dim": sonar_dim} if get_family(family).concept_level else dict(size_over)
     cfg.data.path, cfg.data.val_path = assets["train"], assets["valid"]
     cfg.data.max_sentences, cfg.data.max_tokens, cfg.data.seed = rc.max_sentences, rc.max_tokens, rc.seed
     cfg.optim.lr, cfg.optim.warmup_steps = rc.lr, rc.warmup_steps
@@ -148,7 +143,7 @@ def train_and_evaluate(rc: ReproConfig, assets: dict, family: str, size: str, so
                       num_stories=rc.eval_stories, max_story_sentences=rc.max_story_sentences,
                       beam_size=1, max_gen_len=48,
                       num_inference_steps=rc.two_tower_steps, max_new_tokens=400, seed=rc.seed,
-                      nll_data=assets["valid"] if family in ("sonar_llm", "token_llm") else "",
+                      nll_data=assets["valid"] if get_family(family).token_nll is not None else "",
                       nll_docs=rc.nll_docs, batch_size=rc.eval_stories)
     res = evaluate(ecfg, loaded=loaded, sonar=sonar, log=None)
     row = {"family": family, "size": size, "params_blocks": blocks, "params_total": total,

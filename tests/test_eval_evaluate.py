@@ -53,7 +53,9 @@ def _export_untrained(toy, family: str, seed: int = 0):
     """Build an untrained `family` through train/families.py and write it like train/export.py."""
     from safetensors.torch import save_file
 
-    tc, _, tf = EV._import_train()
+    import train.config as tc
+    import train.families as tf
+
     cfg = tc.RunConfig()
     cfg.model.family = family
     cfg.model.preset = "tiny"
@@ -296,7 +298,7 @@ def test_run_directory_after_training_and_nll_data(toy, tmp_path):
     from sonar_llm.eval.nll import batches_from_dataset
     from sonar_llm.sonar import TextToEmbedding
 
-    tc, _, _ = EV._import_train()
+    import train.config as tc
     from train.loop import run_training
 
     codec = SonarCodec(TextToEmbedding(toy["enc"], toy["tok"]), toy["tok"])

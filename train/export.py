@@ -15,47 +15,10 @@ import os
 import sys
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
+from sonar_llm.checkpoints import checkpoint_step, find_checkpoint, load_dcp_model_state
+from sonar_llm.sonar.checkpoint import DTYPES as _DTYPES
 
-import torch  # noqa: E402
-import torch.distributed.checkpoint as dcp  # noqa: E402
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata  # noqa: E402
-
-from train import checkpoint as ckpt  # noqa: E402
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def find_checkpoint(run_dir: str | os.PathLike, step: int | None = None) -> Path:
-    root = Path(run_dir) / "checkpoints"
-    if not Path(run_dir).is_dir():
-        raise FileNotFoundError(f"--run: run directory not found: {run_dir}")
-    if step is None:
-        found = ckpt.latest_checkpoint(root)
-        if found is None:
-            raise FileNotFoundError(f"--run: no complete checkpoint under {root}")
-        return found
-    path = root / ckpt.step_dir_name(step)
-    if not (path / "COMPLETE").is_file():
-        raise FileNotFoundError(f"--step: no complete checkpoint for step {step} at {path} "
-                                f"(available: {ckpt.complete_steps(root)})")
-    return path
-
-
-def load_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The full (unsharded) model state dict of a DCP checkpoint directory, on the CPU."""
-    reader = dcp.FileSystemReader(str(path))
-    meta = reader.read_metadata()
-    state = {key: torch.empty(md.size, dtype=md.properties.dtype)
-             for key, md in meta.state_dict_metadata.items()
-             if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
-    if not state:
-        raise ValueError(f"{path}: checkpoint holds no model tensors")
-    with ckpt._quiet_single_process():
-        dcp.load(state, storage_reader=reader, no_dist=True)
-    return {key[len("model."):]: t for key, t in state.items()}
+load_model_state = load_dcp_model_state  # the model state of a DCP checkpoint directory (kept name)
 
 
 def export(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
@@ -73,7 +36,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None 
     cfg_file = Path(run_dir) / "config.json"
     run_cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
     model_cfg = run_cfg.get("model", {})
-    step_n = int((path / "COMPLETE").read_text().split()[0])
+    step_n = checkpoint_step(path)
     info = {"run_config": run_cfg, "step": step_n, "family": model_cfg.get("family"),
             "preset": model_cfg.get("preset"), "dtype": dtype or "as trained", "checkpoint": str(path)}
     out = Path(out)

@@ -5,25 +5,24 @@
         [--encoder E --decoder D --tokenizer T] [--beam-size 1|5] [--nll-data HELDOUT_SHARDS]
 
 Model: an exported consolidated safetensors file (train/export.py; its `model.json` beside it holds the
-run config) or a run directory (latest complete checkpoint). The family is read from the run config
-(`--family auto`) or checked against `--family`. SONAR assets: explicit flags, else the run config's
+run config) or a run directory (latest complete checkpoint), read by `sonar_llm.checkpoints` and rebuilt
+by `sonar_llm.models.build.build_trained`. The family is read from the run config (`--family auto`) or
+checked against `--family`; everything family-specific comes from its `FamilySpec`
+(`sonar_llm.models.family`). SONAR assets: explicit flags, else the run config's
 `[sonar]` paths, else the registry (`sonar_llm.sonar.registry`), else the cached tiny SONAR
 (`ensure_tiny_sonar`).
 
 Stories are split into sentences (`sonar_llm.data.segment.split_sentences`) and cut into prompt and
-reference by `sonar_llm.eval.protocol`. Continuations per family:
-  sonar_llm  `generate_sonar_llm`: decode every predicted embedding (beam `--beam-size`), re-encode the
-             text, stop at cosine >= 0.98 with the end-of-document embedding or the sentence limit;
-  base_lcm   `generate_base_lcm` (deterministic; cosine 0.9 stop), then decode;
-  two_tower  `TwoTowerLCM.generate` with classifier-free guidance (40 requested steps, guidance 3,
-             rescale 0.7, initial noise 0.6 by default), cosine 0.9 stop (the stop concept is dropped),
-             then decode;
-  token_llm  `generate_token_llm` (greedy) on the prompt's token stream, split at the sentence EOS
-             ids, cut at the end-of-document sentence and the sentence limit.
-Besides BLEU / ROUGE / METEOR (no WordNet) / REP-4 / OVL-3, concept families get the round-trip l2 and
-cosine of their generated embeddings (decode, re-encode, compare). `--nll-data` adds the token NLL
-(`sonar_llm.eval.nll`) for sonar_llm and token_llm. The JSON holds every generation and the metrics; the
-markdown table is printed.
+reference by `sonar_llm.eval.protocol`. Continuations come from the family's `story_generator`
+(`sonar_llm.models.stories`): SONAR-LLM decodes every predicted embedding (beam `--beam-size`), re-encodes
+the text and stops at cosine >= 0.98 with the end-of-document embedding; the LCMs generate concepts
+(cosine 0.9 stop; the Two-Tower LCM with classifier-free guidance: 40 requested steps, guidance 3,
+rescale 0.7, initial noise 0.6 by default) and decode them; the token LLM decodes greedily and splits at
+the sentence EOS ids. The default threshold is the spec's `eos_threshold`.
+Besides BLEU / ROUGE / METEOR (no WordNet) / REP-4 / OVL-3, concept-level families get the round-trip l2
+and cosine of their generated embeddings (decode, re-encode, compare). `--nll-data` adds the token NLL
+(`sonar_llm.eval.nll`) for families with a `token_nll`. The JSON holds every generation and the metrics;
+the markdown table is printed.
 """
 from __future__ import annotations
 
@@ -37,6 +36,9 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+
+from sonar_llm.models.family import FAMILIES as REGISTERED_FAMILIES
+from sonar_llm.models.family import get_family
 
 from . import metrics as M
 from .protocol import PROMPT_MODES, ProtocolConfig, metrics_table, run_protocol, write_result
@@ -54,9 +56,8 @@ __all__ = [
     "main",
 ]
 
-FAMILIES = ("sonar_llm", "base_lcm", "two_tower", "token_llm")
+FAMILIES = tuple(REGISTERED_FAMILIES)
 DEFAULT_EOD_TEXT = "End of sequence."
-EOS_THRESHOLDS = {"sonar_llm": 0.98, "base_lcm": 0.9, "two_tower": 0.9}
 
 
 @dataclass
@@ -115,22 +116,6 @@ class EvalConfig:
 
 
 # ------------------------------------------------------------------------------------------ loading
-def _import_train():
-    """The `train` package lives at the repository root (not installed): make it importable."""
-    try:
-        import train.config  # noqa: F401  (probe)
-    except ModuleNotFoundError:
-        root = Path(__file__).resolve().parents[2]
-        if not (root / "train" / "config.py").is_file():
-            raise
-        sys.path.insert(0, str(root))
-    import train.config as tc
-    import train.export as te
-    import train.families as tf
-
-    return tc, te, tf
-
-
 @dataclass
 class SonarAssets:
     """Paths of the SONAR encoder, decoder and tokenizer."""
@@ -182,70 +167,22 @@ class LoadedModel:
     step: int | None = None
 
 
-def _read_model_file(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise FileNotFoundError(f"--model: file not found: {path}")
-    info_path = path.with_suffix(".json")
-    if not info_path.is_file():
-        raise FileNotFoundError(f"--model: the export's config {info_path} is missing (train/export.py writes it)")
-    info = json.loads(info_path.read_text())
-    if not isinstance(info.get("run_config"), dict) or not info["run_config"]:
-        raise ValueError(f"{info_path}: no 'run_config' (the training run's resolved config)")
-    return load_file(str(path)), info
-
-
 def load_trained(model: str = "", run: str = "", family: str = "auto", decoder: str | Path = "",
                  device: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild the trained family from an exported file (`model`) or a run directory (`run`).
 
-    The run config is replayed through `train.families.build_model` with the data path cleared (the
-    normalizer buffers come from the checkpoint) and, for sonar_llm, `decoder` as the frozen decoder."""
-    tc, te, tf = _import_train()
+    The run config is replayed through `sonar_llm.models.build.build_trained` with the data path cleared
+    (the normalizer buffers come from the checkpoint) and `decoder` as the frozen decoder where needed."""
+    from sonar_llm.checkpoints import read_exported, read_run
+    from sonar_llm.models.build import build_trained
+
     if bool(model) == bool(run):
         raise ValueError("give exactly one of model (exported .safetensors) and run (run directory)")
-    if model:
-        state, info = _read_model_file(Path(model))
-        run_cfg, step, source = info["run_config"], info.get("step"), str(model)
-    else:
-        ckpt_dir = te.find_checkpoint(run)
-        state = te.load_model_state(ckpt_dir)
-        cfg_file = Path(run) / "config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"--run: {cfg_file} is missing (the resolved run config)")
-        run_cfg = json.loads(cfg_file.read_text())
-        step, source = int((ckpt_dir / "COMPLETE").read_text().split()[0]), str(ckpt_dir)
-    cfg = tc.from_dict(run_cfg)
-    name = cfg.model.family
-    if family != "auto" and family != name:
-        raise ValueError(f"--family {family!r} does not match the trained family {name!r} ({source})")
-    if name not in FAMILIES:
-        raise ValueError(f"unknown family {name!r} in the run config of {source}")
-    cfg.data.path = ""  # no normalizer fitting / vocabulary scan: the checkpoint holds them
-    if name == "token_llm" and "vocab_size" not in cfg.model.overrides:
-        if "embed.weight" not in state:
-            raise ValueError(f"{source}: token_llm state has no 'embed.weight'")
-        cfg.model.overrides = {**cfg.model.overrides, "vocab_size": int(state["embed.weight"].shape[0])}
-    if name in ("base_lcm", "two_tower") and "sonar_dim" not in cfg.model.overrides:
-        # training inferred the width from its data; the normalizer's center holds it too
-        centers = [v for k, v in state.items() if k.endswith("normalizer.center")]
-        if not centers:
-            raise ValueError(f"{source}: {name} state has no normalizer center to read the SONAR width from")
-        cfg.model.overrides = {**cfg.model.overrides, "sonar_dim": int(centers[0].numel())}
-    if name == "sonar_llm":
-        cfg.sonar.decoder = str(decoder) if decoder else cfg.sonar.decoder
-    net = tf.build_model(cfg)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    result = net.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("freqs") and "rope" not in k]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"{source}: state does not match the {name} model: missing {missing[:8]}, "
-                         f"unexpected {result.unexpected_keys[:8]}")
-    net = net.float().to(device).eval()
-    if name == "sonar_llm":
-        net.decoder_to(device, torch.float32)
-    return LoadedModel(net, name, run_cfg, source, step)
+    weights = read_exported(model) if model else read_run(run)
+    net = build_trained(weights, decoder=str(decoder) if decoder else "",
+                        family="" if family == "auto" else family, device=device)
+    name = weights.run_config["model"]["family"]
+    return LoadedModel(net, name, weights.run_config, weights.source, weights.step)
 
 
 def load_sonar_text(assets: SonarAssets, device: str | torch.device = "cpu", batch_size: int = 64):
@@ -318,120 +255,23 @@ class _Recorder:
 
 def make_generate_fn(loaded: LoadedModel, cfg: EvalConfig, t2e, e2t, tokenizer,
                      recorder: _Recorder | None = None) -> Callable[[list[list[str]]], list[list[str]]]:
-    """`generate(prompts) -> continuations` for the protocol, for the loaded family."""
-    from sonar_llm.models.generate import (generate_base_lcm, generate_sonar_llm, generate_token_llm,
-                                           sonar_text_functions)
+    """`generate(prompts) -> continuations` for the protocol: the loaded family's `story_generator`."""
+    from sonar_llm.models.generate import GenerationSettings, sonar_text_functions
+    from sonar_llm.models.stories import StoryContext
 
-    model, family = loaded.model, loaded.family
-    device = next(model.parameters()).device
+    spec = get_family(loaded.family)
+    device = next(loaded.model.parameters()).device
     decode_fn, encode_fn = sonar_text_functions(t2e, e2t, cfg.lang, cfg.beam_size, cfg.max_gen_len)
     eod_text = end_of_doc_text(loaded.run_config, cfg.end_of_doc_text)
-    eod_emb = encode_fn([eod_text])[0].to(device)
-    threshold = cfg.eos_threshold or EOS_THRESHOLDS.get(family, 0.9)
-    limit = cfg.max_story_sentences
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-
-    def encode_prompts(prompts: list[list[str]]) -> list[Tensor]:
-        flat = [s for p in prompts for s in p]
-        emb = encode_fn(flat).to(device)
-        out, i = [], 0
-        for p in prompts:
-            out.append(emb[i:i + len(p)])
-            i += len(p)
-        return out
-
-    if family == "sonar_llm":
-        def generate(prompts):
-            pending: list[Tensor] = []
-
-            def dec(e):
-                texts = decode_fn(e)
-                pending.append(e)
-                if recorder is not None:
-                    recorder.embeddings.append(e.detach().float().cpu())
-                    recorder.texts.extend(texts)
-                return texts
-
-            def enc(texts):
-                out = encode_fn(texts)
-                if recorder is not None:
-                    recorder.reencoded.append(out.detach().float().cpu())
-                return out
-
-            res = generate_sonar_llm(model, encode_prompts(prompts), dec, enc, max_sentences=limit,
-                                     eos_embedding=eod_emb, eos_threshold=threshold, reencode=True)
-            return [list(r.texts) for r in res]
-        return generate
-
-    if family == "base_lcm":
-        def generate(prompts):
-            res = generate_base_lcm(model, encode_prompts(prompts), max_sentences=limit, eos_embedding=eod_emb,
-                                    eos_threshold=threshold, decode_fn=decode_fn)
-            if recorder is not None:
-                for r in res:
-                    if r.embeddings.shape[0]:
-                        recorder.add(r.embeddings, r.texts)
-            return [list(r.texts) for r in res]
-        return generate
-
-    if family == "two_tower":
-        def generate(prompts):
-            embs = encode_prompts(prompts)
-            outs: list[list[str] | None] = [None] * len(prompts)
-            by_len: dict[int, list[int]] = {}
-            for i, e in enumerate(embs):
-                by_len.setdefault(int(e.shape[0]), []).append(i)
-            for plen, idx in by_len.items():
-                new = max(1, limit + 1 - plen)
-                res = model.generate(torch.stack([embs[i] for i in idx]), new, eos_embedding=eod_emb,
-                                     eos_threshold=threshold, num_inference_steps=cfg.num_inference_steps,
-                                     guidance_scale=cfg.guidance_scale, guidance_rescale=cfg.guidance_rescale,
-                                     initial_noise_scale=cfg.initial_noise_scale, generator=gen)
-                for j, i in enumerate(idx):
-                    e = res.embeddings[j]
-                    if res.stopped_on_eos[j]:
-                        e = e[:-1]  # the end-of-document concept is not part of the story
-                    texts = list(decode_fn(e)) if e.shape[0] else []
-                    if recorder is not None and e.shape[0]:
-                        recorder.add(e, texts)
-                    outs[i] = texts
-            return [o or [] for o in outs]
-        return generate
-
-    if family == "token_llm":
-        eos_id = tokenizer.eos_idx
-        prefix = model.cfg.prefix_len
-        bos = [model.cfg.bos_id] if model.cfg.prepend_bos else []
-
-        def generate(prompts):
-            ids = []
-            for p in prompts:
-                seq = list(bos)
-                for t in tokenizer.encode_target(p, cfg.lang):
-                    seq.extend(int(x) for x in list(t)[prefix:])
-                ids.append(torch.tensor(seq, dtype=torch.int64, device=device))
-            outs = generate_token_llm(model, ids, max_new_tokens=cfg.max_new_tokens, stop_ids=())
-            conts = []
-            for p, toks in zip(prompts, outs):
-                sents, cur = [], []
-                for t in toks:
-                    if t == eos_id:
-                        sents.append(cur)
-                        cur = []
-                    else:
-                        cur.append(t)
-                texts = [s.strip() for s in tokenizer.decode(sents)] if sents else []
-                keep = []
-                for s in texts:
-                    if s == eod_text.strip() or len(p) + len(keep) > limit:
-                        break
-                    if s:
-                        keep.append(s)
-                conts.append(keep)
-            return conts
-        return generate
-
-    raise ValueError(f"no generation loop for family {family!r}")
+    settings = GenerationSettings(
+        eos_embedding=encode_fn([eod_text])[0].to(device), max_sentences=cfg.max_story_sentences,
+        eos_threshold=cfg.eos_threshold or spec.eos_threshold, decode_fn=decode_fn, encode_fn=encode_fn,
+        num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+        guidance_rescale=cfg.guidance_rescale, initial_noise_scale=cfg.initial_noise_scale,
+        generator=torch.Generator(device="cpu").manual_seed(cfg.seed))
+    ctx = StoryContext(settings, end_of_doc_text=eod_text, tokenizer=tokenizer, lang=cfg.lang,
+                       max_new_tokens=cfg.max_new_tokens, record=recorder.add if recorder is not None else None)
+    return spec.story_generator(loaded.model, ctx)
 
 
 # ------------------------------------------------------------------------------------------ the command
@@ -467,7 +307,8 @@ def evaluate(cfg: EvalConfig, *, loaded: LoadedModel | None = None, sonar=None,
     stories = read_stories(cfg.stories)
     pcfg = ProtocolConfig(prompt_mode=cfg.prompt_mode, max_story_sentences=cfg.max_story_sentences,
                           num_stories=cfg.num_stories)
-    recorder = _Recorder() if cfg.round_trip and loaded.family != "token_llm" else None
+    spec = get_family(loaded.family)
+    recorder = _Recorder() if cfg.round_trip and spec.concept_level else None
     gen_fn = make_generate_fn(loaded, cfg, t2e, e2t, tokenizer, recorder)
     torch.manual_seed(cfg.seed)
     result = run_protocol(stories, gen_fn, pcfg, batch_size=cfg.batch_size)
@@ -476,7 +317,7 @@ def evaluate(cfg: EvalConfig, *, loaded: LoadedModel | None = None, sonar=None,
     if cfg.nll_data:
         from .nll import NLLConfig, dataset_token_nll
 
-        if loaded.family in ("sonar_llm", "token_llm"):
+        if spec.token_nll is not None:
             nll = dataset_token_nll(loaded.model, loaded.family, cfg.nll_data, NLLConfig(max_docs=cfg.nll_docs),
                                     device=cfg.device)
             result["metrics"].update({k: v for k, v in nll.items() if k in ("token_nll", "token_ppl")})

@@ -1,8 +1,10 @@
 """Concept models on one backbone: SONAR-LLM, Base-LCM, Two-Tower LCM, and the token LLM baseline.
 
 `backbone` (shared Transformer), `presets` (named sizes), `normalizer` (SONAR normalizer), the family
-modules, `family` (common interface + registry) and `generate` (generation loops). The Two-Tower LCM
-lives in `two_tower` / `diffusion` and is reached through `build_family("two_tower", ...)`.
+modules (`sonar_llm`, `base_lcm`, `two_tower` + `diffusion`, `token_llm`, each ending in its `SPEC`),
+`family` (ConceptFamily, FamilySpec and the registry: the only place naming the families), `build`
+(model config -> model; trained weights -> model), `generate` / `generate_two_tower` (concept-level
+generation loops), `stories` (text-level generation for evaluation) and `token_nll` (per-batch token NLL).
 """
 from .backbone import (
     Attention,
@@ -15,9 +17,10 @@ from .backbone import (
     TransformerLayer,
 )
 from .base_lcm import BaseLCM, BaseLCMConfig
-from .family import FAMILIES, ConceptFamily, build_family, family_class
+from .family import FAMILIES, ConceptFamily, FamilySpec, build_family, family_class, get_family
 from .generate import (
     ConceptGeneration,
+    GenerationSettings,
     generate_base_lcm,
     generate_sonar_llm,
     generate_sonar_llm_reference,
@@ -37,6 +40,8 @@ __all__ = [
     "ConceptFamily",
     "ConceptGeneration",
     "FAMILIES",
+    "FamilySpec",
+    "GenerationSettings",
     "KVCache",
     "PRESETS",
     "RMSNorm",
@@ -56,6 +61,7 @@ __all__ = [
     "generate_sonar_llm",
     "generate_sonar_llm_reference",
     "generate_token_llm",
+    "get_family",
     "sonar_text_functions",
 ]
 

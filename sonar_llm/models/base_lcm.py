@@ -117,3 +117,34 @@ class BaseLCM(ConceptFamily):
         params = sum(p.numel() for p in self.parameters())
         flops = 6.0 * params * int(batch.embeddings.shape[0])
         return flops + 3.0 * causal_attention_flops(batch.doc_cu_seqlens, cfg.num_layers, cfg.num_heads, cfg.head_dim)
+
+
+def build_from_config(cfg) -> BaseLCM:
+    """Base-LCM from a `ModelConfig`: preset backbone (+ overrides), BaseLCMConfig fields from the other
+    overrides; with a data path, `sonar_dim` from the data (unless overridden) and the normalizer fitted."""
+    from .build import check_fields, dataset_embed_dim, fit_normalizer_from_data, preset_of, split_overrides
+    from .presets import backbone_config
+
+    preset = preset_of(cfg)
+    bb_over, fam_over = split_overrides(cfg.overrides)
+    if cfg.data_path and "sonar_dim" not in fam_over:
+        fam_over["sonar_dim"] = dataset_embed_dim(cfg.data_path)
+    check_fields(BaseLCMConfig, fam_over, cfg.family)
+    model = BaseLCM(BaseLCMConfig(backbone=backbone_config(preset, **bb_over), **fam_over))
+    if cfg.data_path:
+        fit_normalizer_from_data(model.normalizer, cfg.data_path)
+    return model
+
+
+def _spec():
+    from .family import FamilySpec
+    from .generate import base_lcm_concepts
+    from .normalizer import sonar_dim_from_state
+    from .stories import concept_stories
+
+    return FamilySpec(model_cls=BaseLCM, build=build_from_config, generate=base_lcm_concepts,
+                      story_generator=concept_stories(base_lcm_concepts), eos_threshold=0.9,
+                      trained_overrides=sonar_dim_from_state, title="Base-LCM", loss_name="MSE (normalised space)")
+
+
+SPEC = _spec()

@@ -1,57 +1,118 @@
-"""The common interface of the model families, their registry, and shared batch helpers.
+"""The model-family spec and registry (the ONLY place that names the families), and shared batch helpers.
 
-Every family (SONAR-LLM, Base-LCM, Two-Tower LCM, token LLM) is an `nn.Module` with
-  * `loss(batch: ConceptBatch) -> (loss scalar, metrics dict)`
-  * `flops_per_batch(batch) -> float` (forward + backward FLOPs of one training step on `batch`)
-  * `transformer_blocks() -> list[nn.Module]` (what FSDP2 shards one by one)
-`ConceptFamily` provides the defaults (`transformer_blocks` = the backbone's layers,
-`trainable_parameters`). `build_family(name, cfg, **deps)` constructs a family by registry name;
-the registry holds import paths, so a family is imported only when used.
+A family is a `ConceptFamily` (an `nn.Module`) plus a `FamilySpec` that says, in the spirit of
+torchtitan's TrainSpec, everything the trainer, the evaluator and the benchmarks need, so that none of
+them ever compares a family name:
+  * `build(cfg: ModelConfig, **deps) -> model`      how it is built from a model config (models/build.py)
+  * `model.loss(batch) -> (loss, metrics)`         its loss (`spec.loss(model, batch)`)
+  * `model.flops_per_batch(batch) -> float`        its FLOP count, forward + backward (`spec.flops`)
+  * `model.transformer_blocks() -> [nn.Module]`    what FSDP2 shards and activation checkpointing wraps
+  * `generate(model, prompts, settings)`           its concept-level generation (models/generate.py),
+                                                   None for a model without sentence embeddings
+  * `story_generator(model, ctx)`                  text-in/text-out generation for the evaluation protocol
+                                                   (models/stories.py)
+  * `eos_threshold`, `token_nll`                   what its evaluation reports: the default cosine stop
+                                                   of the end-of-document rule; the per-batch token NLL
+                                                   function (None: no token distribution, no NLL); the
+                                                   round-trip metrics exist iff `generate` is not None
+  * `trained_overrides(state) -> dict`             config values a trained state dict implies (the
+                                                   SONAR width, the vocabulary size)
+  * `needs_decoder`, `title`, `loss_name`          takes the frozen SONAR decoder; names for reports
+`FAMILIES` maps a name to the import path of its spec (imported on first use). Adding a family: write one
+module (a ConceptFamily subclass + `SPEC = FamilySpec(...)`), add one line to `FAMILIES`.
 
-Helpers shared by the concept families: `next_sentence_pairs` (which rows predict which) and
-`causal_attention_flops`.
+Helpers shared by the concept families: `next_sentence_pairs` (which rows predict which),
+`select_segments` and `causal_attention_flops`.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 __all__ = [
     "ConceptFamily",
+    "FamilySpec",
     "FAMILIES",
+    "get_family",
     "family_class",
     "build_family",
+    "no_trained_overrides",
     "next_sentence_pairs",
     "causal_attention_flops",
     "select_segments",
 ]
 
 FAMILIES: dict[str, str] = {
-    "sonar_llm": "sonar_llm.models.sonar_llm:SonarLLM",
-    "base_lcm": "sonar_llm.models.base_lcm:BaseLCM",
-    "two_tower": "sonar_llm.models.two_tower:TwoTowerLCM",
-    "token_llm": "sonar_llm.models.token_llm:TokenLLM",
+    "sonar_llm": "sonar_llm.models.sonar_llm:SPEC",
+    "base_lcm": "sonar_llm.models.base_lcm:SPEC",
+    "two_tower": "sonar_llm.models.two_tower:SPEC",
+    "token_llm": "sonar_llm.models.token_llm:SPEC",
 }
 
 
-def family_class(name: str) -> type[nn.Module]:
-    """The class registered under `name` (imported on first use)."""
+def no_trained_overrides(state: dict[str, Tensor]) -> dict[str, Any]:
+    """A family whose config needs nothing from its trained weights."""
+    return {}
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What one model family declares (see the module docstring for each field's contract)."""
+
+    model_cls: type[nn.Module]  # the ConceptFamily subclass; `model_cls(cfg, **deps)` builds from its own config
+    build: Callable[..., nn.Module]  # build(cfg: ModelConfig, **deps) -> model (fp32)
+    story_generator: Callable[..., Callable[[list[list[str]]], list[list[str]]]]  # (model, StoryContext)
+    generate: Callable[..., list] | None = None  # (model, prompts: list[Tensor[n_i, E]], GenerationSettings)
+    eos_threshold: float = 0.9  # default cosine threshold of the end-of-document stop
+    token_nll: Callable[..., tuple[float, int]] | None = None  # (model, ConceptBatch, context_sentences)
+    trained_overrides: Callable[[dict[str, Tensor]], dict[str, Any]] = no_trained_overrides
+    needs_decoder: bool = False  # build(cfg, decoder=...) takes the frozen SONAR decoder (else reads the config's)
+    title: str = ""  # display name (reports, plots)
+    loss_name: str = ""  # what its training loss measures (reports)
+
+    @property
+    def concept_level(self) -> bool:
+        """Whether the family generates sentence embeddings (and so reports the round-trip metrics)."""
+        return self.generate is not None
+
+    @staticmethod
+    def loss(model: nn.Module, batch) -> tuple[Tensor, dict[str, Any]]:
+        """The family's training loss on `batch` (its `loss` method)."""
+        return model.loss(batch)
+
+    @staticmethod
+    def flops(model: nn.Module, batch) -> float:
+        """Forward + backward FLOPs of one training step on `batch` (its `flops_per_batch` method)."""
+        return float(model.flops_per_batch(batch))
+
+
+def get_family(name: str) -> FamilySpec:
+    """The spec registered under `name` (its module is imported on first use)."""
     if name not in FAMILIES:
         raise ValueError(f"unknown model family {name!r}; choose one of {sorted(FAMILIES)}")
     module_name, _, attr = FAMILIES[name].partition(":")
     module = importlib.import_module(module_name)
     try:
-        return getattr(module, attr)
+        spec = getattr(module, attr)
     except AttributeError as err:
         raise ImportError(f"{module_name} does not define {attr} (registry entry {name!r})") from err
+    if not isinstance(spec, FamilySpec):
+        raise TypeError(f"{module_name}.{attr} is a {type(spec).__name__}, not a FamilySpec (registry entry {name!r})")
+    return spec
+
+
+def family_class(name: str) -> type[nn.Module]:
+    """The model class registered under `name` (imported on first use)."""
+    return get_family(name).model_cls
 
 
 def build_family(name: str, cfg: Any, **deps: Any) -> nn.Module:
-    """Construct family `name` as `cls(cfg, **deps)`, e.g. `build_family("sonar_llm", cfg, decoder=dec)`,
-    `build_family("token_llm", cfg, vocab_size=V)`."""
+    """Construct family `name` from its own config as `cls(cfg, **deps)`, e.g.
+    `build_family("sonar_llm", cfg, decoder=dec)`, `build_family("token_llm", cfg, vocab_size=V)`."""
     return family_class(name)(cfg, **deps)
 
 
@@ -73,6 +134,9 @@ class ConceptFamily(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the optimizer should update (requires_grad True)."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def decoder_to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        """Move/cast frozen modules kept outside the module tree (none by default; SONAR-LLM's decoder)."""
 
     def num_parameters(self, trainable_only: bool = True) -> int:
         params = self.trainable_parameters() if trainable_only else list(self.parameters())

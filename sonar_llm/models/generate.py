@@ -21,6 +21,11 @@ recomputation, the reference).
 `decode_fn(embeddings[B,E]) -> list[str]` and `encode_fn(list[str]) -> Tensor[B,E]` are plain
 callables; `sonar_text_functions(text_to_embedding, embedding_to_text, ...)` builds them from the
 pipeline wrappers in `sonar_llm.sonar.pipeline`.
+
+The family spec's common interface (`FamilySpec.generate`): `fn(model, prompts: list[Tensor[n_i, E]],
+settings: GenerationSettings) -> list[ConceptGeneration]`, where `embeddings` holds the new concepts
+(the end-of-document one excluded) and `texts` their decoding when `settings.decode_fn` is given:
+`sonar_llm_concepts`, `base_lcm_concepts` here, `two_tower_concepts` in `generate_two_tower`.
 """
 from __future__ import annotations
 
@@ -34,6 +39,9 @@ from torch import Tensor, nn
 
 __all__ = [
     "ConceptGeneration",
+    "GenerationSettings",
+    "sonar_llm_concepts",
+    "base_lcm_concepts",
     "generate_sonar_llm",
     "generate_sonar_llm_reference",
     "generate_base_lcm",
@@ -53,6 +61,22 @@ class ConceptGeneration:
     embeddings: Tensor
     texts: list[str] = field(default_factory=list)
     stopped_by_eos: bool = False
+
+
+@dataclass
+class GenerationSettings:
+    """What a family's concept-level generation reads (each family ignores the fields it does not use)."""
+
+    eos_embedding: Tensor  # [E] end-of-document embedding (cosine stop)
+    max_sentences: int = 32  # a story (prompt included) grows while it has <= max_sentences sentences
+    eos_threshold: float = 0.9  # cosine stop threshold (the family spec's `eos_threshold` is the default)
+    decode_fn: DecodeFn | None = None  # embeddings -> texts; None: `texts` stay empty (not for SONAR-LLM)
+    encode_fn: EncodeFn | None = None  # texts -> embeddings (SONAR-LLM re-encodes every decoded sentence)
+    num_inference_steps: int = 40  # diffusion: requested DDIM steps per concept
+    guidance_scale: float = 3.0  # diffusion: classifier-free guidance
+    guidance_rescale: float = 0.7  # diffusion: guidance rescale
+    initial_noise_scale: float = 0.6  # diffusion: std of the initial latent
+    generator: torch.Generator | None = None  # random draws (diffusion noise)
 
 
 @contextlib.contextmanager
@@ -255,6 +279,22 @@ def generate_base_lcm(
             for r in results:
                 r.texts = list(decode_fn(r.embeddings)) if r.embeddings.shape[0] else []
     return results
+
+
+def sonar_llm_concepts(model: nn.Module, prompts: Sequence[Tensor], s: GenerationSettings
+                       ) -> list[ConceptGeneration]:
+    """`FamilySpec.generate` of SONAR-LLM: `generate_sonar_llm` with re-encoding."""
+    if s.decode_fn is None:
+        raise ValueError("SONAR-LLM generation needs settings.decode_fn (it decodes every predicted sentence)")
+    return generate_sonar_llm(model, prompts, s.decode_fn, s.encode_fn, max_sentences=s.max_sentences,
+                              eos_embedding=s.eos_embedding, eos_threshold=s.eos_threshold, reencode=True)
+
+
+def base_lcm_concepts(model: nn.Module, prompts: Sequence[Tensor], s: GenerationSettings
+                      ) -> list[ConceptGeneration]:
+    """`FamilySpec.generate` of Base-LCM: `generate_base_lcm` (deterministic), decoded per story."""
+    return generate_base_lcm(model, prompts, max_sentences=s.max_sentences, eos_embedding=s.eos_embedding,
+                             eos_threshold=s.eos_threshold, decode_fn=s.decode_fn)
 
 
 def generate_token_llm(

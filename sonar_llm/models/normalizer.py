@@ -21,7 +21,7 @@ from statistics import NormalDist
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SonarNormalizer", "column_quantiles"]
+__all__ = ["SonarNormalizer", "column_quantiles", "sonar_dim_from_state"]
 
 METHODS = ("gaussian_robust", "robust", "standard")
 
@@ -130,3 +130,12 @@ class SonarNormalizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
+
+
+def sonar_dim_from_state(state: dict[str, Tensor]) -> dict[str, int]:
+    """`sonar_dim` of a trained model with a SonarNormalizer: the length of its `normalizer.center`
+    (training inferred the width from its data; the normalizer holds it too)."""
+    centers = [v for k, v in state.items() if k.endswith("normalizer.center")]
+    if not centers:
+        raise ValueError("state has no normalizer center to read the SONAR width from")
+    return {"sonar_dim": int(centers[0].numel())}

@@ -8,6 +8,8 @@ k's target-mode tokens; the loss is the mean cross-entropy over all target token
 public SONAR-LLM objective). `path="fast"` uses `PackedSonarDecoder.loss` (packed sentences, folded
 cross-attention, fused linear cross-entropy); `path="reference"` the public code's padded full-logit
 computation. An optional `mse_weight` adds weight * mean squared error between ê_k and e_k (ablation).
+`extra_eos_target=True` trains the public code's exact objective: the decoder reads the whole target
+sentence and gets one more `</s> -> </s>` target per sentence (sonar_llm/sonar/packed_decoder.py).
 
 The frozen decoder is NOT a registered submodule: it is absent from `parameters()` and `state_dict()`
 (checkpoints and optimizers hold only the concept model) and `model.to()` does not move it; `loss`
@@ -40,6 +42,10 @@ class SonarLLMConfig:
     path: str = "fast"
     mse_weight: float = 0.0
     decoder_impl: str = "auto"  # PackedSonarDecoder kernel backends ("auto" | "triton" | "torch")
+    # The public objective: decoder input = the whole target sentence [</s>, lang, w.., </s>], labels
+    # [lang, w.., </s>, </s>] (one extra </s> -> </s> target per sentence). False: input without the last
+    # token, labels without the first (no extra target). Set from a run config: [model.overrides].
+    extra_eos_target: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.backbone, BackboneConfig):
@@ -50,6 +56,8 @@ class SonarLLMConfig:
             raise ValueError(f"SonarLLMConfig.sonar_dim must be positive, got {self.sonar_dim}")
         if self.mse_weight < 0:
             raise ValueError(f"SonarLLMConfig.mse_weight must be >= 0, got {self.mse_weight}")
+        if not isinstance(self.extra_eos_target, bool):
+            raise TypeError(f"SonarLLMConfig.extra_eos_target must be a bool, got {self.extra_eos_target!r}")
 
 
 def sonar_decoder_flops(decoder_cfg, num_tokens: int, num_sentences: int, sum_sq_half: float) -> float:
@@ -153,12 +161,13 @@ class SonarLLM(ConceptFamily):
             return zero, {"ce": 0.0, "target_sentences": 0, "target_tokens": 0}
         tokens, tok_cu = select_segments(batch.tokens, batch.tok_cu_seqlens, tgt_rows)
         pred_dec = pred.to(packed.dtype)
+        extra = self.cfg.extra_eos_target
         if self.cfg.path == "fast":
-            prepared = packed.prepare(tokens, tok_cu)
+            prepared = packed.prepare(tokens, tok_cu, extra_eos_target=extra)
             ce = packed.loss(pred_dec, prepared, reduction="mean")
         else:
-            ce = packed.reference_loss(pred_dec, tokens, tok_cu, reduction="mean")
-        num_target_tokens = int(tokens.numel()) - int(tgt_rows.numel())
+            ce = packed.reference_loss(pred_dec, tokens, tok_cu, reduction="mean", extra_eos_target=extra)
+        num_target_tokens = int(tokens.numel()) - (0 if extra else int(tgt_rows.numel()))
         metrics: dict[str, Any] = {
             "ce": ce.detach(),
             "target_sentences": int(tgt_rows.numel()),
@@ -185,8 +194,44 @@ class SonarLLM(ConceptFamily):
             return flops
         _, tgt_rows = next_sentence_pairs(batch.doc_cu_seqlens, num_sent)
         sent_lens = (batch.tok_cu_seqlens[1:] - batch.tok_cu_seqlens[:-1]).to(torch.float64)
-        lengths = sent_lens.index_select(0, tgt_rows.to(sent_lens.device)) - 1  # decoder inputs per target
+        lengths = sent_lens.index_select(0, tgt_rows.to(sent_lens.device))  # decoder inputs per target
+        if not self.cfg.extra_eos_target:
+            lengths = lengths - 1
         num_tokens = float(lengths.sum())
         sum_sq_half = float((lengths * (lengths + 1) / 2).sum())
         flops += 2.0 * sonar_decoder_flops(self.sonar_decoder.cfg, num_tokens, int(tgt_rows.numel()), sum_sq_half)
         return flops
+
+
+def build_from_config(cfg, decoder: nn.Module | None = None) -> SonarLLM:
+    """SONAR-LLM from a `ModelConfig`: the preset's backbone (+ overrides), SonarLLMConfig fields from the
+    other overrides, and the frozen SONAR decoder (`decoder`, else `cfg.sonar_decoder`, else the registry /
+    $SONAR_DECODER); `sonar_dim` defaults to the decoder's embedding width (1024 for the real SONAR)."""
+    from .build import check_fields, preset_of, split_overrides
+    from .presets import backbone_config
+
+    preset = preset_of(cfg)
+    bb_over, fam_over = split_overrides(cfg.overrides)
+    check_fields(SonarLLMConfig, fam_over, cfg.family)
+    if decoder is None:
+        from sonar_llm.sonar.checkpoint import load_sonar_decoder
+        from sonar_llm.sonar.registry import resolve_asset
+
+        decoder = load_sonar_decoder(resolve_asset("decoder", cfg.sonar_decoder or None), dtype=torch.float32)
+    fam_over.setdefault("sonar_dim", decoder.cfg.encoder_dim)
+    return SonarLLM(SonarLLMConfig(backbone=backbone_config(preset, **bb_over), **fam_over), decoder=decoder)
+
+
+def _spec():
+    from .family import FamilySpec
+    from .generate import sonar_llm_concepts
+    from .stories import sonar_llm_stories
+    from .token_nll import sonar_llm_token_nll
+
+    return FamilySpec(model_cls=SonarLLM, build=build_from_config, generate=sonar_llm_concepts,
+                      story_generator=sonar_llm_stories, eos_threshold=0.98, token_nll=sonar_llm_token_nll,
+                      needs_decoder=True, title="SONAR-LLM",
+                      loss_name="token CE through the frozen decoder (nats)")
+
+
+SPEC = _spec()

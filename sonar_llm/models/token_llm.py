@@ -153,3 +153,40 @@ class TokenLLM(ConceptFamily):
         params = sum(p.numel() for p in self.backbone.parameters()) + self.output_weight.numel()
         flops = 6.0 * params * num_tokens
         return flops + 3.0 * causal_attention_flops(cu, cfg.num_layers, cfg.num_heads, cfg.head_dim)
+
+
+def vocab_size_from_state(state: dict[str, Tensor]) -> dict[str, Any]:
+    """`vocab_size` of a trained token LLM: the rows of its embedding."""
+    if "embed.weight" not in state:
+        raise ValueError("state has no 'embed.weight'")
+    return {"vocab_size": int(state["embed.weight"].shape[0])}
+
+
+def build_from_config(cfg) -> TokenLLM:
+    """Token LLM from a `ModelConfig`: preset backbone (+ overrides), TokenLLMConfig fields from the other
+    overrides, `vocab_size` from the overrides or the data (manifest, else max token id + 1)."""
+    from .build import check_fields, dataset_vocab_size, preset_of, split_overrides
+    from .presets import backbone_config
+
+    preset = preset_of(cfg)
+    bb_over, fam_over = split_overrides(cfg.overrides)
+    vocab_size = fam_over.pop("vocab_size", None)
+    check_fields(TokenLLMConfig, fam_over, cfg.family)
+    if vocab_size is None:
+        if not cfg.data_path:
+            raise ValueError("model.overrides.vocab_size: needed when there is no data.path to read it from")
+        vocab_size = dataset_vocab_size(cfg.data_path)
+    return TokenLLM(TokenLLMConfig(backbone=backbone_config(preset, **bb_over), **fam_over), vocab_size=vocab_size)
+
+
+def _spec():
+    from .family import FamilySpec
+    from .stories import token_llm_stories
+    from .token_nll import token_llm_token_nll
+
+    return FamilySpec(model_cls=TokenLLM, build=build_from_config, story_generator=token_llm_stories,
+                      token_nll=token_llm_token_nll, trained_overrides=vocab_size_from_state,
+                      title="token LLM", loss_name="token CE (nats)")
+
+
+SPEC = _spec()

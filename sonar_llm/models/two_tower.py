@@ -32,7 +32,7 @@ Exact shortcuts (same maths, less work):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -41,7 +41,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from sonar_llm.models.backbone import Attention, Backbone, BackboneConfig, RMSNorm, SwiGLU
-from sonar_llm.models.diffusion import DDIMScheduler, cfg_combine
+from sonar_llm.models.diffusion import DDIMScheduler
+from sonar_llm.models.family import ConceptFamily
 from sonar_llm.models.normalizer import SonarNormalizer
 
 __all__ = [
@@ -56,7 +57,6 @@ __all__ = [
     "DenoiserLayer",
     "Denoiser",
     "TwoTowerLCM",
-    "TwoTowerGeneration",
     "DocLayout",
     "shifted_causal_mask",
     "cfg_dropout_rows",
@@ -332,14 +332,6 @@ def shifted_causal_mask(layout: DocLayout, dropped: Tensor | None = None) -> Ten
 # ----------------------------------------------------------------------------------------------
 
 
-def _zero_key_output(attn: Attention) -> Tensor:
-    """What a query gets when its only key is the zero vector: output_proj(v_proj(0)), shape [d]."""
-    v0 = attn.v_proj.bias if attn.v_proj.bias is not None else attn.v_proj.weight.new_zeros(attn.v_proj.out_features)
-    v0 = v0.view(attn.num_kv_heads, attn.head_dim)
-    v0 = v0.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=0).reshape(-1)
-    return attn.output_proj(v0)
-
-
 class _PackedCross:
     """Training cross-attention: packed queries [S, d] over per-document ``[0 ; context]`` keys."""
 
@@ -365,54 +357,6 @@ class _PackedCross:
         )
         out = lay.unpad(out.transpose(1, 2).reshape(lay.num_docs, lay.max_len, H * Dh))
         return attn.output_proj(out)
-
-
-class _CachedCross:
-    """Inference cross-attention for B conditional rows (+ ``num_uncond`` unconditional rows).
-
-    Keeps per-layer keys/values of ``[0 ; context so far]`` ([B, Hkv, n+1, Dh]); ``extend`` appends
-    new context rows. Unconditional rows see only the zero vector: their output is a constant.
-    """
-
-    def __init__(self, denoiser: "Denoiser", batch: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.denoiser = denoiser
-        self.batch = batch
-        self.num_uncond = 0
-        self.keys: list[Tensor] = []
-        self.values: list[Tensor] = []
-        zero = torch.zeros(batch, 1, denoiser.model_dim, dtype=dtype, device=device)
-        for layer in denoiser.layers:
-            k, v = self._kv(layer.cross_attention, zero)
-            self.keys.append(k)
-            self.values.append(v)
-        self._uncond_out = [_zero_key_output(layer.cross_attention) for layer in denoiser.layers]
-
-    @staticmethod
-    def _kv(attn: Attention, x: Tensor) -> tuple[Tensor, Tensor]:
-        b, n, _ = x.shape
-        k = attn.k_proj(x).view(b, n, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(b, n, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-        return k, v
-
-    def extend(self, context: Tensor) -> None:
-        """Append context rows [B, m, d] (contextualizer outputs) to every layer's keys/values."""
-        for i, layer in enumerate(self.denoiser.layers):
-            k, v = self._kv(layer.cross_attention, context)
-            self.keys[i] = torch.cat([self.keys[i], k], dim=2)
-            self.values[i] = torch.cat([self.values[i], v], dim=2)
-
-    def __call__(self, attn: Attention, h: Tensor, layer_idx: int) -> Tensor:
-        b = self.batch
-        hc = h[:b]
-        q = attn.q_proj(hc).view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q, self.keys[layer_idx], self.values[layer_idx], enable_gqa=attn.num_heads != attn.num_kv_heads
-        )
-        out = attn.output_proj(out.transpose(1, 2).reshape(b, -1))
-        if self.num_uncond:
-            uncond = self._uncond_out[layer_idx].to(out.dtype).expand(self.num_uncond, -1)
-            out = torch.cat([out, uncond])
-        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,22 +456,7 @@ class Denoiser(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TwoTowerGeneration:
-    """Output of :meth:`TwoTowerLCM.generate` for a batch of prompts.
-
-    ``embeddings[b]``: the generated (denormalised) concepts of prompt b, [n_b, E], the stopping concept
-    included (as the LCM does); ``stopped_on_eos[b]``: whether it stopped on the EOS/repetition rule.
-    ``num_denoiser_steps``: DDIM steps actually run per concept (50 for T=100, S=40 with the quirk).
-    """
-
-    embeddings: list[Tensor]
-    stopped_on_eos: list[bool]
-    num_denoiser_steps: int
-    timesteps: list[int] = field(default_factory=list)
-
-
-class TwoTowerLCM(nn.Module):
+class TwoTowerLCM(ConceptFamily):
     """The Two-Tower diffusion LCM; implements the model-family interface (loss, flops, blocks)."""
 
     def __init__(self, cfg: TwoTowerConfig) -> None:
@@ -651,134 +580,12 @@ class TwoTowerLCM(nn.Module):
         return 3.0 * fwd
 
     # ------------------------------------------------------------------ generation
-    @torch.no_grad()
-    def generate(
-        self,
-        prompt_embeddings: Tensor,
-        max_sentences: int,
-        eos_embedding: Tensor | None = None,
-        eos_threshold: float = 0.9,
-        num_inference_steps: int = 40,
-        guidance_scale: float = 3.0,
-        guidance_rescale: float = 0.7,
-        initial_noise_scale: float = 0.6,
-        epsilon_scaling: float | None = None,
-        clip_noise: float = 100.0,
-        ddim_eta: float = 0.0,
-        generator: torch.Generator | None = None,
-        *,
-        reproduce_lcm_step_quirk: bool = True,
-        stop_on_repetition_threshold: float | None = None,
-        min_sentences: int = 1,
-    ) -> TwoTowerGeneration:
-        """Generate up to ``max_sentences`` concepts after each prompt (the LCM's two-tower generator).
+    def generate(self, prompt_embeddings: Tensor, max_sentences: int, *args: Any, **kwargs: Any):
+        """The LCM's two-tower generator: see :func:`sonar_llm.models.generate_two_tower.generate_two_tower`
+        (same arguments after the model)."""
+        from sonar_llm.models.generate_two_tower import generate_two_tower
 
-        ``prompt_embeddings``: raw SONAR embeddings [P, E] or [B, P, E] (equal-length prompts).
-        The prompt (normalised) is prefilled into the contextualizer's KV cache except its last
-        concept; per new concept the last concept is encoded incrementally, ``z ~ N(0, I) *
-        initial_noise_scale`` (clipped to +-clip_noise) is denoised by DDIM over the scheduler's
-        timesteps with classifier-free guidance (a doubled batch whose second half sees only the zero
-        vector; combined with :func:`cfg_combine`, rescale ``guidance_rescale``; skipped at t = T-1,
-        where alpha_bar = 0 and the conditional x0 is used directly; ``guidance_scale == 1`` disables
-        CFG). The final x0 is denormalised and appended.
-
-        **Step count**: with ``reproduce_lcm_step_quirk=True`` (default) the schedule is the LCM's:
-        T=100 with ``num_inference_steps=40`` runs 50 DDIM steps (t = 99, 97, ..., 1); ``False`` runs
-        exactly ``num_inference_steps`` (see :mod:`sonar_llm.models.diffusion`).
-
-        Stop rules (per prompt): cos(concept, eos_embedding) >= eos_threshold, cos(concept, previous)
-        >= stop_on_repetition_threshold (if set), or ``max_sentences``; the EOS/repetition rules apply
-        only once ``min_sentences`` concepts exist. The stopping concept is kept in the output.
-        """
-        if prompt_embeddings.dim() == 2:
-            prompt_embeddings = prompt_embeddings.unsqueeze(0)
-        E = self.cfg.sonar_dim
-        if prompt_embeddings.dim() != 3 or prompt_embeddings.shape[-1] != E or prompt_embeddings.shape[1] < 1:
-            raise ValueError(f"prompt_embeddings must be [P, {E}] or [B, P, {E}] with P >= 1, "
-                             f"got {tuple(prompt_embeddings.shape)}")
-        if not isinstance(max_sentences, int) or max_sentences < 1:
-            raise ValueError(f"max_sentences must be a positive int, got {max_sentences!r}")
-        if eos_embedding is not None and eos_embedding.reshape(-1).shape[0] != E:
-            raise ValueError(f"eos_embedding must have {E} values, got shape {tuple(eos_embedding.shape)}")
-        B, P, _ = prompt_embeddings.shape
-        if P + max_sentences > self.cfg.max_seq_len:
-            raise ValueError(
-                f"prompt length {P} + max_sentences {max_sentences} exceeds max_seq_len {self.cfg.max_seq_len}"
-            )
-        was_training = self.training
-        self.eval()
-        try:
-            return self._generate(
-                prompt_embeddings, max_sentences, eos_embedding, eos_threshold, num_inference_steps,
-                guidance_scale, guidance_rescale, initial_noise_scale, epsilon_scaling, clip_noise, ddim_eta,
-                generator, reproduce_lcm_step_quirk, stop_on_repetition_threshold, min_sentences,
-            )
-        finally:
-            self.train(was_training)
-
-    def _generate(self, prompt, max_sentences, eos_embedding, eos_threshold, num_inference_steps,
-                  guidance_scale, guidance_rescale, initial_noise_scale, epsilon_scaling, clip_noise, ddim_eta,
-                  generator, quirk, rep_threshold, min_sentences) -> TwoTowerGeneration:
-        B, P, E = prompt.shape
-        device = prompt.device
-        dtype = self.encoder_frontend.pre_linear.weight.dtype
-        sched = self.noise_scheduler
-        timesteps = sched.set_timesteps(num_inference_steps, reproduce_lcm_step_quirk=quirk).tolist()
-        T = sched.num_train_steps
-        use_cfg = guidance_scale != 1.0
-
-        x = self.sonar_normalizer.normalize(prompt.float()).to(dtype)
-        cache = self.context_encoder.new_cache(B, P + max_sentences, device=device, dtype=dtype)
-        cross = _CachedCross(self.denoiser, B, dtype, device)
-        if P > 1:
-            cross.extend(self.context_encoder.step(self.encoder_frontend(x[:, :-1]), cache))
-        last = x[:, -1:]
-        eos = None if eos_embedding is None else eos_embedding.reshape(1, E).to(device=device, dtype=torch.float32)
-
-        outputs: list[list[Tensor]] = [[] for _ in range(B)]
-        finished = [False] * B
-        stopped = [False] * B
-        prev_raw = prompt[:, -1].float()
-        for n in range(max_sentences):
-            cross.extend(self.context_encoder.step(self.encoder_frontend(last), cache))
-            z = torch.randn((B, E), generator=generator, device=device, dtype=torch.float32)
-            z = (z * initial_noise_scale).clamp(-clip_noise, clip_noise)  # latents and DDIM maths in fp32
-            pred_x0 = z
-            for t in timesteps:
-                if use_cfg and t != T - 1:
-                    cross.num_uncond = B
-                    out = self.denoiser(torch.cat([z, z]).to(dtype), t, cross).float()
-                    eps_c = sched.to_epsilon(out[:B], z, t)
-                    eps_u = sched.to_epsilon(out[B:], z, t)
-                    eps = cfg_combine(eps_c, eps_u, guidance_scale, guidance_rescale)
-                    z, pred_x0 = sched.step(eps, t, z, eta=ddim_eta, epsilon_scaling=epsilon_scaling,
-                                            generator=generator, prediction_type="epsilon")
-                else:
-                    cross.num_uncond = 0
-                    out = self.denoiser(z.to(dtype), t, cross).float()
-                    z, pred_x0 = sched.step(out, t, z, eta=ddim_eta, epsilon_scaling=epsilon_scaling,
-                                            generator=generator, prediction_type="sample")
-                z = z.clamp(-clip_noise, clip_noise)
-            cross.num_uncond = 0
-            raw = self.sonar_normalizer.denormalize(pred_x0.float())  # [B, E]
-            stop_now = torch.zeros(B, dtype=torch.bool, device=device)
-            if n + 1 >= min_sentences:
-                if eos is not None:
-                    stop_now |= F.cosine_similarity(raw, eos, dim=-1) >= eos_threshold
-                if rep_threshold is not None:
-                    stop_now |= F.cosine_similarity(raw, prev_raw, dim=-1) >= rep_threshold
-            stop_list = stop_now.tolist()
-            for b in range(B):
-                if not finished[b]:
-                    outputs[b].append(raw[b])
-                    if stop_list[b]:
-                        finished[b] = stopped[b] = True
-            if all(finished):
-                break
-            prev_raw = raw
-            last = self.sonar_normalizer.normalize(raw).to(dtype).unsqueeze(1)
-        embeddings = [torch.stack(rows) for rows in outputs]
-        return TwoTowerGeneration(embeddings, stopped, len(timesteps), timesteps)
+        return generate_two_tower(self, prompt_embeddings, max_sentences, *args, **kwargs)
 
 
 def load_lcm_state_dict(model: TwoTowerLCM, state: dict[str, Tensor] | dict[str, Any], strict: bool = True):
@@ -795,3 +602,44 @@ def load_lcm_state_dict(model: TwoTowerLCM, state: dict[str, Tensor] | dict[str,
             f", unexpected {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}"
         )
     return model.load_state_dict(state, strict=strict)
+
+
+TWO_TOWER_CONTEXT_SHARE = 5 / 18  # LCM two-tower 1.6B/7B: 5 contextualizer + 13 denoiser layers
+
+
+def build_from_config(cfg) -> TwoTowerLCM:
+    """Two-Tower LCM from a `ModelConfig`: the preset's width, heads and FFN; its layers (the preset's, or a
+    `num_layers` override) split 5:13 (the LCM's ratio) into contextualizer:denoiser unless
+    `context_layers` / `denoiser_layers` are overridden;
+    any TwoTowerConfig field can be overridden. With a data path, `sonar_dim` from the data (unless
+    overridden) and the normalizer fitted."""
+    from .build import check_fields, dataset_embed_dim, fit_normalizer_from_data, preset_of
+
+    preset = preset_of(cfg)
+    over = dict(cfg.overrides)
+    total = int(over.pop("num_layers", preset.num_layers))  # the backbone size's layer count, split 5:13
+    if cfg.data_path and "sonar_dim" not in over:
+        over["sonar_dim"] = dataset_embed_dim(cfg.data_path)
+    check_fields(TwoTowerConfig, over, cfg.family)
+    context = max(1, round(total * TWO_TOWER_CONTEXT_SHARE))
+    base = dict(model_dim=preset.model_dim, num_heads=preset.num_heads, ffn_dim=preset.ffn_dim,
+                num_kv_heads=preset.num_kv_heads, context_layers=context, denoiser_layers=max(1, total - context))
+    model = TwoTowerLCM(TwoTowerConfig(**{**base, **over}))
+    if cfg.data_path:
+        fit_normalizer_from_data(model.sonar_normalizer, cfg.data_path)
+    return model
+
+
+def _spec():
+    from .family import FamilySpec
+    from .generate_two_tower import two_tower_concepts
+    from .normalizer import sonar_dim_from_state
+    from .stories import concept_stories
+
+    return FamilySpec(model_cls=TwoTowerLCM, build=build_from_config, generate=two_tower_concepts,
+                      story_generator=concept_stories(two_tower_concepts), eos_threshold=0.9,
+                      trained_overrides=sonar_dim_from_state, title="Two-Tower LCM",
+                      loss_name="diffusion MSE (normalised space)")
+
+
+SPEC = _spec()

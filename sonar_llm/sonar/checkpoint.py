@@ -34,15 +34,19 @@ __all__ = [
     "convert_from_safetensors",
     "infer_config",
     "resolve_dtype",
+    "DTYPES",
 ]
 
 CONFIG_KEY = "sonar_llm_config"
 _ENC_EMBED = "encoder_frontend.embed.weight"
 _DEC_EMBED = "decoder_frontend.embed.weight"
+# The one dtype table of the project: the names configs and command lines accept (train.precision,
+# export --dtype, benchmarks); `resolve_dtype` also takes the long names and fp64.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64, "fp64": torch.float64,
+    **DTYPES, "fp64": torch.float64,
+    "float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "float64": torch.float64,
 }
 
 

@@ -1,0 +1,141 @@
+"""Story generation for the evaluation protocol: text prompts in, text continuations out, per family.
+
+`FamilySpec.story_generator(model, ctx: StoryContext) -> generate(prompts: list[list[str]]) ->
+list[list[str]]` (one list of new sentences per prompt story):
+  * `concept_stories(concepts)`: encode the prompt sentences, run the family's concept-level generation
+    (`FamilySpec.generate`), decode per story, record (embedding, text) for the round trip (Base-LCM,
+    Two-Tower LCM);
+  * `sonar_llm_stories`: the same through `generate_sonar_llm`, recording every decoded prediction and
+    its re-encoding (the end-of-document one included) as the paper's loop produces them;
+  * `token_llm_stories`: greedy decoding of the prompt's token stream, split at the sentence EOS ids, cut
+    at the end-of-document sentence and the sentence limit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .generate import GenerationSettings, generate_sonar_llm, generate_token_llm
+
+__all__ = ["StoryContext", "StoryFn", "concept_stories", "sonar_llm_stories", "token_llm_stories"]
+
+StoryFn = Callable[[list[list[str]]], list[list[str]]]
+RecordFn = Callable[[Tensor, list[str], "Tensor | None"], None]
+
+
+@dataclass
+class StoryContext:
+    """What the story generators read: the concept settings plus the token-level ones."""
+
+    settings: GenerationSettings  # max_sentences = the story limit (prompt included); eos = end sentence
+    end_of_doc_text: str = ""  # the end-of-document sentence (the token LLM stops at it)
+    tokenizer: Any = None  # NllbTokenizer (token LLM: prompt ids and decoding)
+    lang: str = "eng_Latn"
+    max_new_tokens: int = 512  # token LLM cap per story
+    record: RecordFn | None = None  # record(generated embeddings [m, E], their texts, re-encodings or None)
+
+
+def _prompt_encoder(model: nn.Module, encode_fn) -> Callable[[list[list[str]]], list[Tensor]]:
+    device = next(model.parameters()).device
+
+    def encode_prompts(prompts: list[list[str]]) -> list[Tensor]:
+        flat = [s for p in prompts for s in p]
+        emb = encode_fn(flat).to(device)
+        out, i = [], 0
+        for p in prompts:
+            out.append(emb[i:i + len(p)])
+            i += len(p)
+        return out
+
+    return encode_prompts
+
+
+def concept_stories(concepts: Callable[..., list]) -> Callable[[nn.Module, StoryContext], StoryFn]:
+    """A story generator over the concept-level generation `concepts(model, prompts, settings)`."""
+
+    def story_generator(model: nn.Module, ctx: StoryContext) -> StoryFn:
+        encode_prompts = _prompt_encoder(model, ctx.settings.encode_fn)
+
+        def generate(prompts: list[list[str]]) -> list[list[str]]:
+            res = concepts(model, encode_prompts(prompts), ctx.settings)
+            if ctx.record is not None:
+                for r in res:
+                    if r.embeddings.shape[0]:
+                        ctx.record(r.embeddings, list(r.texts), None)
+            return [list(r.texts) for r in res]
+
+        return generate
+
+    return story_generator
+
+
+def sonar_llm_stories(model: nn.Module, ctx: StoryContext) -> StoryFn:
+    """SONAR-LLM stories: every decoded prediction and its re-encoding is recorded."""
+    s = ctx.settings
+    encode_prompts = _prompt_encoder(model, s.encode_fn)
+
+    def generate(prompts: list[list[str]]) -> list[list[str]]:
+        pending: list[tuple[Tensor, list[str]]] = []
+
+        def dec(e: Tensor) -> list[str]:
+            texts = s.decode_fn(e)
+            pending.append((e, list(texts)))
+            return texts
+
+        def enc(texts: list[str]) -> Tensor:
+            out = s.encode_fn(texts)
+            if ctx.record is not None:
+                e, decoded = pending.pop()
+                ctx.record(e, decoded, out)
+            return out
+
+        res = generate_sonar_llm(model, encode_prompts(prompts), dec, enc, max_sentences=s.max_sentences,
+                                 eos_embedding=s.eos_embedding, eos_threshold=s.eos_threshold, reencode=True)
+        return [list(r.texts) for r in res]
+
+    return generate
+
+
+def token_llm_stories(model: nn.Module, ctx: StoryContext) -> StoryFn:
+    """Token LLM stories (greedy, KV-cached) in SONAR's tokenization."""
+    tokenizer = ctx.tokenizer
+    if tokenizer is None:
+        raise ValueError("token LLM story generation needs ctx.tokenizer")
+    device = next(model.parameters()).device
+    eos_id = tokenizer.eos_idx
+    prefix = model.cfg.prefix_len
+    bos = [model.cfg.bos_id] if model.cfg.prepend_bos else []
+    limit = ctx.settings.max_sentences
+    eod_text = ctx.end_of_doc_text.strip()
+
+    def generate(prompts: list[list[str]]) -> list[list[str]]:
+        ids = []
+        for p in prompts:
+            seq = list(bos)
+            for t in tokenizer.encode_target(p, ctx.lang):
+                seq.extend(int(x) for x in list(t)[prefix:])
+            ids.append(torch.tensor(seq, dtype=torch.int64, device=device))
+        outs = generate_token_llm(model, ids, max_new_tokens=ctx.max_new_tokens, stop_ids=())
+        conts = []
+        for p, toks in zip(prompts, outs):
+            sents, cur = [], []
+            for t in toks:
+                if t == eos_id:
+                    sents.append(cur)
+                    cur = []
+                else:
+                    cur.append(t)
+            texts = [s.strip() for s in tokenizer.decode(sents)] if sents else []
+            keep = []
+            for s in texts:
+                if s == eod_text or len(p) + len(keep) > limit:
+                    break
+                if s:
+                    keep.append(s)
+            conts.append(keep)
+        return conts
+
+    return generate
