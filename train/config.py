@@ -44,6 +44,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
+    decay_all_params: bool = False  # True: decay every parameter, norms and biases too (the public SONAR-LLM code)
     warmup_steps: int = 100
     total_steps: int = 0  # length of the cosine schedule; 0 = train.steps
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio

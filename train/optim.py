@@ -10,14 +10,15 @@ from torch import nn
 from train.config import OptimConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
     """Trainable parameters split into (decay, no-decay): 1-D tensors (norm weights, biases) and any
-    parameter whose name contains 'norm' or ends in 'bias' get no weight decay. Frozen ones are left out."""
+    parameter whose name contains 'norm' or ends in 'bias' get no weight decay, unless `decay_all` (one
+    group, every parameter decayed, as AdamW(model.parameters()) does). Frozen ones are left out."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or "norm" in name.lower() or name.endswith("bias"):
+        if not decay_all and (p.ndim < 2 or "norm" in name.lower() or name.endswith("bias")):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -34,7 +35,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW; apex FusedAdam if `cfg.apex`, importable and the parameters are not FSDP-sharded, else torch
     AdamW(fused=True) on CUDA if `cfg.fused`."""
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_all_params)
     betas = (float(cfg.betas[0]), float(cfg.betas[1]))
     sharded = any(type(p).__name__ == "DTensor" for g in groups for p in g["params"])
     if cfg.apex and device.type == "cuda" and not sharded:  # apex kernels take plain tensors, not DTensors
