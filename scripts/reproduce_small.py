@@ -187,7 +187,7 @@ def write_report(rc: ReproConfig, assets: dict, rows: list[dict], out: Path, ela
         "# Small-scale reproduction of the SONAR-LLM comparison",
         "",
         "**This is a small-scale check on a synthetic corpus, not the paper's scale.** The corpus is the "
-        "project's generated children's stories (`sonar_llm.data.stories`), the sentence space is a tiny "
+        "project's generated children's stories (`sonar_llm.sonar.story_corpus`), the sentence space is a tiny "
         f"SONAR autoencoder trained on it ({assets['tiny_info'].get('encoder_config', {}).get('model_dim', '?')}-d, "
         f"held-out round-trip exact match {_fmt(tiny.get('exact_match'), '.1%')}, BLEU {_fmt(tiny.get('bleu'), '.1f')}), "
         "and the models are far smaller than the paper's 39M-1.3B. The numbers test that the four families "

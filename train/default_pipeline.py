@@ -1,6 +1,6 @@
 """The embedded default: `python train/main.py` with no arguments, offline, on a clean clone.
 
-1. writes the project's own story corpus (sonar_llm.data.stories) as train/valid JSONL;
+1. writes the project's own story corpus (sonar_llm.sonar.story_corpus) as train/valid JSONL;
 2. trains the tiny SONAR autoencoder on it, unless a cached copy exists ($SONAR_LLM_CACHE/tiny_sonar);
 3. encodes every sentence with that SONAR into memory-mapped shards (resumable);
 4. trains a small SONAR-LLM with the standard loop (configs/default.toml; FSDP2 under torchrun);
@@ -62,7 +62,7 @@ def prepare(run_dir: Path, tiny_budget_s: float, *, n_stories: int = N_STORIES, 
     and so the held-out stories, stay those of the full corpus); `tiny_config` / `tiny_cache_dir` select
     another tiny SONAR than the default's (see sonar_llm.sonar.train_tiny)."""
     from sonar_llm.data.preprocess import load_sonar_codec, preprocess
-    from sonar_llm.data.stories import generate_stories, split_stories, write_corpus
+    from sonar_llm.sonar.story_corpus import generate_stories, split_stories, write_corpus
     from sonar_llm.sonar.train_tiny import ensure_tiny_sonar
 
     data = run_dir / "data"

@@ -6,11 +6,12 @@ fairseq2 key names; a raw SentencePiece ``.model`` that ``NllbTokenizer`` maps t
 so that the rest of the stack loads them with the code that loads real SONAR checkpoints.
 
 Steps when no cached copy with the same configuration hash exists:
-1. generate the story corpus (``sonar_llm.data.stories``) and split it like the default pipeline does;
+1. generate the story corpus (``sonar_llm.sonar.story_corpus``) and split it like the default pipeline does;
 2. train a BPE SentencePiece model on the training sentences;
 3. train encoder + decoder end to end as an autoencoder: encoder(``[lang] w.. [eos]``) -> mean-pooled
    embedding (+ small noise) -> decoder teacher-forced on ``[eos, lang] w.. [eos]``, token cross-entropy,
-   AdamW, length-bucketed batches, until the time budget is spent or the loss plateaus;
+   AdamW with the project's warmup + cosine schedule and decay groups (``sonar_llm.optim``), length-bucketed
+   batches, until the time budget is spent or the loss plateaus;
 4. round-trip held-out sentences (greedy decoding): exact-match rate and BLEU;
 5. save everything atomically (temporary directory + ``os.replace``) with ``tiny_sonar.json``
    (configuration, its hash, tokenizer facts, metrics, training time).
@@ -28,7 +29,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import math
 import os
 import random
 import shutil
@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from sonar_llm.optim import lr_factor, param_groups
 
 __all__ = [
     "TinySonarConfig",
@@ -262,12 +264,10 @@ def _autoencoder_loss(encoder, decoder, src, src_mask, tgt, tgt_mask, noise_std:
 def _train(cfg: TinySonarConfig, encoder, decoder, src: list[list[int]], tgt: list[list[int]],
            time_budget_s: float, progress: bool, log_every_s: float = 5.0) -> dict[str, Any]:
     rng = random.Random(cfg.seed)
-    params = [p for p in {id(p): p for p in [*encoder.parameters(), *decoder.parameters()]}.values()]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
-                            foreach=True)
+    groups = param_groups([*encoder.named_parameters(prefix="encoder"), *decoder.named_parameters(prefix="decoder")],
+                          cfg.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=True)
     lengths = [len(t) for t in tgt]
     encoder.train()
     decoder.train()
@@ -281,11 +281,8 @@ def _train(cfg: TinySonarConfig, encoder, decoder, src: list[list[int]], tgt: li
             if elapsed >= time_budget_s:
                 stop_reason = "time_budget"
                 break
-            frac = min(1.0, max(elapsed / time_budget_s, step / cfg.max_steps))
-            warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
-            cos = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * warm * cos
+                g["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
             s, sm = _pad([src[i] for i in batch])
             t, tm = _pad([tgt[i] for i in batch])
             loss = _autoencoder_loss(encoder, decoder, s, sm, t, tm, cfg.noise_std)
@@ -404,7 +401,7 @@ def ensure_tiny_sonar(cache_dir: str | os.PathLike | None = None, *, force: bool
     if not force and _cache_hit(paths, want):
         return paths
 
-    from ..data.stories import generate_story_sentences, split_stories
+    from .story_corpus import generate_story_sentences, split_stories
 
     log = (lambda msg: print(f"[tiny-sonar] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     t_start = time.perf_counter()
