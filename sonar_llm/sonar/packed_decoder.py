@@ -13,6 +13,15 @@ teacher-forcing every target sentence on its predicted embedding, without paddin
   on the embedding and is computed once per batch in `prepare`, under no_grad.
 Dropout is never applied (the frozen decoder is used in eval mode). `reference_loss` is the padded,
 full-logits computation of the public SONAR-LLM code, kept as the correctness and speed baseline.
+
+Two objectives (`extra_eos_target`, an argument of `prepare` / `reference_loss` / `pack_targets`). A target
+sentence is its target-mode tokens `[</s>, lang, w1..wn, </s>]` (T_s tokens):
+- False (default): decoder input = all but the last token `[</s>, lang, w1..wn]`, labels = all but the
+  first `[lang, w1..wn, </s>]`: T_s - 1 targets per sentence.
+- True (the public code's exact objective): decoder input = the whole sentence `[</s>, lang, w1..wn, </s>]`,
+  labels = it shifted left with one more `</s>` appended `[lang, w1..wn, </s>, </s>]`: T_s targets, the
+  extra one teaches `</s> -> </s>`. `reference_loss` then reproduces the public computation exactly: pad
+  with the pad id (0), cut to 256 tokens, cross-entropy ignoring the pad id.
 """
 from __future__ import annotations
 
@@ -34,14 +43,16 @@ from sonar_kernels.functional.varlen_attention import varlen_causal_attention
 
 from .decoder import SonarTextDecoder
 
-__all__ = ["PackedSonarDecoder", "PreparedTargets", "pack_targets", "gather_sentences"]
+__all__ = ["PackedSonarDecoder", "PreparedTargets", "pack_targets", "gather_sentences", "PUBLIC_MAX_TOKENS"]
+
+PUBLIC_MAX_TOKENS = 256  # the public code cuts every padded decoder input / label row to 256 tokens
 
 
 @dataclass
 class PreparedTargets:
     """One batch of target sentences, packed, with everything that does not depend on the embeddings.
 
-    N = number of decoder input tokens = T_total - S.
+    N = number of decoder input tokens = T_total - S (T_total with `extra_eos_target`).
     """
 
     inputs: Tensor  # [N] int64: each sentence's tokens minus the last
@@ -62,11 +73,14 @@ class PreparedTargets:
         return self.inputs.numel()
 
 
-def pack_targets(tokens: Tensor, tok_cu_seqlens: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int]:
+def pack_targets(tokens: Tensor, tok_cu_seqlens: Tensor, extra_eos_id: int | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int]:
     """Split target-mode sentences into packed decoder inputs and labels.
 
     tokens [T_total] int64, tok_cu_seqlens int32 [S+1] (every sentence at least 2 tokens) ->
     (inputs [N], labels [N], positions [N], sentence_ids [N], cu_seqlens int32 [S+1], max_seqlen).
+    `extra_eos_id` (the public objective, see the module docstring): inputs = every token (N = T_total),
+    labels = the next token, `extra_eos_id` after each sentence's last.
     """
     if not isinstance(tokens, Tensor) or tokens.dim() != 1:
         raise ValueError(f"tokens must be a 1-D tensor [T_total], got {getattr(tokens, 'shape', type(tokens))}")
@@ -93,6 +107,8 @@ def pack_targets(tokens: Tensor, tok_cu_seqlens: Tensor) -> tuple[Tensor, Tensor
             f"every sentence needs at least 2 tokens (input + label); sentence {bad} has {int(lengths[bad])}"
         )
     num_sent = lengths.numel()
+    if extra_eos_id is not None:
+        return _pack_whole_sentences(tokens, cu, lengths, int(extra_eos_id))
     in_lengths = lengths - 1
     in_cu = cu - torch.arange(num_sent + 1, device=cu.device)
     keep_in = torch.ones(tokens.numel(), dtype=torch.bool, device=tokens.device)
@@ -110,6 +126,19 @@ def pack_targets(tokens: Tensor, tok_cu_seqlens: Tensor) -> tuple[Tensor, Tensor
         in_cu.to(torch.int32),
         int(in_lengths.max()),
     )
+
+
+def _pack_whole_sentences(tokens: Tensor, cu: Tensor, lengths: Tensor, eos_id: int
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int]:
+    """pack_targets with the extra </s> target: inputs = tokens, labels = tokens[t+1] inside a sentence and
+    `eos_id` at each sentence's last token."""
+    n = tokens.numel()
+    labels = torch.empty(n, dtype=torch.long, device=tokens.device)
+    labels[:-1] = tokens[1:]
+    labels[cu[1:] - 1] = eos_id
+    sentence_ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths, output_size=n)
+    positions = torch.arange(n, device=cu.device) - cu[:-1][sentence_ids]
+    return tokens.long(), labels, positions, sentence_ids, cu.to(torch.int32), int(lengths.max())
 
 
 def gather_sentences(tokens: Tensor, tok_cu_seqlens: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
@@ -228,13 +257,15 @@ class PackedSonarDecoder(nn.Module):
 
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
-    def prepare(self, tokens: Tensor, tok_cu_seqlens: Tensor) -> PreparedTargets:
+    def prepare(self, tokens: Tensor, tok_cu_seqlens: Tensor, extra_eos_target: bool = False) -> PreparedTargets:
         """Pack a batch's target sentences and run everything that does not depend on the embeddings.
 
-        tokens [T_total] int64 (target mode `[3, lang, w1..wn, 3]` per sentence), tok_cu_seqlens int32 [S+1].
+        tokens [T_total] int64 (target mode `[3, lang, w1..wn, 3]` per sentence), tok_cu_seqlens int32 [S+1];
+        `extra_eos_target`: the public objective (module docstring).
         """
-        inputs, labels, positions, sentence_ids, cu, max_seqlen = pack_targets(tokens, tok_cu_seqlens)
         cfg = self.decoder.cfg
+        inputs, labels, positions, sentence_ids, cu, max_seqlen = pack_targets(
+            tokens, tok_cu_seqlens, cfg.eos_idx if extra_eos_target else None)
         if max_seqlen > cfg.max_seq_len:
             raise ValueError(f"longest decoder input {max_seqlen} exceeds max_seq_len {cfg.max_seq_len}")
         if int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size:
@@ -309,11 +340,15 @@ class PackedSonarDecoder(nn.Module):
                                     return_lse=return_lse, impl=self.impl)
 
     def reference_loss(self, pred_emb: Tensor, tokens: Tensor, tok_cu_seqlens: Tensor,
-                       reduction: str = "mean") -> Tensor:
+                       reduction: str = "mean", extra_eos_target: bool = False) -> Tensor:
         """The public SONAR-LLM computation: pad every sentence to the longest, run the full decoder
-        (real cross-attention), full logits, cross-entropy ignoring padding. The baseline for `loss`."""
+        (real cross-attention), full logits, cross-entropy ignoring padding. The baseline for `loss`.
+        With `extra_eos_target` exactly the public loss (module docstring): pad id 0 for inputs and labels,
+        both cut to `PUBLIC_MAX_TOKENS`, no decoder padding mask (causal), cross-entropy ignoring the pad id."""
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if extra_eos_target:
+            return self._public_loss(pred_emb, tokens, tok_cu_seqlens, reduction)
         inputs, labels, _, sentence_ids, cu, max_seqlen = pack_targets(tokens, tok_cu_seqlens)
         num_sent = cu.numel() - 1
         if pred_emb.dim() != 2 or pred_emb.shape[0] != num_sent:
@@ -328,4 +363,21 @@ class PackedSonarDecoder(nn.Module):
         logits = self.decoder(pad_in, pred_emb[:, None, :], padding_mask=mask)
         logits = logits if logits.dtype == torch.float64 else logits.float()
         return F.cross_entropy(logits.flatten(0, 1), pad_lab.flatten(), ignore_index=-100,
+                               reduction=reduction)
+
+    def _public_loss(self, pred_emb: Tensor, tokens: Tensor, tok_cu_seqlens: Tensor, reduction: str) -> Tensor:
+        cfg = self.decoder.cfg
+        inputs, labels, positions, sentence_ids, cu, max_seqlen = pack_targets(tokens, tok_cu_seqlens, cfg.eos_idx)
+        num_sent = cu.numel() - 1
+        if pred_emb.dim() != 2 or pred_emb.shape[0] != num_sent:
+            raise ValueError(f"pred_emb must be [S={num_sent}, E], got {tuple(pred_emb.shape)}")
+        width = min(max_seqlen, PUBLIC_MAX_TOKENS)
+        keep = positions < width
+        pad_in = inputs.new_full((num_sent, width), cfg.pad_idx)
+        pad_lab = labels.new_full((num_sent, width), cfg.pad_idx)
+        pad_in[sentence_ids[keep], positions[keep]] = inputs[keep]
+        pad_lab[sentence_ids[keep], positions[keep]] = labels[keep]
+        logits = self.decoder(pad_in, pred_emb[:, None, :])
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        return F.cross_entropy(logits.flatten(0, 1), pad_lab.flatten(), ignore_index=cfg.pad_idx,
                                reduction=reduction)
