@@ -6,8 +6,8 @@ replaced by small stub readers passed through `wordnet=` (NLTK's METEOR takes on
 import json
 import math
 
-import nltk
 import pytest
+from fixtures_nltk import clear_punkt_cache, use_no_nltk_data, use_tiny_punkt
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from nltk.translate.meteor_score import meteor_score
 from rouge_score import rouge_scorer
@@ -15,37 +15,18 @@ from rouge_score import rouge_scorer
 from sonar_llm.eval import public_scoring as P
 
 
-def _clear_punkt_cache():
-    from nltk import tokenize
-
-    tokenize._get_punkt_tokenizer.cache_clear()
-
-
 @pytest.fixture
 def no_nltk_data(tmp_path, monkeypatch):
     """NLTK sees only an empty data folder: neither Punkt nor WordNet is installed."""
-    empty = tmp_path / "empty_nltk_data"
-    empty.mkdir()
-    monkeypatch.setattr(nltk.data, "path", [str(empty)])
-    _clear_punkt_cache()
-    yield empty
-    _clear_punkt_cache()
+    yield use_no_nltk_data(tmp_path / "empty_nltk_data", monkeypatch)
+    clear_punkt_cache()
 
 
 @pytest.fixture
 def tiny_punkt(tmp_path, monkeypatch):
     """A Punkt model in NLTK >= 3.9's punkt_tab layout that knows the abbreviations 'mr' and 'dr'."""
-    root = tmp_path / "nltk_data"
-    lang = root / "tokenizers" / "punkt_tab" / "english"
-    lang.mkdir(parents=True)
-    (lang / "collocations.tab").write_text("")
-    (lang / "sent_starters.txt").write_text("")
-    (lang / "abbrev_types.txt").write_text("mr\ndr\n")
-    (lang / "ortho_context.tab").write_text("")
-    monkeypatch.setattr(nltk.data, "path", [str(root)])
-    _clear_punkt_cache()
-    yield root
-    _clear_punkt_cache()
+    yield use_tiny_punkt(tmp_path / "nltk_data", monkeypatch)
+    clear_punkt_cache()
 
 
 class _Lemma:

@@ -36,6 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from sonar_llm.data.punkt import PUNKT_MISSING as _PUNKT_MISSING
+from sonar_llm.data.punkt import punkt_sentences, punkt_tokenizer
+
 __all__ = [
     "PUBLIC_METRICS",
     "PublicPrompt",
@@ -49,8 +52,7 @@ __all__ = [
 ]
 
 PUBLIC_METRICS = ("bleu", "rougeL", "meteor")
-PUNKT_MISSING = ("NLTK Punkt model 'punkt_tab' (english) is not installed: the first sentences cannot be cut "
-                 "as the public evaluate_nlg.py does (python -m nltk.downloader punkt_tab)")
+PUNKT_MISSING = f"{_PUNKT_MISSING}: the first sentences cannot be cut as the public evaluate_nlg.py does"
 WORDNET_MISSING = ("NLTK WordNet corpus is not installed: METEOR's synonym stage cannot run as in the public "
                    "evaluate_nlg.py (python -m nltk.downloader wordnet)")
 
@@ -58,16 +60,6 @@ Splitter = Callable[[str], list[str]]
 
 
 # ------------------------------------------------------------------------------------------ NLTK data
-def _punkt_tokenizer(language: str = "english"):
-    """NLTK's Punkt tokenizer exactly as `sent_tokenize` gets it, or None when its model is missing."""
-    from nltk import tokenize
-
-    try:
-        return tokenize._get_punkt_tokenizer(language)
-    except LookupError:
-        return None
-
-
 def _wordnet_reader():
     """NLTK's WordNet reader, or None when the corpus is not installed."""
     from nltk.corpus import wordnet
@@ -83,15 +75,7 @@ def nltk_data_status() -> dict[str, Any]:
     """Which NLTK data the public scoring needs is installed: {"punkt": bool, "wordnet": bool, "nltk": ver}."""
     import nltk
 
-    return {"nltk": nltk.__version__, "punkt": _punkt_tokenizer() is not None, "wordnet": _wordnet_reader() is not None}
-
-
-def punkt_sentences(text: str) -> list[str]:
-    """`nltk.sent_tokenize(text)`; LookupError naming the download when the Punkt model is missing."""
-    tok = _punkt_tokenizer()
-    if tok is None:
-        raise LookupError(PUNKT_MISSING)
-    return tok.tokenize(text)
+    return {"nltk": nltk.__version__, "punkt": punkt_tokenizer() is not None, "wordnet": _wordnet_reader() is not None}
 
 
 # ------------------------------------------------------------------------------------------ prompts
@@ -189,7 +173,7 @@ def score_records(records: Sequence[dict], *, punkt=None, wordnet=None) -> dict[
             raise ValueError(f"record {i} has no string field(s) {bad}")
     status = {"punkt": True, "wordnet": True}
     if punkt is None:
-        punkt = _punkt_tokenizer()
+        punkt = punkt_tokenizer()
         status["punkt"] = punkt is not None
     if wordnet is None:
         wordnet = _wordnet_reader()
