@@ -11,8 +11,9 @@ embedding and head (and says so), skips the frozen `sonar_decoder.*` (about 3 GB
 train/export.py writes: `model.safetensors` and `model.json` = {"run_config": {"model": {"family",
 "preset", "overrides"}}, "step", "family", "preset", "dtype", "checkpoint", ...}. The architecture comes
 from `--config` (a public SonarLLM_*.json) or is inferred from the tensor shapes (`--head-dim` when the
-head width is not the public 64 / 32-at-hidden-512). The result loads in
-`python -m sonar_llm.eval.evaluate --model model.safetensors ...` and in `load_sonar_llm`.
+head width is not the public 64 / 32-at-hidden-512). The result is read like any export:
+`sonar_llm.checkpoints.read_exported` + `sonar_llm.models.build.build_trained` (what
+`python -m sonar_llm.eval.evaluate --model model.safetensors ...` and generation use).
 
 `--to public` turns such an export (ours, or one from train/export.py) into a public-format file:
 {"model_state_dict", "global_step", "epoch", "step_in_epoch"} plus the public JSON config (`--config-out`,
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sonar_llm.checkpoints import TrainedWeights
 from sonar_llm.models import public_format as pf
 from sonar_llm.models.backbone import BackboneConfig
 
@@ -43,9 +45,7 @@ __all__ = [
     "export_public",
     "write_model_file",
     "read_model_file",
-    "backbone_from_run_config",
     "run_config_for",
-    "load_sonar_llm",
     "main",
 ]
 
@@ -86,23 +86,6 @@ def run_config_for(cfg: BackboneConfig, sonar_dim: int = 1024) -> dict[str, Any]
     return {"model": {"family": "sonar_llm", "preset": preset, "overrides": overrides}}
 
 
-def backbone_from_run_config(run_cfg: dict[str, Any], source: str = "model.json") -> tuple[BackboneConfig, int]:
-    """(BackboneConfig, sonar_dim) of a sonar_llm run config: `model.preset` + the backbone-field overrides."""
-    from sonar_llm.models.presets import backbone_config
-
-    model = run_cfg.get("model") or {}
-    if model.get("family", "sonar_llm") != "sonar_llm":
-        raise ValueError(f"{source}: family {model.get('family')!r} is not sonar_llm; only SONAR-LLM has a "
-                         "public format")
-    overrides = dict(model.get("overrides") or {})
-    names = {f.name for f in dataclasses.fields(BackboneConfig)}
-    try:
-        cfg = backbone_config(model.get("preset", "tiny"), **{k: v for k, v in overrides.items() if k in names})
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{source}: cannot rebuild the backbone from the run config: {exc}") from exc
-    return cfg, int(overrides.get("sonar_dim", 1024))
-
-
 def write_model_file(state: dict[str, Tensor], cfg: BackboneConfig, out: str | os.PathLike,
                      info: dict[str, Any], sonar_dim: int = 1024) -> Path:
     """`out` (safetensors) + `out`.json in train/export.py's format; returns the safetensors path."""
@@ -121,39 +104,26 @@ def write_model_file(state: dict[str, Tensor], cfg: BackboneConfig, out: str | o
     return out
 
 
-def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], BackboneConfig, int, dict[str, Any]]:
-    """(state, backbone config, sonar_dim, model.json) of an export (ours or train/export.py's)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], BackboneConfig, int, TrainedWeights]:
+    """(state, backbone config, sonar_dim, the export as `sonar_llm.checkpoints.read_exported` reads it) of a
+    SONAR-LLM export (ours or train/export.py's): the backbone is the run config's preset + backbone overrides."""
+    from sonar_llm.checkpoints import read_exported
+    from sonar_llm.models.build import ModelConfig, preset_of, split_overrides
+    from sonar_llm.models.presets import backbone_config
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--model: file not found: {path}")
-    info_path = path.with_suffix(".json")
-    if not info_path.is_file():
-        raise FileNotFoundError(f"--model: the export's config {info_path} is missing")
+    weights = read_exported(path)
+    cfg = ModelConfig.from_run_config(weights.run_config)
+    if cfg.family != "sonar_llm":
+        raise ValueError(f"{path}: family {cfg.family!r} is not sonar_llm; only SONAR-LLM has a public format")
+    backbone_overrides, _ = split_overrides(cfg.overrides)
     try:
-        info = json.loads(info_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{info_path}: invalid JSON: {exc}") from exc
-    if not isinstance(info, dict) or not isinstance(info.get("run_config"), dict):
-        raise ValueError(f"{info_path}: no 'run_config'")
-    cfg, sonar_dim = backbone_from_run_config(info["run_config"], str(info_path))
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{path}: not a readable safetensors file: {exc}") from exc
-    return state, cfg, sonar_dim, info
-
-
-def load_sonar_llm(path: str | os.PathLike, decoder=None, device: str | torch.device = "cpu"):
-    """A `SonarLLM` (eval mode) from an export; `decoder` (a SonarTextDecoder) is attached when given."""
-    from sonar_llm.models.sonar_llm import SonarLLM, SonarLLMConfig
-
-    state, cfg, sonar_dim, _ = read_model_file(path)
-    model = SonarLLM(SonarLLMConfig(backbone=cfg, sonar_dim=sonar_dim), decoder=decoder)
-    model.load_state_dict(state, strict=True)
-    return model.to(device).eval()
+        backbone = backbone_config(preset_of(cfg), **backbone_overrides)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot rebuild the backbone from its run config: {exc}") from exc
+    if "input_proj.weight" not in weights.state:
+        raise ValueError(f"{path}: no 'input_proj.weight': not a SONAR-LLM state dict")
+    sonar_dim = int(weights.state["input_proj.weight"].shape[1])
+    return weights.state, backbone, sonar_dim, weights
 
 
 # ------------------------------------------------------------------------------------- the two directions
@@ -225,11 +195,11 @@ def import_public(checkpoint: str | os.PathLike, out: str | os.PathLike, config:
 def export_public(model: str | os.PathLike, out: str | os.PathLike, config_out: str | os.PathLike | None = None,
                   ) -> tuple[Path, Path]:
     """Export (`model` .safetensors + .json) -> public-format `out` + its public JSON config."""
-    state, cfg, sonar_dim, info = read_model_file(model)
+    state, cfg, sonar_dim, weights = read_model_file(model)
     pf.check_state_matches(state, cfg, sonar_dim, str(model))
     public = pf.ours_to_public(state)
     llama = pf.llama_config_from_backbone(cfg)
-    step = info.get("step")
+    step = weights.step
     payload = {"model_state_dict": public, "global_step": int(step) if isinstance(step, int) else 0,
                "epoch": 0, "step_in_epoch": 0}
     out = Path(out)

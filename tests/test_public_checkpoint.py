@@ -109,7 +109,27 @@ def save_public(w: PublicWrapper, path, step: int = 7) -> None:
     }, path)
 
 
-def imported(tmp_path, case: str, with_config: bool = True, **kw):
+@pytest.fixture(scope="module")
+def decoder_file(tmp_path_factory):
+    """A toy SONAR decoder reading 1024-d embeddings (the library's loader attaches one to every SONAR-LLM)."""
+    from fixtures_sonar import toy_decoder
+
+    from sonar_llm.sonar.checkpoint import save_fairseq2_checkpoint
+
+    path = tmp_path_factory.mktemp("sonar") / "decoder.pt"
+    save_fairseq2_checkpoint(toy_decoder(encoder_dim=SONAR_DIM), path)
+    return path
+
+
+def load_export(path, decoder_file):
+    """What evaluation and generation do with an export: read_exported + build_trained (the library loader)."""
+    from sonar_llm.checkpoints import read_exported
+    from sonar_llm.models.build import build_trained
+
+    return build_trained(read_exported(path), decoder=str(decoder_file))
+
+
+def imported(tmp_path, decoder_file, case: str, with_config: bool = True, **kw):
     w, cfg = make_wrapper(case)
     ckpt = tmp_path / "checkpoint_step_7.pt"
     save_public(w, ckpt)
@@ -117,13 +137,13 @@ def imported(tmp_path, case: str, with_config: bool = True, **kw):
     cfg_path.write_text(json.dumps(cfg))
     out = tmp_path / "model.safetensors"
     rep = convert.import_public(ckpt, out, cfg_path if with_config else None, **kw)
-    return w, rep, convert.load_sonar_llm(out)
+    return w, rep, load_export(out, decoder_file)
 
 
 # ------------------------------------------------------------------------------------------------ parity
 @pytest.mark.parametrize("case", list(CASES))
-def test_import_matches_public_model_at_every_position(tmp_path, case):
-    w, rep, model = imported(tmp_path, case)
+def test_import_matches_public_model_at_every_position(tmp_path, case, decoder_file):
+    w, rep, model = imported(tmp_path, decoder_file, case)
     hidden, ffn, layers, heads, head_dim, kv = CASES[case]
     b = rep.backbone
     assert (b.model_dim, b.ffn_dim, b.num_layers, b.num_heads, b.head_dim, b.num_kv_heads) == \
@@ -140,12 +160,12 @@ def test_import_matches_public_model_at_every_position(tmp_path, case):
 
 
 @pytest.mark.parametrize("case", ["width_ne_hidden", "gqa"])
-def test_kv_cached_generation_matches_public_loop(tmp_path, case):
+def test_kv_cached_generation_matches_public_loop(tmp_path, case, decoder_file):
     """Our KV-cached step and generate_sonar_llm (predicted vector fed back) against the public loop
     (full recomputation over all embeddings so far, last position, reverse_proj)."""
     from sonar_llm.models.generate import generate_sonar_llm
 
-    w, _, model = imported(tmp_path, case)
+    w, _, model = imported(tmp_path, decoder_file, case)
     gen = torch.Generator().manual_seed(9)
     prompt = torch.randn(3, SONAR_DIM, generator=gen) * 0.05
     steps = 6
@@ -173,9 +193,9 @@ def test_kv_cached_generation_matches_public_loop(tmp_path, case):
     assert (res[0].embeddings - ref).abs().max().item() <= TOL
 
 
-def test_shapes_inferred_without_json(tmp_path):
+def test_shapes_inferred_without_json(tmp_path, decoder_file):
     """No --config: head_dim 64 (the public default) and the public numerics; same predictions."""
-    w, rep, model = imported(tmp_path, "width_ne_hidden", with_config=False)
+    w, rep, model = imported(tmp_path, decoder_file, "width_ne_hidden", with_config=False)
     assert rep.backbone.num_heads == 3 and rep.backbone.head_dim == 64 and "inferred" in rep.config_source
     e = torch.randn(12, SONAR_DIM, generator=torch.Generator().manual_seed(1)) * 0.05
     with torch.no_grad():
@@ -183,21 +203,21 @@ def test_shapes_inferred_without_json(tmp_path):
     assert (ours - w.predict(e)).abs().max().item() <= TOL
 
 
-def test_head_dim_needed_when_not_public_default(tmp_path):
+def test_head_dim_needed_when_not_public_default(tmp_path, decoder_file):
     w, _ = make_wrapper("width_eq_hidden")  # head_dim 16: without it the 64-wide q would be read as 1 head of 64
     ckpt = tmp_path / "c.pt"
     save_public(w, ckpt)
     rep = convert.import_public(ckpt, tmp_path / "m.safetensors", head_dim=16)
     assert rep.backbone.num_heads == 4
-    model = convert.load_sonar_llm(tmp_path / "m.safetensors")
+    model = load_export(tmp_path / "m.safetensors", decoder_file)
     e = torch.randn(7, SONAR_DIM, generator=torch.Generator().manual_seed(2)) * 0.05
     with torch.no_grad():
         ours = model(e, torch.tensor([0, 7], dtype=torch.int32), 7)
     assert (ours - w.predict(e)).abs().max().item() <= TOL
 
 
-def test_dropped_and_reported(tmp_path):
-    _, rep, _ = imported(tmp_path, "width_eq_hidden")
+def test_dropped_and_reported(tmp_path, decoder_file):
+    _, rep, _ = imported(tmp_path, decoder_file, "width_eq_hidden")
     text = " ".join(rep.notes)
     assert "dropped llama_model.model.embed_tokens.weight" in text
     assert "optimizer_state_dict" in text and "numpy_rng_state" in text
@@ -235,10 +255,10 @@ def test_export_round_trip_bit_exact(tmp_path, dtype):
     assert back.backbone == cfg and back.step == 11
 
 
-def test_export_loads_in_public_wrapper(tmp_path):
+def test_export_loads_in_public_wrapper(tmp_path, decoder_file):
     """What the public generate.py does with our export: LlamaConfig from the JSON, load_state_dict
     (strict=False) -> the same predictions as our model."""
-    w, _, model = imported(tmp_path, "width_ne_hidden")
+    w, _, model = imported(tmp_path, decoder_file, "width_ne_hidden")
     pt, js = convert.export_public(tmp_path / "model.safetensors", tmp_path / "pub.pt")
     cfg = json.loads(js.read_text())
     fresh = PublicWrapper(cfg).eval()
@@ -347,16 +367,12 @@ def test_sonar_decoder_skipped_or_written(tmp_path):
         assert torch.equal(v, ref[k]), k
 
 
-def test_evaluate_loader_reads_the_import(tmp_path):
-    """`python -m sonar_llm.eval.evaluate --model model.safetensors` loads the import (via its run config)."""
-    from fixtures_sonar import toy_decoder
-
+def test_evaluate_loader_reads_the_import(tmp_path, decoder_file):
+    """The evaluation command's loader (`sonar_llm.eval.evaluate.load_trained`) reads the import."""
     from sonar_llm.eval.evaluate import load_trained
-    from sonar_llm.sonar.checkpoint import save_fairseq2_checkpoint
 
-    w, _, model = imported(tmp_path, "width_ne_hidden")
-    save_fairseq2_checkpoint(toy_decoder(encoder_dim=SONAR_DIM), tmp_path / "decoder.pt")
-    loaded = load_trained(model=str(tmp_path / "model.safetensors"), decoder=tmp_path / "decoder.pt")
+    w, _, _ = imported(tmp_path, decoder_file, "width_ne_hidden")
+    loaded = load_trained(model=str(tmp_path / "model.safetensors"), decoder=decoder_file)
     assert loaded.family == "sonar_llm" and loaded.step == 7
     e = torch.randn(8, SONAR_DIM, generator=torch.Generator().manual_seed(6)) * 0.05
     with torch.no_grad():
