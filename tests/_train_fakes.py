@@ -1,5 +1,7 @@
 """Tiny self-contained model family and data loader for the training-stack tests (no dependency on
-sonar_llm.models / sonar_llm.data). Fault injection through `model.overrides`:
+sonar_llm.models / sonar_llm.data). Fault injection through `model.overrides` or, for a run that is later
+resumed with the same config (a resume refuses changed model.overrides), the environment variable FAKE_FAULTS
+(a JSON object of the same keys):
   nan_calls = [i, ...]   training-mode loss call i (0-based, per process) returns NaN
   crash_call = i, crash_rank = r, crash_mode = "raise"|"exit"   rank r fails at training call i
   signal_call = i        the process sends itself SIGUSR1 at training call i
@@ -132,5 +134,7 @@ class FakeFamily(nn.Module):
 
 
 def fake_model_factory(cfg):
-    ov = dict(cfg.model.overrides)
+    import json
+
+    ov = {**cfg.model.overrides, **json.loads(os.environ.get("FAKE_FAULTS") or "{}")}
     return FakeFamily(n_blocks=int(ov.pop("n_blocks", 2)), **ov)

@@ -10,7 +10,7 @@ from _train_fakes import fake_data_factory, fake_model_factory
 from train import checkpoint as ckpt
 from train.config import RunConfig
 from train.export import export, load_model_state
-from train.loop import run_training
+from train.loop import CheckpointNotSaved, run_training
 
 
 def fake_cfg(out, steps, **train):
@@ -33,15 +33,15 @@ def losses(out):
         return {r["step"]: r["loss"] for r in map(json.loads, f) if r["kind"] == "train"}
 
 
-def test_kill_and_resume_is_bitwise_identical(tmp_path):
+def test_kill_and_resume_is_bitwise_identical(tmp_path, monkeypatch):
     full = fake_cfg(tmp_path / "full", 6, checkpoint_every=3, grad_accum=2)
     run(full)
     crash = fake_cfg(tmp_path / "crash", 6, checkpoint_every=3, grad_accum=2)
-    crash.model.overrides = {"crash_call": 9}  # dies in step 5 (calls 8, 9), after the step-3 checkpoint
+    monkeypatch.setenv("FAKE_FAULTS", '{"crash_call": 9}')  # dies in step 5 (calls 8, 9), after the step-3 checkpoint
     with pytest.raises(RuntimeError, match="injected failure"):
         run(crash)
     assert ckpt.latest_checkpoint(tmp_path / "crash" / "checkpoints").name == "step_000003"
-    crash.model.overrides = {}
+    monkeypatch.delenv("FAKE_FAULTS")
     res = run(crash)
     assert res["step"] == 6
     a, b = losses(tmp_path / "full"), losses(tmp_path / "crash")
@@ -66,7 +66,9 @@ def test_enospc_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         return FullDisk(str(path)) if saves["n"] == 2 else real(path)  # the step-4 save fails
 
     monkeypatch.setattr(ckpt, "_make_writer", writer)
-    res = run(cfg)  # training is not killed by the failed save
+    with pytest.raises(CheckpointNotSaved, match=r"stopped at step 4, .* newest good checkpoint: step 2 ") as failed:
+        run(cfg)  # training is not killed by the failed save, but the run ends in an error naming step 2
+    res = failed.value.result
     root = tmp_path / "run" / "checkpoints"
     assert res["step"] == 4 and res["checkpoint"].endswith("step_000002")
     assert (root / "latest").read_text().strip() == "step_000002"
@@ -116,14 +118,14 @@ def test_export_round_trip(tmp_path):
         export(tmp_path / "run", tmp_path / "x.safetensors", step=7)
 
 
-def test_sigusr1_saves_and_stops_then_resume_matches(tmp_path):
+def test_sigusr1_saves_and_stops_then_resume_matches(tmp_path, monkeypatch):
     full = fake_cfg(tmp_path / "full", 6)
     run(full)
     cfg = fake_cfg(tmp_path / "stop", 6)
-    cfg.model.overrides = {"signal_call": 2}  # SIGUSR1 arrives during step 3
+    monkeypatch.setenv("FAKE_FAULTS", '{"signal_call": 2}')  # SIGUSR1 arrives during step 3
     res = run(cfg)
     assert res["stopped"] is True and res["step"] == 3 and res["checkpoint"].endswith("step_000003")
-    cfg.model.overrides = {}
+    monkeypatch.delenv("FAKE_FAULTS")
     res = run(cfg)
     assert res["step"] == 6 and "stopped" not in res
     assert losses(tmp_path / "stop") == losses(tmp_path / "full")

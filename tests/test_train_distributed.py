@@ -22,8 +22,8 @@ BASE = ["--model.family=fake", "--optim.lr=0.01", "--optim.warmup_steps=2", "--t
 pytestmark = pytest.mark.slow
 
 
-def start_torchrun(args):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+def start_torchrun(args, **env_extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env_extra)
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), time.monotonic()
@@ -62,10 +62,10 @@ def test_two_ranks_match_one_and_survive_a_dead_rank(tmp_path):
     crash_dir = tmp_path / "crash"
     args = BASE + [f"--train.out_dir={crash_dir}", "--train.checkpoint_every=2", "--parallel.timeout_minutes=1"]
     job_two = start_torchrun(BASE + [f"--train.out_dir={tmp_path / 'two'}", "--train.checkpoint_every=2"])
-    job_crash = start_torchrun(args + ["--model.overrides.crash_call=3", "--model.overrides.crash_rank=1",
-                                       '--model.overrides.crash_mode="exit"'])
+    job_crash = start_torchrun(args, FAKE_FAULTS='{"crash_call": 3, "crash_rank": 1, "crash_mode": "exit"}')
     # 1 rank x 2 micro-batches = the same global batches (FakeLoader deals batch g to rank g % world)
-    cfg = load_config(None, BASE + [f"--train.out_dir={tmp_path / 'one'}", "--train.grad_accum=2"], check_paths=False)
+    cfg = load_config(None, BASE + [f"--train.out_dir={tmp_path / 'one'}", "--train.grad_accum=2"], check_paths=False,
+                      check_model=False)
     one = run_training(cfg, model_factory=fake_model_factory, data_factory=fake_data_factory)
     two = final(wait_torchrun(job_two)[0])
     la, lb = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
@@ -96,7 +96,8 @@ def test_bf16_sharded_decoder_checkpointing_and_replicated_mode(tmp_path):
     bf16 = start_torchrun(BASE + ["--train.steps=3", "--train.precision=bf16",
                                   "--train.activation_checkpointing=full", f"--train.out_dir={tmp_path / 'bf16'}"])
     ddp = start_torchrun(BASE + ["--parallel.fsdp=false", f"--train.out_dir={tmp_path / 'ddp'}"])
-    cfg = load_config(None, BASE + ["--train.grad_accum=2", f"--train.out_dir={tmp_path / 'fp32'}"], check_paths=False)
+    cfg = load_config(None, BASE + ["--train.grad_accum=2", f"--train.out_dir={tmp_path / 'fp32'}"], check_paths=False,
+                      check_model=False)
     run_training(cfg, model_factory=fake_model_factory, data_factory=fake_data_factory)
     assert final(wait_torchrun(bf16)[0])["step"] == 3
     assert final(wait_torchrun(ddp)[0])["step"] == 6

@@ -69,7 +69,7 @@ def test_first_step_matches_float64_reference(tmp_path):
             assert name not in trained  # frozen weights stay out of checkpoints
 
 
-def test_nan_steps_are_skipped_then_abort(tmp_path):
+def test_nan_steps_are_skipped_then_abort(tmp_path, monkeypatch):
     cfg = fake_cfg(tmp_path, steps=8, max_bad_steps=3, checkpoint_every=2)
     cfg.model.overrides = {"nan_calls": [2]}
     res = run(cfg)
@@ -78,12 +78,12 @@ def test_nan_steps_are_skipped_then_abort(tmp_path):
     assert all(r["loss"] is not None and math.isfinite(r["loss"]) for i, r in enumerate(recs) if i != 2)
 
     cfg2 = fake_cfg(tmp_path / "b", steps=10, max_bad_steps=3, checkpoint_every=2)
-    cfg2.model.overrides = {"nan_calls": [5, 6, 7, 8]}
+    monkeypatch.setenv("FAKE_FAULTS", json.dumps({"nan_calls": [5, 6, 7, 8]}))
     with pytest.raises(TrainingAborted, match=r"3 non-finite steps in a row \(train.max_bad_steps=3\) at step 8; "
                                               r"last good checkpoint: .*step_000006"):
         run(cfg2)
     # the last good checkpoint is intact and resumable: training continues from step 6 without faults
-    cfg2.model.overrides = {}
+    monkeypatch.delenv("FAKE_FAULTS")
     res = run(cfg2)
     assert res["step"] == 10 and res["skipped_steps"] == 1  # step 6 was skipped before its checkpoint
     assert [r["step"] for r in read_metrics(cfg2)][-4:] == [7, 8, 9, 10]

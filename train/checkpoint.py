@@ -1,36 +1,59 @@
-"""Atomic, resumable checkpoints with torch.distributed.checkpoint (DCP).
+"""Atomic, verified, resumable checkpoints with torch.distributed.checkpoint (DCP). No file of a checkpoint is
+ever unpickled with code execution.
 
 Layout of `<run>/checkpoints/`:
-    step_000100/          a complete checkpoint: DCP shards of {"model", "optim"} (frozen parameters such as
-                          the SONAR decoder excluded), trainer.pt (step, scheduler, grad scaler, counters;
-                          rank 0), rank_<r>.pt (RNG states and data-loader state of rank r), COMPLETE
+    step_000100/          a complete checkpoint:
+        .metadata, __<r>_<i>.distcp   DCP shards of {"model", "optim"} (frozen parameters such as the SONAR
+                          decoder excluded); read with sonar_llm.dcp_safe (allow-listed metadata unpickler,
+                          non-tensor values with torch.load(weights_only=True))
+        trainer.json      rank 0: step, grad-scaler state, skipped / bad-in-a-row counters (JSON)
+        rank_<r>.json     rank r: data-loader state, Python and NumPy RNG states (JSON)
+        rank_<r>.safetensors  rank r: torch (and CUDA) RNG state tensors
+        checksums.json    written last: {"format", "step", "good", "reason", "files": {name: {"bytes", "sha256"}}}
+                          for every file above; "good" = the weights are finite on every rank and the steps
+                          since the previous good checkpoint were not all skipped (reason says why not)
+        COMPLETE          the step number
     step_000200.tmp/      a save in progress (or one that failed): never read, removed on the next start
-    latest                the name of the newest complete checkpoint (replaced atomically)
-Every rank writes into `step_X.tmp/`; once all succeeded rank 0 renames it to `step_X/` and then replaces
-`latest`. A failure anywhere (e.g. ENOSPC) is agreed on by all ranks, the .tmp directory is removed and the
-previous checkpoint stays the latest. Multi-node runs need `train.out_dir` on a shared file system.
+    latest                the name of the newest complete *good* checkpoint (replaced atomically)
+Save: every rank writes into `step_X.tmp/`; once all succeeded, the ranks hash the files (each a share of
+them), rank 0 writes checksums.json and COMPLETE, fsyncs, renames the folder to `step_X/` and, if the
+checkpoint is good, replaces `latest`. A failure anywhere (e.g. ENOSPC) is agreed on by all ranks, the .tmp
+directory is removed and the previous checkpoint stays the latest. Pruning keeps the newest `keep_last`
+complete checkpoints and always the newest good one.
+Resume (`find_resumable`): newest first, the first checkpoint that verifies (every file's size and sha256,
+the reading shared by the ranks) and is good; each one passed over is reported with the reason (the file
+that failed, or why it is not good). Multi-node runs need `train.out_dir` on a shared file system.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from sonar_llm.dcp_safe import (CHECKSUMS_FILE, SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError,
+                                file_digest, read_checksums, verify_checkpoint)
+
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
+CHECKSUM_FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used (fails verification or loading); the message names the file."""
 
 
 def step_dir_name(step: int) -> str:
@@ -42,27 +65,41 @@ def _make_writer(path: Path) -> FileSystemWriter:
     return FileSystemWriter(str(path))
 
 
-def rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+# ------------------------------------------------------------------------------------------------ RNG state
+def rng_state(device: torch.device) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """This process's RNG states as (JSON-able values, tensors)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    values = {"python": {"version": version, "state": list(mt), "gauss": gauss},
+              "numpy": {"name": name, "keys": [int(k) for k in keys], "pos": int(pos), "has_gauss": int(has_gauss),
+                        "cached_gaussian": float(cached)}}
+    tensors = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+        tensors["cuda"] = torch.cuda.get_rng_state(device)
+    return values, tensors
 
 
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+def set_rng_state(values: dict[str, Any], tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    py, npy = values["python"], values["numpy"]
+    random.setstate((int(py["version"]), tuple(int(x) for x in py["state"]), py["gauss"]))
+    np.random.set_state((npy["name"], np.asarray(npy["keys"], dtype=np.uint32), int(npy["pos"]),
+                         int(npy["has_gauss"]), float(npy["cached_gaussian"])))
+    torch.set_rng_state(tensors["torch"])
+    if device.type == "cuda" and "cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["cuda"], device)
 
 
+# ------------------------------------------------------------------------------------------------ helpers
 def _dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
 def _rank() -> int:
     return dist.get_rank() if _dist() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if _dist() else 1
 
 
 @contextlib.contextmanager
@@ -89,6 +126,15 @@ def _all_ok(ok: bool) -> bool:
     return int(flag.item()) == 0
 
 
+def _gather(value: Any) -> list[Any]:
+    """Every rank's `value` (JSON-like), on every rank."""
+    if not _dist():
+        return [value]
+    out: list[Any] = [None] * _world()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -102,14 +148,38 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=True))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from e
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------------ save
 def save_checkpoint(ckpt_root: str | os.PathLike, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any],
-                    rank_state: dict[str, Any], keep_last: int = 3) -> bool:
-    """Save a checkpoint of `step` (collective: every rank calls it). Returns True if it is complete and
-    now the latest, False if any rank failed with an OSError (the previous checkpoint stays latest).
+                    rank_state: dict[str, Any], keep_last: int = 3, good: bool = True, reason: str = "") -> bool:
+    """Save a checkpoint of `step` (collective: every rank calls it). Returns True if it is complete (and,
+    when good, the new `latest`), False if any rank failed with an OSError (the previous one stays latest).
 
-    trainer_state: rank-0 state (scheduler, scaler, counters...); rank_state: this rank's state
-    (data loader...). RNG states are added here."""
+    trainer_state: rank-0 JSON-able state (grad scaler, counters...); rank_state: this rank's JSON-able state
+    (data loader...); RNG states are added here. good: this rank's verdict (weights finite, progress since
+    the last good checkpoint); the checkpoint is good only if every rank says so (`reason` says why not)."""
     root = Path(ckpt_root)
     rank = _rank()
     final = root / step_dir_name(step)
@@ -130,23 +200,41 @@ def save_checkpoint(ckpt_root: str | os.PathLike, step: int, model: torch.nn.Mod
             model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
             with _quiet_single_process():
                 dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=_make_writer(tmp), no_dist=not _dist())
-            extra = {"rng": rng_state(_device_of(model)), **rank_state}
-            torch.save(extra, tmp / f"rank_{rank}.pt")
+            from safetensors.torch import save_file
+
+            rng_values, rng_tensors = rng_state(_device_of(model))
+            _write_json(tmp / f"rank_{rank}.json", {"rng": rng_values, **rank_state})
+            save_file({k: v.cpu().contiguous() for k, v in rng_tensors.items()}, str(tmp / f"rank_{rank}.safetensors"))
             if rank == 0:
-                torch.save({"step": step, **trainer_state}, tmp / "trainer.pt")
+                _write_json(tmp / "trainer.json", {"step": step, **trainer_state})
         except (OSError, CheckpointException) as e:  # ENOSPC, EIO, a rank's DCP write failing...
             ok, error = False, e
         ok = _all_ok(ok)
+    good = _all_ok(good)
+    reasons = [r for r in _gather(reason if not good else "") if r]
+    digests: dict[str, Any] = {}
+    if ok:  # every rank hashes its share of the files (shared file system)
+        try:
+            names = sorted(p.name for p in tmp.iterdir() if p.is_file())
+            mine = {n: file_digest(tmp / n) for i, n in enumerate(names) if i % _world() == rank}
+        except OSError as e:
+            ok, error, mine = False, e, {}
+        ok = _all_ok(ok)
+        for part in _gather(mine):
+            digests.update(part)
     if ok and rank == 0:
         try:
+            _write_json(tmp / CHECKSUMS_FILE, {"format": CHECKSUM_FORMAT, "step": step, "good": good,
+                                               "reason": "; ".join(sorted(set(reasons))), "files": digests})
             (tmp / "COMPLETE").write_text(f"{step}\n")
             _fsync_dir(tmp)
             if final.exists():  # a stale copy of the same step from an earlier attempt
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            pointer = root / "latest.tmp"
-            pointer.write_text(final.name + "\n")
-            os.replace(pointer, root / "latest")
+            if good:
+                pointer = root / "latest.tmp"
+                pointer.write_text(final.name + "\n")
+                os.replace(pointer, root / "latest")
             _fsync_dir(root)
         except OSError as e:
             ok, error = False, e
@@ -165,12 +253,7 @@ def save_checkpoint(ckpt_root: str | os.PathLike, step: int, model: torch.nn.Mod
     return True
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
+# ------------------------------------------------------------------------------------------------ find
 def complete_steps(ckpt_root: str | os.PathLike) -> list[int]:
     root = Path(ckpt_root)
     if not root.is_dir():
@@ -184,7 +267,8 @@ def complete_steps(ckpt_root: str | os.PathLike) -> list[int]:
 
 
 def latest_checkpoint(ckpt_root: str | os.PathLike) -> Path | None:
-    """The checkpoint named by `latest` if complete, else the newest complete step directory, else None."""
+    """The checkpoint named by `latest` if complete, else the newest complete step directory, else None
+    (no verification: see `find_resumable` / `newest_good_checkpoint`)."""
     root = Path(ckpt_root)
     pointer = root / "latest"
     if pointer.is_file():
@@ -195,11 +279,57 @@ def latest_checkpoint(ckpt_root: str | os.PathLike) -> Path | None:
     return root / step_dir_name(steps[-1]) if steps else None
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step recorded in a complete checkpoint's COMPLETE marker."""
+    return int((Path(path) / "COMPLETE").read_text().split()[0])
+
+
+def is_good(path: str | os.PathLike) -> tuple[bool, str]:
+    """(good, reason) as recorded in the checkpoint's checksums.json (False if it has none)."""
+    try:
+        info = read_checksums(path)
+    except UnsafeCheckpointError as e:
+        return False, str(e)
+    return bool(info.get("good")), str(info.get("reason") or "")
+
+
+def find_resumable(ckpt_root: str | os.PathLike, say: Callable[[str], None] = print) -> Path | None:
+    """Newest complete checkpoint that verifies and is good (collective: the ranks share the hashing and
+    agree); every newer one passed over is reported through `say` with its reason."""
+    root = Path(ckpt_root)
+    for step in reversed(complete_steps(root)):
+        path = root / step_dir_name(step)
+        good, reason = is_good(path)
+        problems = [p for part in _gather(verify_checkpoint(path, _rank(), _world())) for p in part]
+        if problems:
+            say(f"checkpoint {path} fails verification ({'; '.join(problems[:3])}); trying an older one")
+        elif not good:
+            say(f"checkpoint {path} is not marked good ({reason}); trying an older one")
+        else:
+            return path
+    return None
+
+
+def newest_good_checkpoint(ckpt_root: str | os.PathLike) -> Path | None:
+    """Newest complete checkpoint that is good and verifies in full (one process; for messages)."""
+    root = Path(ckpt_root)
+    for step in reversed(complete_steps(root)):
+        path = root / step_dir_name(step)
+        if is_good(path)[0] and not verify_checkpoint(path):
+            return path
+    return None
+
+
 def prune(ckpt_root: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints."""
+    """Delete all but the newest `keep_last` complete checkpoints, keeping the newest good one in any case."""
     steps = complete_steps(ckpt_root)
-    for s in steps[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(ckpt_root / step_dir_name(s), ignore_errors=True)
+    keep = set(steps[-keep_last:]) if keep_last > 0 else set(steps)
+    good = [s for s in steps if is_good(ckpt_root / step_dir_name(s))[0]]
+    if good:
+        keep.add(good[-1])
+    for s in steps:
+        if s not in keep:
+            shutil.rmtree(ckpt_root / step_dir_name(s), ignore_errors=True)
 
 
 def remove_stale_tmp(ckpt_root: str | os.PathLike) -> None:
@@ -210,32 +340,50 @@ def remove_stale_tmp(ckpt_root: str | os.PathLike) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer
-                    ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load model + optimizer in place (collective) and restore this rank's RNG states.
-    Returns (trainer_state, rank_state)."""
+# ------------------------------------------------------------------------------------------------ load
+def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    verify: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load model + optimizer in place (collective) and restore this rank's RNG states. Verifies every file
+    first unless `verify=False` (the caller did, e.g. `find_resumable`). Returns (trainer_state, rank_state).
+    Raises CheckpointError naming the file that fails."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not (path / "COMPLETE").is_file():
         raise FileNotFoundError(f"not a complete checkpoint directory: {path}")
+    if verify:
+        problems = [p for part in _gather(verify_checkpoint(path, _rank(), _world())) for p in part]
+        if problems:
+            raise CheckpointError("checkpoint fails verification: " + "; ".join(problems))
     rank = _rank()
-    rank_file = path / f"rank_{rank}.pt"
-    if not rank_file.is_file():
-        raise FileNotFoundError(f"{rank_file}: missing (was the checkpoint written with fewer ranks?)")
+    rank_json, rank_st = path / f"rank_{rank}.json", path / f"rank_{rank}.safetensors"
+    for f in (rank_json, rank_st):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: missing (was the checkpoint written with fewer ranks?)")
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
     state = {"model": model_sd, "optim": optim_sd}
-    reader = FileSystemReader(str(path))
+    reader = SafeFileSystemReader(str(path))
     saved = reader.read_metadata().state_dict_metadata
     missing = [k for k in model_sd if f"model.{k}" not in saved]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks model keys {missing[:8]}{' ...' if len(missing) > 8 else ''} "
                          f"(was it written by another model family or preset?)")
     # optimizer state may be partial: AdamW has no state for parameters that never received a gradient
-    with _quiet_single_process():
-        dcp.load(state, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True),
-                 no_dist=not _dist())
+    try:
+        with _quiet_single_process():
+            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(allow_partial_load=True),
+                     no_dist=not _dist())
+    except (CheckpointException, UnsafeCheckpointError, RuntimeError, OSError, EOFError) as e:
+        raise CheckpointError(f"{path}: loading the DCP shards failed ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
-    trainer = torch.load(path / "trainer.pt", weights_only=False)
-    extra = torch.load(rank_file, weights_only=False)
-    set_rng_state(extra.pop("rng"), _device_of(model))
+    trainer = _read_json(path / "trainer.json")
+    extra = _read_json(rank_json)
+    try:
+        tensors = load_file(str(rank_st))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{rank_st}: unreadable ({e})") from e
+    set_rng_state(extra.pop("rng"), tensors, _device_of(model))
     return trainer, extra

@@ -36,6 +36,7 @@ class DataConfig:
     max_tokens: int = 65536  # target tokens per micro-batch per rank
     workers: int = 0
     seed: int = 0
+    verify: str = "full"  # shard check: full (sha256 of each shard when first opened) | sampled | size
 
 
 @dataclass
@@ -274,11 +275,11 @@ def apply_overrides(cfg: RunConfig, overrides: list[tuple[str, str]]) -> RunConf
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None,
-                check_paths: bool = True) -> RunConfig:
+                check_paths: bool = True, check_model: bool = True) -> RunConfig:
     """Defaults <- TOML file (if any) <- CLI overrides, then validate()."""
     cfg = from_dict(load_toml(path)) if path is not None else RunConfig()
     cfg = apply_overrides(cfg, parse_overrides(list(overrides or [])))
-    validate(cfg, check_paths=check_paths)
+    validate(cfg, check_paths=check_paths, check_model=check_model)
     return cfg
 
 
@@ -287,8 +288,9 @@ def _require(ok: bool, key: str, expected: str, got: Any) -> None:
         raise ConfigError(f"{key}: expected {expected}, got {got!r}")
 
 
-def validate(cfg: RunConfig, check_paths: bool = True) -> None:
-    """Check every value; raise ConfigError / FileNotFoundError naming the key."""
+def validate(cfg: RunConfig, check_paths: bool = True, check_model: bool = True) -> None:
+    """Check every value; raise ConfigError / FileNotFoundError naming the key. `check_model`: the family
+    and preset must be names in the library's registries (False for a custom model factory)."""
     # types first (catches values set programmatically, bypassing _coerce)
     for section, cls in _section_classes().items():
         obj = getattr(cfg, section)
@@ -305,6 +307,13 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     m, d, o, t, p = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.parallel
     _require(bool(m.family), "model.family", "a family name", m.family)
     _require(bool(m.preset), "model.preset", "a preset name", m.preset)
+    if check_model:
+        from sonar_llm.models.family import FAMILIES
+        from sonar_llm.models.presets import PRESETS
+
+        _require(m.family in FAMILIES, "model.family", f"one of {', '.join(sorted(FAMILIES))}", m.family)
+        _require(m.preset in PRESETS, "model.preset", f"one of {', '.join(sorted(PRESETS))}", m.preset)
+    _require(d.verify in ("full", "sampled", "size"), "data.verify", "one of full, sampled, size", d.verify)
     _require(d.max_sentences > 0, "data.max_sentences", "int > 0", d.max_sentences)
     _require(d.max_tokens > 0, "data.max_tokens", "int > 0", d.max_tokens)
     _require(d.workers >= 0, "data.workers", "int >= 0", d.workers)
@@ -372,3 +381,36 @@ def save_config(cfg: RunConfig, run_dir: str | os.PathLike) -> None:
         tmp = run_dir / (name + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, run_dir / name)
+
+
+# keys a resumed run may not change: they define the weights' shapes or the data stream the checkpoint is in
+RESUME_FIXED = ("model.family", "model.preset", "model.overrides", "data.path", "data.max_sentences",
+                "data.max_tokens", "data.seed", "data.workers", "sonar.decoder")
+_RESUME_IGNORED = ("train.out_dir", "train.resume")
+
+
+def resume_changes(cfg: RunConfig) -> list[str]:
+    """Compare `cfg` with the config of the run it would resume (`<out_dir>/config.json`, when the run has a
+    complete checkpoint and `train.resume`). Returns the changed keys as "key: old -> new" (they are applied:
+    optimizer, schedule, cadence...); raises ConfigError naming the first key in RESUME_FIXED that changed.
+    Reads only: nothing is written into the run folder."""
+    run_dir = Path(cfg.train.out_dir)
+    path = run_dir / "config.json"
+    if not cfg.train.resume or not path.is_file() or not any((run_dir / "checkpoints").glob("step_*/COMPLETE")):
+        return []
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: unreadable config of the run to resume ({e})") from e
+    changes, refused = [], []
+    for section, values in cfg.to_dict().items():
+        before = old.get(section) if isinstance(old.get(section), dict) else {}
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            if name in _RESUME_IGNORED or key not in before or before[key] == value:
+                continue
+            (refused if name in RESUME_FIXED else changes).append(f"{name}: {before[key]!r} -> {value!r}")
+    if refused:
+        raise ConfigError(f"{refused[0]} differs from the run being resumed in {run_dir}; this key cannot change "
+                          f"on resume (use another train.out_dir, or train.resume=false to start over)")
+    return changes

@@ -9,9 +9,14 @@
                    one all-reduce of the step's statistics -> `StepStats` (named fields)
 
 Non-finite steps are skipped (no update); `train.max_bad_steps` of them in a row abort the run
-(TrainingAborted). Loss normalisation: every family returns a mean loss per micro-batch; the step's
+(TrainingAborted). Loss normalisation: a family returns a mean loss per micro-batch, and the step's
 gradient is the mean over the micro-batches of all ranks (so a run with 2 ranks x 1 micro-batch follows
-the same trajectory as 1 rank x 2 micro-batches fed the same batches).
+the same trajectory as 1 rank x 2 micro-batches fed the same batches); or a family returns a *sum* over
+targets and says so with `metrics["loss_sum_targets"] = n` (the LCMs' default, `reduction: sum` in Meta's
+recipes): the step's gradient is then divided by the targets of all micro-batches and ranks, as Meta's
+`lcm/train/trainer.py` `normalize_gradients` does (grad * world_size / total targets after the averaging
+all-reduce), i.e. the gradient of the per-target mean over the whole step, as one big batch would give;
+the logged loss (train and eval) is then that per-target mean, as Meta's metric bag reports it.
 """
 from __future__ import annotations
 
@@ -30,8 +35,8 @@ import torch.distributed as dist
 from torch import nn
 
 from train import checkpoint as ckpt
-from train.config import RunConfig, save_config, validate
-from train.metrics import MetricsLogger, memory_gib, peak_flops
+from train.config import ConfigError, RunConfig, resume_changes, save_config, validate
+from train.metrics import MetricsLogger, memory_gib, peak_flops, rewind_metrics
 from train.optim import build_optimizer, build_scheduler
 from train.parallel import DTYPES, DistInfo, init_distributed, parallelize, shutdown_distributed, uses_fsdp
 
@@ -67,6 +72,15 @@ _STOP = _StopFlag()
 
 class TrainingAborted(RuntimeError):
     """Training stopped on purpose (e.g. too many non-finite steps in a row); the message says why."""
+
+
+class CheckpointNotSaved(RuntimeError):
+    """Training ran to its end, but its last checkpoint could not be saved (or is not good); the message
+    names the newest good checkpoint. `result` holds what run_training would have returned."""
+
+    def __init__(self, message: str, result: dict[str, Any]):
+        super().__init__(message)
+        self.result = result
 
 
 class Loader(Protocol):
@@ -176,6 +190,9 @@ class Run:
     skipped: int = 0  # non-finite steps skipped in total
     bad_in_row: int = 0
     last_saved: int | None = None  # step of the newest checkpoint this run saved or resumed from
+    last_good: int | None = None  # step of the newest good checkpoint (saved, or resumed from)
+    good_base: int = 0  # the state a new checkpoint is compared with: the last good one, or the start
+    updates_since_good: int = 0  # optimizer updates (not skipped) since `good_base`
     last_loss: float | None = None
     eval_loss: float | None = None
 
@@ -186,20 +203,25 @@ class Run:
 
 
 def build_run(cfg: RunConfig, info: DistInfo, model_factory: ModelFactory, data_factory: DataFactory,
-              sample_fn: SampleFn | None, stream) -> Run:
-    """Model, parallelism, optimizer, schedule, scaler, loader and logger; resumed from the latest complete
-    checkpoint when `train.resume` and one exists."""
+              sample_fn: SampleFn | None, stream, changes: list[str] = ()) -> Run:
+    """Model, parallelism, optimizer, schedule, scaler, loader and logger; resumed from the newest verified
+    good checkpoint when `train.resume` and one exists (`changes`: config keys that differ from the resumed
+    run's, logged as applied). The model is built before anything is written; config.toml/json are written
+    only once the run is set up."""
     t_cfg = cfg.train
     run_dir = Path(t_cfg.out_dir)
     ckpt_root = run_dir / "checkpoints"
+    _seed_all(t_cfg.seed)  # identical initial weights on every rank
+    try:
+        model = model_factory(cfg)
+    except ValueError as e:  # a family / preset / override the family rejects: a configuration error
+        if str(e).startswith(("model.", "sonar.", "data.")):
+            raise ConfigError(str(e)) from e
+        raise
     if info.is_main:
-        save_config(cfg, run_dir)
         ckpt.remove_stale_tmp(ckpt_root)
     if dist.is_initialized():
         dist.barrier()
-
-    _seed_all(t_cfg.seed)  # identical initial weights on every rank
-    model = model_factory(cfg)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model factory returned {type(model).__name__}, expected an nn.Module")
     for name in ("loss", "flops_per_batch", "transformer_blocks"):
@@ -225,8 +247,13 @@ def build_run(cfg: RunConfig, info: DistInfo, model_factory: ModelFactory, data_
                         else contextlib.nullcontext()),
               peak_flops=peak_flops(info.device, t_cfg.precision, t_cfg.peak_flops),
               run_dir=run_dir, ckpt_root=ckpt_root)
-    if not (t_cfg.resume and _resume(run)):
+    if not (t_cfg.resume and _resume(run, changes)):
         _seed_all(t_cfg.seed + 1 + info.rank)  # per-rank streams for dropout / diffusion noise
+    if info.is_main:
+        save_config(cfg, run_dir)
+        dropped = rewind_metrics(run_dir / "metrics.jsonl", run.step)
+        if dropped:
+            run.logger.message(f"metrics.jsonl: {dropped} record(s) after step {run.step} marked stale")
     run.batches = _BatchStream(loader)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     run.logger.message(f"{cfg.model.family}/{cfg.model.preset}: {n_params / 1e6:.2f}M trainable parameters, "
@@ -235,19 +262,28 @@ def build_run(cfg: RunConfig, info: DistInfo, model_factory: ModelFactory, data_
     return run
 
 
-def _resume(run: Run) -> bool:
-    """Restore the latest complete checkpoint into `run`; False if there is none."""
-    path = ckpt.latest_checkpoint(run.ckpt_root)
+def _resume(run: Run, changes: list[str]) -> bool:
+    """Restore the newest checkpoint that verifies and is good into `run`; False if there is none. The
+    optimizer's hyper-parameters and the lr schedule come from the current config (`changes` say what
+    differs from the resumed run's); the optimizer state, counters, RNG and data position from the checkpoint."""
+    path = ckpt.find_resumable(run.ckpt_root, say=run.logger.message)
     if path is None:
+        if ckpt.complete_steps(run.ckpt_root):
+            run.logger.message(f"no checkpoint under {run.ckpt_root} verifies and is good: starting from step 0")
         return False
-    trainer_state, rank_state = ckpt.load_checkpoint(path, run.model, run.optimizer)
-    run.scheduler.load_state_dict(trainer_state["scheduler"])
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
+    trainer_state, rank_state = ckpt.load_checkpoint(path, run.model, run.optimizer, verify=False)
+    for group, hyper in zip(run.optimizer.param_groups, fresh):
+        group.update(hyper)
+    run.step = run.last_saved = run.last_good = run.good_base = int(trainer_state["step"])
+    run.scheduler = build_scheduler(run.optimizer, run.cfg.optim, run.cfg.train.steps, start_step=run.step)
     run.scaler.load_state_dict(trainer_state["scaler"])
     run.loader.load_state_dict(rank_state["loader"])
-    run.step = run.last_saved = int(trainer_state["step"])
-    run.skipped = int(trainer_state.get("skipped_steps", 0))
-    run.bad_in_row = int(trainer_state.get("bad_in_row", 0))
+    run.skipped = int(trainer_state["skipped_steps"])
+    run.bad_in_row = int(trainer_state["bad_in_row"])
     run.logger.message(f"resumed from {path} at step {run.step}")
+    if changes:
+        run.logger.message("config changes applied on resume: " + "; ".join(changes))
     return True
 
 
@@ -289,6 +325,7 @@ def train_step(run: Run) -> StepStats:
     accum = cfg.train.grad_accum
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     sentences = tokens = flops = 0.0
+    sum_targets: float | None = None  # targets of sum-reduced losses ("loss_sum_targets"), None: mean losses
     for micro in range(accum):
         batch = run.batches.next().to(device)
         sentences += float(batch.num_sentences)
@@ -297,16 +334,24 @@ def train_step(run: Run) -> StepStats:
         if run.use_fsdp:
             model.set_requires_gradient_sync(micro == accum - 1)
         with run.autocast:
-            loss, _ = model.loss(batch)
+            loss, metrics = model.loss(batch)
         if loss.ndim != 0:
             raise ValueError(f"{type(model).__name__}.loss must return a scalar, got shape {tuple(loss.shape)}")
+        if "loss_sum_targets" in metrics:
+            sum_targets = (sum_targets or 0.0) + float(metrics["loss_sum_targets"])
         run.scaler.scale(loss / accum).backward()
         loss_sum += loss.detach().double()
     if run.replicated:
         _all_reduce_grads(model, run.info)
+    params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    if sum_targets is not None:  # Meta's normalize_gradients: per-target mean over the step's micro-batches and ranks
+        total = _all_reduce_sum(torch.tensor(sum_targets, dtype=torch.float64, device=device), run.info)
+        factor = accum * run.info.world_size / max(float(total.item()), 1.0)
+        for p in params:
+            p.grad.mul_(factor)
+        loss_sum *= factor  # StepStats' loss becomes sum of losses / total targets
     run.scaler.unscale_(run.optimizer)
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if run.use_fsdp:  # a DTensor over the sharded gradients
         norm = norm.full_tensor()
@@ -336,7 +381,7 @@ def apply_or_skip(run: Run, stats: StepStats) -> float:
                            f"({run.bad_in_row} in a row, {run.skipped} in total)")
         limit = run.cfg.train.max_bad_steps
         if run.bad_in_row >= limit:
-            latest = ckpt.latest_checkpoint(run.ckpt_root)
+            latest = ckpt.newest_good_checkpoint(run.ckpt_root)
             raise TrainingAborted(f"{run.bad_in_row} non-finite steps in a row (train.max_bad_steps={limit}) at "
                                   f"step {run.step + 1}; last good checkpoint: {latest if latest else 'none'}")
     else:
@@ -344,6 +389,7 @@ def apply_or_skip(run: Run, stats: StepStats) -> float:
         scaler.update()
         opt.zero_grad(set_to_none=True)
         run.bad_in_row = 0
+        run.updates_since_good += 1
         run.last_loss = stats.loss
     lr = run.scheduler.get_last_lr()[0]
     run.scheduler.step()
@@ -400,14 +446,35 @@ def maybe_sample(run: Run) -> None:
         _write_samples(run.model, run.sample_fn, run.step, run.run_dir, run.info)
 
 
+def _weights_finite(run: Run) -> bool:
+    """This rank's trainable weights (its shards under FSDP2) are all finite."""
+    for p in run.model.parameters():
+        if p.requires_grad and not bool(torch.isfinite(p.to_local() if run.use_fsdp else p).all()):
+            return False
+    return True
+
+
 def save_checkpoint(run: Run) -> bool:
-    """Checkpoint the current step (collective); True if it is saved and now the latest."""
-    trainer_state = {"scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
-                     "skipped_steps": run.skipped, "bad_in_row": run.bad_in_row}
+    """Checkpoint the current step (collective, once per step); True if it is saved. It is marked good when
+    the weights are finite and not every step since the last good checkpoint (or the start) was skipped."""
+    if run.last_saved == run.step:
+        return True
+    progress = run.step == run.good_base or run.updates_since_good > 0
+    finite = _weights_finite(run)
+    reason = ("non-finite weights" if not finite else
+              "" if progress else f"every step since step {run.good_base} was skipped")
+    trainer_state = {"scaler": run.scaler.state_dict(), "skipped_steps": run.skipped, "bad_in_row": run.bad_in_row}
     ok = ckpt.save_checkpoint(run.ckpt_root, run.step, run.model, run.optimizer, trainer_state,
-                              {"loader": run.loader.state_dict()}, keep_last=run.cfg.train.keep_last)
+                              {"loader": run.loader.state_dict()}, keep_last=run.cfg.train.keep_last,
+                              good=finite and progress, reason=reason)
     if ok:
         run.last_saved = run.step
+        good, why = ckpt.is_good(run.ckpt_root / ckpt.step_dir_name(run.step))
+        if good:
+            run.last_good = run.good_base = run.step
+            run.updates_since_good = 0
+        else:
+            run.logger.message(f"checkpoint of step {run.step} is not marked good ({why})")
     return ok
 
 
@@ -451,6 +518,11 @@ def train(run: Run) -> dict[str, Any]:
     result["steps_per_s"] = (len(step_times) / sum(step_times)) if step_times else None
     result["checkpoint"] = (str(run.ckpt_root / ckpt.step_dir_name(run.last_saved))
                             if run.last_saved is not None else None)
+    if run.last_good != run.step:
+        good = ckpt.newest_good_checkpoint(run.ckpt_root)
+        raise CheckpointNotSaved(f"stopped at step {run.step}, but its checkpoint could not be saved as a good one; "
+                                 f"newest good checkpoint: {f'step {ckpt.checkpoint_step(good)} ({good})' if good else 'none'}",
+                                 result)
     return result
 
 
@@ -461,18 +533,21 @@ def run_training(cfg: RunConfig, *, model_factory: ModelFactory | None = None,
     checkpoint, and stopped=True when SIGUSR1 ended the run early after a checkpoint). Raises TrainingAborted /
     ValueError / ... after logging; the process group is destroyed on the way out in every case.
     `sample_fn(model, step) -> record` is called every `train.sample_every` steps (None: no samples)."""
-    validate(cfg, check_paths=data_factory is None)
+    validate(cfg, check_paths=data_factory is None, check_model=model_factory is None)
     if data_factory is None and cfg.train.eval_every and not cfg.data.val_path:
-        raise ValueError("train.eval_every > 0 needs data.val_path (the validation shards)")
+        raise ConfigError("train.eval_every > 0 needs data.val_path (the validation shards)")
+    changes = resume_changes(cfg)  # refuses a model/data change before anything is written
     info = init_distributed(cfg)
     try:
         run = build_run(cfg, info, model_factory or default_model_factory, data_factory or default_data_factory,
-                        sample_fn, stream)
+                        sample_fn, stream, changes)
         return train(run)
     except BaseException as e:
+        if isinstance(e, ConfigError):  # one line, from the caller (train/main.py: exit 2)
+            raise
         if not isinstance(e, KeyboardInterrupt):
             print(f"[rank {info.rank}] training failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            if not isinstance(e, TrainingAborted):
+            if not isinstance(e, (TrainingAborted, CheckpointNotSaved)):
                 traceback.print_exc(file=sys.stderr)
         raise
     finally:
@@ -483,21 +558,25 @@ def run_training(cfg: RunConfig, *, model_factory: ModelFactory | None = None,
 def evaluate(model: nn.Module, cfg: RunConfig, info: DistInfo, data_factory: DataFactory,
              autocast=None) -> float:
     """Mean loss over `train.eval_batches` validation micro-batches per rank (a fresh loader each time, so
-    every evaluation sees the same batches), averaged over ranks."""
+    every evaluation sees the same batches), averaged over ranks; for sum-reduced losses
+    (`metrics["loss_sum_targets"]`) the sum of all losses over the sum of all targets."""
     loader = data_factory(cfg, "val", info)
     stream = _BatchStream(loader)
-    total = torch.zeros((), dtype=torch.float64, device=info.device)
+    total = torch.zeros(2, dtype=torch.float64, device=info.device)  # losses, targets of sum-reduced losses
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for _ in range(cfg.train.eval_batches):
             batch = stream.next().to(info.device)
             with autocast or contextlib.nullcontext():
-                loss, _ = model.loss(batch)
-            total += loss.double()
+                loss, metrics = model.loss(batch)
+            total[0] += loss.double()
+            total[1] += float(metrics.get("loss_sum_targets", 0))
     model.train(was_training)
     total = _all_reduce_sum(total, info)
-    return float(total.item()) / (cfg.train.eval_batches * info.world_size)
+    if total[1] > 0:
+        return float(total[0].item()) / float(total[1].item())
+    return float(total[0].item()) / (cfg.train.eval_batches * info.world_size)
 
 
 def _write_samples(model: nn.Module, sample_fn: SampleFn, step: int, run_dir: Path, info: DistInfo) -> None:

@@ -5,7 +5,9 @@
     torchrun --nproc_per_node=8 train/main.py --config configs/x.toml [--section.key=value ...]
     python train/main.py --config configs/x.toml --dry-run # validate and print the resolved config
 
-Exit codes: 0 done, 1 error during training, 2 bad configuration, 3 aborted (e.g. too many non-finite steps).
+Exit codes: 0 done, 1 error during training, 2 bad configuration (one line on stderr, nothing written; also a
+resume whose model/data keys differ from the run's), 3 aborted (e.g. too many non-finite steps), 4 trained to
+the end but the last checkpoint could not be saved as a good one (the message names the newest good one).
 """
 from __future__ import annotations
 
@@ -46,19 +48,25 @@ def main(argv: list[str] | None = None, **factories) -> int:
         return int(default_pipeline.main() or 0)
     args, overrides = _parser().parse_known_args(argv)
     try:
-        cfg = load_config(args.config, overrides, check_paths="data_factory" not in factories)
+        cfg = load_config(args.config, overrides, check_paths="data_factory" not in factories,
+                          check_model="model_factory" not in factories)
     except (ConfigError, FileNotFoundError, TypeError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
         print(to_toml(cfg))
         return 0
-    from train.loop import TrainingAborted, run_training
+    from train.loop import CheckpointNotSaved, TrainingAborted, run_training
 
     try:
         result = run_training(cfg, **factories)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     except TrainingAborted:
         return 3
+    except CheckpointNotSaved:  # already reported by run_training
+        return 4
     except Exception:  # already logged with its traceback by run_training
         return 1
     import os

@@ -7,6 +7,7 @@ the TF32 figure), `train.peak_flops` when set, and on the CPU a short fp32 matmu
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -86,8 +87,62 @@ def format_line(m: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append `line` + newline to `path` in one write, fsynced; if the write fails or is short (disk full),
+    the file is cut back to its previous length: it never ends in half a line written here."""
+    data = (line + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(f"short write to {path}")
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
+def rewind_metrics(path: str | os.PathLike, step: int) -> int:
+    """Make `metrics.jsonl` one consistent history for a run that (re)starts at `step`: a trailing partial
+    line (a write cut short by a crash) is removed, and every record with "step" > `step` not yet marked gets
+    `"stale": true` (those steps are redone; readers skip stale records). The file is rewritten atomically
+    only when something changed. Returns the number of records newly marked stale."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline, else a partial line
+    out, marked = [], 0
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a garbled line (not written by append_line): dropped
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step and not rec.get("stale"):
+            rec["stale"] = True
+            marked += 1
+            out.append(json.dumps(rec).encode())
+        else:
+            out.append(line)
+    new = b"".join(x + b"\n" for x in out)
+    if new != raw or tail:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(new)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return marked
+
+
 class MetricsLogger:
-    """Rank 0 writes one JSON object per log step to `<run>/metrics.jsonl` (appended across resumes),
+    """Rank 0 writes one JSON object per log step to `<run>/metrics.jsonl` (appended across resumes, one
+    fsynced write per line; see `rewind_metrics` for what a resume does to the records of redone steps),
     prints the progress line (\\r-updated on a TTY, plain lines otherwise) and mirrors scalars to
     TensorBoard when requested and installed. Other ranks do nothing."""
 
@@ -117,8 +172,10 @@ class MetricsLogger:
             return
         record = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
         record.setdefault("time", time.time())
-        with self._jsonl.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            append_line(self._jsonl, json.dumps(record))
+        except OSError as e:  # e.g. ENOSPC: the record is lost, the file stays whole; training goes on
+            self.message(f"{self._jsonl}: could not append the step {record.get('step')} record ({e})")
         line = format_line(record)
         if self.tty:
             self.stream.write("\r" + line.ljust(120)[:160])

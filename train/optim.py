@@ -2,34 +2,17 @@
 for norms and biases, linear warmup then cosine decay to `min_lr_ratio * lr`."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
+from sonar_llm.optim import WarmupCosine, lr_factor  # noqa: F401  (lr_factor: the one schedule, re-exported)
+from sonar_llm.optim import param_groups as _library_param_groups
 from train.config import OptimConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
-    """Trainable parameters split into (decay, no-decay): 1-D tensors (norm weights, biases) and any
-    parameter whose name contains 'norm' or ends in 'bias' get no weight decay, unless `decay_all` (one
-    group, every parameter decayed, as AdamW(model.parameters()) does). Frozen ones are left out."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if not decay_all and (p.ndim < 2 or "norm" in name.lower() or name.endswith("bias")):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    if not decay and not no_decay:
-        raise ValueError("model has no trainable parameters (every parameter has requires_grad=False)")
-    groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+    """AdamW groups of `model` (sonar_llm.optim.param_groups: norms and biases undecayed unless `decay_all`)."""
+    return _library_param_groups(model.named_parameters(), weight_decay, decay_all)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -53,27 +36,14 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, **kwargs)
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """Multiplier of the base lr at optimizer step `step` (0-based): (step+1)/warmup during warmup, then
-    cosine from 1 down to min_lr_ratio at total_steps, constant after."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+_Schedule = WarmupCosine  # the picklable lr lambda (kept name)
 
 
-class _Schedule:
-    """Picklable lr lambda (LambdaLR stores callables that are plain objects in its state)."""
-
-    def __init__(self, warmup_steps: int, total_steps: int, min_lr_ratio: float):
-        self.warmup_steps, self.total_steps, self.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
-
-    def __call__(self, step: int) -> float:
-        return lr_factor(step, self.warmup_steps, self.total_steps, self.min_lr_ratio)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, train_steps: int
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, train_steps: int, start_step: int = 0
                     ) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule of `cfg`, positioned at optimizer step `start_step` (a resumed run rebuilds it from its
+    current config: the lr of step s is a function of the config and s only, so nothing about the schedule
+    is checkpointed). With start_step > 0 every param group needs its `initial_lr` (the base lr)."""
     total = cfg.total_steps or train_steps
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, _Schedule(cfg.warmup_steps, total, cfg.min_lr_ratio))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _Schedule(cfg.warmup_steps, total, cfg.min_lr_ratio),
+                                             last_epoch=start_step - 1)
