@@ -38,7 +38,8 @@ from common import (
     sync,
     synthetic_prompts,
 )
-from sonar_llm.models.generate import generate_base_lcm, generate_sonar_llm, generate_sonar_llm_reference
+from sonar_llm.models.family import get_family
+from sonar_llm.models.generate import GenerationSettings, generate_sonar_llm, generate_sonar_llm_reference
 from test_bench_training import build_family
 
 SONAR_GROUP = "generation-sonar-llm"
@@ -56,7 +57,7 @@ def _models(scale, device):
 
 def _concept_model(family: str, scale, device, decoder):
     model = build_family(family, scale, device, decoder=decoder)
-    return model.to(compute_dtype(device)).eval()
+    return model.to(compute_dtype(device)).eval()  # the decoder it holds (if any) is not used by generation
 
 
 def _eos(scale) -> torch.Tensor:
@@ -77,7 +78,7 @@ def _finish(benchmark, scale, stories: int, sentences: int, role: str, method: s
 
 def _sonar_llm_runner(scale, device, reference: bool):
     dec, enc = _models(scale, device)
-    model = _concept_model("sonar_llm", scale, device, None)  # generation never uses the training decoder
+    model = _concept_model("sonar_llm", scale, device, dec)
     codec = IdTextCodec(dec, enc, scale.sonar.lang_id, beam_size=scale.gen_beam, max_gen_len=scale.gen_max_gen_len)
     prompts = synthetic_prompts(scale.gen_stories, scale.gen_prompt_len, scale.sonar.model_dim)
     fn = generate_sonar_llm_reference if reference else generate_sonar_llm
@@ -117,57 +118,43 @@ def test_bench_generate_sonar_llm(benchmark, bench_quick, bench_device, role):
 @pytest.mark.parametrize("family,role", [("sonar_llm", "ours"), ("two_tower", "reference"),
                                          ("base_lcm", "base_lcm")])
 def test_bench_generate_family(benchmark, bench_quick, bench_device, family, role):
+    """Every family through its spec's `generate` (GenerationSettings: the same prompts, story limit and
+    diffusion settings); concepts a family does not decode itself are decoded afterwards in one batch."""
     scale = bench_scale(bench_quick, bench_device)
     device = bench_device
     stories = scale.gen_stories
-    if family == "sonar_llm":
-        run, prompts = _sonar_llm_runner(scale, device, reference=False)
-        run(prompts[:1], scale.gen_prompt_len)  # warm-up
-        method = "generate_sonar_llm"
-    else:
-        dec, _ = _models(scale, device)
-        codec = IdTextCodec(dec, None, scale.sonar.lang_id, beam_size=scale.gen_beam,
-                            max_gen_len=scale.gen_max_gen_len)
-        model = _concept_model(family, scale, device, None)
-        dtype = compute_dtype(device)
-        prompts = [p.to(device) for p in synthetic_prompts(stories, scale.gen_prompt_len, scale.sonar.model_dim)]
-        new = scale.gen_new_sentences
-        if family == "two_tower":
-            stacked = torch.stack(prompts).to(dtype)
-            gen = torch.Generator(device=device).manual_seed(0)
+    spec = get_family(family)
+    dec, enc = _models(scale, device)
+    model = _concept_model(family, scale, device, dec if spec.needs_decoder else None)
+    codec = IdTextCodec(dec, enc, scale.sonar.lang_id, beam_size=scale.gen_beam, max_gen_len=scale.gen_max_gen_len)
+    dtype = compute_dtype(device)
+    prompts = [p.to(device=device, dtype=dtype)
+               for p in synthetic_prompts(stories, scale.gen_prompt_len, scale.sonar.model_dim)]
+    eos = _eos(scale)
 
-            def run(count=new):
-                out = model.generate(stacked, max_sentences=count, eos_embedding=None,
-                                     num_inference_steps=scale.two_tower_steps, guidance_scale=3.0,
-                                     guidance_rescale=0.7, generator=gen)
-                texts = codec.decode_fn(torch.cat(out.embeddings))
-                sync(device)
-                return texts, out
+    def run(count=scale.gen_new_sentences):
+        settings = GenerationSettings(
+            eos_embedding=eos, max_sentences=scale.gen_prompt_len - 1 + count, eos_threshold=spec.eos_threshold,
+            decode_fn=codec.decode_fn, encode_fn=codec.encode_fn, num_inference_steps=scale.two_tower_steps,
+            guidance_scale=3.0, guidance_rescale=0.7, generator=torch.Generator(device=device).manual_seed(0))
+        if not spec.needs_decoder:
+            settings.decode_fn = None  # decoded below, all stories in one batch
+        out = spec.generate(model, prompts, settings)
+        undecoded = [r.embeddings for r in out if r.embeddings.shape[0] and not r.texts]
+        if undecoded:
+            codec.decode_fn(torch.cat(undecoded).to(device))
+        sync(device)
+        return out
 
-            method = f"TwoTowerLCM.generate (CFG 3.0, {scale.two_tower_steps} requested steps)"
-        else:
-            eos = _eos(scale)
-
-            def run(count=new):
-                out = generate_base_lcm(model, prompts, max_sentences=scale.gen_prompt_len - 1 + count,
-                                        eos_embedding=eos, eos_threshold=0.9)
-                texts = codec.decode_fn(torch.cat([r.embeddings for r in out]))  # batched, as for Two-Tower
-                sync(device)
-                return texts, out
-
-            method = "generate_base_lcm"
-        run(1)  # warm-up: one sentence per story
+    run(1)  # warm-up: one sentence per story
     out = benchmark.pedantic(run, rounds=scale.gen_rounds, warmup_rounds=0, iterations=1)
-    if family == "sonar_llm":
-        sentences = _check_sentences(out, scale, stories)
-    else:
-        sentences = len(out[0])
-        want = stories * scale.gen_new_sentences
-        assert sentences == want, f"{family}: {sentences} sentences, expected {want} (an end stop fired?)"
-    _finish(benchmark, scale, stories, sentences, role, method)
-    if family == "two_tower":
-        benchmark.extra_info["ddim_steps_run"] = int(model.noise_scheduler.set_timesteps(
-            scale.two_tower_steps).numel())
+    sentences = sum(int(r.embeddings.shape[0]) for r in out)
+    want = stories * scale.gen_new_sentences
+    assert sentences == want, f"{family}: {sentences} sentences, expected {want} (an end stop fired?)"
+    _finish(benchmark, scale, stories, sentences, role, f"{spec.generate.__name__} (FamilySpec.generate)")
+    scheduler = getattr(model, "noise_scheduler", None)
+    if scheduler is not None:
+        benchmark.extra_info["ddim_steps_run"] = int(scheduler.set_timesteps(scale.two_tower_steps).numel())
 
 
 @pytest.mark.parametrize("mode", [

@@ -34,50 +34,24 @@ from common import (
     sync,
     synthetic_concept_batch,
 )
-from sonar_llm.models.backbone import BackboneConfig
-from sonar_llm.models.base_lcm import BaseLCM, BaseLCMConfig
-from sonar_llm.models.presets import backbone_config, get_preset
-from sonar_llm.models.sonar_llm import SonarLLM, SonarLLMConfig
-from sonar_llm.models.token_llm import TokenLLM, TokenLLMConfig
-from sonar_llm.models.two_tower import TwoTowerConfig, TwoTowerLCM
+from sonar_llm.models.build import ModelConfig, build_model
+from sonar_llm.models.family import get_family
 
 SONAR_GROUP = "training-sonar-llm"
 FAMILY_GROUP = "training-families"
 
 
-def two_tower_config(backbone: BackboneConfig, sonar_dim: int) -> TwoTowerConfig:
-    """A Two-Tower LCM matched to `backbone`: same width, FFN and head width; its layers split into
-    contextualizer + denoiser in the LCM's 5:13 ratio (16 -> 4 + 12)."""
-    total = backbone.num_layers
-    context = min(total - 1, max(1, round(total * 5 / 18))) if total > 1 else 1
-    denoiser = max(1, total - context)
-    heads = backbone.model_dim // backbone.head_dim if backbone.model_dim % backbone.head_dim == 0 \
-        else backbone.num_heads
-    return TwoTowerConfig(model_dim=backbone.model_dim, num_heads=heads, ffn_dim=backbone.ffn_dim,
-                          context_layers=context, denoiser_layers=denoiser, sonar_dim=sonar_dim)
-
-
-def build_family(name: str, scale, device: torch.device, decoder=None, path: str = "fast") -> torch.nn.Module:
-    """One family at the scale's backbone preset (fp32 parameters on `device`)."""
+def build_family(name: str, scale, device: torch.device, decoder=None, **overrides) -> torch.nn.Module:
+    """Family `name` at the scale's backbone preset, built by the registry (as the trainer builds it: the
+    Two-Tower LCM splits the preset's layers 5:13), fp32 parameters on `device`. Sentence-embedding models
+    read the scale's SONAR width, token models its vocabulary; `overrides` are further `[model.overrides]`;
+    `decoder` is the frozen SONAR decoder of the families that take one."""
+    spec = get_family(name)
+    shape = {"sonar_dim": scale.sonar.model_dim} if spec.concept_level else {"vocab_size": scale.sonar.vocab_size}
+    cfg = ModelConfig(family=name, preset=scale.backbone, overrides={**shape, **overrides})
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the device: the paper-scale models take seconds on a CPU
-        return _build(name, scale, decoder, path).train()
-
-
-def _build(name: str, scale, decoder, path: str) -> torch.nn.Module:
-    bb = backbone_config(get_preset(scale.backbone))
-    e = scale.sonar.model_dim
-    if name == "sonar_llm":
-        model = SonarLLM(SonarLLMConfig(backbone=bb, sonar_dim=e, path=path), decoder=decoder)
-    elif name == "base_lcm":
-        model = BaseLCM(BaseLCMConfig(backbone=bb, sonar_dim=e))
-    elif name == "two_tower":
-        model = TwoTowerLCM(two_tower_config(bb, e))
-    elif name == "token_llm":
-        model = TokenLLM(TokenLLMConfig(backbone=bb), vocab_size=scale.sonar.vocab_size)
-    else:
-        raise ValueError(f"unknown family {name!r}")
-    return model
+        return build_model(cfg, **({"decoder": decoder} if spec.needs_decoder else {})).train()
 
 
 def _decoder(scale, device):
@@ -86,12 +60,12 @@ def _decoder(scale, device):
                   lambda: random_sonar_decoder(scale.sonar, device=device, dtype=dtype))
 
 
-def run_training_benchmark(benchmark, scale, device, family: str, role: str, path: str = "fast") -> None:
+def run_training_benchmark(benchmark, scale, device, family: str, role: str, **overrides) -> None:
     batch = synthetic_concept_batch(scale.sonar, scale.train_docs, scale.train_sents_per_doc, scale.words,
                                     seed=0, device=device)
-    decoder = _decoder(scale, device) if family == "sonar_llm" else None
-    model = build_family(family, scale, device, decoder=decoder, path=path)
-    frozen = model.sonar_decoder if family == "sonar_llm" else None
+    spec = get_family(family)
+    frozen = _decoder(scale, device) if spec.needs_decoder else None
+    model = build_family(family, scale, device, decoder=frozen, **overrides)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
@@ -101,7 +75,7 @@ def run_training_benchmark(benchmark, scale, device, family: str, role: str, pat
     def step():
         opt.zero_grad(set_to_none=True)
         with autocast:
-            loss, metrics = model.loss(batch)
+            loss, metrics = spec.loss(model, batch)
         loss.backward()
         opt.step()
         sync(device)
@@ -109,15 +83,15 @@ def run_training_benchmark(benchmark, scale, device, family: str, role: str, pat
 
     step()  # warm-up: allocator, Triton compilation/autotuning, optimizer state
     loss = holder["loss"]
-    assert torch.isfinite(loss).item(), f"{family}/{path}: non-finite loss {loss}"
+    assert torch.isfinite(loss).item(), f"{family} {overrides}: non-finite loss {loss}"
     assert any(p.grad is not None for p in params), f"{family}: no parameter received a gradient"
     with PeakMemory(device) as mem:
         step()
-    flops = float(model.flops_per_batch(batch))
+    flops = spec.flops(model, batch)
     metrics = holder["metrics"]
     target_tokens = metrics.get("target_tokens")
     benchmark.extra_info.update({
-        "role": role, "family": family, "path": path if family == "sonar_llm" else None,
+        "role": role, "family": family, "path": overrides.get("path"),
         "scale": scale.name, "backbone": scale.backbone,
         "trainable_params": sum(p.numel() for p in params),
         "sonar_shape": f"d={scale.sonar.model_dim} L={scale.sonar.num_layers} V={scale.sonar.vocab_size}",
@@ -133,7 +107,7 @@ def run_training_benchmark(benchmark, scale, device, family: str, role: str, pat
 @pytest.mark.parametrize("role,path", [("ours", "fast"), ("reference", "reference")])
 def test_bench_train_sonar_llm(benchmark, bench_quick, bench_device, role, path):
     scale = bench_scale(bench_quick, bench_device)
-    run_training_benchmark(benchmark, scale, bench_device, "sonar_llm", role, path)
+    run_training_benchmark(benchmark, scale, bench_device, "sonar_llm", role, path=path)
 
 
 @pytest.mark.benchmark(group=FAMILY_GROUP)

@@ -14,13 +14,21 @@ public Two-Tower 1.6B layout) load strictly:
 
 Training (``loss``): x0 = normalise(embeddings); t ~ U{0..T-1} per position; x_t = add_noise(x0);
 query i of a document cross-attends to key 0 (the zero vector) and context positions < i
-(ShiftedCausal); classifier-free-guidance dropout makes floor((L-1) * p) random rows (never row 0) of
-every document of length L see only the zero vector; loss = squared error to x0 summed over the
-embedding dimensions, averaged (or summed) over positions.
-
-Deviation from the LCM, on purpose: the LCM draws the CFG-dropped rows once per padded batch (the
-same rows for every sequence, counted from the padded length); here they are drawn per document from
-its own length, as the paper describes.
+(ShiftedCausal); classifier-free-guidance dropout makes rows see only the zero vector; loss = squared
+error to x0 summed over the embedding dimensions, summed over positions. Defaults reproduce Meta's runs
+(docs/lcm.md has the table):
+* CFG rows (``cfg_dropout_rows="batch"``): drawn once per padded batch as Meta's
+  ``lcm/nn/denoisers/attention_masks.py`` ``_get_shifted_causal_mask`` does: floor((L-1) * p) rows
+  ``1 + randperm(L-1)[:n]`` of the padded length L = the longest document, the same rows for every
+  document (rows past a document's end fall on padding). ``"document"`` (an option, as the paper
+  describes it): floor((L_d-1) * p) rows per document of length L_d.
+* validation (``cfg_dropout_in_eval=True``): the dropout also applies in eval mode, since Meta's
+  ``ShiftedCausalAttentionMaskFactory`` ignores its ``training`` flag and its trainer's ``_validate`` calls
+  the same criterion; ``False`` (an option) drops no row outside training.
+* reduction (``loss_reduction="sum"``): Meta's ``recipes/train/{pretrain,finetune}/two_tower.yaml``
+  (``criterion.reduction: sum``); the count of positions is reported as ``metrics["loss_sum_targets"]`` and
+  the trainer divides the step's gradient by the count over all micro-batches and ranks, as Meta's
+  ``lcm/train/trainer.py`` ``normalize_gradients`` does. ``"mean"`` (an option): mean per micro-batch.
 
 Exact shortcuts (same maths, less work):
 * the diagonal-only self-attention is ``output_proj(v_proj(x))`` (softmax over one key is 1; q_proj and
@@ -88,12 +96,17 @@ class TwoTowerConfig:
     rope_theta: float = 1e4
     dropout_p: float = 0.1  # residual-branch dropout of the contextualizer
     denoiser_dropout_p: float = 0.1  # dropout on each denoiser sub-block output
-    cfg_dropout_prob: float = 0.15  # classifier-free-guidance dropout (rows per document)
+    cfg_dropout_prob: float = 0.15  # classifier-free-guidance dropout (recipes: cf_guidance_probability 0.15)
+    cfg_dropout_rows: str = "batch"  # "batch": Meta's rows, once per padded batch; "document": per document
+    cfg_dropout_in_eval: bool = True  # Meta's mask factory ignores `training`: validation drops rows too
     num_train_steps: int = 100
     beta_schedule: str = "squaredcos_cap_v2"
     rescale_betas_zero_snr: bool = True
     init_std: float = 0.02
-    loss_reduction: str = "mean"  # over positions: "mean" | "sum" (the LCM recipes use "sum")
+    loss_reduction: str = "sum"  # over positions: "sum" (Meta's recipes, reduction: sum) | "mean"
+    normalizer_true_iqr: bool = False  # False: Meta's percent reading of quantile_range=(0.25, 0.75); True: the IQR
+    normalizer_max_samples: int = 1_000_000  # Meta's scripts/fit_embedding_normalizer.py max_nb_samples
+    normalizer_down_sample: int = 5  # ... and its down_sample (every 5th embedding of each batch)
     checkpoint_activations: bool = False
 
     def __post_init__(self) -> None:
@@ -113,6 +126,11 @@ class TwoTowerConfig:
                 raise ValueError(f"TwoTowerConfig.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.loss_reduction not in ("mean", "sum"):
             raise ValueError(f"TwoTowerConfig.loss_reduction must be 'mean' or 'sum', got {self.loss_reduction!r}")
+        if self.cfg_dropout_rows not in ("batch", "document"):
+            raise ValueError(f"TwoTowerConfig.cfg_dropout_rows must be 'batch' or 'document', got {self.cfg_dropout_rows!r}")
+        for name in ("normalizer_max_samples", "normalizer_down_sample"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"TwoTowerConfig.{name} must be a positive int, got {getattr(self, name)!r}")
 
     def backbone_config(self, num_layers: int | None = None, dropout_p: float | None = None) -> BackboneConfig:
         """The LCM block settings: biases everywhere, interleaved RoPE (theta 1e4), RMSNorm eps 1e-5."""
@@ -298,11 +316,26 @@ class DocLayout:
         return y.reshape(self.num_docs * self.max_len, *y.shape[2:])[self.flat]
 
 
-def cfg_dropout_rows(layout: DocLayout, prob: float, generator: torch.Generator | None = None) -> Tensor:
-    """bool[S]: per document of length L, floor((L - 1) * prob) distinct random rows, never row 0."""
+def cfg_dropout_rows(layout: DocLayout, prob: float, generator: torch.Generator | None = None,
+                     per: str = "document") -> Tensor:
+    """bool[S]: the rows whose cross-attention sees only the zero vector, never a document's row 0.
+
+    ``per="document"``: floor((L_d - 1) * prob) distinct random rows of each document (length L_d).
+    ``per="batch"`` (Meta's ``_get_shifted_causal_mask``): n = floor((L - 1) * prob) positions
+    ``1 + randperm(L - 1)[:n]`` of the padded length L = ``layout.max_len``, drawn once (one ``randperm``
+    from ``generator``) and applied to every document (positions past a document's end drop nothing)."""
+    if per not in ("batch", "document"):
+        raise ValueError(f"cfg_dropout_rows: per must be 'batch' or 'document', got {per!r}")
     if prob <= 0.0:
         return torch.zeros(layout.total, dtype=torch.bool, device=layout.pos.device)
     device = layout.pos.device
+    if per == "batch":
+        L = layout.max_len
+        positions = torch.zeros(L, dtype=torch.bool, device=device)
+        n = math.floor((L - 1) * prob)
+        if n > 0:
+            positions[1 + torch.randperm(L - 1, generator=generator, device=device)[:n]] = True
+        return positions[layout.pos]
     n_drop = torch.floor((layout.lengths - 1).to(torch.float64) * prob).to(torch.int64).clamp_min(0)
     r = torch.rand(layout.total, generator=generator, device=device, dtype=torch.float64)
     r = torch.where(layout.pos == 0, torch.full_like(r, 2.0), r)  # row 0 sorts last: never dropped
@@ -526,8 +559,9 @@ class TwoTowerLCM(ConceptFamily):
 
     def loss(self, batch, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Any]]:
         """Diffusion loss on a ConceptBatch: squared error to x0 summed over the embedding dimensions,
-        averaged over positions (``cfg.loss_reduction="sum"``: summed, as the LCM recipes do).
-        Random draws (timesteps, noise, CFG rows) use ``generator`` or the global RNG."""
+        summed over positions (``cfg.loss_reduction="sum"``, Meta's recipes) or averaged (``"mean"``).
+        CFG rows are dropped in training and, with ``cfg.cfg_dropout_in_eval`` (Meta's validation), in eval
+        mode. Random draws (timesteps, noise, then CFG rows) use ``generator`` or the global RNG."""
         emb = batch.embeddings
         if emb.dim() != 2 or emb.shape[-1] != self.cfg.sonar_dim:
             raise ValueError(f"batch.embeddings must be [S, {self.cfg.sonar_dim}], got {tuple(emb.shape)}")
@@ -540,9 +574,9 @@ class TwoTowerLCM(ConceptFamily):
         noise = torch.randn(x0.shape, generator=generator, device=emb.device, dtype=x0.dtype)
         x_t = self.noise_scheduler.add_noise(x0, noise, t)
         layout_dropped = None
-        if self.training and self.cfg.cfg_dropout_prob > 0:
+        if (self.training or self.cfg.cfg_dropout_in_eval) and self.cfg.cfg_dropout_prob > 0:
             layout = DocLayout(batch.doc_cu_seqlens, S, batch.max_doc_len)
-            layout_dropped = cfg_dropout_rows(layout, self.cfg.cfg_dropout_prob, generator)
+            layout_dropped = cfg_dropout_rows(layout, self.cfg.cfg_dropout_prob, generator, self.cfg.cfg_dropout_rows)
         pred = self(x0.to(dtype), x_t.to(dtype), t, batch.doc_cu_seqlens, batch.max_doc_len, layout_dropped)
         per_pos = (pred.float() - x0).pow(2).sum(-1)
         loss = per_pos.sum() if self.cfg.loss_reduction == "sum" else per_pos.mean()
@@ -550,6 +584,8 @@ class TwoTowerLCM(ConceptFamily):
             "mse": per_pos.mean().detach(),
             "num_concepts": S,
         }
+        if self.cfg.loss_reduction == "sum":  # the trainer normalises the step's gradient by the count
+            metrics["loss_sum_targets"] = S
         if layout_dropped is not None:
             metrics["cfg_dropped"] = layout_dropped.sum()  # a tensor: no host sync
         return loss, metrics
@@ -608,12 +644,13 @@ TWO_TOWER_CONTEXT_SHARE = 5 / 18  # LCM two-tower 1.6B/7B: 5 contextualizer + 13
 
 
 def build_from_config(cfg) -> TwoTowerLCM:
-    """Two-Tower LCM from a `ModelConfig`: the preset's width, heads and FFN; its layers (the preset's, or a
+    """Two-Tower LCM from a `ModelConfig`: the preset's width, head width and FFN; its layers (the preset's, or a
     `num_layers` override) split 5:13 (the LCM's ratio) into contextualizer:denoiser unless
     `context_layers` / `denoiser_layers` are overridden;
     any TwoTowerConfig field can be overridden. With a data path, `sonar_dim` from the data (unless
     overridden) and the normalizer fitted."""
     from .build import check_fields, dataset_embed_dim, fit_normalizer_from_data, preset_of
+    from .presets import backbone_config
 
     preset = preset_of(cfg)
     over = dict(cfg.overrides)
@@ -622,11 +659,15 @@ def build_from_config(cfg) -> TwoTowerLCM:
         over["sonar_dim"] = dataset_embed_dim(cfg.data_path)
     check_fields(TwoTowerConfig, over, cfg.family)
     context = max(1, round(total * TWO_TOWER_CONTEXT_SHARE))
-    base = dict(model_dim=preset.model_dim, num_heads=preset.num_heads, ffn_dim=preset.ffn_dim,
+    head_dim = backbone_config(preset).head_dim  # the preset's head width (600M: 64, though 26 x 64 != 1280)
+    heads = preset.model_dim // head_dim if preset.model_dim % head_dim == 0 else preset.num_heads
+    base = dict(model_dim=preset.model_dim, num_heads=heads, ffn_dim=preset.ffn_dim,
                 num_kv_heads=preset.num_kv_heads, context_layers=context, denoiser_layers=max(1, total - context))
     model = TwoTowerLCM(TwoTowerConfig(**{**base, **over}))
     if cfg.data_path:
-        fit_normalizer_from_data(model.sonar_normalizer, cfg.data_path)
+        c = model.cfg
+        fit_normalizer_from_data(model.sonar_normalizer, cfg.data_path, true_iqr=c.normalizer_true_iqr,
+                                 max_samples=c.normalizer_max_samples, down_sample=c.normalizer_down_sample)
     return model
 
 
