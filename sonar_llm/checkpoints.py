@@ -7,7 +7,8 @@ dict, the step and where it came from):
   * `read_run(run_dir, step=None)`: `<run>/config.json` + the model tensors of the latest (or `step`'s)
     complete checkpoint `<run>/checkpoints/step_XXXXXX/` (torch.distributed.checkpoint shards, read
     without a process group; the on-disk protocol is described in train/checkpoint.py, which writes it).
-Only tensors are read (safetensors / DCP tensor shards): nothing is unpickled.
+Nothing read runs pickled code: safetensors and JSON; a DCP checkpoint is first checked against its
+checksums.json, then read with sonar_llm.dcp_safe (allow-listed metadata unpickler, weights_only entries).
 
 The directory-naming helpers (`step_dir_name`, `complete_steps`, `latest_checkpoint`) and
 `quiet_single_process` are shared with the trainer's writer (train/checkpoint.py).
@@ -113,7 +114,12 @@ def load_dcp_model_state(path: str | os.PathLike) -> dict[str, Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(str(path))
+    from .dcp_safe import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError, verify_checkpoint
+
+    problems = verify_checkpoint(path)  # sizes + sha256 of checksums.json, before anything is parsed
+    if problems:
+        raise UnsafeCheckpointError("checkpoint fails verification: " + "; ".join(problems))
+    reader = SafeFileSystemReader(str(path))  # allow-listed metadata unpickler
     meta = reader.read_metadata()
     state = {key: torch.empty(md.size, dtype=md.properties.dtype)
              for key, md in meta.state_dict_metadata.items()
@@ -121,7 +127,7 @@ def load_dcp_model_state(path: str | os.PathLike) -> dict[str, Tensor]:
     if not state:
         raise ValueError(f"{path}: checkpoint holds no model tensors")
     with quiet_single_process():
-        dcp.load(state, storage_reader=reader, no_dist=True)
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
     return {key[len("model."):]: t for key, t in state.items()}
 
 

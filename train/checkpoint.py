@@ -26,13 +26,10 @@ that failed, or why it is not good). Multi-node runs need `train.out_dir` on a s
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
-import re
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,20 +41,17 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from sonar_llm.checkpoints import checkpoint_step, complete_steps, latest_checkpoint, step_dir_name
+from sonar_llm.checkpoints import quiet_single_process as _quiet_single_process
 from sonar_llm.dcp_safe import (CHECKSUMS_FILE, SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError,
                                 file_digest, read_checksums, verify_checkpoint)
 
-_STEP_RE = re.compile(r"^step_(\d+)$")
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
 CHECKSUM_FORMAT = 1
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used (fails verification or loading); the message names the file."""
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:06d}"
 
 
 def _make_writer(path: Path) -> FileSystemWriter:
@@ -100,14 +94,6 @@ def _rank() -> int:
 
 def _world() -> int:
     return dist.get_world_size() if _dist() else 1
-
-
-@contextlib.contextmanager
-def _quiet_single_process():
-    """DCP warns on every single-process save/load; that mode is intended here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
-        yield
 
 
 def _barrier() -> None:
@@ -254,36 +240,7 @@ def save_checkpoint(ckpt_root: str | os.PathLike, step: int, model: torch.nn.Mod
 
 
 # ------------------------------------------------------------------------------------------------ find
-def complete_steps(ckpt_root: str | os.PathLike) -> list[int]:
-    root = Path(ckpt_root)
-    if not root.is_dir():
-        return []
-    steps = []
-    for d in root.iterdir():
-        m = _STEP_RE.match(d.name)
-        if m and d.is_dir() and (d / "COMPLETE").is_file():
-            steps.append(int(m.group(1)))
-    return sorted(steps)
-
-
-def latest_checkpoint(ckpt_root: str | os.PathLike) -> Path | None:
-    """The checkpoint named by `latest` if complete, else the newest complete step directory, else None
-    (no verification: see `find_resumable` / `newest_good_checkpoint`)."""
-    root = Path(ckpt_root)
-    pointer = root / "latest"
-    if pointer.is_file():
-        cand = root / pointer.read_text().strip()
-        if (cand / "COMPLETE").is_file():
-            return cand
-    steps = complete_steps(root)
-    return root / step_dir_name(steps[-1]) if steps else None
-
-
-def checkpoint_step(path: str | os.PathLike) -> int:
-    """The step recorded in a complete checkpoint's COMPLETE marker."""
-    return int((Path(path) / "COMPLETE").read_text().split()[0])
-
-
+# step_dir_name / complete_steps / latest_checkpoint / checkpoint_step: sonar_llm.checkpoints (shared with readers)
 def is_good(path: str | os.PathLike) -> tuple[bool, str]:
     """(good, reason) as recorded in the checkpoint's checksums.json (False if it has none)."""
     try:
