@@ -196,3 +196,21 @@ def test_cli_scores_a_generate_py_json(tiny_punkt, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"prefix": "x"}]))
     assert P.main([str(bad)]) == 2
+
+
+def test_generate_public_batches_and_records(tiny_punkt):
+    prompts = P.public_prompts(["A cat sat. It was red. It ran.", "One. Two.", "Dr. Who came. He left. Bye."], "start")
+    seen = []
+
+    def gen(batch):
+        seen.append(batch)
+        return [[f"New {len(p)}."] for p in batch]
+
+    items, records = P.generate_public(prompts, gen, batch_size=2)
+    assert [len(b) for b in seen] == [2, 1] and seen[1] == [["Dr. Who came.", "He left."]]
+    assert items[1] == {"prompt": ["One.", "Two."], "reference": [], "generation": ["New 2."]}
+    assert records[0]["full_text"] == "A cat sat. It was red. New 2."
+    res = P.score_records(records, wordnet=StubWordNet())
+    assert res["per_record"][1]["reference_sentence"] == "" and res["per_record"][1]["bleu"] == 0.0
+    with pytest.raises(ValueError, match="continuations"):
+        P.generate_public(prompts, lambda b: [], batch_size=2)

@@ -46,6 +46,7 @@ __all__ = [
     "punkt_sentences",
     "public_prompts",
     "public_record",
+    "generate_public",
     "records_from_items",
     "score_records",
     "main",
@@ -122,6 +123,22 @@ def public_record(prompt: PublicPrompt, generated: Sequence[str], *, split: Spli
     split = split or punkt_sentences
     return {"prefix": prompt.prefix, "full_text": " ".join(list(split(prompt.prefix)) + list(generated)),
             "original_text": prompt.original_text}
+
+
+def generate_public(prompts: Sequence[PublicPrompt], generate: Callable[[list[list[str]]], list[list[str]]],
+                    batch_size: int = 16, *, split: Splitter | None = None) -> tuple[list[dict], list[dict]]:
+    """Run `generate` on the public prompts; (items {prompt, reference, generation}, generate.py records)."""
+    items: list[dict] = []
+    records: list[dict] = []
+    for b in range(0, len(prompts), batch_size):
+        chunk = prompts[b:b + batch_size]
+        outs = generate([list(p.sentences) for p in chunk])
+        if len(outs) != len(chunk):
+            raise ValueError(f"generate returned {len(outs)} continuations for {len(chunk)} prompts")
+        for p, gen in zip(chunk, outs):
+            items.append({"prompt": list(p.sentences), "reference": list(p.reference), "generation": list(gen)})
+            records.append(public_record(p, list(gen), split=split))
+    return items, records
 
 
 def records_from_items(items: Iterable[Any]) -> list[dict]:
