@@ -19,7 +19,8 @@ head width is not the public 64 / 32-at-hidden-512). The result is read like any
 {"model_state_dict", "global_step", "epoch", "step_in_epoch"} plus the public JSON config (`--config-out`,
 default: the output path with suffix .json), which the public generate.py reads (`--config`,
 `--checkpoint`; it loads with strict=False, so the absent token embedding / head / decoder stay as it
-builds them). Both directions keep every tensor bit-exact.
+builds them; the public script's own resume, `load_full_checkpoint`, loads strictly with optimizer state
+and cannot read it). Both directions keep every tensor bit-exact.
 """
 from __future__ import annotations
 

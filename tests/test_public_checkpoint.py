@@ -378,3 +378,22 @@ def test_evaluate_loader_reads_the_import(tmp_path, decoder_file):
     with torch.no_grad():
         got = loaded.model(e, torch.tensor([0, 8], dtype=torch.int32), 8)
     assert (got - w.predict(e)).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("preset", ["100M", "300M", "600M", "900M"])
+def test_public_sizes_map_and_infer_at_full_shape(preset):
+    """The released sizes (600M/900M: attention width != hidden) on the meta device: ours -> public names ->
+    ours is the identity on keys and shapes, and the shapes alone give back the preset (head_dim 32 at 100M)."""
+    from sonar_llm.models.presets import backbone_config
+    from sonar_llm.models.sonar_llm import SonarLLM, SonarLLMConfig
+
+    cfg = backbone_config(preset)
+    with torch.device("meta"):
+        model = SonarLLM(SonarLLMConfig(backbone=cfg))
+    state = model.state_dict()
+    public = pf.ours_to_public(state)
+    public["llama_model.model.embed_tokens.weight"] = torch.empty(128256, cfg.model_dim, device="meta")
+    back, notes = pf.public_to_ours(public)
+    assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in state.items()}
+    assert len(notes) == 1 and "embed_tokens" in notes[0]
+    assert pf.infer_backbone_config(back) == cfg

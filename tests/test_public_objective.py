@@ -191,3 +191,14 @@ def test_short_cpu_training_run(assets, tmp_path, extra):
     assert len(rows) == 6 and rows[-1]["loss"] < rows[0]["loss"]
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["model"]["overrides"]["extra_eos_target"] is (extra == "true")
+    # the trained run, exported by train/export.py, goes to the public format and back bit for bit
+    from safetensors.torch import load_file
+
+    from sonar_llm import convert
+    from train.export import export
+
+    ours = export(tmp_path / "run", tmp_path / "model.safetensors")
+    pt, js = convert.export_public(ours, tmp_path / "public" / "checkpoint.pt")
+    back = convert.import_public(pt, tmp_path / "back" / "model.safetensors", js)
+    a, b = load_file(str(ours)), load_file(str(back.out))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
