@@ -150,6 +150,7 @@ def train_and_evaluate(rc: ReproConfig, assets: dict, family: str, size: str, so
            "train_loss": _smoothed_train_loss(Path(cfg.train.out_dir), final.get("loss")), "val_loss": final.get("eval_loss"), "train_seconds": train_s,
            "steps": final.get("step"), "steps_per_s": final.get("steps_per_s"),
            "generation_seconds": res["generation_seconds"], "metrics": res["metrics"],
+           "public_scoring": {k: res["scoring"]["public"].get(k) for k in ("missing", "nltk", "prompts")},
            "examples": res["items"][:2]}
     _say(f"{family:9s} {size:5s} params {total:>10,d}  train loss {row['train_loss']:.4f}  val loss "
          f"{row['val_loss']:.4f}  BLEU {res['metrics']['bleu']:.2f}  ({train_s:.0f}s train, "
@@ -180,6 +181,18 @@ def _fmt(v, spec=".3f") -> str:
     return format(v, spec)
 
 
+def _public(m: dict, key: str) -> str:
+    """A public-scoring cell: the value, "missing" (NLTK data absent: never a substitute) or — (not run)."""
+    if key not in m:
+        return "—"
+    return "missing" if m[key] is None else _fmt(m[key], ".3f")
+
+
+def _missing_note(rows: list[dict]) -> str:
+    reasons = sorted({why for r in rows for why in ((r.get("public_scoring") or {}).get("missing") or {}).values()})
+    return (" Here: " + " / ".join(reasons) + ".") if reasons else ""
+
+
 def write_report(rc: ReproConfig, assets: dict, rows: list[dict], out: Path, elapsed: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tiny = assets["tiny_info"].get("metrics", {})
@@ -205,15 +218,18 @@ def write_report(rc: ReproConfig, assets: dict, rows: list[dict], out: Path, ela
         f"Script: `python scripts/reproduce_small.py{' --quick' if rc.quick else ''}` ({elapsed / 60:.1f} min).",
         "",
         "| family | size | params (blocks) | params (incl. IO) | final train loss | val loss | token NLL | "
-        "BLEU | ROUGE-L | METEOR (no WordNet) | REP-4 | OVL-3 | round-trip cos | gen. time (s) |",
-        "|---" * 14 + "|",
+        "BLEU | ROUGE-L | METEOR (no WordNet) | public BLEU | public ROUGE-L | public METEOR | REP-4 | OVL-3 | "
+        "round-trip cos | gen. time (s) |",
+        "|---" * 17 + "|",
     ]
     for r in rows:
         m = r["metrics"]
         lines.append(
             f"| {FAMILY_NAMES[r['family']]} | {r['size']} | {r['params_blocks']:,} | {r['params_total']:,} | "
             f"{_fmt(r['train_loss'])} | {_fmt(r['val_loss'])} | {_fmt(m.get('token_nll'))} | {_fmt(m['bleu'], '.2f')} | "
-            f"{_fmt(m['rougeL'], '.2f')} | {_fmt(m['meteor_no_wordnet'], '.2f')} | {_fmt(m['rep4'], '.3f')} | "
+            f"{_fmt(m['rougeL'], '.2f')} | {_fmt(m['meteor_no_wordnet'], '.2f')} | "
+            + " | ".join(_public(m, k) for k in ("public_bleu", "public_rougeL", "public_meteor")) + " | "
+            f"{_fmt(m['rep4'], '.3f')} | "
             f"{_fmt(m['ovl3'], '.3f')} | {_fmt(m.get('round_trip_cos'))} | {_fmt(r['generation_seconds'], '.1f')} |")
     lines += [
         "",
@@ -228,6 +244,12 @@ def write_report(rc: ReproConfig, assets: dict, rows: list[dict], out: Path, ela
         "without WordNet synonyms (a lower bound). REP-4: repeated 4-grams in the continuation; OVL-3: share of "
         "its 3-grams copied from the prompt. Round-trip cos: cosine between a generated embedding and the "
         "re-encoding of its decoded text (1.0 = on the decoder's manifold).",
+        "- public BLEU / ROUGE-L / METEOR: the public SONAR-LLM `evaluate_nlg.py` scoring of the same generations "
+        "(`sonar_llm.eval.public_scoring`): FIRST generated sentence against the FIRST original sentence (NLTK "
+        "Punkt), NLTK sentence BLEU (method4), ROUGE-L F (stemmed), NLTK METEOR with WordNet, 0-1. \"missing\" "
+        "means the NLTK data it needs is not installed on the machine that made this report, never a 0; \"—\" "
+        "means the row was made before this scoring existed (re-run the script)."
+        + _missing_note(rows),
     ]
     empty = [r for r in rows if r["metrics"].get("mean_generated_sentences", 1.0) < 0.5]
     if empty:

@@ -74,7 +74,7 @@ def _check(out, codec, split_fn, holdout):
     train = [t for t in TRAIN if t]
     valid = [t for t in VALID if t]
     assert [json.loads(x)["text"] for x in (out / "prompts.jsonl").read_text().splitlines()] == valid[:-holdout]
-    for split, stories in (("train", train), ("validation", valid[-holdout:])):
+    for split, stories in (("train", train), ("valid", valid[-holdout:])):
         ds = ShardedDataset(out / split)
         expect = [split_fn(s)[:32] for s in stories]
         expect = [e + [EOD] for e in expect if e]

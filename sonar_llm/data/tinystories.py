@@ -16,7 +16,7 @@ Sources. Online: `datasets.load_dataset("roneneldan/TinyStories")` (imported onl
 Splits (the public code): empty texts are dropped (`if item["text"]`). train = every train story.
 The validation split is cut as the public scripts use it: its last `--validation-holdout` (2,500) stories
 are the held-out set (`train_llm.py` takes `val[-2500:]` for the validation loss) and are encoded into
-`validation/`; the others, `val[:-2500]`, are the generation prompts (`generate.py`), written as text to
+`valid/` (the path the configs/*.toml read as `data.val_path`); the others, `val[:-2500]`, are the generation prompts (`generate.py`), written as text to
 `prompts.jsonl` for `python -m sonar_llm.eval.evaluate --stories OUT/prompts.jsonl --scoring public`
 (which keeps the stories of at most 32 Punkt sentences, the first 512).
 
@@ -26,7 +26,7 @@ normalises whitespace and re-splits sentences of 256+ characters); the output an
 (`--segmenter` forces one). Each document keeps its first `--max-sentences` (32) sentences, then the EOS
 sentence "End of sequence." is appended (the public training dataset class with max_sentences=32: up to
 33 positions); a document with no sentence is dropped. Encoding: `sonar_llm.data.preprocess` with the
-SONAR encoder and tokenizer (or `--codec-factory`), into `OUT/train/` and `OUT/validation/`.
+SONAR encoder and tokenizer (or `--codec-factory`), into `OUT/train/` and `OUT/valid/`.
 
 Resuming: the stories are first written once to `OUT/source/*.jsonl` (atomically, with `SOURCES.json`
 recording where they came from); a re-run reuses them and `preprocess` continues with the first incomplete
@@ -274,7 +274,7 @@ def prepare_tinystories(cfg: TinyStoriesConfig, codec: SentenceCodec,
     log(f"tinystories: {seg_line}")
     sources = _materialize(cfg, out, log)
     manifests = {}
-    for split, fname in (("train", "train.jsonl"), ("validation", "validation.jsonl")):
+    for split, fname in (("train", "train.jsonl"), ("valid", "validation.jsonl")):
         manifests[split] = preprocess(
             out / "source" / fname, out / split, codec, shard_size_docs=cfg.shard_size_docs, dtype=cfg.dtype,
             end_of_doc_text=cfg.end_of_doc_text, max_sentences_per_doc=cfg.max_sentences + 1,
@@ -287,7 +287,7 @@ def prepare_tinystories(cfg: TinyStoriesConfig, codec: SentenceCodec,
                "prompts": str(out / "prompts.jsonl")}
     write_json_atomic(out / "tinystories.json", summary)
     log(f"tinystories: done; {seg_line}; train {summary['splits']['train']}, validation "
-        f"{summary['splits']['validation']}, prompts {out / 'prompts.jsonl'} ({sources['counts']['prompts']} stories)")
+        f"{summary['splits']['valid']}, prompts {out / 'prompts.jsonl'} ({sources['counts']['prompts']} stories)")
     return summary
 
 
