@@ -40,7 +40,7 @@ def test_gaussian_robust_recovers_gaussian_std():
     torch.manual_seed(2)
     mean, std = torch.randn(8) * 0.01, torch.rand(8) * 0.01 + 0.002
     x = torch.randn(200_000, 8) * std + mean
-    norm = SonarNormalizer(8).fit(x)
+    norm = SonarNormalizer(8).fit(x, quantile_quirk=False)  # the true-IQR option
     torch.testing.assert_close(norm.center, mean, rtol=0, atol=float(std.max()) * 0.02)
     torch.testing.assert_close(norm.scale, std, rtol=0.02, atol=0)
     # The quirk estimates from the far lower tail: noisier, but still near std for Gaussian data.
@@ -56,7 +56,7 @@ def test_standard_and_robust_methods():
     std = SonarNormalizer(4).fit(x, method="standard")
     torch.testing.assert_close(std.center.double(), x.mean(0), rtol=0, atol=1e-6)
     torch.testing.assert_close(std.scale.double(), x.std(0, unbiased=False), rtol=1e-6, atol=0)
-    rob = SonarNormalizer(4).fit(x, method="robust")
+    rob = SonarNormalizer(4).fit(x, method="robust", quantile_quirk=False)  # the true-IQR option
     q = np.percentile(x.numpy(), [25, 75], axis=0)
     np.testing.assert_allclose(rob.scale.numpy(), q[1] - q[0], rtol=1e-6)
 
@@ -64,7 +64,7 @@ def test_standard_and_robust_methods():
 def test_zero_scale_replaced_by_one_and_round_trip():
     x = torch.randn(30, 3, dtype=torch.float64)
     x[:, 1] = 0.5  # constant dimension
-    norm = SonarNormalizer(3).fit(x)
+    norm = SonarNormalizer(3).fit(x, quantile_quirk=False)  # the true-IQR option: zero scale -> 1
     assert norm.scale[1].item() == 1.0 and norm.center[1].item() == 0.5
     y = torch.randn(5, 3, dtype=torch.float64)
     torch.testing.assert_close(norm.denormalize(norm.normalize(y)), y, rtol=1e-12, atol=1e-12)

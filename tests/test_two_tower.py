@@ -230,7 +230,9 @@ def test_prediction_is_causal_in_the_context():
 def test_loss_value_and_decrease():
     g = torch.Generator().manual_seed(3)
     torch.manual_seed(3)
-    model = TwoTowerLCM(two_tower_tiny(cfg_dropout_prob=0.15))
+    # the options that depart from Meta's defaults: no CFG dropout in eval mode, per-document rows, mean
+    model = TwoTowerLCM(two_tower_tiny(cfg_dropout_prob=0.15, cfg_dropout_in_eval=False, cfg_dropout_rows="document",
+                                       loss_reduction="mean"))
     batch = _batch([5, 9, 3], model.cfg.sonar_dim, g)
     # the loss is the summed-over-dims squared error, averaged over positions
     model.eval()
@@ -335,7 +337,8 @@ def test_generation_matches_uncached_reference_and_stops():
     assert not torch.equal(twice.embeddings[0], twice.embeddings[1])  # independent noise per prompt
     # stop rule: using the first generated concept as the EOS vector stops right after it
     eos = out.embeddings[0][0]
-    stop = model.generate(prompt, 5, eos_embedding=eos, generator=torch.Generator().manual_seed(9))  # same seed
+    stop = model.generate(prompt, 5, eos_embedding=eos, min_sentences=1,  # the option that departs from Meta
+                          generator=torch.Generator().manual_seed(9))  # same seed
     assert stop.stopped_on_eos == [True] and stop.embeddings[0].shape == (1, 16)
     more = model.generate(prompt, 2, eos_embedding=eos, min_sentences=2, generator=torch.Generator().manual_seed(9))
     assert more.embeddings[0].shape[0] == 2  # the first concept may not stop it any more
@@ -378,7 +381,8 @@ def test_activation_checkpointing_gives_the_same_gradients():
     g = torch.Generator().manual_seed(8)
     torch.manual_seed(8)
     plain = TwoTowerLCM(two_tower_tiny(num_train_steps=8))
-    ckpt = TwoTowerLCM(two_tower_tiny(num_train_steps=8, checkpoint_activations=True))
+    ckpt = TwoTowerLCM(two_tower_tiny(num_train_steps=8))
+    ckpt.apply_activation_checkpointing("full")  # the contextualizer's and the denoiser's layers
     ckpt.load_state_dict(plain.state_dict())
     with torch.no_grad():
         for p in list(plain.parameters()):

@@ -7,8 +7,15 @@ Module names follow the LCM checkpoints: `frontend.pre_linear`, `frontend.sonar_
 
 Loss (`next_sentence_mse`): inside each document, the output at position k-1 predicts the normalised
 embedding k (k >= 1; position 0 is never a target); per target the squared error is summed over the E
-dimensions. `reduction="mean"` (default) averages over targets; the LCM's recipes use `"sum"` (sum over
-targets, the optimizer step then scales with the batch size). `compute_rmse` is off, as in the recipes.
+dimensions. `reduction="sum"` (default, Meta's `recipes/train/pretrain/mse.yaml` and `finetune/mse.yaml`:
+`criterion.reduction: sum`) sums over targets and reports the count as `metrics["loss_sum_targets"]`;
+the trainer then divides the step's gradient by the number of targets of all its micro-batches and ranks,
+as Meta's `lcm/train/trainer.py` `normalize_gradients` does, so the update is that of the per-target mean
+over the whole step (the lr keeps its meaning). `reduction="mean"` (an option) averages over the targets of
+each micro-batch. `compute_rmse` is off, as in the recipes.
+
+The normalizer is fitted as Meta's script does (`sonar_llm.models.build.fit_normalizer_from_data`);
+`normalizer_true_iqr`, `normalizer_max_samples`, `normalizer_down_sample` change that (docs/lcm.md).
 """
 from __future__ import annotations
 
@@ -29,11 +36,15 @@ REDUCTIONS = ("mean", "sum")
 
 @dataclass
 class BaseLCMConfig:
-    """Base-LCM options: the backbone, the SONAR width and the loss reduction over targets."""
+    """Base-LCM options: the backbone, the SONAR width, the loss reduction over targets and how the
+    normalizer is fitted on the training data (defaults: Meta's runs; see docs/lcm.md)."""
 
     backbone: BackboneConfig
     sonar_dim: int = 1024
-    reduction: str = "mean"
+    reduction: str = "sum"  # Meta's recipes (pretrain/mse.yaml: criterion.reduction: sum); "mean": per micro-batch
+    normalizer_true_iqr: bool = False  # False: Meta's percent reading of quantile_range=(0.25, 0.75); True: the IQR
+    normalizer_max_samples: int = 1_000_000  # Meta's scripts/fit_embedding_normalizer.py max_nb_samples
+    normalizer_down_sample: int = 5  # ... and its down_sample (every 5th embedding of each batch)
 
     def __post_init__(self) -> None:
         if not isinstance(self.backbone, BackboneConfig):
@@ -42,11 +53,14 @@ class BaseLCMConfig:
             raise ValueError(f"BaseLCMConfig.reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if self.sonar_dim <= 0:
             raise ValueError(f"BaseLCMConfig.sonar_dim must be positive, got {self.sonar_dim}")
+        for name in ("normalizer_max_samples", "normalizer_down_sample"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"BaseLCMConfig.{name} must be a positive int, got {getattr(self, name)!r}")
 
 
 class BaseLCM(ConceptFamily):
     """PreNet (normalizer + pre_linear), Backbone `lcm`, PostNet `fc`. `cfg` is a `BaseLCMConfig`
-    or a `BackboneConfig` (then sonar_dim=1024, reduction="mean")."""
+    or a `BackboneConfig` (then the BaseLCMConfig defaults: sonar_dim=1024, reduction="sum")."""
 
     def __init__(self, cfg: BaseLCMConfig | BackboneConfig) -> None:
         super().__init__()
@@ -109,6 +123,8 @@ class BaseLCM(ConceptFamily):
             "mse_per_target": (total / max(n, 1)).detach(),
             "target_sentences": n,
         }
+        if self.cfg.reduction == "sum":  # the trainer normalises the step's gradient by the targets' count
+            metrics["loss_sum_targets"] = n
         return loss, metrics
 
     def flops_per_batch(self, batch) -> float:
@@ -132,7 +148,9 @@ def build_from_config(cfg) -> BaseLCM:
     check_fields(BaseLCMConfig, fam_over, cfg.family)
     model = BaseLCM(BaseLCMConfig(backbone=backbone_config(preset, **bb_over), **fam_over))
     if cfg.data_path:
-        fit_normalizer_from_data(model.normalizer, cfg.data_path)
+        c = model.cfg
+        fit_normalizer_from_data(model.normalizer, cfg.data_path, true_iqr=c.normalizer_true_iqr,
+                                 max_samples=c.normalizer_max_samples, down_sample=c.normalizer_down_sample)
     return model
 
 

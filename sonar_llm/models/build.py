@@ -9,8 +9,8 @@ the sections (dicts or dataclasses; the trainer passes its RunConfig's).
 and calls its `build(cfg, **deps)`. `model.preset` names a backbone size (sonar_llm.models.presets);
 `model.overrides` keys that are BackboneConfig fields change the backbone, the others go to the
 family's own config dataclass (unknown keys are named in the error). What each family does with the
-data path (embedding width, vocabulary size, normalizer fitting on up to `NORMALIZER_SENTENCES`
-embeddings of the first training documents) is in its module's `build_from_config`.
+data path (embedding width, vocabulary size, normalizer fitting with `fit_normalizer_from_data` on
+`normalizer_sample`, Meta's fitting sample) is in its module's `build_from_config`.
 
 `build_trained(weights, decoder="")` rebuilds a trained family from `sonar_llm.checkpoints.TrainedWeights`:
 the run config is replayed with the data path cleared (normalizers, width and vocabulary come from the
@@ -28,18 +28,26 @@ from torch import nn
 from .family import get_family
 
 __all__ = [
-    "NORMALIZER_SENTENCES",
+    "NORMALIZER_MAX_SAMPLES",
+    "NORMALIZER_DOWN_SAMPLE",
+    "NORMALIZER_BATCH_SENTENCES",
     "ModelConfig",
     "build_model",
     "build_trained",
     "split_overrides",
     "check_fields",
     "fit_normalizer_from_data",
+    "normalizer_sample",
     "dataset_embed_dim",
     "dataset_vocab_size",
 ]
 
-NORMALIZER_SENTENCES = 100_000
+# Meta's normalizer fitting sample, scripts/fit_embedding_normalizer.py (large_concept_model):
+# sample_sentences_from_mixed_sources(max_nb_samples=10**6, down_sample=5) over a loader built with
+# DataLoadingConfig(max_tokens=10000, ...)
+NORMALIZER_MAX_SAMPLES = 1_000_000
+NORMALIZER_DOWN_SAMPLE = 5
+NORMALIZER_BATCH_SENTENCES = 10_000
 
 
 def _section(value: Any) -> dict[str, Any]:
@@ -117,21 +125,64 @@ def preset_of(cfg: ModelConfig):
         raise ValueError(f"model.preset: {e}") from None
 
 
-def fit_normalizer_from_data(norm: nn.Module, data_path: str, max_sentences: int = NORMALIZER_SENTENCES) -> None:
-    """Fit `norm` (a SonarNormalizer) on up to `max_sentences` embeddings of the first training documents."""
+def normalizer_sample(data_path: str, max_samples: int = NORMALIZER_MAX_SAMPLES,
+                      down_sample: int = NORMALIZER_DOWN_SAMPLE,
+                      batch_sentences: int = NORMALIZER_BATCH_SENTENCES) -> torch.Tensor:
+    """The embeddings Meta's `scripts/fit_embedding_normalizer.py` fits on, read from our shards [N, E] fp32.
+
+    Its rule (`sample_sentences_from_mixed_sources`): walk the training batches; keep every
+    `down_sample`-th sentence embedding of each batch's flattened sentences (`[::down_sample]`, so the
+    stride restarts at each batch's first sentence); stop after the batch that brings the kept count
+    *above* `max_samples` (that whole batch is kept, so N can exceed `max_samples` by one batch's share).
+    A batch here is consecutive whole documents of the training shards, in order, up to `batch_sentences`
+    sentences in all (a longer document is a batch of its own): Meta's loader batches with
+    `max_tokens=10000`, but its parquet order and exact batch boundaries cannot be reproduced on our shards.
+    """
+    import numpy as np
+
     from sonar_llm.data.shards import ShardedDataset
 
+    for name, value in (("max_samples", max_samples), ("down_sample", down_sample),
+                        ("batch_sentences", batch_sentences)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"normalizer_sample: {name} must be a positive int, got {value!r}")
     ds = ShardedDataset(data_path)
-    chunks, total = [], 0
+    kept: list[torch.Tensor] = []
+    n_kept = 0
+    pending: list[np.ndarray] = []
+    pending_len = 0
+
+    def flush() -> None:
+        nonlocal n_kept, pending, pending_len
+        rows = torch.from_numpy(np.concatenate(pending)[::down_sample]).float()
+        kept.append(rows)
+        n_kept += rows.shape[0]
+        pending, pending_len = [], 0
+
     for i in range(ds.num_docs):
-        emb = torch.as_tensor(ds.doc(i)[0]).float()
-        chunks.append(emb)
-        total += emb.shape[0]
-        if total >= max_sentences:
-            break
-    if total < 2:
-        raise ValueError(f"data.path: {data_path} holds {total} sentence embeddings; the normalizer needs >= 2")
-    norm.fit(torch.cat(chunks)[:max_sentences])
+        emb = ds.doc(i)[0]
+        n = int(emb.shape[0])
+        if pending and pending_len + n > batch_sentences:
+            flush()
+            if n_kept > max_samples:  # Meta: `if nb_sentences > max_nb_samples: break`
+                break
+        pending.append(emb.float().numpy())
+        pending_len += n
+    if pending and n_kept <= max_samples:
+        flush()
+    if n_kept < 2:
+        raise ValueError(f"data.path: {data_path} gives {n_kept} sentence embeddings for the normalizer "
+                         f"(every {down_sample}-th of each batch); it needs >= 2")
+    return torch.cat(kept)
+
+
+def fit_normalizer_from_data(norm: nn.Module, data_path: str, *, true_iqr: bool = False,
+                             max_samples: int = NORMALIZER_MAX_SAMPLES,
+                             down_sample: int = NORMALIZER_DOWN_SAMPLE) -> None:
+    """Fit `norm` (a SonarNormalizer) as Meta's fitting script does: on `normalizer_sample(data_path,
+    max_samples, down_sample)` with Meta's percent reading of the quantile range (`true_iqr=True`: the
+    true interquartile range instead, an option that departs from Meta; see docs/lcm.md)."""
+    norm.fit(normalizer_sample(data_path, max_samples, down_sample), quantile_quirk=not true_iqr)
 
 
 def dataset_embed_dim(data_path: str) -> int:

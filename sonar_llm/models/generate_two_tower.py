@@ -24,7 +24,15 @@ from sonar_llm.models.generate import ConceptGeneration, GenerationSettings
 if TYPE_CHECKING:  # pragma: no cover
     from sonar_llm.models.two_tower import Denoiser, TwoTowerLCM
 
-__all__ = ["TwoTowerGeneration", "CachedCrossAttention", "generate_two_tower", "two_tower_concepts"]
+__all__ = ["TwoTowerGeneration", "CachedCrossAttention", "generate_two_tower", "two_tower_concepts",
+           "LCM_MIN_SENTENCES"]
+
+# Meta's stop rule (lcm/inference/two_tower_diffusion_lcm/generator.py, `finalize_step`): the EOS/repetition
+# stop needs `step_nr - prompt_len >= min_gen_len`, i.e. min_gen_len concepts generated *before* the
+# stopping one, with LCMGeneratorOptions.min_seq_len = 1 (used when min_gen_len is not given): no stop
+# before the second generated concept. Here `min_sentences` counts the stopping concept too, so Meta's
+# min_gen_len = m is min_sentences = m + 1; 1 (an option, not Meta's) lets the first concept stop.
+LCM_MIN_SENTENCES = 2
 
 
 @dataclass
@@ -116,7 +124,7 @@ def generate_two_tower(
     *,
     reproduce_lcm_step_quirk: bool = True,
     stop_on_repetition_threshold: float | None = None,
-    min_sentences: int = 1,
+    min_sentences: int = LCM_MIN_SENTENCES,
 ) -> TwoTowerGeneration:
     """Generate up to ``max_sentences`` concepts after each prompt (the LCM's two-tower generator).
 
@@ -135,7 +143,9 @@ def generate_two_tower(
 
     Stop rules (per prompt): cos(concept, eos_embedding) >= eos_threshold, cos(concept, previous)
     >= stop_on_repetition_threshold (if set), or ``max_sentences``; the EOS/repetition rules apply
-    only once ``min_sentences`` concepts exist. The stopping concept is kept in the output.
+    only once ``min_sentences`` concepts exist, the stopping one included (default 2 = Meta's generator,
+    which cannot stop before the second generated concept; see ``LCM_MIN_SENTENCES``). The stopping
+    concept is kept in the output.
     """
     if prompt_embeddings.dim() == 2:
         prompt_embeddings = prompt_embeddings.unsqueeze(0)

@@ -3,15 +3,21 @@
 normalize(x) = (x - center) / scale, denormalize(y) = y * scale + center, with persistent fp32
 buffers `center` and `scale` (names as in LCM checkpoints: `frontend.sonar_normalizer.{center,scale}`).
 
-`fit(embeddings, method="gaussian_robust")`: center = per-dimension median; scale = the inter-quantile
-range divided by the same range of a standard normal,
-    scale = (Q(q_hi) - Q(q_lo)) / (Phi^-1(q_hi) - Phi^-1(q_lo)),  (q_lo, q_hi) = (0.25, 0.75),
-so scale estimates the standard deviation of Gaussian data robustly. `quantile_quirk=True` reproduces
-the LCM's fitting script, which passes (0.25, 0.75) to sklearn's `RobustScaler(quantile_range=...)`,
-a range in *percent*: the quantiles become 0.25% and 0.75% (the lower tail) and the normal range
-Phi^-1(0.0075) - Phi^-1(0.0025). Quantiles interpolate linearly (numpy/sklearn's default); a zero
-scale is replaced by 1 (as sklearn does). Other methods: "robust" (IQR, no Gaussian factor) and
-"standard" (mean, population std).
+`fit(embeddings, method="gaussian_robust", quantile_quirk=True)`: center = per-dimension median; scale =
+an inter-quantile range divided by the same range of a standard normal,
+    scale = (Q(q_hi) - Q(q_lo)) / (Phi^-1(q_hi) - Phi^-1(q_lo)),
+so scale estimates the standard deviation of Gaussian data robustly.
+
+Default (`quantile_quirk=True`) = Meta's fit: `lcm/models/sonar_normalizer/builder.py`,
+`SonarNormalizer.fit` calls scikit-learn's `RobustScaler(unit_variance=True, quantile_range=(0.25, 0.75))`
+with `SonarNormalizerConfig.quantile_min/max = 0.25/0.75`, and RobustScaler reads the range in *percent*:
+(q_lo, q_hi) = (0.25%, 0.75%), the far lower tail, and the normal range Phi^-1(0.0075) - Phi^-1(0.0025).
+As RobustScaler does, a near-zero range (< 10 x float32 eps, Meta fits float32 data) is replaced by 1
+*before* the division by the normal range. `quantile_quirk=False` (an option, not Meta's) uses the true
+interquartile range (q_lo, q_hi) = (0.25, 0.75) and replaces a zero scale by 1 after the division.
+Quantiles interpolate linearly (numpy/sklearn's default), computed in float64. Other methods: "robust"
+(the range without the Gaussian factor, sklearn's `unit_variance=False`) and "standard" (mean,
+population std).
 """
 from __future__ import annotations
 
@@ -86,7 +92,7 @@ class SonarNormalizer(nn.Module):
 
     @torch.no_grad()
     def fit(
-        self, embeddings: Tensor, method: str = "gaussian_robust", quantile_quirk: bool = False
+        self, embeddings: Tensor, method: str = "gaussian_robust", quantile_quirk: bool = True
     ) -> "SonarNormalizer":
         """Set `center` and `scale` from embeddings[N, dim] (see the module docstring). Returns self."""
         if method not in METHODS:
@@ -102,9 +108,12 @@ class SonarNormalizer(nn.Module):
             x = embeddings.to(torch.float64)
             center, scale = x.mean(0), x.std(0, unbiased=False)
         else:
+            # Meta passes quantile_range=(0.25, 0.75) to RobustScaler, which reads it in percent
             q_lo, q_hi = (0.0025, 0.0075) if quantile_quirk else (0.25, 0.75)
             median, lo, hi = column_quantiles(embeddings, [0.5, q_lo, q_hi])
             center, scale = median, hi - lo
+            if quantile_quirk:  # sklearn's _handle_zeros_in_scale, before the unit-variance division
+                scale = torch.where(scale < 10 * torch.finfo(torch.float32).eps, torch.ones_like(scale), scale)
             if method == "gaussian_robust":
                 normal = NormalDist()
                 scale = scale / (normal.inv_cdf(q_hi) - normal.inv_cdf(q_lo))
