@@ -157,17 +157,7 @@ def test_config_field_is_checked():
 
 
 # ----------------------------------------------------------------------------- short CPU runs of both options
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from test_train_families import write_shards  # the trainer tests' tiny shard writer (DatasetWriter)
-
-    from sonar_llm.sonar.checkpoint import save_fairseq2_checkpoint
-
-    root = tmp_path_factory.mktemp("objective")
-    write_shards(root / "train", seed=0)
-    write_shards(root / "val", docs=4, seed=1)
-    save_fairseq2_checkpoint(toy_decoder(), root / "decoder.pt")
-    return root
+from test_train_families import assets  # noqa: E402,F401  (the trainer tests' tiny shards + toy decoder)
 
 
 @pytest.mark.parametrize("extra", ["false", "true"])
