@@ -252,18 +252,25 @@ def is_good(path: str | os.PathLike) -> tuple[bool, str]:
 
 def find_resumable(ckpt_root: str | os.PathLike, say: Callable[[str], None] = print) -> Path | None:
     """Newest complete checkpoint that verifies and is good (collective: the ranks share the hashing and
-    agree); every newer one passed over is reported through `say` with its reason."""
+    agree); every newer one passed over is reported through `say` with its reason. None if there is no
+    complete checkpoint; CheckpointError if there are some but none can be used (starting over would
+    prune them away)."""
     root = Path(ckpt_root)
+    passed = []
     for step in reversed(complete_steps(root)):
         path = root / step_dir_name(step)
         good, reason = is_good(path)
         problems = [p for part in _gather(verify_checkpoint(path, _rank(), _world())) for p in part]
         if problems:
-            say(f"checkpoint {path} fails verification ({'; '.join(problems[:3])}); trying an older one")
+            passed.append(f"{path} fails verification ({'; '.join(problems[:3])})")
         elif not good:
-            say(f"checkpoint {path} is not marked good ({reason}); trying an older one")
+            passed.append(f"{path} is not marked good ({reason})")
         else:
             return path
+        say(f"checkpoint {passed[-1]}; trying an older one")
+    if passed:
+        raise CheckpointError(f"no checkpoint under {root} can be resumed: {'; '.join(passed)}. Move them away "
+                              f"or set train.resume=false to start over")
     return None
 
 
@@ -332,8 +339,9 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
             dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(allow_partial_load=True),
                      no_dist=not _dist())
     except (CheckpointException, UnsafeCheckpointError, RuntimeError, OSError, EOFError) as e:
-        raise CheckpointError(f"{path}: loading the DCP shards failed ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+        causes = [exc for exc, _tb in e.failures.values()] if isinstance(e, CheckpointException) else [e]
+        raise CheckpointError(f"{path}: loading the DCP shards failed: " + "; ".join(
+            f"{type(c).__name__}: {str(c).strip().splitlines()[0] if str(c).strip() else ''}" for c in causes)) from e
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
     trainer = _read_json(path / "trainer.json")

@@ -268,8 +268,6 @@ def _resume(run: Run, changes: list[str]) -> bool:
     differs from the resumed run's); the optimizer state, counters, RNG and data position from the checkpoint."""
     path = ckpt.find_resumable(run.ckpt_root, say=run.logger.message)
     if path is None:
-        if ckpt.complete_steps(run.ckpt_root):
-            run.logger.message(f"no checkpoint under {run.ckpt_root} verifies and is good: starting from step 0")
         return False
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
     trainer_state, rank_state = ckpt.load_checkpoint(path, run.model, run.optimizer, verify=False)
