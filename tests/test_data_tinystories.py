@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from fixtures_nltk import clear_punkt_cache, use_no_nltk_data, use_tiny_punkt
+from fixtures_nltk import no_nltk_data, tiny_punkt  # noqa: F401  (fixtures)
 from fixtures_sonar import toy_encoder, toy_tokenizer
 
 from sonar_llm.data import tinystories as T
@@ -36,12 +36,6 @@ VALID = [_story(100 + i, n) for i, n in enumerate([4, 6, 35, 2, 3])] + [""]
 def codec(tmp_path_factory):
     tok = toy_tokenizer(tmp_path_factory.mktemp("spm"))
     return SonarCodec(TextToEmbedding(toy_encoder(vocab_size=tok.vocab_size), tok, batch_size=8), tok)
-
-
-@pytest.fixture
-def punkt(tmp_path, monkeypatch):
-    yield use_tiny_punkt(tmp_path / "nltk_data", monkeypatch)
-    clear_punkt_cache()
 
 
 def _punkt_split(text):
@@ -87,7 +81,7 @@ def _check(out, codec, split_fn, holdout):
 
 
 @pytest.mark.parametrize("layout", ["parquet", "txt", "json"])
-def test_layouts_with_punkt(tmp_path, codec, punkt, layout):
+def test_layouts_with_punkt(tmp_path, codec, tiny_punkt, layout):
     _write_layout(tmp_path / "ts", layout)
     out = tmp_path / "out"
     logs = []
@@ -103,34 +97,30 @@ def test_layouts_with_punkt(tmp_path, codec, punkt, layout):
     assert json.loads((out / "tinystories.json").read_text())["sources"]["source"] in ("parquet", "txt", "json+txt")
 
 
-def test_blingfire_fallback_and_resume(tmp_path, codec, monkeypatch):
-    use_no_nltk_data(tmp_path / "no_nltk", monkeypatch)
-    try:
-        _write_layout(tmp_path / "ts", "txt")
-        out = tmp_path / "out"
-        logs = []
-        cfg = T.TinyStoriesConfig(out=str(out), data_dir=str(tmp_path / "ts"), validation_holdout=3, shard_size_docs=2)
-        summary = T.prepare_tinystories(cfg, codec, log=logs.append)
-        assert summary["segmenter"].startswith("blingfire")
-        assert any("blingfire, NOT the public code's Punkt" in m and "punkt_tab" in m for m in logs)
-        from sonar_llm.data.segment import split_sentences
+def test_blingfire_fallback_and_resume(tmp_path, codec, no_nltk_data):
+    _write_layout(tmp_path / "ts", "txt")
+    out = tmp_path / "out"
+    logs = []
+    cfg = T.TinyStoriesConfig(out=str(out), data_dir=str(tmp_path / "ts"), validation_holdout=3, shard_size_docs=2)
+    summary = T.prepare_tinystories(cfg, codec, log=logs.append)
+    assert summary["segmenter"].startswith("blingfire")
+    assert any("blingfire, NOT the public code's Punkt" in m and "punkt_tab" in m for m in logs)
+    from sonar_llm.data.segment import split_sentences
 
-        _check(out, codec, split_sentences, holdout=3)
-        before = {p: p.read_bytes() for p in sorted((out / "train").rglob("*")) if p.is_file()}
-        logs.clear()
-        T.prepare_tinystories(cfg, codec, log=logs.append)  # a re-run reuses the stories and the shards
-        assert any("reusing the stories" in m for m in logs) and any("already complete" in m for m in logs)
-        assert {p: p.read_bytes() for p in sorted((out / "train").rglob("*")) if p.is_file()} == before
-        with pytest.raises(ValueError, match="other sources"):
-            T.prepare_tinystories(T.TinyStoriesConfig(out=str(out), data_dir=str(tmp_path / "ts"), validation_holdout=1),
-                                  codec, log=None)
-        with pytest.raises(LookupError, match="punkt_tab"):
-            T.make_segmenter("punkt")
-    finally:
-        clear_punkt_cache()
+    _check(out, codec, split_sentences, holdout=3)
+    before = {p: p.read_bytes() for p in sorted((out / "train").rglob("*")) if p.is_file()}
+    logs.clear()
+    T.prepare_tinystories(cfg, codec, log=logs.append)  # a re-run reuses the stories and the shards
+    assert any("reusing the stories" in m for m in logs) and any("already complete" in m for m in logs)
+    assert {p: p.read_bytes() for p in sorted((out / "train").rglob("*")) if p.is_file()} == before
+    with pytest.raises(ValueError, match="other sources"):
+        T.prepare_tinystories(T.TinyStoriesConfig(out=str(out), data_dir=str(tmp_path / "ts"), validation_holdout=1),
+                              codec, log=None)
+    with pytest.raises(LookupError, match="punkt_tab"):
+        T.make_segmenter("punkt")
 
 
-def test_online_path_through_datasets(tmp_path, codec, punkt, monkeypatch):
+def test_online_path_through_datasets(tmp_path, codec, tiny_punkt, monkeypatch):
     import datasets
 
     calls = []
@@ -147,7 +137,7 @@ def test_online_path_through_datasets(tmp_path, codec, punkt, monkeypatch):
     _check(out, codec, _punkt_split, holdout=2)
 
 
-def test_explicit_files_cli_and_errors(tmp_path, codec, punkt, monkeypatch):
+def test_explicit_files_cli_and_errors(tmp_path, codec, tiny_punkt, monkeypatch):
     _write_layout(tmp_path / "ts", "txt")
     ts = tmp_path / "ts"
     monkeypatch.setattr(T, "_load_factory", lambda spec: (lambda: codec))

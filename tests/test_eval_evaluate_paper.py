@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from fixtures_nltk import clear_punkt_cache, use_no_nltk_data, use_tiny_punkt
+from fixtures_nltk import no_nltk_data, tiny_punkt  # noqa: F401  (fixtures)
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_score import rouge_scorer
 from test_eval_evaluate import _cli, _export_untrained, toy  # noqa: F401  (toy is a fixture)
@@ -15,19 +15,7 @@ from test_eval_judge import server  # noqa: F401  (a fixture)
 FAM = "sonar_llm"
 
 
-@pytest.fixture
-def punkt(tmp_path, monkeypatch):
-    yield use_tiny_punkt(tmp_path / "nltk_data", monkeypatch)
-    clear_punkt_cache()
-
-
-@pytest.fixture
-def no_nltk(tmp_path, monkeypatch):
-    yield use_no_nltk_data(tmp_path / "none", monkeypatch)
-    clear_punkt_cache()
-
-
-def test_ours_scoring_reports_public_metrics_missing_without_nltk_data(toy, tmp_path, no_nltk):  # noqa: F811
+def test_ours_scoring_reports_public_metrics_missing_without_nltk_data(toy, tmp_path, no_nltk_data):  # noqa: F811
     path, _ = _export_untrained(toy, FAM)
     out = tmp_path / "r.json"
     assert _cli(toy, path, out) == 0
@@ -42,7 +30,7 @@ def test_ours_scoring_reports_public_metrics_missing_without_nltk_data(toy, tmp_
     assert rec["prefix"] == " ".join(it["prompt"]) and rec["full_text"].startswith(rec["prefix"])
 
 
-def test_public_scoring_mode_with_punkt(toy, tmp_path, punkt):  # noqa: F811
+def test_public_scoring_mode_with_punkt(toy, tmp_path, tiny_punkt):  # noqa: F811
     import nltk
 
     path, _ = _export_untrained(toy, FAM)
@@ -73,7 +61,7 @@ def test_public_scoring_mode_with_punkt(toy, tmp_path, punkt):  # noqa: F811
     assert "bleu" in res["scoring"]["ours"]
 
 
-def test_public_mode_without_punkt_falls_back_and_says_so(toy, tmp_path, no_nltk, capsys):  # noqa: F811
+def test_public_mode_without_punkt_falls_back_and_says_so(toy, tmp_path, no_nltk_data, capsys):  # noqa: F811
     path, _ = _export_untrained(toy, FAM)
     out = tmp_path / "r.json"
     assert _cli(toy, path, out, "--scoring", "public") == 0

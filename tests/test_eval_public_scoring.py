@@ -7,26 +7,12 @@ import json
 import math
 
 import pytest
-from fixtures_nltk import clear_punkt_cache, use_no_nltk_data, use_tiny_punkt
+from fixtures_nltk import no_nltk_data, tiny_punkt  # noqa: F401  (fixtures)
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from nltk.translate.meteor_score import meteor_score
 from rouge_score import rouge_scorer
 
 from sonar_llm.eval import public_scoring as P
-
-
-@pytest.fixture
-def no_nltk_data(tmp_path, monkeypatch):
-    """NLTK sees only an empty data folder: neither Punkt nor WordNet is installed."""
-    yield use_no_nltk_data(tmp_path / "empty_nltk_data", monkeypatch)
-    clear_punkt_cache()
-
-
-@pytest.fixture
-def tiny_punkt(tmp_path, monkeypatch):
-    """A Punkt model in NLTK >= 3.9's punkt_tab layout that knows the abbreviations 'mr' and 'dr'."""
-    yield use_tiny_punkt(tmp_path / "nltk_data", monkeypatch)
-    clear_punkt_cache()
 
 
 class _Lemma:
