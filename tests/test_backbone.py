@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from sonar_llm.activation_checkpointing import apply_activation_checkpointing, checkpointed_indices
 from sonar_llm.models.backbone import (
     Backbone,
     BackboneConfig,
@@ -277,11 +278,12 @@ def test_init_scales_output_projections():
 
 def test_activation_checkpointing_same_grads():
     model = make_model(9, num_layers=3)
-    model_ckpt = make_model(9, num_layers=3, checkpoint_activations=True)
+    model_ckpt = make_model(9, num_layers=3)
+    apply_activation_checkpointing(model_ckpt.layers, "full")
     model_every2 = make_model(9, num_layers=3)
-    model_every2.set_activation_checkpointing(every=2)
-    assert model_ckpt.checkpointed_layers == {0, 1, 2} and model_every2.checkpointed_layers == {0, 2}
-    assert model.checkpointed_layers == set()
+    apply_activation_checkpointing(model_every2.layers, "selective")
+    assert checkpointed_indices(model_ckpt.layers) == {0, 1, 2} and checkpointed_indices(model_every2.layers) == {0, 2}
+    assert checkpointed_indices(model.layers) == set()
     x = torch.randn(6, 32, dtype=torch.float64)
     cu = torch.tensor([0, 2, 6], dtype=torch.int32)
     grads = []

@@ -241,7 +241,7 @@ def test_checkpoint_matches_plain():
     tokens, cu = _batch(LENGTHS, dec.cfg.vocab_size, seed=25)
     emb = torch.randn(len(LENGTHS), dec.cfg.encoder_dim, dtype=torch.float64)
     plain = PackedSonarDecoder(dec, impl="torch")
-    ckpt = PackedSonarDecoder(dec, impl="torch", checkpoint=True)
+    ckpt = PackedSonarDecoder(dec, impl="torch", activation_checkpointing="full")
     a, ga = _loss_and_grad(lambda e: plain.loss(e, plain.prepare(tokens, cu)), emb)
     b, gb = _loss_and_grad(lambda e: ckpt.loss(e, ckpt.prepare(tokens, cu)), emb)
     torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)

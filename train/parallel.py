@@ -8,7 +8,6 @@ Whether FSDP2 is used is decided by `uses_fsdp(cfg)` (the trainer asks it; nothi
 """
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,11 +15,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from sonar_llm.activation_checkpointing import apply_activation_checkpointing
+from sonar_llm.models.family import ConceptFamily
+from sonar_llm.sonar.checkpoint import DTYPES  # noqa: F401  (the one dtype table; train/loop.py reads it here)
 from train.config import RunConfig
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -87,21 +86,6 @@ def frozen_modules(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def apply_activation_checkpointing(blocks: list[nn.Module], mode: str) -> None:
-    """'full': recompute every block in backward; 'selective': every other block (half the memory saving
-    for a quarter of the recompute cost). Done by wrapping the block's forward, so FSDP2's hooks on the
-    block stay outside the checkpointed region."""
-    if mode == "none":
-        return
-    if mode not in ("selective", "full"):
-        raise ValueError(f"activation_checkpointing: expected none|selective|full, got {mode!r}")
-    for i, block in enumerate(blocks):
-        if mode == "selective" and i % 2 == 1:
-            continue
-        inner = block.forward
-        block.forward = functools.partial(checkpoint, inner, use_reentrant=False)
-
-
 def uses_fsdp(cfg: RunConfig) -> bool:
     """FSDP2 sharding: `parallel.fsdp` and a process group exists (else one process, or full replicas)."""
     return cfg.parallel.fsdp and dist.is_initialized()
@@ -124,7 +108,10 @@ def parallelize(model: nn.Module, cfg: RunConfig, info: DistInfo) -> nn.Module:
         # SonarLLM keeps its frozen decoder outside the module tree (no state_dict entries, never sharded):
         # it is always replicated, moved and cast here
         model.decoder_to(info.device, dtype if dtype != torch.float32 else None)
-    apply_activation_checkpointing(blocks, cfg.train.activation_checkpointing)
+    if isinstance(model, ConceptFamily):  # its blocks and, for SONAR-LLM, the frozen decoder's layers
+        model.apply_activation_checkpointing(cfg.train.activation_checkpointing)
+    else:
+        apply_activation_checkpointing(blocks, cfg.train.activation_checkpointing)
     if cfg.train.compile:
         for b in blocks:
             b.compile()

@@ -216,9 +216,6 @@ class ConceptLoader:
         """Batches left in the current epoch."""
         return len(self.plan(self.epoch)) - self.batch_in_epoch
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.batch_in_epoch = int(epoch), 0
-
     # -- state ------------------------------------------------------------------------------------
     def _config(self) -> dict:
         return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size, "shuffle": self.shuffle,

@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from sonar_kernels.functional.varlen_attention import varlen_causal_attention
 
@@ -56,7 +54,6 @@ class BackboneConfig:
     configs use 32, as Llama-3.2).
     `head_dim` defaults to model_dim // num_heads; the public SONAR-LLM configs fix it at 64, so their
     attention width num_heads * head_dim can differ from model_dim (e.g. 900M: 32 x 64 = 2048 vs 1536).
-    `checkpoint_activations` recomputes each layer in the backward pass (saves memory).
     `attn_impl` picks the packed-attention backend of `sonar_kernels`' varlen_causal_attention
     ("auto": flash-attn on CUDA fp16/bf16 when installed, else FlexAttention on CUDA, else SDPA).
     """
@@ -78,7 +75,6 @@ class BackboneConfig:
     ffn_bias: bool = False
     dropout_p: float = 0.0
     init_std: float = 0.02
-    checkpoint_activations: bool = False
     attn_impl: str = "auto"  # packed attention backend: "auto" | "flash" | "flex" | "sdpa"
 
     def __post_init__(self) -> None:
@@ -111,11 +107,6 @@ class BackboneConfig:
             )
         if not 0.0 <= self.dropout_p < 1.0:
             raise ValueError(f"BackboneConfig.dropout_p must be in [0, 1), got {self.dropout_p}")
-
-    @property
-    def attn_dim(self) -> int:
-        """Width of the concatenated attention heads (num_heads * head_dim)."""
-        return self.num_heads * self.head_dim
 
 
 # ----------------------------------------------------------------------------------------------
@@ -491,16 +482,7 @@ class Backbone(nn.Module):
         )
         self.layers = nn.ModuleList(TransformerLayer(cfg, self.rope) for _ in range(cfg.num_layers))
         self.layer_norm = RMSNorm(cfg.model_dim, cfg.norm_eps)
-        self.checkpointed_layers: set[int] = set()
-        self.set_activation_checkpointing(cfg.checkpoint_activations)
         self.reset_parameters()
-
-    def set_activation_checkpointing(self, enabled: bool = True, every: int = 1) -> None:
-        """Recompute layers i with i % every == 0 in the backward pass (all layers by default);
-        `enabled=False` turns it off. Applies in training mode with gradients enabled."""
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
-        self.checkpointed_layers = {i for i in range(len(self.layers)) if enabled and i % every == 0}
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -516,11 +498,6 @@ class Backbone(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
 
-    def _run(self, index: int, fn: Callable[..., Tensor], *args) -> Tensor:
-        if index in self.checkpointed_layers and self.training and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
-
     def forward(
         self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int, positions: Tensor | None = None
     ) -> Tensor:
@@ -535,16 +512,16 @@ class Backbone(nn.Module):
             cu_seqlens = cu_seqlens.to(torch.int32)
         if positions is None:
             positions = positions_from_cu_seqlens(cu_seqlens, x.shape[0])
-        for i, layer in enumerate(self.layers):
-            x = self._run(i, layer, x, positions, cu_seqlens, max_seqlen)
+        for layer in self.layers:
+            x = layer(x, positions, cu_seqlens, max_seqlen)
         return self.layer_norm(x)
 
     def forward_padded(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
         """Padded batch x[B,S,d] -> [B,S,d]; causal, so right-padding never affects real rows."""
         if x.dim() != 3 or x.shape[-1] != self.cfg.model_dim:
             raise ValueError(f"Backbone.forward_padded expects x[B,S,{self.cfg.model_dim}], got {tuple(x.shape)}")
-        for i, layer in enumerate(self.layers):
-            x = self._run(i, layer.forward_padded, x, positions)
+        for layer in self.layers:
+            x = layer.forward_padded(x, positions)
         return self.layer_norm(x)
 
     def new_cache(

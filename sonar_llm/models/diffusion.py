@@ -240,10 +240,6 @@ class DDIMScheduler:
         """alpha_bar at training step t; ``final_alpha_cumprod`` for t < 0 (the step after the last)."""
         return self._abar_list[t] if t >= 0 else self.final_alpha_cumprod
 
-    def snr(self) -> Tensor:
-        """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) per training step (float64)."""
-        return self.alphas_cumprod / (1.0 - self.alphas_cumprod)
-
     # ------------------------------------------------------------------ training
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """``x_t = sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * noise``.
@@ -263,10 +259,6 @@ class DDIMScheduler:
         abar = self._table(x0.device, x0.dtype)[t.to(x0.device).long()]
         abar = abar.reshape(tuple(t.shape) + (1,) * (x0.dim() - t.dim()))
         return abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
-
-    def sample_timesteps(self, shape, *, generator: torch.Generator | None = None, device=None) -> Tensor:
-        """Uniform training timesteps in {0..T-1} (int64) of the given shape."""
-        return torch.randint(0, self.num_train_steps, tuple(shape), generator=generator, device=device)
 
     # ------------------------------------------------------------------ inference
     def set_timesteps(self, num_inference_steps: int, reproduce_lcm_step_quirk: bool = True) -> Tensor:

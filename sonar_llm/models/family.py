@@ -7,6 +7,7 @@ them ever compares a family name:
   * `model.loss(batch) -> (loss, metrics)`         its loss (`spec.loss(model, batch)`)
   * `model.flops_per_batch(batch) -> float`        its FLOP count, forward + backward (`spec.flops`)
   * `model.transformer_blocks() -> [nn.Module]`    what FSDP2 shards and activation checkpointing wraps
+  * `model.apply_activation_checkpointing(mode)`   the one checkpointing knob (blocks, + frozen decoder)
   * `generate(model, prompts, settings)`           its concept-level generation (models/generate.py),
                                                    None for a model without sentence embeddings
   * `story_generator(model, ctx)`                  text-in/text-out generation for the evaluation protocol
@@ -134,6 +135,13 @@ class ConceptFamily(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the optimizer should update (requires_grad True)."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def apply_activation_checkpointing(self, mode: str) -> None:
+        """The one activation-checkpointing knob (`train.activation_checkpointing`: none | selective | full):
+        recompute the chosen transformer blocks in the backward pass (sonar_llm.activation_checkpointing)."""
+        from sonar_llm.activation_checkpointing import apply_activation_checkpointing
+
+        apply_activation_checkpointing(self.transformer_blocks(), mode)
 
     def decoder_to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         """Move/cast frozen modules kept outside the module tree (none by default; SONAR-LLM's decoder)."""

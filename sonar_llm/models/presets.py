@@ -162,7 +162,7 @@ def count_parameters(
     """Real parameter count of a concept model of this size: the backbone built on the meta device
     (no memory), plus Linear(io_dim->d) and Linear(d->io_dim) with biases when `with_io`."""
     cfg = preset if isinstance(preset, BackboneConfig) else backbone_config(preset, **overrides)
-    total = _meta_backbone_count(replace(cfg, checkpoint_activations=False, dropout_p=0.0))
+    total = _meta_backbone_count(replace(cfg, dropout_p=0.0))
     if with_io:
         total += (io_dim * cfg.model_dim + cfg.model_dim) + (cfg.model_dim * io_dim + io_dim)
     return total

@@ -42,6 +42,8 @@ class SonarLLMConfig:
     path: str = "fast"
     mse_weight: float = 0.0
     decoder_impl: str = "auto"  # PackedSonarDecoder kernel backends ("auto" | "triton" | "torch")
+    decoder_attn_impl: str = "auto"  # PackedSonarDecoder varlen attention ("auto" | "flash" | "flex" | "sdpa")
+    decoder_fuse_qkv: bool = True  # PackedSonarDecoder: one [3D, D] QKV GEMM per layer (a copy of those weights)
     # The public objective: decoder input = the whole target sentence [</s>, lang, w.., </s>], labels
     # [lang, w.., </s>, </s>] (one extra </s> -> </s> target per sentence). False: input without the last
     # token, labels without the first (no extra target). Set from a run config: [model.overrides].
@@ -91,6 +93,7 @@ class SonarLLM(ConceptFamily):
         self.backbone = Backbone(cfg.backbone)
         self.output_proj = nn.Linear(d, cfg.sonar_dim, bias=True)
         object.__setattr__(self, "_packed", None)
+        self._decoder_checkpointing = "none"
         if decoder is not None:
             self.set_decoder(decoder)
 
@@ -100,7 +103,8 @@ class SonarLLM(ConceptFamily):
         from sonar_llm.sonar.packed_decoder import PackedSonarDecoder
 
         packed = decoder if isinstance(decoder, PackedSonarDecoder) else PackedSonarDecoder(
-            decoder, impl=self.cfg.decoder_impl
+            decoder, impl=self.cfg.decoder_impl, attn_impl=self.cfg.decoder_attn_impl,
+            fuse_qkv=self.cfg.decoder_fuse_qkv, activation_checkpointing=self._decoder_checkpointing,
         )
         enc_dim = packed.decoder.cfg.encoder_dim
         if enc_dim != self.cfg.sonar_dim:
@@ -109,6 +113,14 @@ class SonarLLM(ConceptFamily):
             )
         packed.decoder.requires_grad_(False)
         object.__setattr__(self, "_packed", packed)  # not a submodule: no parameters / state_dict
+
+    def apply_activation_checkpointing(self, mode: str) -> None:
+        """The one knob for the backbone's blocks and the frozen decoder's layers (they hold most of the
+        activations: ~14 [tokens, D] tensors per decoder layer)."""
+        super().apply_activation_checkpointing(mode)
+        self._decoder_checkpointing = mode
+        if self._packed is not None:
+            self._packed.activation_checkpointing = mode
 
     @property
     def packed_decoder(self):

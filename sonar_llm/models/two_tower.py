@@ -46,7 +46,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from sonar_llm.models.backbone import Attention, Backbone, BackboneConfig, RMSNorm, SwiGLU
 from sonar_llm.models.diffusion import DDIMScheduler
@@ -107,7 +106,6 @@ class TwoTowerConfig:
     normalizer_true_iqr: bool = False  # False: Meta's percent reading of quantile_range=(0.25, 0.75); True: the IQR
     normalizer_max_samples: int = 1_000_000  # Meta's scripts/fit_embedding_normalizer.py max_nb_samples
     normalizer_down_sample: int = 5  # ... and its down_sample (every 5th embedding of each batch)
-    checkpoint_activations: bool = False
 
     def __post_init__(self) -> None:
         for name in ("model_dim", "num_heads", "ffn_dim", "context_layers", "denoiser_layers", "sonar_dim",
@@ -149,7 +147,6 @@ class TwoTowerConfig:
             ffn_bias=True,
             dropout_p=self.dropout_p if dropout_p is None else dropout_p,
             init_std=self.init_std,
-            checkpoint_activations=self.checkpoint_activations,
         )
 
 
@@ -450,7 +447,6 @@ class Denoiser(nn.Module):
         super().__init__()
         self.model_dim = cfg.model_dim
         self.num_train_steps = cfg.num_train_steps
-        self.checkpoint_activations = cfg.checkpoint_activations
         self.embed_time = TimestepEmbedding(cfg.model_dim, cfg.timestep_freq_dim, cfg.timestep_max_period)
         self.initial_proj = _Projection(cfg.sonar_dim, cfg.model_dim)
         self.layers = nn.ModuleList(DenoiserLayer(cfg) for _ in range(cfg.denoiser_layers))
@@ -477,10 +473,7 @@ class Denoiser(nn.Module):
         h = self.initial_proj(x_t)
         emb, index = self._time(timesteps, x_t.shape[0], x_t.device)
         for i, layer in enumerate(self.layers):
-            if self.checkpoint_activations and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, emb, index, cross, i, use_reentrant=False)
-            else:
-                h = layer(h, emb, index, cross, i)
+            h = layer(h, emb, index, cross, i)
         return self.final_proj(self.layer_norm(h))
 
 

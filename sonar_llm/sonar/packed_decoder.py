@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from sonar_kernels.functional.add_layer_norm import add_layer_norm
@@ -40,6 +39,7 @@ from sonar_kernels.functional.cross_attention_constants import (
 )
 from sonar_kernels.functional.linear_cross_entropy import linear_cross_entropy
 from sonar_kernels.functional.varlen_attention import varlen_causal_attention
+from sonar_llm.activation_checkpointing import check_mode, checkpointed_call
 
 from .decoder import SonarTextDecoder
 
@@ -172,15 +172,16 @@ class PackedSonarDecoder(nn.Module):
     checkpoint into it). `impl` selects add_layer_norm / linear_cross_entropy backends ("auto" | "triton" |
     "torch"); `attn_impl` the varlen attention backend ("auto" | "flash" | "flex" | "sdpa"). `fuse_qkv` keeps
     one concatenated [3D, D] QKV weight per layer (one GEMM instead of three; costs a copy of those weights).
-    `checkpoint=True` recomputes each layer in the backward instead of storing its activations (about one
-    [N, D] tensor per layer kept instead of ~14 [N, D]-equivalents with FFN 8x).
+    `activation_checkpointing` ("none" | "selective" | "full", sonar_llm.activation_checkpointing) recomputes
+    the chosen layers in the backward instead of storing their activations (about one [N, D] tensor per layer
+    kept instead of ~14 [N, D]-equivalents with FFN 8x); SONAR-LLM sets it from the run's one knob.
     """
 
     cross_weight: Tensor
     cross_bias: Tensor
 
     def __init__(self, decoder: SonarTextDecoder, impl: str = "auto", *, attn_impl: str = "auto",
-                 fuse_qkv: bool = True, checkpoint: bool = False) -> None:
+                 fuse_qkv: bool = True, activation_checkpointing: str = "none") -> None:
         super().__init__()
         if not isinstance(decoder, SonarTextDecoder):
             raise TypeError(f"decoder must be a SonarTextDecoder, got {type(decoder).__name__}")
@@ -192,7 +193,7 @@ class PackedSonarDecoder(nn.Module):
         self.impl = impl
         self.attn_impl = attn_impl
         self.fuse_qkv = fuse_qkv
-        self.checkpoint = checkpoint
+        self.activation_checkpointing = check_mode(activation_checkpointing)
         cfg = decoder.cfg
         self.num_layers, self.model_dim, self.num_heads = cfg.num_layers, cfg.model_dim, cfg.num_heads
         self.head_dim = cfg.model_dim // cfg.num_heads
@@ -299,12 +300,8 @@ class PackedSonarDecoder(nn.Module):
         branch = consts[:, 0].index_select(0, sid)
         for i in range(self.num_layers):
             const_next = consts[:, i + 1] if i + 1 < self.num_layers else None
-            if self.checkpoint and torch.is_grad_enabled():
-                out = torch.utils.checkpoint.checkpoint(
-                    self._unit, i, branch, resid, const_next, prepared, use_reentrant=False
-                )
-            else:
-                out = self._unit(i, branch, resid, const_next, prepared)
+            out = checkpointed_call(self.activation_checkpointing, i, self._unit, i, branch, resid, const_next,
+                                    prepared)
             if const_next is None:
                 return out
             branch, resid = out
