@@ -147,3 +147,44 @@ def test_rank_parts_merge_in_shard_order(tmp_path):
         assert torch.equal(ds.doc(i)[0], emb_ref.half())
     os.remove(tmp_path / "manifest.json")  # the reader merges the parts itself
     assert ShardedDataset(tmp_path).num_docs == len(flat)
+
+
+def test_lazy_full_check_names_a_flipped_block_when_the_shard_is_first_opened(tmp_path):
+    d = _corrupt_setup(tmp_path)
+    emb = d / "embeddings.npy"
+    data = bytearray(emb.read_bytes())
+    data[-3] ^= 0x40
+    emb.write_bytes(bytes(data))
+    ds = ShardedDataset(tmp_path, verify="full", lazy=True)  # nothing read yet
+    assert ds.locate(0)[0] == 0 and ds.locate(3)[0] == 1  # 3 documents per shard; shard 1 is the corrupted one
+    ds.doc(0)  # shard 0: verified and read
+    with pytest.raises(ShardCorruptionError, match=str(emb) + ": sha256"):
+        ds.doc(3)
+    with pytest.raises(ValueError, match="verify must be one of"):
+        ShardedDataset(tmp_path, verify="some")
+
+
+def test_sampled_check_splits_blocks_over_ranks_and_catches_one_flipped_block(tmp_path):
+    """A 3-block embeddings file (8 MiB of fp16 + the .npy header): block 1 flipped. With 2 ranks, rank 1 checks
+    blocks 1, 3, ... and names it; rank 0 reads the other blocks and passes; one rank alone catches it."""
+    from sonar_llm.data.shards import BLOCK_BYTES
+
+    n, e = 8192, 512
+    w = DatasetWriter(tmp_path, embed_dim=e, dtype="fp16", end_of_doc_text="End.", end_of_doc_tokens=[3],
+                      end_of_doc_embedding=torch.ones(e))
+    w.add_shard(0, ShardArrays(np.full((n, e), 0.5, np.float16), np.ones(n, np.int32),
+                               np.arange(n + 1, dtype=np.int64), np.array([0, n], np.int64)))
+    w.finish(1)
+    emb = tmp_path / "shard_000000" / "embeddings.npy"
+    info = json.loads((tmp_path / "shard_000000" / "shard.json").read_text())["files"]["embeddings.npy"]
+    assert len(info["block_sha256"]) == 3 and info["block_bytes"] == BLOCK_BYTES
+    with open(emb, "r+b") as f:
+        f.seek(BLOCK_BYTES + 12345)
+        byte = f.read(1)
+        f.seek(BLOCK_BYTES + 12345)
+        f.write(bytes([byte[0] ^ 1]))
+    ShardedDataset(tmp_path, verify="sampled", rank=0, world_size=2)
+    with pytest.raises(ShardCorruptionError, match=str(emb) + r": block 1 \(bytes 4194304-8388607\)"):
+        ShardedDataset(tmp_path, verify="sampled", rank=1, world_size=2)
+    with pytest.raises(ShardCorruptionError, match=str(emb) + ": block 1"):
+        ShardedDataset(tmp_path, verify="sampled")

@@ -304,3 +304,30 @@ def test_metrics_lines_are_whole_and_rewound(tmp_path, monkeypatch):
     recs = [json.loads(x) for x in path.read_text().splitlines()]
     assert [(r["step"], r.get("stale", False)) for r in recs] == [(1, False), (2, False), (3, True), (4, True)]
     assert rewind_metrics(path, 2) == 0 and path.read_text().endswith("\n")
+
+
+# ------------------------------------------------------------------------------------------------ shards
+def test_training_data_is_verified_as_configured(tmp_path):
+    from sonar_llm.data.shards import DatasetWriter, ShardArrays, ShardCorruptionError
+    from train.loop import default_data_factory
+    from train.parallel import DistInfo
+
+    w = DatasetWriter(tmp_path / "ds", embed_dim=4, dtype="fp16", end_of_doc_text="End.", end_of_doc_tokens=[1],
+                      end_of_doc_embedding=np.zeros(4))
+    w.add_shard(0, ShardArrays(np.ones((6, 4), np.float16), np.arange(5, 29, dtype=np.int32),
+                               np.arange(0, 25, 4, dtype=np.int64), np.array([0, 3, 6], np.int64)))
+    w.finish(1)
+    tokens = tmp_path / "ds" / "shard_000000" / "tokens.npy"
+    data = bytearray(tokens.read_bytes())
+    data[-2] ^= 0x01  # one token id of the last document changes
+    tokens.write_bytes(bytes(data))
+    cfg = RunConfig()
+    cfg.data.path = str(tmp_path / "ds")
+    assert cfg.data.verify == "full"  # the default catches it, naming the file, before any batch is built
+    with pytest.raises(ShardCorruptionError, match=str(tokens) + ": sha256"):
+        next(iter(default_data_factory(cfg, "train", DistInfo())))
+    cfg.data.verify = "sampled"
+    with pytest.raises(ShardCorruptionError, match=str(tokens)):
+        default_data_factory(cfg, "train", DistInfo())
+    cfg.data.verify = "size"  # sizes only: the flipped id goes through unnoticed (what the knob trades)
+    assert next(iter(default_data_factory(cfg, "train", DistInfo()))) is not None

@@ -101,14 +101,25 @@ def default_model_factory(cfg: RunConfig) -> nn.Module:
     return build_model(cfg)
 
 
+def shard_verification(mode: str, info: DistInfo) -> dict[str, Any]:
+    """ShardedDataset arguments for `data.verify`: "full" = sha256 of each shard when first opened, "sampled" =
+    this rank's share of the per-block sha256s up front (every block checked once across the job), "size" =
+    sizes and shard.json checksums only."""
+    if mode == "full":
+        return {"verify": "full", "lazy": True}
+    if mode == "sampled":
+        return {"verify": "sampled", "rank": info.rank, "world_size": info.world_size}
+    return {"verify": "size"}
+
+
 def default_data_factory(cfg: RunConfig, split: str, info: DistInfo) -> Loader:
     """Resumable packed-batch loader over the train (endless, shuffled) or validation (one ordered pass,
-    restarted by the caller) shards, split by rank."""
+    restarted by the caller) shards, split by rank, checked as `data.verify` says."""
     from sonar_llm.data.loader import make_dataloader
     from sonar_llm.data.shards import ShardedDataset
 
     train = split == "train"
-    dataset = ShardedDataset(cfg.data.path if train else cfg.data.val_path)
+    dataset = ShardedDataset(cfg.data.path if train else cfg.data.val_path, **shard_verification(cfg.data.verify, info))
     return make_dataloader(dataset, num_workers=cfg.data.workers if train else 0,
                            pin_memory=info.device.type == "cuda", max_sentences=cfg.data.max_sentences,
                            max_tokens=cfg.data.max_tokens, seed=cfg.data.seed, rank=info.rank,

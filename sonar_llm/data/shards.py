@@ -9,7 +9,8 @@ Layout of a dataset directory:
         tokens.npy                 [T] int32 target-mode token ids of all sentences, concatenated
         sent_offsets.npy           [S+1] int64 sentence boundaries in tokens.npy
         doc_offsets.npy            [D+1] int64 document boundaries in sentences
-        shard.json                 counts, dtype, doc ids, and size + sha256 of every array file
+        shard.json                 counts, dtype, doc ids, and size + sha256 of every array file (also the
+                                   sha256 of each BLOCK_BYTES block, for the per-rank sampled check)
 
 `manifest.json` holds: format/version, embed_dim, dtype, encoder and tokenizer identifiers, the
 end-of-document sentence (text, token ids, file), the writer's config, the list of completed shards
@@ -48,6 +49,8 @@ __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "ShardCorruptionError", "ShardArrays
 FORMAT_NAME = "sonar-llm-shards"
 FORMAT_VERSION = 1
 ARRAY_FILES = ("embeddings.npy", "tokens.npy", "sent_offsets.npy", "doc_offsets.npy")
+BLOCK_BYTES = 1 << 22  # block size of the per-block checksums in shard.json
+VERIFY_MODES = ("none", "manifest", "size", "full", "sampled")
 _DTYPES = ("fp16", "bf16")
 _PART_RE = re.compile(r"manifest\.rank(\d{5})-of-(\d{5})\.json$")
 
@@ -76,6 +79,19 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
                 break
             h.update(b)
     return h.hexdigest()
+
+
+def _file_digests(path: Path) -> tuple[str, list[str]]:
+    """(sha256 of the file, sha256 of each BLOCK_BYTES block) in one streaming pass."""
+    whole, blocks = hashlib.sha256(), []
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(BLOCK_BYTES)
+            if not b:
+                break
+            whole.update(b)
+            blocks.append(hashlib.sha256(b).hexdigest())
+    return whole.hexdigest(), blocks
 
 
 def _fsync_dir(path: str | os.PathLike) -> None:
@@ -201,8 +217,9 @@ def write_shard(out_dir: str | os.PathLike, index: int, arrays: ShardArrays, *, 
             np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
             f.flush()
             os.fsync(f.fileno())
-        files[fname] = {"bytes": path.stat().st_size, "sha256": sha256_file(path),
-                        "shape": list(arr.shape), "dtype": str(arr.dtype)}
+        digest, blocks = _file_digests(path)
+        files[fname] = {"bytes": path.stat().st_size, "sha256": digest, "block_bytes": BLOCK_BYTES,
+                        "block_sha256": blocks, "shape": list(arr.shape), "dtype": str(arr.dtype)}
     num_docs = int(arrays.doc_offsets.size - 1)
     if doc_ids is not None and len(doc_ids) != num_docs:
         raise ValueError(f"doc_ids has {len(doc_ids)} entries for {num_docs} documents")
@@ -430,21 +447,33 @@ class ShardedDataset:
     """Read-only, memory-mapped view of a preprocessed dataset.
 
     Documents are numbered globally in shard-index order. `verify`:
-      "manifest" (default) - each shard.json matches its checksum in the manifest and every array file
-                             exists with the recorded size;
-      "full"               - also recompute the sha256 of every array file (reads everything);
+      "manifest" / "size" (default) - each shard.json matches its checksum in the manifest and every array
+                             file exists with the recorded size (no content read);
+      "full"               - also the sha256 of every array file: all shards here, or with `lazy=True` each
+                             shard when it is first opened (what training uses: the cost is spread out, and
+                             any flipped byte of a shard is caught before the shard is read);
+      "sampled"            - this rank's share of the per-block sha256s of shard.json (blocks numbered over
+                             all files, block b checked by rank b % world_size): across the ranks of a job
+                             every block is checked exactly once, so a single flipped block is caught with
+                             certainty at 1/world_size of the reading per rank (files written without block
+                             sums are shared out whole); with world_size 1 it equals "full";
       "none"               - trust the files.
     Problems raise ShardCorruptionError (a ValueError) or FileNotFoundError naming the file.
     """
 
-    def __init__(self, path: str | os.PathLike, verify: str = "manifest", *, allow_incomplete: bool = False):
-        if verify not in ("manifest", "full", "none"):
-            raise ValueError(f"verify must be 'manifest', 'full' or 'none', got {verify!r}")
+    def __init__(self, path: str | os.PathLike, verify: str = "manifest", *, allow_incomplete: bool = False,
+                 lazy: bool = False, rank: int = 0, world_size: int = 1):
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.root = Path(path)
         self.manifest = read_manifest(self.root, allow_incomplete=allow_incomplete)
         if self.root.is_file():
             self.root = self.root.parent
-        self.verify = verify
+        self.verify = "manifest" if verify == "size" else verify
+        self.lazy = lazy and verify == "full"
+        self._content_checked: list[bool] = [False] * len(self.manifest["shards"])
         self.dtype: str = self.manifest["dtype"]
         self.embed_dim: int = int(self.manifest["embed_dim"])
         self.shards: list[dict] = list(self.manifest["shards"])
@@ -453,9 +482,11 @@ class ShardedDataset:
         counts = [int(s["num_docs"]) for s in self.shards]
         self._doc_starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).tolist()
         self._lengths: tuple[np.ndarray, np.ndarray] | None = None
-        if verify != "none":
+        if self.verify != "none":
             for k in range(len(self.shards)):
                 self._check_shard(k)
+        if self.verify == "sampled":
+            self._check_blocks(rank, world_size)
 
     # -- integrity --------------------------------------------------------------------------------
     def _shard_dir(self, k: int) -> Path:
@@ -481,19 +512,54 @@ class ShardedDataset:
             if size != rec["bytes"]:
                 raise ShardCorruptionError(f"shard file {path} has {size} bytes, expected {rec['bytes']} "
                                            f"(truncated or overwritten)")
-            if self.verify == "full":
-                digest = sha256_file(path)
-                if digest != rec["sha256"]:
-                    raise ShardCorruptionError(f"shard file {path}: sha256 {digest[:12]}... does not match "
-                                               f"shard.json ({rec['sha256'][:12]}...)")
         self._shard_info[k] = info
+        if self.verify == "full" and not self.lazy:
+            self._check_content(k)
         return info
+
+    def _check_content(self, k: int) -> None:
+        """sha256 of every array file of shard k against its shard.json (once)."""
+        if self._content_checked[k]:
+            return
+        info = self._shard_info[k] or self._check_shard(k)
+        for fname in ARRAY_FILES:
+            path, rec = self._shard_dir(k) / fname, info["files"][fname]
+            digest = sha256_file(path)
+            if digest != rec["sha256"]:
+                raise ShardCorruptionError(f"shard file {path}: sha256 {digest[:12]}... does not match "
+                                           f"shard.json ({rec['sha256'][:12]}...)")
+        self._content_checked[k] = True
+
+    def _check_blocks(self, rank: int, world_size: int) -> None:
+        """The "sampled" check: blocks (numbered over every array file of every shard) b % world_size == rank."""
+        b = 0
+        for k in range(len(self.shards)):
+            for fname in ARRAY_FILES:
+                path, rec = self._shard_dir(k) / fname, self._shard_info[k]["files"][fname]
+                blocks, size = rec.get("block_sha256"), int(rec.get("block_bytes") or 0)
+                if not blocks or size <= 0:  # written without block sums: the whole file is one unit
+                    if b % world_size == rank and sha256_file(path) != rec["sha256"]:
+                        raise ShardCorruptionError(f"shard file {path}: sha256 does not match shard.json")
+                    b += 1
+                    continue
+                with open(path, "rb") as f:
+                    for i, want in enumerate(blocks):
+                        if (b + i) % world_size == rank:
+                            f.seek(i * size)
+                            got = hashlib.sha256(f.read(size)).hexdigest()
+                            if got != want:
+                                raise ShardCorruptionError(
+                                    f"shard file {path}: block {i} (bytes {i * size}-{(i + 1) * size - 1}) sha256 "
+                                    f"{got[:12]}... does not match shard.json ({want[:12]}...)")
+                b += len(blocks)
 
     def _open(self, k: int) -> dict[str, np.ndarray]:
         arrays = self._arrays[k]
         if arrays is not None:
             return arrays
         d = self._shard_dir(k)
+        if self.lazy:
+            self._check_content(k)
         arrays = {}
         for fname in ARRAY_FILES:
             path = d / fname
