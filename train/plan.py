@@ -175,7 +175,7 @@ def document_batches(data_path: str, count: int, max_tokens: int, seed: int = 0)
 
 
 # ------------------------------------------------------------------------------------------ the build
-def build_traced_model(cfg: RunConfig) -> tuple[nn.Module, Any]:
+def build_traced_model(cfg: RunConfig, decoder_preset_name: str = "basic") -> tuple[nn.Module, Any]:
     """The family's model exactly as a run builds it, with a SONAR decoder at the real (`basic`) shapes when
     the family's spec says it takes one. Call inside PlanFakeMode: no weights exist."""
     from sonar_llm.models.build import ModelConfig, build_model
@@ -186,7 +186,7 @@ def build_traced_model(cfg: RunConfig) -> tuple[nn.Module, Any]:
     spec = get_family(cfg.model.family)
     deps = {}
     if spec.needs_decoder:
-        deps["decoder"] = SonarTextDecoder(decoder_preset("basic"))
+        deps["decoder"] = SonarTextDecoder(decoder_preset(decoder_preset_name))
     mcfg = ModelConfig.from_sections(cfg.model, cfg.sonar, cfg.data)
     return build_model(mcfg, **deps), spec
 
@@ -198,7 +198,7 @@ def _external_modules(model: nn.Module) -> list[nn.Module]:
 
 def _vocab_shapes(modules: list[nn.Module]) -> list[tuple[int, int]]:
     return [tuple(m.weight.shape) for root in modules for m in root.modules()
-            if isinstance(m, nn.Embedding) and m.weight.shape[0] >= 32768]
+            if isinstance(m, nn.Embedding)]
 
 
 def _lce_recorder(records: list):
@@ -273,18 +273,16 @@ def kernel_temporaries(record: dict) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ the trace
 def trace_step(cfg: RunConfig, nproc: int, batch, *, attention: str = "flash", micro_batches: int = 1,
-               overrides: dict | None = None, count_flops: bool = True, replay_kernels: bool = True
-               ) -> dict[str, Any]:
+               overrides: dict | None = None, count_flops: bool = True, replay_kernels: bool = True,
+               decoder_preset: str = "basic") -> dict[str, Any]:
     """One training step of `cfg` on `batch` (real ConceptBatch) as rank 0 of `nproc` FSDP2 ranks, on fake
     tensors. Returns memory (bytes per rank), FLOPs (per micro-batch and per step; zeros unless
     `count_flops`) and shapes; `replay_kernels` adds the linear cross-entropy scratch (kernel_temporaries)."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from torch.distributed._tools.mem_tracker import MemTracker
-
     from train.optim import build_optimizer
     from train.parallel import DTYPES, DistInfo, parallelize, uses_fsdp
     from train.plan_trace import (PlanFakeMode, PlanFlopCounter, fake_process_group, flash_attention_model,
-                                  storage_bytes)
+                                  plain_mem_tracker, storage_bytes)
 
     cfg = copy.deepcopy(cfg)
     cfg.train.device = "cpu"
@@ -295,7 +293,7 @@ def trace_step(cfg: RunConfig, nproc: int, batch, *, attention: str = "flash", m
     attn_ctx = flash_attention_model() if attention == "flash" else contextlib.nullcontext()
     with fake_process_group(nproc), attn_ctx, PlanFakeMode():
         torch.manual_seed(cfg.train.seed)
-        model, spec = build_traced_model(cfg)
+        model, spec = build_traced_model(cfg, decoder_preset)
         info = DistInfo(rank=0, world_size=nproc, local_rank=0, device=torch.device("cpu"))
         fsdp = uses_fsdp(cfg)
         model = parallelize(model, cfg, info)
@@ -308,7 +306,7 @@ def trace_step(cfg: RunConfig, nproc: int, batch, *, attention: str = "flash", m
             tracker = FSDPMemTracker(model, optimizer)
             tracker.track_inputs((batch.embeddings,))
         else:
-            tracker = MemTracker()
+            tracker = plain_mem_tracker()
             tracker.track_external(model, optimizer, batch.embeddings)
         for t in frozen_tensors:  # FSDPMemTracker.track_external is a no-op: register them as buffers
             tracker._update_and_maybe_create_winfos(t, tracker._ref_class.BUFFER)
@@ -316,10 +314,6 @@ def trace_step(cfg: RunConfig, nproc: int, batch, *, attention: str = "flash", m
         counter = PlanFlopCounter(_vocab_shapes([model, *external]), prefix)
         counter.mod_tracker._get_mod_name(model)  # names the model's submodules "<Class>.<attr>..."
         autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-        # The trainer calls model.loss (an FSDP-registered forward method); the trackers hook module calls, so
-        # the same loss runs here as the root's forward: the same FSDP pre/post-forward hooks, now observed.
-        model.loss = types.MethodType(type(model).loss, model)
-        model.forward = lambda b: spec.loss(model, b)
         grads_bytes = 0
         counting = counter if count_flops else contextlib.nullcontext()
         with tracker, counting, _lce_recorder(records):
@@ -327,7 +321,13 @@ def trace_step(cfg: RunConfig, nproc: int, batch, *, attention: str = "flash", m
                 if fsdp:
                     model.set_requires_gradient_sync(micro == micro_batches - 1)
                 with autocast:
-                    loss, metrics = model(batch)
+                    loss, metrics = spec.loss(model, batch)
+                if fsdp and model not in tracker.memory_tracking:
+                    # model.loss is an FSDP-registered forward method; FSDPMemTracker registers a module when it
+                    # is called, so a loss that never calls the root module leaves it unknown to the backward
+                    from torch.distributed._tools.fsdp2_mem_tracker import _FSDPModMemStats
+
+                    tracker.memory_tracking[model] = _FSDPModMemStats(tracker._mod_tracker._get_mod_name(model))
                 (loss / micro_batches).backward()
             grads_bytes = storage_bytes(p.grad for p in trainable)
             torch.nn.utils.clip_grad_norm_([p for p in trainable if p.grad is not None], cfg.optim.grad_clip or 1.0)

@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["PlanFakeMode", "PlanFlopCounter", "fake_process_group", "flash_attention_model", "is_fake",
-           "storage_bytes"]
+           "plain_mem_tracker", "storage_bytes"]
 
 
 def is_fake(t) -> bool:
@@ -100,6 +100,21 @@ def fake_process_group(world_size: int):
         yield
     finally:
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------- memory
+def plain_mem_tracker():
+    """torch's MemTracker for an unsharded model, made to accept frozen modules: it would install gradient
+    hooks on every parameter of a called module, which fails on parameters that do not require grad."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class _Tracker(MemTracker):
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            if install_grad_hooks and any(not p.requires_grad for p in module.parameters()):
+                install_grad_hooks = False
+            return super()._track_module_params_and_buffers(module, install_grad_hooks=install_grad_hooks)
+
+    return _Tracker()
 
 
 # --------------------------------------------------------------------------------------------- FLOPs

@@ -1,0 +1,112 @@
+"""The run planner (train/plan.py) against a real CPU training step at small shapes.
+
+Reference measurements, independent of the planner's machinery (no MemTracker, no fake tensors):
+- peak memory of the real step = bytes resident before it (the distinct storages of the model's
+  parameters and buffers, the frozen decoder held outside the module tree, and the batch) + the highest
+  running total of the CPU allocator's allocations and frees during the step, read from the PyTorch
+  profiler's memory events (`profile_memory=True`: every c10 CPU allocation and free, in time order,
+  including those made inside ATen kernels, which no dispatch-level tracker sees). Tolerance: 20%.
+- FLOPs of the real step: torch.utils.flop_counter.FlopCounterMode on real tensors; the planner's fake
+  count must be equal (same ops, same shapes: attention traced on the CPU path in both).
+"""
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+
+from train.config import load_config
+from train.optim import build_optimizer
+from train.parallel import DistInfo, parallelize
+
+plan = pytest.importorskip("train.plan")
+
+DECODER = "tiny"  # the embedded default's SONAR shapes: d=128, 2+2 layers, vocabulary 2206
+
+
+def _cfg(tmp_path, family="sonar_llm", sentences=64):
+    from sonar_llm.sonar.config import decoder_preset
+
+    vocab = decoder_preset(DECODER).vocab_size
+    data = plan.write_planning_shards(tmp_path / "shards", 4 * sentences, seed=1, embed_dim=128, vocab_size=vocab)
+    cfg = load_config(None, [f"--model.family={family}", "--model.preset=tiny", "--train.precision=fp32",
+                             f"--data.path={data}", f"--data.max_sentences={sentences}", "--data.max_tokens=4096",
+                             "--optim.fused=false"], check_paths=False)
+    return cfg, plan.one_batch(str(data), sentences, 4096)
+
+
+def _real_model(cfg):
+    from sonar_llm.models.build import ModelConfig, build_model
+    from sonar_llm.models.family import get_family
+    from sonar_llm.sonar.config import decoder_preset
+    from sonar_llm.sonar.decoder import SonarTextDecoder
+
+    torch.manual_seed(0)
+    spec = get_family(cfg.model.family)
+    deps = {"decoder": SonarTextDecoder(decoder_preset(DECODER))} if spec.needs_decoder else {}
+    model = build_model(ModelConfig.from_sections(cfg.model, cfg.sonar, cfg.data), **deps)
+    return parallelize(model, cfg, DistInfo()), spec
+
+
+def _resident_bytes(model, batch) -> int:
+    tensors = list(model.parameters()) + list(model.buffers())
+    for value in vars(model).values():  # modules held outside the module tree (the frozen decoder)
+        if isinstance(value, nn.Module):
+            tensors += list(value.parameters()) + list(value.buffers())
+    tensors += [batch.embeddings, batch.tokens, batch.tok_cu_seqlens, batch.doc_cu_seqlens]
+    seen = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+def _allocator_peak(prof) -> int:
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    running = peak = 0
+    for e in events:
+        running += e.nbytes()
+        peak = max(peak, running)
+    return peak
+
+
+def _real_step(cfg, batch, count_flops=False):
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, spec = _real_model(cfg)
+    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    resident = _resident_bytes(model, batch)
+    counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, counter:
+        loss, _ = spec.loss(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    flops = counter.get_total_flops() if count_flops else None
+    return resident + _allocator_peak(prof), flops
+
+
+@pytest.mark.parametrize("family", ["sonar_llm", "base_lcm"])
+def test_planned_peak_memory_within_20_percent_of_a_real_cpu_step(tmp_path, family):
+    cfg, batch = _cfg(tmp_path, family)
+    planned = plan.trace_step(cfg, 1, batch, attention="traced", decoder_preset=DECODER, replay_kernels=False)
+    measured, _ = _real_step(cfg, batch)
+    ratio = planned["memory"]["peak_total"] / measured
+    print(f"{family}: planned {planned['memory']['peak_total']} B, measured {measured} B, ratio {ratio:.3f}")
+    assert 0.8 <= ratio <= 1.2, (planned["memory"], measured)
+
+
+def test_planned_flops_equal_flop_counter_on_real_tensors(tmp_path):
+    cfg, batch = _cfg(tmp_path)
+    planned = plan.trace_step(cfg, 1, batch, attention="traced", decoder_preset=DECODER, replay_kernels=False)
+    _, real_flops = _real_step(cfg, batch, count_flops=True)
+    assert planned["flops"]["per_micro_batch"] == real_flops
+    split = planned["flops"]
+    assert split["concept_model"] + split["decoder_and_loss"] + split["vocab_projection"] == real_flops
+    # the vocabulary projection of a frozen 2206 x 128 output matrix: two products per predicted token
+    # (logits, d_hidden) = 2 x 2 x N x D x V with N = the tokens the loss predicts
+    assert split["vocab_projection"] == 4 * planned["target_tokens"] * 128 * 2206
+    assert split["concept_model"] > 0 and split["decoder_and_loss"] > 0
