@@ -277,3 +277,15 @@ def test_sonar_codec_duck_typing():
         SonarCodec(Enc(), object())
     with pytest.raises(ValueError, match="expected \\[n=1, E\\]"):
         SonarCodec(lambda xs: torch.zeros(4), Tok()).encode(["x"])
+
+
+def test_empty_corpus_is_an_error_naming_the_input(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n")
+    with pytest.raises(ValueError, match=f"the input holds no documents: {empty}"):
+        _run(empty, tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()  # nothing written
+    rc = main(["--input", str(empty), "--output", str(tmp_path / "cli"), "--codec-factory",
+               "test_data_preprocess:FakeCodec"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"the input holds no documents: {empty}" in err and not (tmp_path / "cli").exists()

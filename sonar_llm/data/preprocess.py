@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import inspect
 import os
 import sys
@@ -275,6 +276,15 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir:
     if segment is not None:
         config["segmenter"] = segmenter or getattr(segment, "__name__", "custom")
 
+    stats = IngestStats()
+    docs = iter_documents(files, doc_separator=doc_separator, text_field=text_field, file_format=file_format,
+                          stats=stats)
+    first = next(docs, None)
+    if first is None:  # checked before anything is written
+        raise ValueError(f"preprocess: the input holds no documents: {', '.join(files) or inputs} "
+                         f"({stats.summary()}); nothing written to {out}")
+    docs = itertools.chain([first], docs)
+
     # the end-of-document sentence: encoded once, stored beside the shards and appended to every document
     eod_emb = codec.encode([end_of_doc_text])
     if not isinstance(eod_emb, torch.Tensor) or eod_emb.dim() != 2 or eod_emb.shape[0] != 1:
@@ -292,7 +302,6 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir:
     if done:
         log(f"preprocess: rank {rank} resuming after {len(done)} completed shards")
 
-    stats = IngestStats()
     t0 = time.time()
     written = 0
     pending: list[tuple[str, str]] = []
@@ -308,8 +317,7 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir:
         pending = []
 
     n = 0
-    for doc in iter_documents(files, doc_separator=doc_separator, text_field=text_field,
-                              file_format=file_format, stats=stats):
+    for doc in docs:
         k = n // shard_size_docs
         n += 1
         if k % world_size != rank or k in done:
@@ -338,7 +346,8 @@ def _load_factory(spec: str):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (also the `sonar-llm-preprocess` script); returns the exit status 0."""
+    """Command-line entry point (also the `sonar-llm-preprocess` script); returns the exit status: 0, or 2
+    with one line on stderr when the input holds no documents."""
     p = argparse.ArgumentParser(prog="python -m sonar_llm.data.preprocess", description=__doc__.split("\n")[0])
     p.add_argument("--input", nargs="+", required=True, help="files, directories or glob patterns")
     p.add_argument("--output", required=True, help="dataset directory")
@@ -367,12 +376,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:  # missing paths come from the SONAR registry / environment
         codec = load_sonar_codec(args.encoder, args.tokenizer, args.device, getattr(torch, args.encoder_dtype),
                                  lang=args.lang, batch_size=args.encoder_batch_size)
-    preprocess(args.input, args.output, codec, shard_size_docs=args.shard_size_docs, dtype=args.dtype,
-               end_of_doc_text=args.end_of_doc_text, max_sentences_per_doc=args.max_sentences_per_doc,
-               batch_size=args.batch_size, text_field=args.text_field, doc_separator=args.doc_separator,
-               file_format=args.file_format, max_sentence_chars=args.max_sentence_chars,
-               min_doc_sentences=args.min_doc_sentences, doc_overflow=args.doc_overflow,
-               overwrite=args.overwrite, log=lambda s: print(s, file=sys.stderr, flush=True))
+    try:
+        preprocess(args.input, args.output, codec, shard_size_docs=args.shard_size_docs, dtype=args.dtype,
+                   end_of_doc_text=args.end_of_doc_text, max_sentences_per_doc=args.max_sentences_per_doc,
+                   batch_size=args.batch_size, text_field=args.text_field, doc_separator=args.doc_separator,
+                   file_format=args.file_format, max_sentence_chars=args.max_sentence_chars,
+                   min_doc_sentences=args.min_doc_sentences, doc_overflow=args.doc_overflow,
+                   overwrite=args.overwrite, log=lambda s: print(s, file=sys.stderr, flush=True))
+    except ValueError as e:
+        if "holds no documents" not in str(e):
+            raise
+        print(str(e), file=sys.stderr)
+        return 2
     return 0
 
 
