@@ -91,7 +91,7 @@ fi
 # 1. correctness on the device first: the kernel tests (Triton for real on CUDA tensors, against float64)
 #    and the linear cross-entropy at the SONAR shape in bf16; one autotune config each, for a fast start
 test_budget="${SONAR_GPU_TEST_BUDGET_S:-90}"
-read -r -a tests <<<"${SONAR_GPU_TESTS:-tests/test_kernels_at_scale.py tests/test_linear_cross_entropy.py \
+read -r -a tests <<<"${SONAR_GPU_TESTS:-tests/test_kernels_at_scale.py tests/test_linear_cross_entropy.py tests/test_lce_grad_in_forward.py \
 tests/test_decoder_ops.py tests/test_packed_decoder.py}"
 echo "run_gpu.sh: kernel correctness tests (budget ${test_budget} s)" | tee -a "$log"
 SONAR_KERNELS_AUTOTUNE=0 timeout --signal=INT --kill-after=15 "$test_budget" \

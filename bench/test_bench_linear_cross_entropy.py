@@ -1,10 +1,14 @@
 """Benchmark: fused linear cross-entropy (forward + backward through hidden, frozen weight).
 
 Compares, side by side in one pytest-benchmark group:
-  ours       sonar_kernels.linear_cross_entropy (impl="auto": Triton on CUDA, chunked PyTorch on the CPU),
-             with its default backward (the "dlogits" strategy on Triton: chunked dlogits + cuBLAS)
-  ours-atomic-bwd  the same Triton forward with the "atomic" backward strategy (CUDA only)
-  torch-chunked    impl="torch": the chunked plain-PyTorch path (CUDA only; on the CPU it is "ours")
+  ours       sonar_kernels.linear_cross_entropy (impl="auto": Triton on CUDA, chunked PyTorch on the CPU) with
+             its default strategy for a frozen weight: the gradient in the forward (two GEMMs: logits, then
+             d_hidden from the in-place softmax gradient; the backward only scales rows)
+  ours-dlogits-bwd  strategy="recompute" with the Triton "dlogits" backward (chunked dlogits + cuBLAS; CUDA only)
+  ours-atomic-bwd   strategy="recompute" with the Triton "atomic" backward (CUDA only)
+  torch-chunked     impl="torch", default strategy (CUDA only; on the CPU it is "ours")
+  torch-recompute   impl="torch", strategy="recompute": forward saves the lse, backward recomputes the logits
+  native     impl="native", the compiled CPU library's gradient-in-forward op (CPU only, when built)
   reference  full logits (hidden @ W^T, upcast to fp32) + F.cross_entropy, what the public code does
   liger      Liger-Kernel's fused linear cross-entropy (CUDA only; skipped when not importable)
   cce        Cut Cross-Entropy, exact gradients (filter_eps=None; CUDA only; skipped when not importable)
@@ -12,7 +16,8 @@ Compares, side by side in one pytest-benchmark group:
 On CUDA the paper's shapes are used (N=16k target tokens, V=256,206, D=1024, bf16) unless quick mode
 (`--benchmark-disable` or SONAR_BENCH_QUICK=1) asks for the small ones; the CPU always uses small shapes
 (N=256, V=8192, D=256, fp32). `SONAR_BENCH_LCE_SHAPE=N,V,D` overrides. Peak CUDA memory of one step above
-the inputs goes into `extra_info["peak_mem_bytes"]` (CUDA only; None on the CPU).
+the inputs goes into `extra_info["peak_mem_bytes"]` (CUDA only; None on the CPU; the CPU's peak-memory
+comparison is `bench/measure_lce_cpu.py`, one process per path).
 """
 from __future__ import annotations
 
@@ -62,28 +67,52 @@ def _cce(filter_eps=None):
     return lambda h, w, t: cce_lce(h, w, t, ignore_index=-100, filter_eps=filter_eps)
 
 
-def _torch_chunked():
-    return lambda h, w, t: linear_cross_entropy(h, w, t, ignore_index=-100, impl="torch")
+def _torch_chunked(strategy="auto"):
+    return lambda h, w, t: linear_cross_entropy(h, w, t, ignore_index=-100, impl="torch", strategy=strategy)
 
 
-ROLES = {"ours": lambda: _ours, "ours-atomic-bwd": lambda: _ours, "torch-chunked": _torch_chunked,
-         "reference": lambda: _reference, "liger": _liger, "cce": _cce, "cce-filtered": lambda: _cce("high")}
+def _recompute():
+    return lambda h, w, t: linear_cross_entropy(h, w, t, ignore_index=-100, strategy="recompute")
+
+
+def _native():
+    from sonar_kernels import native
+
+    if not native.native_available():
+        pytest.skip(f"native library: {native.native_load_error()}")
+    return lambda h, w, t: linear_cross_entropy(h, w, t, ignore_index=-100, impl="native")
+
+
+ROLES = {"ours": lambda: _ours, "ours-dlogits-bwd": _recompute, "ours-atomic-bwd": _recompute,
+         "torch-chunked": _torch_chunked, "torch-recompute": lambda: _torch_chunked("recompute"),
+         "native": _native, "reference": lambda: _reference, "liger": _liger, "cce": _cce,
+         "cce-filtered": lambda: _cce("high")}
+# the Triton backward each recomputing role runs (SONAR_KERNELS_LCE_BACKWARD)
+TRITON_BACKWARD = {"ours-dlogits-bwd": "dlogits", "ours-atomic-bwd": "atomic"}
+
+
 def _backward_name(role: str, device: torch.device) -> str | None:
-    """Which backward the role runs (for the report)."""
-    if role == "ours-atomic-bwd":
-        return "triton atomic"
-    if role == "ours" and device.type == "cuda":
-        from sonar_kernels.triton_kernels.linear_cross_entropy import BACKWARD_STRATEGY
+    """What the role's gradient costs (for the report)."""
+    if role in TRITON_BACKWARD:
+        return f"triton {TRITON_BACKWARD[role]} (recompute)"
+    if role == "ours":
+        return "triton grad-in-forward" if device.type == "cuda" else "torch grad-in-forward"
+    if role == "torch-chunked":
+        return "torch grad-in-forward"
+    if role == "torch-recompute":
+        return "torch recompute"
+    if role == "native":
+        return "native grad-in-forward"
+    return None
 
-        return f"triton {BACKWARD_STRATEGY}"
-    return "torch chunked" if role in ("ours", "torch-chunked") else None
 
-
-CUDA_ONLY = {"ours-atomic-bwd": "the Triton path is timed on CUDA only",
+CUDA_ONLY = {"ours-dlogits-bwd": "the Triton path is timed on CUDA only",
+             "ours-atomic-bwd": "the Triton path is timed on CUDA only",
              "torch-chunked": "on the CPU the chunked PyTorch path is what 'ours' runs",
              "liger": "liger runs its Triton kernels on CUDA only (the CPU interpreter is too slow to time)",
              "cce": "cce runs its Triton kernels on CUDA only (the CPU interpreter is too slow to time)",
              "cce-filtered": "cce runs its Triton kernels on CUDA only (the CPU interpreter is too slow to time)"}
+CPU_ONLY = {"native": "the native library is a CPU library"}
 
 
 @pytest.mark.benchmark(group=GROUP)
@@ -92,8 +121,10 @@ def test_bench_linear_cross_entropy(benchmark, bench_quick, bench_device, role, 
     device = bench_device
     if role in CUDA_ONLY and device.type != "cuda":
         pytest.skip(CUDA_ONLY[role])
-    if role == "ours-atomic-bwd":
-        monkeypatch.setenv("SONAR_KERNELS_LCE_BACKWARD", "atomic")
+    if role in CPU_ONLY and device.type != "cpu":
+        pytest.skip(CPU_ONLY[role])
+    if role in TRITON_BACKWARD:
+        monkeypatch.setenv("SONAR_KERNELS_LCE_BACKWARD", TRITON_BACKWARD[role])
     fn = ROLES[role]()
     n, v, d = _shape(bench_quick, device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -129,6 +160,6 @@ def test_bench_linear_cross_entropy(benchmark, bench_quick, bench_device, role, 
         "backward": _backward_name(role, device),
     })
     benchmark(step)
-    # useful work: the logits GEMM and the d_hidden GEMM, 2*N*V*D each (the fused paths also recompute the
-    # logits in the backward: a third GEMM they pay for never holding [N, V], not counted here)
+    # useful work: the logits GEMM and the d_hidden GEMM, 2*N*V*D each (the recomputing strategies also
+    # recompute the logits in the backward: a third GEMM, not counted here)
     record_throughput(benchmark, flops=4.0 * n * v * d, peak=peak_flops(device), tokens=n)

@@ -49,12 +49,20 @@ def _reference(hidden, weight, target):
 
 
 @pytest.mark.parametrize("impl,strategy", [
+    pytest.param("triton", "grad_in_forward", marks=needs_triton),
     pytest.param("triton", "dlogits", marks=needs_triton),
     pytest.param("triton", "atomic", marks=needs_triton),
+    ("torch", "grad_in_forward"),
     ("torch", None),
 ])
 def test_linear_cross_entropy_bf16_at_scale(impl, strategy, monkeypatch):
-    if strategy is not None:
+    """strategy: "grad_in_forward" (the default for this frozen weight, with several chunks and a short last
+    one), a Triton backward after strategy="recompute" ("dlogits" / "atomic"), or None (torch recompute)."""
+    kw = {"strategy": "recompute"}
+    if strategy == "grad_in_forward":
+        n, v, _ = SHAPE
+        kw = {"strategy": "grad_in_forward", "chunk_size": n // 3 + 1}
+    elif strategy is not None:
         monkeypatch.setenv("SONAR_KERNELS_LCE_BACKWARD", strategy)
     if strategy == "dlogits":  # force several chunks (and a short last one) at either scale
         from sonar_kernels.triton_kernels import linear_cross_entropy as triton_lce
@@ -64,7 +72,7 @@ def test_linear_cross_entropy_bf16_at_scale(impl, strategy, monkeypatch):
     hidden, weight, target = _problem(seed=11 + len(impl) + len(strategy or ""))
     ref_loss, ref_lse, ref_dh = _reference(hidden, weight, target)
     h = hidden.clone().requires_grad_()
-    loss, lse = linear_cross_entropy(h, weight, target, impl=impl, return_lse=True)
+    loss, lse = linear_cross_entropy(h, weight, target, impl=impl, return_lse=True, **kw)
     loss.backward()
     assert weight.grad is None
     for name, t in (("loss", loss), ("lse", lse), ("grad hidden", h.grad)):
