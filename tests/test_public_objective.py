@@ -14,7 +14,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fixtures_sonar import toy_decoder
 from sonar_llm.data.batch import ConceptBatch

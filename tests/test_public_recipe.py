@@ -102,8 +102,7 @@ def test_optimizer_equals_public_adamw(tmp_path):
 def test_schedule_against_hf_cosine_with_warmup():
     """Our lr factor with the recipe vs HF get_cosine_schedule_with_warmup(820, 16480): equal from step 820
     on; during warm-up ours is HF's one step later (HF: s/820, first update at lr 0; ours: (s+1)/820)."""
-    transformers = pytest.importorskip("transformers")
-    from transformers.optimization import get_cosine_schedule_with_warmup
+    get_cosine_schedule_with_warmup = pytest.importorskip("transformers.optimization").get_cosine_schedule_with_warmup
 
     from train.optim import lr_factor
 
@@ -115,7 +114,6 @@ def test_schedule_against_hf_cosine_with_warmup():
     assert max(abs(a - b) for a, b in zip(ours[820:], hf[820:])) <= 1e-12
     assert max(abs(ours[s] - hf[s + 1]) for s in range(820)) <= 1e-12
     assert hf[0] == 0.0 and ours[-1] == 0.0 and math.isclose(ours[820], 1.0)
-    del transformers
 
 
 def test_preprocess_cut_is_the_public_document_cut():

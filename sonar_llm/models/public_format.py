@@ -35,7 +35,6 @@ before anything is unpickled, with an error that names it.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pickle
@@ -83,7 +82,6 @@ NUMPY_RNG_GLOBALS = (
 )
 
 _PUBLIC_PREFIX = "llama_model.model."
-_LN_PREFIX = "llama.model."
 _LAYER_MAP = {  # public name inside layers.N -> ours
     "input_layernorm.weight": "self_attn_layer_norm.weight",
     "self_attn.q_proj.weight": "self_attn.q_proj.weight",
