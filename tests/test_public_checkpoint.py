@@ -397,3 +397,19 @@ def test_public_sizes_map_and_infer_at_full_shape(preset):
     assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in state.items()}
     assert len(notes) == 1 and "embed_tokens" in notes[0]
     assert pf.infer_backbone_config(back) == cfg
+
+
+def test_wrapper_prefix_and_config_mismatch(tmp_path):
+    """A state saved from the DDP wrapper ('module.' keys) imports; a JSON that does not fit the tensors is
+    refused with the mismatching keys named, and nothing is written."""
+    w, cfg = make_wrapper("width_eq_hidden")
+    path = tmp_path / "ddp.pt"
+    torch.save({"model_state_dict": {f"module.{k}": v for k, v in w.state_dict().items()}, "global_step": 3}, path)
+    rep = convert.import_public(path, tmp_path / "ok.safetensors", head_dim=16)
+    assert rep.step == 3 and rep.backbone.num_heads == 4
+    wrong = json.loads(json.dumps(cfg))
+    wrong["llama_config"]["intermediate_size"] = 256
+    (tmp_path / "wrong.json").write_text(json.dumps(wrong))
+    with pytest.raises(ValueError, match=r"do not match the configuration.*ffn\.gate_proj"):
+        convert.import_public(path, tmp_path / "bad.safetensors", tmp_path / "wrong.json")
+    assert not (tmp_path / "bad.safetensors").exists()

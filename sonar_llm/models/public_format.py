@@ -208,6 +208,9 @@ def read_public_checkpoint(path: str | os.PathLike) -> PublicCheckpoint:
     bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
         raise ValueError(f"{path}: the model state holds non-tensor entries {bad[:5]}")
+    for wrapper in ("module.", "_orig_mod."):  # saved from a DDP / torch.compile wrapper
+        if state and all(k.startswith(wrapper) for k in state):
+            state = {k[len(wrapper):]: v for k, v in state.items()}
     layout = detect_layout(state, path)
     return PublicCheckpoint(path, dict(state), layout, int(step) if isinstance(step, int) else None,
                             int(epoch) if isinstance(epoch, int) else None, others)
