@@ -13,6 +13,7 @@ time, full forward passes in float64, plain Python lists.
 """
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -65,6 +66,7 @@ def test_banned_set_and_summary():
     s = GenerationConfig().summary(cfg)
     assert (s["strategy"], s["beam_size"], s["max_new_tokens"], s["banned_ids"], s["max_gen_len"]) == \
         ("beam", 5, 510, [1], [1, 128])
+    assert json.loads(json.dumps(s)) == s  # ready for a report's JSON
     s = GenerationConfig(beam_size=1, max_seq_len=256).summary(cfg)
     assert (s["strategy"], s["max_new_tokens"], s["decoder_positions"], s["width"]) == ("greedy", 254, 512, 1024)
 

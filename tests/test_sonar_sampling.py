@@ -10,6 +10,7 @@ Statistics (fixed seeds, so every run draws the same samples; a wrong distributi
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -154,7 +155,7 @@ def test_cached_sampling_matches_full_forward():
     emb = torch.randn(3, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
     cfg = GenerationConfig(do_sample=True, num_samples=8, max_gen_len=12, seed=21, temperature=1.2, top_p=0.95)
     fast = sample_hypotheses(dec, emb, [80, 81, 82], cfg)
-    slow = sample_hypotheses(dec, emb, [80, 81, 82], GenerationConfig(**{**cfg.__dict__, "use_cache": False}))
+    slow = sample_hypotheses(dec, emb, [80, 81, 82], dataclasses.replace(cfg, use_cache=False))
     assert [[h.tokens for h in hs] for hs in fast] == [[h.tokens for h in hs] for hs in slow]
     assert len({len(h.tokens) for hs in fast for h in hs}) >= 3
 
