@@ -105,6 +105,20 @@ def _lce_dlogits_variants(mod) -> list[tuple[str, dict]]:
     return out
 
 
+def _lce_softmax_grad_variants(mod) -> list[tuple[str, dict]]:
+    """The row kernel of the gradient-in-forward strategy: fp32 logits in, the unit dlogits out in the input
+    dtype (GPU half inputs: a separate buffer for the tensor-core GEMM) or in place (fp32)."""
+    out = []
+    for label, out_dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+        for smooth, zloss in ((False, False), (True, True)):
+            args = dict(z_ptr=torch.float32, out_ptr=out_dtype, t_ptr=torch.int64, loss_ptr=torch.float32,
+                        lse_ptr=torch.float32, V=_V, stride_z=_V, stride_o=_V, ignore_index=-100,
+                        target_weight=0.9, uniform_weight=0.1 / _V, z_loss=1e-4, SMOOTH=smooth, ZLOSS=zloss,
+                        BLOCK_V=mod.SOFTMAX_GRAD_BLOCK_V, num_warps=mod.SOFTMAX_GRAD_WARPS, num_stages=1)
+            out.append((f"{label}{' smooth zloss' if smooth else ''}", args))
+    return out
+
+
 def _ln_shapes(mod):
     for n in (1024, 256):
         block_m, block_n = mod._block_sizes(n)
@@ -153,6 +167,8 @@ KERNEL_SPECS = [
     KernelSpec("lce_fwd", "linear_cross_entropy", "_lce_fwd_kernel", _lce_fwd_variants),
     KernelSpec("lce_bwd", "linear_cross_entropy", "_lce_bwd_kernel", _lce_bwd_variants),  # "atomic" backward
     KernelSpec("lce_dlogits", "linear_cross_entropy", "_lce_dlogits_kernel", _lce_dlogits_variants),
+    # the gradient-in-forward strategy's row kernel (its GEMMs are cuBLAS)
+    KernelSpec("lce_softmax_grad", "linear_cross_entropy", "_lce_softmax_grad_kernel", _lce_softmax_grad_variants),
     KernelSpec("add_ln_fwd", "add_layer_norm", "_add_ln_fwd_kernel", _ln_fwd_variants),
     KernelSpec("add_ln_bwd", "add_layer_norm", "_add_ln_bwd_kernel", _ln_bwd_variants),
 ]
