@@ -66,14 +66,14 @@ class ReproConfig:
     eval_stories: int = 16
     max_story_sentences: int = 24  # the corpus has <= 20 sentences per story; caps run-away generations
     nll_docs: int = 48
-    tiny_budget_s: float = 200.0
+    tiny_steps: int | None = None  # tiny SONAR training steps (None = TinySonarConfig's)
     tiny_config: dict = field(default_factory=dict)  # TinySonarConfig overrides ({} = the default's)
     two_tower_steps: int = 40
     quick: bool = False
 
     @classmethod
     def quick_config(cls, **kw) -> "ReproConfig":
-        base = dict(steps=20, n_stories=300, train_stories=0, eval_stories=6, nll_docs=10, tiny_budget_s=20.0, quick=True,
+        base = dict(steps=20, n_stories=300, train_stories=0, eval_stories=6, nll_docs=10, tiny_steps=250, quick=True,
                     tiny_config=dict(n_stories=300, model_dim=64, num_layers=1, ffn_dim=128, eval_sentences=50),
                     two_tower_steps=10, work="runs/reproduction_quick", out="runs/reproduction_quick/report")
         return cls(**{**base, **kw})
@@ -91,7 +91,7 @@ def prepare(rc: ReproConfig) -> dict:
 
     # a cache of its own: a copy trained here under a short budget must not stand in for the default's
     cache = default_cache_dir().with_name("tiny_sonar_quick" if rc.quick else "tiny_sonar_reproduction")
-    return dp.prepare(Path(rc.work), rc.tiny_budget_s, n_stories=rc.n_stories, train_stories=rc.train_stories,
+    return dp.prepare(Path(rc.work), rc.tiny_steps, n_stories=rc.n_stories, train_stories=rc.train_stories,
                       tiny_config=TinySonarConfig(**rc.tiny_config), tiny_cache_dir=cache, say=_say)
 
 

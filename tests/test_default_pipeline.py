@@ -1,7 +1,7 @@
 """End to end: `python train/main.py` with no arguments (the embedded default), at a tiny budget.
 
 Runs the real pipeline in a subprocess (corpus -> tiny SONAR -> shards -> SONAR-LLM training -> evaluation ->
-printed continuation) with a 3-second tiny-SONAR budget and 3 training steps, then runs it again to check
+printed continuation) with a 20-step tiny SONAR and 3 training steps, then runs it again to check
 that the second run reuses the cached tiny SONAR and the complete shards and resumes from the checkpoint.
 """
 import json
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "SONAR_LLM_CACHE": str(tmp_path / "cache"), "SONAR_LLM_DEFAULT_DIR": str(tmp_path / "run"),
-           "SONAR_LLM_TINY_BUDGET": "3", "SONAR_LLM_DEFAULT_STEPS": "3", "PYTHONUNBUFFERED": "1"}
+           "SONAR_LLM_TINY_STEPS": "20", "SONAR_LLM_DEFAULT_STEPS": "3", "PYTHONUNBUFFERED": "1"}
     env.pop("TRITON_INTERPRET", None)
     return subprocess.run([sys.executable, str(ROOT / "train" / "main.py")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)

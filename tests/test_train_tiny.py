@@ -21,7 +21,7 @@ from sonar_llm.sonar.train_tiny import (
 )
 
 SMALL = dict(n_stories=120, spm_vocab_size=300, model_dim=32, num_layers=1, num_heads=2, ffn_dim=64,
-             max_steps=30, lr=5e-3, warmup_steps=5, max_batch_tokens=1024, eval_sentences=16, noise_std=0.0)
+             train_steps=30, lr=5e-3, warmup_steps=5, max_batch_tokens=1024, eval_sentences=16, noise_std=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def trained(tmp_path_factory):
     cfg = TinySonarConfig(**SMALL)
     torch.manual_seed(1234)
     threads = torch.get_num_threads()
-    paths = ensure_tiny_sonar(root, progress=False, time_budget_s=60, config=cfg, num_threads=1)
+    paths = ensure_tiny_sonar(root, progress=False, config=cfg, num_threads=1)
     # the caller's RNG stream and thread count are left as they were
     after = torch.rand(3)
     torch.manual_seed(1234)
@@ -87,7 +87,7 @@ def test_checkpoints_load_strictly_and_match_training(trained):
 def test_loss_goes_down(trained):
     _, paths = trained
     tr = paths.load_info()["train"]
-    assert tr["steps"] > 10
+    assert tr["steps"] == 30  # exactly train_steps: no clock, no early stop
     assert tr["final_loss"] < tr["first_loss"] - 1.0
 
 
@@ -101,7 +101,7 @@ def test_cache_hit_returns_without_training(trained, monkeypatch):
     monkeypatch.setattr(tt, "_train", boom)
     monkeypatch.setattr(tt, "train_sentencepiece", boom)
     t0 = time.perf_counter()
-    again = ensure_tiny_sonar(paths.root, progress=False, time_budget_s=1, config=TinySonarConfig(**SMALL))
+    again = ensure_tiny_sonar(paths.root, progress=False, config=TinySonarConfig(**SMALL))
     assert time.perf_counter() - t0 < 2.0
     assert again == paths
     assert before == {p: p.stat().st_mtime_ns for p in before}
@@ -123,8 +123,9 @@ def test_config_hash_and_validation():
         TinySonarConfig(spm_model_type="word")
     with pytest.raises(TypeError, match="config"):
         ensure_tiny_sonar("/nonexistent", config={"model_dim": 8})
-    with pytest.raises(ValueError, match="time_budget_s"):
-        ensure_tiny_sonar("/nonexistent", time_budget_s=0)
+    with pytest.raises(ValueError, match="train_steps"):
+        TinySonarConfig(train_steps=0)
+    assert a.config_hash() != TinySonarConfig(train_steps=a.train_steps + 1).config_hash()  # steps are in the key
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
@@ -191,10 +192,26 @@ def test_cli_passes_arguments_and_prints_metrics(trained, monkeypatch, capsys):
         return paths
 
     monkeypatch.setattr(tt, "ensure_tiny_sonar", fake)
-    assert tt.main(["--cache-dir", str(paths.root), "--force", "--time-budget", "12", "--threads", "1",
+    assert tt.main(["--cache-dir", str(paths.root), "--force", "--steps", "12", "--threads", "1",
                     "--quiet"]) == 0
-    assert calls == [(str(paths.root), dict(force=True, progress=False, time_budget_s=12.0, num_threads=1))]
+    assert calls == [(str(paths.root), dict(force=True, progress=False, config=TinySonarConfig(train_steps=12),
+                                            num_threads=1))]
     out = json.loads(capsys.readouterr().out)
     assert out["root"] == str(paths.root) and "exact_match" in out["metrics"]
     with pytest.raises(SystemExit):
         tt.main(["--threads", "0"])
+
+
+def test_same_seed_gives_bit_identical_weights(trained, tmp_path):
+    """The tiny SONAR trains a fixed number of steps: a second run with the same config and seed (same thread
+    count) writes the same tokenizer and bit-identical weights; another seed does not."""
+    cfg, paths = trained
+    again = ensure_tiny_sonar(tmp_path / "again", progress=False, config=TinySonarConfig(**SMALL), num_threads=1)
+    assert again.tokenizer.read_bytes() == paths.tokenizer.read_bytes()
+    for a, b in ((paths.encoder, again.encoder), (paths.decoder, again.decoder)):
+        sa, sb = (torch.load(p, map_location="cpu", weights_only=True)["model"] for p in (a, b))
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), a.name
+    other = ensure_tiny_sonar(tmp_path / "other", progress=False, config=TinySonarConfig(**{**SMALL, "seed": 1}),
+                              num_threads=1)
+    so, sp = (torch.load(p, map_location="cpu", weights_only=True)["model"] for p in (other.decoder, paths.decoder))
+    assert any(not torch.equal(so[k], sp[k]) for k in sp)

@@ -11,7 +11,8 @@ Under torchrun, rank 0 prepares steps 1-3 while the other ranks wait for its "re
 trains; rank 0 evaluates. Re-running resumes: cached assets and complete shards are reused, and training
 continues from the latest checkpoint in runs/default (delete that folder to start over).
 Environment: SONAR_LLM_DEFAULT_DIR (default "runs/default"), SONAR_LLM_CACHE (tiny SONAR cache),
-SONAR_LLM_DEFAULT_STEPS (training steps), SONAR_LLM_TINY_BUDGET (tiny SONAR training seconds).
+SONAR_LLM_DEFAULT_STEPS (training steps), SONAR_LLM_TINY_STEPS (tiny SONAR training steps; default
+TinySonarConfig.train_steps: a fixed count, so two runs give the same tiny SONAR however busy the machine is).
 """
 from __future__ import annotations
 
@@ -55,15 +56,18 @@ def _wait_for(marker: Path, timeout_s: float = 3600.0) -> None:
         time.sleep(1.0)
 
 
-def prepare(run_dir: Path, tiny_budget_s: float, *, n_stories: int = N_STORIES, train_stories: int = 0,
+def prepare(run_dir: Path, tiny_steps: int | None = None, *, n_stories: int = N_STORIES, train_stories: int = 0,
             tiny_config=None, tiny_cache_dir: Path | None = None, say=print) -> dict:
     """Steps 1-3: corpus, tiny SONAR, shards (run by one process). Returns the paths the training config
     needs and the tiny SONAR's info. `train_stories` > 0 keeps only that many training stories (the split,
     and so the held-out stories, stay those of the full corpus); `tiny_config` / `tiny_cache_dir` select
-    another tiny SONAR than the default's (see sonar_llm.sonar.train_tiny)."""
+    another tiny SONAR than the default's (see sonar_llm.sonar.train_tiny); `tiny_steps` overrides its
+    `train_steps`."""
+    import dataclasses
+
     from sonar_llm.data.preprocess import load_sonar_codec, preprocess
     from sonar_llm.sonar.story_corpus import generate_stories, split_stories, write_corpus
-    from sonar_llm.sonar.train_tiny import ensure_tiny_sonar
+    from sonar_llm.sonar.train_tiny import TinySonarConfig, ensure_tiny_sonar
 
     data = run_dir / "data"
     t0 = time.perf_counter()
@@ -76,7 +80,10 @@ def prepare(run_dir: Path, tiny_budget_s: float, *, n_stories: int = N_STORIES, 
     say(f"corpus: {len(train_st)} training and {len(valid_st)} held-out stories ({time.perf_counter() - t0:.1f}s)")
 
     t0 = time.perf_counter()
-    tiny = ensure_tiny_sonar(tiny_cache_dir, time_budget_s=tiny_budget_s, config=tiny_config)
+    tiny_config = tiny_config or TinySonarConfig()
+    if tiny_steps:
+        tiny_config = dataclasses.replace(tiny_config, train_steps=int(tiny_steps))
+    tiny = ensure_tiny_sonar(tiny_cache_dir, config=tiny_config)
     tiny_info = tiny.load_info()
     metrics = tiny_info.get("metrics", {})
     say(f"tiny SONAR ready at {tiny.root} ({time.perf_counter() - t0:.0f}s; held-out round trip: exact match "
@@ -133,7 +140,10 @@ def evaluate_and_show(cfg, assets: dict, final: dict) -> dict:
 def main() -> int:
     run_dir = Path(os.environ.get("SONAR_LLM_DEFAULT_DIR", "runs/default"))
     steps = os.environ.get("SONAR_LLM_DEFAULT_STEPS")
-    tiny_budget = float(os.environ.get("SONAR_LLM_TINY_BUDGET", "200"))
+    if "SONAR_LLM_TINY_BUDGET" in os.environ:
+        raise ValueError("SONAR_LLM_TINY_BUDGET (seconds) was replaced by SONAR_LLM_TINY_STEPS: the tiny SONAR "
+                         "trains a fixed number of steps")
+    tiny_steps = int(os.environ["SONAR_LLM_TINY_STEPS"]) if os.environ.get("SONAR_LLM_TINY_STEPS") else None
     marker = run_dir / ".prepared.json"
     t_start = time.perf_counter()
     if _rank() == 0:
@@ -141,7 +151,7 @@ def main() -> int:
         marker.with_suffix(".failed").unlink(missing_ok=True)
         try:
             steps_done = iter(range(1, 4))
-            assets = prepare(run_dir, tiny_budget, say=lambda msg: _say(f"[{next(steps_done)}/6] {msg}"))
+            assets = prepare(run_dir, tiny_steps, say=lambda msg: _say(f"[{next(steps_done)}/6] {msg}"))
         except BaseException as e:
             run_dir.mkdir(parents=True, exist_ok=True)
             marker.with_suffix(".failed").write_text(f"{type(e).__name__}: {e}")
