@@ -16,7 +16,8 @@ GOOD = "Grammar: 8/10\nCreativity: 7/10\nConsistency: 6/10\nPlot: 5/10\nAge grou
 class Stub:
     """Behaviour per story, keyed by a word in the continuation: SLOW (first request sleeps past the client
     timeout), FAIL (two 503s, then fine), MALFORMED (marks answer without readable marks), BROKEN (always 500),
-    DENIED (HTTP 401), else good. Records every request body and the peak number of requests in flight."""
+    DENIED (HTTP 401), DROP (the first marks request gets no response at all), else good. Records every
+    request body and the peak number of requests in flight (a request the client gave up on is not counted)."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -32,15 +33,21 @@ class Stub:
                                   "path": handler.path})
             self.in_flight += 1
             self.peak = max(self.peak, self.in_flight)
+        counted = True
         try:
             user1 = body["messages"][1]["content"]
             turn = 1 if len(body["messages"]) == 2 else 2
-            key = next((w for w in ("SLOW", "FAIL", "MALFORMED", "BROKEN", "DENIED") if w in user1), "OK")
+            key = next((w for w in ("SLOW", "FAIL", "MALFORMED", "BROKEN", "DENIED", "DROP") if w in user1), "OK")
             with self.lock:
                 n = self.seen[(user1, turn)] = self.seen.get((user1, turn), 0) + 1
             time.sleep(0.05)  # long enough for concurrent requests to overlap
             if key == "SLOW" and n == 1:
+                with self.lock:  # the client gives up on this one: it no longer counts as in flight
+                    self.in_flight -= 1
+                    counted = False
                 time.sleep(1.0)
+            if key == "DROP" and turn == 2 and n == 1:
+                return None  # the connection closes without a response
             if key == "FAIL" and turn == 1 and n <= 2:
                 return self.reply(handler, 503, {"error": "overloaded"})
             if key == "BROKEN":
@@ -55,8 +62,9 @@ class Stub:
                 content = GOOD
             return self.reply(handler, 200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
         finally:
-            with self.lock:
-                self.in_flight -= 1
+            if counted:
+                with self.lock:
+                    self.in_flight -= 1
 
     @staticmethod
     def reply(handler, code, obj):
@@ -134,7 +142,7 @@ def test_judge_against_stub_server(server, monkeypatch):
     monkeypatch.setenv("JUDGE_TEST_KEY", "sekrit")
     prompts = [f"Story {i} starts." for i in range(8)]
     gens = [" It went well.", " SLOW story.", " FAIL story.", " MALFORMED story.", " BROKEN story.",
-            " Another one.", " And more.", " Last."]
+            " Another one.", " And more.", " DROP the line."]
     delays = []
     client = J.ChatClient(_cfg(server.url, api_key_env="JUDGE_TEST_KEY", concurrency=3), sleep=delays.append)
     res = J.judge(prompts, gens, client.cfg, client=client)
@@ -148,6 +156,7 @@ def test_judge_against_stub_server(server, monkeypatch):
         assert items[i]["marks"] == {"grammar": 8.0, "creativity": 7.0, "consistency": 6.0, "plot": 5.0}, i
     assert items[1]["attempts"] == 4  # the first request of each turn times out and is retried
     assert items[2]["attempts"] == 4  # two 503s, success, second turn
+    assert items[7]["attempts"] == 3  # first turn, a dropped connection, the retried second turn
     # MALFORMED: recorded with its answer, no mark invented, left out of the means
     assert res["unparsed"] == [{"index": 3, "problems": items[3]["problems"], "answer": items[3]["answer"]}]
     assert items[3]["marks"] == {} and set(items[3]["problems"]) == set(J.ASPECTS)
@@ -155,8 +164,8 @@ def test_judge_against_stub_server(server, monkeypatch):
     assert [f["index"] for f in res["failed"]] == [4] and "HTTP 500" in res["failed"][0]["error"]
     assert res["counts"] == {a: 6 for a in J.ASPECTS}
     assert res["means"] == {"grammar": 8.0, "creativity": 7.0, "consistency": 6.0, "plot": 5.0}
-    # exponential backoff: FAIL slept 0.01, 0.02; SLOW 0.01 per turn; BROKEN 0.01, 0.02, 0.04
-    assert sorted(delays) == sorted([0.01, 0.02, 0.01, 0.01, 0.01, 0.02, 0.04])
+    # exponential backoff: FAIL slept 0.01, 0.02; SLOW 0.01 per turn; BROKEN 0.01, 0.02, 0.04; DROP 0.01
+    assert sorted(delays) == sorted([0.01, 0.02, 0.01, 0.01, 0.01, 0.02, 0.04, 0.01])
     # the second turn carries the first answer as the assistant's message
     second = [r["body"] for r in server.requests if len(r["body"]["messages"]) == 4]
     assert all(m["messages"][2]["content"].startswith("A fine review") for m in second)

@@ -16,7 +16,8 @@ Sources. Online: `datasets.load_dataset("roneneldan/TinyStories")` (imported onl
 Splits (the public code): empty texts are dropped (`if item["text"]`). train = every train story.
 The validation split is cut as the public scripts use it: its last `--validation-holdout` (2,500) stories
 are the held-out set (`train_llm.py` takes `val[-2500:]` for the validation loss) and are encoded into
-`valid/` (the path the configs/*.toml read as `data.val_path`); the others, `val[:-2500]`, are the generation prompts (`generate.py`), written as text to
+`valid/` (the path the configs/*.toml read as `data.val_path`); the others, `val[:-2500]`, are
+the generation prompts (`generate.py`), written as text to
 `prompts.jsonl` for `python -m sonar_llm.eval.evaluate --stories OUT/prompts.jsonl --scoring public`
 (which keeps the stories of at most 32 Punkt sentences, the first 512).
 
@@ -147,8 +148,9 @@ def find_files(data_dir: str | os.PathLike) -> tuple[list[Path], list[Path], str
     txt_train = [p for p in files if p.suffix == ".txt" and "train" in p.name.lower()]
     txt_valid = [p for p in files if p.suffix == ".txt" and "valid" in p.name.lower()]
     if len(txt_train) > 1 or len(txt_valid) > 1:  # e.g. V1 and V2 side by side: the user must choose
-        raise ValueError(f"{root}: several TinyStories text files per split ({[rel(p) for p in txt_train + txt_valid]});"
-                         f" name them with --train/--validation")
+        names = [rel(p) for p in txt_train + txt_valid]
+        raise ValueError(f"{root}: several TinyStories text files per split ({names}); name them with "
+                         f"--train/--validation")
     json_train = [p for p in files if p.suffix == ".json" and "tinystories_all_data" in rel(p)]
     train = txt_train or json_train
     if train and txt_valid:

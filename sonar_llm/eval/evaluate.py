@@ -359,9 +359,11 @@ def evaluate(cfg: EvalConfig, *, loaded: LoadedModel | None = None, sonar=None,
         else:
             result["nll"] = None  # not defined for models without a token distribution
     if cfg.judge_url:
-        from .judge import judge, split_records
+        from .judge import judge
 
-        result["judge"] = judge(*split_records(result["public_records"]), _judge_config(cfg), log=log)
+        # what the public gpt_eval.py shows the judge: the prefix, and full_text after it
+        conts = [" " + " ".join(it["generation"]) if it["generation"] else "" for it in result["items"]]
+        result["judge"] = judge([r["prefix"] for r in result["public_records"]], conts, _judge_config(cfg), log=log)
     result.update(family=loaded.family, source=loaded.source, step=loaded.step,
                   num_parameters=sum(p.numel() for p in loaded.model.parameters()),
                   settings=asdict(cfg), load_seconds=load_s)

@@ -26,10 +26,10 @@ retried. A story whose requests fail is listed in `failed` with the error, not s
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import re
-import socket
 import sys
 import time
 import urllib.error
@@ -206,7 +206,7 @@ class ChatClient:
                 last = f"HTTP {e.code} from {self.url}: {detail!r}"
                 if e.code != 429 and e.code < 500:
                     raise JudgeError(last) from None
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # timeouts, resets, ...
                 last = f"{type(e).__name__} from {self.url}: {getattr(e, 'reason', e)}"
             except _BadBody as e:
                 last = f"bad response body from {self.url}: {e}"
