@@ -159,6 +159,28 @@ def test_two_tower_cannot_stop_on_the_first_generated_concept():
     assert all(r.stopped_by_eos for r in res)
 
 
+def test_base_lcm_cannot_stop_on_the_first_generated_concept():
+    from sonar_llm.models.backbone import BackboneConfig
+    from sonar_llm.models.base_lcm import BaseLCM, BaseLCMConfig
+    from sonar_llm.models.generate import base_lcm_concepts, generate_base_lcm, GenerationSettings
+
+    torch.manual_seed(0)
+    model = BaseLCM(BaseLCMConfig(BackboneConfig(model_dim=16, num_layers=1, num_heads=2, ffn_dim=32),
+                                  sonar_dim=16)).eval()
+    with torch.no_grad():  # every prediction is the same vector: the end-of-text embedding
+        model.postnet.fc.weight.zero_()
+        model.postnet.fc.bias.copy_(torch.randn(16, generator=torch.Generator().manual_seed(1)))
+        eos = model.normalizer.denormalize(model.postnet.fc.bias.clone())
+    prompts = [torch.randn(n, 16, generator=torch.Generator().manual_seed(n)) for n in (1, 3)]
+    n_meta, eos_meta = _metas_stop_length([1.0] * 6, 0.9, 6)  # Meta keeps the stopping concept; we drop it
+    for r in generate_base_lcm(model, prompts, max_sentences=8, eos_embedding=eos):
+        assert (r.embeddings.shape[0] + 1, r.stopped_by_eos) == (n_meta, eos_meta) == (2, True)
+    early = generate_base_lcm(model, prompts, max_sentences=8, eos_embedding=eos, min_sentences=1)
+    assert [r.embeddings.shape[0] for r in early] == [0, 0] and all(r.stopped_by_eos for r in early)
+    res = base_lcm_concepts(model, prompts, GenerationSettings(eos_embedding=eos, max_sentences=8))
+    assert [r.embeddings.shape[0] for r in res] == [1, 1]  # the evaluation command's path
+
+
 # ------------------------------------------------------------------------------------------ validation loss
 def _batch(lengths, e, g):
     s = sum(lengths)

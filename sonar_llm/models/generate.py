@@ -9,9 +9,10 @@ Concept models (SONAR-LLM, Base-LCM) generate one sentence embedding per step:
   * `generate_sonar_llm_reference`: the public code's loop, one story at a time, re-running the
     backbone over all embeddings at every step (no KV cache). Same outputs; the speed baseline.
   * `generate_base_lcm`: the LCM's loop: the prediction itself (denormalised) is appended; cosine stop
-    against the end embedding (the LCM uses 0.9 with "End of text."; pass the corpus's end sentence);
-    deterministic unless `sample_latent_variable` (the LCM's N(0, temperature^2) noise in normalised
-    space, which its code enables by default).
+    against the end embedding (the LCM uses 0.9 with "End of text."; pass the corpus's end sentence),
+    never on the first generated concept (`min_sentences=LCM_MIN_SENTENCES`, Meta's `LCMGenerator`
+    min_gen_len rule); deterministic unless `sample_latent_variable` (the LCM's N(0, temperature^2) noise
+    in normalised space, which its code enables by default).
 Sentence limit (the public SONAR-LLM rule): a new sentence is generated while the story (prompt
 included) has at most `max_sentences` sentences, so a story can end with max_sentences + 1.
 
@@ -47,10 +48,22 @@ __all__ = [
     "generate_base_lcm",
     "generate_token_llm",
     "sonar_text_functions",
+    "LCM_MIN_SENTENCES",
 ]
+
+# Meta's stop rule for both LCM generators (lcm/inference/lcm/generator.py and
+# lcm/inference/two_tower_diffusion_lcm/generator.py, `finalize_step`): the EOS/repetition stop needs
+# `step_nr - prompt_len >= min_gen_len`, i.e. min_gen_len concepts generated *before* the stopping one,
+# with LCMGeneratorOptions.min_seq_len = 1 (used when min_gen_len is not given): no stop before the second
+# generated concept. `min_sentences` counts the stopping concept too: Meta's min_gen_len = m is
+# min_sentences = m + 1; 1 (an option, not Meta's) lets the first concept stop.
+LCM_MIN_SENTENCES = 2
 
 DecodeFn = Callable[[Tensor], list[str]]
 EncodeFn = Callable[[list[str]], Tensor]
+# called after every generation step with the concepts just added to stories (end-of-document ones excluded):
+# (indices of their prompts, the concepts [k, E], their decoded texts when the loop decodes them, else None)
+StepFn = Callable[[list[int], Tensor, "list[str] | None"], None]
 
 
 @dataclass
@@ -76,7 +89,8 @@ class GenerationSettings:
     guidance_scale: float = 3.0  # diffusion: classifier-free guidance
     guidance_rescale: float = 0.7  # diffusion: guidance rescale
     initial_noise_scale: float = 0.6  # diffusion: std of the initial latent
-    generator: torch.Generator | None = None  # random draws (diffusion noise)
+    generator: torch.Generator | Sequence[torch.Generator] | None = None  # diffusion noise: one, or one per prompt
+    on_step: StepFn | None = None  # on_step(prompt indices, new concepts [k, E], their texts or None) per step
 
 
 @contextlib.contextmanager
@@ -116,9 +130,14 @@ def _concept_loop(
     max_sentences: int,
     eos_embedding: Tensor,
     eos_threshold: float,
+    min_sentences: int = 1,
+    on_step: StepFn | None = None,
 ) -> list[ConceptGeneration]:
-    """KV-cached loop shared by the concept models: ragged prefill of every prompt, then one step per
-    new sentence for the stories still running (finished ones are dropped from the cache)."""
+    """KV-cached loop shared by the concept models: ragged prefill of every prompt (right-padded, per-row
+    lengths), then one step per new sentence for the stories still running (finished ones are dropped from
+    the cache); a story's sentences do not depend on the other prompts of the batch. The end embedding
+    stops a story only from its `min_sentences`-th new sentence on (the stopping one counted). `on_step`
+    sees every step's new sentences (streaming)."""
     dim = eos_embedding.numel()
     _check_prompts(prompts, dim)
     if max_sentences < 1:
@@ -143,17 +162,21 @@ def _concept_loop(
     while active:
         step_texts, nxt = next_fn(last)
         cos = _cosine(nxt, eos_embedding).tolist()
-        keep = []
+        keep, added = [], []
         for j, b in enumerate(active):
-            if cos[j] >= eos_threshold:
+            if cos[j] >= eos_threshold and len(appended[b]) + 1 >= min_sentences:
                 stopped[b] = True
                 continue
+            added.append(j)
             appended[b].append(nxt[j].detach().to("cpu", torch.float32))
             if step_texts is not None:
                 texts[b].append(step_texts[j])
             totals[b] += 1
             if totals[b] <= max_sentences:
                 keep.append(j)
+        if on_step is not None and added:
+            on_step([active[j] for j in added], torch.stack([appended[active[j]][-1] for j in added]),
+                    None if step_texts is None else [step_texts[j] for j in added])
         if not keep:
             break
         index = torch.tensor(keep, device=device)
@@ -197,14 +220,16 @@ def generate_sonar_llm(
     eos_embedding: Tensor,
     eos_threshold: float = 0.98,
     reencode: bool = True,
+    on_step: StepFn | None = None,
 ) -> list[ConceptGeneration]:
-    """Continue every story (prompt_embeddings[i]: [n_i, E]) with SONAR-LLM, batched, KV-cached."""
+    """Continue every story (prompt_embeddings[i]: [n_i, E]) with SONAR-LLM, batched (prompts of any
+    lengths), KV-cached; `on_step` sees each step's new sentences."""
     if reencode and encode_fn is None:
         raise ValueError("reencode=True needs an encode_fn")
     with _inference(model):
         return _concept_loop(model, prompt_embeddings, _sonar_llm_next_fn(model, decode_fn, encode_fn, reencode),
                              max_sentences=max_sentences, eos_embedding=eos_embedding,
-                             eos_threshold=eos_threshold)
+                             eos_threshold=eos_threshold, on_step=on_step)
 
 
 def generate_sonar_llm_reference(
@@ -258,9 +283,13 @@ def generate_base_lcm(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
     decode_fn: DecodeFn | None = None,
+    min_sentences: int = LCM_MIN_SENTENCES,
+    on_step: StepFn | None = None,
 ) -> list[ConceptGeneration]:
     """Continue every story with a Base-LCM (KV cache). The appended vector is the denormalised
     prediction (plus N(0, temperature^2) noise in normalised space when `sample_latent_variable`).
+    The end embedding stops a story from its `min_sentences`-th new concept on (default 2: Meta's
+    generator cannot stop on the first; 1 is the option that can).
     `decode_fn`, if given, fills `texts` (decoding happens after generation in the LCM)."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -274,7 +303,8 @@ def generate_base_lcm(
 
     with _inference(model):
         results = _concept_loop(model, prompt_embeddings, next_fn, max_sentences=max_sentences,
-                                eos_embedding=eos_embedding, eos_threshold=eos_threshold)
+                                eos_embedding=eos_embedding, eos_threshold=eos_threshold,
+                                min_sentences=min_sentences, on_step=on_step)
         if decode_fn is not None:
             for r in results:
                 r.texts = list(decode_fn(r.embeddings)) if r.embeddings.shape[0] else []
@@ -287,14 +317,15 @@ def sonar_llm_concepts(model: nn.Module, prompts: Sequence[Tensor], s: Generatio
     if s.decode_fn is None:
         raise ValueError("SONAR-LLM generation needs settings.decode_fn (it decodes every predicted sentence)")
     return generate_sonar_llm(model, prompts, s.decode_fn, s.encode_fn, max_sentences=s.max_sentences,
-                              eos_embedding=s.eos_embedding, eos_threshold=s.eos_threshold, reencode=True)
+                              eos_embedding=s.eos_embedding, eos_threshold=s.eos_threshold, reencode=True,
+                              on_step=s.on_step)
 
 
 def base_lcm_concepts(model: nn.Module, prompts: Sequence[Tensor], s: GenerationSettings
                       ) -> list[ConceptGeneration]:
     """`FamilySpec.generate` of Base-LCM: `generate_base_lcm` (deterministic), decoded per story."""
     return generate_base_lcm(model, prompts, max_sentences=s.max_sentences, eos_embedding=s.eos_embedding,
-                             eos_threshold=s.eos_threshold, decode_fn=s.decode_fn)
+                             eos_threshold=s.eos_threshold, decode_fn=s.decode_fn, on_step=s.on_step)
 
 
 def generate_token_llm(
@@ -365,13 +396,25 @@ def sonar_text_functions(
     embedding_to_text,
     lang: str | None = "eng_Latn",
     beam_size: int = 5,
-    max_gen_len: int = 129,
+    max_gen_len: int | tuple[float, float] | None = None,
+    *,
+    cfg=None,
+    generator: torch.Generator | None = None,
 ) -> tuple[DecodeFn, EncodeFn]:
-    """(decode_fn, encode_fn) from `sonar_llm.sonar.pipeline.TextToEmbedding` / `EmbeddingToText`
-    (beam 5 and the 129-token cap are SONAR's defaults; beam_size=1 is greedy)."""
+    """(decode_fn, encode_fn) from `sonar_llm.sonar.pipeline.TextToEmbedding` / `EmbeddingToText`, both in
+    language `lang`. Decoding follows `cfg` (a `sonar_llm.sonar.generation.GenerationConfig`: beam, greedy
+    or sampling with one sample per embedding; draws from `generator`), else
+    `GenerationConfig(beam_size=beam_size, max_gen_len=max_gen_len)` (None: SONAR's own length rule)."""
+    from sonar_llm.sonar.generation import GenerationConfig
+
+    if cfg is None:
+        cfg = GenerationConfig(beam_size=beam_size, **({} if max_gen_len is None else {"max_gen_len": max_gen_len}))
+    if cfg.num_samples != 1:
+        raise ValueError(f"decode_fn gives one text per embedding: cfg.num_samples must be 1, got {cfg.num_samples}"
+                         " (repeat the prompts for several continuations)")
 
     def decode_fn(embeddings: Tensor) -> list[str]:
-        return embedding_to_text.decode(embeddings, lang, beam_size=beam_size, max_gen_len=max_gen_len)
+        return embedding_to_text.decode(embeddings, lang, cfg=cfg, generator=generator)
 
     def encode_fn(texts: list[str]) -> Tensor:
         return text_to_embedding.encode(texts, lang)

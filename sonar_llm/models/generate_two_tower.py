@@ -1,15 +1,20 @@
 """Two-Tower LCM generation: the LCM's two-tower generator (DDIM + classifier-free guidance per concept).
 
 `generate_two_tower(model, prompt_embeddings, max_sentences, ...)` (also `TwoTowerLCM.generate`) continues
-equal-length prompts [B, P, E]; `CachedCrossAttention` is the denoiser's inference cross-attention over
-the growing context (keys/values cached per layer). `two_tower_concepts` adapts it to the common
-concept-generation interface (`sonar_llm.models.generate.GenerationSettings` -> `ConceptGeneration`s):
-prompts of different lengths are grouped by length, and the stopping (end-of-document) concept is dropped.
+a batch of prompts of any lengths (a list of [P_b, E], or an equal-length [B, P, E] tensor) in one batch:
+the contextualizer prefills the right-padded prompts into its KV cache (`Backbone.step` with per-row
+lengths), and `CachedCrossAttention` (the denoiser's inference cross-attention over the growing context,
+keys/values cached per layer) masks the padded keys per row; finished rows leave both caches. With one
+`torch.Generator` per prompt the noise of a prompt does not depend on the rest of the batch, so batched
+generation gives the concepts of one-at-a-time generation (up to float summation order).
+`two_tower_concepts` adapts it to the common concept-generation interface
+(`sonar_llm.models.generate.GenerationSettings` -> `ConceptGeneration`s): every prompt in one batch with its
+own limit, the stopping (end-of-document) concept dropped.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,20 +24,15 @@ from torch import Tensor
 from sonar_llm.models.backbone import Attention
 from sonar_llm.models.diffusion import cfg_combine
 
-from sonar_llm.models.generate import ConceptGeneration, GenerationSettings
+from sonar_llm.models.generate import LCM_MIN_SENTENCES, ConceptGeneration, GenerationSettings
 
 if TYPE_CHECKING:  # pragma: no cover
     from sonar_llm.models.two_tower import Denoiser, TwoTowerLCM
 
 __all__ = ["TwoTowerGeneration", "CachedCrossAttention", "generate_two_tower", "two_tower_concepts",
            "LCM_MIN_SENTENCES"]
-
-# Meta's stop rule (lcm/inference/two_tower_diffusion_lcm/generator.py, `finalize_step`): the EOS/repetition
-# stop needs `step_nr - prompt_len >= min_gen_len`, i.e. min_gen_len concepts generated *before* the
-# stopping one, with LCMGeneratorOptions.min_seq_len = 1 (used when min_gen_len is not given): no stop
-# before the second generated concept. Here `min_sentences` counts the stopping concept too, so Meta's
-# min_gen_len = m is min_sentences = m + 1; 1 (an option, not Meta's) lets the first concept stop.
-LCM_MIN_SENTENCES = 2
+# LCM_MIN_SENTENCES = 2 (sonar_llm.models.generate): Meta's two-tower generator (`finalize_step`) cannot
+# stop before the second generated concept.
 
 
 @dataclass
@@ -61,8 +61,9 @@ def _zero_key_output(attn: Attention) -> Tensor:
 class CachedCrossAttention:
     """Inference cross-attention for B conditional rows (+ ``num_uncond`` unconditional rows).
 
-    Keeps per-layer keys/values of ``[0 ; context so far]`` ([B, Hkv, n+1, Dh]); ``extend`` appends
-    new context rows. Unconditional rows see only the zero vector: their output is a constant.
+    Keeps per-layer keys/values of ``[0 ; context so far]`` ([B, Hkv, K, Dh]) and ``valid`` [B, K] (False at
+    the padded context slots of a ragged prefill); ``extend`` appends new context rows, ``reorder`` keeps a
+    subset of rows. Unconditional rows see only the zero vector: their output is a constant.
     """
 
     def __init__(self, denoiser: "Denoiser", batch: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -76,6 +77,7 @@ class CachedCrossAttention:
             k, v = self._kv(layer.cross_attention, zero)
             self.keys.append(k)
             self.values.append(v)
+        self.valid = torch.ones(batch, 1, dtype=torch.bool, device=device)
         self._uncond_out = [_zero_key_output(layer.cross_attention) for layer in denoiser.layers]
 
     @staticmethod
@@ -85,19 +87,31 @@ class CachedCrossAttention:
         v = attn.v_proj(x).view(b, n, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
         return k, v
 
-    def extend(self, context: Tensor) -> None:
-        """Append context rows [B, m, d] (contextualizer outputs) to every layer's keys/values."""
+    def extend(self, context: Tensor, valid: Tensor | None = None) -> None:
+        """Append context rows [B, m, d] (contextualizer outputs) to every layer's keys/values;
+        ``valid`` [B, m] (default all True) marks the real ones (a ragged prefill's padding is False)."""
         for i, layer in enumerate(self.denoiser.layers):
             k, v = self._kv(layer.cross_attention, context)
             self.keys[i] = torch.cat([self.keys[i], k], dim=2)
             self.values[i] = torch.cat([self.values[i], v], dim=2)
+        if valid is None:
+            valid = torch.ones(context.shape[:2], dtype=torch.bool, device=self.valid.device)
+        self.valid = torch.cat([self.valid, valid.to(self.valid.device)], dim=1)
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep rows ``index`` (finished prompts leave the batch)."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        self.valid = self.valid.index_select(0, index)
+        self.batch = int(index.numel())
 
     def __call__(self, attn: Attention, h: Tensor, layer_idx: int) -> Tensor:
         b = self.batch
         hc = h[:b]
         q = attn.q_proj(hc).view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            q, self.keys[layer_idx], self.values[layer_idx], enable_gqa=attn.num_heads != attn.num_kv_heads
+            q, self.keys[layer_idx], self.values[layer_idx], attn_mask=self.valid[:, None, None, :],
+            enable_gqa=attn.num_heads != attn.num_kv_heads,
         )
         out = attn.output_proj(out.transpose(1, 2).reshape(b, -1))
         if self.num_uncond:
@@ -109,8 +123,8 @@ class CachedCrossAttention:
 @torch.no_grad()
 def generate_two_tower(
     model: "TwoTowerLCM",
-    prompt_embeddings: Tensor,
-    max_sentences: int,
+    prompt_embeddings: Tensor | Sequence[Tensor],
+    max_sentences: int | Sequence[int],
     eos_embedding: Tensor | None = None,
     eos_threshold: float = 0.9,
     num_inference_steps: int = 40,
@@ -120,146 +134,193 @@ def generate_two_tower(
     epsilon_scaling: float | None = None,
     clip_noise: float = 100.0,
     ddim_eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
     *,
     reproduce_lcm_step_quirk: bool = True,
     stop_on_repetition_threshold: float | None = None,
     min_sentences: int = LCM_MIN_SENTENCES,
+    on_step: Callable[[list[int], Tensor, None], None] | None = None,
 ) -> TwoTowerGeneration:
     """Generate up to ``max_sentences`` concepts after each prompt (the LCM's two-tower generator).
 
-    ``prompt_embeddings``: raw SONAR embeddings [P, E] or [B, P, E] (equal-length prompts).
-    The prompt (normalised) is prefilled into the contextualizer's KV cache except its last
-    concept; per new concept the last concept is encoded incrementally, ``z ~ N(0, I) *
-    initial_noise_scale`` (clipped to +-clip_noise) is denoised by DDIM over the scheduler's
-    timesteps with classifier-free guidance (a doubled batch whose second half sees only the zero
-    vector; combined with :func:`cfg_combine`, rescale ``guidance_rescale``; skipped at t = T-1,
-    where alpha_bar = 0 and the conditional x0 is used directly; ``guidance_scale == 1`` disables
-    CFG). The final x0 is denormalised and appended.
+    ``prompt_embeddings``: raw SONAR embeddings [P, E], [B, P, E], or a list of [P_b, E] of any lengths
+    (one batch: right-padded prefill with per-row lengths, padded keys masked). ``max_sentences``: one
+    limit for all prompts or one per prompt. The prompt (normalised) is prefilled into the
+    contextualizer's KV cache except its last concept; per new concept the last concept is encoded
+    incrementally, ``z ~ N(0, I) * initial_noise_scale`` (clipped to +-clip_noise) is denoised by DDIM over
+    the scheduler's timesteps with classifier-free guidance (a doubled batch whose second half sees only the
+    zero vector; combined with :func:`cfg_combine`, rescale ``guidance_rescale``; skipped at t = T-1, where
+    alpha_bar = 0 and the conditional x0 is used directly; ``guidance_scale == 1`` disables CFG). The final
+    x0 is denormalised and appended.
+
+    ``generator``: one ``torch.Generator`` for the batch (the draws then depend on the batch), or one per
+    prompt (each prompt's initial latents and, with ``ddim_eta`` > 0, its DDIM noise come from its own
+    generator: batched == one-at-a-time). ``on_step(prompt_indices, concepts[k, E], None)``, if given, is
+    called after every step with the new concepts of the prompts (the stopping ones excluded).
 
     **Step count**: with ``reproduce_lcm_step_quirk=True`` (default) the schedule is the LCM's:
     T=100 with ``num_inference_steps=40`` runs 50 DDIM steps (t = 99, 97, ..., 1); ``False`` runs
     exactly ``num_inference_steps`` (see :mod:`sonar_llm.models.diffusion`).
 
     Stop rules (per prompt): cos(concept, eos_embedding) >= eos_threshold, cos(concept, previous)
-    >= stop_on_repetition_threshold (if set), or ``max_sentences``; the EOS/repetition rules apply
+    >= stop_on_repetition_threshold (if set), or its ``max_sentences``; the EOS/repetition rules apply
     only once ``min_sentences`` concepts exist, the stopping one included (default 2 = Meta's generator,
     which cannot stop before the second generated concept; see ``LCM_MIN_SENTENCES``). The stopping
     concept is kept in the output.
     """
-    if prompt_embeddings.dim() == 2:
-        prompt_embeddings = prompt_embeddings.unsqueeze(0)
     E = model.cfg.sonar_dim
-    if prompt_embeddings.dim() != 3 or prompt_embeddings.shape[-1] != E or prompt_embeddings.shape[1] < 1:
-        raise ValueError(f"prompt_embeddings must be [P, {E}] or [B, P, {E}] with P >= 1, "
-                         f"got {tuple(prompt_embeddings.shape)}")
-    if not isinstance(max_sentences, int) or max_sentences < 1:
-        raise ValueError(f"max_sentences must be a positive int, got {max_sentences!r}")
+    if isinstance(prompt_embeddings, Tensor):
+        if prompt_embeddings.dim() == 2:
+            prompt_embeddings = prompt_embeddings.unsqueeze(0)
+        if prompt_embeddings.dim() != 3 or prompt_embeddings.shape[-1] != E or prompt_embeddings.shape[1] < 1:
+            raise ValueError(f"prompt_embeddings must be [P, {E}] or [B, P, {E}] with P >= 1, "
+                             f"got {tuple(prompt_embeddings.shape)}")
+        prompts = list(prompt_embeddings.unbind(0))
+    else:
+        prompts = list(prompt_embeddings)
+        if not prompts:
+            raise ValueError("prompt_embeddings is empty")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, Tensor) or p.dim() != 2 or p.shape[0] < 1 or p.shape[1] != E:
+                shape = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
+                raise ValueError(f"prompt_embeddings[{i}] must be a non-empty [P, {E}] tensor, got {shape}")
+    B = len(prompts)
+    limits = [max_sentences] * B if isinstance(max_sentences, int) else list(max_sentences)
+    if len(limits) != B or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in limits):
+        raise ValueError(f"max_sentences must be a positive int or one per prompt ({B}), got {max_sentences!r}")
     if eos_embedding is not None and eos_embedding.reshape(-1).shape[0] != E:
         raise ValueError(f"eos_embedding must have {E} values, got shape {tuple(eos_embedding.shape)}")
-    B, P, _ = prompt_embeddings.shape
-    if P + max_sentences > model.cfg.max_seq_len:
-        raise ValueError(
-            f"prompt length {P} + max_sentences {max_sentences} exceeds max_seq_len {model.cfg.max_seq_len}"
-        )
+    for i, (p, m) in enumerate(zip(prompts, limits)):
+        if p.shape[0] + m > model.cfg.max_seq_len:
+            raise ValueError(f"prompt {i}: length {p.shape[0]} + max_sentences {m} exceeds max_seq_len "
+                             f"{model.cfg.max_seq_len}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        generator = list(generator)
+        if len(generator) != B:
+            raise ValueError(f"generator: one torch.Generator per prompt ({B}) or one for all, got {len(generator)}")
     was_training = model.training
     model.eval()
     try:
         return _generate(
-            model, prompt_embeddings, max_sentences, eos_embedding, eos_threshold, num_inference_steps,
+            model, prompts, limits, eos_embedding, eos_threshold, num_inference_steps,
             guidance_scale, guidance_rescale, initial_noise_scale, epsilon_scaling, clip_noise, ddim_eta,
-            generator, reproduce_lcm_step_quirk, stop_on_repetition_threshold, min_sentences,
+            generator, reproduce_lcm_step_quirk, stop_on_repetition_threshold, min_sentences, on_step,
         )
     finally:
         model.train(was_training)
 
 
-def _generate(model, prompt, max_sentences, eos_embedding, eos_threshold, num_inference_steps,
+def _randn(rows: list[int], E: int, generator, device: torch.device) -> Tensor:
+    """[len(rows), E] standard normal fp32 draws: from the shared generator, or row by row from each
+    prompt's own generator (so a prompt's draws do not depend on the batch)."""
+    if not isinstance(generator, list):
+        return torch.randn((len(rows), E), generator=generator, device=device, dtype=torch.float32)
+    return torch.stack([torch.randn(E, generator=generator[b], device=device, dtype=torch.float32) for b in rows])
+
+
+def _generate(model, prompts, limits, eos_embedding, eos_threshold, num_inference_steps,
               guidance_scale, guidance_rescale, initial_noise_scale, epsilon_scaling, clip_noise, ddim_eta,
-              generator, quirk, rep_threshold, min_sentences) -> TwoTowerGeneration:
-    B, P, E = prompt.shape
-    device = prompt.device
+              generator, quirk, rep_threshold, min_sentences, on_step) -> TwoTowerGeneration:
+    B = len(prompts)
+    E = model.cfg.sonar_dim
+    device = prompts[0].device
     dtype = model.encoder_frontend.pre_linear.weight.dtype
     sched = model.noise_scheduler
     timesteps = sched.set_timesteps(num_inference_steps, reproduce_lcm_step_quirk=quirk).tolist()
     T = sched.num_train_steps
     use_cfg = guidance_scale != 1.0
+    lengths = [int(p.shape[0]) for p in prompts]
 
-    x = model.sonar_normalizer.normalize(prompt.float()).to(dtype)
-    cache = model.context_encoder.new_cache(B, P + max_sentences, device=device, dtype=dtype)
+    x = [model.sonar_normalizer.normalize(p.to(device).float()).to(dtype) for p in prompts]
+    cache = model.context_encoder.new_cache(B, max(n + m for n, m in zip(lengths, limits)), device=device,
+                                            dtype=dtype)
     cross = CachedCrossAttention(model.denoiser, B, dtype, device)
-    if P > 1:
-        cross.extend(model.context_encoder.step(model.encoder_frontend(x[:, :-1]), cache))
-    last = x[:, -1:]
+    ctx_max = max(lengths) - 1
+    if ctx_max > 0:  # prefill every prompt but its last concept: right-padded, per-row lengths
+        padded = torch.zeros(B, ctx_max, E, device=device, dtype=dtype)
+        for b in range(B):
+            padded[b, : lengths[b] - 1] = x[b][:-1]
+        ctx_lens = torch.tensor([n - 1 for n in lengths], device=device)
+        hidden = model.context_encoder.step(model.encoder_frontend(padded), cache, lengths=ctx_lens)
+        cross.extend(hidden, torch.arange(ctx_max, device=device)[None, :] < ctx_lens[:, None])
+    last = torch.stack([xb[-1:] for xb in x])  # [B, 1, E]
     eos = None if eos_embedding is None else eos_embedding.reshape(1, E).to(device=device, dtype=torch.float32)
 
     outputs: list[list[Tensor]] = [[] for _ in range(B)]
-    finished = [False] * B
     stopped = [False] * B
-    prev_raw = prompt[:, -1].float()
-    for n in range(max_sentences):
+    active = list(range(B))  # prompt index of each row of the running batch
+    prev_raw = torch.stack([p[-1].to(device).float() for p in prompts])
+    while active:
+        A = len(active)
         cross.extend(model.context_encoder.step(model.encoder_frontend(last), cache))
-        z = torch.randn((B, E), generator=generator, device=device, dtype=torch.float32)
-        z = (z * initial_noise_scale).clamp(-clip_noise, clip_noise)  # latents and DDIM maths in fp32
-        pred_x0 = z
+        z = (_randn(active, E, generator, device) * initial_noise_scale).clamp(-clip_noise, clip_noise)
+        pred_x0 = z  # latents and DDIM maths in fp32
         for t in timesteps:
+            noise = _randn(active, E, generator, device) if ddim_eta > 0 and isinstance(generator, list) else None
+            shared = None if isinstance(generator, list) else generator
             if use_cfg and t != T - 1:
-                cross.num_uncond = B
+                cross.num_uncond = A
                 out = model.denoiser(torch.cat([z, z]).to(dtype), t, cross).float()
-                eps_c = sched.to_epsilon(out[:B], z, t)
-                eps_u = sched.to_epsilon(out[B:], z, t)
+                eps_c = sched.to_epsilon(out[:A], z, t)
+                eps_u = sched.to_epsilon(out[A:], z, t)
                 eps = cfg_combine(eps_c, eps_u, guidance_scale, guidance_rescale)
                 z, pred_x0 = sched.step(eps, t, z, eta=ddim_eta, epsilon_scaling=epsilon_scaling,
-                                        generator=generator, prediction_type="epsilon")
+                                        generator=shared, prediction_type="epsilon", variance_noise=noise)
             else:
                 cross.num_uncond = 0
                 out = model.denoiser(z.to(dtype), t, cross).float()
                 z, pred_x0 = sched.step(out, t, z, eta=ddim_eta, epsilon_scaling=epsilon_scaling,
-                                        generator=generator, prediction_type="sample")
+                                        generator=shared, prediction_type="sample", variance_noise=noise)
             z = z.clamp(-clip_noise, clip_noise)
         cross.num_uncond = 0
-        raw = model.sonar_normalizer.denormalize(pred_x0.float())  # [B, E]
-        stop_now = torch.zeros(B, dtype=torch.bool, device=device)
-        if n + 1 >= min_sentences:
-            if eos is not None:
-                stop_now |= F.cosine_similarity(raw, eos, dim=-1) >= eos_threshold
-            if rep_threshold is not None:
-                stop_now |= F.cosine_similarity(raw, prev_raw, dim=-1) >= rep_threshold
+        raw = model.sonar_normalizer.denormalize(pred_x0.float())  # [A, E]
+        stop_now = torch.zeros(A, dtype=torch.bool, device=device)
+        if eos is not None:
+            stop_now |= F.cosine_similarity(raw, eos, dim=-1) >= eos_threshold
+        if rep_threshold is not None:
+            stop_now |= F.cosine_similarity(raw, prev_raw, dim=-1) >= rep_threshold
         stop_list = stop_now.tolist()
-        for b in range(B):
-            if not finished[b]:
-                outputs[b].append(raw[b])
-                if stop_list[b]:
-                    finished[b] = stopped[b] = True
-        if all(finished):
+        keep = []
+        for j, b in enumerate(active):
+            outputs[b].append(raw[j])
+            if stop_list[j] and len(outputs[b]) >= min_sentences:
+                stopped[b] = True
+            elif len(outputs[b]) < limits[b]:
+                keep.append(j)
+        if on_step is not None:
+            cont = [j for j, b in enumerate(active) if not stopped[b]]
+            if cont:
+                on_step([active[j] for j in cont], raw[cont], None)
+        if not keep:
             break
+        if len(keep) < A:
+            index = torch.tensor(keep, device=device)
+            cache.reorder(index)
+            cross.reorder(index)
+            raw = raw.index_select(0, index)
+        active = [active[j] for j in keep]
         prev_raw = raw
         last = model.sonar_normalizer.normalize(raw).to(dtype).unsqueeze(1)
     embeddings = [torch.stack(rows) for rows in outputs]
     return TwoTowerGeneration(embeddings, stopped, len(timesteps), timesteps)
 
 
-
-
 def two_tower_concepts(model: "TwoTowerLCM", prompts: Sequence[Tensor], s: GenerationSettings
                        ) -> list[ConceptGeneration]:
-    """`FamilySpec.generate` of the Two-Tower LCM: prompts grouped by length, each group continued by
+    """`FamilySpec.generate` of the Two-Tower LCM: every prompt in one batch (any lengths), continued by
     `generate_two_tower` with classifier-free guidance up to the story limit (max_sentences + 1 - prompt
-    length new concepts, at least one); the end-of-document concept is dropped; decoded per story."""
-    out: list[ConceptGeneration | None] = [None] * len(prompts)
-    by_len: dict[int, list[int]] = {}
-    for i, e in enumerate(prompts):
-        by_len.setdefault(int(e.shape[0]), []).append(i)
-    for plen, idx in by_len.items():
-        new = max(1, s.max_sentences + 1 - plen)
-        res = generate_two_tower(model, torch.stack([prompts[i] for i in idx]), new, eos_embedding=s.eos_embedding,
-                                 eos_threshold=s.eos_threshold, num_inference_steps=s.num_inference_steps,
-                                 guidance_scale=s.guidance_scale, guidance_rescale=s.guidance_rescale,
-                                 initial_noise_scale=s.initial_noise_scale, generator=s.generator)
-        for j, i in enumerate(idx):
-            e = res.embeddings[j]
-            if res.stopped_on_eos[j]:
-                e = e[:-1]  # the end-of-document concept is not part of the story
-            texts = list(s.decode_fn(e)) if s.decode_fn is not None and e.shape[0] else []
-            out[i] = ConceptGeneration(e, texts, bool(res.stopped_on_eos[j]))
-    return out  # type: ignore[return-value]
+    length new concepts, at least one); the end-of-document concept is dropped; decoded per story.
+    `s.generator` may be one generator per prompt (batched == one-at-a-time)."""
+    limits = [max(1, s.max_sentences + 1 - int(e.shape[0])) for e in prompts]
+    res = generate_two_tower(model, list(prompts), limits, eos_embedding=s.eos_embedding,
+                             eos_threshold=s.eos_threshold, num_inference_steps=s.num_inference_steps,
+                             guidance_scale=s.guidance_scale, guidance_rescale=s.guidance_rescale,
+                             initial_noise_scale=s.initial_noise_scale, generator=s.generator,
+                             on_step=s.on_step)
+    out = []
+    for e, stop in zip(res.embeddings, res.stopped_on_eos):
+        if stop:
+            e = e[:-1]  # the end-of-document concept is not part of the story
+        texts = list(s.decode_fn(e)) if s.decode_fn is not None and e.shape[0] else []
+        out.append(ConceptGeneration(e, texts, bool(stop)))
+    return out
