@@ -95,7 +95,8 @@ SampleFn = Callable[[nn.Module, int], dict]  # (model, step) -> JSON-able record
 
 
 def default_model_factory(cfg: RunConfig) -> nn.Module:
-    """Build the family named by `model.family` (train/families.py; the models package is imported lazily)."""
+    """Build the family named by `model.family` through the library's registry (train/families.py passes the
+    run's sections to sonar_llm.models.build; the models package is imported lazily)."""
     from train.families import build_model
 
     return build_model(cfg)
@@ -235,7 +236,7 @@ def build_run(cfg: RunConfig, info: DistInfo, model_factory: ModelFactory, data_
         dist.barrier()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model factory returned {type(model).__name__}, expected an nn.Module")
-    for name in ("loss", "flops_per_batch", "transformer_blocks"):
+    for name in ("loss", "flops_per_batch", "transformer_blocks", "decoder_to"):  # the ConceptFamily contract
         if not callable(getattr(model, name, None)):
             raise TypeError(f"model family {type(model).__name__} lacks the {name}() method")
     use_fsdp = uses_fsdp(cfg)

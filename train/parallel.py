@@ -104,10 +104,9 @@ def parallelize(model: nn.Module, cfg: RunConfig, info: DistInfo) -> nn.Module:
     if dtype != torch.float32:
         for m in frozen:  # frozen weights need no fp32 master copy
             m.to(dtype)
-    if callable(getattr(model, "decoder_to", None)):
-        # SonarLLM keeps its frozen decoder outside the module tree (no state_dict entries, never sharded):
-        # it is always replicated, moved and cast here
-        model.decoder_to(info.device, dtype if dtype != torch.float32 else None)
+    # frozen modules a family keeps outside its module tree (SonarLLM's SONAR decoder: no state_dict entries,
+    # never sharded) are always replicated, moved and cast here; a no-op for the other families
+    model.decoder_to(info.device, dtype if dtype != torch.float32 else None)
     if isinstance(model, ConceptFamily):  # its blocks and, for SONAR-LLM, the frozen decoder's layers
         model.apply_activation_checkpointing(cfg.train.activation_checkpointing)
     else:
