@@ -21,6 +21,8 @@ from train.config import ConfigError, RunConfig
 from train.loop import CheckpointNotSaved, TrainingAborted, run_training
 from train.metrics import append_line, rewind_metrics
 
+from test_train_checkpoint import fake_cfg  # noqa: E402  (the checkpoint tests' fake-family config)
+
 
 class Payload:
     """Unpickling this creates the file `marker` (what an attacker would replace with anything)."""
@@ -34,17 +36,6 @@ class Payload:
 
 def payload_bytes(marker) -> bytes:
     return pickle.dumps(Payload(marker))
-
-
-def fake_cfg(out, steps, **train):
-    cfg = RunConfig()
-    cfg.model.family = "fake"
-    cfg.optim.lr, cfg.optim.warmup_steps = 1e-2, 2
-    cfg.train.precision, cfg.train.log_every, cfg.train.out_dir = "fp32", 1, str(out)
-    cfg.train.steps, cfg.train.peak_flops = steps, 1e9
-    for k, v in train.items():
-        setattr(cfg.train, k, v)
-    return cfg
 
 
 def run(cfg, **kw):

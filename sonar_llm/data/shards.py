@@ -70,28 +70,23 @@ def manifest_part_name(rank: int, world_size: int) -> str:
     return f"manifest.rank{rank:05d}-of-{world_size:05d}.json"
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a file, streamed in BLOCK_BYTES reads."""
+    return _file_digests(path, blocks=False)[0]
 
 
-def _file_digests(path: Path) -> tuple[str, list[str]]:
-    """(sha256 of the file, sha256 of each BLOCK_BYTES block) in one streaming pass."""
-    whole, blocks = hashlib.sha256(), []
+def _file_digests(path: str | os.PathLike, blocks: bool = True) -> tuple[str, list[str]]:
+    """(sha256 of the file, sha256 of each BLOCK_BYTES block if `blocks`) in one streaming pass."""
+    whole, sums = hashlib.sha256(), []
     with open(path, "rb") as f:
         while True:
             b = f.read(BLOCK_BYTES)
             if not b:
                 break
             whole.update(b)
-            blocks.append(hashlib.sha256(b).hexdigest())
-    return whole.hexdigest(), blocks
+            if blocks:
+                sums.append(hashlib.sha256(b).hexdigest())
+    return whole.hexdigest(), sums
 
 
 def _fsync_dir(path: str | os.PathLike) -> None:
