@@ -1,0 +1,437 @@
+"""The generation command: give a trained concept model a text, read what it writes (every family).
+
+    python -m sonar_llm.generate --model model.safetensors --prompt "Tom had a red ball. He liked it."
+    python -m sonar_llm.generate --model model.safetensors --prompts prompts.jsonl --out generations.jsonl
+    cat prompts.jsonl | python -m sonar_llm.generate --run runs/default --prompts - --target-lang fra_Latn
+
+Model: an exported safetensors file (`train/export.py`, `model.json` beside it) or a run directory (latest
+complete checkpoint), rebuilt by the library (`sonar_llm.checkpoints` + `sonar_llm.models.build`); everything
+family-specific comes from the family's `FamilySpec`. SONAR assets are resolved as the evaluation command does
+(`sonar_llm.eval.evaluate.resolve_sonar_assets`: `--encoder/--decoder/--tokenizer`, else the run config's
+`[sonar]` paths, else the registry, else the cached tiny SONAR).
+
+Per prompt: the text is split into sentences (`sonar_llm.data.segment.split_sentences`), encoded with SONAR in
+`--source-lang`, and continued by the family's concept-level generation (`FamilySpec.generate`: SONAR-LLM
+decodes and re-encodes every predicted sentence; the LCMs generate concepts, the Two-Tower with DDIM and
+classifier-free guidance, `--steps/--guidance/--guidance-rescale/--noise`); every new sentence is decoded in
+`--target-lang` (any of SONAR's 202 languages, e.g. fra_Latn, deu_Latn, zho_Hans: the decoder's input starts
+with `</s>` and that language's tag). A story stops at the end-of-document sentence (cosine >=
+`--eos-threshold`, default the family's) or after `--max-sentences` new sentences. A family without
+sentence embeddings (the token LLM) continues the prompt's tokens with its own greedy decoder (the SONAR
+decoder options do not apply: no sampling, no other target language).
+
+Decoder options (`sonar_llm.sonar.generation.GenerationConfig`): beam search `--beam` (default 5, 1 = greedy),
+or sampling (`--sample`, implied by `--temperature`, `--top-k` or `--top-p`) with `--seed`; caps `--max-seq-len`
+(default 256 positions, prompt included, as the public SONAR-LLM generation: 254 tokens per sentence) and
+`--max-gen-len` (tokens per sentence; default SONAR's rule, embedding width + 128). `--num-samples N` writes N
+continuations per prompt (they differ where something is random: decoder sampling, the Two-Tower's noise).
+Randomness: the Two-Tower's noise comes from one generator per continuation seeded from (`--seed`, prompt
+number, sample number), so it does not depend on the batch; the decoder's sampling draws from one generator
+per batch (same `--seed` and `--batch-size` -> same output).
+
+Output: a single prompt to a terminal streams its sentences as they are generated; several prompts print one
+block per continuation, with a progress line on stderr. `--out FILE.jsonl` writes one JSON record per
+continuation: prompt, its sentences, the new sentences, stop reason (`eos` | `max_sentences`; the token LLM
+says `eos_or_token_cap`), timings, and the decoding actually run (`GenerationConfig.summary`).
+Prompts are batched (`--batch-size`, sorted by length); any lengths mix in one batch, and a continuation
+does not depend on the other prompts of its batch (tests/test_generate_cli.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+import torch
+from torch import Tensor
+
+__all__ = ["GenerateConfig", "read_prompts", "decoding_config", "Generator", "main"]
+
+
+@dataclass
+class GenerateConfig:
+    """The command's settings (one per flag)."""
+
+    model: str = ""  # exported .safetensors (model.json beside it)
+    run: str = ""  # or a training run directory
+    family: str = "auto"  # checked against the run config's family
+    prompt: str = ""  # one prompt text
+    prompts: str = ""  # or a JSONL file (one prompt per line: {"prompt": ...}, {"text": ...} or a JSON string), "-" = stdin
+    out: str = ""  # JSONL output ("" = print the continuations)
+    source_lang: str = "eng_Latn"  # language of the prompts (SONAR encoder)
+    target_lang: str = ""  # language of the continuation ("" = source_lang)
+    max_sentences: int = 32  # new sentences per continuation at most
+    eos_threshold: float = 0.0  # 0 = the family's default
+    end_of_doc_text: str = ""  # "" = the training data's end sentence, else "End of sequence."
+    batch_size: int = 8
+    num_samples: int = 1  # continuations per prompt
+    seed: int = 0
+    # SONAR decoder
+    beam: int | None = None  # beam size (None: 5, SONAR's default; 1 = greedy)
+    sample: bool = False
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    max_seq_len: int = 256  # positions per sentence, [</s>, lang] included (the public SONAR-LLM value)
+    max_gen_len: int | None = None  # tokens per sentence (None: SONAR's rule, width + 128)
+    # Two-Tower diffusion
+    steps: int = 40
+    guidance: float = 3.0
+    guidance_rescale: float = 0.7
+    noise: float = 0.6
+    # token LLM
+    max_new_tokens: int = 512
+    # assets
+    encoder: str = ""
+    decoder: str = ""
+    tokenizer: str = ""
+    device: str = "cpu"
+
+    @property
+    def sampling(self) -> bool:
+        return self.sample or any(v is not None for v in (self.temperature, self.top_k, self.top_p))
+
+    def validate(self) -> None:
+        if bool(self.model) == bool(self.run):
+            raise ValueError("give exactly one of --model (exported .safetensors) and --run (run directory)")
+        if bool(self.prompt) == bool(self.prompts):
+            raise ValueError("give exactly one of --prompt TEXT and --prompts FILE.jsonl (or - for stdin)")
+        for name in ("max_sentences", "batch_size", "num_samples", "steps", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.beam is not None and self.beam < 1:
+            raise ValueError(f"--beam must be >= 1, got {self.beam}")
+        if self.sampling and (self.beam or 1) > 1:
+            raise ValueError("--beam > 1 and sampling (--sample/--temperature/--top-k/--top-p) exclude each other")
+        for name, value in (("--model", self.model), ("--run", self.run), ("--encoder", self.encoder),
+                            ("--decoder", self.decoder), ("--tokenizer", self.tokenizer)):
+            if value and not Path(value).exists():
+                raise FileNotFoundError(f"{name}: path does not exist: {value}")
+        if self.prompts and self.prompts != "-" and not Path(self.prompts).is_file():
+            raise FileNotFoundError(f"--prompts: file not found: {self.prompts}")
+
+
+def read_prompts(source: str, stream: TextIO | None = None) -> list[str]:
+    """Prompt texts of a JSONL file (or `stream` for "-"): per non-empty line {"prompt": text}, {"text": text}
+    or a JSON string; a line that does not start with `{` or `"` is taken as plain text."""
+    name = "<stdin>" if source == "-" else source
+    lines = (stream or sys.stdin).read().splitlines() if source == "-" else Path(source).read_text().splitlines()
+    out = []
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        if line[0] not in '{"':
+            out.append(line)
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--prompts {name}:{n}: not valid JSON ({e.msg})") from None
+        if isinstance(value, dict):
+            value = value.get("prompt", value.get("text"))
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"--prompts {name}:{n}: expected {{\"prompt\": text}}, {{\"text\": text}} or a JSON string")
+        out.append(value)
+    if not out:
+        raise ValueError(f"--prompts {name}: no prompt in it")
+    return out
+
+
+def decoding_config(cfg: GenerateConfig):
+    """The SONAR decoder's `GenerationConfig` for these flags (one sample per embedding)."""
+    from sonar_llm.sonar.generation import GenerationConfig
+
+    kw: dict[str, Any] = dict(beam_size=5 if cfg.beam is None else cfg.beam, max_seq_len=cfg.max_seq_len)
+    if cfg.max_gen_len is not None:
+        kw["max_gen_len"] = cfg.max_gen_len
+    if cfg.sampling:
+        kw.update(do_sample=True, seed=cfg.seed, temperature=1.0 if cfg.temperature is None else cfg.temperature,
+                  top_k=cfg.top_k or 0, top_p=1.0 if cfg.top_p is None else cfg.top_p)
+    return GenerationConfig(**kw)
+
+
+def _seeded(seed: int, prompt_index: int, sample: int) -> torch.Generator:
+    """A generator for one continuation, seeded from (seed, prompt number, sample number)."""
+    import numpy as np
+
+    state = int(np.random.SeedSequence([seed, prompt_index, sample]).generate_state(1, np.uint64)[0])
+    return torch.Generator().manual_seed(state)
+
+
+class _MemoDecode:
+    """decode_fn remembering each embedding row's text: the streamed sentences and the final ones are the
+    same decoding (also when sampling), and nothing is decoded twice."""
+
+    def __init__(self, decode: Callable[[Tensor], list[str]]) -> None:
+        self.decode = decode
+        self.texts: dict[bytes, str] = {}
+
+    @staticmethod
+    def _key(row: Tensor) -> bytes:
+        return row.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+
+    def __call__(self, emb: Tensor) -> list[str]:
+        keys = [self._key(r) for r in emb]
+        todo = [i for i, k in enumerate(keys) if k not in self.texts]
+        if todo:
+            for i, text in zip(todo, self.decode(emb[todo])):
+                self.texts[keys[i]] = text
+        return [self.texts[k] for k in keys]
+
+
+@dataclass
+class Continuation:
+    """One generated continuation (one JSONL record)."""
+
+    index: int  # prompt number (input order)
+    sample: int
+    prompt: str
+    prompt_sentences: list[str]
+    sentences: list[str] = field(default_factory=list)
+    stop_reason: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Generator:
+    """A loaded model + SONAR, ready to continue prompts (`continue_prompts`)."""
+
+    def __init__(self, cfg: GenerateConfig, *, log: Callable[[str], None] | None = None) -> None:
+        from sonar_llm.checkpoints import read_exported, read_run
+        from sonar_llm.eval.evaluate import end_of_doc_text, load_sonar_text, resolve_sonar_assets
+        from sonar_llm.models.build import build_trained
+        from sonar_llm.models.family import get_family
+
+        t0 = time.perf_counter()
+        self.cfg = cfg
+        weights = read_exported(cfg.model) if cfg.model else read_run(cfg.run)
+        self.family = weights.run_config["model"]["family"]
+        if cfg.family not in ("auto", self.family):
+            raise ValueError(f"--family {cfg.family}: {weights.source} holds a {self.family!r} model")
+        self.spec = get_family(self.family)
+        self.assets = resolve_sonar_assets(cfg.encoder, cfg.decoder, cfg.tokenizer, weights.run_config.get("sonar"))
+        self.model = build_trained(weights, decoder=str(self.assets.decoder), device=cfg.device).eval()
+        self.t2e, self.e2t, self.tokenizer = load_sonar_text(self.assets, cfg.device)
+        self.target_lang = cfg.target_lang or cfg.source_lang
+        for flag, lang in (("--source-lang", cfg.source_lang), ("--target-lang", self.target_lang)):
+            try:
+                self.tokenizer.lang_id(lang)
+            except ValueError as e:
+                raise ValueError(f"{flag}: {e} (tokenizer {self.assets.tokenizer})") from None
+        if not self.spec.concept_level:
+            if self.target_lang != cfg.source_lang:
+                raise ValueError(f"--target-lang: a {self.family} model writes tokens itself, in the prompt's "
+                                 "language; only concept models decode into another language")
+            if cfg.sampling:
+                raise ValueError(f"sampling (--sample/--temperature/--top-k/--top-p) does not apply to a {self.family} "
+                                 "model: it decodes its own tokens greedily")
+        self.decoding = decoding_config(cfg)
+        self.eod_text = end_of_doc_text(weights.run_config, cfg.end_of_doc_text)
+        self.eos_embedding = self.t2e.encode([self.eod_text], cfg.source_lang)[0]
+        self.eos_threshold = cfg.eos_threshold or self.spec.eos_threshold
+        self.step = weights.step
+        self.source = weights.source
+        self.load_seconds = time.perf_counter() - t0
+
+    def decoding_summary(self) -> dict[str, Any] | None:
+        """What the SONAR decoder runs (None for a family that decodes its own tokens)."""
+        if not self.spec.concept_level:
+            return None
+        return self.decoding.summary(self.e2t.decoder.cfg)
+
+    def continue_prompts(self, prompts: list[str], *, indices: list[int] | None = None,
+                         stream: Callable[[int, str], None] | None = None) -> list[Continuation]:
+        """Continue `prompts` as one batch (`num_samples` continuations each, prompt-major). `indices`: the
+        prompts' numbers (records, and the seeds of the Two-Tower's noise; default 0, 1, ...).
+        `stream(k, text)` sees each new sentence of continuation k as it is generated (concept families)."""
+        from sonar_llm.data.segment import split_sentences
+
+        cfg = self.cfg
+        indices = list(range(len(prompts))) if indices is None else list(indices)
+        stories = []
+        for i, text in zip(indices, prompts):
+            sents = split_sentences(text)
+            if not sents:
+                raise ValueError(f"prompt {i + 1} has no sentence: {text!r}")
+            stories += [Continuation(i, j, text, sents) for j in range(cfg.num_samples)]
+        # the family limit counts the story (prompt included) and allows one more: room for max_sentences new
+        # ones after the longest prompt; each continuation is cut at its own max_sentences below
+        limit = max(len(s.prompt_sentences) for s in stories) + cfg.max_sentences - 1
+        t0 = time.perf_counter()
+        if self.spec.concept_level:
+            results = self._concepts(stories, limit, stream)
+        else:
+            results = self._stories(stories, limit)
+        seconds = time.perf_counter() - t0
+        for s, (sents, by_eos) in zip(stories, results):
+            s.sentences = sents[: cfg.max_sentences]
+            if len(sents) >= cfg.max_sentences:
+                s.stop_reason = "max_sentences"
+            else:
+                s.stop_reason = by_eos
+            s.timings = {"batch_seconds": round(seconds, 4), "batch_size": len(stories),
+                         "seconds_per_sentence": round(seconds / max(1, sum(len(x[0]) for x in results)), 4)}
+        return stories
+
+    def _concepts(self, stories: list[Continuation], limit: int, stream) -> list[tuple[list[str], str]]:
+        from sonar_llm.models.generate import GenerationSettings, sonar_text_functions
+        from sonar_llm.sonar.generation import make_generator
+
+        cfg = self.cfg
+        device = next(self.model.parameters()).device
+        flat = [t for s in stories for t in s.prompt_sentences]
+        emb = self.t2e.encode(flat, cfg.source_lang).to(device)
+        prompts, i = [], 0
+        for s in stories:
+            prompts.append(emb[i:i + len(s.prompt_sentences)])
+            i += len(s.prompt_sentences)
+        decode_fn, encode_fn = sonar_text_functions(self.t2e, self.e2t, self.target_lang, cfg=self.decoding,
+                                                    generator=make_generator(self.decoding, self.e2t.device))
+        decode_fn = _MemoDecode(decode_fn)
+
+        def on_step(indices: list[int], concepts: Tensor, texts: list[str] | None) -> None:
+            if stream is None:
+                return
+            texts = decode_fn(concepts) if texts is None else texts
+            for k, text in zip(indices, texts):
+                stream(k, text)
+
+        settings = GenerationSettings(
+            eos_embedding=self.eos_embedding.to(device), max_sentences=limit, eos_threshold=self.eos_threshold,
+            decode_fn=decode_fn, encode_fn=encode_fn, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
+            guidance_rescale=cfg.guidance_rescale, initial_noise_scale=cfg.noise,
+            generator=[_seeded(cfg.seed, s.index, s.sample) for s in stories], on_step=on_step)
+        res = self.spec.generate(self.model, prompts, settings)
+        return [(list(r.texts), "eos" if r.stopped_by_eos else "max_sentences") for r in res]
+
+    def _stories(self, stories: list[Continuation], limit: int) -> list[tuple[list[str], str]]:
+        from sonar_llm.models.generate import GenerationSettings
+        from sonar_llm.models.stories import StoryContext
+
+        cfg = self.cfg
+        settings = GenerationSettings(eos_embedding=self.eos_embedding, max_sentences=limit)
+        ctx = StoryContext(settings, end_of_doc_text=self.eod_text, tokenizer=self.tokenizer, lang=cfg.source_lang,
+                           max_new_tokens=cfg.max_new_tokens)
+        conts = self.spec.story_generator(self.model, ctx)([s.prompt_sentences for s in stories])
+        return [(list(c), "eos_or_token_cap") for c in conts]
+
+
+def _record(g: Generator, c: Continuation) -> dict[str, Any]:
+    return {"prompt": c.prompt, "prompt_index": c.index, "sample": c.sample, "prompt_sentences": c.prompt_sentences,
+            "sentences": c.sentences, "continuation": " ".join(c.sentences), "stop_reason": c.stop_reason,
+            "timings": c.timings, "family": g.family, "model": g.source, "step": g.step,
+            "source_lang": g.cfg.source_lang, "target_lang": g.target_lang, "decoding": g.decoding_summary(),
+            "seed": g.cfg.seed}
+
+
+def generate(cfg: GenerateConfig, *, stdout: TextIO | None = None, stderr: TextIO | None = None,
+             stdin: TextIO | None = None) -> list[Continuation]:
+    """Run the command: load, continue every prompt (batched by length), print or write JSONL."""
+    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+    cfg.validate()
+    texts = [cfg.prompt] if cfg.prompt else read_prompts(cfg.prompts, stdin)
+    g = Generator(cfg)
+    print(f"[generate] {g.family} from {g.source} (step {g.step}); {len(texts)} prompt(s) x {cfg.num_samples}, "
+          f"{g.cfg.source_lang} -> {g.target_lang}; decoding {json.dumps(g.decoding_summary())} "
+          f"(loaded in {g.load_seconds:.1f}s)", file=stderr, flush=True)
+    out_file = open(cfg.out, "w", encoding="utf-8") if cfg.out else None
+    streaming = len(texts) == 1 and cfg.num_samples == 1 and out_file is None and g.spec.concept_level
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
+    per_batch = max(1, cfg.batch_size // cfg.num_samples)
+    done: list[Continuation] = []
+    t0 = time.perf_counter()
+
+    def stream(_k: int, text: str) -> None:
+        print("  " + text, file=stdout, flush=True)
+
+    try:
+        for start in range(0, len(order), per_batch):
+            idx = order[start:start + per_batch]
+            if streaming:
+                print(texts[0], file=stdout, flush=True)
+            conts = g.continue_prompts([texts[i] for i in idx], indices=idx, stream=stream if streaming else None)
+            for c in conts:
+                done.append(c)
+                if out_file is not None:
+                    out_file.write(json.dumps(_record(g, c), ensure_ascii=False) + "\n")
+                    out_file.flush()
+                    continue
+                if not streaming:
+                    sample = f", sample {c.sample + 1}" if cfg.num_samples > 1 else ""
+                    print(f"--- prompt {c.index + 1}{sample} ---\n{c.prompt}", file=stdout)
+                    for sent in c.sentences:
+                        print("  " + sent, file=stdout)
+                print(f"  [{c.stop_reason}]", file=stdout, flush=True)
+            if len(texts) > 1:
+                n = min(start + per_batch, len(order))
+                elapsed = time.perf_counter() - t0
+                print(f"[generate] {n}/{len(order)} prompts, {elapsed:.1f}s, {elapsed / n:.2f}s per prompt",
+                      file=stderr, flush=True)
+    finally:
+        if out_file is not None:
+            out_file.close()
+    if cfg.out:
+        print(f"[generate] wrote {len(done)} continuations to {cfg.out}", file=stderr, flush=True)
+    return sorted(done, key=lambda c: (c.index, c.sample))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sonar_llm.generate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = GenerateConfig()
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", default="", help="exported .safetensors (model.json beside it)")
+    src.add_argument("--run", default="", help="training run directory (latest complete checkpoint)")
+    p.add_argument("--family", default="auto", help="check the model's family (default: read it from the run config)")
+    pr = p.add_mutually_exclusive_group(required=True)
+    pr.add_argument("--prompt", default="", help="one prompt text")
+    pr.add_argument("--prompts", default="", help="JSONL, one prompt per line ({\"prompt\": ...}); - = stdin")
+    p.add_argument("--out", default="", help="write JSONL records here instead of printing")
+    p.add_argument("--source-lang", default=d.source_lang, help="prompt language (SONAR code, e.g. eng_Latn)")
+    p.add_argument("--target-lang", default="", help="continuation language (default: the source language)")
+    p.add_argument("--max-sentences", type=int, default=d.max_sentences, help="new sentences per continuation")
+    p.add_argument("--eos-threshold", type=float, default=0.0, help="cosine stop at the end sentence; 0 = family default")
+    p.add_argument("--end-of-doc-text", default="", help="end sentence (default: the training data's)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="continuations per batch")
+    p.add_argument("--num-samples", type=int, default=d.num_samples, help="continuations per prompt")
+    p.add_argument("--seed", type=int, default=d.seed)
+    g = p.add_argument_group("SONAR decoder")
+    g.add_argument("--beam", type=int, default=None, help="beam size (1 = greedy; default 5, SONAR's)")
+    g.add_argument("--sample", action="store_true", help="sample tokens instead of beam search")
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature (implies --sample; 1.0)")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (implies --sample)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (implies --sample)")
+    g.add_argument("--max-seq-len", type=int, default=d.max_seq_len,
+                   help="positions per sentence, [</s>, lang] included (default 256, the public SONAR-LLM value)")
+    g.add_argument("--max-gen-len", type=int, default=None,
+                   help="tokens per sentence, EOS included (default: SONAR's rule, embedding width + 128)")
+    t = p.add_argument_group("Two-Tower diffusion")
+    t.add_argument("--steps", type=int, default=d.steps, help="requested DDIM steps per concept")
+    t.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale")
+    t.add_argument("--guidance-rescale", type=float, default=d.guidance_rescale)
+    t.add_argument("--noise", type=float, default=d.noise, help="std of the initial latent")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="token LLM: tokens per continuation")
+    p.add_argument("--encoder", default="")
+    p.add_argument("--decoder", default="")
+    p.add_argument("--tokenizer", default="")
+    p.add_argument("--device", default=d.device)
+    return p
+
+
+def main(argv: list[str] | None = None, *, stdin: TextIO | None = None) -> int:
+    a = _parser().parse_args(argv)
+    cfg = GenerateConfig(**{k: v for k, v in vars(a).items()})
+    try:
+        generate(cfg, stdin=stdin)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        print(f"generate error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""`python -m sonar_llm.generate` end to end, for every family, from exported models of the embedded default run.
+
+Setup (once per module): a toy SONAR (tests/fixtures_sonar.py: random encoder/decoder, a tiny SentencePiece
+model with every NLLB language tag), the project's story corpus encoded into shards by the data package's
+`preprocess`, each family trained 2 steps by `train.loop.run_training` from configs/default.toml (the embedded
+default run's config; only the family, the tiny preset, the data/SONAR paths and the step count overridden)
+and exported by train/export.py. The command is then called in-process through `main()`.
+
+What is checked: the records (fields, limits, stop reasons, the decoding actually run); the SONAR-LLM
+continuation against the public code's loop run by hand with the same decoder settings; streaming output ==
+the record; batched prompts of mixed lengths == one prompt per batch (Two-Tower with noise: per-prompt seeds);
+stdin and file prompts; sampling flags reach the decoder and repeat under a seed; `--target-lang`: the
+decoder's input starts with `</s>` and the requested tag, which the tokenizer knows; errors exit 2 naming
+the problem.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fixtures_sonar import toy_decoder, toy_encoder, toy_tokenizer
+
+from sonar_llm import generate as G
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = ["sonar_llm", "base_lcm", "two_tower", "token_llm"]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """Toy SONAR + shards of the story corpus + each family trained 2 steps with configs/default.toml, exported."""
+    from sonar_llm.data.preprocess import load_sonar_codec, preprocess
+    from sonar_llm.sonar import NllbTokenizer
+    from sonar_llm.sonar.checkpoint import save_fairseq2_checkpoint
+    from sonar_llm.sonar.story_corpus import generate_stories, write_corpus
+    from train.config import load_config
+    from train.export import export
+    from train.loop import run_training
+
+    root = tmp_path_factory.mktemp("gen_cli")
+    toy_tokenizer(root / "spm")
+    spm = next((root / "spm").glob("*.model"))
+    tok = NllbTokenizer(spm)  # every NLLB language, as the commands load it
+    kw = dict(vocab_size=tok.vocab_size, lang_offset=tok.lang_offset)
+    save_fairseq2_checkpoint(toy_encoder(seed=1, **kw), root / "enc.pt")
+    save_fairseq2_checkpoint(toy_decoder(seed=2, std=0.5, **kw), root / "dec.pt")
+    write_corpus(root / "corpus.jsonl", generate_stories(24, seed=0))
+    codec = load_sonar_codec(root / "enc.pt", spm)
+    preprocess(root / "corpus.jsonl", root / "shards", codec, shard_size_docs=100, log=None, rank=0, world_size=1)
+    models = {}
+    for family in FAMILIES:
+        run_dir = root / f"run_{family}"
+        cfg = load_config(str(ROOT / "configs" / "default.toml"), [
+            f"--model.family={family}", "--model.preset=tiny", f"--data.path={root / 'shards'}",
+            f"--data.val_path={root / 'shards'}", "--data.max_sentences=64", "--data.max_tokens=2048",
+            "--train.steps=2", "--train.precision=fp32", "--train.eval_every=2", "--train.eval_batches=1",
+            "--train.checkpoint_every=2", "--train.log_every=1", "--train.peak_flops=1e9",
+            f"--train.out_dir={run_dir}", f"--sonar.decoder={root / 'dec.pt'}",
+            f"--sonar.encoder={root / 'enc.pt'}", f"--sonar.tokenizer={spm}"])
+        run_training(cfg)
+        models[family] = export(run_dir, root / f"{family}.safetensors")
+    return {"root": root, "models": models, "tok": tok, "spm": spm}
+
+
+PROMPTS = ["Tom had a red ball. He liked to play with it in the garden.",
+           "The sun was warm.",
+           "Mia found a small cat. The cat was hungry. She gave it some milk. Then they played."]
+
+
+def _run(argv, stdin=None) -> int:
+    return G.main([str(a) for a in argv], stdin=stdin)
+
+
+def _common(default_run, family, *extra):
+    return ["--model", default_run["models"][family], "--beam", "1", "--max-gen-len", "8", "--max-sentences", "3",
+            "--steps", "3", "--max-new-tokens", "40", *extra]
+
+
+def _records(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_command_writes_records_for_every_family(default_run, tmp_path, family):
+    out = tmp_path / "gen.jsonl"
+    assert _run([*_common(default_run, family), "--prompt", PROMPTS[0], "--out", out]) == 0
+    (rec,) = _records(out)
+    assert rec["family"] == family and rec["step"] == 2 and rec["prompt"] == PROMPTS[0]
+    assert rec["prompt_sentences"] == ["Tom had a red ball.", "He liked to play with it in the garden."]
+    assert len(rec["sentences"]) <= 3 and all(isinstance(s, str) for s in rec["sentences"])
+    assert rec["continuation"] == " ".join(rec["sentences"])
+    assert rec["timings"]["batch_seconds"] > 0 and rec["timings"]["batch_size"] == 1
+    if family == "token_llm":
+        assert rec["decoding"] is None and rec["stop_reason"] in ("eos_or_token_cap", "max_sentences")
+    else:
+        assert rec["stop_reason"] in ("eos", "max_sentences")
+        assert rec["stop_reason"] == "max_sentences" or len(rec["sentences"]) < 3
+        d = rec["decoding"]
+        assert (d["strategy"], d["beam_size"], d["max_gen_len"], d["max_seq_len"]) == ("greedy", 1, 8, 256)
+        assert d["max_new_tokens"] == 8 and d["width"] == 32 and rec["target_lang"] == "eng_Latn"
+
+
+def test_sonar_llm_continuation_equals_the_public_loop_by_hand(default_run, tmp_path):
+    """Independent path: the public code's loop (no KV cache, one story) with the same decoder settings."""
+    from sonar_llm.eval.evaluate import load_sonar_text, resolve_sonar_assets
+    from sonar_llm.checkpoints import read_exported
+    from sonar_llm.data.segment import split_sentences
+    from sonar_llm.models.build import build_trained
+    from sonar_llm.models.generate import generate_sonar_llm_reference
+    from sonar_llm.sonar.generation import GenerationConfig
+
+    root = default_run["root"]
+    out = tmp_path / "gen.jsonl"
+    path = default_run["models"]["sonar_llm"]
+    assert _run([*_common(default_run, "sonar_llm"), "--max-sentences", "4", "--eos-threshold", "0.999",
+                 "--prompt", PROMPTS[2], "--out", out]) == 0
+    (rec,) = _records(out)
+    t2e, e2t, _ = load_sonar_text(resolve_sonar_assets(str(root / "enc.pt"), str(root / "dec.pt"),
+                                                       str(default_run["spm"])))
+    model = build_trained(read_exported(path), decoder=str(root / "dec.pt"))
+    cfg = GenerationConfig(beam_size=1, max_gen_len=8, max_seq_len=256)
+    dec = lambda e: e2t.decode(e, "eng_Latn", cfg=cfg)  # noqa: E731
+    enc = lambda t: t2e.encode(t, "eng_Latn")  # noqa: E731
+    prompt = split_sentences(PROMPTS[2])
+    # the story limit counts the prompt and allows one more: 4 new sentences after a 4-sentence prompt
+    ref = generate_sonar_llm_reference(model, [enc(prompt)], dec, enc, max_sentences=len(prompt) + 3,
+                                       eos_embedding=enc(["End of sequence."])[0], eos_threshold=0.999)[0]
+    assert rec["sentences"] == ref.texts[:4]
+    assert rec["stop_reason"] == ("eos" if ref.stopped_by_eos and len(ref.texts) < 4 else "max_sentences")
+
+
+@pytest.mark.parametrize("family", ["sonar_llm", "two_tower"])
+def test_single_prompt_streams_the_sentences_of_the_record(default_run, tmp_path, capsys, family):
+    assert _run([*_common(default_run, family), "--prompt", PROMPTS[0]]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    out = tmp_path / "gen.jsonl"
+    assert _run([*_common(default_run, family), "--prompt", PROMPTS[0], "--out", out]) == 0
+    (rec,) = _records(out)
+    assert printed == [PROMPTS[0], *("  " + s for s in rec["sentences"]), f"  [{rec['stop_reason']}]"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_prompts_of_mixed_lengths_equal_one_at_a_time(default_run, tmp_path, capsys, family):
+    """Three prompts of 1-4 sentences in one batch vs one per batch; the Two-Tower samples its noise
+    (--noise 0.6, seeds per prompt), so equality needs per-prompt randomness."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join([json.dumps({"prompt": PROMPTS[0]}), json.dumps(PROMPTS[1]), PROMPTS[2]]) + "\n")
+    outs = []
+    for bs in ("3", "1"):
+        out = tmp_path / f"gen_{bs}.jsonl"
+        assert _run([*_common(default_run, family), "--prompts", prompts, "--batch-size", bs, "--out", out]) == 0
+        outs.append(_records(out))
+    err = capsys.readouterr().err
+    assert "[generate] 3/3 prompts" in err and "[generate] 1/3 prompts" in err  # progress lines
+    batched, single = ({r["prompt_index"]: r for r in rs} for rs in outs)
+    assert sorted(batched) == [0, 1, 2]
+    for i in range(3):
+        assert batched[i]["prompt"] == PROMPTS[i]
+        assert batched[i]["sentences"] == single[i]["sentences"]
+        assert batched[i]["stop_reason"] == single[i]["stop_reason"]
+    assert batched[0]["timings"]["batch_size"] == 3 and single[0]["timings"]["batch_size"] == 1
+
+
+def test_two_tower_samples_and_seeds(default_run, tmp_path):
+    """--num-samples gives different continuations (the Two-Tower's noise); the same --seed repeats them."""
+    runs = []
+    for seed in ("1", "1", "2"):
+        out = tmp_path / f"s{len(runs)}.jsonl"
+        assert _run([*_common(default_run, "two_tower"), "--prompt", PROMPTS[1], "--num-samples", "2",
+                     "--seed", seed, "--out", out, "--eos-threshold", "1.1"]) == 0
+        runs.append(_records(out))
+    assert [r["sample"] for r in runs[0]] == [0, 1]
+    assert runs[0] == [dict(r, timings=a["timings"]) for r, a in zip(runs[1], runs[0])]
+    texts = [[r["sentences"] for r in rs] for rs in runs]
+    assert texts[0][0] != texts[0][1] or texts[0] != texts[2]  # noise differs across samples or seeds
+
+
+def test_stdin_prompts_and_sampling_flags_reach_the_decoder(default_run, tmp_path):
+    out = tmp_path / "gen.jsonl"
+    stdin = io.StringIO(json.dumps({"text": PROMPTS[1]}) + "\n\n" + json.dumps({"prompt": PROMPTS[0]}) + "\n")
+    argv = [*_common(default_run, "sonar_llm"), "--prompts", "-", "--temperature", "0.7", "--top-k", "5",
+            "--top-p", "0.9", "--seed", "3", "--out", out]
+    argv.remove("--beam"), argv.remove("1")
+    assert _run(argv, stdin=stdin) == 0
+    first = _records(out)
+    first.sort(key=lambda r: r["prompt_index"])  # written batch by batch, shortest prompts first
+    assert [r["prompt"] for r in first] == [PROMPTS[1], PROMPTS[0]]  # the empty line is skipped
+    d = first[0]["decoding"]
+    assert (d["strategy"], d["temperature"], d["top_k"], d["top_p"], d["seed"], d["do_sample"]) == \
+        ("sample", 0.7, 5, 0.9, 3, True)
+    stdin = io.StringIO(json.dumps({"text": PROMPTS[1]}) + "\n" + json.dumps({"prompt": PROMPTS[0]}) + "\n")
+    assert _run(argv, stdin=stdin) == 0
+    again = _records(out)
+    again.sort(key=lambda r: r["prompt_index"])
+    assert [r["sentences"] for r in again] == [r["sentences"] for r in first]
+
+
+def test_target_lang_starts_the_decoder_with_eos_and_the_tag(default_run, tmp_path, monkeypatch):
+    """--target-lang fra_Latn: every decoded sentence starts from [</s>, __fra_Latn__] (the tokenizer's id for
+    the tag), while the prompt is encoded in --source-lang."""
+    from sonar_llm.sonar.decoder import SonarTextDecoder
+    from sonar_llm.sonar.encoder import SonarTextEncoder
+
+    tok = default_run["tok"]
+    fra = tok.lang_id("fra_Latn")
+    assert fra != tok.lang_id("eng_Latn") and fra >= tok.lang_offset
+    assert tok.id_to_token(fra) == "__fra_Latn__"
+    starts, encoded = [], []
+    step = SonarTextDecoder.step
+
+    def spy_step(self, seqs, state):
+        starts.append(seqs[:, 0].tolist())
+        return step(self, seqs, state)
+
+    forward = SonarTextEncoder.forward
+
+    def spy_forward(self, tokens, padding_mask=None):
+        encoded.append(tokens[:, 0].tolist())
+        return forward(self, tokens, padding_mask)
+
+    monkeypatch.setattr(SonarTextDecoder, "step", spy_step)
+    monkeypatch.setattr(SonarTextEncoder, "forward", spy_forward)
+    out = tmp_path / "gen.jsonl"
+    assert _run([*_common(default_run, "base_lcm"), "--prompt", PROMPTS[0], "--target-lang", "fra_Latn",
+                 "--eos-threshold", "1.1", "--out", out]) == 0
+    (rec,) = _records(out)
+    assert rec["target_lang"] == "fra_Latn" and len(rec["sentences"]) == 3
+    # decode calls: the prefill feeds </s> (3) to every row, the next step the language tag
+    assert starts[0] == [3] * len(starts[0]) and starts[1] == [fra] * len(starts[1])
+    eng = tok.lang_id("eng_Latn")
+    assert all(row == [eng] * len(row) for row in encoded)  # source-mode encoder input starts with the tag
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--target-lang", "xxx_Latn"], "--target-lang: unknown language 'xxx_Latn'"),
+    (["--source-lang", "en"], "--source-lang: unknown language 'en'"),
+    (["--beam", "2", "--top-k", "3"], "exclude each other"),
+    (["--max-sentences", "0"], "--max-sentences must be >= 1"),
+])
+def test_bad_flags_exit_2_naming_the_problem(default_run, capsys, argv, message):
+    assert _run([*_common(default_run, "sonar_llm"), "--prompt", PROMPTS[1], *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_token_llm_refuses_another_language_and_decoder_options(default_run, capsys, tmp_path):
+    assert _run([*_common(default_run, "token_llm"), "--prompt", PROMPTS[1], "--target-lang", "fra_Latn"]) == 2
+    assert "only concept models decode into another language" in capsys.readouterr().err
+    assert _run([*_common(default_run, "token_llm"), "--prompt", PROMPTS[1], "--sample"]) == 2
+    assert "decodes its own tokens greedily" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok."}\n{"prompt": \n')
+    assert _run([*_common(default_run, "base_lcm"), "--prompts", bad]) == 2
+    assert f"--prompts {bad}:2: not valid JSON" in capsys.readouterr().err
