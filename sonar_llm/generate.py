@@ -195,6 +195,7 @@ class Continuation:
     sentences: list[str] = field(default_factory=list)
     stop_reason: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    embeddings: Tensor | None = None  # the new sentences' concepts [len(sentences), E] (concept families)
 
 
 class Generator:
@@ -267,8 +268,9 @@ class Generator:
         else:
             results = self._stories(stories, limit)
         seconds = time.perf_counter() - t0
-        for s, (sents, by_eos) in zip(stories, results):
+        for s, (sents, by_eos, emb) in zip(stories, results):
             s.sentences = sents[: cfg.max_sentences]
+            s.embeddings = None if emb is None else emb[: cfg.max_sentences]
             if len(sents) >= cfg.max_sentences:
                 s.stop_reason = "max_sentences"
             else:
@@ -277,7 +279,7 @@ class Generator:
                          "seconds_per_sentence": round(seconds / max(1, sum(len(x[0]) for x in results)), 4)}
         return stories
 
-    def _concepts(self, stories: list[Continuation], limit: int, stream) -> list[tuple[list[str], str]]:
+    def _concepts(self, stories: list[Continuation], limit: int, stream) -> list[tuple[list[str], str, Tensor]]:
         from sonar_llm.models.generate import GenerationSettings, sonar_text_functions
         from sonar_llm.sonar.generation import make_generator
 
@@ -306,9 +308,9 @@ class Generator:
             guidance_rescale=cfg.guidance_rescale, initial_noise_scale=cfg.noise,
             generator=[_seeded(cfg.seed, s.index, s.sample) for s in stories], on_step=on_step)
         res = self.spec.generate(self.model, prompts, settings)
-        return [(list(r.texts), "eos" if r.stopped_by_eos else "max_sentences") for r in res]
+        return [(list(r.texts), "eos" if r.stopped_by_eos else "max_sentences", r.embeddings) for r in res]
 
-    def _stories(self, stories: list[Continuation], limit: int) -> list[tuple[list[str], str]]:
+    def _stories(self, stories: list[Continuation], limit: int) -> list[tuple[list[str], str, None]]:
         from sonar_llm.models.generate import GenerationSettings
         from sonar_llm.models.stories import StoryContext
 
@@ -317,7 +319,7 @@ class Generator:
         ctx = StoryContext(settings, end_of_doc_text=self.eod_text, tokenizer=self.tokenizer, lang=cfg.source_lang,
                            max_new_tokens=cfg.max_new_tokens)
         conts = self.spec.story_generator(self.model, ctx)([s.prompt_sentences for s in stories])
-        return [(list(c), "eos_or_token_cap") for c in conts]
+        return [(list(c), "eos_or_token_cap", None) for c in conts]
 
 
 def _record(g: Generator, c: Continuation) -> dict[str, Any]:

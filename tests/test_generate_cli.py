@@ -165,6 +165,25 @@ def test_batched_prompts_of_mixed_lengths_equal_one_at_a_time(default_run, tmp_p
     assert batched[0]["timings"]["batch_size"] == 3 and single[0]["timings"]["batch_size"] == 1
 
 
+@pytest.mark.parametrize("family", ["sonar_llm", "base_lcm", "two_tower"])
+def test_generator_batches_mixed_lengths_like_single_prompts(default_run, family):
+    """The command's Generator: the concepts of a mixed-length batch == those of each prompt alone (the
+    toy decoder's texts are too uniform to tell stories apart, the embeddings are not)."""
+    root = default_run["root"]
+    cfg = G.GenerateConfig(model=str(default_run["models"][family]), prompt="x", beam=1, max_gen_len=8,
+                           max_sentences=3, steps=3, eos_threshold=1.1, encoder=str(root / "enc.pt"),
+                           decoder=str(root / "dec.pt"), tokenizer=str(default_run["spm"]))
+    gen = G.Generator(cfg)
+    batched = gen.continue_prompts(PROMPTS)
+    assert [c.index for c in batched] == [0, 1, 2] and [len(c.prompt_sentences) for c in batched] == [2, 1, 4]
+    for i, text in enumerate(PROMPTS):
+        (alone,) = gen.continue_prompts([text], indices=[i])
+        assert alone.sentences == batched[i].sentences and alone.embeddings.shape == (3, 32)
+        torch.testing.assert_close(alone.embeddings, batched[i].embeddings, rtol=0, atol=1e-5)
+    if family != "sonar_llm":  # SONAR-LLM appends re-encodings of the (uniform) decoded texts
+        assert not torch.allclose(batched[0].embeddings, batched[2].embeddings, atol=1e-3)
+
+
 def test_two_tower_samples_and_seeds(default_run, tmp_path):
     """--num-samples gives different continuations (the Two-Tower's noise); the same --seed repeats them."""
     runs = []
