@@ -114,8 +114,11 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], Backbon
 
     weights = read_exported(path)
     cfg = ModelConfig.from_run_config(weights.run_config)
-    if cfg.family != "sonar_llm":
-        raise ValueError(f"{path}: family {cfg.family!r} is not sonar_llm; only SONAR-LLM has a public format")
+    from sonar_llm.models.family import get_family
+    from sonar_llm.models.sonar_llm import SonarLLM
+
+    if not issubclass(get_family(cfg.family).model_cls, SonarLLM):
+        raise ValueError(f"{path}: family {cfg.family!r} has no public format (only SONAR-LLM's exists)")
     backbone_overrides, _ = split_overrides(cfg.overrides)
     try:
         backbone = backbone_config(preset_of(cfg), **backbone_overrides)

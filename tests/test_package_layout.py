@@ -188,8 +188,7 @@ def test_only_the_registry_compares_a_family_name():
     one place."""
     from sonar_llm.models.family import FAMILIES
 
-    allowed = {ROOT / "sonar_llm" / "models" / "family.py",  # the registry
-               ROOT / "sonar_llm" / "convert.py"}  # the public checkpoint format of one family (SONAR-LLM's)
+    allowed = {ROOT / "sonar_llm" / "models" / "family.py"}  # the registry
     bad = []
     for folder in ("sonar_llm", "kernels", "train", "bench", "scripts"):
         for path in sorted((ROOT / folder).rglob("*.py")):
