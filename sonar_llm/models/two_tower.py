@@ -30,6 +30,12 @@ error to x0 summed over the embedding dimensions, summed over positions. Default
   the trainer divides the step's gradient by the count over all micro-batches and ranks, as Meta's
   ``lcm/train/trainer.py`` ``normalize_gradients`` does. ``"mean"`` (an option): mean per micro-batch.
 
+Supervised fine-tuning (Meta's instruction-tuning layout, ``forward_sft``): the contextualizer reads each
+document's ``source ++ target``, the denoiser denoises the target concepts only, and target query i of
+document b sees the zero vector and context rows ``< S_b + i`` (the whole source and the earlier targets:
+``sft_shifted_causal_mask``, Meta's ``ShiftedCausalAttentionMask`` with ``source_lengths``); CFG rows are drawn
+per document (``sft_cfg_dropout_rows``).
+
 Exact shortcuts (same maths, less work):
 * the diagonal-only self-attention is ``output_proj(v_proj(x))`` (softmax over one key is 1; q_proj and
   k_proj exist for checkpoint compatibility and get no gradient, as in the LCM where it is exactly 0);
@@ -67,6 +73,8 @@ __all__ = [
     "DocLayout",
     "shifted_causal_mask",
     "cfg_dropout_rows",
+    "sft_shifted_causal_mask",
+    "sft_cfg_dropout_rows",
     "timestep_sinusoid",
     "load_lcm_state_dict",
 ]
@@ -357,19 +365,62 @@ def shifted_causal_mask(layout: DocLayout, dropped: Tensor | None = None) -> Ten
     return mask
 
 
+def sft_shifted_causal_mask(source_lengths: Tensor, target_lengths: Tensor, dropped: Tensor | None = None,
+                            max_target_len: int | None = None, max_context_len: int | None = None) -> Tensor:
+    """The LCM's supervised fine-tuning (instruction-tuning) cross-attention mask: bool[D, T, 1 + K].
+
+    Layout (Meta's ``two_tower_diffusion_next_sent_finetuning`` criterion, ``get_embeddings_sequence`` and
+    ``ShiftedCausalAttentionMask`` with ``source_lengths``): the contextualizer reads ``source_b ++ target_b``
+    (K = the longest S_b + T_b); the denoiser's queries are the T_b target concepts only (T = the longest);
+    the keys are ``[0-vector ; context_0 .. context_{K-1}]``. Query i of document b sees keys
+    ``j <= S_b + i`` (Meta's ``tril(diagonal=S_b)``): the zero vector, the whole source and the target
+    concepts before i; keys past the document (padding) are masked for every query, as fairseq2's key padding
+    mask does. ``dropped`` (bool[D, T]): rows that see only the zero vector (classifier-free guidance)."""
+    src = source_lengths.to(torch.int64).reshape(-1)
+    tgt = target_lengths.to(torch.int64).reshape(-1)
+    if src.shape != tgt.shape or bool((src < 0).any()) or bool((tgt < 1).any()):
+        raise ValueError(f"source_lengths (>= 0) and target_lengths (>= 1) must be [D] each, got "
+                         f"{src.tolist()} and {tgt.tolist()}")
+    T = int(tgt.max()) if max_target_len is None else max_target_len
+    K = int((src + tgt).max()) if max_context_len is None else max_context_len
+    i = torch.arange(T, device=src.device)[None, :, None]
+    j = torch.arange(K + 1, device=src.device)[None, None, :]
+    mask = (j <= src[:, None, None] + i) & (j <= (src + tgt)[:, None, None])
+    if dropped is not None:
+        if dropped.shape != (src.numel(), T):
+            raise ValueError(f"dropped must be bool[{src.numel()}, {T}], got {tuple(dropped.shape)}")
+        mask = mask & ~(dropped[:, :, None] & (j >= 1))
+    return mask
+
+
+def sft_cfg_dropout_rows(num_docs: int, max_target_len: int, prob: float,
+                         generator: torch.Generator | None = None, device=None) -> Tensor:
+    """bool[D, T]: the SFT rows that see only the zero vector. Meta draws them per document when source
+    lengths are given (``ShiftedCausalAttentionMask`` builds one ``_get_shifted_causal_mask`` per document):
+    floor((T - 1) * prob) rows ``1 + randperm(T - 1)[:n]`` of the padded target length T, row 0 never."""
+    out = torch.zeros(num_docs, max_target_len, dtype=torch.bool, device=device)
+    n = math.floor((max_target_len - 1) * prob)
+    if n > 0:
+        for d in range(num_docs):
+            out[d, 1 + torch.randperm(max_target_len - 1, generator=generator, device=device)[:n]] = True
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Cross-attention plans (training: packed documents; inference: cached keys/values)
 # ----------------------------------------------------------------------------------------------
 
 
 class _PackedCross:
-    """Training cross-attention: packed queries [S, d] over per-document ``[0 ; context]`` keys."""
+    """Training cross-attention: packed queries [S, d] over per-document ``[0 ; context]`` keys. The queries
+    follow ``layout`` (pretraining: one query per context row) or ``query_layout`` (SFT: the target rows)."""
 
-    def __init__(self, context: Tensor, layout: DocLayout, mask: Tensor) -> None:
+    def __init__(self, context: Tensor, layout: DocLayout, mask: Tensor, query_layout: DocLayout | None = None) -> None:
         # [S + 1, d]: the contextualizer outputs, then the zero vector (row S)
         self.context = torch.cat([context, context.new_zeros(1, context.shape[-1])])
         self.layout = layout
-        self.mask = mask.unsqueeze(1)  # [D, 1, L, L+1]
+        self.qlay = layout if query_layout is None else query_layout
+        self.mask = mask.unsqueeze(1)  # [D, 1, Lq, L+1]
         # [D, L+1] rows of self.context: key 0 -> zero vector, key 1+j -> context j (padding -> zero row)
         self.key_src = torch.cat(
             [torch.full((layout.num_docs, 1), layout.total, dtype=torch.int64, device=context.device),
@@ -377,15 +428,15 @@ class _PackedCross:
         )
 
     def __call__(self, attn: Attention, h: Tensor, layer_idx: int) -> Tensor:
-        lay = self.layout
+        lay, qlay = self.layout, self.qlay
         H, Hkv, Dh = attn.num_heads, attn.num_kv_heads, attn.head_dim
-        q = lay.pad(attn.q_proj(h)).view(lay.num_docs, lay.max_len, H, Dh)
+        q = qlay.pad(attn.q_proj(h)).view(qlay.num_docs, qlay.max_len, H, Dh)
         k = attn.k_proj(self.context)[self.key_src].view(lay.num_docs, lay.max_len + 1, Hkv, Dh)
         v = attn.v_proj(self.context)[self.key_src].view(lay.num_docs, lay.max_len + 1, Hkv, Dh)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=self.mask, enable_gqa=H != Hkv
         )
-        out = lay.unpad(out.transpose(1, 2).reshape(lay.num_docs, lay.max_len, H * Dh))
+        out = qlay.unpad(out.transpose(1, 2).reshape(qlay.num_docs, qlay.max_len, H * Dh))
         return attn.output_proj(out)
 
 
@@ -549,6 +600,36 @@ class TwoTowerLCM(ConceptFamily):
         layout = DocLayout(doc_cu_seqlens, S, max_doc_len)
         plan = _PackedCross(context, layout, shifted_causal_mask(layout, cfg_dropped))
         return self.denoiser(x_t, timesteps, plan)
+
+    def forward_sft(
+        self,
+        x0: Tensor,
+        context_cu_seqlens: Tensor,
+        source_lengths: Tensor,
+        x_t: Tensor,
+        timesteps: Tensor,
+        cfg_dropped: Tensor | None = None,
+    ) -> Tensor:
+        """Supervised fine-tuning forward (the LCM's instruction-tuning layout, see
+        :func:`sft_shifted_causal_mask`): x0 [N, E] holds each document's clean, normalised ``source ++ target``
+        packed (``context_cu_seqlens`` [D+1]), ``source_lengths`` [D] how many of them are source; x_t [M, E]
+        the noisy target concepts only, packed in document order (M = sum of target lengths), at ``timesteps``
+        [M]; ``cfg_dropped`` bool[D, T] (T = the longest target). Returns the x0 predictions of the targets [M, E]."""
+        cu = context_cu_seqlens.to(torch.int64)
+        src = source_lengths.to(device=cu.device, dtype=torch.int64)
+        tgt = cu[1:] - cu[:-1] - src
+        if x0.dim() != 2 or x_t.dim() != 2 or bool((tgt < 1).any()) or x_t.shape[0] != int(tgt.sum()):
+            raise ValueError(f"forward_sft: every document needs >= 1 target concept and x_t one row per target "
+                             f"(context lengths {(cu[1:] - cu[:-1]).tolist()}, source lengths {src.tolist()}, "
+                             f"x_t rows {x_t.shape[0]})")
+        max_ctx = int((cu[1:] - cu[:-1]).max())
+        tgt_cu = torch.zeros_like(cu)
+        torch.cumsum(tgt, 0, out=tgt_cu[1:])
+        context = self.encode_context(x0, cu.to(torch.int32), max_ctx)
+        ctx_layout = DocLayout(cu, x0.shape[0], max_ctx)
+        tgt_layout = DocLayout(tgt_cu, x_t.shape[0], int(tgt.max()))
+        mask = sft_shifted_causal_mask(src, tgt, cfg_dropped, max_context_len=max_ctx)
+        return self.denoiser(x_t, timesteps, _PackedCross(context, ctx_layout, mask, query_layout=tgt_layout))
 
     def loss(self, batch, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Any]]:
         """Diffusion loss on a ConceptBatch: squared error to x0 summed over the embedding dimensions,
