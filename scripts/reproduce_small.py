@@ -189,7 +189,8 @@ def _public(m: dict, key: str) -> str:
 
 
 def _missing_note(rows: list[dict]) -> str:
-    reasons = sorted({why for r in rows for why in ((r.get("public_scoring") or {}).get("missing") or {}).values()})
+    reasons = sorted({part for r in rows for why in ((r.get("public_scoring") or {}).get("missing") or {}).values()
+                      for part in why.split("; ")})
     return (" Here: " + " / ".join(reasons) + ".") if reasons else ""
 
 
