@@ -274,3 +274,41 @@ def test_token_llm_refuses_another_language_and_decoder_options(default_run, cap
     bad.write_text('{"prompt": "ok."}\n{"prompt": \n')
     assert _run([*_common(default_run, "base_lcm"), "--prompts", bad]) == 2
     assert f"--prompts {bad}:2: not valid JSON" in capsys.readouterr().err
+
+
+def test_imported_public_checkpoint_generates(tmp_path):
+    """A public SONAR-LLM checkpoint (Pabiya/SONAR-LLM layout, written as its trainer does) imported by
+    `python -m sonar_llm.convert`, then continued by the command: its first sentence is the decoding of the
+    public model's own prediction (transformers' LlamaForCausalLM, the test-only reference)."""
+    pytest.importorskip("transformers")
+    from test_public_checkpoint import make_wrapper, save_public
+
+    from sonar_llm import convert
+    from sonar_llm.data.segment import split_sentences
+    from sonar_llm.sonar import EmbeddingToText, NllbTokenizer, TextToEmbedding
+    from sonar_llm.sonar.checkpoint import save_fairseq2_checkpoint
+    from sonar_llm.sonar.generation import GenerationConfig
+
+    toy_tokenizer(tmp_path / "spm")
+    spm = next((tmp_path / "spm").glob("*.model"))
+    tok = NllbTokenizer(spm)
+    kw = dict(vocab_size=tok.vocab_size, lang_offset=tok.lang_offset)
+    enc, dec = toy_encoder(seed=1, model_dim=1024, **kw), toy_decoder(seed=2, std=0.5, encoder_dim=1024, **kw)
+    save_fairseq2_checkpoint(enc, tmp_path / "enc.pt")
+    save_fairseq2_checkpoint(dec, tmp_path / "dec.pt")
+    w, cfg_json = make_wrapper("width_eq_hidden")
+    save_public(w, tmp_path / "checkpoint_step_7.pt")
+    (tmp_path / "SonarLLM.json").write_text(json.dumps(cfg_json))
+    model = tmp_path / "model.safetensors"
+    assert convert.main(["--from", "public", "--checkpoint", str(tmp_path / "checkpoint_step_7.pt"),
+                         "--config", str(tmp_path / "SonarLLM.json"), "--out", str(model)]) == 0
+    out = tmp_path / "gen.jsonl"
+    assert _run(["--model", model, "--prompt", PROMPTS[0], "--encoder", tmp_path / "enc.pt", "--decoder",
+                 tmp_path / "dec.pt", "--tokenizer", spm, "--beam", "1", "--max-gen-len", "8", "--max-sentences", "2",
+                 "--eos-threshold", "1.1", "--out", out]) == 0
+    (rec,) = _records(out)
+    assert rec["family"] == "sonar_llm" and rec["step"] == 7 and len(rec["sentences"]) == 2
+    prompt = TextToEmbedding(enc, tok).encode(split_sentences(PROMPTS[0]), "eng_Latn")
+    first = w.predict(prompt)[-1:]
+    cfg = GenerationConfig(beam_size=1, max_gen_len=8, max_seq_len=256)
+    assert rec["sentences"][0] == EmbeddingToText(dec, tok).decode(first, "eng_Latn", cfg=cfg)[0]
