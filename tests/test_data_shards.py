@@ -188,3 +188,16 @@ def test_sampled_check_splits_blocks_over_ranks_and_catches_one_flipped_block(tm
         ShardedDataset(tmp_path, verify="sampled", rank=1, world_size=2)
     with pytest.raises(ShardCorruptionError, match=str(emb) + ": block 1"):
         ShardedDataset(tmp_path, verify="sampled")
+
+
+@pytest.mark.parametrize("fname, value", [("doc_offsets.npy", 10**6), ("sent_offsets.npy", -5)])
+def test_garbage_offsets_are_named_even_unverified(tmp_path, fname, value):
+    d = _corrupt_setup(tmp_path)
+    path = d / fname
+    arr = np.load(path)
+    arr[1] = value  # same size, same dtype: only the checksum (not asked for here) or the bounds can tell
+    np.save(path, arr)
+    ds = ShardedDataset(tmp_path, verify="none")
+    with pytest.raises(ShardCorruptionError, match=str(path)):
+        for i in range(ds.num_docs):
+            ds.doc(i)

@@ -615,7 +615,14 @@ class ShardedDataset:
         k, j = self.locate(int(i))
         a = self._open(k)
         s0, s1 = int(a["doc_offsets"][j]), int(a["doc_offsets"][j + 1])
+        d = self._shard_dir(k)
+        if not 0 <= s0 < s1 <= a["embeddings"].shape[0]:  # (cheap checks: garbage offsets never index silently)
+            raise ShardCorruptionError(f"shard file {d / 'doc_offsets.npy'}: document {j} spans sentences "
+                                       f"[{s0}, {s1}) of {a['embeddings'].shape[0]}")
         offs = np.asarray(a["sent_offsets"][s0:s1 + 1], dtype=np.int64)
+        if offs[0] < 0 or offs[-1] > a["tokens"].shape[0] or (np.diff(offs) < 1).any():
+            raise ShardCorruptionError(f"shard file {d / 'sent_offsets.npy'}: sentence offsets of document {j} are "
+                                       f"not increasing within [0, {a['tokens'].shape[0]}]")
         return a["embeddings"][s0:s1], a["tokens"][offs[0]:offs[-1]], offs - offs[0]
 
     def doc(self, i: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
