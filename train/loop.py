@@ -530,9 +530,9 @@ def train(run: Run) -> dict[str, Any]:
                             if run.last_saved is not None else None)
     if run.last_good != run.step:
         good = ckpt.newest_good_checkpoint(run.ckpt_root)
+        where = f"step {ckpt.checkpoint_step(good)} ({good})" if good else "none"
         raise CheckpointNotSaved(f"stopped at step {run.step}, but its checkpoint could not be saved as a good one; "
-                                 f"newest good checkpoint: {f'step {ckpt.checkpoint_step(good)} ({good})' if good else 'none'}",
-                                 result)
+                                 f"newest good checkpoint: {where}", result)
     return result
 
 
