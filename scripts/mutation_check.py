@@ -1,0 +1,374 @@
+"""Mutation check: plant one small bug at a time in a copy of the tree and see whether the tests catch it.
+
+This is how we judge a test (docs/design.md, "Judging a test"): a test that passes on the real code and
+still passes with a planted bug in the behaviour it claims to check does not check it. Each entry of
+MUTATIONS names a file, an exact text, its replacement, the behaviour the replacement breaks, and the tests
+that should catch it. For each mutation the script
+
+1. copies a snapshot of the working tree (`git ls-files --cached --others --exclude-standard`: tracked files
+   as they are on disk, plus untracked files that are not ignored, plus the built native library if any)
+   into a temporary folder, with `sonar_kernels` a link to the copy's `kernels/`;
+2. replaces the text in the copy (the text must occur exactly `count` times, else the mutation is STALE:
+   the code moved on and the entry needs updating; nothing is silently skipped);
+3. runs only the named tests there with the copy first on PYTHONPATH (so the editable install, which maps
+   `sonar_llm` / `sonar_kernels` to the real tree, does not shadow the copy);
+4. reports CAUGHT (which tests failed) or SURVIVED, with the time.
+
+Before the mutations run, a preflight checks that the copy is what the tests import (`sonar_llm`,
+`sonar_kernels` and `train` resolve inside the copy) and plants an obviously failing mutation (an import
+that raises) that must make pytest fail; and a baseline runs every named test once on the unmutated copy:
+a mutation whose catching tests already fail without it is reported UNRELIABLE, not caught.
+
+Exit status: 0 when every selected mutation is CAUGHT; 1 otherwise (SURVIVED, STALE, UNRELIABLE, or a
+preflight failure). Not part of CI (it runs each mutation's tests once: many minutes).
+
+    python scripts/mutation_check.py               # all mutations
+    python scripts/mutation_check.py --list        # names, files, what each breaks, its tests
+    python scripts/mutation_check.py --only NAME [--only NAME2]   (or a glob: --only 'lce-*')
+    python scripts/mutation_check.py -j 2          # mutations in parallel (each pytest is one process)
+    python scripts/mutation_check.py --no-baseline --json report.json
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import fnmatch
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One planted bug."""
+
+    name: str  # unique, kebab-case; the area comes first (lce-, sonar-, packed-, family-, train-, data-, eval-)
+    file: str  # path relative to the repository root
+    old: str  # exact text to replace (must occur exactly `count` times)
+    new: str  # replacement
+    breaks: str  # the behaviour the replacement breaks, in words
+    tests: tuple[str, ...]  # pytest node ids / paths that should catch it
+    env: tuple[tuple[str, str], ...] = ()  # extra environment for the test run, e.g. (("TRITON_INTERPRET", "1"),)
+    count: int = 1  # how many occurrences of `old` to expect (all of them are replaced)
+
+
+T_NATIVE = "tests/test_native.py"
+T_LCE = "tests/test_linear_cross_entropy.py"
+T_LCE_GIF = "tests/test_lce_grad_in_forward.py"
+
+MUTATIONS: list[Mutation] = [
+    # ------------------------------------------------------------------ SONAR modules
+    Mutation(
+        "sonar-encoder-pool-over-padding", "sonar_llm/sonar/encoder.py",
+        "summed = (h * m[..., None]).sum(dim=1)", "summed = h.sum(dim=1)",
+        "the encoder's mean pooling must skip padded positions",
+        ("tests/test_sonar_models.py::test_encoder_matches_float64_reference",
+         "tests/test_sonar_models.py::test_encoder_padding_does_not_change_embedding"),
+    ),
+    Mutation(
+        "sonar-positions-off-by-one", "sonar_llm/sonar/layers.py",
+        "steps = torch.arange(start_step, start_step + num_rows,",
+        "steps = torch.arange(start_step + 1, start_step + 1 + num_rows,",
+        "the sinusoid table's row r encodes step start_step + r (SONAR: steps from 2)",
+        ("tests/test_sonar_models.py::test_sinusoid_table_matches_closed_form",
+         "tests/test_sonar_models.py::test_decoder_matches_float64_reference"),
+    ),
+    Mutation(
+        "sonar-cross-constant-drops-output-bias", "sonar_llm/sonar/layers.py",
+        "return attn.output_proj(attn.v_proj(encoder_output))",
+        "return F.linear(attn.v_proj(encoder_output), attn.output_proj.weight)",
+        "the one-key cross-attention constant is W_o (W_v e + b_v) + b_o (incremental decoding)",
+        ("tests/test_sonar_models.py::test_cross_attention_is_the_one_key_constant",
+         "tests/test_sonar_models.py::test_incremental_steps_match_full_forward"),
+    ),
+    Mutation(
+        "sonar-decoder-eval-dropout-rescale", "sonar_llm/sonar/layers.py",
+        "        x = self.pos_encoder(x, start_step, positions)\n        return F.dropout(x, self.dropout_p, self.training)",
+        "        x = self.pos_encoder(x, start_step, positions)\n"
+        "        return F.dropout(x, self.dropout_p, True) if self.training else x / (1.0 - self.dropout_p)",
+        "eval mode is the dropout-free function (a deterministic eval-mode rescale passes dec(x) == dec(x))",
+        ("tests/test_sonar_models.py::test_dropout_only_in_training",),
+    ),
+    # ------------------------------------------------------------------ packed decoder
+    Mutation(
+        "packed-layer0-cross-constant", "sonar_llm/sonar/packed_decoder.py",
+        "branch = consts[:, 0].index_select(0, sid)", "branch = torch.zeros_like(resid)",
+        "layer 0's cross-attention constant is added to the residual stream of the fast path",
+        ("tests/test_packed_decoder.py",),
+    ),
+    Mutation(
+        "packed-positions-restart-per-sentence", "sonar_llm/sonar/packed_decoder.py",
+        "positions = torch.arange(n, device=cu.device) - in_cu[:-1][sentence_ids]",
+        "positions = torch.arange(n, device=cu.device)",
+        "packed positions restart at 0 in every sentence (pack_targets, shared with reference_loss)",
+        ("tests/test_packed_decoder.py",),
+    ),
+    # ------------------------------------------------------------------ evaluation metrics
+    Mutation(
+        "eval-rep4-counts-distinct", "sonar_llm/eval/metrics.py",
+        "return 1.0 - len(set(grams)) / len(grams)", "return len(set(grams)) / len(grams)",
+        "REP-n = 1 - distinct/total n-grams",
+        ("tests/test_eval_metrics.py",),
+    ),
+    Mutation(
+        "eval-overlap-unique-grams", "sonar_llm/eval/metrics.py",
+        "return sum(g in seen for g in gen) / len(gen)", "return len(set(gen) & seen) / len(gen)",
+        "OVL-n counts the generation's n-grams with multiplicity",
+        ("tests/test_eval_metrics.py",),
+    ),
+    Mutation(
+        "eval-round-trip-l2-squared", "sonar_llm/eval/metrics.py",
+        "l2 = (e - again).norm(dim=-1)", "l2 = (e - again).pow(2).sum(dim=-1)",
+        "round-trip l2 is the Euclidean distance, not its square",
+        ("tests/test_eval_metrics.py",),
+    ),
+]
+
+
+# ---------------------------------------------------------------------------------------------- the copy
+
+
+def tree_files(root: Path) -> list[str]:
+    """The working tree's files as the tests see them: tracked (as on disk) + untracked-not-ignored."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         cwd=root, check=True, capture_output=True).stdout.decode()
+    files = [f for f in out.split("\0") if f and (root / f).is_file()]
+    native = root / "kernels" / "_native"
+    if native.is_dir():  # the optional native library is ignored by git but is part of "native if built"
+        files += [str(p.relative_to(root)) for p in native.iterdir() if p.is_file() and p.suffix == ".so"]
+    return sorted(set(files))
+
+
+def snapshot(root: Path, dest: Path) -> None:
+    """Copy the working tree's files into dest (a frozen snapshot: others may keep editing the real tree)."""
+    for rel in tree_files(root):
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, target)
+    (dest / "sonar_kernels").symlink_to("kernels", target_is_directory=True)
+
+
+def clone(snap: Path, dest: Path) -> None:
+    """A cheap per-mutation copy: hard links (a mutated file is replaced, never written in place)."""
+    shutil.copytree(snap, dest, symlinks=True, copy_function=os.link)
+
+
+def plant(copy: Path, m: Mutation) -> str | None:
+    """Apply the mutation in `copy`; returns None, or why it is STALE."""
+    path = copy / m.file
+    if not path.is_file():
+        return f"{m.file} does not exist"
+    text = path.read_text()
+    n = text.count(m.old)
+    if n != m.count:
+        return f"expected {m.count} occurrence(s) of the text in {m.file}, found {n}"
+    path.unlink()  # break the hard link to the snapshot
+    path.write_text(text.replace(m.old, m.new))
+    return None
+
+
+def test_env(copy: Path, extra=()) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(copy)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(dict(extra))
+    return env
+
+
+_FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
+
+
+def run_pytest(copy: Path, tests, env_extra=(), timeout: float = 1800.0) -> tuple[int, list[str], str, float]:
+    """Run pytest in the copy: (returncode, failed node ids, output tail, seconds)."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable", "-rfE",
+           "-o", "addopts=", *tests]
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, cwd=copy, env=test_env(copy, env_extra), capture_output=True, text=True,
+                           timeout=timeout)
+        out, rc = p.stdout + p.stderr, p.returncode
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        out, rc = out + f"\n[timeout after {timeout:.0f} s]", -9
+    failed = sorted(set(_FAILED.findall(out)))
+    return rc, failed, out[-3000:], time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def preflight(snap: Path, work: Path) -> list[str]:
+    """The copy is what gets imported, and an obviously failing mutation fails."""
+    problems = []
+    probe = work / "preflight-clean"
+    clone(snap, probe)
+    code = ("import sonar_llm, sonar_kernels, train; "
+            "print(sonar_llm.__file__); print(sonar_kernels.__file__); print(train.__file__)")
+    p = subprocess.run([sys.executable, "-c", code], cwd=probe, env=test_env(probe), capture_output=True, text=True)
+    if p.returncode != 0:
+        problems.append(f"importing from the copy failed: {p.stderr.strip()[-500:]}")
+    else:
+        for line in p.stdout.split():
+            if not Path(line).resolve().is_relative_to(probe.resolve()):
+                problems.append(f"the copy is shadowed: a module resolves to {line}, outside {probe}")
+    shutil.rmtree(probe, ignore_errors=True)
+    for rel, probe_tests in (("sonar_llm/__init__.py", "tests/test_eval_metrics.py"),
+                             ("kernels/__init__.py", "tests/test_native.py")):
+        canary = work / f"preflight-canary-{rel.split('/')[0]}"
+        clone(snap, canary)
+        _plant_canary(canary / rel)
+        rc, _, out, _ = run_pytest(canary, ["--collect-only", probe_tests])
+        if rc == 0 or "mutation_check canary" not in out:
+            problems.append(f"a canary planted in {rel} of the copy did not make pytest fail: the tests are "
+                            f"not importing the copy (rc={rc})")
+        shutil.rmtree(canary, ignore_errors=True)
+    return problems
+
+
+def _plant_canary(path: Path) -> None:
+    text = path.read_text()
+    path.unlink()
+    path.write_text('raise ImportError("mutation_check canary")\n' + text)
+
+
+@dataclass
+class Result:
+    name: str
+    status: str  # CAUGHT | SURVIVED | STALE | UNRELIABLE
+    caught_by: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    detail: str = ""
+
+
+def check_one(snap: Path, work: Path, m: Mutation, baseline_failed: set[str], timeout: float) -> Result:
+    copy = work / f"m-{m.name}"
+    clone(snap, copy)
+    try:
+        stale = plant(copy, m)
+        if stale:
+            return Result(m.name, "STALE", detail=stale)
+        rc, failed, out, secs = run_pytest(copy, list(m.tests), m.env, timeout)
+        if rc == 0:
+            return Result(m.name, "SURVIVED", seconds=secs, detail=out.strip().splitlines()[-1] if out.strip() else "")
+        pre_broken = [t for t in failed if t in baseline_failed or any(t.startswith(b) for b in baseline_failed)]
+        if failed and len(pre_broken) == len(failed):
+            return Result(m.name, "UNRELIABLE", failed, secs, "its catching tests fail without the mutation too")
+        if not failed:  # pytest failed without naming a test: collection error, timeout, crash
+            last = out.strip().splitlines()[-1] if out.strip() else f"rc={rc}"
+            return Result(m.name, "CAUGHT", [f"(pytest rc={rc}: {last})"], secs)
+        return Result(m.name, "CAUGHT", [t for t in failed if t not in pre_broken], secs)
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+
+
+def baseline(snap: Path, work: Path, muts: list[Mutation], timeout: float) -> tuple[set[str], float, str]:
+    """Run every selected mutation's tests once on the unmutated copy (grouped by environment)."""
+    failed: set[str] = set()
+    groups: dict[tuple, list[str]] = {}
+    for m in muts:
+        groups.setdefault(m.env, [])
+        groups[m.env] += [t for t in m.tests if t not in groups[m.env]]
+    secs, tail = 0.0, ""
+    for env, tests in groups.items():
+        copy = work / "baseline"
+        clone(snap, copy)
+        rc, f, out, s = run_pytest(copy, tests, env, timeout * 2)
+        shutil.rmtree(copy, ignore_errors=True)
+        failed |= set(f)
+        secs += s
+        if rc != 0:
+            tail += out
+    return failed, secs, tail
+
+
+def list_mutations(muts: list[Mutation]) -> None:
+    for i, m in enumerate(muts, 1):
+        print(f"{i:2d}. {m.name}  [{m.file}]")
+        print(f"    breaks: {m.breaks}")
+        print(f"    tests:  {' '.join(m.tests)}" + (f"  env: {dict(m.env)}" if m.env else ""))
+
+
+def print_table(results: list[Result]) -> None:
+    w = max(len(r.name) for r in results)
+    print(f"\n{'mutation':<{w}}  {'status':<10}  {'time':>7}  caught by / detail")
+    print(f"{'-' * w}  {'-' * 10}  {'-' * 7}  {'-' * 40}")
+    for r in results:
+        by = ", ".join(t.replace("tests/", "") for t in r.caught_by) if r.caught_by else r.detail
+        print(f"{r.name:<{w}}  {r.status:<10}  {r.seconds:6.1f}s  {by}")
+    counts = {s: sum(r.status == s for r in results) for s in ("CAUGHT", "SURVIVED", "STALE", "UNRELIABLE")}
+    print("\n" + ", ".join(f"{k.lower()}: {v}" for k, v in counts.items()) + f"  (of {len(results)})")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--list", action="store_true", help="print the mutations and exit")
+    ap.add_argument("--only", action="append", default=[], metavar="NAME", help="a mutation name or glob (repeatable)")
+    ap.add_argument("-j", "--jobs", type=int, default=1, help="mutations run in parallel (default 1)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the named tests")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per mutation's pytest run")
+    ap.add_argument("--json", type=Path, help="also write the report as JSON")
+    args = ap.parse_args(argv)
+
+    names = [m.name for m in MUTATIONS]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        print(f"duplicate mutation names in {__file__}: {sorted(dup)}", file=sys.stderr)
+        return 2
+    muts = MUTATIONS
+    if args.only:
+        muts = [m for m in MUTATIONS if any(fnmatch.fnmatchcase(m.name, pat) for pat in args.only)]
+        unknown = [p for p in args.only if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if unknown:
+            print(f"no mutation matches {unknown}; see --list", file=sys.stderr)
+            return 2
+    print(f"{len(muts)} mutation(s):")
+    list_mutations(muts)
+    if args.list:
+        return 0
+
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mutation_check-") as tmp:
+        work = Path(tmp)
+        snap = work / "snapshot"
+        snapshot(ROOT, snap)
+        problems = preflight(snap, work)
+        if problems:
+            print("\nPREFLIGHT FAILED:\n  " + "\n  ".join(problems))
+            return 1
+        print("\npreflight: the copy is imported (sonar_llm, sonar_kernels, train) and a planted import error fails")
+        base_failed: set[str] = set()
+        if not args.no_baseline:
+            base_failed, secs, tail = baseline(snap, work, muts, args.timeout)
+            print(f"baseline (unmutated copy, {secs:.0f} s): "
+                  + ("all named tests pass" if not base_failed else f"FAILING: {sorted(base_failed)}"))
+            if tail and not base_failed:
+                print(tail[-2000:])
+        results: list[Result] = []
+        with cf.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as ex:
+            futs = {ex.submit(check_one, snap, work, m, base_failed, args.timeout): m for m in muts}
+            for fut in cf.as_completed(futs):
+                r = fut.result()
+                results.append(r)
+                print(f"  {r.status:<10} {r.name} ({r.seconds:.1f} s)", flush=True)
+    order = {m.name: i for i, m in enumerate(muts)}
+    results.sort(key=lambda r: order[r.name])
+    print_table(results)
+    print(f"total {time.perf_counter() - t_start:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"results": [asdict(r) for r in results],
+                                         "mutations": [asdict(m) for m in muts]}, indent=1))
+    return 0 if all(r.status == "CAUGHT" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
