@@ -211,11 +211,16 @@ def generate_two_tower(
 
 
 def _randn(rows: list[int], E: int, generator, device: torch.device) -> Tensor:
-    """[len(rows), E] standard normal fp32 draws: from the shared generator, or row by row from each
-    prompt's own generator (so a prompt's draws do not depend on the batch)."""
+    """[len(rows), E] standard normal fp32 draws on `device`: from the shared generator, or row by row from
+    each prompt's own generator (so a prompt's draws do not depend on the batch). A generator draws on its own
+    device (a CPU generator serves a CUDA model)."""
+    def draw(shape, g):
+        where = device if g is None else g.device
+        return torch.randn(shape, generator=g, device=where, dtype=torch.float32).to(device)
+
     if not isinstance(generator, list):
-        return torch.randn((len(rows), E), generator=generator, device=device, dtype=torch.float32)
-    return torch.stack([torch.randn(E, generator=generator[b], device=device, dtype=torch.float32) for b in rows])
+        return draw((len(rows), E), generator)
+    return torch.stack([draw((E,), generator[b]) for b in rows])
 
 
 def _generate(model, prompts, limits, eos_embedding, eos_threshold, num_inference_steps,
