@@ -48,6 +48,14 @@ def test_repetition_and_overlap():
         M.repetition_n("a", 0)
 
 
+def test_overlap_counts_generated_ngrams_with_multiplicity():
+    # generation bigrams: (a b), (b a), (a b), (b c): (a b) occurs in the prompt, twice in the generation
+    # -> 2 of 4 = 0.5 with multiplicity (1 of 4 = 0.25 if repeated n-grams counted once)
+    assert M.ngram_overlap("a b", "a b a b c", 2) == pytest.approx(0.5)
+    # REP-n with multiplicity too: "a a a a a" has 4 bigrams, 1 distinct -> 1 - 1/4
+    assert M.repetition_n("a a a a a", 2) == pytest.approx(0.75)
+
+
 def test_round_trip_closed_form():
     g = torch.Generator().manual_seed(1)
     emb = torch.randn(5, 8, generator=g)

@@ -361,6 +361,21 @@ def test_dropout_only_in_training():
     assert not torch.allclose(enc.train()(tokens), enc.eval()(tokens))
 
 
+def test_eval_mode_is_the_dropout_free_function():
+    """Eval mode must compute exactly the model without dropout (not only deterministically): the same weights
+    with dropout_p = 0.3 in eval mode equal the float64 reference, which has no dropout at all."""
+    dec = toy_decoder(seed=15, dropout_p=0.3, dtype=torch.float64)
+    enc = toy_encoder(seed=15, dropout_p=0.3, dtype=torch.float64)
+    tokens = torch.tensor([[3, 80, 5, 6, 7], [3, 81, 9, 10, 11]])
+    emb = torch.randn(2, dec.cfg.encoder_dim, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+    # 1e-6: the sinusoid table is fp32 by design (as in test_decoder_matches_float64_reference)
+    torch.testing.assert_close(dec(tokens, emb), ref_decoder_logits(params64(dec), dec.cfg, tokens, emb),
+                               atol=1e-6, rtol=1e-6)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    torch.testing.assert_close(enc(tokens, mask), ref_encoder(params64(enc), enc.cfg, tokens, mask),
+                               atol=1e-6, rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------- configs
 
 
