@@ -60,7 +60,7 @@ class GenerateConfig:
     run: str = ""  # or a training run directory
     family: str = "auto"  # checked against the run config's family
     prompt: str = ""  # one prompt text
-    prompts: str = ""  # or a JSONL file (one prompt per line: {"prompt": ...}, {"text": ...} or a JSON string), "-" = stdin
+    prompts: str = ""  # or a JSONL file, one prompt per line ({"prompt": ...} or similar); "-" = stdin
     out: str = ""  # JSONL output ("" = print the continuations)
     source_lang: str = "eng_Latn"  # language of the prompts (SONAR encoder)
     target_lang: str = ""  # language of the continuation ("" = source_lang)
@@ -135,7 +135,8 @@ def read_prompts(source: str, stream: TextIO | None = None) -> list[str]:
         if isinstance(value, dict):
             value = value.get("prompt", value.get("text"))
         if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"--prompts {name}:{n}: expected {{\"prompt\": text}}, {{\"text\": text}} or a JSON string")
+            raise ValueError(f"--prompts {name}:{n}: expected {{\"prompt\": text}}, {{\"text\": text}} "
+                             "or a JSON string")
         out.append(value)
     if not out:
         raise ValueError(f"--prompts {name}: no prompt in it")
@@ -201,7 +202,7 @@ class Continuation:
 class Generator:
     """A loaded model + SONAR, ready to continue prompts (`continue_prompts`)."""
 
-    def __init__(self, cfg: GenerateConfig, *, log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, cfg: GenerateConfig) -> None:
         from sonar_llm.checkpoints import read_exported, read_run
         from sonar_llm.eval.evaluate import end_of_doc_text, load_sonar_text, resolve_sonar_assets
         from sonar_llm.models.build import build_trained
@@ -396,7 +397,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--source-lang", default=d.source_lang, help="prompt language (SONAR code, e.g. eng_Latn)")
     p.add_argument("--target-lang", default="", help="continuation language (default: the source language)")
     p.add_argument("--max-sentences", type=int, default=d.max_sentences, help="new sentences per continuation")
-    p.add_argument("--eos-threshold", type=float, default=0.0, help="cosine stop at the end sentence; 0 = family default")
+    p.add_argument("--eos-threshold", type=float, default=0.0,
+                   help="cosine stop at the end sentence; 0 = the family's default")
     p.add_argument("--end-of-doc-text", default="", help="end sentence (default: the training data's)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="continuations per batch")
     p.add_argument("--num-samples", type=int, default=d.num_samples, help="continuations per prompt")
