@@ -2,7 +2,7 @@
 
     python -m sonar_llm.generate --model model.safetensors --prompt "Tom had a red ball. He liked it."
     python -m sonar_llm.generate --model model.safetensors --prompts prompts.jsonl --out generations.jsonl
-    cat prompts.jsonl | python -m sonar_llm.generate --run runs/default --prompts - --target-lang fra_Latn
+    cat prompts.jsonl | python -m sonar_llm.generate --run runs/default --prompts - --num-samples 3 --top-p 0.9
 
 Model: an exported safetensors file (`train/export.py`, `model.json` beside it) or a run directory (latest
 complete checkpoint), rebuilt by the library (`sonar_llm.checkpoints` + `sonar_llm.models.build`); everything
@@ -384,6 +384,7 @@ def generate(cfg: GenerateConfig, *, stdout: TextIO | None = None, stderr: TextI
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sonar_llm.generate", description=__doc__.split("\n\n")[0],
+                                epilog="examples:\n" + __doc__.split("\n\n")[1] + "\n\ndetails: docs/generation.md",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = GenerateConfig()
     src = p.add_mutually_exclusive_group(required=True)
