@@ -104,6 +104,19 @@ def test_command_writes_records_for_every_family(default_run, tmp_path, family):
         assert d["max_new_tokens"] == 8 and d["width"] == 32 and rec["target_lang"] == "eng_Latn"
 
 
+def test_run_directory_reads_like_its_export(default_run, tmp_path):
+    """--run RUN_DIR (the latest checkpoint, SONAR paths from the run config) == --model of its export."""
+    outs = []
+    for src in (["--model", default_run["models"]["base_lcm"]], ["--run", default_run["root"] / "run_base_lcm"]):
+        out = tmp_path / f"{src[0][2:]}.jsonl"
+        argv = [*_common(default_run, "base_lcm"), "--prompt", PROMPTS[2], "--out", out]
+        argv[:2] = src
+        assert _run(argv) == 0
+        outs.append(_records(out)[0])
+    assert outs[0]["sentences"] == outs[1]["sentences"] and outs[1]["step"] == 2
+    assert outs[0]["decoding"] == outs[1]["decoding"]
+
+
 def test_sonar_llm_continuation_equals_the_public_loop_by_hand(default_run, tmp_path):
     """Independent path: the public code's loop (no KV cache, one story) with the same decoder settings."""
     from sonar_llm.eval.evaluate import load_sonar_text, resolve_sonar_assets
