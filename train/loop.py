@@ -102,12 +102,13 @@ def default_model_factory(cfg: RunConfig) -> nn.Module:
     return build_model(cfg)
 
 
-def shard_verification(mode: str, info: DistInfo) -> dict[str, Any]:
-    """ShardedDataset arguments for `data.verify`: "full" = sha256 of each shard when first opened, "sampled" =
-    this rank's share of the per-block sha256s up front (every block checked once across the job), "size" =
-    sizes and shard.json checksums only."""
+def shard_verification(mode: str, info: DistInfo, workers: int = 0) -> dict[str, Any]:
+    """ShardedDataset arguments for `data.verify`: "full" = sha256 of each shard when first opened (with
+    DataLoader workers: all shards up front in this process, so that the workers do not each hash them again),
+    "sampled" = this rank's share of the per-block sha256s up front (every block checked once across the job),
+    "size" = sizes and shard.json checksums only."""
     if mode == "full":
-        return {"verify": "full", "lazy": True}
+        return {"verify": "full", "lazy": workers == 0}
     if mode == "sampled":
         return {"verify": "sampled", "rank": info.rank, "world_size": info.world_size}
     return {"verify": "size"}
@@ -120,8 +121,10 @@ def default_data_factory(cfg: RunConfig, split: str, info: DistInfo) -> Loader:
     from sonar_llm.data.shards import ShardedDataset
 
     train = split == "train"
-    dataset = ShardedDataset(cfg.data.path if train else cfg.data.val_path, **shard_verification(cfg.data.verify, info))
-    return make_dataloader(dataset, num_workers=cfg.data.workers if train else 0,
+    workers = cfg.data.workers if train else 0
+    dataset = ShardedDataset(cfg.data.path if train else cfg.data.val_path,
+                             **shard_verification(cfg.data.verify, info, workers))
+    return make_dataloader(dataset, num_workers=workers,
                            pin_memory=info.device.type == "cuda", max_sentences=cfg.data.max_sentences,
                            max_tokens=cfg.data.max_tokens, seed=cfg.data.seed, rank=info.rank,
                            world_size=info.world_size, shuffle=train, loop=train)
