@@ -79,6 +79,27 @@ def test_sonar_llm_cached_equals_reference_and_stops():
     assert any(a.stopped_by_eos and len(a.texts) == 2 for a in fast)
 
 
+def test_sonar_llm_stop_rule_is_a_cosine_on_unnormalised_embeddings():
+    """The re-encoded sentences have norm 0.5 here (the codebook vectors are unit): the end-of-document rule
+    must compare the cosine, not a dot product. The reference shares no helper with the cached loop."""
+    book = Codebook(4, seed=2)
+
+    def encode_half(texts):
+        return 0.5 * book.encode(texts)
+
+    model = sonar_model(seed=4)
+    ps = prompts([1, 3, 2, 5, 4, 2], seed=7)
+    kw = dict(max_sentences=8, eos_embedding=book.eos, eos_threshold=0.98)
+    fast = generate_sonar_llm(model, ps, book.decode, encode_half, **kw)
+    ref = generate_sonar_llm_reference(model, ps, book.decode, encode_half, **kw)
+    for a, b in zip(fast, ref):
+        assert a.texts == b.texts and a.stopped_by_eos == b.stopped_by_eos
+        torch.testing.assert_close(a.embeddings, b.embeddings)
+        if a.texts:
+            torch.testing.assert_close(a.embeddings, 0.5 * book.encode(a.texts).float())
+    assert any(a.stopped_by_eos for a in fast) and any(not a.stopped_by_eos for a in fast)
+
+
 def test_sonar_llm_stop_rules():
     book = Codebook(4)
     model = sonar_model()

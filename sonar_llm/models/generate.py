@@ -244,31 +244,50 @@ def generate_sonar_llm_reference(
     reencode: bool = True,
 ) -> list[ConceptGeneration]:
     """The public code's loop: one story at a time; every step runs the backbone over all embeddings
-    so far (no cache), decodes the last prediction, re-encodes it and appends it."""
+    so far (no cache), decodes the last prediction, re-encodes it and appends it.
+
+    It is the reference the cached loop is tested against, so it shares none of that loop's helpers
+    (prompt checks, next-step function, cosine): each step is written out here, the cosine in float64."""
     if reencode and encode_fn is None:
         raise ValueError("reencode=True needs an encode_fn")
-    dim = eos_embedding.numel()
-    _check_prompts(prompt_embeddings, dim)
-    device, dtype = _model_device_dtype(model)
-    next_fn = _sonar_llm_next_fn(model, decode_fn, encode_fn, reencode)
+    eos = eos_embedding.detach().reshape(-1).to("cpu", torch.float64)
+    dim = eos.numel()
+    if len(prompt_embeddings) == 0:
+        raise ValueError("prompt_embeddings is empty")
+    for i, p in enumerate(prompt_embeddings):
+        if not (isinstance(p, Tensor) and p.dim() == 2 and p.shape[0] > 0 and p.shape[1] == dim):
+            raise ValueError(f"prompt_embeddings[{i}] must be a non-empty [n, {dim}] tensor, got "
+                             f"{tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__}")
+    weight = next(model.parameters())
     out = []
-    with _inference(model):
-        for prompt in prompt_embeddings:
-            embs = prompt.to(device=device, dtype=dtype)
-            result = ConceptGeneration(torch.zeros(0, dim))
-            appended = []
-            while embs.shape[0] <= max_sentences:
-                hidden = model.backbone.forward_padded(model.embed_inputs(embs)[None])[0, -1:]
-                step_texts, nxt = next_fn(hidden)
-                if float(_cosine(nxt, eos_embedding)[0]) >= eos_threshold:
-                    result.stopped_by_eos = True
-                    break
-                result.texts.append(step_texts[0])
-                appended.append(nxt[0].to("cpu", torch.float32))
-                embs = torch.cat([embs, nxt.to(device=device, dtype=dtype)])
-            if appended:
-                result.embeddings = torch.stack(appended)
-            out.append(result)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for prompt in prompt_embeddings:
+                embs = prompt.to(device=weight.device, dtype=weight.dtype)
+                result = ConceptGeneration(torch.zeros(0, dim))
+                appended = []
+                while embs.shape[0] <= max_sentences:
+                    hidden = model.backbone.forward_padded(model.embed_inputs(embs)[None])[0, -1:]
+                    pred = model.predict_embedding(hidden)  # [1, E]
+                    text = list(decode_fn(pred))
+                    if len(text) != 1:
+                        raise ValueError(f"decode_fn returned {len(text)} texts for 1 embedding")
+                    nxt = encode_fn(text).to(pred.device) if reencode else pred
+                    v = nxt[0].detach().to("cpu", torch.float64)
+                    cosine = float(v @ eos) / max(float(v.norm()) * float(eos.norm()), 1e-8)
+                    if cosine >= eos_threshold:
+                        result.stopped_by_eos = True
+                        break
+                    result.texts.append(text[0])
+                    appended.append(nxt[0].to("cpu", torch.float32))
+                    embs = torch.cat([embs, nxt.to(device=weight.device, dtype=weight.dtype)])
+                if appended:
+                    result.embeddings = torch.stack(appended)
+                out.append(result)
+    finally:
+        model.train(was_training)
     return out
 
 
