@@ -110,3 +110,41 @@ def test_planned_flops_equal_flop_counter_on_real_tensors(tmp_path):
     # (logits, d_hidden) = 2 x 2 x N x D x V with N = the tokens the loss predicts
     assert split["vocab_projection"] == 4 * planned["target_tokens"] * 128 * 2206
     assert split["concept_model"] > 0 and split["decoder_and_loss"] > 0
+
+
+# ------------------------------------------------------------------------------ inference cost vs context
+# small decoding / diffusion settings keep the counts quick (the form is checked, not the settings)
+INFER = dict(tokens_per_sentence=3, beam=2, settings={"num_inference_steps": 4})
+
+
+@pytest.mark.parametrize("family", ["sonar_llm", "base_lcm", "two_tower", "token_llm"])
+def test_inference_closed_form_matches_counted_flops(family):
+    """The closed form fitted at (tiny preset, tiny SONAR, contexts 2 and 6) must give the counted FLOPs per
+    generated sentence at context 9 exactly, and at another size (small preset, toy SONAR) within 1%."""
+    pi = pytest.importorskip("train.plan_inference")
+    model, spec, dec, enc = pi.build(family, "tiny", "tiny", 2206, fake=False)
+    coeffs = pi.fit(model, spec, dec, enc, (2, 6), **INFER)
+    counted = pi.count_sentence(model, spec, dec, enc, 9, **INFER)
+    predicted = pi.closed_form(coeffs, pi.sizes_of(model, dec, enc), 9)
+    for g in counted:
+        assert predicted[g] == pytest.approx(counted[g]["total"], rel=1e-9, abs=1e-6), g
+    assert counted["model"]["total"] > 0
+    if spec.generate is not None:  # every concept model's sentence is decoded by the SONAR decoder
+        assert counted["decoder"]["total"] > 0
+    model2, spec2, dec2, enc2 = pi.build(family, "small", "toy", 96, fake=False)
+    counted2 = pi.count_sentence(model2, spec2, dec2, enc2, 5, **INFER)
+    predicted2 = pi.closed_form(coeffs, pi.sizes_of(model2, dec2, enc2), 5)
+    for g in counted2:
+        assert predicted2[g] == pytest.approx(counted2[g]["total"], rel=0.01, abs=1e-6), g
+
+
+def test_inference_cost_grows_with_context_only_through_attention():
+    """Counted at two contexts, a concept model's extra cost per context sentence is its attention over one more
+    cached key: 4 x sum(heads x head_dim) FLOPs (QK^T and AV, one query per layer) for the KV-cached backbone."""
+    pi = pytest.importorskip("train.plan_inference")
+    model, spec, dec, enc = pi.build("base_lcm", "tiny", "tiny", 2206, fake=False)
+    a = pi.count_sentence(model, spec, dec, enc, 3, **INFER)["model"]["total"]
+    b = pi.count_sentence(model, spec, dec, enc, 7, **INFER)["model"]["total"]
+    width = sum(m.num_heads * m.head_dim for m in model.modules()
+                if isinstance(getattr(m, "num_heads", None), int) and isinstance(getattr(m, "head_dim", None), int))
+    assert (b - a) / 4 == 4 * width

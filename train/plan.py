@@ -39,11 +39,9 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import sys
 import tempfile
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -497,7 +495,7 @@ def format_report(rep: dict) -> str:
                   f"    per step        {_tf(f['per_step'])}   (family's closed form per micro-batch: "
                   f"{_tf(f['family_formula'])})"]
         t = r["time"]
-        lines.append(f"  time at {rep['mfu']:.0%} MFU: {t['step_seconds']:.3f} s/step, {t['sentences_per_second']:,.0f} "
+        lines.append(f"  time at {rep['mfu']:.0%} MFU: {t['step_seconds'] * 1e3:.2f} ms/step, {t['sentences_per_second']:,.0f} "
                      f"sentences/s over {rep['nproc']} GPU(s), {t['flops_per_target_token'] / 1e9:.2f} GFLOP per "
                      f"target token" + (f", {t['run_hours']:.1f} h for the configured steps" if "run_hours" in t
                                         else ""))
@@ -516,12 +514,128 @@ def format_report(rep: dict) -> str:
     return "\n".join(lines)
 
 
+RESULT_PRESETS = ("39M", "100M", "300M", "600M", "900M", "1.3B")
+
+
+def write_results(out_dir: str, gpu_name: str = "h100-80gb", mfu: float = 0.4, configs_dir: str = "configs",
+                  family: str = "sonar_llm", presets: tuple[str, ...] = RESULT_PRESETS, plans: bool = True,
+                  inference: bool = True) -> None:
+    """bench/results/plan/: plan_<preset>.json (the plan of `configs/<family>_<preset>.toml` at {1, 8} GPUs,
+    fast and public path) for each of `presets` when `plans`; inference.json + inference_cost.png when
+    `inference`; README.md rendered from every plan_*.json and inference.json present."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = GPUS[gpu_name]
+    for preset in presets if plans else ():
+        cfg = load_config(Path(configs_dir) / f"{family}_{preset.lower()}.toml", [], check_paths=False)
+        reports = []
+        for nproc in (1, 8):
+            t0 = time.process_time()
+            rep = plan(cfg, nproc, gpu, mfu=mfu)
+            rep["cpu_seconds"] = time.process_time() - t0
+            reports.append(rep)
+            print(f"{preset} x {nproc}: {rep['seconds']:.0f} s wall, {rep['cpu_seconds']:.0f} s CPU", flush=True)
+        (out / f"plan_{preset}.json").write_text(json.dumps(reports, indent=1, default=str))
+    if inference:
+        from sonar_llm.models.family import FAMILIES
+        from train import plan_inference as pi
+
+        curves = pi.inference_curves(list(FAMILIES), list(RESULT_PRESETS), INFERENCE_CONTEXTS)
+        (out / "inference.json").write_text(json.dumps(curves, indent=1, default=str))
+        pi.plot(curves, ["100M", "900M"], str(out / "inference_cost.png"))
+    (out / "README.md").write_text(render_results(out, gpu, mfu))
+
+
+INFERENCE_CONTEXTS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+
+
+def render_results(out: Path, gpu: GPU, mfu: float) -> str:
+    """README.md of bench/results/plan/ from its JSON files."""
+    rows, reports = [], []
+    for preset in RESULT_PRESETS:
+        path = out / f"plan_{preset}.json"
+        if path.exists():
+            reports += json.loads(path.read_text())
+    for rep in reports:
+        preset = rep["config"].split("/")[1]
+        for key in ("fast", "public"):
+            r = rep.get(key)
+            if not r or "skipped" in r:
+                continue
+            m, f, t = r["memory"], r["flops"], r["time"]
+            kt = sum(k["scratch_bytes"] for k in r.get("kernel_temporaries", []))
+            ratio = ""
+            if key == "public" and "ratios" in rep:
+                q = rep["ratios"]
+                ratio = (f"{q['flops_per_target_token_public_over_fast']:.2f} / "
+                         f"{q['peak_memory_per_rank_public_over_fast']:.2f}")
+            rows.append([preset, str(rep["nproc"]), "ours" if key == "fast" else "public",
+                         f"{r['documents']} x {r['micro_batches']}", f"{r['sentences']:.0f}",
+                         f"{m['peak_total'] / GiB:.2f}",
+                         f"{(m['parameters'] + m['gradients'] + m['optimizer_state']) / GiB:.2f}",
+                         f"{m['frozen'] / GiB:.2f}", f"{kt / GiB:.2f}" if kt else "-",
+                         f"{f['per_step'] / 1e12:.1f}", f"{t['flops_per_target_token'] / 1e9:.2f}",
+                         f"{t['step_seconds'] * 1e3:.1f}", f"{t['sentences_per_second']:,.0f}",
+                         f"{r['fit']['max_sentences_per_rank']:,.0f}" if "fit" in r else "-", ratio])
+    head = ["preset", "GPUs", "path", "docs x micro-batches per rank", "sentences per micro-batch", "peak GiB/rank",
+            "params+grads+Adam GiB/rank", "frozen decoder GiB", "LCE scratch GiB", "TFLOP/step/rank",
+            "GFLOP/target token", f"ms/step @{mfu:.0%} MFU", "sentences/s (all GPUs)", "max sentences/rank",
+            "public/ours: FLOPs per token / peak memory"]
+    lines = [f"# Run plans: SONAR-LLM {', '.join(RESULT_PRESETS)} on {gpu.name} (computed, not measured)", "",
+             "Computed from the code by `python -m train.plan --results bench/results/plan` (train/plan.py) on "
+             "fake tensors on a CPU: the real model, frozen SONAR decoder (basic shapes) and loss, one real "
+             "training step (forward, backward, clipping, AdamW step) under FSDP2 on torch's fake process group "
+             "(rank 0 of 8; 1 GPU = no FSDP, as the trainer runs one process), memory by torch's FSDPMemTracker / "
+             "MemTracker, FLOPs by FlopCounterMode. NOT measured on a GPU. Batch: each config's micro-batch "
+             "(data.max_sentences / data.max_tokens per rank, train.grad_accum micro-batches) packed by the real "
+             "loader from the built-in TinyStories-like length histogram (assumed, see train/plan.py). Public "
+             "path: padded full-logit decoder with real cross-attention, 1 document per micro-batch x "
+             f"{PUBLIC_ACCUMULATION} accumulation steps (memory: the larger of {PUBLIC_TRACED_DOCS} traced "
+             "documents; FLOPs: their mean). Attention modelled as flash-attn varlen. Time = FLOPs per rank / "
+             f"({gpu.bf16_dense_flops / 1e12:.0f} TFLOP/s x {mfu:.0%} MFU); peak: {gpu.source}. Largest batch: "
+             "linear fit of the peak through two traced batch sizes, up to 90% of the GPU's memory. How to read "
+             "it: docs/benchmarks.md, section 'Run planner'.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if reports:
+        lines += ["", "Planner time per run on this shared 2-core CPU (loaded by other jobs; CPU seconds of the "
+                      "process): " + ", ".join(f"{r['config'].split('/')[1]} x{r['nproc']}: {r['cpu_seconds']:.0f} s"
+                                               for r in reports)]
+    inf_path = out / "inference.json"
+    if inf_path.exists():
+        curves = json.loads(inf_path.read_text())
+        fams = list(curves["families"].values())
+        lines += ["", "## Inference: GFLOP per generated sentence vs context length (computed, not measured)", "",
+                  "Counted with FlopCounterMode's formulas on the families' real generation paths at small sizes "
+                  "(tiny presets, tiny SONAR), extrapolated with the closed form of train/plan_inference.py (checked "
+                  f"in tests/test_plan.py). Every sentence {curves['tokens_per_sentence']} tokens; SONAR decoding, "
+                  f"beam {curves['beam']}, for every concept model (SONAR-LLM also re-encodes each sentence with the "
+                  "SONAR encoder, as its public loop does); Two-Tower: 40 requested DDIM steps (50 run) with "
+                  "classifier-free guidance 3 (the LCM README recipe; guidance doubles the denoiser batch); token "
+                  "LLM: the preset's trunk with a 128,256-token vocabulary (the paper's Llama-3 tokenizer), "
+                  f"{curves['tokens_per_sentence']} tokens per sentence, KV cache. Context = sentences before the "
+                  "generated one (the token LLM's context is those sentences' tokens).", "",
+                  "![inference cost](inference_cost.png)", ""]
+        for preset in ("100M", "900M"):
+            lines += [f"### {preset}", "", "| context (sentences) | " + " | ".join(e["title"] for e in fams) + " |",
+                      "|---|" + "---|" * len(fams)]
+            for i, n in enumerate(curves["contexts"]):
+                lines.append(f"| {n} | " + " | ".join(
+                    f"{sum(e['presets'][preset]['flops'][i].values()) / 1e9:.1f}" for e in fams) + " |")
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.plan", allow_abbrev=False,
                                 description="Memory, FLOPs and time per step of a run, computed by the real code "
                                             "on fake tensors (no GPU needed). Extra --section.key=value override "
                                             "the config like train/main.py.")
-    p.add_argument("--config", required=True, help="TOML run config (configs/*.toml)")
+    p.add_argument("--config", help="TOML run config (configs/*.toml)")
+    p.add_argument("--results", help="write the committed result set (SONAR-LLM presets x {1, 8} GPUs, "
+                                     "inference curves) to this directory instead")
+    p.add_argument("--presets", default=",".join(RESULT_PRESETS), help="--results: presets to plan ('' = none)")
+    p.add_argument("--no-inference", action="store_true", help="--results: skip the inference curves")
     p.add_argument("--nproc", type=int, default=8, help="FSDP2 ranks (GPUs); 1 = one process, no sharding")
     p.add_argument("--gpu", default="h100-80gb", choices=sorted(GPUS))
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the time estimate")
@@ -544,6 +658,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from train.config import ConfigError
 
+    if args.results:
+        presets = tuple(p for p in args.presets.split(",") if p)
+        write_results(args.results, args.gpu, args.mfu, presets=presets, plans=bool(presets),
+                      inference=not args.no_inference)
+        return 0
+    if not args.config:
+        print("--config is required (or --results DIR)", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config, overrides, check_paths=False)
     except (ConfigError, FileNotFoundError, TypeError) as e:

@@ -44,18 +44,22 @@ def is_fake(t) -> bool:
 
 
 def storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind `tensors` (DTensors count their local shard)."""
-    seen, total = set(), 0
+    """Bytes of the storages behind `tensors`, each tensor once (DTensors count their local shard). Tied or
+    repeated tensors are the same object; real tensors sharing a storage are counted once by address."""
+    seen: set = set()
+    keep = []  # holds the tensors so that ids stay unique while counting
+    total = 0
     for t in tensors:
         if t is None:
             continue
         local = t.to_local() if hasattr(t, "to_local") else t
-        st = local.untyped_storage()
-        key = (id(st), st.data_ptr() if not is_fake(local) and local.device.type != "meta" else id(st))
+        keep.append(local)
+        real = not is_fake(local) and local.device.type != "meta"
+        key = ("ptr", local.untyped_storage().data_ptr()) if real else ("id", id(local))
         if key in seen:
             continue
         seen.add(key)
-        total += st.nbytes()
+        total += local.untyped_storage().nbytes()
     return total
 
 
