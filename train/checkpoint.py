@@ -6,7 +6,8 @@ Layout of `<run>/checkpoints/`:
         .metadata, __<r>_<i>.distcp   DCP shards of {"model", "optim"} (frozen parameters such as the SONAR
                           decoder excluded); read with sonar_llm.dcp_safe (allow-listed metadata unpickler,
                           non-tensor values with torch.load(weights_only=True))
-        trainer.json      rank 0: step, grad-scaler state, skipped / bad-in-a-row counters (JSON)
+        trainer.json      rank 0: step, grad-scaler state, skipped / bad-in-a-row counters (JSON; the lr
+                          schedule is not stored: a resume rebuilds it from its config and the step)
         rank_<r>.json     rank r: data-loader state, Python and NumPy RNG states (JSON)
         rank_<r>.safetensors  rank r: torch (and CUDA) RNG state tensors
         checksums.json    written last: {"format", "step", "good", "reason", "files": {name: {"bytes", "sha256"}}}
@@ -41,7 +42,8 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from sonar_llm.checkpoints import checkpoint_step, complete_steps, latest_checkpoint, step_dir_name
+from sonar_llm.checkpoints import (checkpoint_step, complete_steps, latest_checkpoint,  # noqa: F401 (re-exported)
+                                   step_dir_name)
 from sonar_llm.checkpoints import quiet_single_process as _quiet_single_process
 from sonar_llm.dcp_safe import (CHECKSUMS_FILE, SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError,
                                 file_digest, read_checksums, verify_checkpoint)
