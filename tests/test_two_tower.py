@@ -298,7 +298,7 @@ def _reference_generate(model, prompt, n_new, steps, scale, rescale, noise_scale
             x_t = torch.cat([torch.zeros(n - 1, E), z])
             tt = torch.full((n,), t)
             cond = model(x0, x_t, tt, cu, n)[-1:]
-            if t == 99:
+            if t == 99 or scale == 1.0:  # no CFG at t = T-1, nor anywhere when guidance_scale == 1
                 z, px0 = sched.step(cond, t, z)
             else:
                 dropped = torch.zeros(n, dtype=torch.bool)
@@ -361,6 +361,29 @@ def test_batched_generation_and_no_cfg():
         model.generate(torch.randn(2, 3, 15), 1)
     with pytest.raises(ValueError, match="max_sentences"):
         model.generate(prompts, 0)
+
+
+def test_batched_no_cfg_generation_matches_uncached_reference():
+    """guidance_scale == 1 (no CFG) on a batch of two prompts with one generator each: every prompt's
+    concepts equal the uncached one-prompt reference (the denoiser's training forward at every step)."""
+    torch.manual_seed(7)
+    model = TwoTowerLCM(two_tower_tiny()).eval()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        model.sonar_normalizer.center.copy_(torch.randn(16, generator=g) * 0.01)
+        model.sonar_normalizer.scale.copy_(torch.rand(16, generator=g) * 0.02 + 0.01)
+    prompts = torch.randn(2, 3, 16, generator=g) * 0.02
+    gens = [torch.Generator().manual_seed(20 + i) for i in range(2)]
+    out = model.generate(prompts, 2, guidance_scale=1.0, num_inference_steps=10, initial_noise_scale=0.6,
+                         generator=gens)
+    assert out.num_denoiser_steps == 10
+    with torch.no_grad():
+        for i in range(2):
+            ref = _reference_generate(model, prompts[i], 2, 10, 1.0, 0.0, 0.6, torch.Generator().manual_seed(20 + i))
+            torch.testing.assert_close(out.embeddings[i], ref, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(out.embeddings[0], out.embeddings[1], atol=1e-3)
 
 
 def test_config_errors():
