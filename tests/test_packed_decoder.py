@@ -195,6 +195,29 @@ def test_unfused_qkv_matches():
                                atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_loss_and_grad_match_float64(dtype):
+    """A half-precision decoder (and embedding): loss and d loss / d pred_emb against the float64 padded
+    reference on the same rounded weights and embedding. Tolerance from the dtype and the depth: every stage
+    (embedding, each of the L layers, output) rounds its activations to the dtype once, relative error
+    <= (L + 2) * eps in norm (measured on this case: fp16 1.0 eps, bf16 2.3 eps, gradient). A gradient that
+    misses a layer's cross-attention path is off by far more; shape and finiteness alone would not see it."""
+    import copy
+
+    dec = _decoder(torch.float64, seed=3).to(dtype)
+    packed = PackedSonarDecoder(dec, impl="torch")
+    reference = PackedSonarDecoder(copy.deepcopy(dec).double(), impl="torch")
+    tokens, cu = _batch(LENGTHS, dec.cfg.vocab_size, seed=4)
+    emb = torch.randn(len(LENGTHS), dec.cfg.encoder_dim, generator=torch.Generator().manual_seed(5)).to(dtype)
+    loss, grad = _loss_and_grad(lambda e: packed.loss(e, packed.prepare(tokens, cu)), emb)
+    ref, ref_grad = _loss_and_grad(lambda e: reference.reference_loss(e, tokens, cu), emb.double())
+    assert grad.dtype == dtype and grad.shape == emb.shape
+    tol = (dec.cfg.num_layers + 2) * torch.finfo(dtype).eps
+    assert abs(loss.double() - ref).item() <= tol * ref.abs().item(), (loss, ref)
+    rel = ((grad.double() - ref_grad).norm() / ref_grad.norm()).item()
+    assert rel <= tol, f"{dtype}: gradient relative error {rel:.2e} > {tol:.2e}"
+
+
 def test_mixed_dtype_embedding_into_fp32_decoder_float64_emb():
     """A float64 pred_emb into a float32 decoder: cast inside, gradient returned in float64."""
     dec = _decoder(torch.float32, seed=18)
@@ -203,6 +226,11 @@ def test_mixed_dtype_embedding_into_fp32_decoder_float64_emb():
     emb = torch.randn(2, dec.cfg.encoder_dim, dtype=torch.float64, requires_grad=True)
     packed.loss(emb, packed.prepare(tokens, cu)).backward()
     assert emb.grad.dtype == torch.float64 and torch.isfinite(emb.grad).all()
+    # and its value: the float64 reference on the same fp32 weights (fp32 arithmetic inside: 1e-4 relative)
+    ref_grad = _loss_and_grad(lambda e: PackedSonarDecoder(dec.double(), impl="torch").reference_loss(e, tokens, cu),
+                              emb.detach())[1]
+    rel = ((emb.grad - ref_grad).norm() / ref_grad.norm()).item()
+    assert rel <= 1e-4, rel
 
 
 def test_errors():
