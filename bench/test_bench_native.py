@@ -3,8 +3,9 @@
 Both run in the same pytest-benchmark group, side by side in one run:
   reference  sonar_kernels.torch_ops.linear_cross_entropy (the CPU path without the native library)
   ours       sonar_kernels.native (tiled GEMM + fused online log-sum-exp, C++)
-Groups: "native lce fwd" (forward only, as in evaluation) and "native lce fwd+bwd" (forward + d_hidden
-for a frozen weight, as in SONAR-LLM training). CPU, fp32, torch's default thread count. Shapes: the
+Groups: "native lce fwd" (forward only, as in evaluation), "native lce fwd+bwd" (forward, then the
+recomputing backward's d_hidden for a frozen weight: strategy "recompute") and "native lce grad-in-fwd"
+(`forward_with_grad`: loss and d_hidden in one pass, two GEMMs, the default strategy for a frozen weight). CPU, fp32, torch's default thread count. Shapes: the
 tiny-SONAR shape N=4096, V=4000, D=256 by default, N=256, V=4000, D=256 in quick mode
 (`--benchmark-disable` or SONAR_BENCH_QUICK=1); SONAR_BENCH_NATIVE_SHAPE=N,V,D overrides (the SONAR-like
 shape in docs/native.md is 512,65536,1024). Skipped when the native library is not built.
@@ -33,7 +34,7 @@ def _shape(quick: bool) -> tuple[int, int, int]:
     return QUICK_SHAPE if quick else DEFAULT_SHAPE
 
 
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd", "grad-in-fwd"])
 @pytest.mark.parametrize("role", list(IMPLS))
 def test_bench_native_lce(benchmark, bench_quick, role, mode):
     n, v, d = _shape(bench_quick)
@@ -46,6 +47,8 @@ def test_bench_native_lce(benchmark, bench_quick, role, mode):
     grad_rows = torch.full((n,), 1.0 / n)
 
     def step():
+        if mode == "grad-in-fwd":
+            return impl.forward_with_grad(hidden, weight, target, None)
         loss, lse = impl.forward(hidden, weight, target, None)
         if mode == "fwd":
             return loss, lse, None

@@ -25,12 +25,15 @@ class LinearCrossEntropyConfig:
     label_smoothing: float = 0.0
     return_lse: bool = False
     impl: str = "auto"
+    z_loss: float = 0.0  # weight of z_loss * lse^2 per token (PaLM's auxiliary loss), with its gradient
 
     def __post_init__(self) -> None:
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if not 0.0 <= float(self.label_smoothing) <= 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
+        if not float(self.z_loss) >= 0.0:
+            raise ValueError(f"z_loss must be >= 0, got {self.z_loss}")
         if self.impl not in ("auto", "triton", "torch"):
             raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {self.impl!r}")
 
@@ -62,7 +65,7 @@ class LinearCrossEntropy(nn.Module):
         out = linear_cross_entropy(
             hidden.reshape(-1, hidden.shape[-1]), weight, target.reshape(-1), bias=bias,
             ignore_index=cfg.ignore_index, reduction=cfg.reduction, label_smoothing=cfg.label_smoothing,
-            return_lse=cfg.return_lse, impl=cfg.impl,
+            return_lse=cfg.return_lse, impl=cfg.impl, z_loss=cfg.z_loss,
         )
         if cfg.return_lse:
             loss, lse = out
@@ -74,4 +77,4 @@ class LinearCrossEntropy(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (f"ignore_index={c.ignore_index}, reduction={c.reduction!r}, "
-                f"label_smoothing={c.label_smoothing}, impl={c.impl!r}")
+                f"label_smoothing={c.label_smoothing}, impl={c.impl!r}, z_loss={c.z_loss}")

@@ -54,10 +54,7 @@ def _logits(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torc
     if h.dtype != w.dtype:
         h = h.to(w.dtype)
     if h.dtype in (torch.float16, torch.bfloat16):
-        try:  # CUDA: half inputs, fp32 output straight from the GEMM (no half rounding of logits)
-            z = torch.mm(h, w.t(), out_dtype=torch.float32)
-        except (RuntimeError, TypeError, NotImplementedError):
-            z = torch.mm(h, w.t()).float()
+        z = _mm_acc(h, w.t())  # CUDA: half inputs, fp32 output (no half rounding of the logits)
         if bias is not None:
             z += bias.float()
         return z
@@ -265,11 +262,12 @@ def forward_with_grad(
 
 
 def _mm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for half inputs with an fp32 result where torch supports it (CUDA), else rounded output upcast."""
+    """a @ b for half inputs with an fp32 result: straight from the GEMM where torch supports it (CUDA), else
+    an fp32 GEMM of the upcast inputs (never a half-precision result)."""
     try:
         return torch.mm(a, b, out_dtype=torch.float32)
     except (RuntimeError, TypeError, NotImplementedError):
-        return torch.mm(a, b).float()
+        return torch.mm(a.float(), b.float())
 
 
 def z_loss_shifted_lse(lse: torch.Tensor, z_loss: float) -> torch.Tensor:

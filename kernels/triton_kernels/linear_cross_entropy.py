@@ -383,12 +383,13 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bi
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result (half inputs: fp32 straight out of the GEMM where torch supports it)."""
+    """a @ b with an fp32 result (half inputs: fp32 straight out of the GEMM where torch supports it, else
+    an fp32 GEMM of the upcast inputs: the result is never rounded to half precision)."""
     if a.dtype in (torch.float16, torch.bfloat16):
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
         except (RuntimeError, TypeError, NotImplementedError):  # older torch, or no such kernel here
-            pass
+            return torch.mm(a.float(), b.float())
     return torch.mm(a, b).float()
 
 
