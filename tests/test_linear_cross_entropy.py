@@ -68,6 +68,37 @@ def _close(got, want, atol, rtol=0.0, what=""):
     torch.testing.assert_close(got.double(), want.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
+def _half_grad_bounds(hidden, weight, target, bias, row_scale, label_smoothing, dtype, ignore_index=-100):
+    """Element-wise error bounds of (d_hidden, d_weight, d_bias) computed from half inputs, derived from the
+    dtype's unit roundoff u and the problem size, with the standard dot-product bound |fl(a.b) - a.b| <=
+    gamma_K sum_k |a_k b_k|: the dlogits G = row_scale * (softmax - (1-eps) onehot - eps/V) (float64 from the
+    rounded inputs) may be rounded to the half dtype (u), are summed over K = V (d_hidden) or N (d_weight,
+    d_bias) terms in fp32 (K u32, plus u32 |z| for the fp32 log-sum-exp), and the result is rounded to the
+    half dtype (u |result|). Returns (bound_h, bound_w, bound_b) = 2 x that (margin), float64."""
+    h, w = hidden.double(), weight.double()
+    z = h @ w.t() + (bias.double() if bias is not None else 0.0)
+    n, v = z.shape
+    valid = target != ignore_index
+    g = torch.softmax(z, dim=-1) - label_smoothing / v
+    g[valid, target[valid]] -= 1.0 - label_smoothing
+    g = (g * row_scale.double()[:, None]) * valid[:, None]
+    u, u32 = torch.finfo(dtype).eps / 2, torch.finfo(torch.float32).eps / 2
+    z_err = u32 * z.abs().max().item()  # fp32 lse / logits: relative error of the softmax
+    a = g.abs()
+    bound_h = (u + v * u32 + z_err) * (a @ w.abs()) + u * (g @ w).abs()
+    bound_w = (u + n * u32 + z_err) * (a.t() @ h.abs()) + u * (g.t() @ h).abs()
+    bound_b = (u + n * u32 + z_err) * a.sum(0) + u * g.sum(0).abs()
+    return 2 * bound_h, 2 * bound_w, 2 * bound_b
+
+
+def _within(got, want, bound, what):
+    """|got - want| <= bound element-wise (bound from `_half_grad_bounds`)."""
+    err = (got.double() - want.double()).abs()
+    worst = (err - bound).argmax()
+    assert bool((err <= bound).all()), (f"{what}: error {err.flatten()[worst].item():.3e} exceeds the derived bound "
+                                        f"{bound.flatten()[worst].item():.3e} at flat index {worst.item()}")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
@@ -155,6 +186,11 @@ def test_half_inputs(impl, dtype):
     rel = 1e-2 if dtype == torch.bfloat16 else 2e-3
     for i, name in ((2, "grad hidden"), (3, "grad weight"), (4, "grad bias")):
         _close(got[i], ref[i], atol=rel * ref[i].abs().max().item(), rtol=rel, what=name)
+    # tight: the dtype's roundoff and the problem size (catches a dropped eps/V smoothing term)
+    n_valid = int((target != -100).sum())
+    bounds = _half_grad_bounds(hidden, weight, target, bias, torch.full((target.numel(),), 1.0 / n_valid), 0.1, dtype)
+    for i, name in ((2, "grad hidden"), (3, "grad weight"), (4, "grad bias")):
+        _within(got[i], ref[i], bounds[i - 2], f"{impl} {dtype} {name}")
 
 
 def test_gradcheck_torch_path_float64():
@@ -337,6 +373,9 @@ def test_triton_native_fp16_dot_path():
         assert got.dtype == torch.float16
         # dlogits are rounded to fp16 before the products: a few fp16 ulps of error
         _close(got, want, atol=3e-3 * want.abs().max().item(), rtol=3e-3, what=name)
+    bounds = _half_grad_bounds(hidden.cpu(), weight.cpu(), target.cpu(), bias.cpu(), go.cpu(), 0.1, torch.float16)
+    for got, bound, name in ((dh, bounds[0], "grad hidden"), (dw, bounds[1], "grad weight"), (db, bounds[2], "grad bias")):
+        _within(got.cpu(), ref[("grad hidden", "grad weight", "grad bias").index(name) + 2], bound, name)
 
 
 def _triton_lce_or_skip():
@@ -372,6 +411,11 @@ def test_triton_backward_strategies_match_float64(strategy, chunk_rows, half):
         assert got.dtype == dtype, name
         _close(got, want, atol=tol * want.abs().max().item(), rtol=tol, what=f"{strategy} {name}")
     assert dh[:32].abs().max().item() == 0.0, "ignored rows must get exactly zero gradient"
+    if half:  # tight: the dtype's roundoff and the problem size (catches a dropped eps/V smoothing term)
+        bounds = _half_grad_bounds(hidden.cpu(), weight.cpu(), target.cpu(), bias.cpu(), go.cpu(), 0.05, dtype)
+        for got, want, bound, name in ((dh, ref[2], bounds[0], "grad hidden"), (dw, ref[3], bounds[1], "grad weight"),
+                                       (db, ref[4], bounds[2], "grad bias")):
+            _within(got, want, bound, f"{strategy} {name}")
 
 
 def test_triton_backward_frozen_weight_and_strategy_errors(monkeypatch):
