@@ -145,6 +145,20 @@ def write_planning_shards(out_dir: Path, num_sentences: int, seed: int = 0, embe
     return out_dir
 
 
+def sonar_preset_for(data_path: str) -> str:
+    """The SONAR shapes that match the data's embedding width: `basic` (the real SONAR, 1024-d) unless the
+    shards hold embeddings of a smaller preset (e.g. the embedded default's tiny SONAR, 128-d)."""
+    from sonar_llm.data.shards import read_manifest
+    from sonar_llm.sonar.config import PRESET_NAMES, decoder_preset
+
+    width = int(read_manifest(data_path)["embed_dim"])
+    for name in ("basic", *PRESET_NAMES):
+        if decoder_preset(name).encoder_dim == width:
+            return name
+    raise ValueError(f"data.path: {data_path} holds {width}-d embeddings; no SONAR preset has that width "
+                     f"(known: {', '.join(PRESET_NAMES)})")
+
+
 def one_batch(data_path: str, max_sentences: int, max_tokens: int, seed: int = 0):
     """The first micro-batch the real loader packs from `data_path` under these budgets."""
     from sonar_llm.data.loader import ConceptLoader
@@ -390,18 +404,21 @@ def plan(cfg: RunConfig, nproc: int, gpu: GPU, *, mfu: float = 0.4, headroom: fl
             data_path = str(write_planning_shards(tmp / "plan_shards", 3 * cfg.data.max_sentences + 256))
         cfg = copy.deepcopy(cfg)
         cfg.data.path = data_path
+        sonar = sonar_preset_for(data_path)
         batch = one_batch(data_path, cfg.data.max_sentences, cfg.data.max_tokens, cfg.data.seed)
-        fast = trace_step(cfg, nproc, batch, attention=attention)
+        fast = trace_step(cfg, nproc, batch, attention=attention, decoder_preset=sonar)
         fast["micro_batches"] = cfg.train.grad_accum
         fast["flops"]["per_step"] = fast["flops"]["per_micro_batch"] * cfg.train.grad_accum
         capacity = headroom * gpu.memory_bytes
         report: dict[str, Any] = {"config": cfg.model.family + "/" + cfg.model.preset, "gpu": gpu.__dict__,
                                   "nproc": nproc, "mfu": mfu, "headroom": headroom, "data": source,
+                                  "sonar_shapes": sonar,
                                   "fast": fast}
         if fit:
             half = one_batch(data_path, max(2, cfg.data.max_sentences // 2), max(64, cfg.data.max_tokens // 2),
                              cfg.data.seed)
-            p2 = trace_step(cfg, nproc, half, attention=attention, count_flops=False, replay_kernels=False)
+            p2 = trace_step(cfg, nproc, half, attention=attention, count_flops=False, replay_kernels=False,
+                            decoder_preset=sonar)
             a, c, smax = _fit_max_sentences(fast, p2, capacity)
             fast["fit"] = {"fixed_bytes": a, "bytes_per_sentence": c, "max_sentences_per_rank": smax,
                            "half_batch_sentences": p2["sentences"], "half_batch_peak": p2["memory"]["peak_total"]}
@@ -410,7 +427,7 @@ def plan(cfg: RunConfig, nproc: int, gpu: GPU, *, mfu: float = 0.4, headroom: fl
             docs = document_batches(data_path, PUBLIC_TRACED_DOCS, 1 << 20, cfg.data.seed)
             try:
                 runs = [trace_step(cfg, nproc, b, attention=attention, micro_batches=1, replay_kernels=False,
-                                   overrides={"path": "reference"}) for b in docs]
+                                   overrides={"path": "reference"}, decoder_preset=sonar) for b in docs]
             except ValueError as e:  # the family has no public reference path
                 report["public"] = {"skipped": str(e).splitlines()[0]}
             else:
