@@ -97,6 +97,58 @@ def test_build_reports_missing_cmake(monkeypatch):
         native.build()
 
 
+def _fake_torch(root, config_text):
+    """A torch package tree with only what CMakeLists.txt reads: TorchConfig.cmake, include/, lib/*.so."""
+    (root / "share" / "cmake" / "Torch").mkdir(parents=True)
+    (root / "share" / "cmake" / "Torch" / "TorchConfig.cmake").write_text(config_text)
+    (root / "include").mkdir()
+    (root / "lib").mkdir()
+    for name in ("libc10.so", "libtorch_cpu.so"):
+        (root / "lib" / name).write_bytes(b"")
+    return root / "share" / "cmake"
+
+
+@pytest.mark.parametrize("config_line,standard", [("CXX_STANDARD 20", 20), ("CXX_STANDARD 23", 23), ("", 17)])
+def test_configure_takes_the_cxx_standard_from_torch_without_find_package(tmp_path, config_line, standard):
+    """The CMake configure reads the C++ standard from TorchConfig.cmake's `torch` target (at least 17) and
+    never runs TorchConfig.cmake itself (so a CUDA build of torch needs no CUDA toolkit): the fake config
+    here stops any configure that includes it."""
+    import shutil
+    import subprocess
+
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake not installed")
+    prefix = _fake_torch(tmp_path / "torch", "message(FATAL_ERROR \"TorchConfig.cmake was executed\")\n"
+                         f"set_target_properties(torch PROPERTIES\n    {config_line}\n)\n")
+    res = subprocess.run(["cmake", "-S", str(native.native_build.SOURCE_ROOT), "-B", str(tmp_path / "build"),
+                          f"-DCMAKE_PREFIX_PATH={prefix}"], capture_output=True, text=True, timeout=120)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert f"C++{standard}," in out, out[-3000:]
+    assert str(tmp_path / "torch") in out
+
+
+def test_configure_without_torch_names_the_prefix(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake not installed")
+    res = subprocess.run(["cmake", "-S", str(native.native_build.SOURCE_ROOT), "-B", str(tmp_path / "build"),
+                          f"-DCMAKE_PREFIX_PATH={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "TorchConfig.cmake not found" in res.stdout + res.stderr
+
+
+def test_build_steps_pass_torch_prefix_and_abi(tmp_path, monkeypatch):
+    monkeypatch.setattr(native.native_build.shutil, "which", lambda name: f"/usr/bin/{name}")
+    configure, build, install = native.native_build.cmake_steps(tmp_path / "out", tmp_path / "build", jobs=3)
+    assert f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}" in configure
+    assert f"-DSONAR_TORCH_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}" in configure
+    assert f"-DCMAKE_INSTALL_PREFIX={tmp_path / 'out'}" in configure
+    assert build[-2:] == ["--parallel", "3"] and install[1:] == ["--install", str(tmp_path / "build")]
+
+
 # ----------------------------------------------------------------------------- with the library
 
 @built
