@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--v", type=int, default=32000)
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds per path (after one warm-up)")
-    ap.add_argument("--paths", default="naive,fused,recompute,native", help="comma-separated subset of " + ",".join(PATHS))
+    ap.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ",".join(PATHS))
     ap.add_argument("--memory", choices=PATHS, help=argparse.SUPPRESS)  # internal: one path's memory, JSON out
     ap.add_argument("--out", type=Path, default=None, help="result file (default bench/results/lce_cpu_<time>.json)")
     args = ap.parse_args(argv)
