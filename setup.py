@@ -5,8 +5,8 @@ as `sonar_kernels`), which setuptools cannot express together with automatic dis
 and tries the CMake build of the optional native CPU library (CMakeLists.txt, native/) with the
 steps of kernels/native_build.py (loaded by path: the one copy of them). That build needs cmake, a C++
 compiler (C++20 for torch >= 2.14) and torch importable in the build environment: with pip's default build
-isolation torch is absent, so it is skipped with a message; `pip install --no-build-isolation .` (or -e .) builds it,
-and `scripts/build_native.sh` builds it in place at any time. SONAR_LLM_NATIVE=0 skips it.
+isolation torch is absent, so it is skipped with a message; `pip install --no-build-isolation .` (or -e .)
+builds it, and `scripts/build_native.sh` builds it in place at any time. SONAR_LLM_NATIVE=0 skips it.
 """
 import importlib.util
 import os

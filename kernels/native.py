@@ -2,9 +2,8 @@
 
 The library `kernels/_native/libsonar_native.so` is built from `native/*.cpp` by the root CMakeLists.txt
 (`python -m sonar_kernels.native build`, or `scripts/build_native.sh`, both through `native_build.py`) and
-registers the operators
-`torch.ops.sonar_native.lce_forward` / `lce_backward` / `lce_forward_grad`. Importing this module never fails when the
-library is absent or was built against another torch: `native_available()` is then False and
+registers the operators `torch.ops.sonar_native.lce_forward` / `lce_backward` / `lce_forward_grad`.
+Importing this module never fails when the library is absent or was built against another torch: `native_available()` is then False and
 `native_load_error()` says why.
 
 `forward` / `backward` / `forward_with_grad` have the same signatures and return conventions as
