@@ -42,6 +42,7 @@ import argparse
 import json
 import sys
 import time
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
@@ -164,25 +165,39 @@ def _seeded(seed: int, prompt_index: int, sample: int) -> torch.Generator:
     return torch.Generator().manual_seed(state)
 
 
-class _MemoDecode:
-    """decode_fn remembering each embedding row's text: the streamed sentences and the final ones are the
-    same decoding (also when sampling), and nothing is decoded twice."""
+class _StreamedTexts:
+    """The decode_fn of a streamed story: `decode_new(emb)` decodes the concepts of one step for the terminal and
+    queues each row's text under its values; a later call (the family decoding its story at the end) takes the
+    queued texts first, in order, and decodes only the rest. So the printed and the returned sentences are the
+    same decoding (also when sampling), decoded once; equal concepts still get a decoding each."""
 
     def __init__(self, decode: Callable[[Tensor], list[str]]) -> None:
         self.decode = decode
-        self.texts: dict[bytes, str] = {}
+        self.queued: dict[bytes, deque[str]] = defaultdict(deque)
 
     @staticmethod
     def _key(row: Tensor) -> bytes:
         return row.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
 
+    def decode_new(self, emb: Tensor) -> list[str]:
+        texts = list(self.decode(emb))
+        for row, text in zip(emb, texts):
+            self.queued[self._key(row)].append(text)
+        return texts
+
     def __call__(self, emb: Tensor) -> list[str]:
-        keys = [self._key(r) for r in emb]
-        todo = [i for i, k in enumerate(keys) if k not in self.texts]
+        out: list[str | None] = [None] * emb.shape[0]
+        todo = []
+        for i, row in enumerate(emb):
+            queue = self.queued.get(self._key(row))
+            if queue:
+                out[i] = queue.popleft()
+            else:
+                todo.append(i)
         if todo:
             for i, text in zip(todo, self.decode(emb[todo])):
-                self.texts[keys[i]] = text
-        return [self.texts[k] for k in keys]
+                out[i] = text
+        return out  # type: ignore[return-value]
 
 
 @dataclass
@@ -294,14 +309,14 @@ class Generator:
             i += len(s.prompt_sentences)
         decode_fn, encode_fn = sonar_text_functions(self.t2e, self.e2t, self.target_lang, cfg=self.decoding,
                                                     generator=make_generator(self.decoding, self.e2t.device))
-        decode_fn = _MemoDecode(decode_fn)
+        on_step = None
+        if stream is not None:
+            decode_fn = streamed = _StreamedTexts(decode_fn)
 
-        def on_step(indices: list[int], concepts: Tensor, texts: list[str] | None) -> None:
-            if stream is None:
-                return
-            texts = decode_fn(concepts) if texts is None else texts
-            for k, text in zip(indices, texts):
-                stream(k, text)
+            def on_step(indices: list[int], concepts: Tensor, texts: list[str] | None) -> None:
+                texts = streamed.decode_new(concepts) if texts is None else texts  # SONAR-LLM decoded them already
+                for k, text in zip(indices, texts):
+                    stream(k, text)
 
         settings = GenerationSettings(
             eos_embedding=self.eos_embedding.to(device), max_sentences=limit, eos_threshold=self.eos_threshold,

@@ -325,3 +325,29 @@ def test_imported_public_checkpoint_generates(tmp_path):
     first = w.predict(prompt)[-1:]
     cfg = GenerationConfig(beam_size=1, max_gen_len=8, max_seq_len=256)
     assert rec["sentences"][0] == EmbeddingToText(dec, tok).decode(first, "eng_Latn", cfg=cfg)[0]
+
+
+def test_samples_of_one_prompt_are_decoded_apart(default_run, tmp_path):
+    """--num-samples 2 with decoder sampling: both continuations start from the same prediction, yet each gets
+    its own draw (a cache of decodings must not merge equal embeddings)."""
+    out = tmp_path / "gen.jsonl"
+    argv = [*_common(default_run, "sonar_llm"), "--prompt", PROMPTS[1], "--num-samples", "2", "--temperature", "5",
+            "--eos-threshold", "1.1", "--out", out]
+    argv.remove("--beam"), argv.remove("1")
+    assert _run(argv) == 0
+    a, b = _records(out)
+    assert (a["sample"], b["sample"]) == (0, 1) and a["sentences"][0] != b["sentences"][0]
+
+
+def test_streamed_texts_are_the_returned_ones_and_equal_rows_decode_apart():
+    draws = iter(range(1000))
+
+    def decode(emb):  # a "sampling" decoder: every row a new text
+        return [f"t{next(draws)}" for _ in range(emb.shape[0])]
+
+    st = G._StreamedTexts(decode)
+    e = torch.tensor([[1.0, 2.0], [1.0, 2.0], [3.0, 4.0]])
+    assert st(e) == ["t0", "t1", "t2"]  # equal rows, each its own decoding; nothing queued: nothing reused
+    assert st.decode_new(e[:2]) == ["t3", "t4"]  # streamed
+    assert st(e) == ["t3", "t4", "t5"]  # the streamed texts come back, in order; the rest is decoded
+    assert st(e[:1]) == ["t6"]  # each streamed text is used once
