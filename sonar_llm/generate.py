@@ -148,7 +148,8 @@ def decoding_config(cfg: GenerateConfig):
     """The SONAR decoder's `GenerationConfig` for these flags (one sample per embedding)."""
     from sonar_llm.sonar.generation import GenerationConfig
 
-    kw: dict[str, Any] = dict(beam_size=5 if cfg.beam is None else cfg.beam, max_seq_len=cfg.max_seq_len)
+    beam = 1 if cfg.sampling else 5 if cfg.beam is None else cfg.beam  # sampling: no beam (summary says so)
+    kw: dict[str, Any] = dict(beam_size=beam, max_seq_len=cfg.max_seq_len)
     if cfg.max_gen_len is not None:
         kw["max_gen_len"] = cfg.max_gen_len
     if cfg.sampling:
