@@ -96,7 +96,8 @@ MUTATIONS: list[Mutation] = [
         "        x = self.pos_encoder(x, start_step, positions)\n"
         "        return F.dropout(x, self.dropout_p, True) if self.training else x / (1.0 - self.dropout_p)",
         "eval mode is the dropout-free function (a deterministic eval-mode rescale passes dec(x) == dec(x))",
-        ("tests/test_sonar_models.py::test_dropout_only_in_training",),
+        ("tests/test_sonar_models.py::test_dropout_only_in_training",
+         "tests/test_sonar_models.py::test_eval_mode_is_the_dropout_free_function"),
     ),
     # ------------------------------------------------------------------ packed decoder
     Mutation(
@@ -111,6 +112,206 @@ MUTATIONS: list[Mutation] = [
         "positions = torch.arange(n, device=cu.device)",
         "packed positions restart at 0 in every sentence (pack_targets, shared with reference_loss)",
         ("tests/test_packed_decoder.py",),
+    ),
+    Mutation(
+        "packed-half-grad-drops-later-constants", "sonar_llm/sonar/packed_decoder.py",
+        "return attn + const_next.index_select(0, prepared.sentence_ids), resid",
+        "return attn + (const_next if attn.dtype in (torch.float32, torch.float64) else const_next.detach())"
+        ".index_select(0, prepared.sentence_ids), resid",
+        "in half precision the gradient w.r.t. the embedding flows through every layer's cross constant "
+        "(the loss value is unchanged: only a gradient value check sees it)",
+        ("tests/test_packed_decoder.py",),
+    ),
+    Mutation(
+        "kernel-varlen-attention-crosses-segments", "kernels/torch_ops/varlen_attention.py",
+        "(doc[:, None] == doc[None, :]) & (pos[:, None] >= pos[None, :])", "(pos[:, None] >= pos[None, :])",
+        "packed self-attention is causal inside each sentence and never crosses sentences",
+        ("tests/test_decoder_ops.py", "tests/test_packed_decoder.py"),
+    ),
+    # ------------------------------------------------------------------ the families' losses and generation
+    Mutation(
+        "family-base-lcm-target-row", "sonar_llm/models/base_lcm.py",
+        "target = self.normalizer.normalize(embeddings.index_select(0, tgt_rows))",
+        "target = self.normalizer.normalize(embeddings.index_select(0, pred_rows))",
+        "Base-LCM's output at sentence k-1 is scored against sentence k (not against its own input)",
+        ("tests/test_base_lcm.py",),
+    ),
+    Mutation(
+        "family-base-lcm-normalizer-not-fitted", "sonar_llm/models/base_lcm.py",
+        "    if cfg.data_path:\n        c = model.cfg\n", "    if False:\n        c = model.cfg\n",
+        "a Base-LCM built for training fits its normalizer on the training data (Meta's rule)",
+        ("tests/test_train_family_wiring.py", "tests/test_base_lcm.py", "tests/test_lcm_meta_defaults.py"),
+    ),
+    Mutation(
+        "family-sonar-llm-target-sentences", "sonar_llm/models/sonar_llm.py",
+        "tokens, tok_cu = select_segments(batch.tokens, batch.tok_cu_seqlens, tgt_rows)",
+        "tokens, tok_cu = select_segments(batch.tokens, batch.tok_cu_seqlens, pred_rows)",
+        "SONAR-LLM decodes sentence k's tokens from the prediction made at sentence k-1",
+        ("tests/test_sonar_llm_model.py",),
+    ),
+    Mutation(
+        "family-token-llm-crosses-documents", "sonar_llm/models/token_llm.py",
+        "targets = targets.masked_fill(is_last, -100)", "targets = targets.masked_fill(is_last & False, -100)",
+        "the token LLM does not predict the first token of the next stream from the last of this one",
+        ("tests/test_token_llm.py",),
+    ),
+    Mutation(
+        "family-two-tower-loss-mean-over-dims", "sonar_llm/models/two_tower.py",
+        "per_pos = (pred.float() - x0).pow(2).sum(-1)", "per_pos = (pred.float() - x0).pow(2).mean(-1)",
+        "the Two-Tower loss sums the squared error over the embedding dimensions",
+        ("tests/test_two_tower.py", "tests/test_lcm_meta_defaults.py"),
+    ),
+    Mutation(
+        "gen-sonar-llm-cosine-unnormalised", "sonar_llm/models/generate.py",
+        "return F.cosine_similarity(x.float(), eos.float().reshape(1, -1).to(x.device), dim=-1)",
+        "return (x.float() * eos.float().reshape(1, -1).to(x.device)).sum(-1)",
+        "the end-of-document rule compares the *cosine* with the end embedding (a helper the reference shared)",
+        ("tests/test_generate.py",),
+    ),
+    Mutation(
+        "gen-sonar-llm-next-fn-skips-reencode", "sonar_llm/models/generate.py",
+        "        return step_texts, enc.to(pred.device)\n", "        return step_texts, pred\n",
+        "SONAR-LLM appends the re-encoded decoded sentence, not the raw prediction (shared next-step helper)",
+        ("tests/test_generate.py",),
+    ),
+    Mutation(
+        "gen-two-tower-nocfg-batch-rows", "sonar_llm/models/generate_two_tower.py",
+        "out = model.denoiser(z.to(dtype), t, cross).float()",
+        "out = model.denoiser(z[:1].expand_as(z).to(dtype), t, cross).float()",
+        "without CFG each row of a batch is denoised from its own latent (finite, right shapes, wrong values)",
+        ("tests/test_two_tower.py", "tests/test_batched_generation.py"),
+    ),
+    Mutation(
+        "gen-base-lcm-denormalize", "sonar_llm/models/generate.py",
+        "        return None, model.normalizer.denormalize(pred)\n", "        return None, pred\n",
+        "Base-LCM generation returns raw-space embeddings (denormalised predictions)",
+        ("tests/test_generate.py", "tests/test_batched_generation.py"),
+    ),
+    # ------------------------------------------------------------------ kernels (each path)
+    Mutation(
+        "lce-torch-backward-ignore-index", "kernels/torch_ops/linear_cross_entropy.py",
+        "    g = torch.where(valid, grad_rows.to(acc_dtype), torch.zeros((), dtype=acc_dtype, device=hidden.device))\n",
+        "    g = grad_rows.to(acc_dtype)\n",
+        "ignored rows get no gradient in the PyTorch backward",
+        (T_LCE, "tests/test_packed_decoder.py", "tests/test_token_llm.py"),
+    ),
+    Mutation(
+        "lce-torch-grad-in-forward-drops-smoothing-loss", "kernels/torch_ops/linear_cross_entropy.py",
+        "            row_loss -= label_smoothing * z_mean\n", "            pass\n",
+        "the gradient-in-forward PyTorch path's loss includes the label-smoothing term",
+        (T_LCE_GIF,),
+    ),
+    Mutation(
+        "lce-triton-half-dlogits-drops-smoothing", "kernels/triton_kernels/linear_cross_entropy.py",
+        "        m, v, d, _n_bucket(m), 1.0 - label_smoothing, label_smoothing / v,",
+        "        m, v, d, _n_bucket(m), 1.0 - label_smoothing, (label_smoothing / v) * (hidden.dtype == torch.float32),",
+        "the Triton dlogits backward keeps the uniform eps/V label-smoothing term for fp16/bf16 inputs too "
+        "(a term below the old 1e-2 / 3e-3-of-the-max tolerances)",
+        (T_LCE,), env=(("TRITON_INTERPRET", "1"),),
+    ),
+    Mutation(
+        "lce-triton-bf16-dlogits-drops-smoothing", "kernels/triton_kernels/linear_cross_entropy.py",
+        "        m, v, d, _n_bucket(m), 1.0 - label_smoothing, label_smoothing / v,",
+        "        m, v, d, _n_bucket(m), 1.0 - label_smoothing, (label_smoothing / v) * (hidden.dtype != torch.bfloat16),",
+        "the same for bf16 only: below the old 1e-2-of-the-max bf16 tolerance, caught by the bounds derived from "
+        "bf16's roundoff and the problem size",
+        (T_LCE,), env=(("TRITON_INTERPRET", "1"),),
+    ),
+    Mutation(
+        "lce-torch-bf16-backward-drops-smoothing", "kernels/torch_ops/linear_cross_entropy.py",
+        "        if label_smoothing:\n            z.sub_(label_smoothing / v)\n        idx = safe_target[start:stop, None]\n",
+        "        if label_smoothing and hidden.dtype != torch.bfloat16:\n            z.sub_(label_smoothing / v)\n"
+        "        idx = safe_target[start:stop, None]\n",
+        "the PyTorch backward keeps the uniform eps/V label-smoothing term for bf16 inputs",
+        (T_LCE,),
+    ),
+    Mutation(
+        "lce-triton-atomic-drops-smoothing", "kernels/triton_kernels/linear_cross_entropy.py",
+        "        n, v, d, _n_bucket(n), 1.0 - label_smoothing, label_smoothing / v,",
+        "        n, v, d, _n_bucket(n), 1.0 - label_smoothing, 0.0,",
+        "the Triton atomic backward keeps the uniform eps/V label-smoothing term",
+        (T_LCE,), env=(("TRITON_INTERPRET", "1"),),
+    ),
+    Mutation(
+        "lce-native-backward-drops-smoothing", "kernels/native.py",
+        "        hidden, weight, target, bias, lse, grad_rows, int(ignore_index), float(label_smoothing),",
+        "        hidden, weight, target, bias, lse, grad_rows, int(ignore_index), 0.0,",
+        "the native backward receives the label smoothing (host code of the native path)",
+        (T_NATIVE,),
+    ),
+    Mutation(
+        "lce-native-library-silently-unavailable", "kernels/native.py",
+        "    path = library_path()\n    if not path.is_file():\n",
+        "    path = library_path()\n    if True:\n",
+        "a built native library is found and used: a loader that reports it absent turns every native test "
+        "into a skip, which a plain run accepts; SONAR_NATIVE_REQUIRED=1 (set here, as where the library is "
+        "built for the run) makes it a failure. UNRELIABLE where the library is not built",
+        (T_NATIVE,), env=(("SONAR_NATIVE_REQUIRED", "1"),),
+    ),
+    # ------------------------------------------------------------------ training loop
+    Mutation(
+        "train-resume-drops-optimizer-state", "train/checkpoint.py",
+        'set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],',
+        'set_state_dict(model, optimizer, model_state_dict=state["model"], '
+        'optim_state_dict={"state": {}, "param_groups": state["optim"]["param_groups"]},',
+        "resume restores the optimizer's moments",
+        ("tests/test_train_family_wiring.py", "tests/test_train_checkpoint.py"),
+    ),
+    Mutation(
+        "train-resume-drops-rng", "train/checkpoint.py",
+        "    set_rng_state(extra.pop(\"rng\"), tensors, _device_of(model))\n", "    extra.pop(\"rng\")\n",
+        "resume restores the RNG states (diffusion noise, dropout, CFG rows continue as uninterrupted)",
+        ("tests/test_train_family_wiring.py", "tests/test_train_checkpoint.py"),
+    ),
+    Mutation(
+        "train-accumulation-unscaled", "train/loop.py",
+        "run.scaler.scale(loss / accum).backward()", "run.scaler.scale(loss).backward()",
+        "gradient accumulation averages the micro-batches' gradients",
+        ("tests/test_train_loop.py", "tests/test_lcm_meta_defaults.py"),
+    ),
+    Mutation(
+        "train-no-clipping", "train/loop.py",
+        'max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")', 'max_norm = float("inf")',
+        "gradients are clipped to optim.grad_clip",
+        ("tests/test_train_loop.py",),
+    ),
+    Mutation(
+        "train-nan-step-not-skipped", "train/loop.py",
+        '"bad_ranks": bad.double(),', '"bad_ranks": bad.double() * 0,',
+        "a step with a non-finite loss or gradient norm is skipped (no update)",
+        ("tests/test_train_loop.py",),
+    ),
+    # ------------------------------------------------------------------ data
+    Mutation(
+        "data-shard-json-checksum-ignored", "sonar_llm/data/shards.py",
+        'if entry.get("shard_json_sha256") and digest != entry["shard_json_sha256"]:',
+        'if False and digest != entry["shard_json_sha256"]:',
+        "a shard.json that does not match its sha256 in the manifest is refused, naming the file",
+        ("tests/test_data_shards.py", "tests/test_train_trust.py"),
+    ),
+    Mutation(
+        "data-array-checksum-ignored", "sonar_llm/data/shards.py",
+        '            if digest != rec["sha256"]:\n', "            if False:\n",
+        "an array file that does not match its sha256 in shard.json is refused (verify=full)",
+        ("tests/test_data_shards.py", "tests/test_train_trust.py"),
+    ),
+    Mutation(
+        "data-block-checksum-ignored", "sonar_llm/data/shards.py",
+        "                            if got != want:\n", "                            if False:\n",
+        "a block that does not match its per-block sha256 is refused (verify=sampled)",
+        ("tests/test_data_shards.py", "tests/test_train_trust.py"),
+    ),
+    Mutation(
+        "data-packing-ignores-token-budget", "sonar_llm/data/loader.py",
+        "if cs + s > S or ct + t > T:", "if cs + s > S:",
+        "a batch of whole documents stays within max_tokens target tokens",
+        ("tests/test_data_loader.py",),
+    ),
+    Mutation(
+        "data-segment-piece-at-the-limit", "sonar_llm/data/segment.py",
+        "limit = max_sentence_chars - 1", "limit = max_sentence_chars",
+        "re-split pieces are strictly shorter than max_sentence_chars",
+        ("tests/test_data_segment.py",),
     ),
     # ------------------------------------------------------------------ evaluation metrics
     Mutation(
