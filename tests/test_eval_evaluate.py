@@ -325,3 +325,19 @@ def test_run_directory_after_training_and_nll_data(toy, tmp_path):
         total, count = total + s, count + n
     assert res["nll"]["num_tokens"] == count
     assert res["metrics"]["token_nll"] == pytest.approx(total / count, rel=1e-6)
+
+
+def test_decoding_caps_are_applied_and_stated(toy, tmp_path):
+    """The report states the SONAR decoding it ran; --max-seq-len reaches the decoder (positions minus the
+    [</s>, lang] prompt, and at most --max-gen-len), and the default is the public generation's 256."""
+    from sonar_llm.sonar.generation import GenerationConfig
+
+    path, _ = _export_untrained(toy, "sonar_llm", seed=3)
+    out = tmp_path / "res.json"
+    assert _cli(toy, path, out, "--max-seq-len", "9", "--eos-threshold", "0.999") == 0
+    dec = json.loads(out.read_text())["decoding"]
+    assert dec["max_seq_len"] == 9 and dec["max_gen_len"] == 12 and dec["beam_size"] == 1
+    assert dec["max_new_tokens"] == min(12, 9 - 2)
+    default = EV.decoding_config(EV.EvalConfig(stories="x"))
+    assert default == GenerationConfig(beam_size=5, max_seq_len=256)
+    assert default.max_new_tokens(1024, 512) == 256 - 2  # the public cap binds before SONAR's 510

@@ -86,7 +86,11 @@ class EvalConfig:
     tokenizer: str = ""
     lang: str = "eng_Latn"
     beam_size: int = 5
-    max_gen_len: int = 129  # SONAR decoder token cap per sentence
+    # SONAR decoder length caps (sonar_llm.sonar.generation.GenerationConfig): max_gen_len None = SONAR's own
+    # rule (width + 128 tokens, capped by the position table); max_seq_len 256 = what the public SONAR-LLM
+    # generate.py passes to the pipeline (254 tokens after [</s>, lang]). The report states both under "decoding".
+    max_gen_len: int | None = None
+    max_seq_len: int | None = 256
     end_of_doc_text: str = ""  # "" = the training data's end sentence (manifest), else "End of sequence."
     eos_threshold: float = 0.0  # 0 = the family default (0.98 SONAR-LLM, 0.9 LCMs)
     batch_size: int = 16
@@ -286,6 +290,14 @@ class _Recorder:
         return M.round_trip(emb, lambda _e: texts, encode)
 
 
+def decoding_config(cfg: EvalConfig):
+    """The SONAR decoder's `GenerationConfig` for an evaluation: beam `beam_size`, the two length caps."""
+    from sonar_llm.sonar.generation import GenerationConfig
+
+    kw = {} if cfg.max_gen_len is None else {"max_gen_len": cfg.max_gen_len}
+    return GenerationConfig(beam_size=cfg.beam_size, max_seq_len=cfg.max_seq_len, **kw)
+
+
 def make_generate_fn(loaded: LoadedModel, cfg: EvalConfig, t2e, e2t, tokenizer,
                      recorder: _Recorder | None = None) -> Callable[[list[list[str]]], list[list[str]]]:
     """`generate(prompts) -> continuations` for the protocol: the loaded family's `story_generator`."""
@@ -294,7 +306,7 @@ def make_generate_fn(loaded: LoadedModel, cfg: EvalConfig, t2e, e2t, tokenizer,
 
     spec = get_family(loaded.family)
     device = next(loaded.model.parameters()).device
-    decode_fn, encode_fn = sonar_text_functions(t2e, e2t, cfg.lang, cfg.beam_size, cfg.max_gen_len)
+    decode_fn, encode_fn = sonar_text_functions(t2e, e2t, cfg.lang, cfg=decoding_config(cfg))
     eod_text = end_of_doc_text(loaded.run_config, cfg.end_of_doc_text)
     settings = GenerationSettings(
         eos_embedding=encode_fn([eod_text])[0].to(device), max_sentences=cfg.max_story_sentences,
@@ -346,6 +358,7 @@ def evaluate(cfg: EvalConfig, *, loaded: LoadedModel | None = None, sonar=None,
     gen_fn = make_generate_fn(loaded, cfg, t2e, e2t, tokenizer, recorder)
     torch.manual_seed(cfg.seed)
     result = _generate_and_score(cfg, gen_fn, pcfg, log)
+    result["decoding"] = decoding_config(cfg).summary(e2t.decoder.cfg)
     if recorder is not None:
         result["metrics"].update(recorder.round_trip(lambda texts: t2e.encode(texts, cfg.lang)))
     if cfg.nll_data:
@@ -460,7 +473,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default="")
     p.add_argument("--lang", default=d.lang)
     p.add_argument("--beam-size", type=int, default=d.beam_size)
-    p.add_argument("--max-gen-len", type=int, default=d.max_gen_len, help="SONAR decoder token cap")
+    p.add_argument("--max-gen-len", type=int, default=d.max_gen_len,
+                   help="SONAR decoder token cap per sentence (default: SONAR's rule, width + 128)")
+    p.add_argument("--max-seq-len", type=int, default=d.max_seq_len,
+                   help="SONAR decoder positions per sentence, [</s>, lang] included (default 256, the public "
+                        "SONAR-LLM generation's value)")
     p.add_argument("--end-of-doc-text", default="")
     p.add_argument("--eos-threshold", type=float, default=0.0, help="0 = family default")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -498,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
                      prompt_mode=a.prompt_mode, num_stories=a.num_stories,
                      max_story_sentences=a.max_story_sentences, encoder=a.encoder, decoder=a.decoder,
                      tokenizer=a.tokenizer, lang=a.lang, beam_size=a.beam_size, max_gen_len=a.max_gen_len,
+                     max_seq_len=a.max_seq_len,
                      end_of_doc_text=a.end_of_doc_text,
                      eos_threshold=a.eos_threshold, batch_size=a.batch_size,
                      num_inference_steps=a.num_inference_steps, guidance_scale=a.guidance_scale,
