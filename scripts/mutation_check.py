@@ -91,6 +91,14 @@ MUTATIONS: list[Mutation] = [
          "tests/test_sonar_models.py::test_incremental_steps_match_full_forward"),
     ),
     Mutation(
+        "sonar-incremental-layer0-cross-constant", "sonar_llm/sonar/decoder.py",
+        "return torch.stack([layer.cross_attention_constant(e) for layer in self.decoder.layers], dim=1)",
+        "return torch.stack([layer.cross_attention_constant(e) * (i > 0) for i, layer in "
+        "enumerate(self.decoder.layers)], dim=1)",
+        "incremental decoding adds layer 0's cross-attention constant too",
+        ("tests/test_sonar_models.py", "tests/test_sonar_generation.py"),
+    ),
+    Mutation(
         "sonar-decoder-eval-dropout-rescale", "sonar_llm/sonar/layers.py",
         "        x = self.pos_encoder(x, start_step, positions)\n        return F.dropout(x, self.dropout_p, self.training)",
         "        x = self.pos_encoder(x, start_step, positions)\n"
@@ -185,6 +193,12 @@ MUTATIONS: list[Mutation] = [
         "gen-base-lcm-denormalize", "sonar_llm/models/generate.py",
         "        return None, model.normalizer.denormalize(pred)\n", "        return None, pred\n",
         "Base-LCM generation returns raw-space embeddings (denormalised predictions)",
+        ("tests/test_generate.py", "tests/test_batched_generation.py"),
+    ),
+    Mutation(
+        "gen-token-llm-ragged-last-position", "sonar_llm/models/generate.py",
+        "last = hidden[torch.arange(batch, device=device), lengths - 1]", "last = hidden[:, -1]",
+        "the cached token-LLM loop continues each prompt from its own last token (ragged batches)",
         ("tests/test_generate.py", "tests/test_batched_generation.py"),
     ),
     # ------------------------------------------------------------------ kernels (each path)
