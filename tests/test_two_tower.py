@@ -312,15 +312,22 @@ def _reference_generate(model, prompt, n_new, steps, scale, rescale, noise_scale
     return torch.stack(outs)
 
 
-def test_generation_matches_uncached_reference_and_stops():
-    torch.manual_seed(5)
+def _perturbed_tiny(seed):
+    """A tiny Two-Tower LCM in eval mode with perturbed weights and a small normalizer; also the generator
+    that drew them (the tests draw their prompts from it next)."""
+    torch.manual_seed(seed)
     model = TwoTowerLCM(two_tower_tiny()).eval()
-    g = torch.Generator().manual_seed(5)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
         model.sonar_normalizer.center.copy_(torch.randn(16, generator=g) * 0.01)
         model.sonar_normalizer.scale.copy_(torch.rand(16, generator=g) * 0.02 + 0.01)
+    return model, g
+
+
+def test_generation_matches_uncached_reference_and_stops():
+    model, g = _perturbed_tiny(5)
     prompt = torch.randn(3, 16, generator=g) * 0.02
     out = model.generate(prompt, 2, guidance_scale=3.0, guidance_rescale=0.7, initial_noise_scale=0.6,
                          generator=torch.Generator().manual_seed(9))
@@ -366,14 +373,7 @@ def test_batched_generation_and_no_cfg():
 def test_batched_no_cfg_generation_matches_uncached_reference():
     """guidance_scale == 1 (no CFG) on a batch of two prompts with one generator each: every prompt's
     concepts equal the uncached one-prompt reference (the denoiser's training forward at every step)."""
-    torch.manual_seed(7)
-    model = TwoTowerLCM(two_tower_tiny()).eval()
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        model.sonar_normalizer.center.copy_(torch.randn(16, generator=g) * 0.01)
-        model.sonar_normalizer.scale.copy_(torch.rand(16, generator=g) * 0.02 + 0.01)
+    model, g = _perturbed_tiny(7)
     prompts = torch.randn(2, 3, 16, generator=g) * 0.02
     gens = [torch.Generator().manual_seed(20 + i) for i in range(2)]
     out = model.generate(prompts, 2, guidance_scale=1.0, num_inference_steps=10, initial_noise_scale=0.6,
