@@ -21,7 +21,7 @@ Measured (d=128, 2+2 layers, 1.5M parameters, 2,206 ids): 78K sentences seen (1.
 heavily shared CPU thread, ~170 sentences/s) give 82% exact round trips of held-out sentences (74% of those
 never seen in training) and BLEU 94; after 41K sentences, 61% / BLEU 86. The default 1000 steps (34K sentences,
 0.65 epochs) gave 50.7% exact round trips and BLEU 84.1; they took 1265 s with 2 threads while the 2-core
-machine ran at load ~11 (0.2 s/step is the quiet-machine figure, see SECONDS_PER_STEP).
+machine ran at load ~11 (the printed estimate assumes 0.2 s/step, see SECONDS_PER_STEP).
 
 CLI: ``python -m sonar_llm.sonar.train_tiny [--cache-dir D] [--force] [--steps N] [--threads N]``.
 """
