@@ -19,6 +19,7 @@ not the paper's scale (the paper trains 39M-1.3B models on TinyStories with the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -305,12 +306,15 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(rc: ReproConfig, assets: dict, rows: list[dict], out: Path, elapsed: float) -> None:
-    """report.md + loss_vs_params.png + results.json for the rows so far."""
+def write_outputs(rc: ReproConfig, assets: dict, rows: list[dict], out: Path, elapsed: float,
+                  results_json: bool = True) -> None:
+    """report.md + loss_vs_params.png + results.json (unless `results_json` is False) for the rows so far."""
     out.mkdir(parents=True, exist_ok=True)
     rows = sorted(rows, key=lambda r: (FAMILIES.index(r["family"]), r["params_total"]))
     plot(rows, out / "loss_vs_params.png")
     write_report(rc, assets, rows, out, elapsed)
+    if not results_json:
+        return
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(rc).items()}
     (out / "results.json").write_text(json.dumps({"settings": settings, "tiny_sonar": assets["tiny_info"],
                                                   "elapsed_seconds": elapsed, "rows": rows}, indent=1, default=str))
@@ -331,8 +335,14 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--report-only: {out / 'results.json'} not found")
         data = json.loads((out / "results.json").read_text())
         st = data["settings"]
-        rc = ReproConfig(**{k: (tuple(v) if k in ("sizes", "families") else v) for k, v in st.items()})
-        write_outputs(rc, {"tiny_info": data["tiny_sonar"]}, data["rows"], out, data["elapsed_seconds"])
+        known = {f.name for f in dataclasses.fields(ReproConfig)}
+        older = sorted(set(st) - known)  # settings of an earlier version of this script (e.g. tiny_budget_s)
+        if older:
+            _say(f"results.json was written by an earlier version of this script; settings kept as recorded, "
+                 f"not used: {', '.join(f'{k}={st[k]!r}' for k in older)}")
+        rc = ReproConfig(**{k: (tuple(v) if k in ("sizes", "families") else v) for k, v in st.items() if k in known})
+        write_outputs(rc, {"tiny_info": data["tiny_sonar"]}, data["rows"], out, data["elapsed_seconds"],
+                      results_json=False)  # the measured results stay as they were written
         _say(f"rewrote {out / 'report.md'} and {out / 'loss_vs_params.png'}")
         return 0
     fams = tuple(f for f in a.families.split(",") if f)
