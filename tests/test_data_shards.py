@@ -109,6 +109,18 @@ def test_edited_shard_json_is_named(tmp_path):
         ShardedDataset(tmp_path)
 
 
+@pytest.mark.parametrize("verify", ["manifest", "size", "full", "sampled"])
+def test_shard_json_checksum_is_checked_in_every_verifying_mode(tmp_path, verify):
+    """An edit that leaves shard.json valid and consistent (an added key: no count or size check can see it)
+    is refused by its sha256 in the manifest, in every mode that verifies, naming the file."""
+    d = _corrupt_setup(tmp_path)
+    info = json.loads((d / "shard.json").read_text())
+    info["note"] = "edited"
+    (d / "shard.json").write_text(json.dumps(info))
+    with pytest.raises(ShardCorruptionError, match=str(d / "shard.json")):
+        ShardedDataset(tmp_path, verify=verify)
+
+
 def test_incomplete_dataset_and_settings_mismatch(tmp_path):
     w = _writer(tmp_path)
     w.add_shard(0, _arrays(_random_docs(np.random.default_rng(3), 2), "fp16"))
