@@ -343,6 +343,8 @@ def trace_step(cfg: RunConfig, nproc: int, batch, *, attention: str = "flash", m
                 (loss / micro_batches).backward()
             grads_bytes = storage_bytes(p.grad for p in trainable)
             torch.nn.utils.clip_grad_norm_([p for p in trainable if p.grad is not None], cfg.optim.grad_clip or 1.0)
+            fwd_bwd = tracker.get_tracker_snapshot("peak")  # the peak of forward + backward, before the update
+            fwd_bwd_peak = int(max(v["Total"] for v in fwd_bwd.values()))
             optimizer.step()
             opt_bytes = storage_bytes(t for st in optimizer.state.values() for t in st.values()
                                       if isinstance(t, torch.Tensor))
@@ -365,6 +367,7 @@ def trace_step(cfg: RunConfig, nproc: int, batch, *, attention: str = "flash", m
                 "optimizer_state": opt_bytes,
                 "frozen": storage_bytes(frozen_tensors),
                 "peak_total": peak["Total"],
+                "peak_forward_backward": fwd_bwd_peak,
                 "peak_breakdown": {k: v for k, v in peak.items() if k != "Total" and v},
             },
             "flops": {
@@ -382,12 +385,16 @@ def trace_step(cfg: RunConfig, nproc: int, batch, *, attention: str = "flash", m
 
 # ------------------------------------------------------------------------------------------ the plan
 def _fit_max_sentences(p1: dict, p2: dict, capacity: float) -> tuple[float, float, float]:
-    """(a, c, max sentences) of peak = a + c * sentences through two traced steps."""
+    """(a, c, max sentences) of peak = a + c * sentences through two traced steps. The fit is on the peak of
+    forward + backward (the part that grows with the batch); the optimizer step's peak does not depend on the
+    batch, so the answer is 0 when that alone exceeds `capacity`."""
     s1, s2 = p1["sentences"], p2["sentences"]
-    m1, m2 = p1["memory"]["peak_total"], p2["memory"]["peak_total"]
+    m1, m2 = p1["memory"]["peak_forward_backward"], p2["memory"]["peak_forward_backward"]
     c = (m1 - m2) / (s1 - s2) if s1 != s2 else float("nan")
     a = m1 - c * s1
     smax = (capacity - a) / c if c > 0 else float("inf")
+    if p1["memory"]["peak_total"] > m1 and p1["memory"]["peak_total"] > capacity:
+        smax = 0.0  # the optimizer step's own peak does not fit
     return a, c, smax
 
 
@@ -421,7 +428,8 @@ def plan(cfg: RunConfig, nproc: int, gpu: GPU, *, mfu: float = 0.4, headroom: fl
                             decoder_preset=sonar)
             a, c, smax = _fit_max_sentences(fast, p2, capacity)
             fast["fit"] = {"fixed_bytes": a, "bytes_per_sentence": c, "max_sentences_per_rank": smax,
-                           "half_batch_sentences": p2["sentences"], "half_batch_peak": p2["memory"]["peak_total"]}
+                           "half_batch_sentences": p2["sentences"],
+                           "half_batch_peak_forward_backward": p2["memory"]["peak_forward_backward"]}
         _timing(fast, cfg, nproc, gpu, mfu)
         if public:
             docs = document_batches(data_path, PUBLIC_TRACED_DOCS, 1 << 20, cfg.data.seed)
@@ -519,7 +527,8 @@ def format_report(rep: dict) -> str:
         if "fit" in r:
             fit = r["fit"]
             cap = rep["headroom"] * gpu["memory_bytes"]
-            lines.append(f"  largest batch: peak = {fit['fixed_bytes'] / GiB:.2f} GiB + {fit['bytes_per_sentence'] / 2**20:.2f}"
+            lines.append(f"  largest batch: forward+backward peak = {fit['fixed_bytes'] / GiB:.2f} GiB + "
+                         f"{fit['bytes_per_sentence'] / 2**20:.2f}"
                          f" MiB x sentences (traced at {r['sentences']} and {fit['half_batch_sentences']}); "
                          f"{rep['headroom']:.0%} of {gpu['memory_bytes'] / 1e9:.0f} GB = {cap / GiB:.1f} GiB fits "
                          f"{fit['max_sentences_per_rank']:,.0f} sentences per rank per micro-batch")
@@ -633,6 +642,15 @@ def render_results(out: Path, gpu: GPU, mfu: float) -> str:
                   f"{curves['tokens_per_sentence']} tokens per sentence, KV cache. Context = sentences before the "
                   "generated one (the token LLM's context is those sentences' tokens).", "",
                   "![inference cost](inference_cost.png)", ""]
+        first = curves["families"][next(iter(curves["families"]))]["presets"]["900M"]["flops"][0]
+        lines += [f"Per sentence the SONAR decoding alone costs {first.get('decoder', 0) / 1e9:.0f} GFLOP (beam "
+                  f"{curves['beam']}; a greedy decoder costs about 1/{curves['beam']} of it) and the re-encoding "
+                  f"{first.get('encoder', 0) / 1e9:.0f} GFLOP where a family re-encodes, against the models' own "
+                  "part at 900M and context 1: " + ", ".join(
+                      f"{e['title']} {e['presets']['900M']['flops'][0]['model'] / 1e9:.1f}" for e in fams)
+                  + " GFLOP. The concept models' cost barely grows with the context (one cached key per sentence); "
+                  "the token LLM's grows with the context's tokens. Per-group values (model / decoder / encoder) "
+                  "are in inference.json.", ""]
         for preset in ("100M", "900M"):
             lines += [f"### {preset}", "", "| context (sentences) | " + " | ".join(e["title"] for e in fams) + " |",
                       "|---|" + "---|" * len(fams)]
