@@ -575,6 +575,14 @@ def write_results(out_dir: str, gpu_name: str = "h100-80gb", mfu: float = 0.4, c
 INFERENCE_CONTEXTS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 
 
+def _max_batch_cell(r: dict) -> str:
+    if "fit" not in r:
+        return "-"
+    if "peak_forward_backward" not in r["memory"]:  # planned before the fit used the forward+backward peak
+        return "n/a (old fit)"
+    return f"{r['fit']['max_sentences_per_rank']:,.0f}"
+
+
 def render_results(out: Path, gpu: GPU, mfu: float) -> str:
     """README.md of bench/results/plan/ from its JSON files."""
     rows, reports = [], []
@@ -602,7 +610,7 @@ def render_results(out: Path, gpu: GPU, mfu: float) -> str:
                          f"{m['frozen'] / GiB:.2f}", f"{kt / GiB:.2f}" if kt else "-",
                          f"{f['per_step'] / 1e12:.1f}", f"{t['flops_per_target_token'] / 1e9:.2f}",
                          f"{t['step_seconds'] * 1e3:.1f}", f"{t['sentences_per_second']:,.0f}",
-                         f"{r['fit']['max_sentences_per_rank']:,.0f}" if "fit" in r else "-", ratio])
+                         _max_batch_cell(r), ratio])
     head = ["preset", "GPUs", "path", "docs x micro-batches per rank", "sentences per micro-batch", "peak GiB/rank",
             "params+grads+Adam GiB/rank", "frozen decoder GiB", "LCE scratch GiB", "TFLOP/step/rank",
             "GFLOP/target token", f"ms/step @{mfu:.0%} MFU", "sentences/s (all GPUs)", "max sentences/rank",
@@ -623,6 +631,12 @@ def render_results(out: Path, gpu: GPU, mfu: float) -> str:
              "it: docs/benchmarks.md, section 'Run planner'.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if any("fit" in r.get("fast", {}) and "peak_forward_backward" not in r["fast"]["memory"] for r in reports):
+        lines += ["", "n/a (old fit): these rows were planned before the largest-batch fit used the forward+backward "
+                      "peak; their fit went through the whole-step peak, which at 1 GPU sits in the optimizer step and "
+                      "does not grow with the batch, so it is left out. Rerun `python -m train.plan --results "
+                      "bench/results/plan --presets <preset> --no-inference` to fill it in; the other columns come "
+                      "from the same code."]
     if reports:
         lines += ["", "Planner time per run on this shared 2-core CPU (loaded by other jobs; CPU seconds of the "
                       "process): " + ", ".join(f"{r['config'].split('/')[1]} x{r['nproc']}: {r['cpu_seconds']:.0f} s"
