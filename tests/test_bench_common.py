@@ -198,13 +198,16 @@ def test_tensor_bytes_and_peak_memory_on_cpu():
 
 def test_matched_two_tower_and_encoder_batches():
     from test_bench_encoder import make_batches
-    from test_bench_training import two_tower_config
 
-    from sonar_llm.models.presets import backbone_config
+    from sonar_llm.models.build import ModelConfig, build_model
 
-    tt = two_tower_config(backbone_config("600M"), 1024)
+    def two_tower_config(preset: str, sonar_dim: int):  # the benchmark's Two-Tower: built by the registry
+        with torch.device("meta"):
+            return build_model(ModelConfig("two_tower", preset, {"sonar_dim": sonar_dim})).cfg
+
+    tt = two_tower_config("600M", 1024)
     assert (tt.context_layers, tt.denoiser_layers, tt.model_dim, tt.num_heads, tt.ffn_dim) == (4, 12, 1280, 20, 5120)
-    tiny = two_tower_config(backbone_config("tiny"), 64)
+    tiny = two_tower_config("tiny", 64)
     assert (tiny.context_layers, tiny.denoiser_layers, tiny.num_heads) == (1, 1, 4)
     seqs = [[0] * n for n in (5, 2, 9, 3, 7, 2, 8)]
     for sort in (False, True):
