@@ -148,9 +148,7 @@ def build_from_config(cfg) -> BaseLCM:
     check_fields(BaseLCMConfig, fam_over, cfg.family)
     model = BaseLCM(BaseLCMConfig(backbone=backbone_config(preset, **bb_over), **fam_over))
     if cfg.data_path:
-        c = model.cfg
-        fit_normalizer_from_data(model.normalizer, cfg.data_path, true_iqr=c.normalizer_true_iqr,
-                                 max_samples=c.normalizer_max_samples, down_sample=c.normalizer_down_sample)
+        fit_normalizer_from_data(model.normalizer, cfg.data_path, model.cfg)
     return model
 
 

@@ -176,13 +176,13 @@ def normalizer_sample(data_path: str, max_samples: int = NORMALIZER_MAX_SAMPLES,
     return torch.cat(kept)
 
 
-def fit_normalizer_from_data(norm: nn.Module, data_path: str, *, true_iqr: bool = False,
-                             max_samples: int = NORMALIZER_MAX_SAMPLES,
-                             down_sample: int = NORMALIZER_DOWN_SAMPLE) -> None:
+def fit_normalizer_from_data(norm: nn.Module, data_path: str, options: Any) -> None:
     """Fit `norm` (a SonarNormalizer) as Meta's fitting script does: on `normalizer_sample(data_path,
-    max_samples, down_sample)` with Meta's percent reading of the quantile range (`true_iqr=True`: the
-    true interquartile range instead, an option that departs from Meta; see docs/lcm.md)."""
-    norm.fit(normalizer_sample(data_path, max_samples, down_sample), quantile_quirk=not true_iqr)
+    options.normalizer_max_samples, options.normalizer_down_sample)` with Meta's percent reading of the
+    quantile range (`options.normalizer_true_iqr`: the true interquartile range instead, an option that
+    departs from Meta; see docs/lcm.md). `options` is the family's config (BaseLCMConfig, TwoTowerConfig)."""
+    sample = normalizer_sample(data_path, options.normalizer_max_samples, options.normalizer_down_sample)
+    norm.fit(sample, quantile_quirk=not options.normalizer_true_iqr)
 
 
 def dataset_embed_dim(data_path: str) -> int:

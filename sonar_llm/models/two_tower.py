@@ -739,9 +739,7 @@ def build_from_config(cfg) -> TwoTowerLCM:
                 num_kv_heads=preset.num_kv_heads, context_layers=context, denoiser_layers=max(1, total - context))
     model = TwoTowerLCM(TwoTowerConfig(**{**base, **over}))
     if cfg.data_path:
-        c = model.cfg
-        fit_normalizer_from_data(model.sonar_normalizer, cfg.data_path, true_iqr=c.normalizer_true_iqr,
-                                 max_samples=c.normalizer_max_samples, down_sample=c.normalizer_down_sample)
+        fit_normalizer_from_data(model.sonar_normalizer, cfg.data_path, model.cfg)
     return model
 
 
