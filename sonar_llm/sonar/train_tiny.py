@@ -19,9 +19,10 @@ Steps when no cached copy with the same configuration hash exists:
 
 Measured (d=128, 2+2 layers, 1.5M parameters, 2,206 ids): 78K sentences seen (1.5 epochs, 450 s on one
 heavily shared CPU thread, ~170 sentences/s) give 82% exact round trips of held-out sentences (74% of those
-never seen in training) and BLEU 94; after 41K sentences, 61% / BLEU 86. The default 1000 steps (34K sentences,
-0.65 epochs) gave 50.7% exact round trips and BLEU 84.1; they took 1265 s with 2 threads while the 2-core
-machine ran at load ~11 (the printed estimate assumes 0.2 s/step, see SECONDS_PER_STEP).
+never seen in training) and BLEU 94; after 41K sentences, 61% / BLEU 86. 1000 steps (34K sentences, 0.65
+epochs) gave 50.7% exact round trips and BLEU 84.1 in 69 s (2 threads, the 2-core machine lightly loaded), so
+the default is 2400 steps (~82K sentences, ~1.6 epochs, the budget behind the 82% above; ~170 s on that
+machine, see SECONDS_PER_STEP).
 
 CLI: ``python -m sonar_llm.sonar.train_tiny [--cache-dir D] [--force] [--steps N] [--threads N]``.
 """
@@ -67,9 +68,9 @@ INFO_FILE = "tiny_sonar.json"
 FORMAT_VERSION = 1
 LANG = "eng_Latn"
 # Seconds per training step of the default configuration, for the printed estimate only (training never looks
-# at the clock): 0.27 s measured on one thread of the 2-core test machine while it was heavily shared (load
-# ~12); 0.2 s from the ~170 sentences/s recorded in the module docstring (34 sentences per batch on average).
-SECONDS_PER_STEP = 0.2
+# at the clock): 1000 steps took 69 s with 2 threads on the 2-core machine, lightly loaded (2026-12-01); on a
+# heavily shared machine (load ~12) one thread took 0.27 s per step.
+SECONDS_PER_STEP = 0.07
 
 
 @dataclass
@@ -100,7 +101,7 @@ class TinySonarConfig:
     max_batch_sentences: int = 256
     noise_std: float = 0.05  # Gaussian noise on the embedding, relative to its RMS
     grad_clip: float = 1.0
-    train_steps: int = 1000  # optimizer steps (a fixed count; ~200 s on the 2-core machine, see SECONDS_PER_STEP)
+    train_steps: int = 2400  # optimizer steps (a fixed count; ~170 s on the 2-core machine, see SECONDS_PER_STEP)
     # evaluation
     eval_sentences: int = 300
     eval_batch_size: int = 100
