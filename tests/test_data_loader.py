@@ -252,3 +252,44 @@ def test_bf16_dataset_batches_match_the_stored_values(tmp_path):
     assert batch.embeddings.dtype == torch.float64
     assert torch.equal(batch.embeddings, emb.to(torch.bfloat16).double())  # exact: bf16 -> f64 is lossless
     assert batch.doc_cu_seqlens.tolist() == [0, 3, 7] and batch.tokens.tolist() == tokens.tolist()
+
+
+@pytest.mark.parametrize("split_docs", [False, True])
+def test_document_budget(ds, split_docs):
+    """max_docs caps the documents (pieces) per batch; with the sentence and token budgets out of the way the
+    batches are exactly consecutive runs of max_docs documents of the epoch's order (the public recipe's
+    fixed documents per step)."""
+    D = 3
+    n_sent, n_tok = ds.doc_lengths()
+    big = dict(max_sentences=int(n_sent.sum()), max_tokens=int(n_tok.sum()))
+    batches = [_pieces(b, ds) for b in ConceptLoader(ds, max_docs=D, seed=2, split_docs=split_docs, **big)]
+    order = np.random.default_rng([2, 0]).permutation(N_DOCS).tolist()
+    expected = [order[i:i + D] for i in range(0, N_DOCS, D)]
+    assert [[d for d, _, _ in b] for b in batches] == expected
+    assert all(j0 == 0 and n == n_sent[d] for b in batches for d, j0, n in b)
+    tight = [_pieces(b, ds) for b in ConceptLoader(ds, max_docs=D, max_sentences=9, max_tokens=70, seed=2,
+                                                   split_docs=split_docs)]
+    assert max(len(b) for b in tight) == D  # all three budgets in play: never more than D documents
+    if split_docs:  # cut documents continue in the next batch: every sentence once
+        assert sum(n for b in tight for _, _, n in b) == int(n_sent.sum())
+    with pytest.raises(ValueError, match="max_docs"):
+        ConceptLoader(ds, max_docs=-1, **big)
+    a = ConceptLoader(ds, max_docs=D, seed=2, **big)
+    with pytest.raises(ValueError, match="max_docs"):  # a resumed loader must pack the same way
+        ConceptLoader(ds, max_docs=D + 1, seed=2, **big).load_state_dict(a.state_dict())
+
+
+def test_training_data_factory_applies_the_document_budget(ds):
+    """`data.max_docs` of a run config reaches the trainer's loader: its batches are the same as a
+    ConceptLoader's with that budget."""
+    from train.config import RunConfig
+    from train.loop import default_data_factory
+    from train.parallel import DistInfo
+
+    cfg = RunConfig()
+    cfg.data.path, cfg.data.max_docs, cfg.data.max_sentences, cfg.data.max_tokens = str(ds.root), 4, 1000, 100000
+    cfg.data.seed = 3
+    got = _collect(default_data_factory(cfg, "train", DistInfo()), 5)
+    want = _collect(ConceptLoader(ds, max_docs=4, max_sentences=1000, max_tokens=100000, seed=3), 5)
+    assert [b.num_docs for b in got] == [4] * 5
+    assert all(_same(a, b) for a, b in zip(got, want))

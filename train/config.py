@@ -34,6 +34,7 @@ class DataConfig:
     val_path: str = ""  # validation shards; "" = no periodic evaluation
     max_sentences: int = 1024  # per micro-batch per rank
     max_tokens: int = 65536  # target tokens per micro-batch per rank
+    max_docs: int = 0  # documents per micro-batch per rank (0 = no document budget; the public recipe counts documents)
     workers: int = 0
     seed: int = 0
     verify: str = "full"  # shard check: full (sha256 of each shard when first opened) | sampled | size
@@ -316,6 +317,7 @@ def validate(cfg: RunConfig, check_paths: bool = True, check_model: bool = True)
     _require(d.verify in ("full", "sampled", "size"), "data.verify", "one of full, sampled, size", d.verify)
     _require(d.max_sentences > 0, "data.max_sentences", "int > 0", d.max_sentences)
     _require(d.max_tokens > 0, "data.max_tokens", "int > 0", d.max_tokens)
+    _require(d.max_docs >= 0, "data.max_docs", "int >= 0 (0 = no document budget)", d.max_docs)
     _require(d.workers >= 0, "data.workers", "int >= 0", d.workers)
     _require(math.isfinite(o.lr) and o.lr > 0, "optim.lr", "float > 0", o.lr)
     _require(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas), "optim.betas",
@@ -385,7 +387,7 @@ def save_config(cfg: RunConfig, run_dir: str | os.PathLike) -> None:
 
 # keys a resumed run may not change: they define the weights' shapes or the data stream the checkpoint is in
 RESUME_FIXED = ("model.family", "model.preset", "model.overrides", "data.path", "data.max_sentences",
-                "data.max_tokens", "data.seed", "data.workers", "sonar.decoder")
+                "data.max_tokens", "data.max_docs", "data.seed", "data.workers", "sonar.decoder")
 _RESUME_IGNORED = ("train.out_dir", "train.resume")
 
 

@@ -126,7 +126,8 @@ def default_data_factory(cfg: RunConfig, split: str, info: DistInfo) -> Loader:
                              **shard_verification(cfg.data.verify, info, workers))
     return make_dataloader(dataset, num_workers=workers,
                            pin_memory=info.device.type == "cuda", max_sentences=cfg.data.max_sentences,
-                           max_tokens=cfg.data.max_tokens, seed=cfg.data.seed, rank=info.rank,
+                           max_tokens=cfg.data.max_tokens, max_docs=cfg.data.max_docs, seed=cfg.data.seed,
+                           rank=info.rank,
                            world_size=info.world_size, shuffle=train, loop=train)
 
 

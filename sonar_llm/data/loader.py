@@ -6,8 +6,8 @@ world_size*W slots; slot = rank*W + worker takes the documents at positions slot
 of the epoch's order (strided, so every slot sees a random sample and slots never overlap).
 
 Packing (greedy, per slot): documents are added to the current batch while its sentence count stays
-<= max_sentences and its target-token count stays <= max_tokens; a document that would overflow closes
-the batch and starts the next. A single document over either budget is truncated to the longest prefix
+<= max_sentences, its target-token count stays <= max_tokens and (when max_docs > 0) it holds at most
+max_docs documents (or document pieces); a document that would overflow closes the batch and starts the next. A single document over either budget is truncated to the longest prefix
 that fits (the rest is dropped). With split_docs=True documents are instead cut to fill each batch to the
 budget and their remainder continues in the next batch (pieces of fewer than 2 sentences are not cut off).
 
@@ -51,6 +51,8 @@ class ConceptLoader:
     dataset: a `ShardedDataset`-like object with `num_docs`, `doc(i) -> (emb[S,E], tokens[T], offsets[S+1])`,
         `doc_lengths() -> (sentences[D], tokens[D])` and `sentence_token_lengths(i) -> [S]`.
     max_sentences / max_tokens: per-batch budgets (sentences; target-mode tokens).
+    max_docs: per-batch document budget (0 = none), e.g. a fixed number of documents per step as the public
+        SONAR-LLM recipe counts its batch.
     dtype: dtype of `ConceptBatch.embeddings` (the shards store fp16/bf16).
     worker_id / num_workers: the worker slot; by default taken from torch's worker info inside a
         DataLoader worker (0 / 1 elsewhere).
@@ -59,10 +61,12 @@ class ConceptLoader:
     def __init__(self, dataset, *, max_sentences: int, max_tokens: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True, drop_last: bool = False, epoch: int = 0,
                  loop: bool = False, split_docs: bool = False, dtype: torch.dtype = torch.float32,
-                 worker_id: int | None = None, num_workers: int | None = None):
+                 worker_id: int | None = None, num_workers: int | None = None, max_docs: int = 0):
         for name, v in (("max_sentences", max_sentences), ("max_tokens", max_tokens), ("world_size", world_size)):
             if not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not isinstance(max_docs, (int, np.integer)) or max_docs < 0:
+            raise ValueError(f"max_docs must be an int >= 0 (0 = no document budget), got {max_docs!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if epoch < 0:
@@ -76,6 +80,7 @@ class ConceptLoader:
         self.dataset = dataset
         self.max_sentences = int(max_sentences)
         self.max_tokens = int(max_tokens)
+        self.max_docs = int(max_docs)
         self.seed = int(seed)
         self.rank = int(rank)
         self.world_size = int(world_size)
@@ -122,7 +127,7 @@ class ConceptLoader:
         if self._plan_cache is not None and self._plan_cache[0] == key:
             return self._plan_cache[1]
         n_sent, n_tok = self.dataset.doc_lengths()
-        S, T = self.max_sentences, self.max_tokens
+        S, T, D = self.max_sentences, self.max_tokens, self.max_docs
         batches: list[list[Piece]] = []
         cur: list[Piece] = []
         cs = ct = 0
@@ -132,7 +137,7 @@ class ConceptLoader:
                 continue
             if not self.split_docs:
                 if s <= S and t <= T:
-                    if cs + s > S or ct + t > T:
+                    if cs + s > S or ct + t > T or (D and len(cur) >= D):
                         batches.append(cur)
                         cur, cs, ct = [], 0, 0
                     cur.append(Piece(d, 0, s))
@@ -149,6 +154,9 @@ class ConceptLoader:
                 continue
             start = 0
             while start < s:
+                if D and len(cur) >= D:
+                    batches.append(cur)
+                    cur, cs, ct = [], 0, 0
                 left = s - start
                 k = self._fit_prefix(d, start, S - cs, T - ct)
                 if k == left:  # the rest of the document fits
@@ -220,7 +228,7 @@ class ConceptLoader:
     def _config(self) -> dict:
         return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size, "shuffle": self.shuffle,
                 "drop_last": self.drop_last, "split_docs": self.split_docs, "max_sentences": self.max_sentences,
-                "max_tokens": self.max_tokens, "num_docs": int(self.dataset.num_docs)}
+                "max_tokens": self.max_tokens, "max_docs": self.max_docs, "num_docs": int(self.dataset.num_docs)}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, **self._config()}
@@ -251,7 +259,8 @@ class _WorkerStream(IterableDataset):
         nw = len(self.positions)
         wid = (info.id + self.rotation) % nw if info is not None else 0
         t = self.template
-        loader = ConceptLoader(t.dataset, max_sentences=t.max_sentences, max_tokens=t.max_tokens, seed=t.seed,
+        loader = ConceptLoader(t.dataset, max_sentences=t.max_sentences, max_tokens=t.max_tokens,
+                               max_docs=t.max_docs, seed=t.seed,
                                rank=t.rank, world_size=t.world_size, shuffle=t.shuffle, drop_last=t.drop_last,
                                loop=t.loop, split_docs=t.split_docs, dtype=t.dtype, worker_id=wid, num_workers=nw)
         loader.epoch, loader.batch_in_epoch = self.positions[wid]
