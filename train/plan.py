@@ -100,6 +100,11 @@ SONAR_VOCAB = 256_206
 SONAR_DIM = 1024
 
 
+def _local(t):
+    """The local shard of a DTensor, else `t`."""
+    return t.to_local() if t is not None and hasattr(t, "to_local") else t
+
+
 def _draw(rng: np.random.Generator, table: dict[int, float], n: int) -> np.ndarray:
     values = np.array(list(table), dtype=np.int64)
     p = np.array(list(table.values()), dtype=np.float64)
@@ -159,13 +164,13 @@ def sonar_preset_for(data_path: str) -> str:
                      f"(known: {', '.join(PRESET_NAMES)})")
 
 
-def one_batch(data_path: str, max_sentences: int, max_tokens: int, seed: int = 0):
+def one_batch(data_path: str, max_sentences: int, max_tokens: int, seed: int = 0, max_docs: int = 0):
     """The first micro-batch the real loader packs from `data_path` under these budgets."""
     from sonar_llm.data.loader import ConceptLoader
     from sonar_llm.data.shards import ShardedDataset
 
     loader = ConceptLoader(ShardedDataset(data_path), max_sentences=max_sentences, max_tokens=max_tokens,
-                           seed=seed, shuffle=True, loop=True)
+                           max_docs=max_docs, seed=seed, shuffle=True, loop=True)
     return next(iter(loader))
 
 
@@ -341,7 +346,10 @@ def trace_step(cfg: RunConfig, nproc: int, batch, *, attention: str = "flash", m
 
                     tracker.memory_tracking[model] = _FSDPModMemStats(tracker._mod_tracker._get_mod_name(model))
                 (loss / micro_batches).backward()
-            grads_bytes = storage_bytes(p.grad for p in trainable)
+            # the local gradient shards' own bytes: after the reduce-scatter they can be views of one
+            # group-wide buffer, whose whole storage each would otherwise be charged with
+            grads_bytes = sum(g.numel() * g.element_size() for g in (_local(p.grad) for p in trainable)
+                              if g is not None)
             torch.nn.utils.clip_grad_norm_([p for p in trainable if p.grad is not None], cfg.optim.grad_clip or 1.0)
             fwd_bwd = tracker.get_tracker_snapshot("peak")  # the peak of forward + backward, before the update
             fwd_bwd_peak = int(max(v["Total"] for v in fwd_bwd.values()))
@@ -412,7 +420,7 @@ def plan(cfg: RunConfig, nproc: int, gpu: GPU, *, mfu: float = 0.4, headroom: fl
         cfg = copy.deepcopy(cfg)
         cfg.data.path = data_path
         sonar = sonar_preset_for(data_path)
-        batch = one_batch(data_path, cfg.data.max_sentences, cfg.data.max_tokens, cfg.data.seed)
+        batch = one_batch(data_path, cfg.data.max_sentences, cfg.data.max_tokens, cfg.data.seed, cfg.data.max_docs)
         fast = trace_step(cfg, nproc, batch, attention=attention, decoder_preset=sonar)
         fast["micro_batches"] = cfg.train.grad_accum
         fast["flops"]["per_step"] = fast["flops"]["per_micro_batch"] * cfg.train.grad_accum
@@ -423,7 +431,7 @@ def plan(cfg: RunConfig, nproc: int, gpu: GPU, *, mfu: float = 0.4, headroom: fl
                                   "fast": fast}
         if fit:
             half = one_batch(data_path, max(2, cfg.data.max_sentences // 2), max(64, cfg.data.max_tokens // 2),
-                             cfg.data.seed)
+                             cfg.data.seed, max(1, cfg.data.max_docs // 2) if cfg.data.max_docs else 0)
             p2 = trace_step(cfg, nproc, half, attention=attention, count_flops=False, replay_kernels=False,
                             decoder_preset=sonar)
             a, c, smax = _fit_max_sentences(fast, p2, capacity)
