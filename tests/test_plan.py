@@ -112,6 +112,20 @@ def test_planned_flops_equal_flop_counter_on_real_tensors(tmp_path):
     assert split["concept_model"] > 0 and split["decoder_and_loss"] > 0
 
 
+def test_sharded_state_per_rank_is_one_shard(tmp_path):
+    """Under FSDP2 on 4 fake ranks each rank holds a quarter of the trainable parameters (up to dim-0 padding),
+    and its fp32 gradients are exactly as large as its fp32 parameter shards."""
+    cfg, batch = _cfg(tmp_path)
+    planned = plan.trace_step(cfg, 4, batch, attention="traced", decoder_preset=DECODER, replay_kernels=False,
+                              count_flops=False)
+    mem = planned["memory"]
+    total = 4 * planned["trainable_parameters"]  # fp32 bytes of every trainable parameter
+    assert mem["gradients"] == mem["parameters"]
+    assert total / 4 <= mem["parameters"] <= total / 4 * 1.1
+    # AdamW: exp_avg + exp_avg_sq per shard, plus one 4-byte step counter per parameter tensor
+    assert 2 * mem["parameters"] <= mem["optimizer_state"] <= 2 * mem["parameters"] + 4 * 64
+
+
 # ------------------------------------------------------------------------------ inference cost vs context
 # small decoding / diffusion settings keep the counts quick (the form is checked, not the settings)
 INFER = dict(tokens_per_sentence=3, beam=2, settings={"num_inference_steps": 4})
