@@ -146,7 +146,8 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "family-base-lcm-normalizer-not-fitted", "sonar_llm/models/base_lcm.py",
-        "    if cfg.data_path:\n        c = model.cfg\n", "    if False:\n        c = model.cfg\n",
+        "    if cfg.data_path:\n        fit_normalizer_from_data(model.normalizer",
+        "    if False:\n        fit_normalizer_from_data(model.normalizer",
         "a Base-LCM built for training fits its normalizer on the training data (Meta's rule)",
         ("tests/test_train_family_wiring.py", "tests/test_base_lcm.py", "tests/test_lcm_meta_defaults.py"),
     ),
@@ -316,8 +317,14 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_data_shards.py", "tests/test_train_trust.py"),
     ),
     Mutation(
+        "data-packing-ignores-document-budget", "sonar_llm/data/loader.py",
+        "if cs + s > S or ct + t > T or (D and len(cur) >= D):", "if cs + s > S or ct + t > T:",
+        "a batch holds at most max_docs documents (the public recipe's documents per step)",
+        ("tests/test_data_loader.py",),
+    ),
+    Mutation(
         "data-packing-ignores-token-budget", "sonar_llm/data/loader.py",
-        "if cs + s > S or ct + t > T:", "if cs + s > S:",
+        "if cs + s > S or ct + t > T or (D and len(cur) >= D):", "if cs + s > S or (D and len(cur) >= D):",
         "a batch of whole documents stays within max_tokens target tokens",
         ("tests/test_data_loader.py",),
     ),
