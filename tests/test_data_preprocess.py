@@ -12,7 +12,7 @@ import torch
 
 from sonar_llm.data.preprocess import SentenceCodec, SonarCodec, main, preprocess
 from sonar_llm.data.segment import split_sentences
-from sonar_llm.data.shards import ShardedDataset
+from sonar_llm.data.shards import DatasetSettingsMismatch, ShardedDataset
 
 E = 8
 EOD = "End of sequence."
@@ -245,7 +245,8 @@ def test_sonar_codec_with_toy_sonar_models(tmp_path):
     enc = toy_encoder(seed=3, vocab_size=tok.vocab_size)
     save_fairseq2_checkpoint(enc, tmp_path / "enc.pt")
     codec = load_sonar_codec(tmp_path / "enc.pt", spm_path, batch_size=4)
-    assert isinstance(codec, SentenceCodec) and codec.encoder_id == "enc.pt"
+    digest = hashlib.sha256((tmp_path / "enc.pt").read_bytes()).hexdigest()
+    assert isinstance(codec, SentenceCodec) and codec.encoder_id == f"enc.pt (sha256 {digest[:16]})"
     text = "The small cat sees a bird. The old dog sleeps under the tree! A child reads a story."
     (tmp_path / "c.txt").write_text(text + "\n")
     _run(tmp_path / "c.txt", tmp_path / "ds", codec=codec, max_sentences_per_doc=128)
@@ -258,6 +259,13 @@ def test_sonar_codec_with_toy_sonar_models(tmp_path):
     want = tok.encode_target(sents, lang="eng_Latn")
     assert [tokens[offs[j]:offs[j + 1]].tolist() for j in range(4)] == want
     assert all(w[0] == 3 and w[1] == tok.lang_id("eng_Latn") and w[-1] == 3 for w in want)
+    # another encoder saved under the same file name: resuming into the same folder is refused (its
+    # embeddings are not silently reused), and the refusal names the encoder
+    save_fairseq2_checkpoint(toy_encoder(seed=4, vocab_size=tok.vocab_size), tmp_path / "enc.pt")
+    other = load_sonar_codec(tmp_path / "enc.pt", spm_path, batch_size=4)
+    assert other.encoder_id != codec.encoder_id
+    with pytest.raises(DatasetSettingsMismatch, match="encoder"):
+        _run(tmp_path / "c.txt", tmp_path / "ds", codec=other, max_sentences_per_doc=128)
 
 
 def test_sonar_codec_duck_typing():

@@ -66,6 +66,7 @@ def prepare(run_dir: Path, tiny_steps: int | None = None, *, n_stories: int = N_
     import dataclasses
 
     from sonar_llm.data.preprocess import load_sonar_codec, preprocess
+    from sonar_llm.data.shards import DatasetSettingsMismatch
     from sonar_llm.sonar.story_corpus import generate_stories, split_stories, write_corpus
     from sonar_llm.sonar.train_tiny import TinySonarConfig, ensure_tiny_sonar
 
@@ -92,8 +93,12 @@ def prepare(run_dir: Path, tiny_steps: int | None = None, *, n_stories: int = N_
     t0 = time.perf_counter()
     codec = load_sonar_codec(tiny.encoder, tiny.tokenizer, batch_size=256)
     for split in ("train", "valid"):
-        preprocess(data / "corpus" / f"{split}.jsonl", data / split, codec, shard_size_docs=1000,
-                   dtype="fp16", end_of_doc_text=END_OF_DOC, log=None, rank=0, world_size=1)  # one process
+        kw = dict(shard_size_docs=1000, dtype="fp16", end_of_doc_text=END_OF_DOC, log=None, rank=0, world_size=1)
+        try:  # resumes (or reuses) shards written with this very encoder and tokenizer
+            preprocess(data / "corpus" / f"{split}.jsonl", data / split, codec, **kw)
+        except DatasetSettingsMismatch as e:  # made by another tiny SONAR (or settings): derived data, rebuild
+            say(f"{split} shards were made with other settings, rebuilding them ({e})")
+            preprocess(data / "corpus" / f"{split}.jsonl", data / split, codec, overwrite=True, **kw)
     say(f"sentences encoded into shards under {data} ({time.perf_counter() - t0:.0f}s)")
     return {"train": str(data / "train"), "valid": str(data / "valid"), "decoder": str(tiny.decoder),
             "encoder": str(tiny.encoder), "tokenizer": str(tiny.tokenizer),

@@ -127,7 +127,16 @@ def load_sonar_codec(encoder_path: str | os.PathLike | None = None, tokenizer_pa
     tokenizer = NllbTokenizer(tok_path)
     encoder = load_sonar_encoder(enc_path, dtype=dtype, device=device)
     pipeline = TextToEmbedding(encoder, tokenizer, batch_size=batch_size)
-    return SonarCodec(pipeline, tokenizer, lang=lang, encoder_id=enc_path.name, tokenizer_id=tok_path.name)
+    # the content, not only the name, identifies the models: a resumed preprocess with another encoder saved
+    # under the same file name must not reuse embeddings of the old one
+    return SonarCodec(pipeline, tokenizer, lang=lang, encoder_id=_file_id(enc_path), tokenizer_id=_file_id(tok_path))
+
+
+def _file_id(path: Path) -> str:
+    """`name (sha256 <first 16 hex digits>)` of a model file."""
+    from sonar_llm.data.shards import sha256_file
+
+    return f"{path.name} (sha256 {sha256_file(path)[:16]})"
 
 
 @dataclass

@@ -55,6 +55,11 @@ _DTYPES = ("fp16", "bf16")
 _PART_RE = re.compile(r"manifest\.rank(\d{5})-of-(\d{5})\.json$")
 
 
+class DatasetSettingsMismatch(ValueError):
+    """An existing dataset folder was written with other settings (encoder, tokenizer, config, ...) than a resumed
+    write asks for; the message names the manifest and the keys."""
+
+
 class ShardCorruptionError(ValueError):
     """A shard file is missing, truncated, or does not match its checksum. The message names the file."""
 
@@ -359,8 +364,8 @@ class DatasetWriter:
             old_cfg, new_cfg = old.get("config", {}), self.manifest["config"]
             bad += [f"config.{k}" for k in sorted(set(old_cfg) | set(new_cfg)) if old_cfg.get(k) != new_cfg.get(k)]
             if bad:
-                raise ValueError(f"{self.path} was written with different settings ({bad}); use another output "
-                                 f"directory or overwrite=True")
+                raise DatasetSettingsMismatch(f"{self.path} was written with different settings ({bad}); use "
+                                              f"another output directory or overwrite=True")
             self.manifest["shards"] = sorted(old["shards"], key=lambda e: e["index"])
             if old.get("complete"):
                 for k in ("complete", "num_planned_shards", "ingest"):
