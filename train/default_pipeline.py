@@ -97,7 +97,7 @@ def prepare(run_dir: Path, tiny_steps: int | None = None, *, n_stories: int = N_
         try:  # resumes (or reuses) shards written with this very encoder and tokenizer
             preprocess(data / "corpus" / f"{split}.jsonl", data / split, codec, **kw)
         except DatasetSettingsMismatch as e:  # made by another tiny SONAR (or settings): derived data, rebuild
-            say(f"{split} shards were made with other settings, rebuilding them ({e})")
+            _say(f"{split} shards were made with other settings, rebuilding them ({e})")  # not a step of `say`
             preprocess(data / "corpus" / f"{split}.jsonl", data / split, codec, overwrite=True, **kw)
     say(f"sentences encoded into shards under {data} ({time.perf_counter() - t0:.0f}s)")
     return {"train": str(data / "train"), "valid": str(data / "valid"), "decoder": str(tiny.decoder),
