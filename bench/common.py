@@ -453,7 +453,7 @@ def peak_flops(device: torch.device) -> float | None:
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    from train.metrics import gpu_peak_flops
+    from sonar_train.metrics import gpu_peak_flops
 
     return gpu_peak_flops(torch.cuda.get_device_name(device), "bf16")
 

@@ -13,7 +13,7 @@
 # targets against the measured figures (bench/common.py targets). Usage: bash bench/run_gpu.sh [pytest args]
 #
 # It needs no installation of this project, so it runs on a bare GPU machine that has only torch, triton,
-# pytest and pytest-benchmark: the checkout's kernels/ is put on PYTHONPATH as `sonar_kernels` (ahead of
+# pytest and pytest-benchmark: the checkout's source roots kernels/ and train/ are put on PYTHONPATH (ahead of
 # any installed copy, so this checkout is what gets measured). Wheels in .whl/ (for example Liger-Kernel
 # and Cut Cross-Entropy, fetched by scripts/fetch_gpu_wheels.sh on a machine with a package registry) are
 # unpacked to a temporary directory and put on PYTHONPATH too.
@@ -44,8 +44,7 @@ fi
 # this checkout's kernels as `sonar_kernels`, and any carried wheels, without installing anything
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-ln -s "$repo/kernels" "$tmp/sonar_kernels"
-pypath="$tmp:$repo"
+pypath="$repo/kernels:$repo/train:$repo"
 shopt -s nullglob
 wheels=("$repo"/.whl/*.whl)
 if (( ${#wheels[@]} )); then
@@ -58,8 +57,8 @@ if (( ${#wheels[@]} )); then
 fi
 export PYTHONPATH="$pypath${PYTHONPATH:+:$PYTHONPATH}"
 if ! where="$("$py" -c "import os, sonar_kernels; print(os.path.realpath(os.path.dirname(sonar_kernels.__file__)))")" \
-        || [[ "$where" != "$(realpath "$repo/kernels")" ]]; then
-    echo "run_gpu.sh: sonar_kernels does not resolve to $repo/kernels (got: ${where:-an import error})" >&2
+        || [[ "$where" != "$(realpath "$repo/kernels/sonar_kernels")" ]]; then
+    echo "run_gpu.sh: sonar_kernels does not resolve to $repo/kernels/sonar_kernels (got: ${where:-an import error})" >&2
     exit 2
 fi
 

@@ -10,7 +10,7 @@ Group "training-families", same batch, backbones of the same preset:
   as the LCM's 5:13), token_llm (over the SONAR vocabulary, fused linear cross-entropy). No "reference"
   row: compare the sentences_per_s column.
 Shapes (bench/common.py): GPU = the SONAR decoder shape (d=1024, 24 layers, V=256,206, bf16 weights) with
-the 600M backbone preset (fp32 master weights, bf16 autocast, as train/loop.py), 16 documents x 32
+the 600M backbone preset (fp32 master weights, bf16 autocast, as train/sonar_train/loop.py), 16 documents x 32
 sentences; CPU = d=256, 2 layers, V=8192 with the "small" backbone, 4 x 8 sentences, fp32; quick mode the
 smallest. extra_info: sentences/s, target tokens/s, peak memory, FLOPs per step (`flops_per_batch`,
 frozen decoder included), MFU against the dense bf16 peak of the GPU (989 TFLOP/s on H100/H200).

@@ -7,7 +7,7 @@ that should catch it. For each mutation the script
 
 1. copies a snapshot of the working tree (`git ls-files --cached --others --exclude-standard`: tracked files
    as they are on disk, plus untracked files that are not ignored, plus the built native library if any)
-   into a temporary folder, with `sonar_kernels` a link to the copy's `kernels/`;
+   into a temporary folder, with the copy's source roots `kernels/` and `train/` on PYTHONPATH;
 2. replaces the text in the copy (the text must occur exactly `count` times, else the mutation is STALE:
    the code moved on and the entry needs updating; nothing is silently skipped);
 3. runs only the named tests there with the copy first on PYTHONPATH (so the editable install, which maps
@@ -131,7 +131,7 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_packed_decoder.py",),
     ),
     Mutation(
-        "kernel-varlen-attention-crosses-segments", "kernels/torch_ops/varlen_attention.py",
+        "kernel-varlen-attention-crosses-segments", "kernels/sonar_kernels/torch_ops/varlen_attention.py",
         "(doc[:, None] == doc[None, :]) & (pos[:, None] >= pos[None, :])", "(pos[:, None] >= pos[None, :])",
         "packed self-attention is causal inside each sentence and never crosses sentences",
         ("tests/test_decoder_ops.py", "tests/test_packed_decoder.py"),
@@ -204,20 +204,20 @@ MUTATIONS: list[Mutation] = [
     ),
     # ------------------------------------------------------------------ kernels (each path)
     Mutation(
-        "lce-torch-backward-ignore-index", "kernels/torch_ops/linear_cross_entropy.py",
+        "lce-torch-backward-ignore-index", "kernels/sonar_kernels/torch_ops/linear_cross_entropy.py",
         "    g = torch.where(valid, grad_rows.to(acc_dtype), torch.zeros((), dtype=acc_dtype, device=hidden.device))\n",
         "    g = grad_rows.to(acc_dtype)\n",
         "ignored rows get no gradient in the PyTorch backward",
         (T_LCE, "tests/test_packed_decoder.py", "tests/test_token_llm.py"),
     ),
     Mutation(
-        "lce-torch-grad-in-forward-drops-smoothing-loss", "kernels/torch_ops/linear_cross_entropy.py",
+        "lce-torch-grad-in-forward-drops-smoothing-loss", "kernels/sonar_kernels/torch_ops/linear_cross_entropy.py",
         "            row_loss -= label_smoothing * z_mean\n", "            pass\n",
         "the gradient-in-forward PyTorch path's loss includes the label-smoothing term",
         (T_LCE_GIF,),
     ),
     Mutation(
-        "lce-triton-half-dlogits-drops-smoothing", "kernels/triton_kernels/linear_cross_entropy.py",
+        "lce-triton-half-dlogits-drops-smoothing", "kernels/sonar_kernels/triton_kernels/linear_cross_entropy.py",
         "        m, v, d, _n_bucket(m), 1.0 - label_smoothing, label_smoothing / v,",
         "        m, v, d, _n_bucket(m), 1.0 - label_smoothing, (label_smoothing / v) * (hidden.dtype == torch.float32),",
         "the Triton dlogits backward keeps the uniform eps/V label-smoothing term for fp16/bf16 inputs too "
@@ -225,7 +225,7 @@ MUTATIONS: list[Mutation] = [
         (T_LCE,), env=(("TRITON_INTERPRET", "1"),),
     ),
     Mutation(
-        "lce-triton-bf16-dlogits-drops-smoothing", "kernels/triton_kernels/linear_cross_entropy.py",
+        "lce-triton-bf16-dlogits-drops-smoothing", "kernels/sonar_kernels/triton_kernels/linear_cross_entropy.py",
         "        m, v, d, _n_bucket(m), 1.0 - label_smoothing, label_smoothing / v,",
         "        m, v, d, _n_bucket(m), 1.0 - label_smoothing, (label_smoothing / v) * (hidden.dtype != torch.bfloat16),",
         "the same for bf16 only: below the old 1e-2-of-the-max bf16 tolerance, caught by the bounds derived from "
@@ -233,7 +233,7 @@ MUTATIONS: list[Mutation] = [
         (T_LCE,), env=(("TRITON_INTERPRET", "1"),),
     ),
     Mutation(
-        "lce-torch-bf16-backward-drops-smoothing", "kernels/torch_ops/linear_cross_entropy.py",
+        "lce-torch-bf16-backward-drops-smoothing", "kernels/sonar_kernels/torch_ops/linear_cross_entropy.py",
         "        if label_smoothing:\n            z.sub_(label_smoothing / v)\n        idx = safe_target[start:stop, None]\n",
         "        if label_smoothing and hidden.dtype != torch.bfloat16:\n            z.sub_(label_smoothing / v)\n"
         "        idx = safe_target[start:stop, None]\n",
@@ -241,21 +241,21 @@ MUTATIONS: list[Mutation] = [
         (T_LCE,),
     ),
     Mutation(
-        "lce-triton-atomic-drops-smoothing", "kernels/triton_kernels/linear_cross_entropy.py",
+        "lce-triton-atomic-drops-smoothing", "kernels/sonar_kernels/triton_kernels/linear_cross_entropy.py",
         "        n, v, d, _n_bucket(n), 1.0 - label_smoothing, label_smoothing / v,",
         "        n, v, d, _n_bucket(n), 1.0 - label_smoothing, 0.0,",
         "the Triton atomic backward keeps the uniform eps/V label-smoothing term",
         (T_LCE,), env=(("TRITON_INTERPRET", "1"),),
     ),
     Mutation(
-        "lce-native-backward-drops-smoothing", "kernels/native.py",
+        "lce-native-backward-drops-smoothing", "kernels/sonar_kernels/native.py",
         "        hidden, weight, target, bias, lse, grad_rows, int(ignore_index), float(label_smoothing),",
         "        hidden, weight, target, bias, lse, grad_rows, int(ignore_index), 0.0,",
         "the native backward receives the label smoothing (host code of the native path)",
         (T_NATIVE,),
     ),
     Mutation(
-        "lce-native-library-silently-unavailable", "kernels/native.py",
+        "lce-native-library-silently-unavailable", "kernels/sonar_kernels/native.py",
         "    path = library_path()\n    if not path.is_file():\n",
         "    path = library_path()\n    if True:\n",
         "a built native library is found and used: a loader that reports it absent turns every native test "
@@ -265,7 +265,7 @@ MUTATIONS: list[Mutation] = [
     ),
     # ------------------------------------------------------------------ training loop
     Mutation(
-        "train-resume-drops-optimizer-state", "train/checkpoint.py",
+        "train-resume-drops-optimizer-state", "train/sonar_train/checkpoint.py",
         'set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],',
         'set_state_dict(model, optimizer, model_state_dict=state["model"], '
         'optim_state_dict={"state": {}, "param_groups": state["optim"]["param_groups"]},',
@@ -273,25 +273,25 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_train_family_wiring.py", "tests/test_train_checkpoint.py"),
     ),
     Mutation(
-        "train-resume-drops-rng", "train/checkpoint.py",
+        "train-resume-drops-rng", "train/sonar_train/checkpoint.py",
         "    set_rng_state(extra.pop(\"rng\"), tensors, _device_of(model))\n", "    extra.pop(\"rng\")\n",
         "resume restores the RNG states (diffusion noise, dropout, CFG rows continue as uninterrupted)",
         ("tests/test_train_family_wiring.py", "tests/test_train_checkpoint.py"),
     ),
     Mutation(
-        "train-accumulation-unscaled", "train/loop.py",
+        "train-accumulation-unscaled", "train/sonar_train/loop.py",
         "run.scaler.scale(loss / accum).backward()", "run.scaler.scale(loss).backward()",
         "gradient accumulation averages the micro-batches' gradients",
         ("tests/test_train_loop.py", "tests/test_lcm_meta_defaults.py"),
     ),
     Mutation(
-        "train-no-clipping", "train/loop.py",
+        "train-no-clipping", "train/sonar_train/loop.py",
         'max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")', 'max_norm = float("inf")',
         "gradients are clipped to optim.grad_clip",
         ("tests/test_train_loop.py",),
     ),
     Mutation(
-        "train-nan-step-not-skipped", "train/loop.py",
+        "train-nan-step-not-skipped", "train/sonar_train/loop.py",
         '"bad_ranks": bad.double(),', '"bad_ranks": bad.double() * 0,',
         "a step with a non-finite loss or gradient norm is skipped (no update)",
         ("tests/test_train_loop.py",),
@@ -364,7 +364,7 @@ def tree_files(root: Path) -> list[str]:
     out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                          cwd=root, check=True, capture_output=True).stdout.decode()
     files = [f for f in out.split("\0") if f and (root / f).is_file()]
-    native = root / "kernels" / "_native"
+    native = root / "kernels" / "sonar_kernels" / "_native"
     if native.is_dir():  # the optional native library is ignored by git but is part of "native if built"
         files += [str(p.relative_to(root)) for p in native.iterdir() if p.is_file() and p.suffix == ".so"]
     return sorted(set(files))
@@ -376,7 +376,6 @@ def snapshot(root: Path, dest: Path) -> None:
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / rel, target)
-    (dest / "sonar_kernels").symlink_to("kernels", target_is_directory=True)
 
 
 def clone(snap: Path, dest: Path) -> None:
@@ -400,7 +399,7 @@ def plant(copy: Path, m: Mutation) -> str | None:
 
 def test_env(copy: Path, extra=()) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(copy)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PYTHONPATH"] = os.pathsep.join([str(copy), str(copy / "kernels"), str(copy / "train")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(dict(extra))
@@ -434,8 +433,8 @@ def preflight(snap: Path, work: Path) -> list[str]:
     problems = []
     probe = work / "preflight-clean"
     clone(snap, probe)
-    code = ("import sonar_llm, sonar_kernels, train; "
-            "print(sonar_llm.__file__); print(sonar_kernels.__file__); print(train.__file__)")
+    code = ("import sonar_llm, sonar_kernels, sonar_train; "
+            "print(sonar_llm.__file__); print(sonar_kernels.__file__); print(sonar_train.__file__)")
     p = subprocess.run([sys.executable, "-c", code], cwd=probe, env=test_env(probe), capture_output=True, text=True)
     if p.returncode != 0:
         problems.append(f"importing from the copy failed: {p.stderr.strip()[-500:]}")
@@ -445,7 +444,7 @@ def preflight(snap: Path, work: Path) -> list[str]:
                 problems.append(f"the copy is shadowed: a module resolves to {line}, outside {probe}")
     shutil.rmtree(probe, ignore_errors=True)
     for rel, probe_tests in (("sonar_llm/__init__.py", "tests/test_eval_metrics.py"),
-                             ("kernels/__init__.py", "tests/test_native.py")):
+                             ("kernels/sonar_kernels/__init__.py", "tests/test_native.py")):
         canary = work / f"preflight-canary-{rel.split('/')[0]}"
         clone(snap, canary)
         _plant_canary(canary / rel)

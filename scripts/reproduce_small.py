@@ -2,7 +2,7 @@
 
     python scripts/reproduce_small.py [--quick] [--steps N] [--out bench/results/reproduction]
 
-1. prepares the data like train/default_pipeline.py: the project's story corpus, the tiny SONAR trained on
+1. prepares the data like train/sonar_train/default_pipeline.py: the project's story corpus, the tiny SONAR trained on
    it (cached), every sentence encoded into train / held-out shards;
 2. trains every family (sonar_llm, base_lcm, two_tower, token_llm) at two backbone sizes (`--sizes`, default
    "tiny" = d 64 x 2 layers and "tiny-wide" = d 128 x 4 layers; "small" = d 256 x 4 layers when CPU time
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
+if str(_ROOT / "train") not in sys.path:  # `sonar_train` without installing the checkout
+    sys.path.insert(0, str(_ROOT / "train"))
 
 import torch  # noqa: E402
 
@@ -88,7 +88,7 @@ def _say(msg: str) -> None:
 def prepare(rc: ReproConfig) -> dict:
     """Corpus, tiny SONAR and shards: the default pipeline's steps 1-3 with this script's sizes."""
     from sonar_llm.sonar.train_tiny import TinySonarConfig, default_cache_dir
-    from train import default_pipeline as dp
+    from sonar_train import default_pipeline as dp
 
     # a cache of its own: a copy trained here under a short budget must not stand in for the default's
     cache = default_cache_dir().with_name("tiny_sonar_quick" if rc.quick else "tiny_sonar_reproduction")
@@ -98,7 +98,7 @@ def prepare(rc: ReproConfig) -> dict:
 
 # ------------------------------------------------------------------------------------------ training
 def run_config(rc: ReproConfig, assets: dict, family: str, size: str, sonar_dim: int):
-    from train.config import RunConfig, validate
+    from sonar_train.config import RunConfig, validate
 
     cfg = RunConfig()
     preset, size_over = SIZES[size]
@@ -131,7 +131,7 @@ def train_and_evaluate(rc: ReproConfig, assets: dict, family: str, size: str, so
     import shutil
 
     from sonar_llm.eval.evaluate import EvalConfig, evaluate, load_trained
-    from train.loop import run_training
+    from sonar_train.loop import run_training
 
     cfg = run_config(rc, assets, family, size, sonar_dim)
     shutil.rmtree(cfg.train.out_dir, ignore_errors=True)  # the same budget from scratch every time

@@ -6,12 +6,12 @@ dict, the step and where it came from):
     {"run_config": ..., "step": N, "family", "preset", "dtype", "checkpoint"});
   * `read_run(run_dir, step=None)`: `<run>/config.json` + the model tensors of the latest (or `step`'s)
     complete checkpoint `<run>/checkpoints/step_XXXXXX/` (torch.distributed.checkpoint shards, read
-    without a process group; the on-disk protocol is described in train/checkpoint.py, which writes it).
+    without a process group; the on-disk protocol is described in train/sonar_train/checkpoint.py, which writes it).
 Nothing read runs pickled code: safetensors and JSON; a DCP checkpoint is first checked against its
 checksums.json, then read with sonar_llm.dcp_safe (allow-listed metadata unpickler, weights_only entries).
 
 The directory-naming helpers (`step_dir_name`, `complete_steps`, `latest_checkpoint`) and
-`quiet_single_process` are shared with the trainer's writer (train/checkpoint.py).
+`quiet_single_process` are shared with the trainer's writer (train/sonar_train/checkpoint.py).
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ A DCP directory holds `.metadata` (a pickle of `torch.distributed.checkpoint.met
     paths (the allow-list `_ALLOWED`); anything else raises `UnsafeCheckpointError` naming the file and
     the refused global, before any object is built;
   * `SafeLoadPlanner.load_bytes` reads non-tensor values with `torch.load(weights_only=True)`;
-  * `checksums.json` (written last by the trainer, train/checkpoint.py) records the size and sha256 of
+  * `checksums.json` (written last by the trainer, train/sonar_train/checkpoint.py) records the size and sha256 of
     every file; `verify_checkpoint` recomputes them (streaming, 4 MiB reads) and names any file that is
     missing, of the wrong size or of the wrong digest. Verify before loading: then nothing unverified is
     even parsed.

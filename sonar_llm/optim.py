@@ -1,4 +1,4 @@
-"""The one learning-rate schedule and weight-decay split of the project (the trainer's train/optim.py and
+"""The one learning-rate schedule and weight-decay split of the project (the trainer's train/sonar_train/optim.py and
 the tiny SONAR's sonar_llm/sonar/train_tiny.py both use them). Imports nothing from sonar_llm.
 
 * `param_groups(named_parameters, weight_decay, decay_all=False)`: AdamW groups (decay, no-decay):

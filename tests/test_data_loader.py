@@ -282,9 +282,9 @@ def test_document_budget(ds, split_docs):
 def test_training_data_factory_applies_the_document_budget(ds):
     """`data.max_docs` of a run config reaches the trainer's loader: its batches are the same as a
     ConceptLoader's with that budget."""
-    from train.config import RunConfig
-    from train.loop import default_data_factory
-    from train.parallel import DistInfo
+    from sonar_train.config import RunConfig
+    from sonar_train.loop import default_data_factory
+    from sonar_train.parallel import DistInfo
 
     cfg = RunConfig()
     cfg.data.path, cfg.data.max_docs, cfg.data.max_sentences, cfg.data.max_tokens = str(ds.root), 4, 1000, 100000

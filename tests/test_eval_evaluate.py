@@ -50,11 +50,11 @@ def toy(tmp_path_factory):
 
 
 def _export_untrained(toy, family: str, seed: int = 0):
-    """Build an untrained `family` through train/families.py and write it like train/export.py."""
+    """Build an untrained `family` through train/sonar_train/families.py and write it like train/export.py."""
     from safetensors.torch import save_file
 
-    import train.config as tc
-    import train.families as tf
+    import sonar_train.config as tc
+    import sonar_train.families as tf
 
     cfg = tc.RunConfig()
     cfg.model.family = family
@@ -298,8 +298,8 @@ def test_run_directory_after_training_and_nll_data(toy, tmp_path):
     from sonar_llm.eval.nll import batches_from_dataset
     from sonar_llm.sonar import TextToEmbedding
 
-    import train.config as tc
-    from train.loop import run_training
+    import sonar_train.config as tc
+    from sonar_train.loop import run_training
 
     codec = SonarCodec(TextToEmbedding(toy["enc"], toy["tok"]), toy["tok"])
     for split in ("train", "valid"):

@@ -37,9 +37,9 @@ def default_run(tmp_path_factory):
     from sonar_llm.sonar import NllbTokenizer
     from sonar_llm.sonar.checkpoint import save_fairseq2_checkpoint
     from sonar_llm.sonar.story_corpus import generate_stories, write_corpus
-    from train.config import load_config
-    from train.export import export
-    from train.loop import run_training
+    from sonar_train.config import load_config
+    from sonar_train.export import export
+    from sonar_train.loop import run_training
 
     root = tmp_path_factory.mktemp("gen_cli")
     toy_tokenizer(root / "spm")

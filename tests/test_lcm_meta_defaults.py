@@ -329,8 +329,8 @@ class _Loader:
 def test_sum_reduction_accumulation_equals_one_big_batch(tmp_path, reduction):
     from sonar_llm.models.backbone import BackboneConfig
     from sonar_llm.models.base_lcm import BaseLCM, BaseLCMConfig
-    from train.config import RunConfig
-    from train.loop import run_training
+    from sonar_train.config import RunConfig
+    from sonar_train.loop import run_training
 
     g = torch.Generator().manual_seed(5)
     small = [[2, 3], [7, 6, 9]]  # 3 and 19 targets

@@ -60,8 +60,8 @@ def test_the_one_checkpointing_knob_reaches_blocks_and_the_frozen_decoder(decode
 
 
 def test_the_run_knob_reaches_the_decoder_through_parallelize(decoder_file):
-    from train.config import RunConfig
-    from train.parallel import DistInfo, parallelize
+    from sonar_train.config import RunConfig
+    from sonar_train.parallel import DistInfo, parallelize
 
     cfg = RunConfig()
     cfg.train.activation_checkpointing, cfg.train.precision = "full", "fp32"

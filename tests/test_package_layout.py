@@ -16,7 +16,7 @@ def test_sonar_kernels_imports_nothing_from_sonar_llm():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert Path(out.stdout.strip()).parent.name == "kernels"
+    assert Path(out.stdout.strip()).parent == ROOT / "kernels" / "sonar_kernels"
 
 
 def test_no_kernel_source_mentions_sonar_llm_imports():
@@ -44,7 +44,7 @@ def test_every_module_has_a_docstring():
 # ------------------------------------------------------------------------------------------ layering
 # The layers of docs/design.md ("Layers"), bottom to top; an import may only point down (or sideways where
 # drawn). Each rule: (modules it applies to, module prefixes they must not import).
-APPLICATION = ("train", "bench", "scripts")
+APPLICATION = ("sonar_train", "bench", "scripts")
 # utilities at the bottom, beside sonar_kernels: they import no layer of sonar_llm (only each other)
 LEAVES = ("sonar_llm.activation_checkpointing", "sonar_llm.checkpoints", "sonar_llm.dcp_safe", "sonar_llm.optim")
 LAYERS = ("sonar_llm.sonar", "sonar_llm.data", "sonar_llm.models", "sonar_llm.eval")
@@ -61,8 +61,8 @@ LAYER_RULES = [
 def _module_name(path: Path, root: Path) -> str:
     rel = path.relative_to(root).with_suffix("")
     parts = list(rel.parts)
-    if parts[0] == "kernels":
-        parts[0] = "sonar_kernels"  # installed under this name (setup.py package_dir)
+    if parts[0] in ("kernels", "train"):
+        parts = parts[1:]  # source roots: kernels/sonar_kernels, train/sonar_train (setup.py package_dir)
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)
@@ -131,15 +131,15 @@ def test_imports_point_down_and_the_library_never_edits_sys_path():
 def test_the_layering_check_catches_wrong_way_imports(tmp_path):
     """The checker itself: one wrong-way import per arrow of the diagram, and a sys.path edit, are found."""
     cases = {
-        "kernels/functional/bad.py": "import sonar_llm.sonar\n",
-        "kernels/nn/bad2.py": "from train import loop\n",
+        "kernels/sonar_kernels/functional/bad.py": "import sonar_llm.sonar\n",
+        "kernels/sonar_kernels/nn/bad2.py": "from sonar_train import loop\n",
         "sonar_llm/sonar/bad.py": "from ..data.shards import ShardedDataset\n",
         "sonar_llm/sonar/bad2.py": "from sonar_llm.models import build\n",
         "sonar_llm/sonar/bad3.py": "def f():\n    from sonar_llm.eval import evaluate\n",
         "sonar_llm/data/bad.py": "from sonar_llm.models.family import FAMILIES\n",
         "sonar_llm/models/bad.py": "from ..eval import nll\n",
         "sonar_llm/models/bad2.py": "import bench.common\n",
-        "sonar_llm/eval/bad.py": "import train.config\n",
+        "sonar_llm/eval/bad.py": "import sonar_train.config\n",
         "sonar_llm/eval/bad2.py": "from scripts import reproduce_small\n",
         "sonar_llm/optim.py": "from sonar_llm.sonar import checkpoint\n",
         "sonar_llm/dcp_safe.py": "from .models.build import build_model\n",
@@ -149,7 +149,7 @@ def test_the_layering_check_catches_wrong_way_imports(tmp_path):
         path = tmp_path / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    for pkg in ("kernels", "kernels/functional", "kernels/nn", "sonar_llm", "sonar_llm/sonar", "sonar_llm/data",
+    for pkg in ("kernels", "kernels/sonar_kernels/functional", "kernels/sonar_kernels/nn", "sonar_llm", "sonar_llm/sonar", "sonar_llm/data",
                 "sonar_llm/models", "sonar_llm/eval"):
         (tmp_path / pkg / "__init__.py").touch()
     (tmp_path / "sonar_llm/models/fine.py").write_text("from ..sonar import checkpoint\nfrom sonar_llm.data import shards\n")

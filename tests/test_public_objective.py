@@ -161,10 +161,10 @@ from test_train_families import assets  # noqa: E402,F401  (the trainer tests' t
 
 @pytest.mark.parametrize("extra", ["false", "true"])
 def test_short_cpu_training_run(assets, tmp_path, extra):
-    """A few optimizer steps of each objective option through train/loop.py (tiny preset, toy decoder), with
+    """A few optimizer steps of each objective option through train/sonar_train/loop.py (tiny preset, toy decoder), with
     the public optimizer knobs (decay on every parameter, cosine to 0); the loss is finite and drops."""
-    from train.config import load_config
-    from train.loop import run_training
+    from sonar_train.config import load_config
+    from sonar_train.loop import run_training
 
     args = ["--model.family=sonar_llm", "--model.preset=tiny", f"--model.overrides.sonar_dim={E}",
             "--model.overrides.decoder_impl=\"torch\"", f"--model.overrides.extra_eos_target={extra}",
@@ -184,7 +184,7 @@ def test_short_cpu_training_run(assets, tmp_path, extra):
     from safetensors.torch import load_file
 
     from sonar_llm import convert
-    from train.export import export
+    from sonar_train.export import export
 
     ours = export(tmp_path / "run", tmp_path / "model.safetensors")
     pt, js = convert.export_public(ours, tmp_path / "public" / "checkpoint.pt")

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import train.main as train_main
+import sonar_train.main as train_main
 from sonar_llm.models import public_format as pf
 from sonar_llm.models.presets import backbone_config
-from train.config import load_config
+from sonar_train.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"100m": "100M", "300m": "300M", "600m": "600M", "900m": "900M"}
@@ -72,7 +72,7 @@ def test_optimizer_equals_public_adamw(tmp_path):
     """build_optimizer with the recipe == torch.optim.AdamW(model.parameters(), lr=5e-4, eps=1e-5) (torch's
     default weight decay 0.01 on every parameter): same parameters after three steps on the same gradients."""
     from sonar_llm.models.sonar_llm import SonarLLM, SonarLLMConfig
-    from train.optim import build_optimizer
+    from sonar_train.optim import build_optimizer
 
     cfg = _config("100m", tmp_path)
     split_cfg = _config("100m", tmp_path).optim
@@ -104,7 +104,7 @@ def test_schedule_against_hf_cosine_with_warmup():
     on; during warm-up ours is HF's one step later (HF: s/820, first update at lr 0; ours: (s+1)/820)."""
     get_cosine_schedule_with_warmup = pytest.importorskip("transformers.optimization").get_cosine_schedule_with_warmup
 
-    from train.optim import lr_factor
+    from sonar_train.optim import lr_factor
 
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)

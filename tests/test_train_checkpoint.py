@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from _train_fakes import fake_data_factory, fake_model_factory
-from train import checkpoint as ckpt
-from train.config import RunConfig
-from train.export import export, load_model_state
-from train.loop import CheckpointNotSaved, run_training
+from sonar_train import checkpoint as ckpt
+from sonar_train.config import RunConfig
+from sonar_train.export import export, load_model_state
+from sonar_train.loop import CheckpointNotSaved, run_training
 
 
 def fake_cfg(out, steps, **train):

@@ -7,15 +7,15 @@ import sys
 from pathlib import Path
 
 from _train_fakes import fake_data_factory, fake_model_factory
-from train import main as train_main
-from train.metrics import MetricsLogger, format_line, gpu_peak_flops, measure_cpu_flops
+from sonar_train import main as train_main
+from sonar_train.metrics import MetricsLogger, format_line, gpu_peak_flops, measure_cpu_flops
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_bad_config_exits_2_naming_the_key_before_any_work(tmp_path, capsys, monkeypatch):
     called = []
-    monkeypatch.setattr("train.loop.run_training", lambda *a, **k: called.append(1))
+    monkeypatch.setattr("sonar_train.loop.run_training", lambda *a, **k: called.append(1))
     rc = train_main.main(["--optim.lr=abc", f"--train.out_dir={tmp_path / 'run'}"],
                          model_factory=fake_model_factory, data_factory=fake_data_factory)
     assert rc == 2 and "optim.lr: expected float, got 'abc'" in capsys.readouterr().err
@@ -49,9 +49,9 @@ def test_no_arguments_runs_default_pipeline(monkeypatch):
     import types
 
     ran = []
-    fake = types.ModuleType("train.default_pipeline")
+    fake = types.ModuleType("sonar_train.default_pipeline")
     fake.main = lambda: ran.append(1) or 0
-    monkeypatch.setitem(sys.modules, "train.default_pipeline", fake)
+    monkeypatch.setitem(sys.modules, "sonar_train.default_pipeline", fake)
     import train
 
     monkeypatch.setattr(train, "default_pipeline", fake, raising=False)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from train.config import ConfigError, RunConfig, load_config, parse_overrides, save_config, to_toml, validate
+from sonar_train.config import ConfigError, RunConfig, load_config, parse_overrides, save_config, to_toml, validate
 
 REPO = Path(__file__).resolve().parent.parent
 

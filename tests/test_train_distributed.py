@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from _train_fakes import fake_data_factory, fake_model_factory
-from train.config import load_config
-from train.loop import run_training
+from sonar_train.config import load_config
+from sonar_train.loop import run_training
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_train_worker.py"

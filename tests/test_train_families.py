@@ -9,8 +9,8 @@ import pytest
 from fixtures_sonar import toy_decoder
 from sonar_llm.data.shards import DatasetWriter, ShardArrays
 from sonar_llm.sonar.checkpoint import save_fairseq2_checkpoint
-from train.config import load_config
-from train.loop import run_training
+from sonar_train.config import load_config
+from sonar_train.loop import run_training
 
 E, LANG = 32, 80  # the toy SONAR decoder's width and language-tag id
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from _train_fakes import FakeLoader, fake_data_factory, fake_model_factory
-from train.config import RunConfig
-from train.export import load_model_state
-from train.loop import TrainingAborted, run_training
-from train.optim import lr_factor
+from sonar_train.config import RunConfig
+from sonar_train.export import load_model_state
+from sonar_train.loop import TrainingAborted, run_training
+from sonar_train.optim import lr_factor
 
 
 def fake_cfg(tmp_path, **train):

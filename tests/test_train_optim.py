@@ -4,8 +4,8 @@ import math
 import torch
 from torch import nn
 
-from train.config import OptimConfig
-from train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from sonar_train.config import OptimConfig
+from sonar_train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 
 
 def test_schedule_closed_form():

@@ -1,11 +1,11 @@
-"""Single-process parts of train/parallel.py: frozen-module detection, activation checkpointing (same
+"""Single-process parts of train/sonar_train/parallel.py: frozen-module detection, activation checkpointing (same
 gradients, fewer saved activations), device choice and the no-process-group path."""
 import pytest
 import torch
 
 from _train_fakes import FakeFamily, FakeLoader
-from train.config import RunConfig
-from train.parallel import (DistInfo, apply_activation_checkpointing, frozen_modules, init_distributed, parallelize,
+from sonar_train.config import RunConfig
+from sonar_train.parallel import (DistInfo, apply_activation_checkpointing, frozen_modules, init_distributed, parallelize,
                             pick_device)
 
 

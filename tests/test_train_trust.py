@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from _train_fakes import fake_data_factory, fake_model_factory
-from train import checkpoint as ckpt
-from train import main as train_main
-from train.config import ConfigError, RunConfig
-from train.loop import CheckpointNotSaved, TrainingAborted, run_training
-from train.metrics import append_line, rewind_metrics
+from sonar_train import checkpoint as ckpt
+from sonar_train import main as train_main
+from sonar_train.config import ConfigError, RunConfig
+from sonar_train.loop import CheckpointNotSaved, TrainingAborted, run_training
+from sonar_train.metrics import append_line, rewind_metrics
 
 from test_train_checkpoint import fake_cfg  # noqa: E402  (the checkpoint tests' fake-family config)
 
@@ -224,7 +224,7 @@ def test_failed_last_save_exits_non_zero_naming_the_good_step(tmp_path, capsys, 
 
 # ------------------------------------------------------------------------------------------------ resume config
 def test_resume_applies_optimizer_changes_and_refuses_model_changes(tmp_path, capsys):
-    from train.optim import lr_factor
+    from sonar_train.optim import lr_factor
 
     cfg = fake_cfg(tmp_path / "run", 3)
     run(cfg)
@@ -282,7 +282,7 @@ def test_metrics_lines_are_whole_and_rewound(tmp_path, monkeypatch):
     append_line(path, json.dumps({"kind": "train", "step": 1}))
     before = path.read_bytes()
     real_write = os.write
-    monkeypatch.setattr("train.metrics.os.write", lambda fd, data: real_write(fd, data[:5]))  # disk fills mid-line
+    monkeypatch.setattr("sonar_train.metrics.os.write", lambda fd, data: real_write(fd, data[:5]))  # disk fills mid-line
     with pytest.raises(OSError, match="short write"):
         append_line(path, json.dumps({"kind": "train", "step": 2}))
     assert path.read_bytes() == before  # cut back: no half line
@@ -300,8 +300,8 @@ def test_metrics_lines_are_whole_and_rewound(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------ shards
 def test_training_data_is_verified_as_configured(tmp_path):
     from sonar_llm.data.shards import DatasetWriter, ShardArrays, ShardCorruptionError
-    from train.loop import default_data_factory
-    from train.parallel import DistInfo
+    from sonar_train.loop import default_data_factory
+    from sonar_train.parallel import DistInfo
 
     w = DatasetWriter(tmp_path / "ds", embed_dim=4, dtype="fp16", end_of_doc_text="End.", end_of_doc_tokens=[1],
                       end_of_doc_embedding=np.zeros(4))

@@ -1,69 +1,10 @@
-"""Consolidate a DCP training checkpoint into one safetensors file (+ a JSON config) for generation/eval.
+"""`python train/export.py`: a training checkpoint to safetensors + JSON (code in train/sonar_train/export.py).
 
-    python train/export.py --run RUN_DIR [--step N] --out model.safetensors [--dtype fp32|bf16|fp16]
-
-Only the model's trainable state is in a checkpoint (the frozen SONAR decoder is loaded from its own file
-at generation time). Works without the model code and without a process group: tensor shapes and dtypes
-come from the checkpoint's metadata. Writes `model.safetensors` and `model.json` = {"run_config": the run's
-resolved config, "step": N, "family", "preset", "dtype"}.
+Runs without installing for the same reason as train/main.py (this file's folder is the source root).
 """
-from __future__ import annotations
-
-import argparse
-import json
-import os
 import sys
-from pathlib import Path
 
-from sonar_llm.checkpoints import checkpoint_step, find_checkpoint, load_dcp_model_state
-from sonar_llm.sonar.checkpoint import DTYPES as _DTYPES
-
-load_model_state = load_dcp_model_state  # the model state of a DCP checkpoint directory (kept name)
-
-
-def export(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
-           dtype: str | None = None) -> Path:
-    """Write `out` (safetensors) and `out` with suffix .json; returns the safetensors path."""
-    from safetensors.torch import save_file
-
-    if dtype is not None and dtype not in _DTYPES:
-        raise ValueError(f"--dtype: expected one of {', '.join(_DTYPES)}, got {dtype!r}")
-    path = find_checkpoint(run_dir, step)
-    state = load_model_state(path)
-    if dtype is not None:
-        state = {k: v.to(_DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
-    state = {k: v.contiguous() for k, v in state.items()}
-    cfg_file = Path(run_dir) / "config.json"
-    run_cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-    model_cfg = run_cfg.get("model", {})
-    step_n = checkpoint_step(path)
-    info = {"run_config": run_cfg, "step": step_n, "family": model_cfg.get("family"),
-            "preset": model_cfg.get("preset"), "dtype": dtype or "as trained", "checkpoint": str(path)}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(state, str(tmp), metadata={"family": str(info["family"]), "preset": str(info["preset"]),
-                                         "step": str(step_n)})
-    os.replace(tmp, out)
-    out.with_suffix(".json").write_text(json.dumps(info, indent=2))
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="train/export.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="run directory (train.out_dir)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest complete one)")
-    p.add_argument("--out", required=True, help="output .safetensors path")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="cast floating tensors")
-    args = p.parse_args(argv)
-    try:
-        out = export(args.run, args.out, args.step, args.dtype)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"export error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} and {out.with_suffix('.json')}")
-    return 0
-
+from sonar_train.export import main
 
 if __name__ == "__main__":
     sys.exit(main())

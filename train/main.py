@@ -1,80 +1,12 @@
-"""Command-line entry point of the training stack.
+"""`python train/main.py` / `torchrun train/main.py`: the trainer's command (code in train/sonar_train/main.py).
 
-    python train/main.py                                   # the offline embedded default (train/default_pipeline.py)
-    python train/main.py --config configs/x.toml [--section.key=value ...]
-    torchrun --nproc_per_node=8 train/main.py --config configs/x.toml [--section.key=value ...]
-    python train/main.py --config configs/x.toml --dry-run # validate and print the resolved config
-
-Exit codes: 0 done, 1 error during training, 2 bad configuration (one line on stderr, nothing written; also a
-resume whose model/data keys differ from the run's), 3 aborted (e.g. too many non-finite steps), 4 trained to
-the end but the last checkpoint could not be saved as a good one (the message names the newest good one).
+train/ is a source root: the training package is `sonar_train` (installed by `pip install -e .`), so no folder
+of this checkout is importable as `train`, a name a PyPI distribution also uses. Running this file puts
+train/ on sys.path (Python does that for a script's folder), so it also works without installing.
 """
-from __future__ import annotations
-
-import argparse
-import json
 import sys
-from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-from train.config import ConfigError, load_config, to_toml  # noqa: E402
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="train/main.py", allow_abbrev=False,
-        description="Train a SONAR-LLM / LCM family. Any config value can be overridden with --section.key=value "
-                    "(e.g. --optim.lr=3e-4 --train.steps=1000). With no arguments, runs the embedded default.")
-    p.add_argument("--config", help="TOML config file (sections: model, data, optim, train, parallel, sonar)")
-    p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and exit")
-    return p
-
-
-def main(argv: list[str] | None = None, **factories) -> int:
-    """Run the command; returns the process exit code. `factories` (model_factory, data_factory,
-    sample_fn) are passed to run_training (tests and custom scripts plug in their own families)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv:
-        try:
-            from train import default_pipeline
-        except ModuleNotFoundError as e:
-            if e.name != "train.default_pipeline":
-                raise
-            _parser().print_help(sys.stderr)
-            return 2
-        return int(default_pipeline.main() or 0)
-    args, overrides = _parser().parse_known_args(argv)
-    try:
-        cfg = load_config(args.config, overrides, check_paths="data_factory" not in factories,
-                          check_model="model_factory" not in factories)
-    except (ConfigError, FileNotFoundError, TypeError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        print(to_toml(cfg))
-        return 0
-    from train.loop import CheckpointNotSaved, TrainingAborted, run_training
-
-    try:
-        result = run_training(cfg, **factories)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except TrainingAborted:
-        return 3
-    except CheckpointNotSaved:  # already reported by run_training
-        return 4
-    except Exception:  # already logged with its traceback by run_training
-        return 1
-    import os
-
-    if os.environ.get("RANK", "0") == "0":
-        print(json.dumps({"final": result}), flush=True)
-    return 0
-
+from sonar_train.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,8 +18,8 @@ from torch import nn
 
 from sonar_llm.activation_checkpointing import apply_activation_checkpointing
 from sonar_llm.models.family import ConceptFamily
-from sonar_llm.sonar.checkpoint import DTYPES  # noqa: F401  (the one dtype table; train/loop.py reads it here)
-from train.config import RunConfig
+from sonar_llm.sonar.checkpoint import DTYPES  # noqa: F401  (the one dtype table; train/sonar_train/loop.py reads it here)
+from sonar_train.config import RunConfig
 
 
 @dataclass

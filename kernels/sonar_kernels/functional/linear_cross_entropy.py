@@ -230,7 +230,7 @@ def linear_cross_entropy(
     "mean"/"sum", [N] for "none" with 0 on ignored rows), float32, and with `return_lse=True` also the
     per-token log-sum-exp [N] (float32; not differentiable), from which perplexity or the probability
     of any class follows without a second pass. `impl` is "auto" | "triton" | "torch" | "native" (see backend.py;
-    "native" is the optional compiled CPU library, see kernels/native.py; "auto" does not pick it).
+    "native" is the optional compiled CPU library, see kernels/sonar_kernels/native.py; "auto" does not pick it).
 
     `z_loss` (default 0): adds z_loss * lse_i^2 to every non-ignored token's loss (PaLM's z-loss), with its
     gradient; use it rather than a loss built on the returned lse, which carries no gradient.

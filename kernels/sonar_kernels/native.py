@@ -1,6 +1,6 @@
 """Optional native (C++) CPU linear cross-entropy: loader, op wrappers and the build command.
 
-The library `kernels/_native/libsonar_native.so` is built from `native/*.cpp` by the root CMakeLists.txt
+The library `kernels/sonar_kernels/_native/libsonar_native.so` is built from `native/*.cpp` by the root CMakeLists.txt
 (`python -m sonar_kernels.native build`, or `scripts/build_native.sh`, both through `native_build.py`) and
 registers the operators `torch.ops.sonar_native.lce_forward` / `lce_backward` / `lce_forward_grad`.
 Importing this module never fails when the library is absent or was built against another torch: `native_available()` is then False and
@@ -198,7 +198,7 @@ def linear_cross_entropy_native(
 
 def build(build_dir: Path | None = None, jobs: int | None = None, generator: str | None = None,
           verbose: bool = False) -> Path:
-    """Configure, build and install the library into kernels/_native/ (see `native_build.py`); returns
+    """Configure, build and install the library into kernels/sonar_kernels/_native/ (see `native_build.py`); returns
     the installed path. Needs cmake >= 3.25 and a C++ compiler for the standard the installed torch needs."""
     path = native_build.run_build(LIBRARY_DIR, build_dir, jobs, generator, verbose)
     _load.cache_clear()
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sonar_kernels.native",
                                      description="Build or inspect the optional native CPU library.")
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="configure + build + install into kernels/_native/")
+    b = sub.add_parser("build", help="configure + build + install into kernels/sonar_kernels/_native/")
     b.add_argument("--build-dir", type=Path, default=None, help="CMake build folder (default build/native)")
     b.add_argument("--jobs", type=int, default=None, help="parallel compile jobs (default: all cores)")
     b.add_argument("--verbose", action="store_true", help="show CMake and compiler output")

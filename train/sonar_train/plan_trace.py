@@ -1,4 +1,4 @@
-"""Tracing machinery of the run planner (train/plan.py): one real training step on fake tensors.
+"""Tracing machinery of the run planner (train/sonar_train/plan.py): one real training step on fake tensors.
 
 `PlanFakeMode` is a `FakeTensorMode` in which floating-point tensors are fake (shape, dtype, no storage)
 while integer / boolean tensors and scalars stay real. The real code does data-dependent host work on
@@ -98,7 +98,7 @@ def fake_process_group(world_size: int):
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
-        raise RuntimeError("train/plan.py: a process group already exists; the planner needs its own fake one")
+        raise RuntimeError("train/sonar_train/plan.py: a process group already exists; the planner needs its own fake one")
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
         yield

@@ -34,11 +34,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from train import checkpoint as ckpt
-from train.config import ConfigError, RunConfig, resume_changes, save_config, validate
-from train.metrics import MetricsLogger, memory_gib, peak_flops, rewind_metrics
-from train.optim import build_optimizer, build_scheduler
-from train.parallel import DTYPES, DistInfo, init_distributed, parallelize, shutdown_distributed, uses_fsdp
+from sonar_train import checkpoint as ckpt
+from sonar_train.config import ConfigError, RunConfig, resume_changes, save_config, validate
+from sonar_train.metrics import MetricsLogger, memory_gib, peak_flops, rewind_metrics
+from sonar_train.optim import build_optimizer, build_scheduler
+from sonar_train.parallel import DTYPES, DistInfo, init_distributed, parallelize, shutdown_distributed, uses_fsdp
 
 
 class _StopFlag:
@@ -95,9 +95,9 @@ SampleFn = Callable[[nn.Module, int], dict]  # (model, step) -> JSON-able record
 
 
 def default_model_factory(cfg: RunConfig) -> nn.Module:
-    """Build the family named by `model.family` through the library's registry (train/families.py passes the
+    """Build the family named by `model.family` through the library's registry (train/sonar_train/families.py passes the
     run's sections to sonar_llm.models.build; the models package is imported lazily)."""
-    from train.families import build_model
+    from sonar_train.families import build_model
 
     return build_model(cfg)
 

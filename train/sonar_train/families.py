@@ -11,7 +11,7 @@ from torch import nn
 
 from sonar_llm.models.build import ModelConfig
 from sonar_llm.models.build import build_model as build_library_model
-from train.config import RunConfig
+from sonar_train.config import RunConfig
 
 
 def model_config(cfg: RunConfig) -> ModelConfig:

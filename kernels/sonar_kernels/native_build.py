@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the checkout: CMakeLists.txt and native/ live here
+SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the checkout: CMakeLists.txt and native/ live here
 LIBRARY_NAME = "libsonar_native.so"
 
 

@@ -1,9 +1,9 @@
 """Plan a run before renting GPUs: memory per rank, FLOPs and time per step, computed by the real code.
 
-    python -m train.plan --config configs/sonar_llm_600m.toml --nproc 8 --gpu h100-80gb [--mfu 0.4]
+    python -m sonar_train.plan --config configs/sonar_llm_600m.toml --nproc 8 --gpu h100-80gb [--mfu 0.4]
                          [--json out.json] [--section.key=value ...]
 
-What it does (train/plan_trace.py holds the machinery):
+What it does (train/sonar_train/plan_trace.py holds the machinery):
 1. Data: the config's `data.path` shards if they exist, else planning shards written to a temporary
    directory in the real shard format from a built-in TinyStories-like length histogram (ASSUMED, stated
    below; TinyStories cannot be downloaded here). The real loader (sonar_llm.data.loader) packs one
@@ -46,15 +46,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-_ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:  # `python train/plan.py` as well as `python -m train.plan`
-    sys.path.insert(0, str(_ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from train.config import RunConfig, load_config  # noqa: E402
+from sonar_train.config import RunConfig, load_config  # noqa: E402
 
 GiB = 2.0 ** 30
 
@@ -144,7 +141,7 @@ def write_planning_shards(out_dir: Path, num_sentences: int, seed: int = 0, embe
     emb = (rng.standard_normal((s, embed_dim)) * 0.01).astype(np.float16)
     writer = DatasetWriter(out_dir, embed_dim=embed_dim, dtype="fp16", end_of_doc_text="End of sequence.",
                            end_of_doc_tokens=pieces[int(ends[0])], end_of_doc_embedding=emb[int(ends[0])],
-                           config={"planner": "train/plan.py built-in TinyStories-like histogram (assumed)"})
+                           config={"planner": "train/sonar_train/plan.py built-in TinyStories-like histogram (assumed)"})
     writer.add_shard(0, ShardArrays(emb, tokens, sent_offsets, doc_offsets))
     writer.finish(1)
     return out_dir
@@ -253,7 +250,7 @@ def kernel_temporaries(record: dict) -> dict[str, Any]:
     from torch.distributed._tools.mem_tracker import MemTracker
 
     from sonar_kernels.functional.linear_cross_entropy import linear_cross_entropy
-    from train.plan_trace import PlanFakeMode
+    from sonar_train.plan_trace import PlanFakeMode
 
     allocs: list[tuple[int, tuple, str]] = []
 
@@ -296,9 +293,9 @@ def trace_step(cfg: RunConfig, nproc: int, batch, *, attention: str = "flash", m
     tensors. Returns memory (bytes per rank), FLOPs (per micro-batch and per step; zeros unless
     `count_flops`) and shapes; `replay_kernels` adds the linear cross-entropy scratch (kernel_temporaries)."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from train.optim import build_optimizer
-    from train.parallel import DTYPES, DistInfo, parallelize, uses_fsdp
-    from train.plan_trace import (PlanFakeMode, PlanFlopCounter, fake_process_group, flash_attention_model,
+    from sonar_train.optim import build_optimizer
+    from sonar_train.parallel import DTYPES, DistInfo, parallelize, uses_fsdp
+    from sonar_train.plan_trace import (PlanFakeMode, PlanFlopCounter, fake_process_group, flash_attention_model,
                                   plain_mem_tracker, storage_bytes)
 
     cfg = copy.deepcopy(cfg)
@@ -572,7 +569,7 @@ def write_results(out_dir: str, gpu_name: str = "h100-80gb", mfu: float = 0.4, c
         (out / f"plan_{preset}.json").write_text(json.dumps(reports, indent=1, default=str))
     if inference:
         from sonar_llm.models.family import FAMILIES
-        from train import plan_inference as pi
+        from sonar_train import plan_inference as pi
 
         curves = pi.inference_curves(list(FAMILIES), list(RESULT_PRESETS), INFERENCE_CONTEXTS)
         (out / "inference.json").write_text(json.dumps(curves, indent=1, default=str))
@@ -624,13 +621,13 @@ def render_results(out: Path, gpu: GPU, mfu: float) -> str:
             "GFLOP/target token", f"ms/step @{mfu:.0%} MFU", "sentences/s (all GPUs)", "max sentences/rank",
             "public/ours: FLOPs per token / peak memory"]
     lines = [f"# Run plans: SONAR-LLM {', '.join(RESULT_PRESETS)} on {gpu.name} (computed, not measured)", "",
-             "Computed from the code by `python -m train.plan --results bench/results/plan` (train/plan.py) on "
+             "Computed from the code by `python -m sonar_train.plan --results bench/results/plan` (train/sonar_train/plan.py) on "
              "fake tensors on a CPU: the real model, frozen SONAR decoder (basic shapes) and loss, one real "
              "training step (forward, backward, clipping, AdamW step) under FSDP2 on torch's fake process group "
              "(rank 0 of 8; 1 GPU = no FSDP, as the trainer runs one process), memory by torch's FSDPMemTracker / "
              "MemTracker, FLOPs by FlopCounterMode. NOT measured on a GPU. Batch: each config's micro-batch "
              "(data.max_sentences / data.max_tokens per rank, train.grad_accum micro-batches) packed by the real "
-             "loader from the built-in TinyStories-like length histogram (assumed, see train/plan.py). Public "
+             "loader from the built-in TinyStories-like length histogram (assumed, see train/sonar_train/plan.py). Public "
              "path: padded full-logit decoder with real cross-attention, 1 document per micro-batch x "
              f"{PUBLIC_ACCUMULATION} accumulation steps (memory: the larger of {PUBLIC_TRACED_DOCS} traced "
              "documents; FLOPs: their mean). Attention modelled as flash-attn varlen. Time = FLOPs per rank / "
@@ -642,7 +639,7 @@ def render_results(out: Path, gpu: GPU, mfu: float) -> str:
     if any("fit" in r.get("fast", {}) and "peak_forward_backward" not in r["fast"]["memory"] for r in reports):
         lines += ["", "n/a (old fit): these rows were planned before the largest-batch fit used the forward+backward "
                       "peak; their fit went through the whole-step peak, which at 1 GPU sits in the optimizer step and "
-                      "does not grow with the batch, so it is left out. Rerun `python -m train.plan --results "
+                      "does not grow with the batch, so it is left out. Rerun `python -m sonar_train.plan --results "
                       "bench/results/plan --presets <preset> --no-inference` to fill it in; the other columns come "
                       "from the same code."]
     if reports:
@@ -655,7 +652,7 @@ def render_results(out: Path, gpu: GPU, mfu: float) -> str:
         fams = list(curves["families"].values())
         lines += ["", "## Inference: GFLOP per generated sentence vs context length (computed, not measured)", "",
                   "Counted with FlopCounterMode's formulas on the families' real generation paths at small sizes "
-                  "(tiny presets, tiny SONAR), extrapolated with the closed form of train/plan_inference.py (checked "
+                  "(tiny presets, tiny SONAR), extrapolated with the closed form of train/sonar_train/plan_inference.py (checked "
                   f"in tests/test_plan.py). Every sentence {curves['tokens_per_sentence']} tokens; SONAR decoding, "
                   f"beam {curves['beam']}, for every concept model (SONAR-LLM also re-encodes each sentence with the "
                   "SONAR encoder, as its public loop does); Two-Tower: 40 requested DDIM steps (50 run) with "
@@ -684,7 +681,7 @@ def render_results(out: Path, gpu: GPU, mfu: float) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.plan", allow_abbrev=False,
+    p = argparse.ArgumentParser(prog="python -m sonar_train.plan", allow_abbrev=False,
                                 description="Memory, FLOPs and time per step of a run, computed by the real code "
                                             "on fake tensors (no GPU needed). Extra --section.key=value override "
                                             "the config like train/main.py.")
@@ -713,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.mfu <= 1:
         print("--mfu must be in (0, 1]", file=sys.stderr)
         return 2
-    from train.config import ConfigError
+    from sonar_train.config import ConfigError
 
     if args.results:
         presets = tuple(p for p in args.presets.split(",") if p)

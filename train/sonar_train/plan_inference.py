@@ -69,7 +69,7 @@ def build(family: str, preset: str, sonar_preset: str, vocab_size: int, fake: bo
 
     ctx = contextlib.nullcontext()
     if fake:
-        from train.plan_trace import PlanFakeMode
+        from sonar_train.plan_trace import PlanFakeMode
 
         ctx = PlanFakeMode()
     with ctx:

@@ -3,7 +3,7 @@
 `impl="auto"` picks Triton only where it can run natively (CUDA tensors and a Triton GPU driver);
 `impl="triton"` forces Triton (on CPU tensors this needs `TRITON_INTERPRET=1`); `impl="torch"` forces
 PyTorch. The linear cross-entropy also takes `impl="native"` (the optional compiled CPU library,
-kernels/native.py), which it resolves before asking this module.
+kernels/sonar_kernels/native.py), which it resolves before asking this module.
 The environment variable `SONAR_KERNELS_IMPL` (torch|triton|native) overrides "auto" globally.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         impl = os.environ.get("SONAR_KERNELS_IMPL", "auto") or "auto"
-        if impl == "native":  # the compiled CPU library (kernels/native.py) or else PyTorch: never Triton
+        if impl == "native":  # the compiled CPU library (kernels/sonar_kernels/native.py) or else PyTorch: never Triton
             return False
         if impl not in IMPLS:
             raise ValueError(f"SONAR_KERNELS_IMPL must be one of {IMPLS + ('native',)}, got {impl!r}")

@@ -7,7 +7,7 @@ from torch import nn
 
 from sonar_llm.optim import WarmupCosine, lr_factor  # noqa: F401  (lr_factor: the one schedule, re-exported)
 from sonar_llm.optim import param_groups as _library_param_groups
-from train.config import OptimConfig
+from sonar_train.config import OptimConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:

@@ -24,11 +24,9 @@ from pathlib import Path
 
 import torch
 
-_ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
+_ROOT = Path(__file__).resolve().parents[2]  # the checkout
 
-from train.config import load_config  # noqa: E402
+from sonar_train.config import load_config  # noqa: E402
 
 N_STORIES = 4000
 HELD_OUT_FRACTION = 0.05  # the tiny SONAR's split: its held-out stories are never seen by any model
@@ -170,7 +168,7 @@ def main() -> int:
 
     cfg = training_config(run_dir, assets, int(steps) if steps else None)
     _say(f"[4/6] training SONAR-LLM ({cfg.model.preset} preset, {cfg.train.steps} steps) in {run_dir}")
-    from train.loop import run_training
+    from sonar_train.loop import run_training
 
     final = run_training(cfg)
     if _rank() != 0:
