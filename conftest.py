@@ -1,8 +1,12 @@
 """Root pytest configuration: run Triton kernels in the CPU interpreter on machines without a GPU.
 
 TRITON_INTERPRET must be set before triton is first imported, so it is set here, at collection start.
+Under SONAR_NATIVE_REQUIRED=1 (.ci/run where a toolchain exists) a native test that would skip because the
+native library does not load fails instead.
 """
 import os
+
+import pytest
 
 try:
     import torch
@@ -52,3 +56,27 @@ def _patch_triton_interpreter_index() -> None:
 
 
 _patch_triton_interpreter_index()
+
+
+def _native_required() -> bool:
+    """SONAR_NATIVE_REQUIRED=1 (set by .ci/run after building the native library): native tests must run."""
+    return os.environ.get("SONAR_NATIVE_REQUIRED", "") not in ("", "0")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Where the native library is required, a test skipped because it does not load is a failure.
+
+    Every native skip (tests/ and bench/) gives `sonar_kernels.native.native_load_error()` as its reason;
+    under SONAR_NATIVE_REQUIRED=1 such a skip is reported as failed, naming why the library is missing."""
+    outcome = yield
+    report = outcome.get_result()
+    if not (report.skipped and _native_required()) or not isinstance(report.longrepr, tuple):
+        return
+    from sonar_kernels import native
+
+    why = native.native_load_error()
+    reason = str(report.longrepr[2])
+    if not native.native_available() and why and why in reason:
+        report.outcome = "failed"
+        report.longrepr = f"SONAR_NATIVE_REQUIRED=1 but this native test would skip: {reason}"

@@ -1,7 +1,8 @@
 """Tests of the optional native CPU linear cross-entropy (sonar_kernels.native).
 
 When the library is not built, only the "absent library" behaviour runs (import works, "auto" does not
-pick it, forcing it raises); everything else skips with the reason. When it is built: float64 full-logits
+pick it, forcing it raises); everything else skips with the reason, except under SONAR_NATIVE_REQUIRED=1
+(.ci/run where cmake and a compiler exist), where such a skip is a failure (the root conftest.py). When it is built: float64 full-logits
 references (F.cross_entropy + autograd) on fresh random inputs, float64 gradcheck, agreement with the
 plain-PyTorch path, small explicit tiles so that several token and vocabulary tiles (and a ragged last
 tile) are exercised at tiny shapes.
@@ -70,6 +71,36 @@ def test_library_required_where_it_is_built_for():
         assert native.native_available(), f"SONAR_NATIVE_REQUIRED is set but {native.native_load_error()}"
     elif not native.native_available():
         pytest.skip(f"native tests skipped: {native.native_load_error()}")
+
+
+def test_required_library_turns_native_skips_into_failures(tmp_path):
+    """The root conftest.py's rule, run by a real pytest on a planted test: under SONAR_NATIVE_REQUIRED=1 a
+    test skipped for the missing library fails (naming the library), while an unrelated skip stays a skip;
+    without the variable both skip."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shutil.copy(Path(__file__).resolve().parents[1] / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_planted.py").write_text(
+        "import pytest\nfrom sonar_kernels import native\n"
+        "@pytest.mark.skipif(not native.native_available(), reason=f'native library: {native.native_load_error()}')\n"
+        "def test_needs_native():\n    pass\n"
+        "def test_unrelated():\n    pytest.skip('unrelated')\n")
+    env = {**os.environ, "SONAR_NATIVE_LIB": str(tmp_path / "missing.so")}
+
+    def run(required):
+        env["SONAR_NATIVE_REQUIRED"] = required
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "test_planted.py"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    required = run("1")
+    assert required.returncode == 1, required.stdout[-2000:]
+    assert "1 skipped, 1 error" in required.stdout and "missing.so does not exist" in required.stdout, required.stdout
+    plain = run("0")
+    assert plain.returncode == 0 and "2 skipped" in plain.stdout, plain.stdout[-2000:]
 
 
 # ----------------------------------------------------------------------------- without the library

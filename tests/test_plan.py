@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch import nn
 
+from sonar_train import plan
+from sonar_train import plan_inference as pi
 from sonar_train.config import load_config
 from sonar_train.optim import build_optimizer
 from sonar_train.parallel import DistInfo, parallelize
-
-plan = pytest.importorskip("sonar_train.plan")
 
 DECODER = "tiny"  # the embedded default's SONAR shapes: d=128, 2+2 layers, vocabulary 2206
 
@@ -135,7 +135,6 @@ INFER = dict(tokens_per_sentence=3, beam=2, settings={"num_inference_steps": 4})
 def test_inference_closed_form_matches_counted_flops(family):
     """The closed form fitted at (tiny preset, tiny SONAR, contexts 2 and 6) must give the counted FLOPs per
     generated sentence at context 9 exactly, and at another size (small preset, toy SONAR) within 1%."""
-    pi = pytest.importorskip("sonar_train.plan_inference")
     model, spec, dec, enc = pi.build(family, "tiny", "tiny", 2206, fake=False)
     coeffs = pi.fit(model, spec, dec, enc, (2, 6), **INFER)
     counted = pi.count_sentence(model, spec, dec, enc, 9, **INFER)
@@ -155,7 +154,6 @@ def test_inference_closed_form_matches_counted_flops(family):
 def test_inference_cost_grows_with_context_only_through_attention():
     """Counted at two contexts, a concept model's extra cost per context sentence is its attention over one more
     cached key: 4 x sum(heads x head_dim) FLOPs (QK^T and AV, one query per layer) for the KV-cached backbone."""
-    pi = pytest.importorskip("sonar_train.plan_inference")
     model, spec, dec, enc = pi.build("base_lcm", "tiny", "tiny", 2206, fake=False)
     a = pi.count_sentence(model, spec, dec, enc, 3, **INFER)["model"]["total"]
     b = pi.count_sentence(model, spec, dec, enc, 7, **INFER)["model"]["total"]
