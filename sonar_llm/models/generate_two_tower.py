@@ -10,24 +10,22 @@ generation gives the concepts of one-at-a-time generation (up to float summation
 `two_tower_concepts` adapts it to the common concept-generation interface
 (`sonar_llm.models.generate.GenerationSettings` -> `ConceptGeneration`s): every prompt in one batch with its
 own limit, the stopping (end-of-document) concept dropped.
+Imports point one way: `two_tower` (the model and its family spec) imports this module, never the reverse;
+the model and its denoiser are typed `nn.Module` here (a `TwoTowerLCM` and its `Denoiser`).
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from sonar_llm.models.backbone import Attention
 from sonar_llm.models.diffusion import cfg_combine
 
 from sonar_llm.models.generate import LCM_MIN_SENTENCES, ConceptGeneration, GenerationSettings
-
-if TYPE_CHECKING:  # pragma: no cover
-    from sonar_llm.models.two_tower import Denoiser, TwoTowerLCM
 
 __all__ = ["TwoTowerGeneration", "CachedCrossAttention", "generate_two_tower", "two_tower_concepts",
            "LCM_MIN_SENTENCES"]
@@ -66,7 +64,7 @@ class CachedCrossAttention:
     subset of rows. Unconditional rows see only the zero vector: their output is a constant.
     """
 
-    def __init__(self, denoiser: "Denoiser", batch: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, denoiser: nn.Module, batch: int, dtype: torch.dtype, device: torch.device) -> None:
         self.denoiser = denoiser
         self.batch = batch
         self.num_uncond = 0
@@ -122,7 +120,7 @@ class CachedCrossAttention:
 
 @torch.no_grad()
 def generate_two_tower(
-    model: "TwoTowerLCM",
+    model: nn.Module,
     prompt_embeddings: Tensor | Sequence[Tensor],
     max_sentences: int | Sequence[int],
     eos_embedding: Tensor | None = None,
@@ -310,7 +308,7 @@ def _generate(model, prompts, limits, eos_embedding, eos_threshold, num_inferenc
     return TwoTowerGeneration(embeddings, stopped, len(timesteps), timesteps)
 
 
-def two_tower_concepts(model: "TwoTowerLCM", prompts: Sequence[Tensor], s: GenerationSettings
+def two_tower_concepts(model: nn.Module, prompts: Sequence[Tensor], s: GenerationSettings
                        ) -> list[ConceptGeneration]:
     """`FamilySpec.generate` of the Two-Tower LCM: every prompt in one batch (any lengths), continued by
     `generate_two_tower` with classifier-free guidance up to the story limit (max_sentences + 1 - prompt

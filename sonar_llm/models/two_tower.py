@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from sonar_llm.models.backbone import Attention, Backbone, BackboneConfig, RMSNorm, SwiGLU
 from sonar_llm.models.diffusion import DDIMScheduler
 from sonar_llm.models.family import ConceptFamily
+from sonar_llm.models.generate_two_tower import generate_two_tower, two_tower_concepts
 from sonar_llm.models.normalizer import SonarNormalizer
 
 __all__ = [
@@ -693,8 +694,6 @@ class TwoTowerLCM(ConceptFamily):
     def generate(self, prompt_embeddings: Tensor, max_sentences: int, *args: Any, **kwargs: Any):
         """The LCM's two-tower generator: see :func:`sonar_llm.models.generate_two_tower.generate_two_tower`
         (same arguments after the model)."""
-        from sonar_llm.models.generate_two_tower import generate_two_tower
-
         return generate_two_tower(self, prompt_embeddings, max_sentences, *args, **kwargs)
 
 
@@ -745,7 +744,6 @@ def build_from_config(cfg) -> TwoTowerLCM:
 
 def _spec():
     from .family import FamilySpec
-    from .generate_two_tower import two_tower_concepts
     from .normalizer import sonar_dim_from_state
     from .stories import concept_stories
 
