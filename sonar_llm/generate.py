@@ -21,18 +21,23 @@ sentence embeddings (the token LLM) continues the prompt's tokens with its own g
 decoder options do not apply: no sampling, no other target language).
 
 Decoder options (`sonar_llm.sonar.generation.GenerationConfig`): beam search `--beam` (default 5, 1 = greedy),
-or sampling (`--sample`, implied by `--temperature`, `--top-k` or `--top-p`) with `--seed`; caps `--max-seq-len`
+or sampling (`--sample`, implied by `--temperature`, `--top-k K >= 1` or `--top-p`; `--top-k 0` means no top-k
+filter, as in Hugging Face, and leaves beam search on) with `--seed`; caps `--max-seq-len`
 (default 256 positions, prompt included, as the public SONAR-LLM generation: 254 tokens per sentence) and
 `--max-gen-len` (tokens per sentence; default SONAR's rule, embedding width + 128). `--num-samples N` writes N
-continuations per prompt (they differ where something is random: decoder sampling, the Two-Tower's noise).
+continuations per prompt (they differ where something is random: decoder sampling, the Two-Tower's noise; the
+decoding summary's `num_samples` counts them).
 Randomness: the Two-Tower's noise comes from one generator per continuation seeded from (`--seed`, prompt
 number, sample number), so it does not depend on the batch; the decoder's sampling draws from one generator
 per batch (same `--seed` and `--batch-size` -> same output).
 
 Output: a single prompt to a terminal streams its sentences as they are generated; several prompts print one
 block per continuation, with a progress line on stderr. `--out FILE.jsonl` writes one JSON record per
-continuation: prompt, its sentences, the new sentences, stop reason (`eos` | `max_sentences`; the token LLM
-says `eos_or_token_cap`), timings, and the decoding actually run (`GenerationConfig.summary`).
+continuation, in input order (prompt, then sample), once all are done (a failed run leaves the file as it was):
+prompt, its sentences, the new sentences, stop reason (`eos` | `max_sentences`; the token LLM says
+`eos_or_token_cap`), timings, and the decoding actually run (`GenerationConfig.summary`). A `--source-lang` or
+`--target-lang` that the SONAR's files say it was not trained on (the tiny SONAR: English only) gets a warning.
+Errors follow `sonar_llm.cli`: bad input exits 2 with one line naming the flag or file, `--debug` shows tracebacks.
 Prompts are batched (`--batch-size`, sorted by length); any lengths mix in one batch, and a continuation
 does not depend on the other prompts of its batch (tests/test_generate_cli.py).
 """
@@ -58,6 +63,7 @@ class GenerateConfig:
     """The command's settings (one per flag)."""
 
     model: str = ""  # exported .safetensors (model.json beside it)
+    verify: bool = True  # check the export's sha256 against its model.json before loading (--no-verify: off)
     run: str = ""  # or a training run directory
     family: str = "auto"  # checked against the run config's family
     prompt: str = ""  # one prompt text
@@ -94,18 +100,35 @@ class GenerateConfig:
 
     @property
     def sampling(self) -> bool:
-        return self.sample or any(v is not None for v in (self.temperature, self.top_k, self.top_p))
+        """Sampling instead of beam search: `--sample`, or a sampling flag that changes something (`--top-k 0`
+        means "no top-k filter", as in Hugging Face's generate, so it does not switch sampling on)."""
+        return self.sample or self.temperature is not None or bool(self.top_k) or self.top_p is not None
 
     def validate(self) -> None:
         if bool(self.model) == bool(self.run):
             raise ValueError("give exactly one of --model (exported .safetensors) and --run (run directory)")
         if bool(self.prompt) == bool(self.prompts):
             raise ValueError("give exactly one of --prompt TEXT and --prompts FILE.jsonl (or - for stdin)")
+        if not self.prompt.strip() and not self.prompts:
+            raise ValueError("--prompt: the prompt is empty (give the text to continue)")
         for name in ("max_sentences", "batch_size", "num_samples", "steps", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.beam is not None and self.beam < 1:
             raise ValueError(f"--beam must be >= 1, got {self.beam}")
+        if not 0.0 <= self.eos_threshold <= 1.0:
+            raise ValueError(f"--eos-threshold must be a cosine in [0, 1] (0 = the family's default), "
+                             f"got {self.eos_threshold}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"--top-k must be >= 0 (0 = no top-k filter), got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.max_seq_len < 3:
+            raise ValueError(f"--max-seq-len must be >= 3 ([</s>, lang] and one token), got {self.max_seq_len}")
+        if self.max_gen_len is not None and self.max_gen_len < 1:
+            raise ValueError(f"--max-gen-len must be >= 1, got {self.max_gen_len}")
         if self.sampling and (self.beam or 1) > 1:
             raise ValueError("--beam > 1 and sampling (--sample/--temperature/--top-k/--top-p) exclude each other")
         for name, value in (("--model", self.model), ("--run", self.run), ("--encoder", self.encoder),
@@ -118,9 +141,19 @@ class GenerateConfig:
 
 def read_prompts(source: str, stream: TextIO | None = None) -> list[str]:
     """Prompt texts of a JSONL file (or `stream` for "-"): per non-empty line {"prompt": text}, {"text": text}
-    or a JSON string; a line that does not start with `{` or `"` is taken as plain text."""
+    or a JSON string; a line that does not start with `{` or `"` is taken as plain text. Text that is not
+    UTF-8 is refused naming the file and line."""
+    from sonar_llm.cli import read_utf8
+
     name = "<stdin>" if source == "-" else source
-    lines = (stream or sys.stdin).read().splitlines() if source == "-" else Path(source).read_text().splitlines()
+    if source == "-":
+        try:
+            text = (stream or sys.stdin).read()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompts <stdin>: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    else:
+        text = read_utf8(source, "--prompts")
+    lines = text.splitlines()
     out = []
     for n, line in enumerate(lines, 1):
         line = line.strip()
@@ -226,7 +259,7 @@ class Generator:
 
         t0 = time.perf_counter()
         self.cfg = cfg
-        weights = read_exported(cfg.model) if cfg.model else read_run(cfg.run)
+        weights = read_exported(cfg.model, verify=cfg.verify) if cfg.model else read_run(cfg.run)
         self.family = weights.run_config["model"]["family"]
         if cfg.family not in ("auto", self.family):
             raise ValueError(f"--family {cfg.family}: {weights.source} holds a {self.family!r} model")
@@ -235,11 +268,17 @@ class Generator:
         self.model = build_trained(weights, decoder=str(self.assets.decoder), device=cfg.device).eval()
         self.t2e, self.e2t, self.tokenizer = load_sonar_text(self.assets, cfg.device)
         self.target_lang = cfg.target_lang or cfg.source_lang
+        self.warnings: list[str] = []  # printed on stderr by `generate`
+        trained = trained_languages(self.assets.decoder)
         for flag, lang in (("--source-lang", cfg.source_lang), ("--target-lang", self.target_lang)):
             try:
                 self.tokenizer.lang_id(lang)
             except ValueError as e:
                 raise ValueError(f"{flag}: {e} (tokenizer {self.assets.tokenizer})") from None
+            if trained is not None and lang not in trained and (flag == "--source-lang" or cfg.target_lang):
+                self.warnings.append(
+                    f"warning: {flag} {lang}: this SONAR ({self.assets.decoder}) was trained on "
+                    f"{', '.join(trained)} only; its tokenizer knows the tag, but expect no {lang} text")
         if not self.spec.concept_level:
             if self.target_lang != cfg.source_lang:
                 raise ValueError(f"--target-lang: a {self.family} model writes tokens itself, in the prompt's "
@@ -259,7 +298,9 @@ class Generator:
         """What the SONAR decoder runs (None for a family that decodes its own tokens)."""
         if not self.spec.concept_level:
             return None
-        return self.decoding.summary(self.e2t.decoder.cfg)
+        out = self.decoding.summary(self.e2t.decoder.cfg)
+        out["num_samples"] = self.cfg.num_samples  # continuations per prompt (each decodes one sample per sentence)
+        return out
 
     def continue_prompts(self, prompts: list[str], *, indices: list[int] | None = None,
                          stream: Callable[[int, str], None] | None = None) -> list[Continuation]:
@@ -339,6 +380,25 @@ class Generator:
         return [(list(c), "eos_or_token_cap", None) for c in conts]
 
 
+def trained_languages(decoder: str | Path) -> list[str] | None:
+    """The languages a SONAR decoder was trained on, where its files record them (the tiny SONAR's
+    `tiny_sonar.json` beside its decoder: {"tokenizer": {"lang"}}, or {"languages": [...]}); None when
+    nothing records them (a released SONAR: the 202 languages of its tokenizer)."""
+    from sonar_llm.sonar.train_tiny import DECODER_FILE, INFO_FILE
+
+    path = Path(decoder)
+    info_file = path.with_name(INFO_FILE)
+    if path.name != DECODER_FILE or not info_file.is_file():
+        return None
+    try:
+        info = json.loads(info_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    langs = info.get("languages") or [(info.get("tokenizer") or {}).get("lang")]
+    langs = [x for x in langs if isinstance(x, str)]
+    return langs or None
+
+
 def _record(g: Generator, c: Continuation) -> dict[str, Any]:
     return {"prompt": c.prompt, "prompt_index": c.index, "sample": c.sample, "prompt_sentences": c.prompt_sentences,
             "sentences": c.sentences, "continuation": " ".join(c.sentences), "stop_reason": c.stop_reason,
@@ -350,15 +410,20 @@ def _record(g: Generator, c: Continuation) -> dict[str, Any]:
 def generate(cfg: GenerateConfig, *, stdout: TextIO | None = None, stderr: TextIO | None = None,
              stdin: TextIO | None = None) -> list[Continuation]:
     """Run the command: load, continue every prompt (batched by length), print or write JSONL."""
+    from sonar_llm.cli import atomic_output, check_device
+
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     cfg.validate()
+    check_device(cfg.device)
     texts = [cfg.prompt] if cfg.prompt else read_prompts(cfg.prompts, stdin)
     g = Generator(cfg)
+    for line in g.warnings:
+        print(line, file=stderr, flush=True)
     print(f"[generate] {g.family} from {g.source} (step {g.step}); {len(texts)} prompt(s) x {cfg.num_samples}, "
           f"{g.cfg.source_lang} -> {g.target_lang}; decoding {json.dumps(g.decoding_summary())} "
           f"(loaded in {g.load_seconds:.1f}s)", file=stderr, flush=True)
-    out_file = open(cfg.out, "w", encoding="utf-8") if cfg.out else None
-    streaming = len(texts) == 1 and cfg.num_samples == 1 and out_file is None and g.spec.concept_level
+    to_file = bool(cfg.out)
+    streaming = len(texts) == 1 and cfg.num_samples == 1 and not to_file and g.spec.concept_level
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
     per_batch = max(1, cfg.batch_size // cfg.num_samples)
     done: list[Continuation] = []
@@ -367,65 +432,69 @@ def generate(cfg: GenerateConfig, *, stdout: TextIO | None = None, stderr: TextI
     def stream(_k: int, text: str) -> None:
         print("  " + text, file=stdout, flush=True)
 
-    try:
-        for start in range(0, len(order), per_batch):
-            idx = order[start:start + per_batch]
-            if streaming:
-                print(texts[0], file=stdout, flush=True)
-            conts = g.continue_prompts([texts[i] for i in idx], indices=idx, stream=stream if streaming else None)
-            for c in conts:
-                done.append(c)
-                if out_file is not None:
-                    out_file.write(json.dumps(_record(g, c), ensure_ascii=False) + "\n")
-                    out_file.flush()
-                    continue
-                if not streaming:
-                    sample = f", sample {c.sample + 1}" if cfg.num_samples > 1 else ""
-                    print(f"--- prompt {c.index + 1}{sample} ---\n{c.prompt}", file=stdout)
-                    for sent in c.sentences:
-                        print("  " + sent, file=stdout)
-                print(f"  [{c.stop_reason}]", file=stdout, flush=True)
-            if len(texts) > 1:
-                n = min(start + per_batch, len(order))
-                elapsed = time.perf_counter() - t0
-                print(f"[generate] {n}/{len(order)} prompts, {elapsed:.1f}s, {elapsed / n:.2f}s per prompt",
-                      file=stderr, flush=True)
-    finally:
-        if out_file is not None:
-            out_file.close()
-    if cfg.out:
+    for start in range(0, len(order), per_batch):
+        idx = order[start:start + per_batch]
+        if streaming:
+            print(texts[0], file=stdout, flush=True)
+        conts = g.continue_prompts([texts[i] for i in idx], indices=idx, stream=stream if streaming else None)
+        for c in conts:
+            done.append(c)
+            if to_file:
+                continue
+            if not streaming:
+                sample = f", sample {c.sample + 1}" if cfg.num_samples > 1 else ""
+                print(f"--- prompt {c.index + 1}{sample} ---\n{c.prompt}", file=stdout)
+                for sent in c.sentences:
+                    print("  " + sent, file=stdout)
+            print(f"  [{c.stop_reason}]", file=stdout, flush=True)
+        if len(texts) > 1:
+            n = min(start + per_batch, len(order))
+            elapsed = time.perf_counter() - t0
+            print(f"[generate] {n}/{len(order)} prompts, {elapsed:.1f}s, {elapsed / n:.2f}s per prompt",
+                  file=stderr, flush=True)
+    done.sort(key=lambda c: (c.index, c.sample))  # input order (batches are sorted by length)
+    if to_file:  # written once every continuation is done: a failed run leaves no partial or changed file
+        with atomic_output(cfg.out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for c in done:
+                f.write(json.dumps(_record(g, c), ensure_ascii=False) + "\n")
         print(f"[generate] wrote {len(done)} continuations to {cfg.out}", file=stderr, flush=True)
-    return sorted(done, key=lambda c: (c.index, c.sample))
+    return done
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sonar_llm.generate", description=__doc__.split("\n\n")[0],
-                                epilog="examples:\n" + __doc__.split("\n\n")[1] + "\n\ndetails: docs/generation.md",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from sonar_llm.cli import parser
+
+    p = parser("python -m sonar_llm.generate", description=__doc__.split("\n\n")[0],
+               epilog="examples:\n" + __doc__.split("\n\n")[1] + "\n\ndetails: docs/generation.md",
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     d = GenerateConfig()
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", default="", help="exported .safetensors (model.json beside it)")
     src.add_argument("--run", default="", help="training run directory (latest complete checkpoint)")
     p.add_argument("--family", default="auto", help="check the model's family (default: read it from the run config)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the sha256 check of the --model export against its model.json (load a file known to differ)")
     pr = p.add_mutually_exclusive_group(required=True)
-    pr.add_argument("--prompt", default="", help="one prompt text")
+    pr.add_argument("--prompt", default=None, help="one prompt text")
     pr.add_argument("--prompts", default="", help="JSONL, one prompt per line ({\"prompt\": ...}); - = stdin")
     p.add_argument("--out", default="", help="write JSONL records here instead of printing")
     p.add_argument("--source-lang", default=d.source_lang, help="prompt language (SONAR code, e.g. eng_Latn)")
     p.add_argument("--target-lang", default="", help="continuation language (default: the source language)")
     p.add_argument("--max-sentences", type=int, default=d.max_sentences, help="new sentences per continuation")
     p.add_argument("--eos-threshold", type=float, default=0.0,
-                   help="cosine stop at the end sentence; 0 = the family's default")
+                   help="cosine in [0, 1] with the end sentence that stops a story; 0 = the family's default")
     p.add_argument("--end-of-doc-text", default="", help="end sentence (default: the training data's)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="continuations per batch")
     p.add_argument("--num-samples", type=int, default=d.num_samples, help="continuations per prompt")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the sampling and of the Two-Tower's noise")
     g = p.add_argument_group("SONAR decoder")
     g.add_argument("--beam", type=int, default=None, help="beam size (1 = greedy; default 5, SONAR's)")
     g.add_argument("--sample", action="store_true", help="sample tokens instead of beam search")
-    g.add_argument("--temperature", type=float, default=None, help="sampling temperature (implies --sample; 1.0)")
-    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (implies --sample)")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (implies --sample)")
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature > 0 (implies --sample; 1.0)")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k most likely tokens (k >= 1 implies --sample; 0 = no top-k filter, as in "
+                        "Hugging Face, and does not switch sampling on)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (implies --sample)")
     g.add_argument("--max-seq-len", type=int, default=d.max_seq_len,
                    help="positions per sentence, [</s>, lang] included (default 256, the public SONAR-LLM value)")
     g.add_argument("--max-gen-len", type=int, default=None,
@@ -433,25 +502,30 @@ def _parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("Two-Tower diffusion")
     t.add_argument("--steps", type=int, default=d.steps, help="requested DDIM steps per concept")
     t.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale")
-    t.add_argument("--guidance-rescale", type=float, default=d.guidance_rescale)
+    t.add_argument("--guidance-rescale", type=float, default=d.guidance_rescale, help="guidance rescale factor")
     t.add_argument("--noise", type=float, default=d.noise, help="std of the initial latent")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="token LLM: tokens per continuation")
-    p.add_argument("--encoder", default="")
-    p.add_argument("--decoder", default="")
-    p.add_argument("--tokenizer", default="")
-    p.add_argument("--device", default=d.device)
+    p.add_argument("--encoder", default="", help="SONAR encoder (default: run config, registry, tiny SONAR)")
+    p.add_argument("--decoder", default="", help="SONAR decoder (default: run config, registry, tiny SONAR)")
+    p.add_argument("--tokenizer", default="", help="SONAR tokenizer (default: run config, registry, tiny SONAR)")
+    p.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N (must exist on this machine)")
     return p
 
 
 def main(argv: list[str] | None = None, *, stdin: TextIO | None = None) -> int:
-    a = _parser().parse_args(argv)
-    cfg = GenerateConfig(**{k: v for k, v in vars(a).items()})
-    try:
-        generate(cfg, stdin=stdin)
-    except (FileNotFoundError, ValueError, TypeError) as e:
-        print(f"generate error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """The command; exit 0, 2 on bad input (one line on stderr), 1 when the work fails (sonar_llm.cli)."""
+    from sonar_llm.cli import UsageError, run
+
+    def body(args: list[str]) -> int:
+        a = vars(_parser().parse_args(args))
+        a.pop("debug")
+        if a["prompt"] is not None and not a["prompt"].strip():
+            raise UsageError("--prompt: the prompt is empty (give the text to continue)")
+        a["prompt"] = a["prompt"] or ""
+        generate(GenerateConfig(**a), stdin=stdin)
+        return 0
+
+    return run("generate", body, argv)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,8 @@ class RunConfig:
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or out of range (the message names the key)."""
 
+    label = "config"  # the commands print it as "config error: <message>" (sonar_llm.cli)
+
 
 # keys that existed once and were removed on purpose: reading one is an error that says why
 _REMOVED_KEYS = {
@@ -349,6 +351,28 @@ def validate(cfg: RunConfig, check_paths: bool = True, check_model: bool = True)
                            ("sonar.encoder", cfg.sonar.encoder), ("sonar.tokenizer", cfg.sonar.tokenizer)):
             if value and not Path(value).exists():
                 raise FileNotFoundError(f"{key}: path does not exist: {value}")
+        _check_environment(cfg, check_model)
+
+
+def _check_environment(cfg: RunConfig, check_model: bool) -> None:
+    """What the real run needs from this machine, checked by --dry-run too: the CUDA device of
+    train.device = "cuda", and the frozen SONAR decoder a family like SONAR-LLM loads when sonar.decoder is
+    empty (the registry / $SONAR_DECODER must then name one)."""
+    if cfg.train.device == "cuda":
+        import torch
+
+        _require(torch.cuda.is_available(), "train.device", "a CUDA device on this machine (none is available; "
+                 "use train.device = \"cpu\" or \"auto\")", cfg.train.device)
+    if check_model and not cfg.sonar.decoder:
+        from sonar_llm.models.family import get_family
+        from sonar_llm.sonar.registry import resolve_asset
+
+        if get_family(cfg.model.family).needs_decoder:
+            try:
+                resolve_asset("decoder", None)
+            except FileNotFoundError as e:
+                raise ConfigError(f"sonar.decoder: empty, and the {cfg.model.family} family needs the frozen SONAR "
+                                  f"decoder: {e}") from None
 
 
 def _toml_value(v: Any) -> str:

@@ -563,6 +563,8 @@ def run_training(cfg: RunConfig, *, model_factory: ModelFactory | None = None,
             print(f"[rank {info.rank}] training failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             if not isinstance(e, (TrainingAborted, CheckpointNotSaved)):
                 traceback.print_exc(file=sys.stderr)
+            with contextlib.suppress(AttributeError, TypeError):
+                e.reported = True  # type: ignore[attr-defined]  # train/main.py: said already, exit 1
         raise
     finally:
         _STOP.uninstall()

@@ -6,8 +6,10 @@
     python train/main.py --config configs/x.toml --dry-run # validate and print the resolved config
 
 Exit codes: 0 done, 1 error during training, 2 bad configuration (one line on stderr, nothing written; also a
-resume whose model/data keys differ from the run's), 3 aborted (e.g. too many non-finite steps), 4 trained to
+resume whose model/data keys differ from the run's, a train.device this machine lacks, a family's SONAR decoder
+that cannot be found; --dry-run checks the same), 3 aborted (e.g. too many non-finite steps), 4 trained to
 the end but the last checkpoint could not be saved as a good one (the message names the newest good one).
+Errors follow `sonar_llm.cli` (`--debug` shows tracebacks).
 """
 from __future__ import annotations
 
@@ -21,8 +23,10 @@ from sonar_train.config import ConfigError, load_config, to_toml  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="train/main.py", allow_abbrev=False,
+    from sonar_llm.cli import parser
+
+    p = parser(
+        "train/main.py",
         description="Train a SONAR-LLM / LCM family. Any config value can be overridden with --section.key=value "
                     "(e.g. --optim.lr=3e-4 --train.steps=1000). With no arguments, runs the embedded default.")
     p.add_argument("--config", help="TOML config file (sections: model, data, optim, train, parallel, sonar)")
@@ -33,7 +37,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, **factories) -> int:
     """Run the command; returns the process exit code. `factories` (model_factory, data_factory,
     sample_fn) are passed to run_training (tests and custom scripts plug in their own families)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    from sonar_llm.cli import run
+
+    return run("train", lambda args: _main(args, factories), argv)
+
+
+def _main(argv: list[str], factories: dict) -> int:
     if not argv:
         try:
             from sonar_train import default_pipeline
@@ -47,9 +56,8 @@ def main(argv: list[str] | None = None, **factories) -> int:
     try:
         cfg = load_config(args.config, overrides, check_paths="data_factory" not in factories,
                           check_model="model_factory" not in factories)
-    except (ConfigError, FileNotFoundError, TypeError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, TypeError) as e:  # ConfigError goes up: "config error: ..." (sonar_llm.cli)
+        raise ConfigError(str(e)) from None
     if args.dry_run:
         print(to_toml(cfg))
         return 0
@@ -57,15 +65,16 @@ def main(argv: list[str] | None = None, **factories) -> int:
 
     try:
         result = run_training(cfg, **factories)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
     except TrainingAborted:
         return 3
     except CheckpointNotSaved:  # already reported by run_training
         return 4
-    except Exception:  # already logged with its traceback by run_training
-        return 1
+    except ConfigError:
+        raise  # one line, exit 2 (sonar_llm.cli)
+    except Exception as e:
+        if getattr(e, "reported", False):  # logged with its traceback by run_training
+            return 1
+        raise  # raised before the logged block: sonar_llm.cli says it (never a silent exit)
     import os
 
     if os.environ.get("RANK", "0") == "0":

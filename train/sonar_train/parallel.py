@@ -19,7 +19,7 @@ from torch import nn
 from sonar_llm.activation_checkpointing import apply_activation_checkpointing
 from sonar_llm.models.family import ConceptFamily
 from sonar_llm.sonar.checkpoint import DTYPES  # noqa: F401  (the one dtype table; train/sonar_train/loop.py reads it here)
-from sonar_train.config import RunConfig
+from sonar_train.config import ConfigError, RunConfig
 
 
 @dataclass
@@ -38,7 +38,7 @@ class DistInfo:
 def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise ValueError("train.device: 'cuda' requested but no CUDA device is available")
+            raise ConfigError("train.device: 'cuda' requested but no CUDA device is available")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 
