@@ -1,8 +1,13 @@
 """Package-level contracts: the kernel library stands alone, every module says what it is for."""
 import ast
+import importlib.metadata
+import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,3 +210,225 @@ def test_the_family_name_check_catches_a_comparison():
            "T = {'two_tower': 0.9}\n"
            "fine = get_family(name).eos_threshold\n")
     assert sorted(_family_name_uses(ast.parse(src), names)) == [(1, "two_tower"), (3, "token_llm"), (4, "two_tower")]
+
+
+# ------------------------------------------------------------------------------------ no shadowing
+# kernels/ and train/ are source roots (setup.py package_dir): neither holds an __init__.py, so from the
+# repository root they are at most namespace portions, which Python's import system ranks below any regular
+# package of the same name wherever it lies on sys.path. `kernels` is a PyPI distribution (transformers >= 5
+# imports it); `train` could be one. Where no distribution of that name is installed, `import kernels` from the
+# root gives an empty namespace package over the folder: no file of the checkout runs and there is nothing to
+# shadow; the tests below check both cases (the installed one in this process, an uninstalled one under -S).
+SOURCE_ROOT_FOLDERS = ("kernels", "train")
+
+
+def _in_repo(path) -> bool:
+    try:
+        Path(path).resolve().relative_to(ROOT)
+        return True
+    except ValueError:
+        return False
+
+
+@pytest.mark.parametrize("name", SOURCE_ROOT_FOLDERS)
+def test_source_root_folders_never_shadow_an_installed_package(name):
+    """Inside the test process (pytest puts the repository root on sys.path): `kernels` / `train` resolve to an
+    installed package, or to nothing; the checkout folder only where no distribution provides the name, and then
+    as a namespace portion (no file to run)."""
+    assert not (ROOT / name / "__init__.py").exists(), f"{name}/__init__.py makes the folder a package that shadows"
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        return
+    places = [spec.origin] if spec.origin else []
+    places += list(spec.submodule_search_locations or [])
+    if not any(_in_repo(p) for p in places):
+        return
+    providers = importlib.metadata.packages_distributions().get(name, [])
+    assert not providers, f"`{name}` resolves to the checkout ({places}) although {providers} provide(s) it"
+    assert spec.origin is None and spec.submodule_search_locations is not None, \
+        f"`{name}` resolves to a module of the checkout, not a namespace portion: {spec}"
+
+
+def test_import_kernels_from_the_repository_root_is_not_the_project_folder():
+    """`python -c "import kernels"` run from the repository root (its first sys.path entry is the root)."""
+    code = ("import importlib.metadata, kernels; print(getattr(kernels, '__file__', None)); "
+            "print(bool(importlib.metadata.packages_distributions().get('kernels')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:  # no distribution and no folder to fall back on: nothing imported at all
+        assert "No module named 'kernels'" in out.stderr, out.stderr
+        return
+    file, installed = out.stdout.split()
+    if installed == "True":
+        assert file != "None" and not _in_repo(file), f"import kernels gave {file}"
+    else:
+        assert file == "None", f"import kernels ran {file}"
+
+
+def test_a_regular_package_always_wins_over_a_checkout_folder(tmp_path):
+    """For every top-level folder of the checkout that Python could import as a namespace portion from the
+    repository root (kernels/, train/, bench/, tests/, ...), a regular package of the same name placed AFTER
+    the root on sys.path (as site-packages is) is the one imported; and with no such package (-S: no
+    site-packages), importing the name runs no file of the checkout."""
+    names = sorted(p.name for p in ROOT.iterdir() if p.is_dir() and p.name.isidentifier()
+                   and not p.name.startswith(".") and not (p / "__init__.py").exists())
+    assert set(SOURCE_ROOT_FOLDERS) <= set(names)
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("PLANTED = True\n")
+    code = ("import importlib, sys\n"
+            f"for name in {names!r}:\n"
+            "    m = importlib.import_module(name)\n"
+            "    print(name, getattr(m, 'PLANTED', False), getattr(m, '__file__', None))\n")
+    planted = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert planted.returncode == 0, planted.stderr
+    for line in planted.stdout.splitlines():
+        name, won, _ = line.split(" ", 2)
+        assert won == "True", f"the checkout's {name}/ shadowed an installed package: {line}"
+    bare = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert bare.returncode == 0, bare.stderr
+    for line in bare.stdout.splitlines():
+        assert line.endswith(" False None"), f"importing a checkout folder ran a file: {line}"
+
+
+def test_no_importable_top_level_name_of_the_checkout_is_an_installed_distribution():
+    """A top-level package (folder with __init__.py) or module (*.py) of the checkout is importable from the
+    repository root ahead of site-packages: none may carry a name an installed distribution provides (the
+    project's own sonar_llm aside)."""
+    provided = importlib.metadata.packages_distributions()
+    clashes = []
+    for path in sorted(ROOT.iterdir()):
+        name = path.stem if path.suffix == ".py" else path.name
+        importable = (path.is_dir() and (path / "__init__.py").exists()) or (path.is_file() and path.suffix == ".py")
+        if importable and name in provided and set(provided[name]) != {"sonar-llm"}:
+            clashes.append(f"{path.name} (provided by {provided[name]})")
+    assert not clashes, f"checkout names that shadow installed distributions: {clashes}"
+
+
+# ------------------------------------------------------------------------------ no importorskip of our own
+def _project_module_names() -> set[str]:
+    """Top-level names of the project's own code: the three packages and the bench/, tests/, scripts/ modules."""
+    names = {"sonar_llm", "sonar_kernels", "sonar_train", "bench", "tests", "scripts"}
+    for folder in ("bench", "tests", "scripts"):
+        names |= {p.stem for p in (ROOT / folder).glob("*.py")}
+    return names
+
+
+def importorskip_of_project_modules(paths, project: set[str]) -> list[str]:
+    """`pytest.importorskip("<project module>")` calls in `paths`: a broken import of our own code would skip."""
+    bad = []
+    for path in paths:
+        for node in ast.walk(ast.parse(Path(path).read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr == "importorskip" and node.args \
+                    and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str) \
+                    and node.args[0].value.split(".")[0] in project:
+                bad.append(f"{path}:{node.lineno} importorskip({node.args[0].value!r})")
+    return bad
+
+
+def test_no_importorskip_on_the_projects_own_modules(tmp_path):
+    paths = sorted((ROOT / "tests").rglob("*.py")) + sorted((ROOT / "bench").rglob("*.py"))
+    bad = importorskip_of_project_modules(paths, _project_module_names())
+    assert not bad, "a broken import of the project would turn into a skip:\n" + "\n".join(bad)
+    planted = tmp_path / "test_planted.py"
+    planted.write_text("import pytest\nplan = pytest.importorskip('sonar_train.plan')\n"
+                       "tf = pytest.importorskip('transformers')\n")
+    assert importorskip_of_project_modules([planted], _project_module_names()) == \
+        [f"{planted}:2 importorskip('sonar_train.plan')"]
+
+
+# ---------------------------------------------------------------------------------- no import circles
+PROJECT_SOURCE_ROOTS = {"sonar_llm": ROOT, "sonar_kernels": ROOT / "kernels", "sonar_train": ROOT / "train"}
+
+
+def import_graph(source_roots: dict[str, Path]) -> dict[str, set[str]]:
+    """module -> the project modules it imports, every import counted: module level, inside functions, under
+    `if TYPE_CHECKING`. `import a.b` / `from a import b` point at the module a.b where it exists (not at the
+    package a around it), `from a import name` at a."""
+    files = {}
+    for package, base in source_roots.items():
+        for path in sorted((base / package).rglob("*.py")):
+            parts = path.relative_to(base).with_suffix("").parts
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def resolve(name: str) -> str | None:
+        parts = name.split(".")
+        while parts and ".".join(parts) not in files:
+            parts.pop()
+        return ".".join(parts) or None
+
+    graph = {}
+    for module, path in files.items():
+        package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets |= {resolve(a.name) for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package[: len(package) - (node.level - 1)] + ([node.module] if node.module else []))
+                for alias in node.names:
+                    sub = f"{base}.{alias.name}"
+                    targets.add(sub if sub in files else resolve(base))
+        graph[module] = {t for t in targets if t and t != module}
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted: every circle lies in one."""
+    index, low, stack, on_stack, circles = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(circles)
+
+
+def test_no_import_circles_among_project_modules():
+    circles = import_circles(import_graph(PROJECT_SOURCE_ROOTS))
+    assert not circles, "import circles (make each arrow point one way):\n" + "\n".join(" <-> ".join(c) for c in circles)
+
+
+def test_the_circle_check_finds_a_planted_circle(tmp_path):
+    """A circle through a function-local import, one through a TYPE_CHECKING import, a `from . import x` circle,
+    and a one-way chain (not a circle) beside them."""
+    files = {
+        "pkg/__init__.py": "from .a import f\n",
+        "pkg/a.py": "def f():\n    from pkg.b import g\n    return g\n",
+        "pkg/b.py": "from . import a\ng = 1\n",
+        "pkg/c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .d import D\n",
+        "pkg/d.py": "import pkg.c\nclass D: ...\n",
+        "pkg/sub/__init__.py": "",
+        "pkg/sub/e.py": "from ..a import f\nfrom .. import c\n",
+        "pkg/sub/x.py": "from pkg.sub import e\n",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    graph = import_graph({"pkg": tmp_path})
+    assert graph["pkg.sub.e"] == {"pkg.a", "pkg.c"} and graph["pkg.sub.x"] == {"pkg.sub.e"}
+    assert import_circles(graph) == [["pkg.a", "pkg.b"], ["pkg.c", "pkg.d"]]
