@@ -21,7 +21,12 @@ stories that have the mark (`counts` gives n per aspect, as the public script pr
 Transport: at most `concurrency` stories in flight; each request has a timeout; timeouts, connection
 errors, HTTP 429 and 5xx and bodies that are not a chat completion are retried with exponential backoff
 (`backoff * 2**attempt` seconds, at most `max_backoff`) up to `retries` times; other HTTP errors are not
-retried. A story whose requests fail is listed in `failed` with the error, not scored.
+retried. A story whose requests fail is listed in `failed` with the error, not scored. Every retry is said on
+stderr as it happens (story, reason, attempt, delay), so a failing endpoint is never silent.
+
+Failure: when more than `max_failed_share` of the stories failed (default 0: any), the command exits 1 with
+one line giving the count and the first reasons, and writes no `--out` (the evaluation command's judge does
+the same). Bad input (flags, the input file, a missing API key) exits 2 with one line (`sonar_llm.cli`).
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 __all__ = ["ASPECTS", "JudgeConfig", "JudgePrompt", "JudgeError", "load_prompt", "parse_marks", "ChatClient",
-           "judge", "main"]
+           "judge", "check_failures", "read_records", "main"]
 
 ASPECTS = ("grammar", "creativity", "consistency", "plot")
 _MARK = re.compile(r"\d*/\d*")
@@ -66,6 +71,7 @@ class JudgeConfig:
     backoff: float = 1.0  # first retry delay (seconds), doubled each retry
     max_backoff: float = 60.0
     prompt_file: str = ""  # "" = the packaged sonar_llm/assets/judge_prompt.txt
+    max_failed_share: float = 0.0  # the command fails (exit 1) when more than this share of the stories failed
 
     def validate(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -74,6 +80,8 @@ class JudgeConfig:
             raise ValueError("judge model name is empty")
         if self.concurrency < 1 or self.retries < 0 or self.timeout <= 0 or self.backoff < 0 or self.max_tokens < 1:
             raise ValueError("judge concurrency >= 1, retries >= 0, timeout > 0, backoff >= 0, max_tokens >= 1")
+        if not 0.0 <= self.max_failed_share <= 1.0:
+            raise ValueError(f"judge max-failed-share must be in [0, 1], got {self.max_failed_share}")
 
     def endpoint(self) -> str:
         url = self.url.rstrip("/")
@@ -170,12 +178,14 @@ def parse_marks(answer: str) -> tuple[dict[str, float], dict[str, str]]:
 class ChatClient:
     """Minimal OpenAI-compatible chat client over urllib, with timeouts and retries with backoff."""
 
-    def __init__(self, cfg: JudgeConfig, *, sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, cfg: JudgeConfig, *, sleep: Callable[[float], None] = time.sleep,
+                 progress: Callable[[str], None] | None = None):
         cfg.validate()
         self.cfg = cfg
         self.url = cfg.endpoint()
         self.key = cfg.api_key()
         self.sleep = sleep
+        self.progress = progress  # told about every retry ("retry 2/5 in 2.0s after HTTP 500 ...")
 
     def _once(self, messages: list[dict[str, str]]) -> str:
         body = json.dumps({"model": self.cfg.model, "messages": messages, "max_tokens": self.cfg.max_tokens}).encode()
@@ -193,12 +203,17 @@ class ChatClient:
             raise _BadBody(f"message content is {type(content).__name__}, not text")
         return content
 
-    def complete(self, messages: list[dict[str, str]]) -> tuple[str, int]:
-        """(answer text, attempts used); JudgeError when it fails for good."""
+    def complete(self, messages: list[dict[str, str]], what: str = "") -> tuple[str, int]:
+        """(answer text, attempts used); JudgeError when it fails for good. `what` names the request in the
+        retry messages."""
         last = ""
         for attempt in range(self.cfg.retries + 1):
             if attempt:
-                self.sleep(min(self.cfg.max_backoff, self.cfg.backoff * 2 ** (attempt - 1)))
+                delay = min(self.cfg.max_backoff, self.cfg.backoff * 2 ** (attempt - 1))
+                if self.progress is not None:
+                    self.progress(f"judge: {what + ': ' if what else ''}{last}; retry {attempt}/{self.cfg.retries} "
+                                  f"in {delay:g}s")
+                self.sleep(delay)
             try:
                 return self._once(messages), attempt + 1
             except urllib.error.HTTPError as e:
@@ -223,9 +238,9 @@ def _judge_one(client: ChatClient, prompt: JudgePrompt, index: int, story_prompt
                             "attempts": 0, "error": None}
     try:
         messages = prompt.first_turn(story_prompt, generation)
-        review, n1 = client.complete(messages)
+        review, n1 = client.complete(messages, f"story {index} review")
         item["review"] = review
-        answer, n2 = client.complete(prompt.second_turn(messages, review))
+        answer, n2 = client.complete(prompt.second_turn(messages, review), f"story {index} marks")
         item["answer"], item["attempts"] = answer, n1 + n2
     except JudgeError as e:
         item["error"] = str(e)
@@ -234,12 +249,18 @@ def _judge_one(client: ChatClient, prompt: JudgePrompt, index: int, story_prompt
     return item
 
 
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def judge(story_prompts: Sequence[str], generations: Sequence[str], cfg: JudgeConfig, *,
-          client: ChatClient | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Judge every (prompt, continuation) pair; returns the JSON-ready judge section of a report."""
+          client: ChatClient | None = None, log: Callable[[str], None] | None = None,
+          progress: Callable[[str], None] | None = _stderr) -> dict[str, Any]:
+    """Judge every (prompt, continuation) pair; returns the JSON-ready judge section of a report.
+    `progress` sees each retry as it happens (default: stderr)."""
     if len(story_prompts) != len(generations):
         raise ValueError(f"{len(story_prompts)} story prompts but {len(generations)} generations")
-    client = client or ChatClient(cfg)
+    client = client or ChatClient(cfg, progress=progress)
     prompt = load_prompt(cfg.prompt_file)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
@@ -260,6 +281,19 @@ def judge(story_prompts: Sequence[str], generations: Sequence[str], cfg: JudgeCo
     if log:
         log(format_judge(result))
     return result
+
+
+def check_failures(result: dict[str, Any], max_failed_share: float) -> None:
+    """CommandFailed (exit 1, one line with the first reasons) when more than `max_failed_share` of the stories
+    of a judge result failed."""
+    from sonar_llm.cli import CommandFailed
+
+    failed, n = result["failed"], result["num_items"]
+    if failed and len(failed) > max_failed_share * n:
+        first = "; ".join(f"story {f['index']}: {f['error']}" for f in failed[:3])
+        more = f" (+{len(failed) - 3} more)" if len(failed) > 3 else ""
+        raise CommandFailed(f"{len(failed)} of {n} stories failed (allowed: {max_failed_share:.0%}, "
+                            f"--max-failed-share); first reasons: {first}{more}")
 
 
 def format_judge(result: dict[str, Any]) -> str:
@@ -299,36 +333,60 @@ def add_judge_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}retries", type=int, default=d.retries)
     p.add_argument(f"--{prefix}backoff", type=float, default=d.backoff)
     p.add_argument(f"--{prefix}prompt-file", default="", help="default: sonar_llm/assets/judge_prompt.txt")
+    p.add_argument(f"--{prefix}max-failed-share", type=float, default=d.max_failed_share,
+                   help="fail (exit 1, nothing written) when more than this share of the stories failed "
+                        "(default 0: any failed story; e.g. 0.05 accepts up to 5%%)")
 
 
 def config_from_args(a: argparse.Namespace, prefix: str = "") -> JudgeConfig:
     g = lambda name: getattr(a, (prefix + name).replace("-", "_"))  # noqa: E731
     return JudgeConfig(url=g("url"), model=g("model"), api_key_env=g("api-key-env"), concurrency=g("concurrency"),
-                       timeout=g("timeout"), retries=g("retries"), backoff=g("backoff"), prompt_file=g("prompt-file"))
+                       timeout=g("timeout"), retries=g("retries"), backoff=g("backoff"), prompt_file=g("prompt-file"),
+                       max_failed_share=g("max-failed-share"))
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """The records of a judge input: a JSON list of {prefix, full_text}, or an evaluation report (its
+    `public_records`); errors name the file (and the line of bad JSON or bytes)."""
+    from sonar_llm.cli import read_utf8
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: input file not found")
+    try:
+        records = json.loads(read_utf8(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if isinstance(records, dict):  # an evaluation report
+        records = records.get("public_records") or []
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"{path}: expected a JSON list of {{prefix, full_text}} records or an evaluation report")
+    return records
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sonar_llm.eval.judge", description=__doc__.split("\n")[0])
-    p.add_argument("input_json", help="JSON list of {prefix, full_text} records (generate.py output)")
-    p.add_argument("--out", default="", help="write the judge result (every review and answer) here")
-    add_judge_arguments(p)
-    a = p.parse_args(argv)
-    try:
+    """The command; exit 0, 2 on bad input, 1 when more than --max-failed-share of the stories failed."""
+    from sonar_llm.cli import atomic_output, parser, run
+
+    def body(args: list[str]) -> int:
+        p = parser("python -m sonar_llm.eval.judge", description=__doc__.split("\n")[0])
+        p.add_argument("input_json", help="JSON list of {prefix, full_text} records (generate.py output)")
+        p.add_argument("--out", default="", help="write the judge result (every review and answer) here")
+        add_judge_arguments(p)
+        a = p.parse_args(args)
         cfg = config_from_args(a)
         cfg.validate()
-        records = json.loads(Path(a.input_json).read_text(encoding="utf-8"))
-        if isinstance(records, dict):  # an evaluation report
-            records = records.get("public_records") or []
+        records = read_records(a.input_json)
         prompts, gens = split_records(records, a.input_json)
         if not prompts:
             raise ValueError(f"{a.input_json}: no records to judge")
         result = judge(prompts, gens, cfg, log=print)
-    except (OSError, ValueError) as e:
-        print(f"judge error: {e}", file=sys.stderr)
-        return 2
-    if a.out:
-        Path(a.out).write_text(json.dumps(result, indent=1))
-    return 0
+        check_failures(result, cfg.max_failed_share)
+        if a.out:
+            with atomic_output(a.out) as tmp:
+                tmp.write_text(json.dumps(result, indent=1))
+        return 0
+
+    return run("judge", body, argv)
 
 
 if __name__ == "__main__":
