@@ -4,13 +4,18 @@
 
 1. prepares the data like train/sonar_train/default_pipeline.py: the project's story corpus, the tiny SONAR trained on
    it (cached), every sentence encoded into train / held-out shards;
-2. trains every family (sonar_llm, base_lcm, two_tower, token_llm) at two backbone sizes (`--sizes`, default
-   "tiny" = d 64 x 2 layers and "tiny-wide" = d 128 x 4 layers; "small" = d 256 x 4 layers when CPU time
-   allows) with the SAME budget: same steps, batch, learning-rate schedule, data order and seed;
+2. trains every family (sonar_llm, base_lcm, two_tower, token_llm over SONAR tokens) and the paper's token
+   baseline format (token_llm_bpe: whole stories [BOS] ... [EOS] in a byte-level BPE trained with the
+   `tokenizers` library on the training stories, `sonar_llm.data.preprocess_tokens`) at four backbone
+   sizes (`--sizes`, default d 64 x 2, d 96 x 3, d 128 x 4, d 192 x 4 layers, FFN 2d) with the SAME budget:
+   same steps, learning-rate schedule, seed, and batches of the same stories;
 3. evaluates each with sonar_llm.eval.evaluate (the paper's protocol on held-out stories, "start"
-   prompts, greedy SONAR decoding) and sonar_llm.eval.nll (token NLL of true next sentences, for the two
-   families with a token distribution);
-4. writes report.md, loss_vs_params.png and results.json into the output folder.
+   prompts, greedy SONAR decoding) and sonar_llm.eval.nll (token NLL and bits per byte of the true
+   continuation after the first two sentences, for the families with a token distribution);
+4. fits L(N) = E + A * N^-alpha per family (sonar_llm.eval.scaling) to the final validation loss and to
+   bits per byte against non-embedding parameters;
+5. writes report.md, loss_vs_params.png, scaling_val_loss.png, scaling_bpb.png, scaling_fits.json and
+   results.json into the output folder.
 
 This is a small-scale sanity check on a synthetic children's-story corpus with a tiny SONAR autoencoder,
 not the paper's scale (the paper trains 39M-1.3B models on TinyStories with the real 1024-d SONAR).
@@ -37,15 +42,29 @@ import torch  # noqa: E402
 from sonar_llm.models.family import FAMILIES as _REGISTRY  # noqa: E402
 from sonar_llm.models.family import get_family  # noqa: E402
 
-FAMILIES = tuple(_REGISTRY)
-FAMILY_NAMES = {name: get_family(name).title for name in FAMILIES}
+BPE = "token_llm_bpe"  # the token LLM family over whole stories in a BPE tokenizer (the paper's baseline format)
+FAMILIES = tuple(_REGISTRY) + (BPE,)
+BPE_VOCAB = 2000  # as many pieces as the tiny SONAR's SentencePiece model
+
+
+def _registry_family(name: str) -> str:
+    return "token_llm" if name == BPE else name
+
+
+FAMILY_NAMES = {name: get_family(_registry_family(name)).title for name in FAMILIES}
+FAMILY_NAMES[BPE] = "token LLM (BPE, whole stories)"
 # backbone sizes: name -> (preset, backbone overrides); the same for every family
 SIZES = {
     "tiny": ("tiny", {}),  # d=64, 2 layers, 4 heads, FFN 128
+    "d96": ("tiny", {"model_dim": 96, "ffn_dim": 192, "num_layers": 3}),
+    "d128": ("tiny", {"model_dim": 128, "ffn_dim": 256, "num_layers": 4}),
+    "d192": ("tiny", {"model_dim": 192, "ffn_dim": 384, "num_layers": 4}),
     "tiny-wide": ("tiny", {"model_dim": 128, "ffn_dim": 512, "num_layers": 4}),
     "small": ("small", {}),  # d=256, 4 layers, FFN 1024
 }
-LOSS_KIND = {name: get_family(name).loss_name for name in FAMILIES}
+DEFAULT_SIZES = ("tiny", "d96", "d128", "d192")
+LOSS_KIND = {name: get_family(_registry_family(name)).loss_name for name in FAMILIES}
+LOSS_KIND[BPE] = "token CE (nats per BPE token)"
 
 
 @dataclass
@@ -54,11 +73,12 @@ class ReproConfig:
 
     out: str = "bench/results/reproduction"
     work: str = "runs/reproduction"
-    sizes: tuple[str, ...] = ("tiny", "tiny-wide")  # names in SIZES
+    sizes: tuple[str, ...] = DEFAULT_SIZES  # names in SIZES
     families: tuple[str, ...] = FAMILIES
     steps: int = 150
-    max_sentences: int = 64  # per batch (every family: the same documents)
+    max_sentences: int = 64  # per batch (sentence families)
     max_tokens: int = 8192
+    max_docs: int = 6  # stories per batch, every family (the sentence budget does not bind at <= 64 sentences)
     lr: float = 1e-3
     warmup_steps: int = 30
     seed: int = 0
@@ -92,8 +112,45 @@ def prepare(rc: ReproConfig) -> dict:
 
     # a cache of its own: a copy trained here under a short budget must not stand in for the default's
     cache = default_cache_dir().with_name("tiny_sonar_quick" if rc.quick else "tiny_sonar_reproduction")
-    return dp.prepare(Path(rc.work), rc.tiny_steps, n_stories=rc.n_stories, train_stories=rc.train_stories,
-                      tiny_config=TinySonarConfig(**rc.tiny_config), tiny_cache_dir=cache, say=_say)
+    assets = dp.prepare(Path(rc.work), rc.tiny_steps, n_stories=rc.n_stories, train_stories=rc.train_stories,
+                        tiny_config=TinySonarConfig(**rc.tiny_config), tiny_cache_dir=cache, say=_say)
+    if BPE in rc.families:
+        assets.update(prepare_bpe(Path(rc.work) / "data", assets))
+    return assets
+
+
+def prepare_bpe(data: Path, assets: dict) -> dict:
+    """A byte-level BPE (`tokenizers`) trained on the training stories the shards hold, and both splits as
+    whole-story token shards (`preprocess_tokens`): the same stories as the SONAR shards."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from sonar_llm.data.ingest import iter_documents
+    from sonar_llm.data.preprocess_tokens import TokenStreamConfig, preprocess_tokens
+    from sonar_llm.data.shards import read_manifest
+    from sonar_llm.data.text_tokenizer import load_text_tokenizer
+
+    t0 = time.perf_counter()
+    inputs = read_manifest(assets["train"])["config"]["inputs"]  # the stories the SONAR training shards hold
+    texts = [t for _, t in iter_documents(inputs)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=BPE_VOCAB, special_tokens=["<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    path = data / "bpe" / "tokenizer.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    text_tok = load_text_tokenizer(path)
+    out = {"bpe_tokenizer": str(path)}
+    for split in ("train", "valid"):
+        src = read_manifest(assets[split])["config"]["inputs"]
+        preprocess_tokens(src, data / "bpe" / split, text_tok, TokenStreamConfig(shard_size_docs=1000),
+                          overwrite=True, log=None)
+        out[f"bpe_{split}"] = str(data / "bpe" / split)
+    _say(f"BPE tokenizer ({text_tok.vocab_size} ids) and whole-story token shards ready "
+         f"({time.perf_counter() - t0:.0f}s)")
+    return out
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -102,12 +159,19 @@ def run_config(rc: ReproConfig, assets: dict, family: str, size: str, sonar_dim:
 
     cfg = RunConfig()
     preset, size_over = SIZES[size]
-    cfg.model.family, cfg.model.preset = family, preset
+    cfg.model.family, cfg.model.preset = _registry_family(family), preset
     # sentence-embedding models read sonar_dim-wide inputs; a `num_layers` override is the total layer count
     # (the Two-Tower LCM splits it between its towers itself)
-    cfg.model.overrides = {**size_over, "sonar_dim": sonar_dim} if get_family(family).concept_level else dict(size_over)
+    spec = get_family(_registry_family(family))
+    cfg.model.overrides = {**size_over, "sonar_dim": sonar_dim} if spec.concept_level else dict(size_over)
     cfg.data.path, cfg.data.val_path = assets["train"], assets["valid"]
     cfg.data.max_sentences, cfg.data.max_tokens, cfg.data.seed = rc.max_sentences, rc.max_tokens, rc.seed
+    if family == BPE:  # one segment per story: the same number of stories per batch as the sentence families
+        cfg.model.overrides["text_tokenizer"] = assets["bpe_tokenizer"]
+        cfg.data.path, cfg.data.val_path = assets["bpe_train"], assets["bpe_valid"]
+        cfg.data.max_docs, cfg.data.max_sentences = rc.max_docs, rc.max_docs
+    else:
+        cfg.data.max_docs = rc.max_docs
     cfg.optim.lr, cfg.optim.warmup_steps = rc.lr, rc.warmup_steps
     cfg.train.steps, cfg.train.seed = rc.steps, rc.seed
     cfg.train.precision, cfg.train.device = "fp32", "cpu" if not torch.cuda.is_available() else "auto"
@@ -131,6 +195,7 @@ def train_and_evaluate(rc: ReproConfig, assets: dict, family: str, size: str, so
     import shutil
 
     from sonar_llm.eval.evaluate import EvalConfig, evaluate, load_trained
+    from sonar_llm.eval.public_scoring import score_records
     from sonar_train.loop import run_training
 
     cfg = run_config(rc, assets, family, size, sonar_dim)
@@ -147,11 +212,13 @@ def train_and_evaluate(rc: ReproConfig, assets: dict, family: str, size: str, so
                       nll_data=assets["valid"] if get_family(family).token_nll is not None else "",
                       nll_docs=rc.nll_docs, batch_size=rc.eval_stories)
     res = evaluate(ecfg, loaded=loaded, sonar=sonar, log=None)
+    public = score_records(res["public_records"])  # the public evaluate_nlg.py scoring of the same generations
+    res["metrics"].update({f"public_{k}": v for k, v in public["metrics"].items()})
     row = {"family": family, "size": size, "params_blocks": blocks, "params_total": total,
            "train_loss": _smoothed_train_loss(Path(cfg.train.out_dir), final.get("loss")), "val_loss": final.get("eval_loss"), "train_seconds": train_s,
            "steps": final.get("step"), "steps_per_s": final.get("steps_per_s"),
            "generation_seconds": res["generation_seconds"], "metrics": res["metrics"],
-           "public_scoring": {k: res["scoring"]["public"].get(k) for k in ("missing", "nltk", "prompts")},
+           "public_scoring": {"missing": public["missing"], "nltk": public["nltk"], "prompts": "ours"},
            "examples": res["items"][:2]}
     _say(f"{family:9s} {size:5s} params {total:>10,d}  train loss {row['train_loss']:.4f}  val loss "
          f"{row['val_loss']:.4f}  BLEU {res['metrics']['bleu']:.2f}  ({train_s:.0f}s train, "

@@ -1,6 +1,6 @@
-"""The evaluation command's paper-protocol options on toy models: --scoring ours|public (both written, the
-mode named, missing NLTK data reported), the LLM judge against a local stub server, --task summarization
-for every family. Toy models and SONAR come from test_eval_evaluate's fixture."""
+"""The evaluation command's paper-protocol options on toy models: --scoring ours|public (the public scoring
+only when asked, the mode named, missing NLTK data reported on one line), the LLM judge against a local stub
+server, --task summarization for every family. Toy models and SONAR come from test_eval_evaluate's fixture."""
 from __future__ import annotations
 
 import json
@@ -15,16 +15,17 @@ from test_eval_judge import server  # noqa: F401  (a fixture)
 FAM = "sonar_llm"
 
 
-def test_ours_scoring_reports_public_metrics_missing_without_nltk_data(toy, tmp_path, no_nltk_data):  # noqa: F811
+def test_ours_scoring_runs_no_public_scoring(toy, tmp_path, tiny_punkt, capsys):  # noqa: F811
     path, _ = _export_untrained(toy, FAM)
     out = tmp_path / "r.json"
     assert _cli(toy, path, out) == 0
     res = json.loads(out.read_text())
     assert res["scoring_mode"] == "ours" and res["scoring"]["prompts"] == "ours"
-    pub = res["scoring"]["public"]
-    assert pub["metrics"] == {"bleu": None, "rougeL": None, "meteor": None}
-    assert all("punkt_tab" in r for r in pub["missing"].values()) and "wordnet" in pub["missing"]["meteor"].lower()
-    assert res["metrics"]["public_bleu"] is None and res["metrics"]["bleu"] == res["scoring"]["ours"]["bleu"]
+    # not asked for: not run even though Punkt is installed, and nothing of it printed
+    assert "public" not in res["scoring"] and not any(k.startswith("public_") for k in res["metrics"])
+    printed = capsys.readouterr().out
+    assert "Total records" not in printed and "missing" not in printed and "BLEU   :" not in printed
+    assert res["metrics"]["bleu"] == res["scoring"]["ours"]["bleu"]
     assert len(res["public_records"]) == len(res["items"])
     rec, it = res["public_records"][0], res["items"][0]
     assert rec["prefix"] == " ".join(it["prompt"]) and rec["full_text"].startswith(rec["prefix"])
@@ -68,7 +69,14 @@ def test_public_mode_without_punkt_falls_back_and_says_so(toy, tmp_path, no_nltk
     res = json.loads(out.read_text())
     assert res["scoring_mode"] == "public" and res["scoring"]["prompts"] == "ours"
     assert res["metrics"]["public_rougeL"] is None
-    assert "punkt_tab" in capsys.readouterr().out
+    pub = res["scoring"]["public"]
+    assert pub["metrics"] == {"bleu": None, "rougeL": None, "meteor": None}
+    assert all("punkt_tab" in r for r in pub["missing"].values()) and "wordnet" in pub["missing"]["meteor"].lower()
+    # ONE line says what is missing and how to install it; no per-metric "missing" lines
+    said = [line for line in capsys.readouterr().out.splitlines() if "punkt_tab" in line or "missing" in line]
+    assert said == ["--scoring public: public BLEU, ROUGE-L, METEOR not computed: NLTK data punkt_tab and wordnet "
+                    "not installed (install: python -m nltk.downloader punkt_tab wordnet); prompts made as in "
+                    "--scoring ours"]
 
 
 def test_judge_in_the_report(toy, tmp_path, server):  # noqa: F811

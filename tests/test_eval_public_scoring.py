@@ -142,7 +142,10 @@ def test_missing_wordnet_marks_only_meteor(tiny_punkt):
     assert set(res["missing"]) == {"meteor"}
     assert isinstance(res["metrics"]["bleu"], float) and isinstance(res["metrics"]["rougeL"], float)
     assert res["nltk"]["wordnet"] is False and res["nltk"]["punkt"] is True
-    assert "METEOR : missing" in P.format_public(res)
+    printed = P.format_public(res).splitlines()
+    assert printed[0] == "Total records: 1" and printed[1].startswith("BLEU   : ") and printed[2].startswith("ROUGE-L: ")
+    assert printed[3:] == ["public METEOR not computed: NLTK data wordnet not installed "
+                           "(install: python -m nltk.downloader wordnet)"]
 
 
 # ------------------------------------------------------------------------------ prompts (generate.py)
@@ -176,7 +179,8 @@ def test_cli_scores_a_generate_py_json(tiny_punkt, tmp_path, capsys):
     out = tmp_path / "scores.json"
     assert P.main([str(path), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "Total records: 5" in printed and "METEOR : missing" in printed
+    assert "Total records: 5" in printed and "public METEOR not computed: NLTK data wordnet" in printed
+    assert "METEOR :" not in printed  # no number, no per-metric "missing" line
     saved = json.loads(out.read_text())
     assert saved["mode"] == "public" and saved["metrics"]["meteor"] is None
     bad = tmp_path / "bad.json"

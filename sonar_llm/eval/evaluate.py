@@ -27,10 +27,11 @@ and cosine of their generated embeddings (decode, re-encode, compare). `--nll-da
 the markdown table is printed.
 
 `--scoring public` builds the prompts as the public generate.py (NLTK Punkt; `eval.public_scoring`) and
-`--scoring ours` (default) as above; either way the report has `scoring_mode`, our metrics, the public
-first-sentence metrics of the same generations (`public_bleu`/`public_rougeL`/`public_meteor`, None when
-NLTK's Punkt or WordNet data is missing, with the reason in `scoring.public.missing`) and the generations
-as generate.py records (`public_records`). `--judge-url` adds the LLM judge (`eval.judge`) of those
+`--scoring ours` (default) as above; either way the report has `scoring_mode`, our metrics and the
+generations as generate.py records (`public_records`). The public first-sentence scoring runs only with
+`--scoring public`: it adds `public_bleu`/`public_rougeL`/`public_meteor` (None when NLTK's Punkt or WordNet
+data is missing, with the reason in `scoring.public.missing` and ONE printed line naming the data and its
+download command). `--judge-url` adds the LLM judge (`eval.judge`) of those
 records. `--task summarization` runs `eval.summarization` on CNN/DailyMail or XSum files instead.
 """
 from __future__ import annotations
@@ -117,7 +118,6 @@ class EvalConfig:
     judge_retries: int = 5
     judge_backoff: float = 1.0
     judge_prompt_file: str = ""
-    judge_max_failed_share: float = 0.0  # the command fails (exit 1, nothing written) above this share of failed stories
     task: str = "story"  # story | summarization
     summ_data: str = ""  # CNN/DailyMail or XSum files (summarization)
     summ_dataset: str = "auto"
@@ -151,12 +151,6 @@ class EvalConfig:
                             ("--summ-data", self.summ_data)):
             if value and not Path(value).exists():
                 raise FileNotFoundError(f"{name}: path does not exist: {value}")
-        from sonar_llm.cli import check_device
-
-        check_device(self.device)
-        if not 0.0 <= self.eos_threshold <= 1.0:
-            raise ValueError(f"--eos-threshold must be a cosine in [0, 1] (0 = the family's default), "
-                             f"got {self.eos_threshold}")
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -383,10 +377,7 @@ def evaluate(cfg: EvalConfig, *, loaded: LoadedModel | None = None, sonar=None,
 
         # what the public gpt_eval.py shows the judge: the prefix, and full_text after it
         conts = [" " + " ".join(it["generation"]) if it["generation"] else "" for it in result["items"]]
-        from .judge import check_failures
-
         result["judge"] = judge([r["prefix"] for r in result["public_records"]], conts, _judge_config(cfg), log=log)
-        check_failures(result["judge"], cfg.judge_max_failed_share)  # before anything is written
     result.update(family=loaded.family, source=loaded.source, step=loaded.step,
                   num_parameters=sum(p.numel() for p in loaded.model.parameters()),
                   settings=asdict(cfg), load_seconds=load_s)
@@ -397,7 +388,8 @@ def evaluate(cfg: EvalConfig, *, loaded: LoadedModel | None = None, sonar=None,
 
 
 def _generate_and_score(cfg: EvalConfig, gen_fn, pcfg: ProtocolConfig, log: Callable[[str], None]) -> dict:
-    """Prompts and generations of the chosen scoring mode, scored both ways (`scoring_mode` names it)."""
+    """Prompts and generations of the chosen scoring mode, scored our way, and the public way when asked
+    (`scoring_mode` names it)."""
     from sonar_llm.data.ingest import iter_documents
 
     from . import public_scoring as PS
@@ -405,8 +397,7 @@ def _generate_and_score(cfg: EvalConfig, gen_fn, pcfg: ProtocolConfig, log: Call
 
     prompts_from = cfg.scoring
     if cfg.scoring == "public" and PS.punkt_tokenizer() is None:
-        prompts_from = "ours"  # the public prompts need Punkt: say so, score the public metrics as missing
-        log(f"--scoring public: {PS.PUNKT_MISSING}; prompts are made as in --scoring ours")
+        prompts_from = "ours"  # the public prompts need Punkt: made as ours, the public metrics are missing
     if prompts_from == "public":
         if not Path(cfg.stories).exists():
             raise FileNotFoundError(f"--stories: file not found: {cfg.stories}")
@@ -421,14 +412,19 @@ def _generate_and_score(cfg: EvalConfig, gen_fn, pcfg: ProtocolConfig, log: Call
     else:
         result = run_protocol(read_stories(cfg.stories), gen_fn, pcfg, batch_size=cfg.batch_size)
         records = PS.records_from_items(result["items"])
+    result["scoring_mode"] = cfg.scoring
+    result["scoring"] = {"mode": cfg.scoring, "prompts": prompts_from, "ours": dict(result["metrics"])}
+    result["public_records"] = records
+    if cfg.scoring != "public":  # the public scoring runs only when asked
+        return result
     public = PS.score_records(records)
     public["prompts"] = prompts_from
-    result["scoring_mode"] = cfg.scoring
-    result["scoring"] = {"mode": cfg.scoring, "prompts": prompts_from, "ours": dict(result["metrics"]),
-                         "public": public}
+    result["scoring"]["public"] = public
     result["metrics"].update({f"public_{k}": v for k, v in public["metrics"].items()})
-    result["public_records"] = records
-    log(PS.format_public(public))
+    if prompts_from == "public":
+        log(PS.format_public(public))
+    else:  # no Punkt: one line says what is missing and how to install it
+        log(f"--scoring public: {PS.missing_line(public)}; prompts made as in --scoring ours")
     return result
 
 
@@ -437,8 +433,7 @@ def _judge_config(cfg: EvalConfig):
 
     return JudgeConfig(url=cfg.judge_url, model=cfg.judge_model, api_key_env=cfg.judge_api_key_env,
                        concurrency=cfg.judge_concurrency, timeout=cfg.judge_timeout, retries=cfg.judge_retries,
-                       backoff=cfg.judge_backoff, prompt_file=cfg.judge_prompt_file,
-                       max_failed_share=cfg.judge_max_failed_share)
+                       backoff=cfg.judge_backoff, prompt_file=cfg.judge_prompt_file)
 
 
 def _summarize(cfg: EvalConfig, loaded: LoadedModel, sonar, load_s: float, log: Callable[[str], None]) -> dict:
@@ -468,9 +463,7 @@ def _summarize(cfg: EvalConfig, loaded: LoadedModel, sonar, load_s: float, log: 
 
 
 def _parser() -> argparse.ArgumentParser:
-    from sonar_llm.cli import parser
-
-    p = parser("python -m sonar_llm.eval.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m sonar_llm.eval.evaluate", description=__doc__.split("\n\n")[0])
     d = EvalConfig()
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", default="", help="exported .safetensors (model.json beside it)")
@@ -503,7 +496,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-round-trip", action="store_true")
     p.add_argument("--nll-data", default="", help="held-out shard directory for the token NLL")
     p.add_argument("--nll-docs", type=int, default=d.nll_docs)
-    p.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N (must exist on this machine)")
+    p.add_argument("--device", default=d.device)
     p.add_argument("--scoring", default=d.scoring, choices=("ours", "public"),
                    help="prompts and headline scoring: ours, or the public generate.py / evaluate_nlg.py")
     from .judge import add_judge_arguments
@@ -520,13 +513,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command; exit 0, 2 on bad input (one line on stderr), 1 when the work fails (sonar_llm.cli)."""
-    from sonar_llm.cli import run
-
-    return run("evaluate", _main, argv)
-
-
-def _main(argv: list[str]) -> int:
     from .judge import config_from_args
 
     a = _parser().parse_args(argv)
@@ -546,9 +532,12 @@ def _main(argv: list[str]) -> int:
                      max_summary_sentences=a.max_summary_sentences, max_prompt_sentences=a.max_prompt_sentences,
                      summ_prefix=a.summ_prefix, summ_suffix=a.summ_suffix,
                      **{f"judge_{k}": getattr(jc, k) for k in ("url", "model", "api_key_env", "concurrency",
-                                                                "timeout", "retries", "backoff", "prompt_file",
-                                                                "max_failed_share")})
-    evaluate(cfg)
+                                                                "timeout", "retries", "backoff", "prompt_file")})
+    try:
+        evaluate(cfg)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        print(f"evaluate error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {cfg.out}")
     return 0
 

@@ -49,6 +49,8 @@ __all__ = [
     "generate_public",
     "records_from_items",
     "score_records",
+    "format_public",
+    "missing_line",
     "main",
 ]
 
@@ -236,12 +238,31 @@ def score_records(records: Sequence[dict], *, punkt=None, wordnet=None) -> dict[
     return result
 
 
+def missing_line(result: dict[str, Any]) -> str:
+    """One line naming the public metrics that could not run, the NLTK data they lack and how to install it
+    ("" when nothing is missing)."""
+    if not result.get("missing"):
+        return ""
+    status = result.get("nltk") or {}
+    need = [name for name, key in (("punkt_tab", "punkt"), ("wordnet", "wordnet")) if status.get(key) is False]
+    labels = {"bleu": "BLEU", "rougeL": "ROUGE-L", "meteor": "METEOR"}
+    names = ", ".join(labels[k] for k in PUBLIC_METRICS if k in result["missing"])
+    if not need:  # data passed in by the caller: give the recorded reasons
+        return f"public {names} not computed: " + "; ".join(sorted(set(result["missing"].values())))
+    return (f"public {names} not computed: NLTK data {' and '.join(need)} not installed "
+            f"(install: python -m nltk.downloader {' '.join(need)})")
+
+
 def format_public(result: dict[str, Any]) -> str:
-    """Lines as the public script prints them, with 'missing (reason)' for a metric that could not run."""
+    """Lines as the public script prints them; the metrics that could not run are named on one line
+    (`missing_line`), never given a number."""
     lines = [f"Total records: {result['num_records']}"]
     for label, k in (("BLEU   ", "bleu"), ("ROUGE-L", "rougeL"), ("METEOR ", "meteor")):
         v = result["metrics"][k]
-        lines.append(f"{label}: {v:.4f}" if v is not None else f"{label}: missing ({result['missing'][k]})")
+        if v is not None:
+            lines.append(f"{label}: {v:.4f}")
+    if result.get("missing"):
+        lines.append(missing_line(result))
     if result.get("prefix_mismatches"):
         lines.append(f"({result['prefix_mismatches']} records do not start with their prefix: the public script "
                      f"would stop on them)")
