@@ -2,13 +2,23 @@
 
 Two sources, one result (`TrainedWeights`: the model state dict on the CPU, the run's resolved config as a
 dict, the step and where it came from):
-  * `read_exported(path)`: `model.safetensors` + `model.json` beside it (written by train/export.py:
-    {"run_config": ..., "step": N, "family", "preset", "dtype", "checkpoint"});
+  * `read_exported(path)`: `model.safetensors` + `model.json` beside it (written by `write_exported`, which
+    train/export.py and `python -m sonar_llm.convert --from public` use: {"run_config": ..., "step": N,
+    "family", "preset", "dtype", "checkpoint", "files": {"weights": {"name", "sha256", "size"}, ...}});
   * `read_run(run_dir, step=None)`: `<run>/config.json` + the model tensors of the latest (or `step`'s)
     complete checkpoint `<run>/checkpoints/step_XXXXXX/` (torch.distributed.checkpoint shards, read
     without a process group; the on-disk protocol is described in train/sonar_train/checkpoint.py, which writes it).
 Nothing read runs pickled code: safetensors and JSON; a DCP checkpoint is first checked against its
 checksums.json, then read with sonar_llm.dcp_safe (allow-listed metadata unpickler, weights_only entries).
+
+Exports are checksummed: `write_exported` records the sha256 and byte size of every file it writes (and of any
+other file the writer names) in model.json's "files", by role; `read_exported` checks the weights file against that
+record BEFORE parsing it and raises `ExportIntegrityError` (a ValueError whose message names the file and
+says "truncated" or "checksum mismatch"); `verify=False` (the commands' `--no-verify`) skips the sha256.
+A file that cannot be parsed as safetensors (truncated, garbage) is an `ExportIntegrityError` too, with or
+without verification, never a raw `SafetensorError`. An export written before checksums existed (no
+"files" in its model.json) still loads, with one warning line on the `sonar_llm.checkpoints` logger:
+refusing it would strand every earlier export, and re-exporting adds the record.
 
 The directory-naming helpers (`step_dir_name`, `complete_steps`, `latest_checkpoint`) and
 `quiet_single_process` are shared with the trainer's writer (train/sonar_train/checkpoint.py).
@@ -16,7 +26,9 @@ The directory-naming helpers (`step_dir_name`, `complete_steps`, `latest_checkpo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
 import re
 import warnings
@@ -28,6 +40,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "ExportIntegrityError",
+    "EXPORT_FILES_KEY",
+    "file_record",
+    "write_exported",
+    "verify_export_file",
     "TrainedWeights",
     "step_dir_name",
     "complete_steps",
@@ -41,6 +58,15 @@ __all__ = [
 ]
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
+_log = logging.getLogger(__name__)
+
+EXPORT_FILES_KEY = "files"  # model.json: {file name (relative to model.json's folder): {"sha256", "size"}}
+_HASH_CHUNK = 1 << 24
+
+
+class ExportIntegrityError(ValueError):
+    """An exported file is damaged: truncated, a different size or sha256 than model.json records, or not
+    parseable as safetensors. The message starts with the file's path."""
 
 
 @dataclass
@@ -136,20 +162,102 @@ def checkpoint_step(path: str | os.PathLike) -> int:
     return int((Path(path) / "COMPLETE").read_text().split()[0])
 
 
-def read_exported(path: str | os.PathLike) -> TrainedWeights:
-    """An exported model: `path` (safetensors) and its `model.json` (same name, .json suffix)."""
+def file_record(path: str | os.PathLike) -> dict[str, Any]:
+    """{"sha256": hex digest, "size": bytes} of a file (read in 16 MiB chunks)."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return {"sha256": h.hexdigest(), "size": size}
+
+
+def write_exported(state: dict[str, Tensor], out: str | os.PathLike, info: dict[str, Any],
+                   metadata: dict[str, str] | None = None,
+                   other_files: dict[str, str | os.PathLike] | None = None) -> Path:
+    """Write an export: `out` (safetensors of `state`) and `out`.json = `info` + "files": {"weights": {"name",
+    "sha256", "size"} of `out`, and the same for each {role: path} of `other_files` (already written by the
+    caller)}. Both files are written to temporary names and renamed only once both are complete, so a failure
+    leaves no partial file. Returns `out`."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info_path = out.with_suffix(".json")
+    tmp, info_tmp = out.with_name(out.name + ".tmp"), info_path.with_name(info_path.name + ".tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+        files = {"weights": {"name": out.name, **file_record(tmp)}}
+        for role, other in (other_files or {}).items():
+            files[role] = {"name": str(other), **file_record(other)}
+        info_tmp.write_text(json.dumps({**info, EXPORT_FILES_KEY: files}, indent=2))
+        os.replace(tmp, out)
+        os.replace(info_tmp, info_path)
+    finally:
+        for t in (tmp, info_tmp):
+            if t.exists():
+                t.unlink()
+    return out
+
+
+def verify_export_file(path: str | os.PathLike, info: dict[str, Any], info_path: str | os.PathLike) -> bool:
+    """Check the weights file `path` against model.json's "files" -> "weights" record (`info`, read from
+    `info_path`; the record goes by role, so a renamed pair of files still verifies): size first (a shorter
+    file is "truncated"), then sha256 ("checksum mismatch"); ExportIntegrityError naming the file.
+    Returns False (after one warning line) when model.json records no checksum (an export written before
+    checksums existed), True when verified."""
+    path = Path(path)
+    files = info.get(EXPORT_FILES_KEY)
+    rec = files.get("weights") if isinstance(files, dict) else None
+    if not isinstance(rec, dict) or not isinstance(rec.get("sha256"), str):
+        _log.warning("warning: %s: no sha256 recorded in %s (written before exports were checksummed); "
+                     "loaded without verification (re-export to add it)", path, info_path)
+        return False
+    size = path.stat().st_size
+    want = rec.get("size")
+    if isinstance(want, int) and size != want:
+        what = "truncated" if size < want else "size mismatch"
+        raise ExportIntegrityError(f"{path}: {what}: {size} bytes, {info_path} records {want} (damaged or "
+                                   "incomplete copy; re-copy or re-export it)")
+    got = file_record(path)["sha256"]
+    if got != rec["sha256"]:
+        raise ExportIntegrityError(f"{path}: checksum mismatch: sha256 {got[:16]}... but {info_path} records "
+                                   f"{rec['sha256'][:16]}... (the file was changed or damaged after export; "
+                                   "re-copy or re-export it, or --no-verify to load it anyway)")
+    return True
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    """safetensors' load_file; a file it cannot parse -> ExportIntegrityError naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportIntegrityError(f"{path}: truncated or corrupt safetensors file ({first})") from exc
+
+
+def read_exported(path: str | os.PathLike, verify: bool = True) -> TrainedWeights:
+    """An exported model: `path` (safetensors) and its `model.json` (same name, .json suffix). With `verify`,
+    the file is checked against model.json's sha256 and size before it is parsed (`verify_export_file`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--model: file not found: {path}")
     info_path = path.with_suffix(".json")
     if not info_path.is_file():
         raise FileNotFoundError(f"--model: the export's config {info_path} is missing (train/export.py writes it)")
-    info = json.loads(info_path.read_text())
-    if not isinstance(info.get("run_config"), dict) or not info["run_config"]:
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{info_path}: not valid JSON ({exc})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("run_config"), dict) or not info["run_config"]:
         raise ValueError(f"{info_path}: no 'run_config' (the training run's resolved config)")
-    return TrainedWeights(load_file(str(path)), info["run_config"], info.get("step"), str(path))
+    if verify:
+        verify_export_file(path, info, info_path)
+    return TrainedWeights(_load_safetensors(path), info["run_config"], info.get("step"), str(path))
 
 
 def read_run(run_dir: str | os.PathLike, step: int | None = None) -> TrainedWeights:

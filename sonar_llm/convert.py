@@ -9,7 +9,9 @@ runs; see `sonar_llm.models.public_format`), maps its keys to `SonarLLM`, drops 
 embedding and head (and says so), skips the frozen `sonar_decoder.*` (about 3 GB) unless
 `--sonar-decoder-out` asks to write it as a fairseq2-layout SONAR decoder checkpoint, and writes what
 train/export.py writes: `model.safetensors` and `model.json` = {"run_config": {"model": {"family",
-"preset", "overrides"}}, "step", "family", "preset", "dtype", "checkpoint", ...}. The architecture comes
+"preset", "overrides"}}, "step", "family", "preset", "dtype", "checkpoint", "files", ...}: the overrides
+name every backbone field (the preset is a label), "files" the sha256 and size of each file written (the
+weights, and the decoder of `--sonar-decoder-out`), checked by every loader. The architecture comes
 from `--config` (a public SonarLLM_*.json) or is inferred from the tensor shapes (`--head-dim` when the
 head width is not the public 64 / 32-at-hidden-512). The result is read like any export:
 `sonar_llm.checkpoints.read_exported` + `sonar_llm.models.build.build_trained` (what
@@ -66,53 +68,57 @@ def _atomic(path: Path, write) -> None:
 
 # ------------------------------------------------------------------------------------- our export format
 def run_config_for(cfg: BackboneConfig, sonar_dim: int = 1024) -> dict[str, Any]:
-    """A run config ({"model": {"family": "sonar_llm", "preset", "overrides"}}) that rebuilds exactly `cfg`:
-    the preset whose backbone differs from `cfg` in the fewest fields, those fields as overrides."""
+    """A run config ({"model": {"family": "sonar_llm", "preset", "overrides"}}) that rebuilds exactly `cfg`.
+
+    The overrides hold EVERY backbone field, so the rebuild never depends on a preset's defaults (a preset
+    leaves head_dim and num_kv_heads to be derived from model_dim and num_heads; a shape described as
+    "nearest preset + the fields that differ" loses a head_dim that equals the preset's derived one but
+    not the new model_dim's). The preset is only a label: the one whose backbone differs in the fewest
+    fields."""
     from sonar_llm.models.presets import PRESETS, backbone_config
 
     mine = dataclasses.asdict(cfg)
-    best: tuple[int, str, dict[str, Any]] | None = None
-    for name in PRESETS:
+
+    def distance(name: str) -> int:
         base = dataclasses.asdict(backbone_config(name))
-        diff = {k: v for k, v in mine.items() if base[k] != v}
-        if best is None or len(diff) < best[0]:
-            best = (len(diff), name, diff)
-    assert best is not None
-    _, preset, overrides = best
+        return sum(base[k] != v for k, v in mine.items())
+
+    preset = min(PRESETS, key=distance)
+    overrides: dict[str, Any] = dict(mine)
     if sonar_dim != 1024:
-        overrides = {**overrides, "sonar_dim": sonar_dim}
-    rebuilt = backbone_config(preset, **{k: v for k, v in overrides.items() if k in mine})
-    if rebuilt != cfg:  # pragma: no cover - a field that does not round-trip through the preset
+        overrides["sonar_dim"] = sonar_dim
+    rebuilt = backbone_config(preset, **mine)
+    if rebuilt != cfg:  # pragma: no cover - every field is explicit, so only a BackboneConfig bug lands here
         raise AssertionError(f"run config does not rebuild the backbone: {rebuilt} != {cfg}")
     return {"model": {"family": "sonar_llm", "preset": preset, "overrides": overrides}}
 
 
 def write_model_file(state: dict[str, Tensor], cfg: BackboneConfig, out: str | os.PathLike,
-                     info: dict[str, Any], sonar_dim: int = 1024) -> Path:
-    """`out` (safetensors) + `out`.json in train/export.py's format; returns the safetensors path."""
-    from safetensors.torch import save_file
+                     info: dict[str, Any], sonar_dim: int = 1024,
+                     other_files: dict[str, str | os.PathLike] | None = None) -> Path:
+    """`out` (safetensors) + `out`.json in train/export.py's format, with the sha256 and size of `out` and of
+    `other_files` ({role: path}, already written); returns the safetensors path."""
+    from sonar_llm.checkpoints import write_exported
 
     pf.check_state_matches(state, cfg, sonar_dim, str(out))
-    out = Path(out)
     run_cfg = run_config_for(cfg, sonar_dim)
     model = run_cfg["model"]
     full = {"run_config": run_cfg, "step": info.get("step"), "family": "sonar_llm", "preset": model["preset"],
             "dtype": info.get("dtype", "as trained"), **{k: v for k, v in info.items() if k not in ("step", "dtype")}}
-    tensors = {k: v.contiguous() for k, v in state.items()}
     meta = {"family": "sonar_llm", "preset": str(model["preset"]), "step": str(full["step"])}
-    _atomic(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    out.with_suffix(".json").write_text(json.dumps(full, indent=2))
-    return out
+    return write_exported(state, out, full, metadata=meta, other_files=other_files)
 
 
-def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], BackboneConfig, int, TrainedWeights]:
+def read_model_file(path: str | os.PathLike, verify: bool = True,
+                    ) -> tuple[dict[str, Tensor], BackboneConfig, int, TrainedWeights]:
     """(state, backbone config, sonar_dim, the export as `sonar_llm.checkpoints.read_exported` reads it) of a
-    SONAR-LLM export (ours or train/export.py's): the backbone is the run config's preset + backbone overrides."""
+    SONAR-LLM export (ours or train/export.py's): the backbone is the run config's preset + backbone overrides.
+    `verify`: check the file's sha256 against model.json first (see `read_exported`)."""
     from sonar_llm.checkpoints import read_exported
     from sonar_llm.models.build import ModelConfig, preset_of, split_overrides
     from sonar_llm.models.presets import backbone_config
 
-    weights = read_exported(path)
+    weights = read_exported(path, verify=verify)
     cfg = ModelConfig.from_run_config(weights.run_config)
     from sonar_llm.models.family import get_family
     from sonar_llm.models.sonar_llm import SonarLLM
@@ -192,14 +198,16 @@ def import_public(checkpoint: str | os.PathLike, out: str | os.PathLike, config:
         notes.append(f"not imported (training state): {', '.join(ck.other_entries)}")
     info = {"step": ck.step, "dtype": dtype or "as stored", "checkpoint": ck.path,
             "source": f"public SONAR-LLM checkpoint, layout {ck.layout}", "config_source": source, "notes": notes}
-    path = write_model_file(ours, cfg, out, info, sonar_dim)
+    path = write_model_file(ours, cfg, out, info, sonar_dim,
+                            other_files={"sonar_decoder": dec_path} if dec_path is not None else None)
     return ImportReport(path, ck.layout, cfg, source, ck.step, notes, dec_path)
 
 
 def export_public(model: str | os.PathLike, out: str | os.PathLike, config_out: str | os.PathLike | None = None,
-                  ) -> tuple[Path, Path]:
-    """Export (`model` .safetensors + .json) -> public-format `out` + its public JSON config."""
-    state, cfg, sonar_dim, weights = read_model_file(model)
+                  verify: bool = True) -> tuple[Path, Path]:
+    """Export (`model` .safetensors + .json) -> public-format `out` + its public JSON config. `verify`: check
+    `model` against the sha256 in its model.json before reading it."""
+    state, cfg, sonar_dim, weights = read_model_file(model, verify=verify)
     pf.check_state_matches(state, cfg, sonar_dim, str(model))
     public = pf.ours_to_public(state)
     llama = pf.llama_config_from_backbone(cfg)
@@ -230,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="--from public: cast the weights")
     p.add_argument("--model", help="--to public: an exported .safetensors (with its .json)")
     p.add_argument("--config-out", help="--to public: where to write the public JSON (default: OUT with .json)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="--to public: skip the sha256 check of --model against its model.json")
     p.add_argument("--out", required=True, help="output file")
     args = p.parse_args(argv)
     try:
@@ -248,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if not args.model:
                 p.error("--to public needs --model")
-            out, cfg_path = export_public(args.model, args.out, args.config_out)
+            out, cfg_path = export_public(args.model, args.out, args.config_out, verify=args.verify)
             print(f"wrote {out} (public SONAR-LLM format) and {cfg_path} (its config, for generate.py --config)")
     except (FileNotFoundError, ValueError) as exc:
         print(f"convert error: {exc}", file=sys.stderr)

@@ -8,6 +8,7 @@ counters, Python / NumPy / torch RNG states). Tolerance: fp32, max abs diff <= 1
 from __future__ import annotations
 
 import builtins
+import copy
 import json
 import random
 
@@ -62,7 +63,8 @@ class PublicWrapper(nn.Module):
 
     def __init__(self, cfg_json: dict, vocab: int = 67, sonar_decoder: nn.Module | None = None):
         super().__init__()
-        llama = dict(cfg_json["llama_config"], vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        llama = dict(copy.deepcopy(cfg_json["llama_config"]), vocab_size=vocab, pad_token_id=0, bos_token_id=1,
+                     eos_token_id=2)  # a copy: transformers 5 writes rope_theta into the rope_scaling dict
         self.llama_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama))
         hidden = llama["hidden_size"]
         self.forward_proj = Projector(SONAR_DIM, hidden)
@@ -413,3 +415,139 @@ def test_wrapper_prefix_and_config_mismatch(tmp_path):
     with pytest.raises(ValueError, match=r"do not match the configuration.*ffn\.gate_proj"):
         convert.import_public(path, tmp_path / "bad.safetensors", tmp_path / "wrong.json")
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------------ any shape, by the command
+# (hidden, ffn, layers, heads, head_dim, kv_heads), none a preset: the issue's shape (4 x 16 = 64 != 96: "nearest
+# preset + overrides" lost head_dim 16, the tiny preset's derived value), wider attention than hidden with GQA,
+# odd ffn with GQA, multi-query attention. transformers 5 wants hidden % heads == 0.
+SHAPES = {
+    "h96_4x16_l3": (96, 160, 3, 4, 16, None),
+    "h80_4x32_kv2": (80, 200, 2, 4, 32, 2),
+    "h48_6x8_kv3_ffn77": (48, 77, 2, 6, 8, 3),
+    "h72_3x40_kv1_ffn150": (72, 150, 2, 3, 40, 1),
+}
+
+
+def _cli(argv: list[str], subprocess_run: bool = False) -> tuple[int, str, str]:
+    """The command, in-process (its main) or as `python -m sonar_llm.convert`."""
+    if subprocess_run:
+        import subprocess
+        import sys
+
+        r = subprocess.run([sys.executable, "-m", "sonar_llm.convert", *argv], capture_output=True, text=True,
+                           timeout=300)
+        return r.returncode, r.stdout, r.stderr
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = convert.main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_command_converts_any_shape_both_ways(tmp_path, shape, decoder_file):
+    """--from public then --to public through the command: the import predicts what LlamaForCausalLM predicts
+    (fp32, <= 1e-4) at every position, the exported public file holds the original tensors bit for bit, its
+    JSON rebuilds the same Llama, and importing that again writes the same safetensors."""
+    from safetensors.torch import load_file
+
+    as_subprocess = shape == "h96_4x16_l3"  # the issue's failing import through `python -m` itself
+    torch.manual_seed(0)
+    cfg = public_json(*SHAPES[shape])
+    w = PublicWrapper(cfg).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in w.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen) if name.endswith("norm.weight")
+                    else 0.08 * torch.randn(p.shape, generator=gen))
+    ckpt, cfg_path, model = tmp_path / "c.pt", tmp_path / "SonarLLM.json", tmp_path / "a" / "model.safetensors"
+    save_public(w, ckpt)
+    cfg_path.write_text(json.dumps(cfg))
+    rc, out, err = _cli(["--from", "public", "--checkpoint", str(ckpt), "--config", str(cfg_path),
+                         "--out", str(model)], as_subprocess)
+    assert rc == 0, err
+    hidden, ffn, layers, heads, head_dim, kv = SHAPES[shape]
+    assert f"d={hidden} ffn={ffn} layers={layers} heads={heads}x{head_dim} kv={kv or heads}" in out
+
+    net = load_export(model, decoder_file)
+    docs = [torch.randn(n, SONAR_DIM, generator=gen) * 0.05 for n in (11, 6)]
+    with torch.no_grad():
+        ours = net(torch.cat(docs), torch.tensor([0, 11, 17], dtype=torch.int32), 11)
+    ref = torch.cat([w.predict(d) for d in docs])
+    assert ref.abs().max() > 1e-2
+    assert (ours - ref).abs().max().item() <= TOL
+
+    pub, pub_json = tmp_path / "pub" / "checkpoint.pt", tmp_path / "pub" / "cfg.json"
+    rc, _, err = _cli(["--to", "public", "--model", str(model), "--out", str(pub), "--config-out", str(pub_json)])
+    assert rc == 0, err
+    original = w.state_dict()
+    back = torch.load(pub, weights_only=True)["model_state_dict"]
+    assert set(back) == set(original) - {"llama_model.model.embed_tokens.weight", "llama_model.lm_head.weight"}
+    for k, v in back.items():
+        assert v.dtype == original[k].dtype and torch.equal(v, original[k]), k
+    written = json.loads(pub_json.read_text())["llama_config"]
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+                "rms_norm_eps", "rope_theta", "rope_scaling"):
+        assert written[key] == cfg["llama_config"][key], key
+    assert written["num_key_value_heads"] == (kv or heads)
+    fresh = PublicWrapper(json.loads(pub_json.read_text())).eval()
+    fresh.load_state_dict(back, strict=False)
+    e = torch.randn(9, SONAR_DIM, generator=gen) * 0.05
+    assert torch.equal(fresh.predict(e), w.predict(e))
+
+    again = tmp_path / "b" / "model.safetensors"
+    rc, _, err = _cli(["--from", "public", "--checkpoint", str(pub), "--config", str(pub_json), "--out", str(again)])
+    assert rc == 0, err
+    first, second = load_file(str(model)), load_file(str(again))
+    assert set(first) == set(second) and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_run_config_names_every_backbone_field():
+    """The import's run config rebuilds the backbone from its overrides alone, whatever the preset label."""
+    import dataclasses
+
+    from sonar_llm.models.backbone import BackboneConfig
+    from sonar_llm.models.presets import PRESETS, backbone_config
+
+    cfg = pf.backbone_from_llama_config(public_json(*SHAPES["h96_4x16_l3"])["llama_config"])
+    run_cfg = convert.run_config_for(cfg)["model"]
+    assert set(run_cfg["overrides"]) == {f.name for f in dataclasses.fields(BackboneConfig)}
+    for name in PRESETS:
+        assert backbone_config(name, **run_cfg["overrides"]) == cfg, name
+
+
+def test_command_refuses_a_damaged_export(tmp_path):
+    """--to public on an export whose bytes changed: one line naming the file, exit 2, nothing written;
+    --no-verify converts it anyway. The import records the decoder it writes."""
+    from fixtures_sonar import toy_decoder
+
+    w, cfg = make_wrapper("gqa", sonar_decoder=toy_decoder(seed=3, encoder_dim=SONAR_DIM))
+    ckpt = tmp_path / "c.pt"
+    save_public(w, ckpt)
+    model, dec = tmp_path / "model.safetensors", tmp_path / "dec.pt"
+    rc, _, err = _cli(["--from", "public", "--checkpoint", str(ckpt), "--out", str(model),
+                       "--sonar-decoder-out", str(dec)])
+    assert rc == 0, err
+    import hashlib
+
+    files = json.loads(model.with_suffix(".json").read_text())["files"]
+    assert files["sonar_decoder"]["sha256"] == hashlib.sha256(dec.read_bytes()).hexdigest()
+    assert files["weights"]["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    data = bytearray(model.read_bytes())
+    data[-200:-136] = bytes(b ^ 0xFF for b in data[-200:-136])  # 64 flipped bytes of tensor data
+    model.write_bytes(bytes(data))
+    out = tmp_path / "pub.pt"
+    rc, _, err = _cli(["--to", "public", "--model", str(model), "--out", str(out)])
+    assert rc == 2 and "model.safetensors: checksum mismatch" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists() and not out.with_suffix(".json").exists()
+    model.write_bytes(bytes(data[: len(data) // 2]))
+    rc, _, err = _cli(["--to", "public", "--model", str(model), "--out", str(out), "--no-verify"])
+    assert rc == 2 and "truncated or corrupt" in err and "Traceback" not in err and not out.exists()
+    model.write_bytes(bytes(data))
+    rc, _, err = _cli(["--to", "public", "--model", str(model), "--out", str(out), "--no-verify"])
+    assert rc == 0, err
+    assert out.is_file()

@@ -5,7 +5,8 @@
 Only the model's trainable state is in a checkpoint (the frozen SONAR decoder is loaded from its own file
 at generation time). Works without the model code and without a process group: tensor shapes and dtypes
 come from the checkpoint's metadata. Writes `model.safetensors` and `model.json` = {"run_config": the run's
-resolved config, "step": N, "family", "preset", "dtype"}.
+resolved config, "step": N, "family", "preset", "dtype", "files": {"weights": {"name", "sha256", "size"}}}:
+every loader (sonar_llm.checkpoints.read_exported) checks the file against that record before using it.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from sonar_llm.checkpoints import checkpoint_step, find_checkpoint, load_dcp_model_state
+from sonar_llm.checkpoints import checkpoint_step, find_checkpoint, load_dcp_model_state, write_exported
 from sonar_llm.sonar.checkpoint import DTYPES as _DTYPES
 
 load_model_state = load_dcp_model_state  # the model state of a DCP checkpoint directory (kept name)
@@ -23,9 +24,8 @@ load_model_state = load_dcp_model_state  # the model state of a DCP checkpoint d
 
 def export(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
            dtype: str | None = None) -> Path:
-    """Write `out` (safetensors) and `out` with suffix .json; returns the safetensors path."""
-    from safetensors.torch import save_file
-
+    """Write `out` (safetensors) and `out` with suffix .json (with the sha256 and size of `out`); returns the
+    safetensors path."""
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"--dtype: expected one of {', '.join(_DTYPES)}, got {dtype!r}")
     path = find_checkpoint(run_dir, step)
@@ -39,14 +39,8 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None 
     step_n = checkpoint_step(path)
     info = {"run_config": run_cfg, "step": step_n, "family": model_cfg.get("family"),
             "preset": model_cfg.get("preset"), "dtype": dtype or "as trained", "checkpoint": str(path)}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(state, str(tmp), metadata={"family": str(info["family"]), "preset": str(info["preset"]),
-                                         "step": str(step_n)})
-    os.replace(tmp, out)
-    out.with_suffix(".json").write_text(json.dumps(info, indent=2))
-    return out
+    return write_exported(state, out, info, metadata={"family": str(info["family"]),
+                                                      "preset": str(info["preset"]), "step": str(step_n)})
 
 
 def main(argv: list[str] | None = None) -> int:
