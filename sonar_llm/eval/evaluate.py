@@ -118,6 +118,7 @@ class EvalConfig:
     judge_retries: int = 5
     judge_backoff: float = 1.0
     judge_prompt_file: str = ""
+    judge_max_failed_share: float = 0.0  # the command fails (exit 1, nothing written) above this share of failed stories
     task: str = "story"  # story | summarization
     summ_data: str = ""  # CNN/DailyMail or XSum files (summarization)
     summ_dataset: str = "auto"
@@ -151,6 +152,12 @@ class EvalConfig:
                             ("--summ-data", self.summ_data)):
             if value and not Path(value).exists():
                 raise FileNotFoundError(f"{name}: path does not exist: {value}")
+        from sonar_llm.cli import check_device
+
+        check_device(self.device)
+        if not 0.0 <= self.eos_threshold <= 1.0:
+            raise ValueError(f"--eos-threshold must be a cosine in [0, 1] (0 = the family's default), "
+                             f"got {self.eos_threshold}")
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -377,7 +384,10 @@ def evaluate(cfg: EvalConfig, *, loaded: LoadedModel | None = None, sonar=None,
 
         # what the public gpt_eval.py shows the judge: the prefix, and full_text after it
         conts = [" " + " ".join(it["generation"]) if it["generation"] else "" for it in result["items"]]
+        from .judge import check_failures
+
         result["judge"] = judge([r["prefix"] for r in result["public_records"]], conts, _judge_config(cfg), log=log)
+        check_failures(result["judge"], cfg.judge_max_failed_share)  # before anything is written
     result.update(family=loaded.family, source=loaded.source, step=loaded.step,
                   num_parameters=sum(p.numel() for p in loaded.model.parameters()),
                   settings=asdict(cfg), load_seconds=load_s)
@@ -433,7 +443,8 @@ def _judge_config(cfg: EvalConfig):
 
     return JudgeConfig(url=cfg.judge_url, model=cfg.judge_model, api_key_env=cfg.judge_api_key_env,
                        concurrency=cfg.judge_concurrency, timeout=cfg.judge_timeout, retries=cfg.judge_retries,
-                       backoff=cfg.judge_backoff, prompt_file=cfg.judge_prompt_file)
+                       backoff=cfg.judge_backoff, prompt_file=cfg.judge_prompt_file,
+                       max_failed_share=cfg.judge_max_failed_share)
 
 
 def _summarize(cfg: EvalConfig, loaded: LoadedModel, sonar, load_s: float, log: Callable[[str], None]) -> dict:
@@ -463,7 +474,9 @@ def _summarize(cfg: EvalConfig, loaded: LoadedModel, sonar, load_s: float, log: 
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sonar_llm.eval.evaluate", description=__doc__.split("\n\n")[0])
+    from sonar_llm.cli import parser
+
+    p = parser("python -m sonar_llm.eval.evaluate", description=__doc__.split("\n\n")[0])
     d = EvalConfig()
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", default="", help="exported .safetensors (model.json beside it)")
@@ -496,7 +509,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-round-trip", action="store_true")
     p.add_argument("--nll-data", default="", help="held-out shard directory for the token NLL")
     p.add_argument("--nll-docs", type=int, default=d.nll_docs)
-    p.add_argument("--device", default=d.device)
+    p.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N (must exist on this machine)")
     p.add_argument("--scoring", default=d.scoring, choices=("ours", "public"),
                    help="prompts and headline scoring: ours, or the public generate.py / evaluate_nlg.py")
     from .judge import add_judge_arguments
@@ -513,6 +526,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; exit 0, 2 on bad input (one line on stderr), 1 when the work fails (sonar_llm.cli)."""
+    from sonar_llm.cli import run
+
+    return run("evaluate", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     from .judge import config_from_args
 
     a = _parser().parse_args(argv)
@@ -532,12 +552,9 @@ def main(argv: list[str] | None = None) -> int:
                      max_summary_sentences=a.max_summary_sentences, max_prompt_sentences=a.max_prompt_sentences,
                      summ_prefix=a.summ_prefix, summ_suffix=a.summ_suffix,
                      **{f"judge_{k}": getattr(jc, k) for k in ("url", "model", "api_key_env", "concurrency",
-                                                                "timeout", "retries", "backoff", "prompt_file")})
-    try:
-        evaluate(cfg)
-    except (FileNotFoundError, ValueError, TypeError) as e:
-        print(f"evaluate error: {e}", file=sys.stderr)
-        return 2
+                                                                "timeout", "retries", "backoff", "prompt_file",
+                                                                "max_failed_share")})
+    evaluate(cfg)
     print(f"wrote {cfg.out}")
     return 0
 
