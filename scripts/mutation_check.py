@@ -7,40 +7,59 @@ that should catch it. For each mutation the script
 
 1. copies a snapshot of the working tree (`git ls-files --cached --others --exclude-standard`: tracked files
    as they are on disk, plus untracked files that are not ignored, plus the built native library if any)
-   into a temporary folder, with the copy's source roots `kernels/` and `train/` on PYTHONPATH;
+   into a temporary folder, with the copy's source roots (`.`, `kernels/`, `train/`) first on PYTHONPATH
+   (so the editable install, which maps the packages to the real tree, does not shadow the copy);
 2. replaces the text in the copy (the text must occur exactly `count` times, else the mutation is STALE:
    the code moved on and the entry needs updating; nothing is silently skipped);
-3. runs only the named tests there with the copy first on PYTHONPATH (so the editable install, which maps
-   `sonar_llm` / `sonar_kernels` to the real tree, does not shadow the copy);
-4. reports CAUGHT (which tests failed) or SURVIVED, with the time.
+3. runs only the named tests there (`pytest -x --junitxml`), and reads the verdict from the JUnit XML:
 
-Before the mutations run, a preflight checks that the copy is what the tests import (`sonar_llm`,
-`sonar_kernels` and `train` resolve inside the copy) and plants an obviously failing mutation (an import
-that raises) that must make pytest fail; and a baseline runs every named test once on the unmutated copy:
-a mutation whose catching tests already fail without it is reported UNRELIABLE, not caught.
+   CAUGHT      at least one named test FAILED: an assertion, or an exception raised in the test body
+               (a JUnit <failure>), and pytest exited 1;
+   SURVIVED    pytest exited 0 and every named test id was collected and ran;
+   STALE       the text to replace does not occur `count` times;
+   UNRELIABLE  anything else: a collection or import error, a setup/teardown error with no failing test
+               (a JUnit <error> only), a timeout, a crash, pytest exit codes 2-5 (interrupted, internal
+               error, usage error such as a test id that does not exist, no tests collected), a named test
+               id that was not collected, a named test that only skips here, or no readable JUnit XML.
 
-Exit status: 0 when every selected mutation is CAUGHT; 1 otherwise (SURVIVED, STALE, UNRELIABLE, or a
-preflight failure). Not part of CI (it runs each mutation's tests once: many minutes).
+   Nothing but a failing test counts as a catch: a broken environment makes every mutation UNRELIABLE,
+   never CAUGHT.
 
-    python scripts/mutation_check.py               # all mutations
+Before mutating, a preflight checks that the copy is what the tests import (the packages resolve inside the
+copy, and a canary import error planted in the copy breaks collection), and a baseline runs every named test
+once on the unmutated copy: it must be green (exit 0, no failure or error) with every named test id
+collected, or the run stops before planting anything. A mutation whose tests all skip in the baseline (e.g.
+the native library is not built here) is UNRELIABLE without being run. Each mutation's timeout is derived
+from its tests' baseline times (3x + 60 s, capped by --timeout).
+
+Exit status: 0 when every selected mutation is CAUGHT; 1 otherwise (SURVIVED, STALE, UNRELIABLE, a failed
+preflight or baseline); 2 on bad arguments. A full run (no --only / --changed) records its results in
+bench/results/mutation/<UTC date>_<commit>.{json,md} (date, commit, machine load, per-mutation status and
+time). Not part of CI (minutes).
+
+    python scripts/mutation_check.py -j 2          # all mutations, results recorded
     python scripts/mutation_check.py --list        # names, files, what each breaks, its tests
     python scripts/mutation_check.py --only NAME [--only NAME2]   (or a glob: --only 'lce-*')
-    python scripts/mutation_check.py -j 2          # mutations in parallel (each pytest is one process)
-    python scripts/mutation_check.py --no-baseline --json report.json
+    python scripts/mutation_check.py --changed HEAD~3   # only mutations in files (or of tests) changed since
+    python scripts/mutation_check.py --json report.json --no-record
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import datetime as _dt
 import fnmatch
+import importlib.util
 import json
 import os
-import re
+import platform
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,7 +70,7 @@ ROOT = Path(__file__).resolve().parents[1]
 class Mutation:
     """One planted bug."""
 
-    name: str  # unique, kebab-case; the area comes first (lce-, sonar-, packed-, family-, train-, data-, eval-)
+    name: str  # unique, kebab-case; the area comes first (lce-, sonar-, packed-, family-, train-, data-, eval-, cli-)
     file: str  # path relative to the repository root
     old: str  # exact text to replace (must occur exactly `count` times)
     new: str  # replacement
@@ -59,6 +78,19 @@ class Mutation:
     tests: tuple[str, ...]  # pytest node ids / paths that should catch it
     env: tuple[tuple[str, str], ...] = ()  # extra environment for the test run, e.g. (("TRITON_INTERPRET", "1"),)
     count: int = 1  # how many occurrences of `old` to expect (all of them are replaced)
+
+
+@dataclass(frozen=True)
+class Project:
+    """Where the mutations are planted and how the copy is checked (the real project by default)."""
+
+    root: Path = ROOT  # the repository whose working tree is copied
+    source_roots: tuple[str, ...] = (".", "kernels", "train")  # put first on the copy's PYTHONPATH
+    packages: tuple[str, ...] = ("sonar_llm", "sonar_kernels", "sonar_train")  # must import from the copy
+    # (file to plant an import error in, tests whose collection must then fail)
+    canaries: tuple[tuple[str, str], ...] = (("sonar_llm/__init__.py", "tests/test_eval_metrics.py"),
+                                             ("kernels/sonar_kernels/__init__.py", "tests/test_native.py"))
+    results_dir: str = "bench/results/mutation"  # where a full run records its results
 
 
 T_NATIVE = "tests/test_native.py"
@@ -397,45 +429,149 @@ def plant(copy: Path, m: Mutation) -> str | None:
     return None
 
 
-def test_env(copy: Path, extra=()) -> dict[str, str]:
+def test_env(project: Project, copy: Path, extra=()) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(copy), str(copy / "kernels"), str(copy / "train")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    roots = [str((copy / r).resolve()) for r in project.source_roots]
+    env["PYTHONPATH"] = os.pathsep.join(roots + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(dict(extra))
     return env
 
 
-_FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
+# ---------------------------------------------------------------------------------------------- one pytest run
 
 
-def run_pytest(copy: Path, tests, env_extra=(), timeout: float = 1800.0) -> tuple[int, list[str], str, float]:
-    """Run pytest in the copy: (returncode, failed node ids, output tail, seconds)."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable", "-rfE",
-           "-o", "addopts=", *tests]
-    t0 = time.perf_counter()
+@dataclass
+class Case:
+    """One test case as the JUnit XML reports it."""
+
+    nodeid: str
+    outcome: str  # passed | failed | error | skipped
+    seconds: float
+    message: str = ""
+
+
+@dataclass
+class Run:
+    """One pytest run: exit code, the cases from its JUnit XML (None: no readable XML), output tail."""
+
+    rc: int
+    cases: list[Case] | None
+    tail: str
+    seconds: float
+    timed_out: bool = False
+
+
+def _nodeid(tc: ET.Element) -> str:
+    """pytest's node id of a JUnit (xunit1) test case: file::Class::name."""
+    file = tc.get("file") or ""
+    classname = tc.get("classname") or ""
+    name = tc.get("name") or ""
+    module = file[:-3].replace("/", ".") if file.endswith(".py") else ""
+    parts = [file] if file else []
+    if module and classname.startswith(module + "."):
+        parts += classname[len(module) + 1:].split(".")
+    elif not file:  # no file attribute (should not happen with xunit1): keep what there is
+        parts += [classname]
+    return "::".join(parts + [name])
+
+
+def parse_junit(path: Path) -> list[Case] | None:
     try:
-        p = subprocess.run(cmd, cwd=copy, env=test_env(copy, env_extra), capture_output=True, text=True,
+        tree = ET.parse(path)
+    except (OSError, ET.ParseError):
+        return None
+    cases = []
+    for tc in tree.iter("testcase"):
+        outcome, message = "passed", ""
+        for child in tc:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[child.tag]
+                message = (child.get("message") or "").strip().splitlines()[0][:200] if child.get("message") else ""
+                if outcome != "skipped":
+                    break  # a failure (call) outranks an error in teardown only if it comes first: keep the first
+        cases.append(Case(_nodeid(tc), outcome, float(tc.get("time") or 0.0), message))
+    return cases
+
+
+def run_pytest(project: Project, copy: Path, tests, env_extra=(), timeout: float = 1800.0,
+               stop_first: bool = False) -> Run:
+    """Run the named tests in the copy and read their JUnit XML."""
+    xml = copy / ".mutation_check-junit.xml"
+    if xml.exists():
+        xml.unlink()
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+           "-o", "junit_family=xunit1", f"--junitxml={xml}", "-rfE"]
+    if importlib.util.find_spec("pytest_benchmark") is not None:
+        cmd.append("--benchmark-disable")
+    if stop_first:
+        cmd.append("-x")
+    cmd += list(tests)
+    t0 = time.perf_counter()
+    timed_out = False
+    try:
+        p = subprocess.run(cmd, cwd=copy, env=test_env(project, copy, env_extra), capture_output=True, text=True,
                            timeout=timeout)
         out, rc = p.stdout + p.stderr, p.returncode
     except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        out, rc = out + f"\n[timeout after {timeout:.0f} s]", -9
-    failed = sorted(set(_FAILED.findall(out)))
-    return rc, failed, out[-3000:], time.perf_counter() - t0
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        out, rc, timed_out = out + f"\n[timeout after {timeout:.0f} s]", -9, True
+    secs = time.perf_counter() - t0
+    cases = None if timed_out else parse_junit(xml)
+    return Run(rc, cases, out[-3000:], secs, timed_out)
+
+
+def matches(named: str, nodeid: str) -> bool:
+    """Whether a collected node id is (inside) a named test: a path, a folder, a node id or its parametrizations."""
+    named = named.rstrip("/")
+    return (nodeid == named or nodeid.startswith(named + "::") or nodeid.startswith(named + "[")
+            or nodeid.startswith(named + "/"))
+
+
+def uncollected(tests, cases: list[Case]) -> list[str]:
+    return [t for t in tests if not any(matches(t, c.nodeid) for c in cases)]
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def verdict(tests, run: Run) -> tuple[str, list[str], str]:
+    """(status, failing named tests, detail) of a mutated run: CAUGHT only for a failing test."""
+    if run.timed_out:
+        return "UNRELIABLE", [], f"timeout after {run.seconds:.0f} s"
+    if run.rc not in (0, 1):
+        return "UNRELIABLE", [], f"pytest exit code {run.rc} (not a test failure): {_last_line(run.tail)}"
+    if run.cases is None:
+        return "UNRELIABLE", [], f"no readable JUnit XML (pytest rc={run.rc}): {_last_line(run.tail)}"
+    failed = [c for c in run.cases if c.outcome == "failed" and any(matches(t, c.nodeid) for t in tests)]
+    errors = [c for c in run.cases if c.outcome == "error"]
+    if run.rc == 1:
+        if failed:
+            return "CAUGHT", [c.nodeid for c in failed], ""
+        what = "; ".join(f"{c.nodeid}: {c.message}" for c in errors[:3]) or _last_line(run.tail)
+        return "UNRELIABLE", [], f"pytest failed with no failing test (errors only): {what}"
+    missing = uncollected(tests, run.cases)
+    if missing:
+        return "UNRELIABLE", [], f"named test(s) not collected: {missing}"
+    if run.cases and all(c.outcome == "skipped" for c in run.cases):
+        return "UNRELIABLE", [], "every named test skipped"
+    return "SURVIVED", [], _last_line(run.tail)
 
 
 # ---------------------------------------------------------------------------------------------- checks
 
 
-def preflight(snap: Path, work: Path) -> list[str]:
-    """The copy is what gets imported, and an obviously failing mutation fails."""
+def preflight(project: Project, snap: Path, work: Path) -> list[str]:
+    """The copy is what gets imported, and a canary import error planted in it breaks collection."""
     problems = []
     probe = work / "preflight-clean"
     clone(snap, probe)
-    code = ("import sonar_llm, sonar_kernels, sonar_train; "
-            "print(sonar_llm.__file__); print(sonar_kernels.__file__); print(sonar_train.__file__)")
-    p = subprocess.run([sys.executable, "-c", code], cwd=probe, env=test_env(probe), capture_output=True, text=True)
+    code = "; ".join(f"import {p}; print({p}.__file__)" for p in project.packages)
+    p = subprocess.run([sys.executable, "-c", code], cwd=probe, env=test_env(project, probe), capture_output=True,
+                       text=True)
     if p.returncode != 0:
         problems.append(f"importing from the copy failed: {p.stderr.strip()[-500:]}")
     else:
@@ -443,15 +579,15 @@ def preflight(snap: Path, work: Path) -> list[str]:
             if not Path(line).resolve().is_relative_to(probe.resolve()):
                 problems.append(f"the copy is shadowed: a module resolves to {line}, outside {probe}")
     shutil.rmtree(probe, ignore_errors=True)
-    for rel, probe_tests in (("sonar_llm/__init__.py", "tests/test_eval_metrics.py"),
-                             ("kernels/sonar_kernels/__init__.py", "tests/test_native.py")):
-        canary = work / f"preflight-canary-{rel.split('/')[0]}"
+    for rel, probe_tests in project.canaries:
+        canary = work / f"preflight-canary-{rel.replace('/', '-')}"
         clone(snap, canary)
         _plant_canary(canary / rel)
-        rc, _, out, _ = run_pytest(canary, ["--collect-only", probe_tests])
-        if rc == 0 or "mutation_check canary" not in out:
-            problems.append(f"a canary planted in {rel} of the copy did not make pytest fail: the tests are "
-                            f"not importing the copy (rc={rc})")
+        run = run_pytest(project, canary, ["--collect-only", probe_tests], timeout=600)
+        status = verdict([probe_tests], run)[0]
+        if run.rc == 0 or "mutation_check canary" not in run.tail or status == "CAUGHT":
+            problems.append(f"a canary planted in {rel} of the copy did not break collection (rc={run.rc}, "
+                            f"verdict {status}): the tests are not importing the copy")
         shutil.rmtree(canary, ignore_errors=True)
     return problems
 
@@ -471,45 +607,98 @@ class Result:
     detail: str = ""
 
 
-def check_one(snap: Path, work: Path, m: Mutation, baseline_failed: set[str], timeout: float) -> Result:
+def check_one(project: Project, snap: Path, work: Path, m: Mutation, timeout: float) -> Result:
     copy = work / f"m-{m.name}"
     clone(snap, copy)
     try:
         stale = plant(copy, m)
         if stale:
             return Result(m.name, "STALE", detail=stale)
-        rc, failed, out, secs = run_pytest(copy, list(m.tests), m.env, timeout)
-        if rc == 0:
-            return Result(m.name, "SURVIVED", seconds=secs, detail=out.strip().splitlines()[-1] if out.strip() else "")
-        pre_broken = [t for t in failed if t in baseline_failed or any(t.startswith(b) for b in baseline_failed)]
-        if failed and len(pre_broken) == len(failed):
-            return Result(m.name, "UNRELIABLE", failed, secs, "its catching tests fail without the mutation too")
-        if not failed:  # pytest failed without naming a test: collection error, timeout, crash
-            last = out.strip().splitlines()[-1] if out.strip() else f"rc={rc}"
-            return Result(m.name, "CAUGHT", [f"(pytest rc={rc}: {last})"], secs)
-        return Result(m.name, "CAUGHT", [t for t in failed if t not in pre_broken], secs)
+        run = run_pytest(project, copy, list(m.tests), m.env, timeout, stop_first=True)
+        status, failed, detail = verdict(m.tests, run)
+        return Result(m.name, status, failed, run.seconds, detail)
     finally:
         shutil.rmtree(copy, ignore_errors=True)
 
 
-def baseline(snap: Path, work: Path, muts: list[Mutation], timeout: float) -> tuple[set[str], float, str]:
-    """Run every selected mutation's tests once on the unmutated copy (grouped by environment)."""
-    failed: set[str] = set()
-    groups: dict[tuple, list[str]] = {}
+@dataclass
+class Baseline:
+    ok: bool
+    problems: list[str]
+    cases: list[Case]
+    seconds: float  # wall time
+
+
+def _chunks(tests: list[str], n: int) -> list[list[str]]:
+    """Split test ids into n groups of whole files (one pytest process each), largest files first."""
+    by_file: dict[str, list[str]] = {}
+    for t in tests:
+        by_file.setdefault(t.split("::")[0], []).append(t)
+    groups: list[list[str]] = [[] for _ in range(max(1, n))]
+    for f in sorted(by_file, key=lambda f: -len(by_file[f])):
+        min(groups, key=len).extend(by_file[f])
+    return [g for g in groups if g]
+
+
+def baseline(project: Project, snap: Path, work: Path, muts: list[Mutation], timeout: float, jobs: int) -> Baseline:
+    """Run every selected mutation's tests once on the unmutated copy: all must be collected and pass."""
+    env_groups: dict[tuple, list[str]] = {}
     for m in muts:
-        groups.setdefault(m.env, [])
-        groups[m.env] += [t for t in m.tests if t not in groups[m.env]]
-    secs, tail = 0.0, ""
-    for env, tests in groups.items():
-        copy = work / "baseline"
+        lst = env_groups.setdefault(m.env, [])
+        lst += [t for t in m.tests if t not in lst]
+    jobs_list = [(env, chunk) for env, tests in env_groups.items() for chunk in _chunks(tests, jobs)]
+    t0 = time.perf_counter()
+
+    def one(i_env_chunk):
+        i, (env, chunk) = i_env_chunk
+        copy = work / f"baseline-{i}"
         clone(snap, copy)
-        rc, f, out, s = run_pytest(copy, tests, env, timeout * 2)
-        shutil.rmtree(copy, ignore_errors=True)
-        failed |= set(f)
-        secs += s
-        if rc != 0:
-            tail += out
-    return failed, secs, tail
+        try:
+            return chunk, run_pytest(project, copy, chunk, env, timeout)
+        finally:
+            shutil.rmtree(copy, ignore_errors=True)
+
+    problems, cases = [], []
+    with cf.ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
+        for chunk, run in ex.map(one, enumerate(jobs_list)):
+            if run.timed_out or run.cases is None or run.rc != 0:
+                bad = [f"{c.nodeid} ({c.outcome}: {c.message})" for c in (run.cases or [])
+                       if c.outcome in ("failed", "error")]
+                problems.append(f"pytest rc={run.rc}{' (timeout)' if run.timed_out else ''} on {len(chunk)} "
+                                f"test id(s); failing: {bad or _last_line(run.tail)}")
+            if run.cases is not None:
+                cases += run.cases
+                missing = uncollected(chunk, run.cases)
+                if missing:
+                    problems.append(f"named test id(s) not collected: {missing}")
+    return Baseline(not problems, problems, cases, time.perf_counter() - t0)
+
+
+def expected_seconds(m: Mutation, cases: list[Case]) -> float:
+    return sum(c.seconds for c in cases if any(matches(t, c.nodeid) for t in m.tests))
+
+
+def only_skipped(m: Mutation, cases: list[Case]) -> bool:
+    mine = [c for c in cases if any(matches(t, c.nodeid) for t in m.tests)]
+    return bool(mine) and all(c.outcome == "skipped" for c in mine)
+
+
+# ---------------------------------------------------------------------------------------------- selection, report
+
+
+def changed_files(root: Path, rev: str) -> set[str]:
+    """Files that differ from `rev` in the working tree (committed since, staged or not), plus untracked ones."""
+    diff = subprocess.run(["git", "diff", "--name-only", rev, "--"], cwd=root, capture_output=True, text=True)
+    if diff.returncode != 0:
+        raise ValueError(diff.stderr.strip().splitlines()[0] if diff.stderr.strip() else f"bad revision {rev}")
+    new = subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=root, capture_output=True,
+                         text=True, check=True)
+    return set(diff.stdout.split()) | set(new.stdout.split())
+
+
+def select_changed(muts: list[Mutation], files: set[str]) -> list[Mutation]:
+    """Mutations planted in a changed file, or judged by a changed test file."""
+    return [m for m in muts if m.file in files or any(t.split("::")[0] in files for t in m.tests)]
 
 
 def list_mutations(muts: list[Mutation]) -> None:
@@ -519,75 +708,161 @@ def list_mutations(muts: list[Mutation]) -> None:
         print(f"    tests:  {' '.join(m.tests)}" + (f"  env: {dict(m.env)}" if m.env else ""))
 
 
+STATUSES = ("CAUGHT", "SURVIVED", "STALE", "UNRELIABLE")
+
+
+def counts_of(results: list[Result]) -> dict[str, int]:
+    return {s: sum(r.status == s for r in results) for s in STATUSES}
+
+
 def print_table(results: list[Result]) -> None:
+    if not results:
+        return
     w = max(len(r.name) for r in results)
     print(f"\n{'mutation':<{w}}  {'status':<10}  {'time':>7}  caught by / detail")
     print(f"{'-' * w}  {'-' * 10}  {'-' * 7}  {'-' * 40}")
     for r in results:
         by = ", ".join(t.replace("tests/", "") for t in r.caught_by) if r.caught_by else r.detail
         print(f"{r.name:<{w}}  {r.status:<10}  {r.seconds:6.1f}s  {by}")
-    counts = {s: sum(r.status == s for r in results) for s in ("CAUGHT", "SURVIVED", "STALE", "UNRELIABLE")}
-    print("\n" + ", ".join(f"{k.lower()}: {v}" for k, v in counts.items()) + f"  (of {len(results)})")
+    print("\n" + ", ".join(f"{k.lower()}: {v}" for k, v in counts_of(results).items()) + f"  (of {len(results)})")
 
 
-def main(argv=None) -> int:
+def _git(root: Path, *args: str) -> str:
+    p = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    return p.stdout.strip() if p.returncode == 0 else ""
+
+
+def record(project: Project, results: list[Result], muts: list[Mutation], info: dict) -> Path:
+    """Write <results_dir>/<UTC date>_<commit>.json and .md; returns the JSON path."""
+    out = project.root / project.results_dir
+    out.mkdir(parents=True, exist_ok=True)
+    commit = info["commit"] or "nocommit"
+    stem = f"{info['date'].replace('-', '').replace(':', '').replace('T', '-')[:15]}_{commit[:12]}"
+    by_name = {m.name: m for m in muts}
+    doc = dict(info, counts=counts_of(results), results=[
+        dict(asdict(r), file=by_name[r.name].file, breaks=by_name[r.name].breaks, tests=list(by_name[r.name].tests))
+        for r in results])
+    (out / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    c = doc["counts"]
+    lines = [f"# Mutation check {info['date']}", "",
+             f"- commit `{info['commit']}`" + (f" + {len(info['dirty'])} uncommitted file(s)" if info["dirty"] else ""),
+             f"- {len(results)} mutations: " + ", ".join(f"{v} {k}" for k, v in c.items()),
+             f"- wall time {info['total_seconds']:.0f} s with -j {info['jobs']} on {info['cpus']} CPU(s); "
+             f"baseline {info['baseline_seconds']:.0f} s; load average at start {info['load_start']}, "
+             f"at end {info['load_end']}",
+             f"- `{info['command']}`", "",
+             "| mutation | file | status | s | caught by / detail |", "|---|---|---|---:|---|"]
+    for r in results:
+        by = ", ".join(r.caught_by) if r.caught_by else r.detail
+        lines.append(f"| {r.name} | {by_name[r.name].file} | {r.status} | {r.seconds:.1f} | "
+                     f"{by.replace('|', '/')[:200]} |")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    return out / f"{stem}.json"
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def _fail(msg: str) -> int:
+    print(f"mutation_check: {msg}", file=sys.stderr)
+    return 2
+
+
+def main(argv=None, mutations: list[Mutation] | None = None, project: Project | None = None) -> int:
+    """Command line; `mutations` and `project` replace MUTATIONS and the real project (tests of this script)."""
+    project = project or Project()
+    all_muts = MUTATIONS if mutations is None else mutations
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--list", action="store_true", help="print the mutations and exit")
     ap.add_argument("--only", action="append", default=[], metavar="NAME", help="a mutation name or glob (repeatable)")
+    ap.add_argument("--changed", metavar="REV",
+                    help="only mutations planted in files changed since git revision REV (or whose tests changed)")
     ap.add_argument("-j", "--jobs", type=int, default=1, help="mutations run in parallel (default 1)")
-    ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the named tests")
-    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per mutation's pytest run")
-    ap.add_argument("--json", type=Path, help="also write the report as JSON")
+    ap.add_argument("--timeout", type=float, default=900.0, help="most seconds for one mutation's pytest run")
+    ap.add_argument("--json", type=Path, help="also write the report as JSON to this file")
+    ap.add_argument("--no-record", action="store_true", help=f"a full run does not write {project.results_dir}/")
     args = ap.parse_args(argv)
+    if args.jobs < 1:
+        return _fail(f"-j/--jobs must be >= 1, got {args.jobs}")
+    if not args.timeout > 0:
+        return _fail(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if args.json is not None and not args.json.parent.is_dir():
+        return _fail(f"--json: folder {args.json.parent} does not exist")
 
-    names = [m.name for m in MUTATIONS]
-    dup = {n for n in names if names.count(n) > 1}
+    names = [m.name for m in all_muts]
+    dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        print(f"duplicate mutation names in {__file__}: {sorted(dup)}", file=sys.stderr)
-        return 2
-    muts = MUTATIONS
+        return _fail(f"duplicate mutation names: {dup}")
+    muts = list(all_muts)
     if args.only:
-        muts = [m for m in MUTATIONS if any(fnmatch.fnmatchcase(m.name, pat) for pat in args.only)]
         unknown = [p for p in args.only if not any(fnmatch.fnmatchcase(n, p) for n in names)]
         if unknown:
-            print(f"no mutation matches {unknown}; see --list", file=sys.stderr)
-            return 2
+            return _fail(f"--only: no mutation matches {unknown}; see --list")
+        muts = [m for m in muts if any(fnmatch.fnmatchcase(m.name, pat) for pat in args.only)]
+    if args.changed:
+        try:
+            files = changed_files(project.root, args.changed)
+        except ValueError as e:
+            return _fail(f"--changed {args.changed}: {e}")
+        muts = select_changed(muts, files)
+    full = not args.only and not args.changed
     print(f"{len(muts)} mutation(s):")
     list_mutations(muts)
-    if args.list:
+    if args.list or not muts:
         return 0
 
     t_start = time.perf_counter()
+    info = dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                commit=_git(project.root, "rev-parse", "HEAD"),
+                dirty=[ln[3:] for ln in _git(project.root, "status", "--porcelain", "--untracked-files=no").splitlines()],
+                command="python scripts/mutation_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                jobs=args.jobs, cpus=os.cpu_count(), python=platform.python_version(),
+                load_start=[round(x, 2) for x in os.getloadavg()])
+    results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="mutation_check-") as tmp:
         work = Path(tmp)
         snap = work / "snapshot"
-        snapshot(ROOT, snap)
-        problems = preflight(snap, work)
+        snapshot(project.root, snap)
+        problems = preflight(project, snap, work)
         if problems:
-            print("\nPREFLIGHT FAILED:\n  " + "\n  ".join(problems))
+            print("\nPREFLIGHT FAILED (nothing planted):\n  " + "\n  ".join(problems))
             return 1
-        print("\npreflight: the copy is imported (sonar_llm, sonar_kernels, train) and a planted import error fails")
-        base_failed: set[str] = set()
-        if not args.no_baseline:
-            base_failed, secs, tail = baseline(snap, work, muts, args.timeout)
-            print(f"baseline (unmutated copy, {secs:.0f} s): "
-                  + ("all named tests pass" if not base_failed else f"FAILING: {sorted(base_failed)}"))
-            if tail and not base_failed:
-                print(tail[-2000:])
-        results: list[Result] = []
-        with cf.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as ex:
-            futs = {ex.submit(check_one, snap, work, m, base_failed, args.timeout): m for m in muts}
+        print("\npreflight: the copy is imported (" + ", ".join(project.packages)
+              + ") and a planted import error breaks collection (not a catch)")
+        base = baseline(project, snap, work, muts, args.timeout * 2, args.jobs)
+        if not base.ok:
+            print(f"\nBASELINE FAILED ({base.seconds:.0f} s; nothing planted):\n  " + "\n  ".join(base.problems))
+            return 1
+        print(f"baseline (unmutated copy, {base.seconds:.0f} s): every named test collected and passing")
+        todo = []
+        for m in muts:
+            if only_skipped(m, base.cases):
+                results.append(Result(m.name, "UNRELIABLE", detail="its tests skip here (baseline): cannot catch"))
+            else:
+                todo.append(m)
+        lock = threading.Lock()
+        with cf.ThreadPoolExecutor(max_workers=args.jobs) as ex:
+            futs = [ex.submit(check_one, project, snap, work, m,
+                              min(args.timeout, 3 * expected_seconds(m, base.cases) + 60)) for m in todo]
             for fut in cf.as_completed(futs):
                 r = fut.result()
-                results.append(r)
-                print(f"  {r.status:<10} {r.name} ({r.seconds:.1f} s)", flush=True)
+                with lock:
+                    results.append(r)
+                print(f"  {r.status:<10} {r.name} ({r.seconds:.1f} s)" + (f"  {r.detail}" if r.status != "CAUGHT" else ""),
+                      flush=True)
     order = {m.name: i for i, m in enumerate(muts)}
     results.sort(key=lambda r: order[r.name])
     print_table(results)
-    print(f"total {time.perf_counter() - t_start:.0f} s")
+    total = time.perf_counter() - t_start
+    print(f"total {total:.0f} s (baseline {base.seconds:.0f} s), -j {args.jobs}, load average "
+          f"{os.getloadavg()[0]:.2f}")
+    info.update(total_seconds=round(total, 1), baseline_seconds=round(base.seconds, 1),
+                load_end=[round(x, 2) for x in os.getloadavg()])
     if args.json:
-        args.json.write_text(json.dumps({"results": [asdict(r) for r in results],
-                                         "mutations": [asdict(m) for m in muts]}, indent=1))
+        args.json.write_text(json.dumps(dict(info, counts=counts_of(results), results=[asdict(r) for r in results],
+                                             mutations=[asdict(m) for m in muts]), indent=1))
+    if full and not args.no_record:
+        print(f"recorded: {record(project, results, muts, info)}")
     return 0 if all(r.status == "CAUGHT" for r in results) else 1
 
 
