@@ -19,7 +19,8 @@ are the held-out set (`train_llm.py` takes `val[-2500:]` for the validation loss
 `valid/` (the path the configs/*.toml read as `data.val_path`); the others, `val[:-2500]`, are
 the generation prompts (`generate.py`), written as text to
 `prompts.jsonl` for `python -m sonar_llm.eval.evaluate --stories OUT/prompts.jsonl --scoring public`
-(which keeps the stories of at most 32 Punkt sentences, the first 512).
+(which keeps the stories of at most 32 Punkt sentences, the first 512). A validation split of at most
+`--validation-holdout` stories leaves no prompt: the command says so in a warning (prompts.jsonl is empty).
 
 Documents: split into sentences with NLTK Punkt (`nltk.sent_tokenize`, stripped, empty ones dropped) when
 its model is installed, else with blingfire (`sonar_llm.data.segment.split_sentences`, which also
@@ -27,7 +28,10 @@ normalises whitespace and re-splits sentences of 256+ characters); the output an
 (`--segmenter` forces one). Each document keeps its first `--max-sentences` (32) sentences, then the EOS
 sentence "End of sequence." is appended (the public training dataset class with max_sentences=32: up to
 33 positions); a document with no sentence is dropped. Encoding: `sonar_llm.data.preprocess` with the
-SONAR encoder and tokenizer (or `--codec-factory`), into `OUT/train/` and `OUT/valid/`.
+SONAR encoder and tokenizer (or `--codec-factory`), into `OUT/train/` and `OUT/valid/`: `--encoder` /
+`--tokenizer`, else the SONAR registry, else the cached tiny SONAR (as the other commands).
+The summary (`OUT/tinystories.json`, and the last log line) gives each split's documents and sentences.
+Errors follow `sonar_llm.cli`: bad input exits 2 with one line naming the flag or file (and line).
 
 Resuming: the stories are first written once to `OUT/source/*.jsonl` (atomically, with `SOURCES.json`
 recording where they came from); a re-run reuses them and `preprocess` continues with the first incomplete
@@ -35,7 +39,7 @@ shard. A re-run with a different source, split or segmenter is refused unless `-
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import os
 import sys
@@ -99,9 +103,10 @@ def read_story_file(path: str | os.PathLike) -> Iterator[str]:
         for batch in pf.iter_batches(batch_size=4096, columns=["text"]):
             yield from (t if t is not None else "" for t in batch.column(0).to_pylist())
     elif name.endswith(".txt"):
-        with open(p, encoding="utf-8") as f:  # streamed: the train files are gigabytes
+        with open(p, "rb") as f:  # streamed: the train files are gigabytes
             lines: list[str] = []
-            for line in f:
+            for lineno, raw in enumerate(f, 1):
+                line = _utf8_line(raw, p, lineno).replace("\r\n", "\n")
                 while EOT in line:
                     head, line = line.split(EOT, 1)
                     yield ("".join(lines) + head).strip()
@@ -111,8 +116,9 @@ def read_story_file(path: str | os.PathLike) -> Iterator[str]:
             if rest:
                 yield rest
     elif name.endswith(".jsonl"):
-        with open(p, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(p, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = _utf8_line(raw, p, lineno)
                 if not line.strip():
                     continue
                 try:
@@ -123,7 +129,12 @@ def read_story_file(path: str | os.PathLike) -> Iterator[str]:
                     raise ValueError(f"{p}:{lineno}: expected an object with a string 'text'")
                 yield obj.get("text", "")
     elif name.endswith(".json"):
-        data = json.loads(p.read_text(encoding="utf-8"))
+        from sonar_llm.cli import read_utf8
+
+        try:
+            data = json.loads(read_utf8(p))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}:{e.lineno}: bad JSON ({e.msg})") from None
         if not isinstance(data, list):
             raise ValueError(f"{p}: expected a JSON list of stories (TinyStories_all_data layout)")
         for i, obj in enumerate(data):
@@ -132,6 +143,13 @@ def read_story_file(path: str | os.PathLike) -> Iterator[str]:
             yield obj.get("story", "")
     else:
         raise ValueError(f"{p}: unknown TinyStories file type (expected .parquet, .txt, .json or .jsonl)")
+
+
+def _utf8_line(raw: bytes, path: Path, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
 
 
 def find_files(data_dir: str | os.PathLike) -> tuple[list[Path], list[Path], str]:
@@ -210,13 +228,17 @@ def make_segmenter(name: str = "auto", max_sentences: int = 32) -> tuple[Callabl
 def _write_jsonl(path: Path, texts: Iterable[str]) -> int:
     tmp = path.with_suffix(path.suffix + ".tmp")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for t in texts:
-            f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
-            n += 1
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for t in texts:  # a generator over the source files: a bad file fails here, leaving nothing
+                f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
+                n += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return n
 
 
@@ -246,7 +268,8 @@ def _materialize(cfg: TinyStoriesConfig, out: Path, log: Callable[[str], None]) 
         log(f"tinystories: loading {HF_NAME} through datasets")
         train, valid = _load_hf()
     else:
-        log(f"tinystories: reading {layout} files: train {want['train_files']}, validation {want['validation_files']}")
+        what = "the given files" if layout == "files" else f"the {layout} files of {cfg.data_dir}"
+        log(f"tinystories: reading {what}: train {want['train_files']}, validation {want['validation_files']}")
         train, valid = _stories(train_f), list(_stories(valid_f))
     if cfg.max_train_stories:
         train = (t for i, t in zip(range(cfg.max_train_stories), train))
@@ -254,6 +277,10 @@ def _materialize(cfg: TinyStoriesConfig, out: Path, log: Callable[[str], None]) 
     held, prompts = (valid[-h:], valid[:-h]) if h else ([], valid)
     if not held:
         raise ValueError(f"the validation split has {len(valid)} stories: nothing is left for --validation-holdout {h}")
+    if h and not prompts:
+        log(f"warning: the validation split has {len(valid)} stories, not more than --validation-holdout {h}: all "
+            f"are held out and {out / 'prompts.jsonl'} gets no prompt (give a larger validation set or a smaller "
+            f"--validation-holdout)")
     counts = {"train": _write_jsonl(src_dir / "train.jsonl", train),
               "validation_heldout": _write_jsonl(src_dir / "validation.jsonl", held),
               "prompts": _write_jsonl(out / "prompts.jsonl", prompts)}
@@ -284,8 +311,8 @@ def prepare_tinystories(cfg: TinyStoriesConfig, codec: SentenceCodec,
             max_target_tokens=cfg.max_target_tokens, overwrite=cfg.overwrite, segment=segment, segmenter=seg_id,
             rank=0, world_size=1, log=log)
     summary = {"segmenter": seg_id, "segmenter_note": seg_line, "sources": sources, "settings": asdict(cfg),
-               "splits": {k: {"path": str(out / k), "num_docs": m.get("num_docs"),
-                              "num_sentences": m.get("num_sentences")} for k, m in manifests.items()},
+               "splits": {k: {"path": str(out / k), "num_docs": int(m["totals"]["docs"]),
+                              "num_sentences": int(m["totals"]["sentences"])} for k, m in manifests.items()},
                "prompts": str(out / "prompts.jsonl")}
     write_json_atomic(out / "tinystories.json", summary)
     log(f"tinystories: done; {seg_line}; train {summary['splits']['train']}, validation "
@@ -293,46 +320,102 @@ def prepare_tinystories(cfg: TinyStoriesConfig, codec: SentenceCodec,
     return summary
 
 
+def _sonar_paths(encoder: str | None, tokenizer: str | None, log: Callable[[str], None]) -> tuple[Path, Path]:
+    """--encoder / --tokenizer, else the SONAR registry, else the cached tiny SONAR (trained on first use)."""
+    from sonar_llm.sonar.registry import resolve_asset
+
+    found: dict[str, Path] = {}
+    for name, given in (("encoder", encoder), ("tokenizer", tokenizer)):
+        try:
+            found[name] = resolve_asset(name, given or None)
+        except FileNotFoundError:
+            if given:
+                raise FileNotFoundError(f"--{name}: file not found: {given}") from None
+    if len(found) < 2:
+        from sonar_llm.sonar.train_tiny import ensure_tiny_sonar
+
+        tiny = ensure_tiny_sonar()
+        log(f"tinystories: no SONAR {' / '.join(n for n in ('encoder', 'tokenizer') if n not in found)} given or "
+            f"registered: using the tiny SONAR of {tiny.root}")
+        for name in ("encoder", "tokenizer"):
+            found.setdefault(name, getattr(tiny, name))
+    return found["encoder"], found["tokenizer"]
+
+
+def _parser():
+    from sonar_llm.cli import parser
+
+    p = parser("python -m sonar_llm.data.tinystories", description=__doc__.split("\n")[0])
+    d = TinyStoriesConfig()
+    p.add_argument("--out", required=True, help="output folder (source/, train/, valid/, prompts.jsonl)")
+    p.add_argument("--data-dir", default="", help="downloaded TinyStories folder (else --train/--validation, else HF)")
+    p.add_argument("--train", nargs="+", default=[], help="train story files (.parquet, .txt, .json, .jsonl)")
+    p.add_argument("--validation", nargs="+", default=[], help="validation story files (same formats)")
+    p.add_argument("--validation-holdout", type=int, default=d.validation_holdout,
+                   help="the last N validation stories are the held-out shards, the rest the prompts (default 2500)")
+    p.add_argument("--max-sentences", type=int, default=d.max_sentences,
+                   help="sentences kept per story before the end sentence (default 32)")
+    p.add_argument("--segmenter", default=d.segmenter, choices=("auto", "punkt", "blingfire"),
+                   help="sentence splitter (auto: NLTK Punkt when installed, else blingfire)")
+    p.add_argument("--max-train-stories", type=int, default=0, help="train stories to keep (0 = all)")
+    p.add_argument("--shard-size-docs", type=int, default=d.shard_size_docs, help="documents per shard")
+    p.add_argument("--dtype", default=d.dtype, choices=("fp16", "bf16"), help="embedding storage dtype")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sentences handed to the encoder at once")
+    p.add_argument("--overwrite", action="store_true", help="redo a folder written from other sources or settings")
+    p.add_argument("--encoder", help="SONAR text encoder checkpoint (default: registry, else the cached tiny SONAR)")
+    p.add_argument("--tokenizer", help="NLLB sentencepiece model (default: registry, else the cached tiny SONAR)")
+    p.add_argument("--codec-factory", help="'module:callable' returning a SentenceCodec (instead of --encoder)")
+    p.add_argument("--encoder-batch-size", type=int, default=64, help="sentences per encoder forward")
+    p.add_argument("--encoder-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="encoder compute dtype")
+    p.add_argument("--device", default="", help="encoder device: cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--lang", default="eng_Latn", help="language of the stories (SONAR code)")
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command; exit 0, 2 on bad input (one line on stderr), 1 when the work fails (sonar_llm.cli)."""
+    from sonar_llm.cli import run
+
+    return run("tinystories", _main, argv, usage_errors=(LookupError,))
+
+
+def _main(argv: list[str]) -> int:
     import torch
 
-    p = argparse.ArgumentParser(prog="python -m sonar_llm.data.tinystories", description=__doc__.split("\n")[0])
-    d = TinyStoriesConfig()
-    p.add_argument("--out", required=True)
-    p.add_argument("--data-dir", default="", help="downloaded TinyStories folder (else --train/--validation, else HF)")
-    p.add_argument("--train", nargs="+", default=[])
-    p.add_argument("--validation", nargs="+", default=[])
-    p.add_argument("--validation-holdout", type=int, default=d.validation_holdout)
-    p.add_argument("--max-sentences", type=int, default=d.max_sentences)
-    p.add_argument("--segmenter", default=d.segmenter, choices=("auto", "punkt", "blingfire"))
-    p.add_argument("--max-train-stories", type=int, default=0)
-    p.add_argument("--shard-size-docs", type=int, default=d.shard_size_docs)
-    p.add_argument("--dtype", default=d.dtype, choices=("fp16", "bf16"))
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--encoder", help="SONAR text encoder checkpoint; default: registry")
-    p.add_argument("--tokenizer", help="NLLB sentencepiece model; default: registry")
-    p.add_argument("--codec-factory", help="'module:callable' returning a SentenceCodec (instead of --encoder)")
-    p.add_argument("--encoder-batch-size", type=int, default=64)
-    p.add_argument("--encoder-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--lang", default="eng_Latn")
-    a = p.parse_args(argv)
+    from sonar_llm.cli import UsageError, check_device
+
+    a = _parser().parse_args(argv)
     cfg = TinyStoriesConfig(out=a.out, data_dir=a.data_dir, train=a.train, validation=a.validation,
                             validation_holdout=a.validation_holdout, max_sentences=a.max_sentences,
                             segmenter=a.segmenter, max_train_stories=a.max_train_stories,
                             shard_size_docs=a.shard_size_docs, dtype=a.dtype, batch_size=a.batch_size,
                             overwrite=a.overwrite)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    cfg.validate()
+    for f in cfg.train + cfg.validation:  # before anything is written
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"{'--train' if f in cfg.train else '--validation'}: file not found: {f}")
+    device = check_device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if a.codec_factory:
+        try:
+            codec = _load_factory(a.codec_factory)()
+        except (ImportError, AttributeError) as e:
+            raise UsageError(f"--codec-factory {a.codec_factory}: {e}") from None
+    else:
+        encoder, tokenizer = _sonar_paths(a.encoder, a.tokenizer, log)
+        codec = load_sonar_codec(encoder, tokenizer, device, getattr(torch, a.encoder_dtype), lang=a.lang,
+                                 batch_size=a.encoder_batch_size)
+    out = Path(cfg.out)
+    existed = out.exists()
     try:
-        cfg.validate()
-        codec = (_load_factory(a.codec_factory)() if a.codec_factory else
-                 load_sonar_codec(a.encoder, a.tokenizer, a.device, getattr(torch, a.encoder_dtype), lang=a.lang,
-                                  batch_size=a.encoder_batch_size))
         prepare_tinystories(cfg, codec, log)
-    except (FileNotFoundError, ValueError, LookupError, RuntimeError) as e:
-        print(f"tinystories error: {e}", file=sys.stderr)
-        return 2
+    except BaseException:
+        if not existed:  # a first run that failed: leave no empty folders behind (files are written atomically)
+            for d in sorted((p for p in [out, *out.rglob("*")] if p.is_dir()), key=lambda p: -len(p.parts)):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+        raise
     return 0
 
 
