@@ -31,6 +31,26 @@ def test_dry_run_prints_resolved_config(capsys):
     assert rc == 0 and "steps = 5" in out and 'preset = "600M"' in out
 
 
+def test_dry_run_without_config_prints_the_embedded_default_and_prepares_nothing(tmp_path, capsys, monkeypatch):
+    """`python train/main.py --dry-run` is the dry run of `python train/main.py`: configs/default.toml with the
+    paths the default pipeline would prepare (SONAR_LLM_DEFAULT_DIR, the tiny SONAR cache) and its step budget."""
+    import tomllib
+
+    monkeypatch.setenv("SONAR_LLM_DEFAULT_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("SONAR_LLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SONAR_LLM_DEFAULT_STEPS", "7")
+    assert train_main.main(["--dry-run", "--optim.lr=1e-3"]) == 0
+    printed = tomllib.loads(capsys.readouterr().out)
+    default = tomllib.loads((REPO / "configs" / "default.toml").read_text())
+    assert printed["model"]["family"] == default["model"]["family"]
+    assert printed["model"]["preset"] == default["model"]["preset"]
+    assert printed["data"]["path"] == str(tmp_path / "run" / "data" / "train")
+    assert printed["sonar"]["decoder"] == str(tmp_path / "cache" / "tiny_sonar" / "tiny_sonar_decoder.pt")
+    assert printed["train"]["steps"] == 7 and printed["optim"]["lr"] == 1e-3
+    assert printed["train"]["out_dir"] == str(tmp_path / "run")
+    assert list(tmp_path.iterdir()) == []  # nothing prepared, nothing written
+
+
 def test_exit_codes_of_training(tmp_path, capsys):
     base = ["--model.family=fake", "--train.precision=fp32", "--train.peak_flops=1e9", "--train.steps=3"]
     ok = train_main.main(base + [f"--train.out_dir={tmp_path / 'a'}"],
@@ -52,9 +72,9 @@ def test_no_arguments_runs_default_pipeline(monkeypatch):
     fake = types.ModuleType("sonar_train.default_pipeline")
     fake.main = lambda: ran.append(1) or 0
     monkeypatch.setitem(sys.modules, "sonar_train.default_pipeline", fake)
-    import train
+    import sonar_train
 
-    monkeypatch.setattr(train, "default_pipeline", fake, raising=False)
+    monkeypatch.setattr(sonar_train, "default_pipeline", fake, raising=False)
     assert train_main.main([]) == 0 and ran == [1]
 
 

@@ -5,7 +5,10 @@
 3. encodes every sentence with that SONAR into memory-mapped shards (resumable);
 4. trains a small SONAR-LLM with the standard loop (configs/default.toml; FSDP2 under torchrun);
 5. evaluates it: validation loss, token NLL, and the paper's generation protocol on held-out stories;
-6. prints a generated continuation of a held-out story.
+6. prints a generated continuation of a held-out story;
+then draws the training (`<run>/training.png`, sonar_train.plot; when matplotlib is installed) and closes with
+a short summary: what was trained, the evaluation headline and three commands to try next with this run
+(generate, evaluate, export), printed ready to paste (tests/test_default_pipeline.py runs them as printed).
 
 Under torchrun, rank 0 prepares steps 1-3 while the other ranks wait for its "ready" marker; every rank
 trains; rank 0 evaluates. Re-running resumes: cached assets and complete shards are reused, and training
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -26,12 +30,16 @@ import torch
 
 _ROOT = Path(__file__).resolve().parents[2]  # the checkout
 
+from sonar_llm.sonar.round_trip import END_OF_DOC_TEXT, RoundTripError  # noqa: E402
 from sonar_train.config import load_config  # noqa: E402
 
 N_STORIES = 4000
 HELD_OUT_FRACTION = 0.05  # the tiny SONAR's split: its held-out stories are never seen by any model
 EVAL_STORIES = 24
-END_OF_DOC = "End of sequence."
+# the evaluation's decoding budget (step 5, and the evaluate command printed at the end)
+EVAL_SETTINGS = {"num_stories": EVAL_STORIES, "max_story_sentences": 20, "beam_size": 1, "max_gen_len": 64}
+END_OF_DOC = END_OF_DOC_TEXT  # "End of sequence.": the tiny SONAR learns it (TinySonarConfig.end_sentence)
+NEXT_PROMPT = "Tom had a red ball. He liked to play with it."  # the generate command's prompt
 
 
 def _say(msg: str) -> None:
@@ -89,7 +97,8 @@ def prepare(run_dir: Path, tiny_steps: int | None = None, *, n_stories: int = N_
         f"{metrics.get('exact_match', float('nan')):.1%}, BLEU {metrics.get('bleu', float('nan')):.1f})")
 
     t0 = time.perf_counter()
-    codec = load_sonar_codec(tiny.encoder, tiny.tokenizer, batch_size=256)
+    codec = load_sonar_codec(tiny.encoder, tiny.tokenizer, batch_size=256, decoder_path=tiny.decoder)
+    check_end_sentence(codec)
     for split in ("train", "valid"):
         kw = dict(shard_size_docs=1000, dtype="fp16", end_of_doc_text=END_OF_DOC, log=None, rank=0, world_size=1)
         try:  # resumes (or reuses) shards written with this very encoder and tokenizer
@@ -103,7 +112,17 @@ def prepare(run_dir: Path, tiny_steps: int | None = None, *, n_stories: int = N_
             "corpus_valid": str(data / "corpus" / "valid.jsonl"), "tiny_info": tiny_info}
 
 
-def training_config(run_dir: Path, assets: dict, steps: int | None):
+def check_end_sentence(codec) -> None:
+    """The end sentence must come back exactly through the SONAR the run uses (else SONAR-LLM could never learn to
+    stop): raises `RoundTripError` naming it and what it decoded to."""
+    from sonar_llm.sonar.round_trip import require_round_trip
+
+    require_round_trip(END_OF_DOC, codec.decode, encode=codec.encode)
+    _say(f"the end sentence {END_OF_DOC!r} round-trips exactly through this SONAR")
+
+
+def training_config(run_dir: Path, assets: dict, steps: int | None, extra: list[str] = (), check_paths: bool = True):
+    """configs/default.toml with the prepared paths, the step budget and then `extra` (--section.key=value)."""
     overrides = [f"--data.path={assets['train']}", f"--data.val_path={assets['valid']}",
                  f"--sonar.decoder={assets['decoder']}", f"--sonar.encoder={assets['encoder']}",
                  f"--sonar.tokenizer={assets['tokenizer']}", f"--train.out_dir={run_dir}"]
@@ -111,7 +130,21 @@ def training_config(run_dir: Path, assets: dict, steps: int | None):
         overrides.append("--train.precision=fp32")  # CPU bf16 autocast is slower than fp32 without AMX
     if steps is not None:
         overrides.append(f"--train.steps={steps}")
-    return load_config(str(_ROOT / "configs" / "default.toml"), overrides)
+    return load_config(str(_ROOT / "configs" / "default.toml"), overrides + list(extra), check_paths=check_paths)
+
+
+def planned_config(extra: list[str] = ()):
+    """The training config `python train/main.py` would run, without preparing anything (what
+    `python train/main.py --dry-run` prints): the paths it will prepare (SONAR_LLM_DEFAULT_DIR, the tiny SONAR
+    cache) and SONAR_LLM_DEFAULT_STEPS filled in, then `extra`; nothing on disk is read or checked."""
+    from sonar_llm.sonar.train_tiny import TinySonarPaths, default_cache_dir
+
+    run_dir = Path(os.environ.get("SONAR_LLM_DEFAULT_DIR", "runs/default"))
+    tiny = TinySonarPaths.in_dir(default_cache_dir())
+    assets = {"train": str(run_dir / "data" / "train"), "valid": str(run_dir / "data" / "valid"),
+              "decoder": str(tiny.decoder), "encoder": str(tiny.encoder), "tokenizer": str(tiny.tokenizer)}
+    steps = os.environ.get("SONAR_LLM_DEFAULT_STEPS")
+    return training_config(run_dir, assets, int(steps) if steps else None, extra, check_paths=False)
 
 
 def evaluate_and_show(cfg, assets: dict, final: dict) -> dict:
@@ -119,10 +152,10 @@ def evaluate_and_show(cfg, assets: dict, final: dict) -> dict:
     from sonar_llm.eval.evaluate import EvalConfig, evaluate
 
     t0 = time.perf_counter()
-    ecfg = EvalConfig(run=str(cfg.train.out_dir), stories=assets["corpus_valid"], num_stories=EVAL_STORIES,
-                      max_story_sentences=20, beam_size=1, max_gen_len=64, encoder=assets["encoder"],
+    ecfg = EvalConfig(run=str(cfg.train.out_dir), stories=assets["corpus_valid"], encoder=assets["encoder"],
                       decoder=assets["decoder"], tokenizer=assets["tokenizer"], nll_data=assets["valid"],
-                      nll_docs=64, out=str(Path(cfg.train.out_dir) / "eval" / "protocol_start.json"))
+                      nll_docs=64, out=str(Path(cfg.train.out_dir) / "eval" / "protocol_start.json"),
+                      **EVAL_SETTINGS)
     res = evaluate(ecfg, log=lambda table: print(table, flush=True))
     m = res["metrics"]
 
@@ -132,12 +165,82 @@ def evaluate_and_show(cfg, assets: dict, final: dict) -> dict:
     _say(f"[5/6] evaluated on {len(res['items'])} held-out stories ({time.perf_counter() - t0:.0f}s): "
          f"validation loss {fmt(final.get('eval_loss'))}, token NLL {fmt(m.get('token_nll'))}, "
          f"round-trip cosine {fmt(m.get('round_trip_cos'))}")
+    _say(end_figures(m))
     item = res["items"][0]
     print("\n[6/6] a held-out story, continued by the model", flush=True)
     print("  prompt:    " + " ".join(item["prompt"]), flush=True)
-    print("  generated: " + " ".join(item["generation"]), flush=True)
+    print("  generated: " + " ".join(item["generation"]) + f"  [stopped: {item.get('stop_reason')}]", flush=True)
     print("  original:  " + " ".join(item["reference"]), flush=True)
     return res
+
+
+def end_figures(m: dict) -> str:
+    """How the held-out stories ended (issue 26's figures; docs/evaluation.md records the default run's)."""
+    def pct(k: str) -> str:
+        return "n/a" if m.get(k) is None else f"{m[k]:.0%}"
+
+    recall = (f"teacher-forced end recall {pct('end_recall')}, false ends {pct('false_end_rate')}; "
+              if "end_recall" in m else "")
+    return (f"how stories end: {recall}{pct('stop_end')} of the generations end on {END_OF_DOC!r} (repetition "
+            f"{pct('stop_repetition')}, sentence cap {pct('stop_sentence_cap')}); {m['mean_generated_sentences']:.1f} "
+            f"sentences generated on average (references {m['mean_reference_sentences']:.1f}); duplicate sentences "
+            f"{pct('duplicate_sentence_rate')}")
+
+
+def _path(p: str | Path) -> str:
+    """`p` as a shell word, relative to the working directory when it lies below it (as the user typed it)."""
+    p = Path(p)
+    if p.is_absolute():
+        try:
+            p = p.relative_to(Path.cwd())
+        except ValueError:
+            pass
+    return shlex.quote(str(p))
+
+
+def next_commands(run_dir: Path, assets: dict) -> list[str]:
+    """Three commands to try with this run, ready to paste in the directory the run was started from:
+    generate from it, evaluate it with the paper's other prompt mode (the same budget as step 5), export it."""
+    run = _path(run_dir)
+    evaluate = ["python -m sonar_llm.eval.evaluate --run", run, "--stories", _path(assets["corpus_valid"]),
+                "--prompt-mode half"]
+    evaluate += [f"--{k.replace('_', '-')} {v}" for k, v in EVAL_SETTINGS.items()]
+    evaluate += ["--out", _path(run_dir / "eval" / "protocol_half.json")]
+    return [f"python -m sonar_llm.generate --run {run} --prompt {shlex.quote(NEXT_PROMPT)}",
+            " ".join(evaluate),
+            f"python {_path(_ROOT / 'train' / 'export.py')} --run {run} --out {_path(run_dir / 'model.safetensors')}"]
+
+
+def draw(run_dir: Path) -> str:
+    """The training plot (sonar_train.plot); returns what to say about it."""
+    from sonar_train.plot import MatplotlibMissing, MetricsError, plot_run
+
+    try:
+        return f"plot of the training (loss and tokens/s): {_path(plot_run(run_dir))}"
+    except (MatplotlibMissing, MetricsError) as e:
+        return f"no plot: {e}"
+
+
+def summary(cfg, run_dir: Path, assets: dict, final: dict, res: dict, train_s: float, total_s: float) -> str:
+    """The closing lines: what was trained, the evaluation headline, the plot and the next commands."""
+    from sonar_llm.models.family import get_family
+
+    m = res["metrics"]
+
+    def fmt(k: str, v, spec: str = ".3f") -> str:
+        return f"{k} {'n/a' if v is None else format(v, spec)}"
+
+    headline = ", ".join([fmt("validation loss", final.get("eval_loss")), fmt("token NLL", m.get("token_nll")),
+                          fmt("BLEU", m.get("bleu"), ".2f"), fmt("round-trip cosine", m.get("round_trip_cos"))])
+    lines = [f"done in {total_s:.0f}s.",
+             f"  trained:   {get_family(cfg.model.family).title}, {cfg.model.preset} preset "
+             f"({res['num_parameters'] / 1e6:.2f}M parameters), step {final.get('step')} of {cfg.train.steps} "
+             f"({train_s:.0f}s of training in this run), in {_path(run_dir)}",
+             f"  evaluated: {len(res['items'])} held-out stories: {headline} (generations in "
+             f"{_path(run_dir / 'eval' / 'protocol_start.json')})",
+             f"  {draw(run_dir)}",
+             "next, try (ready to paste):"]
+    return "\n".join([f"[default] {lines[0]}", *lines[1:], *(f"  {c}" for c in next_commands(run_dir, assets))])
 
 
 def main() -> int:
@@ -158,6 +261,9 @@ def main() -> int:
         except BaseException as e:
             run_dir.mkdir(parents=True, exist_ok=True)
             marker.with_suffix(".failed").write_text(f"{type(e).__name__}: {e}")
+            if isinstance(e, RoundTripError):  # one line, no traceback: the SONAR is unfit for this run
+                print(f"[default] error: {e}", file=sys.stderr, flush=True)
+                return 1
             raise
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps(assets))
@@ -170,12 +276,14 @@ def main() -> int:
     _say(f"[4/6] training SONAR-LLM ({cfg.model.preset} preset, {cfg.train.steps} steps) in {run_dir}")
     from sonar_train.loop import run_training
 
+    t_train = time.perf_counter()
     final = run_training(cfg)
+    train_s = time.perf_counter() - t_train
     if _rank() != 0:
         return 0
-    evaluate_and_show(cfg, assets, final)
-    _say(f"done in {time.perf_counter() - t_start:.0f}s; metrics in {run_dir}/metrics.jsonl, "
-         f"generations in {run_dir}/eval/protocol_start.json")
+    res = evaluate_and_show(cfg, assets, final)
+    print("", flush=True)
+    print(summary(cfg, run_dir, assets, final, res, train_s, time.perf_counter() - t_start), flush=True)
     return 0
 
 

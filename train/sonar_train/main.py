@@ -4,6 +4,7 @@
     python train/main.py --config configs/x.toml [--section.key=value ...]
     torchrun --nproc_per_node=8 train/main.py --config configs/x.toml [--section.key=value ...]
     python train/main.py --config configs/x.toml --dry-run # validate and print the resolved config
+    python train/main.py --dry-run                         # print the embedded default's config (nothing prepared)
 
 Exit codes: 0 done, 1 error during training, 2 bad configuration (one line on stderr, nothing written; also a
 resume whose model/data keys differ from the run's, a train.device this machine lacks, a family's SONAR decoder
@@ -53,6 +54,11 @@ def _main(argv: list[str], factories: dict) -> int:
             return 2
         return int(default_pipeline.main() or 0)
     args, overrides = _parser().parse_known_args(argv)
+    if args.dry_run and not args.config and not factories:  # the embedded default, as a plain run resolves it
+        from sonar_train import default_pipeline
+
+        print(to_toml(default_pipeline.planned_config(overrides)))
+        return 0
     try:
         cfg = load_config(args.config, overrides, check_paths="data_factory" not in factories,
                           check_model="model_factory" not in factories)
