@@ -26,7 +26,6 @@ and cannot read it). Both directions keep every tensor bit-exact.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -227,7 +226,16 @@ def export_public(model: str | os.PathLike, out: str | os.PathLike, config_out: 
 
 # ------------------------------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sonar_llm.convert", description=__doc__.split("\n\n")[0])
+    """The command; exit 0, 2 on bad input (one line on stderr), 1 when the work fails (sonar_llm.cli)."""
+    from sonar_llm.cli import run
+
+    return run("convert", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    from sonar_llm.cli import parser
+
+    p = parser("python -m sonar_llm.convert", description=__doc__.split("\n\n")[0])
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--from", dest="src", choices=["public"], help="import a public checkpoint")
     way.add_argument("--to", dest="dst", choices=["public"], help="export to the public format")
@@ -242,27 +250,23 @@ def main(argv: list[str] | None = None) -> int:
                    help="--to public: skip the sha256 check of --model against its model.json")
     p.add_argument("--out", required=True, help="output file")
     args = p.parse_args(argv)
-    try:
-        if args.src == "public":
-            if not args.checkpoint:
-                p.error("--from public needs --checkpoint")
-            rep = import_public(args.checkpoint, args.out, args.config, args.head_dim, args.sonar_decoder_out,
-                                args.dtype)
-            b = rep.backbone
-            print(f"imported {args.checkpoint} (layout {rep.layout}, step {rep.step})")
-            print(f"  backbone: d={b.model_dim} ffn={b.ffn_dim} layers={b.num_layers} heads={b.num_heads}x{b.head_dim} "
-                  f"kv={b.num_kv_heads} ({rep.config_source})")
-            for note in rep.notes:
-                print(f"  {note}")
-            print(f"wrote {rep.out} and {rep.out.with_suffix('.json')}")
-        else:
-            if not args.model:
-                p.error("--to public needs --model")
-            out, cfg_path = export_public(args.model, args.out, args.config_out, verify=args.verify)
-            print(f"wrote {out} (public SONAR-LLM format) and {cfg_path} (its config, for generate.py --config)")
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"convert error: {exc}", file=sys.stderr)
-        return 2
+    if args.src == "public":
+        if not args.checkpoint:
+            p.error("--from public needs --checkpoint")
+        rep = import_public(args.checkpoint, args.out, args.config, args.head_dim, args.sonar_decoder_out,
+                            args.dtype)
+        b = rep.backbone
+        print(f"imported {args.checkpoint} (layout {rep.layout}, step {rep.step})")
+        print(f"  backbone: d={b.model_dim} ffn={b.ffn_dim} layers={b.num_layers} heads={b.num_heads}x{b.head_dim} "
+              f"kv={b.num_kv_heads} ({rep.config_source})")
+        for note in rep.notes:
+            print(f"  {note}")
+        print(f"wrote {rep.out} and {rep.out.with_suffix('.json')}")
+    else:
+        if not args.model:
+            p.error("--to public needs --model")
+        out, cfg_path = export_public(args.model, args.out, args.config_out, verify=args.verify)
+        print(f"wrote {out} (public SONAR-LLM format) and {cfg_path} (its config, for generate.py --config)")
     return 0
 
 

@@ -23,7 +23,6 @@ also merges them itself). A re-run with different settings is refused unless `ov
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import itertools
 import inspect
@@ -355,48 +354,61 @@ def _load_factory(spec: str):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (also the `sonar-llm-preprocess` script); returns the exit status: 0, or 2
-    with one line on stderr when the input holds no documents."""
-    p = argparse.ArgumentParser(prog="python -m sonar_llm.data.preprocess", description=__doc__.split("\n")[0])
+    """Command-line entry point (also the `sonar-llm-preprocess` script); returns the exit status: 0, 2 with one
+    line on stderr on bad input (a missing input or model file, an input that holds no documents, a device this
+    machine lacks), 1 when the work fails (`sonar_llm.cli`)."""
+    from sonar_llm.cli import run
+
+    return run("preprocess", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    from sonar_llm.cli import UsageError, check_device, parser
+
+    p = parser("python -m sonar_llm.data.preprocess", description=__doc__.split("\n")[0])
     p.add_argument("--input", nargs="+", required=True, help="files, directories or glob patterns")
     p.add_argument("--output", required=True, help="dataset directory")
     p.add_argument("--encoder", help="SONAR text encoder checkpoint (.pt / .safetensors); default: registry")
     p.add_argument("--tokenizer", help="NLLB sentencepiece model; default: registry")
     p.add_argument("--encoder-batch-size", type=int, default=64, help="sentences per encoder forward")
     p.add_argument("--codec-factory", help="'module:callable' returning a SentenceCodec (instead of --encoder)")
-    p.add_argument("--lang", default="eng_Latn")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--encoder-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--doc-separator", default="blank_line", choices=["blank_line", "line"])
-    p.add_argument("--format", default=None, choices=["text", "jsonl", "parquet"], dest="file_format")
-    p.add_argument("--shard-size-docs", type=int, default=1000)
-    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
-    p.add_argument("--end-of-doc-text", default="End of sequence.")
-    p.add_argument("--max-sentences-per-doc", type=int, default=128)
-    p.add_argument("--min-doc-sentences", type=int, default=2)
-    p.add_argument("--doc-overflow", default="chunk", choices=["chunk", "truncate", "cut"])
-    p.add_argument("--max-sentence-chars", type=int, default=256)
+    p.add_argument("--lang", default="eng_Latn", help="language of the texts (SONAR code)")
+    p.add_argument("--device", default="", help="encoder device: cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--encoder-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="encoder compute dtype")
+    p.add_argument("--text-field", default="text", help="JSONL / Parquet field holding the text")
+    p.add_argument("--doc-separator", default="blank_line", choices=["blank_line", "line"],
+                   help="text files: documents end at a blank line, or every line is one")
+    p.add_argument("--format", default=None, choices=["text", "jsonl", "parquet"], dest="file_format",
+                   help="input format (default: from the file suffix)")
+    p.add_argument("--shard-size-docs", type=int, default=1000, help="source documents per shard")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"], help="embedding storage dtype")
+    p.add_argument("--end-of-doc-text", default="End of sequence.", help="sentence appended to every document")
+    p.add_argument("--max-sentences-per-doc", type=int, default=128,
+                   help="sentences per document, end sentence included (see --doc-overflow)")
+    p.add_argument("--min-doc-sentences", type=int, default=2, help="shorter chunks are dropped")
+    p.add_argument("--doc-overflow", default="chunk", choices=["chunk", "truncate", "cut"],
+                   help="longer documents: cut into chunks, keep the first chunk, or cut and end them")
+    p.add_argument("--max-sentence-chars", type=int, default=256, help="longer sentences are re-split")
     p.add_argument("--batch-size", type=int, default=256, help="sentences handed to the codec at once")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="redo a dataset written with other settings")
     args = p.parse_args(argv)
+    list_input_files(args.input)  # a missing input is said before any model loads
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.codec_factory:
-        codec = _load_factory(args.codec_factory)()
+        try:
+            codec = _load_factory(args.codec_factory)()
+        except (ImportError, AttributeError) as e:
+            raise UsageError(f"--codec-factory {args.codec_factory}: {e}") from None
     else:  # missing paths come from the SONAR registry / environment
-        codec = load_sonar_codec(args.encoder, args.tokenizer, args.device, getattr(torch, args.encoder_dtype),
+        codec = load_sonar_codec(args.encoder, args.tokenizer, device, getattr(torch, args.encoder_dtype),
                                  lang=args.lang, batch_size=args.encoder_batch_size)
-    try:
-        preprocess(args.input, args.output, codec, shard_size_docs=args.shard_size_docs, dtype=args.dtype,
-                   end_of_doc_text=args.end_of_doc_text, max_sentences_per_doc=args.max_sentences_per_doc,
-                   batch_size=args.batch_size, text_field=args.text_field, doc_separator=args.doc_separator,
-                   file_format=args.file_format, max_sentence_chars=args.max_sentence_chars,
-                   min_doc_sentences=args.min_doc_sentences, doc_overflow=args.doc_overflow,
-                   overwrite=args.overwrite, log=lambda s: print(s, file=sys.stderr, flush=True))
-    except ValueError as e:
-        if "holds no documents" not in str(e):
-            raise
-        print(str(e), file=sys.stderr)
-        return 2
+    preprocess(args.input, args.output, codec, shard_size_docs=args.shard_size_docs, dtype=args.dtype,
+               end_of_doc_text=args.end_of_doc_text, max_sentences_per_doc=args.max_sentences_per_doc,
+               batch_size=args.batch_size, text_field=args.text_field, doc_separator=args.doc_separator,
+               file_format=args.file_format, max_sentence_chars=args.max_sentence_chars,
+               min_doc_sentences=args.min_doc_sentences, doc_overflow=args.doc_overflow,
+               overwrite=args.overwrite, log=lambda s: print(s, file=sys.stderr, flush=True))
     return 0
 
 

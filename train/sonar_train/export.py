@@ -10,7 +10,6 @@ every loader (sonar_llm.checkpoints.read_exported) checks the file against that 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -34,7 +33,10 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None 
         state = {k: v.to(_DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
     state = {k: v.contiguous() for k, v in state.items()}
     cfg_file = Path(run_dir) / "config.json"
-    run_cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    try:
+        run_cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg_file}: not a readable run config ({e})") from None
     model_cfg = run_cfg.get("model", {})
     step_n = checkpoint_step(path)
     info = {"run_config": run_cfg, "step": step_n, "family": model_cfg.get("family"),
@@ -44,17 +46,22 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="train/export.py", description=__doc__.split("\n\n")[0])
+    """The command; exit 0, 2 on bad input (one line on stderr), 1 when the work fails (sonar_llm.cli)."""
+    from sonar_llm.cli import run
+
+    return run("export", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    from sonar_llm.cli import parser
+
+    p = parser("train/export.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="run directory (train.out_dir)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest complete one)")
     p.add_argument("--out", required=True, help="output .safetensors path")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="cast floating tensors")
     args = p.parse_args(argv)
-    try:
-        out = export(args.run, args.out, args.step, args.dtype)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"export error: {e}", file=sys.stderr)
-        return 2
+    out = export(args.run, args.out, args.step, args.dtype)
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
 

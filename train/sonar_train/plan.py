@@ -681,10 +681,11 @@ def render_results(out: Path, gpu: GPU, mfu: float) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sonar_train.plan", allow_abbrev=False,
-                                description="Memory, FLOPs and time per step of a run, computed by the real code "
-                                            "on fake tensors (no GPU needed). Extra --section.key=value override "
-                                            "the config like train/main.py.")
+    from sonar_llm.cli import parser
+
+    p = parser("python -m sonar_train.plan",
+               description="Memory, FLOPs and time per step of a run, computed by the real code on fake tensors (no "
+                           "GPU needed). Extra --section.key=value override the config like train/main.py.")
     p.add_argument("--config", help="TOML run config (configs/*.toml)")
     p.add_argument("--results", help="write the committed result set (SONAR-LLM presets x {1, 8} GPUs, "
                                      "inference curves) to this directory instead")
@@ -703,13 +704,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; exit 0, 2 on bad input (one line on stderr), 1 when the work fails (sonar_llm.cli)."""
+    from sonar_llm.cli import run
+
+    return run("plan", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    from sonar_llm.cli import UsageError, atomic_output
+
     args, overrides = _parser().parse_known_args(argv)
     if args.nproc < 1:
-        print("--nproc must be >= 1", file=sys.stderr)
-        return 2
+        raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
     if not 0 < args.mfu <= 1:
-        print("--mfu must be in (0, 1]", file=sys.stderr)
-        return 2
+        raise UsageError(f"--mfu must be in (0, 1], got {args.mfu}")
+    if not 0 < args.headroom <= 1:
+        raise UsageError(f"--headroom must be in (0, 1], got {args.headroom}")
     from sonar_train.config import ConfigError
 
     if args.results:
@@ -718,18 +728,17 @@ def main(argv: list[str] | None = None) -> int:
                       inference=not args.no_inference)
         return 0
     if not args.config:
-        print("--config is required (or --results DIR)", file=sys.stderr)
-        return 2
+        raise UsageError("--config is required (or --results DIR)")
     try:
         cfg = load_config(args.config, overrides, check_paths=False)
-    except (ConfigError, FileNotFoundError, TypeError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, TypeError) as e:  # ConfigError goes up: "config error: ..." (sonar_llm.cli)
+        raise ConfigError(str(e)) from None
     rep = plan(cfg, args.nproc, GPUS[args.gpu], mfu=args.mfu, headroom=args.headroom, attention=args.attention,
                public=not args.no_public, fit=not args.no_fit)
     print(format_report(rep))
     if args.json:
-        Path(args.json).write_text(json.dumps(rep, indent=1, default=str))
+        with atomic_output(args.json) as tmp:
+            tmp.write_text(json.dumps(rep, indent=1, default=str))
     return 0
 
 
