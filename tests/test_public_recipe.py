@@ -6,6 +6,7 @@ transformers' get_cosine_schedule_with_warmup(820, 16480), and the public datase
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -13,7 +14,6 @@ import pytest
 import torch
 
 import sonar_train.main as train_main
-from sonar_llm.models import public_format as pf
 from sonar_llm.models.presets import backbone_config
 from sonar_train.config import load_config
 
@@ -52,8 +52,56 @@ def test_config_validates_with_dry_run_and_holds_the_public_values(size, tmp_pat
     assert (o.warmup_steps, o.total_steps, o.min_lr_ratio, o.grad_clip) == (820, 16480, 0.0, 1.0)
     assert (t.steps, t.seed, t.eval_every) == (16480, 42, 200)
     assert cfg.model.family == "sonar_llm" and cfg.model.overrides == {"extra_eos_target": True}
-    # the preset is the public JSON's architecture, numerics included
-    assert backbone_config(cfg.model.preset) == pf.backbone_from_llama_config(PUBLIC_JSON[SIZES[size]])
+    # the preset is the public JSON's architecture, numerics included (read against the JSON and transformers'
+    # own Llama, never through the project's converter)
+    _assert_is_public_llama(backbone_config(cfg.model.preset), PUBLIC_JSON[SIZES[size]])
+
+
+# transformers' LlamaDecoderLayer parameter -> ours (the mapping is spelled here, independent of public_format)
+_HF_TO_OURS = {"self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.k_proj",
+               "self_attn.v_proj": "self_attn.v_proj", "self_attn.o_proj": "self_attn.output_proj",
+               "mlp.gate_proj": "ffn.gate_proj", "mlp.up_proj": "ffn.inner_proj", "mlp.down_proj": "ffn.output_proj",
+               "input_layernorm": "self_attn_layer_norm", "post_attention_layernorm": "ffn_layer_norm"}
+
+
+def _assert_is_public_llama(bb, public: dict) -> None:
+    """Our BackboneConfig against the public llama_config values, transformers' LlamaModel parameter shapes
+    (built on the meta device) and transformers' llama3 RoPE frequencies."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from sonar_llm.models.backbone import Backbone
+
+    heads = public["num_attention_heads"]
+    assert (bb.model_dim, bb.ffn_dim, bb.num_layers, bb.num_heads, bb.head_dim) == (
+        public["hidden_size"], public["intermediate_size"], public["num_hidden_layers"], heads, public["head_dim"])
+    assert bb.num_kv_heads == public.get("num_key_value_heads", heads)  # HF's default: no grouped KV
+    assert (bb.norm_eps, bb.rope_theta, bb.rope_scaling, bb.rope_scaling_factor) == (
+        public["rms_norm_eps"], public["rope_theta"], public["rope_scaling"]["rope_type"],
+        public["rope_scaling"]["factor"])
+    assert not bb.rope_interleaved and not bb.ffn_bias
+    assert bb.attn_bias == bb.output_proj_bias == public["attention_bias"]
+    # transformers 5 refuses hidden_size % heads != 0 (600M: 1280 / 26) although head_dim is explicit, as the
+    # public model (built with transformers 4) had it: set the head count after the constructor's check
+    hf_cfg = transformers.LlamaConfig(**{**public, "num_attention_heads": 1, "num_key_value_heads": 1})
+    hf_cfg.num_attention_heads = heads
+    hf_cfg.num_key_value_heads = public.get("num_key_value_heads", heads)
+    with torch.device("meta"):
+        hf, ours = transformers.LlamaModel(hf_cfg), Backbone(bb)
+    rope = Backbone(dataclasses.replace(bb, num_layers=1, model_dim=8, ffn_dim=8, num_heads=1,
+                                         num_kv_heads=1)).rope  # real tensors
+    hf_params = {n: tuple(p.shape) for n, p in hf.named_parameters()}
+    our_params = {n: tuple(p.shape) for n, p in ours.named_parameters()}
+    expected = {"layer_norm.weight": hf_params["norm.weight"]}
+    for name, shape in hf_params.items():
+        if name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            module, kind = rest.rsplit(".", 1)
+            expected[f"layers.{i}.{_HF_TO_OURS[module]}.{kind}"] = shape
+    assert our_params == expected  # embed_tokens/lm_head are not part of SONAR-LLM's backbone
+    hf_inv_freq, _ = ROPE_INIT_FUNCTIONS[public["rope_scaling"]["rope_type"]](hf_cfg, "cpu")
+    torch.testing.assert_close(rope.inv_freq(torch.device("cpu"), torch.float64), hf_inv_freq.double(),
+                               rtol=1e-6, atol=0)  # HF computes in float32
 
 
 def test_overrides_build_a_sonar_llm_config(tmp_path):

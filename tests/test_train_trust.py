@@ -38,6 +38,14 @@ def payload_bytes(marker) -> bytes:
     return pickle.dumps(Payload(marker))
 
 
+def assert_runs_when_read_naively(marker, read) -> None:
+    """Positive control: the planted payload is live (a naive reader executes it), so the refusal tests can fail."""
+    assert not marker.exists()
+    read()
+    assert marker.exists()
+    marker.unlink()
+
+
 def run(cfg, **kw):
     return run_training(cfg, model_factory=fake_model_factory, data_factory=fake_data_factory, **kw)
 
@@ -71,7 +79,7 @@ def test_planted_payload_in_a_checkpoint_file_is_refused(tmp_path, name, error):
     cfg.train.steps = 3
     with pytest.raises((ValueError, RuntimeError), match=error):
         run(cfg)
-    assert not marker.exists()
+    assert_runs_when_read_naively(marker, lambda: pickle.loads((step / name).read_bytes()))
 
 
 def test_legacy_pickled_trainer_state_is_never_read(tmp_path):
@@ -83,7 +91,9 @@ def test_legacy_pickled_trainer_state_is_never_read(tmp_path):
     for name in ("trainer.pt", "rank_0.pt"):
         torch.save({"x": Payload(marker)}, step / name)
     cfg.train.steps = 3
-    assert run(cfg)["step"] == 3 and not marker.exists()
+    assert run(cfg)["step"] == 3
+    for name in ("trainer.pt", "rank_0.pt"):
+        assert_runs_when_read_naively(marker, lambda: torch.load(step / name, weights_only=False))
 
 
 def test_planted_payload_in_a_dcp_entry_is_refused(tmp_path):
@@ -121,9 +131,11 @@ def test_planted_payload_in_export_sonar_file_and_shard_is_refused(tmp_path):
     (tmp_path / "model.json").write_text(json.dumps({"run_config": {"model": {"family": "fake"}}, "step": 1}))
     with pytest.raises(Exception, match="model.safetensors|header|deserializ"):
         read_exported(exported)
+    assert_runs_when_read_naively(marker, lambda: pickle.loads(exported.read_bytes()))
     torch.save({"model": {"w": Payload(marker)}}, tmp_path / "decoder.pt")
     with pytest.raises(Exception, match=r"decoder\.pt"):
         load_sonar_decoder(tmp_path / "decoder.pt")
+    assert_runs_when_read_naively(marker, lambda: torch.load(tmp_path / "decoder.pt", weights_only=False))
     w = DatasetWriter(tmp_path / "ds", embed_dim=4, dtype="fp16", end_of_doc_text="End.", end_of_doc_tokens=[1],
                       end_of_doc_embedding=np.zeros(4))
     w.add_shard(0, ShardArrays(np.zeros((2, 4), np.float16), np.arange(4, dtype=np.int32),
@@ -133,7 +145,7 @@ def test_planted_payload_in_export_sonar_file_and_shard_is_refused(tmp_path):
     np.save(emb, np.array([Payload(marker)], dtype=object), allow_pickle=True)
     with pytest.raises(ShardCorruptionError, match=str(emb)):
         ShardedDataset(tmp_path / "ds", verify="none").doc(0)
-    assert not marker.exists()
+    assert_runs_when_read_naively(marker, lambda: np.load(emb, allow_pickle=True))
 
 
 # ------------------------------------------------------------------------------------------------ checksums
@@ -224,8 +236,6 @@ def test_failed_last_save_exits_non_zero_naming_the_good_step(tmp_path, capsys, 
 
 # ------------------------------------------------------------------------------------------------ resume config
 def test_resume_applies_optimizer_changes_and_refuses_model_changes(tmp_path, capsys):
-    from sonar_train.optim import lr_factor
-
     cfg = fake_cfg(tmp_path / "run", 3)
     run(cfg)
     run_dir = tmp_path / "run"
@@ -235,7 +245,10 @@ def test_resume_applies_optimizer_changes_and_refuses_model_changes(tmp_path, ca
     assert "config changes applied on resume: optim.lr: 0.01 -> 0.02; train.steps: 3 -> 5" in out.getvalue()
     recs = [r for r in records(run_dir) if not r.get("stale")]
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]
-    assert abs(recs[3]["lr"] - 2e-2 * lr_factor(3, 2, 5, cfg.optim.min_lr_ratio)) < 1e-15
+    # closed form (warm-up 2, cosine to min_lr_ratio 0.1 over steps 2..5; 0-based optimizer steps 3 and 4):
+    # lr = 0.02 * (0.1 + 0.9 * (1 + cos(pi * (s - 2) / 3)) / 2) = 0.0155 and 0.0065
+    assert cfg.optim.warmup_steps == 2 and cfg.optim.min_lr_ratio == 0.1
+    assert abs(recs[3]["lr"] - 0.0155) < 1e-15 and abs(recs[4]["lr"] - 0.0065) < 1e-15
     assert "lr = 0.02" in (run_dir / "config.toml").read_text()
 
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
