@@ -7,7 +7,7 @@ GPU when there is one (use --dtype bf16 there), else on the CPU with torch's def
 """
 from __future__ import annotations
 
-import argparse
+import sys
 import time
 
 import torch
@@ -16,12 +16,21 @@ from sonar_llm.sonar import SonarEncoderConfig, SonarTextEncoder
 from sonar_llm.sonar.checkpoint import DTYPES
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--tokens", type=int, default=18)
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+def main(argv=None) -> int:
+    """The command; errors follow sonar_llm.cli (bad input: exit 2, one line)."""
+    from sonar_llm.cli import run
+
+    return run("measure_encoder_throughput", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    from sonar_llm.cli import float_in, int_at_least, parser
+
+    ap = parser("bench/measure_encoder_throughput.py", description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float_in(0, 86400, low_open=True), default=20.0, help="time to measure")
+    ap.add_argument("--batch", type=int_at_least(1), default=64, help="sentences per forward")
+    ap.add_argument("--tokens", type=int_at_least(2), default=18, help="tokens per sentence (tag and </s> included)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and compute dtype")
     a = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -46,7 +55,8 @@ def main(argv=None) -> None:
         dt = time.perf_counter() - t0
     where = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"basic SONAR encoder, {where}, {a.dtype}, batch {a.batch}x{a.tokens}: {n / dt:.1f} sentences/s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

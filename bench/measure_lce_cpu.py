@@ -114,11 +114,20 @@ def _cpu_model() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=8192)
-    ap.add_argument("--d", type=int, default=256)
-    ap.add_argument("--v", type=int, default=32000)
-    ap.add_argument("--repeats", type=int, default=5, help="timed rounds per path (after one warm-up)")
+    """The command; errors follow sonar_llm.cli (bad input: exit 2, one line)."""
+    from sonar_llm.cli import run
+
+    return run("measure_lce_cpu", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    from sonar_llm.cli import UsageError, atomic_output, int_at_least, parser
+
+    ap = parser("bench/measure_lce_cpu.py", description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int_at_least(1), default=8192, help="rows (tokens)")
+    ap.add_argument("--d", type=int_at_least(1), default=256, help="hidden size")
+    ap.add_argument("--v", type=int_at_least(1), default=32000, help="vocabulary size")
+    ap.add_argument("--repeats", type=int_at_least(1), default=5, help="timed rounds per path (after one warm-up)")
     ap.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ",".join(PATHS))
     ap.add_argument("--memory", choices=PATHS, help=argparse.SUPPRESS)  # internal: one path's memory, JSON out
     ap.add_argument("--out", type=Path, default=None, help="result file (default bench/results/lce_cpu_<time>.json)")
@@ -128,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure_memory(args.memory, n, d, v)))
         return 0
     paths = [p for p in args.paths.split(",") if p]
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown or not paths:
+        raise UsageError(f"--paths: expected a comma-separated subset of {','.join(PATHS)}, got {args.paths!r}")
     if "native" in paths and not native.native_available():
         print(f"skipping native: {native.native_load_error()}", file=sys.stderr)
         paths.remove("native")
@@ -175,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['peak_increase_bytes'] / 2 ** 20:9.1f} {mv:>12} "
               f"{r['second_step_peak_increase_bytes'] / 2 ** 20:12.1f}")
     out = args.out or RESULTS / f"lce_cpu_{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    with atomic_output(out) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -13,7 +13,6 @@ touches every weight the peak is 1.015x the file size; with a bf16 conversion at
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -58,13 +57,27 @@ if sys.argv[3] == "safetensors":
 """
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--dir", default=None, help="where to write the temporary checkpoint")
-    ap.add_argument("--dtype", default="keep", help="dtype requested at load time (keep = file dtype)")
-    ap.add_argument("--format", choices=["pt", "safetensors"], default="pt")
-    args = ap.parse_args()
+_LOAD_DTYPES = ("keep", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command; errors follow sonar_llm.cli (bad input: exit 2, one line). Imports no torch (see below)."""
+    from sonar_llm.cli import run
+
+    return run("measure_load_rss", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    from sonar_llm.cli import int_at_least, parser
+
+    ap = parser("bench/measure_load_rss.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int_at_least(1), default=2, help="decoder layers of the written checkpoint")
+    ap.add_argument("--dir", default=None, help="where to write the temporary checkpoint (an existing folder)")
+    ap.add_argument("--dtype", default="keep", choices=_LOAD_DTYPES, help="dtype requested at load time (keep = file dtype)")
+    ap.add_argument("--format", choices=["pt", "safetensors"], default="pt", help="checkpoint file format")
+    args = ap.parse_args(argv)
+    if args.dir is not None and not os.path.isdir(args.dir):
+        raise FileNotFoundError(f"--dir: not a folder: {args.dir}")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # This process stays small (no torch import): Linux keeps ru_maxrss across exec, so a big parent
     # would inflate the child's figure.
@@ -82,7 +95,8 @@ def main() -> None:
     stats["forward_delta_mib"] = stats["after_forward_mib"] - stats["after_import_mib"]
     stats["peak_delta_over_file"] = stats["forward_delta_mib"] / size_mib
     print(json.dumps({k: round(v, 3) for k, v in stats.items()}, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

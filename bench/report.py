@@ -155,23 +155,43 @@ def compare(old: dict, new: dict) -> str:
     return "\n".join(lines)
 
 
+def _read(path: Path) -> dict:
+    """A benchmark result file; errors name the file (and the line of bad JSON or bytes)."""
+    from sonar_llm.cli import read_utf8
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such result file")
+    try:
+        data = json.loads(read_utf8(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks", []), list):
+        raise ValueError(f"{path}: not a pytest-benchmark result (a JSON object with a 'benchmarks' list)")
+    return data
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command; errors follow sonar_llm.cli (bad input: exit 2, one line)."""
+    from sonar_llm.cli import run
+
+    return run("report", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    from sonar_llm.cli import parser
+
+    ap = parser("bench/report.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("show")
-    s.add_argument("result", type=Path)
-    c = sub.add_parser("compare")
-    c.add_argument("old", type=Path)
-    c.add_argument("new", type=Path)
+    s = sub.add_parser("show", help="one result as markdown")
+    s.add_argument("result", type=Path, help="a pytest-benchmark JSON result")
+    c = sub.add_parser("compare", help="two results side by side")
+    c.add_argument("old", type=Path, help="the earlier result")
+    c.add_argument("new", type=Path, help="the later result")
     a = ap.parse_args(argv)
-    for p in [getattr(a, "result", None), getattr(a, "old", None), getattr(a, "new", None)]:
-        if p is not None and not p.is_file():
-            print(f"error: no such result file: {p}", file=sys.stderr)
-            return 2
     if a.cmd == "show":
-        print(markdown(json.loads(a.result.read_text())))
+        print(markdown(_read(a.result)))
     else:
-        print(compare(json.loads(a.old.read_text()), json.loads(a.new.read_text())))
+        print(compare(_read(a.old), _read(a.new)))
     return 0
 
 
