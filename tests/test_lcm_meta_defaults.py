@@ -226,6 +226,58 @@ def _denoiser_f64(model, x_t, t, ctx, cross_allowed):
     return lin(den.final_proj.fc, rms(den.layer_norm, h))
 
 
+def _abar_closed_form(T: int, max_beta: float = 0.999) -> torch.Tensor:
+    """alpha_bar of diffusers' DDIMScheduler(beta_schedule="squaredcos_cap_v2", rescale_betas_zero_snr=True),
+    written out: Nichol & Dhariwal's cosine betas capped at max_beta, then Lin et al. (2023) Alg. 1."""
+    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    betas = torch.tensor([min(1 - f((i + 1) / T) / f(i / T), max_beta) for i in range(T)], dtype=torch.float64)
+    sqrt_ab = torch.cumprod(1 - betas, 0).sqrt()
+    s0, s_last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - s_last) * s0 / (s0 - s_last)  # shift to 0 at the last step, keep the first
+    return sqrt_ab ** 2
+
+
+def _context_f64(model, x0, cu):
+    """float64 contextualizer (the LCM block: pre-norm, biases, RMSNorm, interleaved RoPE pairs (2i, 2i+1) with
+    theta rope_theta, causal attention per document, SwiGLU, final RMSNorm) over each document of x0 [S, E]."""
+    enc, cfg = model.context_encoder, model.cfg
+    H = cfg.num_heads
+    Hkv = cfg.num_kv_heads or H
+    dh = cfg.model_dim // H
+
+    def lin(m, x):
+        return x @ m.weight.double().T + (m.bias.double() if m.bias is not None else 0.0)
+
+    def rms(m, x):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + m.eps) * m.weight.double()
+
+    def rope(x, n):  # x [n, heads, dh]
+        inv = cfg.rope_theta ** (-torch.arange(0, dh, 2, dtype=torch.float64) / dh)
+        ang = torch.arange(n, dtype=torch.float64)[:, None] * inv[None]  # [n, dh/2]
+        c, s_ = ang.cos()[:, None], ang.sin()[:, None]
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack([a * c - b * s_, a * s_ + b * c], -1).flatten(-2)
+
+    out = []
+    for lo, hi in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        n = hi - lo
+        h = lin(model.encoder_frontend.pre_linear, x0[lo:hi].double())
+        for layer in enc.layers:
+            a = rms(layer.self_attn_layer_norm, h)
+            at = layer.self_attn
+            q = rope(lin(at.q_proj, a).view(n, H, dh), n).transpose(0, 1)
+            k = rope(lin(at.k_proj, a).view(n, Hkv, dh), n).transpose(0, 1).repeat_interleave(H // Hkv, 0)
+            v = lin(at.v_proj, a).view(n, Hkv, dh).transpose(0, 1).repeat_interleave(H // Hkv, 0)
+            sc = (q @ k.transpose(1, 2) / math.sqrt(dh)).masked_fill(
+                ~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+            h = h + lin(at.output_proj, (sc.softmax(-1) @ v).transpose(0, 1).reshape(n, -1))
+            a = rms(layer.ffn_layer_norm, h)
+            f = layer.ffn
+            h = h + lin(f.output_proj, F.silu(lin(f.gate_proj, a)) * lin(f.inner_proj, a))
+        out.append(rms(enc.layer_norm, h))
+    return torch.cat(out)
+
+
 def test_validation_loss_drops_metas_rows_against_hand_built_mask():
     from sonar_llm.models.two_tower import TwoTowerLCM, two_tower_tiny
 
@@ -235,6 +287,8 @@ def test_validation_loss_drops_metas_rows_against_hand_built_mask():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
+        model.sonar_normalizer.center.copy_(torch.randn(16, generator=g, dtype=torch.float64) * 0.01)
+        model.sonar_normalizer.scale.copy_(torch.rand(16, generator=g, dtype=torch.float64) * 0.05 + 0.02)
     lengths = [5, 9, 3]
     batch = _batch(lengths, 16, g)
     with torch.no_grad():
@@ -248,10 +302,17 @@ def test_validation_loss_drops_metas_rows_against_hand_built_mask():
     rows = (1 + torch.randperm(L - 1, generator=g2)[:n_drop]).tolist()
     padded = torch.ones(L, L + 1).tril_(0)  # [seq_len, key_len]: query i sees key 0 and context < i
     padded[rows, 1:] = 0  # zero_vector=True: a dropped row keeps key 0 only, the same rows for every document
-    x0 = model.sonar_normalizer.normalize(batch.embeddings.float()).double()
-    x_t = model.noise_scheduler.add_noise(x0, noise, t)
+    # written out, not the model's normalize / add_noise / encode_context: x0 = (x - center) / scale (in fp32,
+    # as the loss), x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, and a float64 contextualizer
+    center, scale = model.sonar_normalizer.center.float(), model.sonar_normalizer.scale.float()
+    x0 = ((batch.embeddings.float() - center) / scale).double()
+    assert (model.cfg.beta_schedule, model.cfg.rescale_betas_zero_snr) == ("squaredcos_cap_v2", True)
+    abar = _abar_closed_form(T)[t][:, None]
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
     with torch.no_grad():
-        ctx = model.encode_context(x0, batch.doc_cu_seqlens, L)
+        ctx = _context_f64(model, x0, batch.doc_cu_seqlens)
+        # the loss is not very sensitive to the context: the contextualizer is checked on its own too
+        torch.testing.assert_close(model.encode_context(x0, batch.doc_cu_seqlens, L), ctx, rtol=1e-10, atol=1e-12)
         want = 0.0
         for d, (a, b) in enumerate(zip(batch.doc_cu_seqlens[:-1].tolist(), batch.doc_cu_seqlens[1:].tolist())):
             n = b - a
