@@ -95,10 +95,10 @@ def test_command_writes_records_for_every_family(default_run, tmp_path, family):
     assert rec["continuation"] == " ".join(rec["sentences"])
     assert rec["timings"]["batch_seconds"] > 0 and rec["timings"]["batch_size"] == 1
     if family == "token_llm":
-        assert rec["decoding"] is None and rec["stop_reason"] in ("eos_or_token_cap", "max_sentences")
+        assert rec["decoding"] is None and rec["stop_reason"] in ("end", "token_cap", "sentence_cap")
     else:
-        assert rec["stop_reason"] in ("eos", "max_sentences")
-        assert rec["stop_reason"] == "max_sentences" or len(rec["sentences"]) < 3
+        assert rec["stop_reason"] in ("end", "sentence_cap")
+        assert rec["stop_reason"] == "sentence_cap" or len(rec["sentences"]) < 3
         d = rec["decoding"]
         assert (d["strategy"], d["beam_size"], d["max_gen_len"], d["max_seq_len"]) == ("greedy", 1, 8, 256)
         assert d["max_new_tokens"] == 8 and d["width"] == 32 and rec["target_lang"] == "eng_Latn"
@@ -123,7 +123,6 @@ def test_sonar_llm_continuation_equals_the_public_loop_by_hand(default_run, tmp_
     from sonar_llm.checkpoints import read_exported
     from sonar_llm.data.segment import split_sentences
     from sonar_llm.models.build import build_trained
-    from sonar_llm.models.generate import generate_sonar_llm_reference
     from sonar_llm.sonar.generation import GenerationConfig
 
     root = default_run["root"]
@@ -139,11 +138,25 @@ def test_sonar_llm_continuation_equals_the_public_loop_by_hand(default_run, tmp_
     dec = lambda e: e2t.decode(e, "eng_Latn", cfg=cfg)  # noqa: E731
     enc = lambda t: t2e.encode(t, "eng_Latn")  # noqa: E731
     prompt = split_sentences(PROMPTS[2])
-    # the story limit counts the prompt and allows one more: 4 new sentences after a 4-sentence prompt
-    ref = generate_sonar_llm_reference(model, [enc(prompt)], dec, enc, max_sentences=len(prompt) + 3,
-                                       eos_embedding=enc(["End of sequence."])[0], eos_threshold=0.999)[0]
-    assert rec["sentences"] == ref.texts[:4]
-    assert rec["stop_reason"] == ("eos" if ref.stopped_by_eos and len(ref.texts) < 4 else "max_sentences")
+    # the public loop, written here (no library generation helper): run the backbone over every embedding so
+    # far (no cache), project, decode, re-encode the text and append it; stop when cos(re-encoded, "End of
+    # sequence.") >= threshold (float64 here) or after 4 new sentences
+    eos = enc(["End of sequence."])[0].double()
+    embs, texts, stopped = enc(prompt), [], False
+    model.eval()
+    with torch.no_grad():
+        while len(texts) < 4:
+            hidden = model.backbone.forward_padded(model.embed_inputs(embs)[None])[0, -1:]
+            text = list(dec(model.predict_embedding(hidden)))
+            again = enc(text)
+            v = again[0].double()
+            if float(v @ eos) / float(v.norm() * eos.norm()) >= 0.999:
+                stopped = True
+                break
+            texts.append(text[0])
+            embs = torch.cat([embs, again.to(embs.dtype)])
+    assert texts and rec["sentences"] == texts
+    assert rec["stop_reason"] == ("end" if stopped else "sentence_cap")
 
 
 @pytest.mark.parametrize("family", ["sonar_llm", "two_tower"])
