@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from fixtures_nltk import no_nltk_data, tiny_punkt  # noqa: F401  (fixtures)
-from fixtures_sonar import toy_encoder, toy_tokenizer
+from fixtures_sonar import TOY_LANGS, toy_encoder, toy_tokenizer
 
 from sonar_llm.data import tinystories as T
 from sonar_llm.data.preprocess import SonarCodec
@@ -33,9 +33,29 @@ VALID = [_story(100 + i, n) for i, n in enumerate([4, 6, 35, 2, 3])] + [""]
 
 
 @pytest.fixture(scope="module")
-def codec(tmp_path_factory):
+def toy_sonar(tmp_path_factory):
     tok = toy_tokenizer(tmp_path_factory.mktemp("spm"))
-    return SonarCodec(TextToEmbedding(toy_encoder(vocab_size=tok.vocab_size), tok, batch_size=8), tok)
+    return toy_encoder(vocab_size=tok.vocab_size), tok
+
+
+@pytest.fixture(scope="module")
+def codec(toy_sonar):
+    encoder, tok = toy_sonar
+    return SonarCodec(TextToEmbedding(encoder, tok, batch_size=8), tok)
+
+
+def _reference_embeddings(toy_sonar, sents):
+    """Independent of the codec (its tokenizer wrapper, batching, sorting, padding): one sentence at a time,
+    ids from SentencePiece itself in fairseq2's NLLB layout (raw id + 1; the eng_Latn tag = pieces + 1 + its
+    index in the tokenizer's language list; </s> = 3), through the encoder module with no padding."""
+    import sentencepiece as spm
+
+    encoder, tok = toy_sonar
+    sp = spm.SentencePieceProcessor(model_file=tok.model_path)
+    tag = sp.GetPieceSize() + 1 + list(TOY_LANGS).index("eng_Latn")
+    with torch.no_grad():
+        return torch.stack([encoder(torch.tensor([[tag, *(p + 1 for p in sp.Encode(s)), 3]]))[0].float()
+                            for s in sents])
 
 
 def _punkt_split(text):
@@ -64,7 +84,7 @@ def _write_layout(root, layout):
         (root / "TinyStories-valid.txt").write_text("<|endoftext|>".join(VALID))
 
 
-def _check(out, codec, split_fn, holdout):
+def _check(out, toy_sonar, split_fn, holdout):
     train = [t for t in TRAIN if t]
     valid = [t for t in VALID if t]
     assert [json.loads(x)["text"] for x in (out / "prompts.jsonl").read_text().splitlines()] == valid[:-holdout]
@@ -75,20 +95,20 @@ def _check(out, codec, split_fn, holdout):
         assert ds.num_docs == len(expect), split
         for i, sents in enumerate(expect):
             emb, _, _ = ds.doc(i)
-            ref = codec.encode(sents)
+            ref = _reference_embeddings(toy_sonar, sents)
             assert emb.shape == ref.shape, (split, i)
             torch.testing.assert_close(emb.float(), ref, atol=2e-3, rtol=2e-3)  # fp16 storage
 
 
 @pytest.mark.parametrize("layout", ["parquet", "txt", "json"])
-def test_layouts_with_punkt(tmp_path, codec, tiny_punkt, layout):
+def test_layouts_with_punkt(tmp_path, codec, toy_sonar, tiny_punkt, layout):
     _write_layout(tmp_path / "ts", layout)
     out = tmp_path / "out"
     logs = []
     cfg = T.TinyStoriesConfig(out=str(out), data_dir=str(tmp_path / "ts"), validation_holdout=2, shard_size_docs=2)
     summary = T.prepare_tinystories(cfg, codec, log=logs.append)
     assert summary["segmenter"].startswith("nltk-punkt") and any("NLTK Punkt" in m for m in logs)
-    _check(out, codec, _punkt_split, holdout=2)
+    _check(out, toy_sonar, _punkt_split, holdout=2)
     ds = ShardedDataset(out / "train")
     assert ds.manifest["config"]["segmenter"].startswith("nltk-punkt")
     assert max(ds.doc_lengths()[0]) == 33  # the 40-sentence story: 32 sentences + EOS
@@ -97,7 +117,7 @@ def test_layouts_with_punkt(tmp_path, codec, tiny_punkt, layout):
     assert json.loads((out / "tinystories.json").read_text())["sources"]["source"] in ("parquet", "txt", "json+txt")
 
 
-def test_blingfire_fallback_and_resume(tmp_path, codec, no_nltk_data):
+def test_blingfire_fallback_and_resume(tmp_path, codec, toy_sonar, no_nltk_data):
     _write_layout(tmp_path / "ts", "txt")
     out = tmp_path / "out"
     logs = []
@@ -107,7 +127,7 @@ def test_blingfire_fallback_and_resume(tmp_path, codec, no_nltk_data):
     assert any("blingfire, NOT the public code's Punkt" in m and "punkt_tab" in m for m in logs)
     from sonar_llm.data.segment import split_sentences
 
-    _check(out, codec, split_sentences, holdout=3)
+    _check(out, toy_sonar, split_sentences, holdout=3)
     before = {p: p.read_bytes() for p in sorted((out / "train").rglob("*")) if p.is_file()}
     logs.clear()
     T.prepare_tinystories(cfg, codec, log=logs.append)  # a re-run reuses the stories and the shards
@@ -120,7 +140,7 @@ def test_blingfire_fallback_and_resume(tmp_path, codec, no_nltk_data):
         T.make_segmenter("punkt")
 
 
-def test_online_path_through_datasets(tmp_path, codec, tiny_punkt, monkeypatch):
+def test_online_path_through_datasets(tmp_path, codec, toy_sonar, tiny_punkt, monkeypatch):
     import datasets
 
     calls = []
@@ -134,7 +154,7 @@ def test_online_path_through_datasets(tmp_path, codec, tiny_punkt, monkeypatch):
     out = tmp_path / "out"
     T.prepare_tinystories(T.TinyStoriesConfig(out=str(out), validation_holdout=2), codec, log=None)
     assert calls == ["roneneldan/TinyStories"]
-    _check(out, codec, _punkt_split, holdout=2)
+    _check(out, toy_sonar, _punkt_split, holdout=2)
 
 
 def test_explicit_files_cli_and_errors(tmp_path, codec, tiny_punkt, monkeypatch):
