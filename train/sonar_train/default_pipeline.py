@@ -14,7 +14,8 @@ Under torchrun, rank 0 prepares steps 1-3 while the other ranks wait for its "re
 trains; rank 0 evaluates. Re-running resumes: cached assets and complete shards are reused, and training
 continues from the latest checkpoint in runs/default (delete that folder to start over).
 Environment: SONAR_LLM_DEFAULT_DIR (default "runs/default"), SONAR_LLM_CACHE (tiny SONAR cache),
-SONAR_LLM_DEFAULT_STEPS (training steps), SONAR_LLM_TINY_STEPS (tiny SONAR training steps; default
+SONAR_LLM_DEFAULT_STEPS (training steps), SONAR_LLM_DEFAULT_STORIES (keep only that many training stories; the
+held-out split is unchanged), SONAR_LLM_TINY_STEPS (tiny SONAR training steps; default
 TinySonarConfig.train_steps: a fixed count, so two runs give the same tiny SONAR however busy the machine is).
 """
 from __future__ import annotations
@@ -257,7 +258,9 @@ def main() -> int:
         marker.with_suffix(".failed").unlink(missing_ok=True)
         try:
             steps_done = iter(range(1, 4))
-            assets = prepare(run_dir, tiny_steps, say=lambda msg: _say(f"[{next(steps_done)}/6] {msg}"))
+            stories = int(os.environ["SONAR_LLM_DEFAULT_STORIES"]) if os.environ.get("SONAR_LLM_DEFAULT_STORIES") else 0
+            assets = prepare(run_dir, tiny_steps, train_stories=stories,
+                             say=lambda msg: _say(f"[{next(steps_done)}/6] {msg}"))
         except BaseException as e:
             run_dir.mkdir(parents=True, exist_ok=True)
             marker.with_suffix(".failed").write_text(f"{type(e).__name__}: {e}")
