@@ -374,11 +374,13 @@ def evaluate(cfg: EvalConfig, *, loaded: LoadedModel | None = None, sonar=None,
 
         if spec.token_nll is not None:
             nll = dataset_token_nll(loaded.model, loaded.family, cfg.nll_data, NLLConfig(max_docs=cfg.nll_docs),
-                                    device=cfg.device)
-            result["metrics"].update({k: v for k, v in nll.items() if k in ("token_nll", "token_ppl")})
+                                    device=cfg.device, decode=tokenizer.decode)
+            result["metrics"].update({k: v for k, v in nll.items() if k in ("token_nll", "token_ppl", "bits_per_byte")})
             result["nll"] = nll
         else:
             result["nll"] = None  # not defined for models without a token distribution
+    from .scaling import non_embedding_parameters
+
     if cfg.judge_url:
         from .judge import judge
 
@@ -390,6 +392,7 @@ def evaluate(cfg: EvalConfig, *, loaded: LoadedModel | None = None, sonar=None,
         check_failures(result["judge"], cfg.judge_max_failed_share)  # before anything is written
     result.update(family=loaded.family, source=loaded.source, step=loaded.step,
                   num_parameters=sum(p.numel() for p in loaded.model.parameters()),
+                  non_embedding_parameters=non_embedding_parameters(loaded.model),
                   settings=asdict(cfg), load_seconds=load_s)
     if cfg.out:
         write_result(result, cfg.out)

@@ -21,11 +21,29 @@ The token LLM sees the exact previous tokens; the SONAR-LLM sees the previous se
 their SONAR embeddings (lossy) and sees the current sentence's earlier tokens only inside the frozen
 decoder. The SONAR-LLM number is therefore an upper bound of what its concept-level prediction
 "knows"; it is not a likelihood of its free-running generation (which decodes with beam search).
+
+Bits per byte (`bits_per_byte`, given a `decode` function): the same summed NLL in bits divided by the
+UTF-8 bytes of the scored CONTINUATION TEXT, i.e. " " + " ".join(sentences[context_sentences:]) of every
+document (each scored story sentence counts its text, decoded from its ids, plus the one space joining it
+to the sentence before). The end-of-document sentence is scored (the model must also predict that the
+story stops) but adds no byte. The measure is -log2 P(continuation text, then stop | first sentences) per
+byte, which does not depend on the tokenizer: token LLMs with other tokenizers score the same text the
+same way, so the numbers compare across families and tokenizers on the same
+held-out stories (what each family conditions on is the difference stated above; docs/evaluation.md).
+
+Token LLM with its own tokenizer (`text_tokenizer`: whole-document streams, the paper's baseline): the
+held-out data are its whole-document shards; each stream is decoded to text and split into sentences by
+`sonar_llm.data.segment.split_sentences` (as the SONAR preprocessing splits the same stories), and each
+story is scored as `[BOS] + ids(context) + ids(" " + continuation) + [EOS]`, context = the first
+`context_sentences` sentences joined by " ": the continuation's tokens and the EOS are scored
+(`whole_document_token_nll`). Its `token_nll` is per ITS OWN token (not comparable with SONAR-token
+numbers); its `bits_per_byte` is over the same continuation bytes as above.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+import math
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +61,8 @@ __all__ = [
     "token_llm_token_nll",
     "batches_from_dataset",
     "dataset_token_nll",
+    "scored_text_bytes",
+    "bits_per_byte_summary",
 ]
 
 
@@ -89,15 +109,8 @@ def batches_from_dataset(dataset: Any, cfg: NLLConfig, dtype: torch.dtype = torc
         )
 
 
-def dataset_token_nll(model: nn.Module, family: str, data: Any | Sequence[Any], cfg: NLLConfig | None = None,
-                      device: torch.device | str = "cpu") -> dict[str, float]:
-    """Mean token NLL / perplexity of `family` (a registry name whose spec has a `token_nll`) over a
-    held-out `ShardedDataset` (or a path to one, or a list of ConceptBatches)."""
-    cfg = cfg or NLLConfig()
-    fn = get_family(family).token_nll
-    if fn is None:
-        scorable = sorted(name for name in FAMILIES if get_family(name).token_nll is not None)
-        raise ValueError(f"token NLL is defined for {scorable}, not for family {family!r}")
+def _open_dataset(data: Any) -> Any:
+    """A `ShardedDataset` from a path (FileNotFoundError when missing); a dataset passes through."""
     if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
         from pathlib import Path
 
@@ -105,16 +118,95 @@ def dataset_token_nll(model: nn.Module, family: str, data: Any | Sequence[Any], 
 
         if not Path(data).exists():
             raise FileNotFoundError(f"held-out shard directory not found: {data}")
-        data = ShardedDataset(data)
+        return ShardedDataset(data)
+    return data
+
+
+def scored_text_bytes(batch: Any, context_sentences: int, decode: Callable[[list[list[int]]], list[str]],
+                      end_of_doc_tokens: Sequence[int] | None) -> int:
+    """UTF-8 bytes of the continuation text a `token_nll` scores in `batch`: every sentence at position >=
+    `context_sentences` of its document except the end-of-document sentence (ids == `end_of_doc_tokens`),
+    decoded from its ids, + 1 byte each for the space that joins it to the sentence before."""
+    num_sent = int(batch.tok_cu_seqlens.numel()) - 1
+    scored = scored_sentence_mask(batch.doc_cu_seqlens.cpu(), num_sent, context_sentences).tolist()
+    tcu = batch.tok_cu_seqlens.to(torch.int64).cpu().tolist()
+    tokens = batch.tokens.cpu().tolist()
+    eod = [int(t) for t in end_of_doc_tokens] if end_of_doc_tokens is not None else None
+    ids = [tokens[tcu[k]:tcu[k + 1]] for k in range(num_sent) if scored[k]]
+    ids = [x for x in ids if x != eod]
+    if not ids:
+        return 0
+    return sum(len(t.encode("utf-8")) + 1 for t in decode(ids))
+
+
+def dataset_token_nll(model: nn.Module, family: str, data: Any | Sequence[Any], cfg: NLLConfig | None = None,
+                      device: torch.device | str = "cpu",
+                      decode: Callable[[list[list[int]]], list[str]] | None = None,
+                      end_of_doc_tokens: Sequence[int] | None = None) -> dict[str, float]:
+    """Mean token NLL / perplexity of `family` (a registry name whose spec has a `token_nll`) over a
+    held-out `ShardedDataset` (or a path to one, or a list of ConceptBatches).
+
+    With `decode` (the SONAR tokenizer's `decode`: id lists -> texts) also `bits_per_byte` and `num_bytes`
+    (see the module docstring); `end_of_doc_tokens` defaults to the dataset manifest's."""
+    cfg = cfg or NLLConfig()
+    if getattr(getattr(model, "cfg", None), "whole_documents", False):
+        return _whole_document_nll(model, data, cfg, device)
+    fn = get_family(family).token_nll
+    if fn is None:
+        scorable = sorted(name for name in FAMILIES if get_family(name).token_nll is not None)
+        raise ValueError(f"token NLL is defined for {scorable}, not for family {family!r}")
+    if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
+        data = _open_dataset(data)
+    if end_of_doc_tokens is None and hasattr(data, "manifest"):
+        end_of_doc_tokens = data.manifest.get("end_of_doc", {}).get("tokens")
     batches = data if isinstance(data, (list, tuple)) else batches_from_dataset(data, cfg, device=device)
-    total, count = 0.0, 0
+    total, count, num_bytes = 0.0, 0, 0
     for batch in batches:
         s, n = fn(model, batch, cfg.context_sentences)
         total += s
         count += n
+        if decode is not None:
+            num_bytes += scored_text_bytes(batch, cfg.context_sentences, decode, end_of_doc_tokens)
     if count == 0:
         raise ValueError(f"no token was scored: every document has <= context_sentences="
                          f"{cfg.context_sentences} sentences")
     out = token_nll_summary(total, count)
     out["context_sentences"] = cfg.context_sentences
+    out["total_nll"] = total
+    if decode is not None:
+        out.update(bits_per_byte_summary(total, num_bytes))
+    return out
+
+
+def bits_per_byte_summary(total_nll: float, num_bytes: int) -> dict[str, float]:
+    """{"bits_per_byte": summed NLL (nats) / ln 2 / bytes, "num_bytes"}."""
+    if num_bytes <= 0:
+        raise ValueError("no byte of continuation text was scored (every scored sentence is the end-of-document one)")
+    return {"bits_per_byte": total_nll / math.log(2.0) / num_bytes, "num_bytes": int(num_bytes)}
+
+
+def _whole_document_nll(model: nn.Module, data: Any, cfg: NLLConfig, device: torch.device | str) -> dict[str, float]:
+    """token NLL (its own tokens) and bits per byte of a whole-document token LLM (module docstring)."""
+    from sonar_llm.data.segment import split_sentences
+    from sonar_llm.models.token_nll import whole_document_token_nll
+
+    if isinstance(data, (list, tuple)) and all(isinstance(s, list) for s in data):
+        stories = [list(s) for s in data][: cfg.max_docs]
+    else:
+        ds = _open_dataset(data)
+        tok = model.text_tokenizer()
+        stories = []
+        for i in range(min(int(ds.num_docs), cfg.max_docs)):
+            ids = np.asarray(ds.doc(i)[1]).tolist()
+            stories.append(split_sentences(tok.decode(ids)))
+    if not stories:
+        raise ValueError("the held-out dataset has no documents")
+    total, count, num_bytes = 0.0, 0, 0
+    for start in range(0, len(stories), cfg.docs_per_batch):
+        s, n, b = whole_document_token_nll(model, stories[start:start + cfg.docs_per_batch],
+                                           cfg.context_sentences, device)
+        total, count, num_bytes = total + s, count + n, num_bytes + b
+    out = token_nll_summary(total, count)
+    out.update(context_sentences=cfg.context_sentences, total_nll=total, tokenizer=model.cfg.text_tokenizer)
+    out.update(bits_per_byte_summary(total, num_bytes))
     return out

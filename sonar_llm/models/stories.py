@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from .generate import GenerationSettings, generate_sonar_llm, generate_token_llm
 
-__all__ = ["StoryContext", "StoryFn", "concept_stories", "sonar_llm_stories", "token_llm_stories"]
+__all__ = ["StoryContext", "StoryFn", "concept_stories", "sonar_llm_stories", "token_llm_stories",
+           "whole_document_stories"]
 
 StoryFn = Callable[[list[list[str]]], list[list[str]]]
 RecordFn = Callable[[Tensor, list[str], "Tensor | None"], None]
@@ -99,8 +100,30 @@ def sonar_llm_stories(model: nn.Module, ctx: StoryContext) -> StoryFn:
     return generate
 
 
+def whole_document_stories(model: nn.Module, ctx: StoryContext) -> StoryFn:
+    """Token LLM stories over whole-document streams (its own `text_tokenizer`): the prompt sentences joined
+    by " " after the BOS, greedy (KV-cached) until the EOS or `ctx.max_new_tokens`, the new text split into
+    sentences (`split_sentences`) and cut at the story limit."""
+    from sonar_llm.data.segment import split_sentences
+
+    tok = model.text_tokenizer()
+    device = next(model.parameters()).device
+    limit = ctx.settings.max_sentences
+
+    def generate(prompts: list[list[str]]) -> list[list[str]]:
+        ids = [torch.tensor([tok.bos_id, *tok.encode(" ".join(p))], dtype=torch.int64, device=device)
+               for p in prompts]
+        outs = generate_token_llm(model, ids, max_new_tokens=ctx.max_new_tokens, stop_ids=(tok.eos_id,))
+        return [split_sentences(tok.decode(o))[:max(0, limit - len(p))] for p, o in zip(prompts, outs)]
+
+    return generate
+
+
 def token_llm_stories(model: nn.Module, ctx: StoryContext) -> StoryFn:
-    """Token LLM stories (greedy, KV-cached) in SONAR's tokenization."""
+    """Token LLM stories (greedy, KV-cached) in SONAR's tokenization (or, with a `text_tokenizer`, in its
+    own: `whole_document_stories`)."""
+    if model.cfg.whole_documents:
+        return whole_document_stories(model, ctx)
     tokenizer = ctx.tokenizer
     if tokenizer is None:
         raise ValueError("token LLM story generation needs ctx.tokenizer")

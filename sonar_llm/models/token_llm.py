@@ -1,8 +1,14 @@
-"""TokenLLM: the token-level baseline on the same Backbone, over SONAR tokenizer ids.
+"""TokenLLM: the token-level baseline on the same Backbone, over SONAR tokenizer ids or a user's tokenizer.
 
-Each document becomes one token stream: a BOS (id 2, `prepend_bos`), then every sentence's target-mode
-ids `[3, lang, w1..wn, 3]` with the `[3, lang]` prefix stripped, so sentences are separated by their
-EOS (3): `2 w.. 3 w.. 3 ...`. Streams are packed per document (no padding, causal inside each
+Two data formats:
+  * SONAR sentences (default, `text_tokenizer` ""): each document becomes one token stream: a BOS (id 2,
+    `prepend_bos`), then every sentence's target-mode ids `[3, lang, w1..wn, 3]` with the `[3, lang]` prefix
+    stripped, so sentences are separated by their EOS (3): `2 w.. 3 w.. 3 ...`.
+  * the paper's token baseline (`text_tokenizer` = a tokenizer.json or SentencePiece model): each document
+    is stored as one segment `[BOS] + ids(story) + [EOS]` by `sonar_llm.data.preprocess_tokens` (whole
+    stories, no sentence splitting) and used as it is (`prefix_len` and `prepend_bos` do not apply). The
+    build checks the tokenizer file against the data manifest (same sha256).
+Streams are packed per document (no padding, causal inside each
 document, positions restart). Every stream position but the last predicts the next id; the loss is the
 mean cross-entropy over predicted tokens, computed with `sonar_kernels`' fused linear cross-entropy
 (the [tokens, vocab] logits are never materialised). The output projection is tied to the input
@@ -26,12 +32,18 @@ __all__ = ["TokenLLMConfig", "TokenLLM", "document_token_streams"]
 class TokenLLMConfig:
     """Token LLM options: the backbone, embedding tying, the stream's special ids and prefix length."""
 
-    backbone: BackboneConfig
-    tie_embeddings: bool = True
-    prepend_bos: bool = True
-    bos_id: int = 2
-    prefix_len: int = 2  # target-mode prefix [3, lang] stripped from every sentence
+    backbone: BackboneConfig  # the shared Transformer trunk
+    tie_embeddings: bool = True  # output projection = input embedding (the public LlamaConfig tie_word_embeddings)
+    prepend_bos: bool = True  # SONAR format: a BOS before each document's stream
+    bos_id: int = 2  # SONAR format: that BOS id
+    prefix_len: int = 2  # SONAR format: target-mode prefix [3, lang] stripped from every sentence
     lce_impl: str = "auto"  # sonar_kernels linear_cross_entropy backend
+    text_tokenizer: str = ""  # a tokenizer.json / SentencePiece model: whole-document streams ("" = SONAR format)
+
+    @property
+    def whole_documents(self) -> bool:
+        """True for the paper's format (each stored segment is a whole [BOS] ... [EOS] document)."""
+        return bool(self.text_tokenizer)
 
     def __post_init__(self) -> None:
         if not isinstance(self.backbone, BackboneConfig):
@@ -125,9 +137,27 @@ class TokenLLM(ConceptFamily):
         return hidden @ self.output_weight.t()
 
     def streams(self, batch) -> tuple[Tensor, Tensor, int]:
+        if self.cfg.whole_documents:  # stored as [BOS] ... [EOS]: used as they are
+            return document_token_streams(batch.tokens, batch.tok_cu_seqlens, batch.doc_cu_seqlens,
+                                          prefix_len=0, bos_id=None)
         return document_token_streams(batch.tokens, batch.tok_cu_seqlens, batch.doc_cu_seqlens,
                                       prefix_len=self.cfg.prefix_len,
                                       bos_id=self.cfg.bos_id if self.cfg.prepend_bos else None)
+
+    def text_tokenizer(self):
+        """The `TextTokenizer` of `cfg.text_tokenizer` (loaded once); ValueError in the SONAR format."""
+        if not self.cfg.whole_documents:
+            raise ValueError("this token LLM reads SONAR tokenizer ids (no text_tokenizer)")
+        tok = getattr(self, "_text_tokenizer", None)
+        if tok is None:
+            from sonar_llm.data.text_tokenizer import load_text_tokenizer
+
+            tok = load_text_tokenizer(self.cfg.text_tokenizer)
+            if tok.vocab_size > self.vocab_size:
+                raise ValueError(f"{self.cfg.text_tokenizer}: {tok.vocab_size} ids, more than the model's "
+                                 f"{self.vocab_size}")
+            object.__setattr__(self, "_text_tokenizer", tok)
+        return tok
 
     def loss(self, batch) -> tuple[Tensor, dict[str, Any]]:
         """Mean next-token cross-entropy over every stream position that has a successor."""
@@ -172,11 +202,38 @@ def build_from_config(cfg) -> TokenLLM:
     bb_over, fam_over = split_overrides(cfg.overrides)
     vocab_size = fam_over.pop("vocab_size", None)
     check_fields(TokenLLMConfig, fam_over, cfg.family)
+    stream = _check_data_format(cfg.data_path, str(fam_over.get("text_tokenizer") or "")) if cfg.data_path else None
     if vocab_size is None:
         if not cfg.data_path:
             raise ValueError("model.overrides.vocab_size: needed when there is no data.path to read it from")
-        vocab_size = dataset_vocab_size(cfg.data_path)
+        vocab_size = int(stream["vocab_size"]) if stream else dataset_vocab_size(cfg.data_path)
     return TokenLLM(TokenLLMConfig(backbone=backbone_config(preset, **bb_over), **fam_over), vocab_size=vocab_size)
+
+
+def _check_data_format(data_path: str, text_tokenizer: str) -> dict | None:
+    """The data's `token_stream` record, checked against `model.overrides.text_tokenizer` (ValueError)."""
+    from sonar_llm.data.preprocess_tokens import token_stream_info
+    from sonar_llm.data.shards import read_manifest
+
+    stream = token_stream_info(read_manifest(data_path))
+    if stream is None:
+        if text_tokenizer:
+            raise ValueError(f"model.overrides.text_tokenizer: data.path {data_path} holds SONAR sentences, not "
+                             f"whole-document streams (make them with python -m sonar_llm.data.preprocess_tokens)")
+        return None
+    if not text_tokenizer:
+        raise ValueError(f"model.overrides.text_tokenizer: data.path {data_path} holds whole-document streams made "
+                         f"with {stream.get('identity')}; set it to that tokenizer file")
+    from sonar_llm.data.text_tokenizer import load_text_tokenizer
+
+    tok = load_text_tokenizer(text_tokenizer)
+    if tok.identity != stream.get("identity"):
+        raise ValueError(f"model.overrides.text_tokenizer: {tok.identity} is not the tokenizer data.path "
+                         f"{data_path} was made with ({stream.get('identity')})")
+    if (tok.bos_id, tok.eos_id) != (stream.get("bos_id"), stream.get("eos_id")):
+        raise ValueError(f"model.overrides.text_tokenizer: BOS/EOS ids {tok.bos_id}/{tok.eos_id} found by name differ "
+                         f"from the data's {stream.get('bos_id')}/{stream.get('eos_id')}")
+    return stream
 
 
 def _spec():

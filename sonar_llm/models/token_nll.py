@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from .family import next_sentence_pairs, select_segments
 
-__all__ = ["scored_sentence_mask", "sonar_llm_token_nll", "token_llm_token_nll"]
+__all__ = ["scored_sentence_mask", "sonar_llm_token_nll", "token_llm_token_nll", "continuation_streams",
+           "whole_document_token_nll"]
 
 
 def scored_sentence_mask(doc_cu_seqlens: Tensor, num_sentences: int, context_sentences: int) -> Tensor:
@@ -74,6 +75,9 @@ def token_llm_token_nll(model: nn.Module, batch: Any, context_sentences: int = 2
 
     _check_batch(batch)
     cfg = model.cfg
+    if cfg.whole_documents:
+        raise ValueError("a token LLM over whole-document streams (text_tokenizer) has no sentences in its "
+                         "batches; score it from text with whole_document_token_nll")
     was_training = model.training
     model.eval()
     try:
@@ -114,5 +118,57 @@ def token_llm_token_nll(model: nn.Module, batch: Any, context_sentences: int = 2
         losses = linear_cross_entropy(hidden, model.output_weight.to(hidden.dtype), targets, ignore_index=-100,
                                       reduction="none", impl=cfg.lce_impl)
         return float(losses[valid].double().sum()), int(valid.sum())
+    finally:
+        model.train(was_training)
+
+
+def continuation_streams(tokenizer: Any, stories: list[list[str]], context_sentences: int
+                         ) -> list[tuple[list[int], int, int]]:
+    """Per story (sentences): (ids, first scored position, continuation bytes) for a whole-document token LLM.
+
+    ids = [BOS] + encode(context) + encode(continuation) + [EOS], context = " ".join(first
+    `context_sentences` sentences), continuation = " " + " ".join(the rest) ("" when there is no rest); the
+    scored targets are the continuation's ids and the EOS, i.e. positions >= 1 + len(encode(context));
+    continuation bytes = its UTF-8 length (the same text `sonar_llm.eval.nll` counts for SONAR sentences)."""
+    out = []
+    for sents in stories:
+        ctx = " ".join(sents[:context_sentences])
+        cont = (" " + " ".join(sents[context_sentences:])) if len(sents) > context_sentences else ""
+        ctx_ids = tokenizer.encode(ctx)
+        cont_ids = tokenizer.encode(cont) if cont else []
+        out.append(([tokenizer.bos_id, *ctx_ids, *cont_ids, tokenizer.eos_id], 1 + len(ctx_ids),
+                    len(cont.encode("utf-8"))))
+    return out
+
+
+@torch.no_grad()
+def whole_document_token_nll(model: nn.Module, stories: list[list[str]], context_sentences: int = 2,
+                             device: torch.device | str = "cpu") -> tuple[float, int, int]:
+    """(summed NLL in nats, scored tokens, continuation bytes) of a whole-document token LLM on `stories`
+    (lists of sentences): each story is run once as `continuation_streams` builds it, conditioned on its
+    BOS and its first `context_sentences` sentences; its continuation tokens and EOS are scored."""
+    from sonar_kernels.functional.linear_cross_entropy import linear_cross_entropy
+
+    tok = model.text_tokenizer()
+    items = continuation_streams(tok, stories, context_sentences)
+    if not items:
+        return 0.0, 0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        stream = torch.tensor([t for ids, _, _ in items for t in ids], dtype=torch.int64, device=device)
+        lens = torch.tensor([len(ids) for ids, _, _ in items], dtype=torch.int64)
+        cu = torch.zeros(len(items) + 1, dtype=torch.int64)
+        torch.cumsum(lens, 0, out=cu[1:])
+        targets = torch.full((stream.numel(),), -100, dtype=torch.int64)
+        for (ids, first, _), start in zip(items, cu[:-1].tolist()):
+            for pos in range(first, len(ids)):  # position pos-1 predicts id pos
+                targets[start + pos - 1] = ids[pos]
+        targets = targets.to(device)
+        hidden = model(stream, cu.to(torch.int32).to(device), int(lens.max()))
+        losses = linear_cross_entropy(hidden, model.output_weight.to(hidden.dtype), targets, ignore_index=-100,
+                                      reduction="none", impl=model.cfg.lce_impl)
+        valid = targets != -100
+        return float(losses[valid].double().sum()), int(valid.sum()), sum(b for _, _, b in items)
     finally:
         model.train(was_training)
