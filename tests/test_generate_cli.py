@@ -244,6 +244,25 @@ def test_stdin_prompts_and_sampling_flags_reach_the_decoder(default_run, tmp_pat
     assert [r["sentences"] for r in again] == [r["sentences"] for r in first]
 
 
+def test_sampling_flags_change_the_decoding(default_run, tmp_path):
+    """The flags act, not only get recorded: at --temperature 5 the seed picks the draw (same seed, same text;
+    other seeds, other texts), while --top-k 1 or a tiny --top-p leave only the most likely token: greedy."""
+    def sentences(*flags):
+        out = tmp_path / "gen.jsonl"
+        argv = [*_common(default_run, "sonar_llm"), "--prompt", PROMPTS[2], *flags, "--out", out]
+        if flags:
+            argv.remove("--beam"), argv.remove("1")
+        assert _run(argv) == 0
+        return _records(out)[0]["sentences"]
+
+    greedy = sentences()
+    hot = [sentences("--temperature", "5", "--seed", str(s)) for s in (1, 1, 2, 3)]
+    assert hot[0] == hot[1] and (hot[2] != hot[0] or hot[3] != hot[0])
+    assert greedy not in hot
+    assert sentences("--temperature", "5", "--top-k", "1", "--seed", "2") == greedy
+    assert sentences("--temperature", "5", "--top-p", "1e-9", "--seed", "2") == greedy
+
+
 def test_target_lang_starts_the_decoder_with_eos_and_the_tag(default_run, tmp_path, monkeypatch):
     """--target-lang fra_Latn: every decoded sentence starts from [</s>, __fra_Latn__] (the tokenizer's id for
     the tag), while the prompt is encoded in --source-lang."""
