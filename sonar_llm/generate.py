@@ -16,7 +16,8 @@ decodes and re-encodes every predicted sentence; the LCMs generate concepts, the
 classifier-free guidance, `--steps/--guidance/--guidance-rescale/--noise`); every new sentence is decoded in
 `--target-lang` (any of SONAR's 202 languages, e.g. fra_Latn, deu_Latn, zho_Hans: the decoder's input starts
 with `</s>` and that language's tag). A story stops at the end-of-document sentence (cosine >=
-`--eos-threshold`, default the family's) or after `--max-sentences` new sentences. A family without
+`--eos-threshold`, default the family's), on a repetition (`--stop-on-repetition COSINE`: a new sentence with that
+cosine to the previous one; Meta's LCM option, off by default) or after `--max-sentences` new sentences. A family without
 sentence embeddings (the token LLM) continues the prompt's tokens with its own greedy decoder (the SONAR
 decoder options do not apply: no sampling, no other target language).
 
@@ -34,8 +35,9 @@ per batch (same `--seed` and `--batch-size` -> same output).
 Output: a single prompt to a terminal streams its sentences as they are generated; several prompts print one
 block per continuation, with a progress line on stderr. `--out FILE.jsonl` writes one JSON record per
 continuation, in input order (prompt, then sample), once all are done (a failed run leaves the file as it was):
-prompt, its sentences, the new sentences, stop reason (`eos` | `max_sentences`; the token LLM says
-`eos_or_token_cap`), timings, and the decoding actually run (`GenerationConfig.summary`). A `--source-lang` or
+prompt, its sentences, the new sentences, stop reason (`end` | `repetition` | `sentence_cap`, and the token LLM's
+`token_cap`: its tokens ran out, the last sentence may be unterminated; `sonar_llm.models.generate.STOP_REASONS`),
+timings, and the decoding actually run (`GenerationConfig.summary`). A `--source-lang` or
 `--target-lang` that the SONAR's files say it was not trained on (the tiny SONAR: English only) gets a warning.
 Errors follow `sonar_llm.cli`: bad input exits 2 with one line naming the flag or file, `--debug` shows tracebacks.
 Prompts are batched (`--batch-size`, sorted by length); any lengths mix in one batch, and a continuation
@@ -85,6 +87,8 @@ class GenerateConfig:
     top_p: float | None = None
     max_seq_len: int = 256  # positions per sentence, [</s>, lang] included (the public SONAR-LLM value)
     max_gen_len: int | None = None  # tokens per sentence (None: SONAR's rule, width + 128)
+    length_guard: float | None = 1.5  # x the decoder's longest trained target, when recorded (0/None: SONAR's rule)
+    stop_on_repetition: float | None = None  # Meta's stop_on_repetition_cosine_threshold (None = off)
     # Two-Tower diffusion
     steps: int = 40
     guidance: float = 3.0
@@ -129,6 +133,10 @@ class GenerateConfig:
             raise ValueError(f"--max-seq-len must be >= 3 ([</s>, lang] and one token), got {self.max_seq_len}")
         if self.max_gen_len is not None and self.max_gen_len < 1:
             raise ValueError(f"--max-gen-len must be >= 1, got {self.max_gen_len}")
+        if self.length_guard and not self.length_guard >= 1:
+            raise ValueError(f"--length-guard must be >= 1 (or 0 for SONAR's own rule), got {self.length_guard}")
+        if self.stop_on_repetition is not None and not -1.0 <= self.stop_on_repetition <= 1.0:
+            raise ValueError(f"--stop-on-repetition must be a cosine in [-1, 1], got {self.stop_on_repetition}")
         if self.sampling and (self.beam or 1) > 1:
             raise ValueError("--beam > 1 and sampling (--sample/--temperature/--top-k/--top-p) exclude each other")
         for name, value in (("--model", self.model), ("--run", self.run), ("--encoder", self.encoder),
@@ -182,7 +190,7 @@ def decoding_config(cfg: GenerateConfig):
     from sonar_llm.sonar.generation import GenerationConfig
 
     beam = 1 if cfg.sampling else 5 if cfg.beam is None else cfg.beam  # sampling: no beam (summary says so)
-    kw: dict[str, Any] = dict(beam_size=beam, max_seq_len=cfg.max_seq_len)
+    kw: dict[str, Any] = dict(beam_size=beam, max_seq_len=cfg.max_seq_len, length_guard=cfg.length_guard or None)
     if cfg.max_gen_len is not None:
         kw["max_gen_len"] = cfg.max_gen_len
     if cfg.sampling:
@@ -308,6 +316,7 @@ class Generator:
         prompts' numbers (records, and the seeds of the Two-Tower's noise; default 0, 1, ...).
         `stream(k, text)` sees each new sentence of continuation k as it is generated (concept families)."""
         from sonar_llm.data.segment import split_sentences
+        from sonar_llm.models.generate import STOP_SENTENCE_CAP
 
         cfg = self.cfg
         indices = list(range(len(prompts))) if indices is None else list(indices)
@@ -330,7 +339,7 @@ class Generator:
             s.sentences = sents[: cfg.max_sentences]
             s.embeddings = None if emb is None else emb[: cfg.max_sentences]
             if len(sents) >= cfg.max_sentences:
-                s.stop_reason = "max_sentences"
+                s.stop_reason = STOP_SENTENCE_CAP
             else:
                 s.stop_reason = by_eos
             s.timings = {"batch_seconds": round(seconds, 4), "batch_size": len(stories),
@@ -364,9 +373,10 @@ class Generator:
             eos_embedding=self.eos_embedding.to(device), max_sentences=limit, eos_threshold=self.eos_threshold,
             decode_fn=decode_fn, encode_fn=encode_fn, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
             guidance_rescale=cfg.guidance_rescale, initial_noise_scale=cfg.noise,
-            generator=[_seeded(cfg.seed, s.index, s.sample) for s in stories], on_step=on_step)
+            generator=[_seeded(cfg.seed, s.index, s.sample) for s in stories], on_step=on_step,
+            stop_on_repetition_cosine_threshold=cfg.stop_on_repetition)
         res = self.spec.generate(self.model, prompts, settings)
-        return [(list(r.texts), "eos" if r.stopped_by_eos else "max_sentences", r.embeddings) for r in res]
+        return [(list(r.texts), r.stop_reason, r.embeddings) for r in res]
 
     def _stories(self, stories: list[Continuation], limit: int) -> list[tuple[list[str], str, None]]:
         from sonar_llm.models.generate import GenerationSettings
@@ -377,7 +387,7 @@ class Generator:
         ctx = StoryContext(settings, end_of_doc_text=self.eod_text, tokenizer=self.tokenizer, lang=cfg.source_lang,
                            max_new_tokens=cfg.max_new_tokens)
         conts = self.spec.story_generator(self.model, ctx)([s.prompt_sentences for s in stories])
-        return [(list(c), "eos_or_token_cap", None) for c in conts]
+        return [(list(c), c.stop_reason, None) for c in conts]
 
 
 def trained_languages(decoder: str | Path) -> list[str] | None:
@@ -499,6 +509,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="positions per sentence, [</s>, lang] included (default 256, the public SONAR-LLM value)")
     g.add_argument("--max-gen-len", type=int, default=None,
                    help="tokens per sentence, EOS included (default: SONAR's rule, embedding width + 128)")
+    g.add_argument("--length-guard", type=float, default=d.length_guard,
+                   help="at most this many times the decoder's longest trained target, in tokens, when its checkpoint "
+                        "records it (the tiny SONAR does; default 1.5); 0 = SONAR's own rule")
+    p.add_argument("--stop-on-repetition", type=float, default=None, metavar="COSINE",
+                   help="stop a continuation when a new sentence has cosine >= COSINE with the previous one "
+                        "(Meta's LCM stop_on_repetition_cosine_threshold; default off)")
     t = p.add_argument_group("Two-Tower diffusion")
     t.add_argument("--steps", type=int, default=d.steps, help="requested DDIM steps per concept")
     t.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale")

@@ -198,7 +198,7 @@ def test_generate_public_batches_and_records(tiny_punkt):
 
     items, records = P.generate_public(prompts, gen, batch_size=2)
     assert [len(b) for b in seen] == [2, 1] and seen[1] == [["Dr. Who came.", "He left."]]
-    assert items[1] == {"prompt": ["One.", "Two."], "reference": [], "generation": ["New 2."]}
+    assert items[1] == {"prompt": ["One.", "Two."], "reference": [], "generation": ["New 2."], "stop_reason": None}
     assert records[0]["full_text"] == "A cat sat. It was red. New 2."
     res = P.score_records(records, wordnet=StubWordNet())
     assert res["per_record"][1]["reference_sentence"] == "" and res["per_record"][1]["bleu"] == 0.0

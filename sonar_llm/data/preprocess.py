@@ -12,7 +12,10 @@ the end-of-document sentence (`"cut"`: the public SONAR-LLM dataset, 32 sentence
 max_sentences_per_doc=33); chunks of fewer than `min_doc_sentences` sentences are dropped.
 The unique sentences of a shard are sorted by length and encoded in batches of `batch_size`
 (`codec.encode`) and tokenized in target mode (`codec.target_tokens`, at most `max_target_tokens` ids,
-the final </s> kept). The end-of-document sentence is encoded once.
+the final </s> kept). The end-of-document sentence is encoded once; when the codec can decode (`codec.decode`,
+e.g. `load_sonar_codec(decoder_path=...)`, `--decoder`), its embedding is decoded back and a warning names the
+sentence if it does not come back exactly (`sonar_llm.sonar.round_trip`): a model trained on the data could
+never stop on it.
 
 Resuming and ranks: shard k belongs to rank k % world_size (RANK / WORLD_SIZE from torchrun when not
 given). Each rank records its completed shards in its manifest part after every shard (see
@@ -49,7 +52,8 @@ class SentenceCodec(Protocol):
 
     encode(sentences) -> Tensor[n, E]: one embedding per sentence (batching by length is the codec's job).
     target_tokens(sentences) -> list of n target-mode id lists `[3, lang, w1..wn, 3]`.
-    Optional string attributes `encoder_id` / `tokenizer_id` name the models in the manifest.
+    Optional string attributes `encoder_id` / `tokenizer_id` name the models in the manifest; an optional
+    `decode(embeddings [n, E]) -> list[str]` lets preprocess check that the end-of-document sentence round-trips.
     """
 
     def encode(self, sentences: list[str]) -> torch.Tensor: ...
@@ -75,7 +79,8 @@ class SonarCodec:
     """
 
     def __init__(self, encoder, tokenizer, *, lang: str = "eng_Latn", max_target_tokens: int = 256,
-                 encoder_id: str = "sonar_text_encoder", tokenizer_id: str = "nllb"):
+                 encoder_id: str = "sonar_text_encoder", tokenizer_id: str = "nllb",
+                 decode: Callable[[torch.Tensor], list[str]] | None = None):
         if not callable(getattr(tokenizer, "encode_target", None)):
             raise TypeError(f"tokenizer {type(tokenizer).__name__} has no encode_target(texts, lang=...)")
         fn = getattr(encoder, "encode", None) or getattr(encoder, "predict", None) or encoder
@@ -92,6 +97,7 @@ class SonarCodec:
         self.max_target_tokens = max_target_tokens
         self.encoder_id = encoder_id
         self.tokenizer_id = tokenizer_id
+        self.decode = decode  # SONAR decoding (None: the end sentence's round trip is not checked)
 
     def encode(self, sentences: list[str]) -> torch.Tensor:
         out = self._encode(list(sentences))
@@ -110,11 +116,13 @@ class SonarCodec:
 
 def load_sonar_codec(encoder_path: str | os.PathLike | None = None, tokenizer_path: str | os.PathLike | None = None,
                      device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32, *,
-                     lang: str = "eng_Latn", batch_size: int = 64) -> SonarCodec:
+                     lang: str = "eng_Latn", batch_size: int = 64,
+                     decoder_path: str | os.PathLike | None = None) -> SonarCodec:
     """SonarCodec from a SONAR encoder checkpoint and the NLLB sentencepiece model.
 
     Paths default to the SONAR asset registry (`SONAR_ENCODER` / `SONAR_TOKENIZER` environment variables or
-    the registry TOML, see sonar_llm.sonar.registry).
+    the registry TOML, see sonar_llm.sonar.registry). `decoder_path` (else the registry's decoder, when one is
+    registered) gives the codec a greedy `decode`, with which preprocess checks the end sentence's round trip.
     """
     from sonar_llm.sonar.checkpoint import load_sonar_encoder  # lazy: the SONAR models are optional here
     from sonar_llm.sonar.pipeline import TextToEmbedding
@@ -126,9 +134,21 @@ def load_sonar_codec(encoder_path: str | os.PathLike | None = None, tokenizer_pa
     tokenizer = NllbTokenizer(tok_path)
     encoder = load_sonar_encoder(enc_path, dtype=dtype, device=device)
     pipeline = TextToEmbedding(encoder, tokenizer, batch_size=batch_size)
+    decode = None
+    try:
+        dec_path = resolve_asset("decoder", decoder_path)
+    except FileNotFoundError:
+        if decoder_path is not None:
+            raise
+    else:
+        from sonar_llm.sonar.checkpoint import load_sonar_decoder
+        from sonar_llm.sonar.round_trip import sonar_decode_fn
+
+        decode = sonar_decode_fn(load_sonar_decoder(dec_path, dtype=dtype, device=device), tokenizer, lang)
     # the content, not only the name, identifies the models: a resumed preprocess with another encoder saved
     # under the same file name must not reuse embeddings of the old one
-    return SonarCodec(pipeline, tokenizer, lang=lang, encoder_id=_file_id(enc_path), tokenizer_id=_file_id(tok_path))
+    return SonarCodec(pipeline, tokenizer, lang=lang, encoder_id=_file_id(enc_path), tokenizer_id=_file_id(tok_path),
+                      decode=decode)
 
 
 def _file_id(path: Path) -> str:
@@ -241,6 +261,18 @@ def _encode_shard(docs: list[tuple[str, str]], codec: SentenceCodec, cfg: Prepro
     return ShardArrays(emb, tokens.astype(np.int32), sent_offsets, doc_offsets), ids, stats
 
 
+def _check_end_round_trip(codec, text: str, embedding: torch.Tensor, rank: int) -> None:
+    """Warn (stderr, rank 0) when the codec's SONAR decodes the end sentence's embedding to another text."""
+    decode = getattr(codec, "decode", None)
+    if rank != 0 or not callable(decode):
+        return
+    from sonar_llm.sonar.round_trip import round_trip
+
+    result = round_trip(text, decode, embedding=embedding)
+    if not result.exact:
+        print(f"preprocess: warning: {result.message()}", file=sys.stderr, flush=True)
+
+
 def _identifiers(codec) -> tuple[str, str]:
     return (str(getattr(codec, "encoder_id", type(codec).__name__)),
             str(getattr(codec, "tokenizer_id", type(codec).__name__)))
@@ -298,6 +330,7 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir:
     if not isinstance(eod_emb, torch.Tensor) or eod_emb.dim() != 2 or eod_emb.shape[0] != 1:
         raise ValueError(f"codec.encode([eod]) must return [1, E], got {tuple(getattr(eod_emb, 'shape', ()))}")
     eod_emb = eod_emb[0].detach().to("cpu", torch.float32)
+    _check_end_round_trip(codec, end_of_doc_text, eod_emb, rank)
     eod_tokens = _truncate_ids(codec.target_tokens([end_of_doc_text])[0], max_target_tokens)
     writer = DatasetWriter(out, embed_dim=int(eod_emb.shape[-1]), dtype=dtype, end_of_doc_text=end_of_doc_text,
                            end_of_doc_tokens=eod_tokens, end_of_doc_embedding=eod_emb, encoder=encoder_id,
@@ -363,14 +396,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from sonar_llm.cli import UsageError, check_device, parser
+    from sonar_llm.cli import UsageError, check_device, int_at_least, parser
 
     p = parser("python -m sonar_llm.data.preprocess", description=__doc__.split("\n")[0])
     p.add_argument("--input", nargs="+", required=True, help="files, directories or glob patterns")
     p.add_argument("--output", required=True, help="dataset directory")
     p.add_argument("--encoder", help="SONAR text encoder checkpoint (.pt / .safetensors); default: registry")
     p.add_argument("--tokenizer", help="NLLB sentencepiece model; default: registry")
-    p.add_argument("--encoder-batch-size", type=int, default=64, help="sentences per encoder forward")
+    p.add_argument("--decoder", help="SONAR text decoder, to check that --end-of-doc-text round-trips (a warning "
+                                     "names it if not); default: the registry's, else no check")
+    p.add_argument("--encoder-batch-size", type=int_at_least(1), default=64, help="sentences per encoder forward")
     p.add_argument("--codec-factory", help="'module:callable' returning a SentenceCodec (instead of --encoder)")
     p.add_argument("--lang", default="eng_Latn", help="language of the texts (SONAR code)")
     p.add_argument("--device", default="", help="encoder device: cpu, cuda or cuda:N (default: cuda if available)")
@@ -381,16 +416,16 @@ def _main(argv: list[str]) -> int:
                    help="text files: documents end at a blank line, or every line is one")
     p.add_argument("--format", default=None, choices=["text", "jsonl", "parquet"], dest="file_format",
                    help="input format (default: from the file suffix)")
-    p.add_argument("--shard-size-docs", type=int, default=1000, help="source documents per shard")
+    p.add_argument("--shard-size-docs", type=int_at_least(1), default=1000, help="source documents per shard")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"], help="embedding storage dtype")
     p.add_argument("--end-of-doc-text", default="End of sequence.", help="sentence appended to every document")
-    p.add_argument("--max-sentences-per-doc", type=int, default=128,
+    p.add_argument("--max-sentences-per-doc", type=int_at_least(1), default=128,
                    help="sentences per document, end sentence included (see --doc-overflow)")
-    p.add_argument("--min-doc-sentences", type=int, default=2, help="shorter chunks are dropped")
+    p.add_argument("--min-doc-sentences", type=int_at_least(1), default=2, help="shorter chunks are dropped")
     p.add_argument("--doc-overflow", default="chunk", choices=["chunk", "truncate", "cut"],
                    help="longer documents: cut into chunks, keep the first chunk, or cut and end them")
-    p.add_argument("--max-sentence-chars", type=int, default=256, help="longer sentences are re-split")
-    p.add_argument("--batch-size", type=int, default=256, help="sentences handed to the codec at once")
+    p.add_argument("--max-sentence-chars", type=int_at_least(1), default=256, help="longer sentences are re-split")
+    p.add_argument("--batch-size", type=int_at_least(1), default=256, help="sentences handed to the codec at once")
     p.add_argument("--overwrite", action="store_true", help="redo a dataset written with other settings")
     args = p.parse_args(argv)
     list_input_files(args.input)  # a missing input is said before any model loads
@@ -402,7 +437,7 @@ def _main(argv: list[str]) -> int:
             raise UsageError(f"--codec-factory {args.codec_factory}: {e}") from None
     else:  # missing paths come from the SONAR registry / environment
         codec = load_sonar_codec(args.encoder, args.tokenizer, device, getattr(torch, args.encoder_dtype),
-                                 lang=args.lang, batch_size=args.encoder_batch_size)
+                                 lang=args.lang, batch_size=args.encoder_batch_size, decoder_path=args.decoder)
     preprocess(args.input, args.output, codec, shard_size_docs=args.shard_size_docs, dtype=args.dtype,
                end_of_doc_text=args.end_of_doc_text, max_sentences_per_doc=args.max_sentences_per_doc,
                batch_size=args.batch_size, text_field=args.text_field, doc_separator=args.doc_separator,

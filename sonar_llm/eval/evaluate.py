@@ -75,6 +75,7 @@ class EvalConfig:
     """Everything the evaluation command needs (the CLI flags)."""
 
     model: str = ""  # exported .safetensors (with model.json beside it)
+    verify: bool = True  # check the export's sha256 against its model.json before loading (--no-verify: off)
     run: str = ""  # or a training run directory
     family: str = "auto"
     stories: str = ""  # held-out stories: JSONL ({"text": ...}), text or Parquet
@@ -92,6 +93,9 @@ class EvalConfig:
     # generate.py passes to the pipeline (254 tokens after [</s>, lang]). The report states both under "decoding".
     max_gen_len: int | None = None
     max_seq_len: int | None = 256
+    length_guard: float | None = 1.5  # x the decoder's longest trained target (GenerationConfig.length_guard); None = off
+    stop_on_repetition: float | None = None  # Meta's stop_on_repetition_cosine_threshold (None = off, Meta's default)
+    end_recall_docs: int = 64  # held-out documents for the teacher-forced end recall (SONAR-LLM; 0 = skip)
     end_of_doc_text: str = ""  # "" = the training data's end sentence (manifest), else "End of sequence."
     eos_threshold: float = 0.0  # 0 = the family default (0.98 SONAR-LLM, 0.9 LCMs)
     batch_size: int = 16
@@ -144,6 +148,12 @@ class EvalConfig:
             raise ValueError("--task summarization needs --summ-data")
         if self.beam_size < 1:
             raise ValueError(f"--beam-size must be >= 1, got {self.beam_size}")
+        if self.length_guard is not None and not self.length_guard >= 1:
+            raise ValueError(f"--length-guard must be >= 1 (or 0 for none), got {self.length_guard}")
+        if self.stop_on_repetition is not None and not -1 <= self.stop_on_repetition <= 1:
+            raise ValueError(f"--stop-on-repetition must be a cosine in [-1, 1], got {self.stop_on_repetition}")
+        if self.end_recall_docs < 0:
+            raise ValueError(f"--end-recall-docs must be >= 0, got {self.end_recall_docs}")
         if self.num_stories < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("--num-stories, --batch-size and --max-new-tokens must be >= 1")
         for name, value in (("--model", self.model), ("--run", self.run), ("--stories", self.stories),
@@ -213,17 +223,18 @@ class LoadedModel:
 
 
 def load_trained(model: str = "", run: str = "", family: str = "auto", decoder: str | Path = "",
-                 device: str | torch.device = "cpu") -> LoadedModel:
+                 device: str | torch.device = "cpu", verify: bool = True) -> LoadedModel:
     """Rebuild the trained family from an exported file (`model`) or a run directory (`run`).
 
     The run config is replayed through `sonar_llm.models.build.build_trained` with the data path cleared
-    (the normalizer buffers come from the checkpoint) and `decoder` as the frozen decoder where needed."""
+    (the normalizer buffers come from the checkpoint) and `decoder` as the frozen decoder where needed.
+    `verify`: check an exported file against the sha256 in its model.json first (`read_exported`)."""
     from sonar_llm.checkpoints import read_exported, read_run
     from sonar_llm.models.build import build_trained
 
     if bool(model) == bool(run):
         raise ValueError("give exactly one of model (exported .safetensors) and run (run directory)")
-    weights = read_exported(model) if model else read_run(run)
+    weights = read_exported(model, verify=verify) if model else read_run(run)
     net = build_trained(weights, decoder=str(decoder) if decoder else "",
                         family="" if family == "auto" else family, device=device)
     name = weights.run_config["model"]["family"]
@@ -299,11 +310,12 @@ class _Recorder:
 
 
 def decoding_config(cfg: EvalConfig):
-    """The SONAR decoder's `GenerationConfig` for an evaluation: beam `beam_size`, the two length caps."""
+    """The SONAR decoder's `GenerationConfig` for an evaluation: beam `beam_size`, the length caps and guard."""
     from sonar_llm.sonar.generation import GenerationConfig
 
     kw = {} if cfg.max_gen_len is None else {"max_gen_len": cfg.max_gen_len}
-    return GenerationConfig(beam_size=cfg.beam_size, max_seq_len=cfg.max_seq_len, **kw)
+    return GenerationConfig(beam_size=cfg.beam_size, max_seq_len=cfg.max_seq_len, length_guard=cfg.length_guard,
+                            **kw)
 
 
 def make_generate_fn(loaded: LoadedModel, cfg: EvalConfig, t2e, e2t, tokenizer,
@@ -321,7 +333,8 @@ def make_generate_fn(loaded: LoadedModel, cfg: EvalConfig, t2e, e2t, tokenizer,
         eos_threshold=cfg.eos_threshold or spec.eos_threshold, decode_fn=decode_fn, encode_fn=encode_fn,
         num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
         guidance_rescale=cfg.guidance_rescale, initial_noise_scale=cfg.initial_noise_scale,
-        generator=torch.Generator(device="cpu").manual_seed(cfg.seed))
+        generator=torch.Generator(device="cpu").manual_seed(cfg.seed),
+        stop_on_repetition_cosine_threshold=cfg.stop_on_repetition)
     ctx = StoryContext(settings, end_of_doc_text=eod_text, tokenizer=tokenizer, lang=cfg.lang,
                        max_new_tokens=cfg.max_new_tokens, record=recorder.add if recorder is not None else None)
     return spec.story_generator(loaded.model, ctx)
@@ -346,16 +359,18 @@ def evaluate(cfg: EvalConfig, *, loaded: LoadedModel | None = None, sonar=None,
     """Run the protocol (and the token NLL when asked) and write `cfg.out`; returns the result dict."""
     if loaded is None:
         cfg.validate()
+        if cfg.task == "story":
+            read_stories(cfg.stories)  # an empty or unreadable --stories is said before anything loads
     log = log or (lambda s: None)
     t0 = time.perf_counter()
     assets = None
     if sonar is None or loaded is None:
         assets = resolve_sonar_assets(cfg.encoder, cfg.decoder, cfg.tokenizer, _run_sonar_section(cfg))
+    if loaded is None:  # first: a damaged export is said before SONAR loads
+        loaded = load_trained(cfg.model, cfg.run, cfg.family, assets.decoder, cfg.device, verify=cfg.verify)
     if sonar is None:
         sonar = load_sonar_text(assets, cfg.device)
     t2e, e2t, tokenizer = sonar
-    if loaded is None:
-        loaded = load_trained(cfg.model, cfg.run, cfg.family, assets.decoder, cfg.device)
     load_s = time.perf_counter() - t0
     if cfg.task == "summarization":
         return _summarize(cfg, loaded, sonar, load_s, log)
@@ -369,6 +384,7 @@ def evaluate(cfg: EvalConfig, *, loaded: LoadedModel | None = None, sonar=None,
     result["decoding"] = decoding_config(cfg).summary(e2t.decoder.cfg)
     if recorder is not None:
         result["metrics"].update(recorder.round_trip(lambda texts: t2e.encode(texts, cfg.lang)))
+    _end_diagnostics(cfg, loaded, t2e, e2t, result, log)
     if cfg.nll_data:
         from .nll import NLLConfig, dataset_token_nll
 
@@ -441,6 +457,41 @@ def _generate_and_score(cfg: EvalConfig, gen_fn, pcfg: ProtocolConfig, log: Call
     return result
 
 
+def _end_diagnostics(cfg: EvalConfig, loaded: LoadedModel, t2e, e2t, result: dict, log: Callable[[str], None]) -> None:
+    """How the generations ended (stop reasons, duplicates; `protocol.stop_diagnostics`) and, for a model that
+    predicts SONAR embeddings, the teacher-forced end recall on `end_recall_docs` held-out documents."""
+    from sonar_llm.models.generate import sonar_text_functions
+
+    from .end_recall import supports_end_recall, teacher_forced_end_recall
+
+    m = result["metrics"]
+    eod = end_of_doc_text(loaded.run_config, cfg.end_of_doc_text)
+    line = f"end sentence {eod!r}: "
+    if cfg.end_recall_docs and supports_end_recall(loaded.model):
+        decode_fn, encode_fn = sonar_text_functions(t2e, e2t, cfg.lang, cfg=decoding_config(cfg))
+        stories = read_stories(cfg.stories)[:cfg.end_recall_docs]
+        flat = encode_fn([s for st in stories for s in st])
+        docs, i = [], 0
+        for st in stories:
+            docs.append(flat[i:i + len(st)])
+            i += len(st)
+        rec = teacher_forced_end_recall(loaded.model, docs, encode_fn([eod])[0], eod, decode_fn,
+                                        batch_size=cfg.batch_size)
+        result["end_recall"] = rec
+        m.update(end_recall=rec["end_recall"], false_end_rate=rec["false_end_rate"])
+        line += (f"teacher-forced end recall {rec['end_recall']:.1%} ({rec['documents']} documents), false ends "
+                 f"{rec['false_end_rate']:.1%}; ")
+
+    def pct(v) -> str:
+        return "n/a" if v is None else f"{v:.0%}"
+
+    line += ("generations stopped by: " + ", ".join(f"{r.replace('_', ' ')} {pct(m.get(f'stop_{r}'))}"
+                                                     for r in ("end", "repetition", "sentence_cap", "token_cap"))
+             + f"; duplicate sentences {pct(m.get('duplicate_sentence_rate'))}; mean sentences generated "
+             f"{m['mean_generated_sentences']:.1f} (references {m['mean_reference_sentences']:.1f})")
+    log(line)
+
+
 def _judge_config(cfg: EvalConfig):
     from .judge import JudgeConfig
 
@@ -485,6 +536,8 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--model", default="", help="exported .safetensors (model.json beside it)")
     src.add_argument("--run", default="", help="training run directory (latest complete checkpoint)")
     p.add_argument("--family", default="auto", choices=("auto",) + FAMILIES)
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the sha256 check of the --model export against its model.json (load a file known to differ)")
     p.add_argument("--stories", default="", help="held-out stories (JSONL with a 'text' field, text, Parquet)")
     p.add_argument("--out", required=True, help="output JSON")
     p.add_argument("--prompt-mode", default=d.prompt_mode, choices=PROMPT_MODES)
@@ -500,6 +553,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=d.max_seq_len,
                    help="SONAR decoder positions per sentence, [</s>, lang] included (default 256, the public "
                         "SONAR-LLM generation's value)")
+    p.add_argument("--length-guard", type=float, default=d.length_guard,
+                   help="a sentence gets at most this many times the decoder's longest trained target in tokens "
+                        "(when its checkpoint records it, e.g. the tiny SONAR; default 1.5); 0 = SONAR's own rule")
+    p.add_argument("--stop-on-repetition", type=float, default=None, metavar="COSINE",
+                   help="stop a continuation when a new sentence has cosine >= COSINE with the previous one "
+                        "(Meta's stop_on_repetition_cosine_threshold; default off)")
+    p.add_argument("--end-recall-docs", type=int, default=d.end_recall_docs,
+                   help="held-out documents for the teacher-forced end recall (SONAR-LLM; 0 = skip)")
     p.add_argument("--end-of-doc-text", default="")
     p.add_argument("--eos-threshold", type=float, default=0.0, help="0 = family default")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -540,11 +601,12 @@ def _main(argv: list[str]) -> int:
 
     a = _parser().parse_args(argv)
     jc = config_from_args(a, "judge-")
-    cfg = EvalConfig(model=a.model, run=a.run, family=a.family, stories=a.stories, out=a.out,
+    cfg = EvalConfig(model=a.model, verify=a.verify, run=a.run, family=a.family, stories=a.stories, out=a.out,
                      prompt_mode=a.prompt_mode, num_stories=a.num_stories,
                      max_story_sentences=a.max_story_sentences, encoder=a.encoder, decoder=a.decoder,
                      tokenizer=a.tokenizer, lang=a.lang, beam_size=a.beam_size, max_gen_len=a.max_gen_len,
-                     max_seq_len=a.max_seq_len,
+                     max_seq_len=a.max_seq_len, length_guard=a.length_guard or None,
+                     stop_on_repetition=a.stop_on_repetition, end_recall_docs=a.end_recall_docs,
                      end_of_doc_text=a.end_of_doc_text,
                      eos_threshold=a.eos_threshold, batch_size=a.batch_size,
                      num_inference_steps=a.num_inference_steps, guidance_scale=a.guidance_scale,

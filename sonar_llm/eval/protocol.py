@@ -6,6 +6,13 @@ a `generate(prompts: list[list[str]]) -> list[list[str]]` callable. The generate
 compared with the original one (BLEU, ROUGE-1/2/L, METEOR without WordNet) and checked for repetition
 (REP-4) and copying from the prompt (OVL-3). The result is a JSON-ready dict with every generation and
 a metrics table.
+
+Diagnostics of how continuations end (`stop_diagnostics`): a continuation that carries a `stop_reason` (the
+family story generators' `StoryContinuation`) is recorded with it, and the metrics get the share of each
+reason (`stop_end`, `stop_repetition`, `stop_sentence_cap`, `stop_token_cap`: the end-of-document sentence, the
+repetition stop, the sentence limit, the token LLM's token cap), the duplicate-sentence rate (the share of
+generated sentences that repeat, exactly, an earlier sentence of their story, prompt included) and the
+references' mean length (`mean_reference_sentences`, beside `mean_generated_sentences`).
 """
 from __future__ import annotations
 
@@ -15,6 +22,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
+
+from sonar_llm.models.generate import STOP_REASONS
 
 from . import metrics as M
 
@@ -42,6 +51,7 @@ class ProtocolItem:
     prompt: list[str]
     reference: list[str]
     generation: list[str] = field(default_factory=list)
+    stop_reason: str | None = None  # why the generation stopped (sonar_llm.models.generate.STOP_REASONS); None: not said
 
 
 def make_items(stories: Sequence[Sequence[str]], cfg: ProtocolConfig) -> list[ProtocolItem]:
@@ -70,6 +80,29 @@ def score(items: Sequence[ProtocolItem]) -> dict[str, float]:
     out["rep4"] = sum(M.repetition_n(h, 4) for h in hyps) / len(hyps)
     out["ovl3"] = sum(M.ngram_overlap(" ".join(it.prompt), h, 3) for it, h in zip(items, hyps)) / len(hyps)
     out["mean_generated_sentences"] = sum(len(it.generation) for it in items) / len(items)
+    out.update(stop_diagnostics(items))
+    return out
+
+
+def _norm(sentence: str) -> str:
+    return " ".join(sentence.split())
+
+
+def stop_diagnostics(items: Sequence[ProtocolItem]) -> dict[str, float | None]:
+    """Share of each stop reason among the items that state one (None when none does), the duplicate-sentence
+    rate (generated sentences equal, up to white space, to an earlier sentence of the same story, prompt
+    included; None without generated sentences) and the references' mean number of sentences."""
+    known = [it.stop_reason for it in items if it.stop_reason is not None]
+    out: dict[str, float | None] = {f"stop_{r}": (known.count(r) / len(known) if known else None) for r in STOP_REASONS}
+    generated = dups = 0
+    for it in items:
+        seen = {_norm(s) for s in it.prompt}
+        for s in it.generation:
+            generated += 1
+            dups += _norm(s) in seen
+            seen.add(_norm(s))
+    out["duplicate_sentence_rate"] = dups / generated if generated else None
+    out["mean_reference_sentences"] = sum(len(it.reference) for it in items) / len(items)
     return out
 
 
@@ -90,6 +123,7 @@ def run_protocol(
             raise ValueError(f"generate returned {len(outs)} continuations for {len(chunk)} prompts")
         for it, gen in zip(chunk, outs):
             it.generation = list(gen)
+            it.stop_reason = getattr(gen, "stop_reason", None)
     elapsed = time.perf_counter() - t0
     result = {"config": asdict(cfg), "metrics": score(items), "generation_seconds": elapsed,
               "items": [asdict(it) for it in items]}
@@ -98,12 +132,17 @@ def run_protocol(
 
 def metrics_table(results: dict[str, dict]) -> str:
     """Markdown table: one row per named result (e.g. a family and size)."""
-    keys = ["bleu", "rouge1", "rouge2", "rougeL", "meteor_no_wordnet", "rep4", "ovl3", "mean_generated_sentences"]
+    keys = ["bleu", "rouge1", "rouge2", "rougeL", "meteor_no_wordnet", "rep4", "ovl3", "mean_generated_sentences",
+            "duplicate_sentence_rate", "stop_end"]
     lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, res in results.items():
         m = res["metrics"]
-        lines.append(f"| {name} | " + " | ".join(f"{m.get(k, float('nan')):.2f}" for k in keys) + " |")
+        lines.append(f"| {name} | " + " | ".join(_cell(m.get(k)) for k in keys) + " |")
     return "\n".join(lines)
+
+
+def _cell(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
 
 
 def write_result(result: dict, path: str | Path) -> None:

@@ -138,7 +138,8 @@ def generate_public(prompts: Sequence[PublicPrompt], generate: Callable[[list[li
         if len(outs) != len(chunk):
             raise ValueError(f"generate returned {len(outs)} continuations for {len(chunk)} prompts")
         for p, gen in zip(chunk, outs):
-            items.append({"prompt": list(p.sentences), "reference": list(p.reference), "generation": list(gen)})
+            items.append({"prompt": list(p.sentences), "reference": list(p.reference), "generation": list(gen),
+                          "stop_reason": getattr(gen, "stop_reason", None)})
             records.append(public_record(p, list(gen), split=split))
     return items, records
 

@@ -15,6 +15,12 @@ Concept models (SONAR-LLM, Base-LCM) generate one sentence embedding per step:
     in normalised space, which its code enables by default).
 Sentence limit (the public SONAR-LLM rule): a new sentence is generated while the story (prompt
 included) has at most `max_sentences` sentences, so a story can end with max_sentences + 1.
+Repetition stop (Meta's `LCMGeneratorOptions.stop_on_repetition_cosine_threshold`, default None = off, as
+Meta's): a story also stops when its new concept has cosine >= the threshold with the concept before it (the
+prompt's last one for the first new concept), under the same minimum-length rule as the end stop
+(`stop_reasons`, shared with the Two-Tower generator). The stopping concept, end or repetition, is not kept.
+Every continuation says why it stopped (`ConceptGeneration.stop_reason`): `STOP_END` (the end-of-document
+sentence), `STOP_REPETITION`, `STOP_SENTENCE_CAP`; the token LLM's stories add `STOP_TOKEN_CAP`.
 
 `generate_token_llm`: greedy decoding of the token LLM with the KV cache (`use_cache=False`: full
 recomputation, the reference).
@@ -39,6 +45,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "STOP_END",
+    "STOP_REPETITION",
+    "STOP_SENTENCE_CAP",
+    "STOP_TOKEN_CAP",
+    "STOP_REASONS",
+    "stop_reasons",
     "ConceptGeneration",
     "GenerationSettings",
     "sonar_llm_concepts",
@@ -59,6 +71,13 @@ __all__ = [
 # min_sentences = m + 1; 1 (an option, not Meta's) lets the first concept stop.
 LCM_MIN_SENTENCES = 2
 
+# why a continuation stopped
+STOP_END = "end"  # the end-of-document sentence (cosine stop)
+STOP_REPETITION = "repetition"  # cosine with the previous concept >= stop_on_repetition_cosine_threshold
+STOP_SENTENCE_CAP = "sentence_cap"  # the sentence limit
+STOP_TOKEN_CAP = "token_cap"  # the token LLM ran out of tokens (its last sentence may be unterminated)
+STOP_REASONS = (STOP_END, STOP_REPETITION, STOP_SENTENCE_CAP, STOP_TOKEN_CAP)
+
 DecodeFn = Callable[[Tensor], list[str]]
 EncodeFn = Callable[[list[str]], Tensor]
 # called after every generation step with the concepts just added to stories (end-of-document ones excluded):
@@ -69,11 +88,16 @@ StepFn = Callable[[list[int], Tensor, "list[str] | None"], None]
 @dataclass
 class ConceptGeneration:
     """One story's continuation: the appended embeddings [m, E], their texts (SONAR-LLM; empty for
-    Base-LCM) and whether the end-of-document rule stopped it."""
+    Base-LCM) and why it stopped (one of `STOP_END`, `STOP_REPETITION`, `STOP_SENTENCE_CAP`)."""
 
     embeddings: Tensor
     texts: list[str] = field(default_factory=list)
-    stopped_by_eos: bool = False
+    stop_reason: str = STOP_SENTENCE_CAP
+
+    @property
+    def stopped_by_eos(self) -> bool:
+        """The end-of-document rule stopped it."""
+        return self.stop_reason == STOP_END
 
 
 @dataclass
@@ -90,6 +114,8 @@ class GenerationSettings:
     guidance_rescale: float = 0.7  # diffusion: guidance rescale
     initial_noise_scale: float = 0.6  # diffusion: std of the initial latent
     generator: torch.Generator | Sequence[torch.Generator] | None = None  # diffusion noise: one, or one per prompt
+    stop_on_repetition_cosine_threshold: float | None = None  # Meta's option (None = off): stop when a new
+    # concept has cosine >= this with the previous one (`stop_reasons`)
     on_step: StepFn | None = None  # on_step(prompt indices, new concepts [k, E], their texts or None) per step
 
 
@@ -118,8 +144,21 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return p.device, p.dtype
 
 
-def _cosine(x: Tensor, eos: Tensor) -> Tensor:
-    return F.cosine_similarity(x.float(), eos.float().reshape(1, -1).to(x.device), dim=-1)
+def stop_reasons(concepts: Tensor, previous: Tensor, *, eos_embedding: Tensor | None, eos_threshold: float | None,
+                 repetition_threshold: float | None) -> list[str | None]:
+    """The stop rules of Meta's LCM generators (`finalize_step`) for one step of new concepts [A, E]:
+    `STOP_END` when cos(concept, eos_embedding) >= eos_threshold, else `STOP_REPETITION` when
+    cos(concept, previous[a]) >= repetition_threshold (`previous`: [A, E], the concept before each new one), else
+    None (go on). A None threshold (or end embedding) disables its rule. The caller applies the minimum length.
+    Cosines in fp32, as Meta's (torch's cosine_similarity)."""
+    x = concepts.float()
+    end = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    if eos_embedding is not None and eos_threshold is not None:
+        end = F.cosine_similarity(x, eos_embedding.float().reshape(1, -1).to(x.device), dim=-1) >= eos_threshold
+    rep = torch.zeros_like(end)
+    if repetition_threshold is not None:
+        rep = F.cosine_similarity(x, previous.float().to(x.device), dim=-1) >= repetition_threshold
+    return [STOP_END if e else STOP_REPETITION if r else None for e, r in zip(end.tolist(), rep.tolist())]
 
 
 def _concept_loop(
@@ -131,13 +170,14 @@ def _concept_loop(
     eos_embedding: Tensor,
     eos_threshold: float,
     min_sentences: int = 1,
+    repetition_threshold: float | None = None,
     on_step: StepFn | None = None,
 ) -> list[ConceptGeneration]:
     """KV-cached loop shared by the concept models: ragged prefill of every prompt (right-padded, per-row
     lengths), then one step per new sentence for the stories still running (finished ones are dropped from
-    the cache); a story's sentences do not depend on the other prompts of the batch. The end embedding
-    stops a story only from its `min_sentences`-th new sentence on (the stopping one counted). `on_step`
-    sees every step's new sentences (streaming)."""
+    the cache); a story's sentences do not depend on the other prompts of the batch. The end embedding (and
+    the repetition rule, `repetition_threshold`) stops a story only from its `min_sentences`-th new sentence
+    on (the stopping one counted; see `stop_reasons`). `on_step` sees every step's new sentences (streaming)."""
     dim = eos_embedding.numel()
     _check_prompts(prompts, dim)
     if max_sentences < 1:
@@ -147,7 +187,7 @@ def _concept_loop(
     lengths = [int(p.shape[0]) for p in prompts]
     texts: list[list[str]] = [[] for _ in range(batch)]
     appended: list[list[Tensor]] = [[] for _ in range(batch)]
-    stopped = [False] * batch
+    reasons = [STOP_SENTENCE_CAP] * batch
     active = [b for b in range(batch) if lengths[b] <= max_sentences]
     if active:
         n_max = max(lengths[b] for b in active)
@@ -159,13 +199,15 @@ def _concept_loop(
         hidden = model.backbone.step(model.embed_inputs(padded), cache, lengths=lens)
         last = hidden[torch.arange(len(active), device=device), lens - 1]
         totals = {b: lengths[b] for b in active}
+        previous = torch.stack([prompts[b][-1] for b in active]).to(device)  # the concept before the next one
     while active:
         step_texts, nxt = next_fn(last)
-        cos = _cosine(nxt, eos_embedding).tolist()
+        why = stop_reasons(nxt, previous, eos_embedding=eos_embedding, eos_threshold=eos_threshold,
+                           repetition_threshold=repetition_threshold)
         keep, added = [], []
         for j, b in enumerate(active):
-            if cos[j] >= eos_threshold and len(appended[b]) + 1 >= min_sentences:
-                stopped[b] = True
+            if why[j] is not None and len(appended[b]) + 1 >= min_sentences:
+                reasons[b] = why[j]
                 continue
             added.append(j)
             appended[b].append(nxt[j].detach().to("cpu", torch.float32))
@@ -183,11 +225,12 @@ def _concept_loop(
         cache.reorder(index)
         active = [active[j] for j in keep]
         nxt = nxt.index_select(0, index).to(device=device, dtype=dtype)
+        previous = nxt
         last = model.backbone.step(model.embed_inputs(nxt)[:, None], cache)[:, 0]
     out = []
     for b in range(batch):
         emb = torch.stack(appended[b]) if appended[b] else torch.zeros(0, dim)
-        out.append(ConceptGeneration(emb, texts[b], stopped[b]))
+        out.append(ConceptGeneration(emb, texts[b], reasons[b]))
     return out
 
 
@@ -220,16 +263,19 @@ def generate_sonar_llm(
     eos_embedding: Tensor,
     eos_threshold: float = 0.98,
     reencode: bool = True,
+    stop_on_repetition_cosine_threshold: float | None = None,
     on_step: StepFn | None = None,
 ) -> list[ConceptGeneration]:
     """Continue every story (prompt_embeddings[i]: [n_i, E]) with SONAR-LLM, batched (prompts of any
-    lengths), KV-cached; `on_step` sees each step's new sentences."""
+    lengths), KV-cached; `on_step` sees each step's new sentences. The repetition rule compares the appended
+    (re-encoded) vectors; None = off."""
     if reencode and encode_fn is None:
         raise ValueError("reencode=True needs an encode_fn")
     with _inference(model):
         return _concept_loop(model, prompt_embeddings, _sonar_llm_next_fn(model, decode_fn, encode_fn, reencode),
                              max_sentences=max_sentences, eos_embedding=eos_embedding,
-                             eos_threshold=eos_threshold, on_step=on_step)
+                             eos_threshold=eos_threshold, repetition_threshold=stop_on_repetition_cosine_threshold,
+                             on_step=on_step)
 
 
 def generate_sonar_llm_reference(
@@ -278,7 +324,7 @@ def generate_sonar_llm_reference(
                     v = nxt[0].detach().to("cpu", torch.float64)
                     cosine = float(v @ eos) / max(float(v.norm()) * float(eos.norm()), 1e-8)
                     if cosine >= eos_threshold:
-                        result.stopped_by_eos = True
+                        result.stop_reason = STOP_END
                         break
                     result.texts.append(text[0])
                     appended.append(nxt[0].to("cpu", torch.float32))
@@ -303,12 +349,14 @@ def generate_base_lcm(
     generator: torch.Generator | None = None,
     decode_fn: DecodeFn | None = None,
     min_sentences: int = LCM_MIN_SENTENCES,
+    stop_on_repetition_cosine_threshold: float | None = None,
     on_step: StepFn | None = None,
 ) -> list[ConceptGeneration]:
     """Continue every story with a Base-LCM (KV cache). The appended vector is the denormalised
     prediction (plus N(0, temperature^2) noise in normalised space when `sample_latent_variable`).
-    The end embedding stops a story from its `min_sentences`-th new concept on (default 2: Meta's
-    generator cannot stop on the first; 1 is the option that can).
+    The end embedding (and the repetition rule, None = off as Meta's default) stops a story from its
+    `min_sentences`-th new concept on (default 2: Meta's generator cannot stop on the first; 1 is the option
+    that can).
     `decode_fn`, if given, fills `texts` (decoding happens after generation in the LCM)."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -323,7 +371,8 @@ def generate_base_lcm(
     with _inference(model):
         results = _concept_loop(model, prompt_embeddings, next_fn, max_sentences=max_sentences,
                                 eos_embedding=eos_embedding, eos_threshold=eos_threshold,
-                                min_sentences=min_sentences, on_step=on_step)
+                                min_sentences=min_sentences, repetition_threshold=stop_on_repetition_cosine_threshold,
+                                on_step=on_step)
         if decode_fn is not None:
             for r in results:
                 r.texts = list(decode_fn(r.embeddings)) if r.embeddings.shape[0] else []
@@ -337,6 +386,7 @@ def sonar_llm_concepts(model: nn.Module, prompts: Sequence[Tensor], s: Generatio
         raise ValueError("SONAR-LLM generation needs settings.decode_fn (it decodes every predicted sentence)")
     return generate_sonar_llm(model, prompts, s.decode_fn, s.encode_fn, max_sentences=s.max_sentences,
                               eos_embedding=s.eos_embedding, eos_threshold=s.eos_threshold, reencode=True,
+                              stop_on_repetition_cosine_threshold=s.stop_on_repetition_cosine_threshold,
                               on_step=s.on_step)
 
 
@@ -344,7 +394,9 @@ def base_lcm_concepts(model: nn.Module, prompts: Sequence[Tensor], s: Generation
                       ) -> list[ConceptGeneration]:
     """`FamilySpec.generate` of Base-LCM: `generate_base_lcm` (deterministic), decoded per story."""
     return generate_base_lcm(model, prompts, max_sentences=s.max_sentences, eos_embedding=s.eos_embedding,
-                             eos_threshold=s.eos_threshold, decode_fn=s.decode_fn, on_step=s.on_step)
+                             eos_threshold=s.eos_threshold, decode_fn=s.decode_fn,
+                             stop_on_repetition_cosine_threshold=s.stop_on_repetition_cosine_threshold,
+                             on_step=s.on_step)
 
 
 def generate_token_llm(

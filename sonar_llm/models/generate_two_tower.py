@@ -25,7 +25,13 @@ from torch import Tensor, nn
 from sonar_llm.models.backbone import Attention
 from sonar_llm.models.diffusion import cfg_combine
 
-from sonar_llm.models.generate import LCM_MIN_SENTENCES, ConceptGeneration, GenerationSettings
+from sonar_llm.models.generate import (
+    LCM_MIN_SENTENCES,
+    STOP_SENTENCE_CAP,
+    ConceptGeneration,
+    GenerationSettings,
+    stop_reasons,
+)
 
 __all__ = ["TwoTowerGeneration", "CachedCrossAttention", "generate_two_tower", "two_tower_concepts",
            "LCM_MIN_SENTENCES"]
@@ -38,7 +44,8 @@ class TwoTowerGeneration:
     """Output of :func:`generate_two_tower` for a batch of prompts.
 
     ``embeddings[b]``: the generated (denormalised) concepts of prompt b, [n_b, E], the stopping concept
-    included (as the LCM does); ``stopped_on_eos[b]``: whether it stopped on the EOS/repetition rule.
+    included (as the LCM does); ``stopped_on_eos[b]``: whether it stopped on the EOS/repetition rule (Meta's
+    ``stopped_on_eos``); ``stop_reasons[b]``: which (``STOP_END``, ``STOP_REPETITION``) or ``STOP_SENTENCE_CAP``.
     ``num_denoiser_steps``: DDIM steps actually run per concept (50 for T=100, S=40 with the quirk).
     """
 
@@ -46,6 +53,7 @@ class TwoTowerGeneration:
     stopped_on_eos: list[bool]
     num_denoiser_steps: int
     timesteps: list[int] = field(default_factory=list)
+    stop_reasons: list[str] = field(default_factory=list)
 
 
 def _zero_key_output(attn: Attention) -> Tensor:
@@ -135,7 +143,7 @@ def generate_two_tower(
     generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
     *,
     reproduce_lcm_step_quirk: bool = True,
-    stop_on_repetition_threshold: float | None = None,
+    stop_on_repetition_cosine_threshold: float | None = None,
     min_sentences: int = LCM_MIN_SENTENCES,
     on_step: Callable[[list[int], Tensor, None], None] | None = None,
 ) -> TwoTowerGeneration:
@@ -160,8 +168,9 @@ def generate_two_tower(
     T=100 with ``num_inference_steps=40`` runs 50 DDIM steps (t = 99, 97, ..., 1); ``False`` runs
     exactly ``num_inference_steps`` (see :mod:`sonar_llm.models.diffusion`).
 
-    Stop rules (per prompt): cos(concept, eos_embedding) >= eos_threshold, cos(concept, previous)
-    >= stop_on_repetition_threshold (if set), or its ``max_sentences``; the EOS/repetition rules apply
+    Stop rules (per prompt, `sonar_llm.models.generate.stop_reasons`): cos(concept, eos_embedding) >=
+    eos_threshold, cos(concept, previous) >= stop_on_repetition_cosine_threshold (if set; None = off, Meta's
+    default), or its ``max_sentences``; the EOS/repetition rules apply
     only once ``min_sentences`` concepts exist, the stopping one included (default 2 = Meta's generator,
     which cannot stop before the second generated concept; see ``LCM_MIN_SENTENCES``). The stopping
     concept is kept in the output.
@@ -202,7 +211,7 @@ def generate_two_tower(
         return _generate(
             model, prompts, limits, eos_embedding, eos_threshold, num_inference_steps,
             guidance_scale, guidance_rescale, initial_noise_scale, epsilon_scaling, clip_noise, ddim_eta,
-            generator, reproduce_lcm_step_quirk, stop_on_repetition_threshold, min_sentences, on_step,
+            generator, reproduce_lcm_step_quirk, stop_on_repetition_cosine_threshold, min_sentences, on_step,
         )
     finally:
         model.train(was_training)
@@ -250,7 +259,7 @@ def _generate(model, prompts, limits, eos_embedding, eos_threshold, num_inferenc
     eos = None if eos_embedding is None else eos_embedding.reshape(1, E).to(device=device, dtype=torch.float32)
 
     outputs: list[list[Tensor]] = [[] for _ in range(B)]
-    stopped = [False] * B
+    reasons = [STOP_SENTENCE_CAP] * B
     active = list(range(B))  # prompt index of each row of the running batch
     prev_raw = torch.stack([p[-1].to(device).float() for p in prompts])
     while active:
@@ -277,21 +286,18 @@ def _generate(model, prompts, limits, eos_embedding, eos_threshold, num_inferenc
             z = z.clamp(-clip_noise, clip_noise)
         cross.num_uncond = 0
         raw = model.sonar_normalizer.denormalize(pred_x0.float())  # [A, E]
-        stop_now = torch.zeros(A, dtype=torch.bool, device=device)
-        if eos is not None:
-            stop_now |= F.cosine_similarity(raw, eos, dim=-1) >= eos_threshold
-        if rep_threshold is not None:
-            stop_now |= F.cosine_similarity(raw, prev_raw, dim=-1) >= rep_threshold
-        stop_list = stop_now.tolist()
-        keep = []
+        why = stop_reasons(raw, prev_raw, eos_embedding=eos, eos_threshold=eos_threshold,
+                           repetition_threshold=rep_threshold)
+        keep, stopping = [], set()
         for j, b in enumerate(active):
             outputs[b].append(raw[j])
-            if stop_list[j] and len(outputs[b]) >= min_sentences:
-                stopped[b] = True
+            if why[j] is not None and len(outputs[b]) >= min_sentences:
+                reasons[b] = why[j]
+                stopping.add(b)
             elif len(outputs[b]) < limits[b]:
                 keep.append(j)
         if on_step is not None:
-            cont = [j for j, b in enumerate(active) if not stopped[b]]
+            cont = [j for j, b in enumerate(active) if b not in stopping]
             if cont:
                 on_step([active[j] for j in cont], raw[cont], None)
         if not keep:
@@ -305,7 +311,8 @@ def _generate(model, prompts, limits, eos_embedding, eos_threshold, num_inferenc
         prev_raw = raw
         last = model.sonar_normalizer.normalize(raw).to(dtype).unsqueeze(1)
     embeddings = [torch.stack(rows) for rows in outputs]
-    return TwoTowerGeneration(embeddings, stopped, len(timesteps), timesteps)
+    return TwoTowerGeneration(embeddings, [r != STOP_SENTENCE_CAP for r in reasons], len(timesteps), timesteps,
+                              reasons)
 
 
 def two_tower_concepts(model: nn.Module, prompts: Sequence[Tensor], s: GenerationSettings
@@ -319,11 +326,12 @@ def two_tower_concepts(model: nn.Module, prompts: Sequence[Tensor], s: Generatio
                              eos_threshold=s.eos_threshold, num_inference_steps=s.num_inference_steps,
                              guidance_scale=s.guidance_scale, guidance_rescale=s.guidance_rescale,
                              initial_noise_scale=s.initial_noise_scale, generator=s.generator,
+                             stop_on_repetition_cosine_threshold=s.stop_on_repetition_cosine_threshold,
                              on_step=s.on_step)
     out = []
-    for e, stop in zip(res.embeddings, res.stopped_on_eos):
+    for e, stop, why in zip(res.embeddings, res.stopped_on_eos, res.stop_reasons):
         if stop:
-            e = e[:-1]  # the end-of-document concept is not part of the story
+            e = e[:-1]  # the stopping concept (end of document, or a repetition) is not part of the story
         texts = list(s.decode_fn(e)) if s.decode_fn is not None and e.shape[0] else []
-        out.append(ConceptGeneration(e, texts, bool(stop)))
+        out.append(ConceptGeneration(e, texts, why))
     return out

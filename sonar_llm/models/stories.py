@@ -1,14 +1,16 @@
 """Story generation for the evaluation protocol: text prompts in, text continuations out, per family.
 
 `FamilySpec.story_generator(model, ctx: StoryContext) -> generate(prompts: list[list[str]]) ->
-list[list[str]]` (one list of new sentences per prompt story):
+list[StoryContinuation]` (per prompt story: its new sentences, a `list[str]`, with `.stop_reason`, one of
+`sonar_llm.models.generate.STOP_REASONS`):
   * `concept_stories(concepts)`: encode the prompt sentences, run the family's concept-level generation
     (`FamilySpec.generate`), decode per story, record (embedding, text) for the round trip (Base-LCM,
     Two-Tower LCM);
   * `sonar_llm_stories`: the same through `generate_sonar_llm`, recording every decoded prediction and
     its re-encoding (the end-of-document one included) as the paper's loop produces them;
   * `token_llm_stories`: greedy decoding of the prompt's token stream, split at the sentence EOS ids, cut
-    at the end-of-document sentence and the sentence limit.
+    at the end-of-document sentence (`STOP_END`) and the sentence limit (`STOP_SENTENCE_CAP`); a story that
+    reaches neither within `max_new_tokens` is `STOP_TOKEN_CAP`, its unterminated last sentence kept.
 """
 from __future__ import annotations
 
@@ -18,12 +20,29 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .generate import GenerationSettings, generate_sonar_llm, generate_token_llm
+from .generate import (
+    STOP_END,
+    STOP_SENTENCE_CAP,
+    STOP_TOKEN_CAP,
+    GenerationSettings,
+    generate_sonar_llm,
+    generate_token_llm,
+)
 
-__all__ = ["StoryContext", "StoryFn", "concept_stories", "sonar_llm_stories", "token_llm_stories",
+__all__ = ["StoryContext", "StoryFn", "StoryContinuation", "concept_stories", "sonar_llm_stories", "token_llm_stories",
            "whole_document_stories"]
 
-StoryFn = Callable[[list[list[str]]], list[list[str]]]
+
+
+class StoryContinuation(list):
+    """A story's new sentences (a plain `list[str]` to every reader) and why its generation stopped."""
+
+    def __init__(self, sentences=(), stop_reason: str = STOP_SENTENCE_CAP) -> None:
+        super().__init__(sentences)
+        self.stop_reason = stop_reason
+
+
+StoryFn = Callable[[list[list[str]]], list[StoryContinuation]]
 RecordFn = Callable[[Tensor, list[str], "Tensor | None"], None]
 
 
@@ -66,7 +85,7 @@ def concept_stories(concepts: Callable[..., list]) -> Callable[[nn.Module, Story
                 for r in res:
                     if r.embeddings.shape[0]:
                         ctx.record(r.embeddings, list(r.texts), None)
-            return [list(r.texts) for r in res]
+            return [StoryContinuation(r.texts, r.stop_reason) for r in res]
 
         return generate
 
@@ -94,8 +113,9 @@ def sonar_llm_stories(model: nn.Module, ctx: StoryContext) -> StoryFn:
             return out
 
         res = generate_sonar_llm(model, encode_prompts(prompts), dec, enc, max_sentences=s.max_sentences,
-                                 eos_embedding=s.eos_embedding, eos_threshold=s.eos_threshold, reencode=True)
-        return [list(r.texts) for r in res]
+                                 eos_embedding=s.eos_embedding, eos_threshold=s.eos_threshold, reencode=True,
+                                 stop_on_repetition_cosine_threshold=s.stop_on_repetition_cosine_threshold)
+        return [StoryContinuation(r.texts, r.stop_reason) for r in res]
 
     return generate
 
@@ -114,7 +134,13 @@ def whole_document_stories(model: nn.Module, ctx: StoryContext) -> StoryFn:
         ids = [torch.tensor([tok.bos_id, *tok.encode(" ".join(p))], dtype=torch.int64, device=device)
                for p in prompts]
         outs = generate_token_llm(model, ids, max_new_tokens=ctx.max_new_tokens, stop_ids=(tok.eos_id,))
-        return [split_sentences(tok.decode(o))[:max(0, limit - len(p))] for p, o in zip(prompts, outs)]
+        conts = []
+        for p, o in zip(prompts, outs):
+            sents, room = split_sentences(tok.decode(o)), max(0, limit - len(p))
+            reason = (STOP_SENTENCE_CAP if len(sents) > room else STOP_END if len(o) < ctx.max_new_tokens
+                      else STOP_TOKEN_CAP)  # the EOS (not returned) came before the cap, or the cap cut the text
+            conts.append(StoryContinuation(sents[:room], reason))
+        return conts
 
     return generate
 
@@ -151,14 +177,20 @@ def token_llm_stories(model: nn.Module, ctx: StoryContext) -> StoryFn:
                     cur = []
                 else:
                     cur.append(t)
+            if cur:  # the token cap cut the last sentence: it is returned, unterminated
+                sents.append(cur)
             texts = [s.strip() for s in tokenizer.decode(sents)] if sents else []
-            keep = []
-            for s in texts:
-                if s == eod_text or len(p) + len(keep) > limit:
+            keep, reason = [], STOP_TOKEN_CAP
+            for i, s in enumerate(texts):
+                if s == eod_text and not (cur and i == len(texts) - 1):
+                    reason = STOP_END
+                    break
+                if len(p) + len(keep) > limit:
+                    reason = STOP_SENTENCE_CAP
                     break
                 if s:
                     keep.append(s)
-            conts.append(keep)
+            conts.append(StoryContinuation(keep, reason))
         return conts
 
     return generate

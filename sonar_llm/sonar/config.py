@@ -116,11 +116,20 @@ class SonarDecoderConfig(_SonarConfigBase):
 
     max_seq_len: int = 512
     encoder_dim: int | None = None  # None -> model_dim
+    trained_target_len: int | None = None
+    """Longest target the decoder was trained on: tokens after the ``[</s>, lang]`` prompt, final ``</s>``
+    included (the tiny SONAR records it; None = unknown, e.g. the released models). The decoding length guard
+    (``GenerationConfig.length_guard``) caps a sentence relative to it."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.encoder_dim is None:
             self.encoder_dim = self.model_dim
+        if self.trained_target_len is not None and (
+                not isinstance(self.trained_target_len, int) or isinstance(self.trained_target_len, bool)
+                or self.trained_target_len < 1):
+            raise ValueError(f"SonarDecoderConfig.trained_target_len must be a positive int or None, "
+                             f"got {self.trained_target_len!r}")
         if self.encoder_dim <= 0:
             raise ValueError(f"SonarDecoderConfig.encoder_dim must be positive, got {self.encoder_dim}")
 

@@ -30,6 +30,13 @@ Defaults reproduce SONAR's ``EmbeddingToTextModelPipeline.predict`` (fairseq2 v0
 Saner caps for evaluation: the public SONAR-LLM generation passes ``max_seq_len=256`` (254 tokens per
 sentence at width 1024); ``max_gen_len`` as a plain int caps the generated tokens (EOS included) directly.
 
+**Length guard** (not in SONAR): a decoder that records the longest target it was trained on
+(``SonarDecoderConfig.trained_target_len``; the tiny SONAR does, the released models do not) gets at most
+``ceil(length_guard * trained_target_len)`` tokens per sentence (default 1.5x), on top of the caps above, so a
+vector the decoder cannot read (e.g. a sentence it never saw) does not decode into hundreds of repeated tokens
+at every generation step. ``length_guard=None`` keeps SONAR's own rule alone; the guard never applies to a
+decoder that records nothing. :meth:`GenerationConfig.token_cap` is the resulting cap.
+
 Sampling (``do_sample=True``) follows fairseq2's ``SamplingSeq2SeqGenerator``: the same prompt, length rule,
 bans, forced final EOS and fp32 ``softmax(logits / temperature)``; banned ids get probability 0; the state
 is fanned out to ``num_samples`` rows per embedding after the prompt. Filters: ``top_k`` keeps the ``k``
@@ -49,6 +56,7 @@ The incremental path uses the decoder's KV cache and the exact one-key cross-att
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,11 +67,12 @@ from .config import SonarDecoderConfig
 from .decoder import SonarTextDecoder
 
 __all__ = [
-    "PROMPT_LEN", "GenerationConfig", "Hypothesis", "decode_hypotheses", "beam_search", "sample_hypotheses",
+    "PROMPT_LEN", "DEFAULT_LENGTH_GUARD", "GenerationConfig", "Hypothesis", "decode_hypotheses", "beam_search", "sample_hypotheses",
     "generate", "greedy_decode", "make_generator",
 ]
 
 PROMPT_LEN = 2  # [eos, lang]
+DEFAULT_LENGTH_GUARD = 1.5  # x the longest trained target (GenerationConfig.length_guard)
 
 
 @dataclass
@@ -101,6 +110,10 @@ class GenerationConfig:
     """Sampling: continuations per embedding (beam search returns one best per embedding)."""
     seed: int | None = None
     """Sampling: seed of a fresh ``torch.Generator`` when none is passed (None = torch's global RNG)."""
+    length_guard: float | None = DEFAULT_LENGTH_GUARD
+    """At most ``ceil(length_guard * trained_target_len)`` tokens per sentence when the decoder records the
+    longest target it was trained on (``SonarDecoderConfig.trained_target_len``); None = no guard (SONAR's own
+    length rule, ``max_gen_len`` / ``max_seq_len``, alone)."""
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value: Any, low: int = 1) -> None:
@@ -135,6 +148,11 @@ class GenerationConfig:
                              "best hypothesis per embedding; beam_search() returns all finished ones)")
         if self.seed is not None:
             positive_int("seed", self.seed, 0)
+        if self.length_guard is not None and (isinstance(self.length_guard, bool)
+                                              or not isinstance(self.length_guard, (int, float))
+                                              or not self.length_guard >= 1.0):
+            raise ValueError(f"GenerationConfig.length_guard must be a number >= 1 (a multiple of the longest "
+                             f"trained target) or None (no guard), got {self.length_guard!r}")
 
     def max_new_tokens(self, width: int, max_positions: int) -> int:
         """Most tokens one sentence can get, final EOS included, for embeddings of size ``width`` and a
@@ -152,6 +170,21 @@ class GenerationConfig:
         if cap <= PROMPT_LEN:
             raise ValueError(f"a sequence cap of {cap} positions leaves no room after the {PROMPT_LEN}-token prompt")
         return min(cap, PROMPT_LEN + gen) - PROMPT_LEN
+
+    def guard_tokens(self, decoder_cfg: SonarDecoderConfig) -> int | None:
+        """The length guard's cap for a decoder (None: no guard, or the decoder records no training length)."""
+        trained = getattr(decoder_cfg, "trained_target_len", None)
+        if self.length_guard is None or trained is None:
+            return None
+        return math.ceil(self.length_guard * trained)
+
+    def token_cap(self, decoder_cfg: SonarDecoderConfig, width: int | None = None) -> int:
+        """Most tokens one sentence can get with this decoder, final EOS included: :meth:`max_new_tokens`
+        (``width`` defaults to the decoder's ``encoder_dim``), cut to :meth:`guard_tokens` when that applies."""
+        width = decoder_cfg.encoder_dim if width is None else width
+        cap = self.max_new_tokens(width, decoder_cfg.max_seq_len)
+        guard = self.guard_tokens(decoder_cfg)
+        return cap if guard is None else min(cap, guard)
 
     def resolved_banned_ids(self, decoder_cfg: SonarDecoderConfig) -> tuple[int, ...]:
         """The ids this configuration bans for a decoder: ``banned_ids``, or SONAR's ``(unk_idx,)``."""
@@ -172,7 +205,9 @@ class GenerationConfig:
         out["banned_ids"] = list(self.resolved_banned_ids(decoder_cfg))
         out["decoder_positions"] = decoder_cfg.max_seq_len
         out["width"] = width
-        out["max_new_tokens"] = self.max_new_tokens(width, decoder_cfg.max_seq_len)
+        out["trained_target_len"] = getattr(decoder_cfg, "trained_target_len", None)
+        out["guard_tokens"] = self.guard_tokens(decoder_cfg)
+        out["max_new_tokens"] = self.token_cap(decoder_cfg, width)
         return out
 
 
@@ -233,7 +268,7 @@ class _Setup:
         self.num_prompts = self.emb.size(0)
         self.eos = vcfg.eos_idx
         self.banned = torch.tensor(cfg.resolved_banned_ids(vcfg), dtype=torch.int64, device=self.device)
-        self.max_seq_len = PROMPT_LEN + cfg.max_new_tokens(embeddings.size(1), vcfg.max_seq_len)
+        self.max_seq_len = PROMPT_LEN + cfg.token_cap(vcfg, embeddings.size(1))
         self.min_seq_len = min(self.max_seq_len, PROMPT_LEN + cfg.min_gen_len)
         self.cfg = cfg
         if self.num_prompts == 0:

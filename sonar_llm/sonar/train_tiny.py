@@ -48,6 +48,8 @@ import torch.nn.functional as F
 
 from sonar_llm.optim import lr_factor, param_groups
 
+from .round_trip import END_OF_DOC_TEXT
+
 __all__ = [
     "TinySonarConfig",
     "TinySonarPaths",
@@ -81,6 +83,9 @@ class TinySonarConfig:
     n_stories: int = 4000
     corpus_seed: int = 0
     held_out_fraction: float = 0.05
+    end_sentence: str = END_OF_DOC_TEXT
+    """Appended to every training story, as preprocess appends it to every document SONAR-LLM trains on, so
+    that it round-trips exactly and a concept model can stop on it ("" = none: the SONAR then cannot decode it)."""
     # tokenizer
     spm_vocab_size: int = 2000  # SentencePiece pieces; the model vocabulary adds pad + 205 control tags
     spm_model_type: str = "bpe"
@@ -345,6 +350,19 @@ def _evaluate(cfg: TinySonarConfig, encoder, decoder, vocab: _Vocab, sentences: 
             "error_examples": examples}
 
 
+def _end_round_trip(text: str, encoder, decoder, vocab: _Vocab) -> dict[str, Any]:
+    """The end sentence through the trained pair (the check of ``sonar_llm.sonar.round_trip``)."""
+    from .round_trip import round_trip, sonar_decode_fn
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        s, sm = _pad(vocab.source(texts))
+        with torch.no_grad():
+            return encoder(s, sm)
+
+    result = round_trip(text, sonar_decode_fn(decoder, vocab.tok, LANG), encode=encode)
+    return {"text": result.text, "decoded": result.decoded, "exact": result.exact}
+
+
 # ------------------------------------------------------------------------------------------ saving
 def _save_checkpoint(module, path: Path) -> None:
     from .checkpoint import save_fairseq2_checkpoint
@@ -407,7 +425,8 @@ def ensure_tiny_sonar(cache_dir: str | os.PathLike | None = None, *, force: bool
     try:
         stories = generate_story_sentences(cfg.n_stories, cfg.corpus_seed)
         train_stories, valid_stories = split_stories(stories, cfg.held_out_fraction, cfg.corpus_seed)
-        train_sents = [s for st in train_stories for s in st]
+        end = [cfg.end_sentence] if cfg.end_sentence.strip() else []
+        train_sents = [s for st in train_stories for s in (*st, *end)]
         valid_sents = list(dict.fromkeys(s for st in valid_stories for s in st))  # unique, in order
         log(f"corpus: {len(train_sents)} training sentences, {len(valid_sents)} unique held-out sentences")
 
@@ -424,6 +443,8 @@ def ensure_tiny_sonar(cache_dir: str | os.PathLike | None = None, *, force: bool
             f"{n_params / 1e6:.2f}M parameters; training {cfg.train_steps} steps (expected ~"
             f"{cfg.train_steps * SECONDS_PER_STEP:.0f}s on a 2-core CPU at ~{SECONDS_PER_STEP} s/step)")
         train_stats = _train(cfg, encoder, decoder, src, tgt, progress)
+        # what the decoding length guard reads (sonar_llm.sonar.generation): tokens after [</s>, lang]
+        decoder.cfg.trained_target_len = max(len(t) for t in tgt) - 2
         log(f"trained {train_stats['steps']} steps ({train_stats['epochs']} epochs), "
             f"loss {train_stats['first_loss']:.3f} -> {train_stats['final_loss']:.4f}")
 
@@ -431,7 +452,12 @@ def ensure_tiny_sonar(cache_dir: str | os.PathLike | None = None, *, force: bool
         eval_sents = valid_sents if len(valid_sents) <= cfg.eval_sentences else rng.sample(valid_sents, cfg.eval_sentences)
         t_eval = time.perf_counter()
         metrics = _evaluate(cfg, encoder, decoder, vocab, eval_sents, set(train_sents)) if cfg.eval_sentences else {}
+        if cfg.end_sentence.strip():
+            metrics["end_sentence"] = _end_round_trip(cfg.end_sentence, encoder, decoder, vocab)
         metrics["eval_time_s"] = round(time.perf_counter() - t_eval, 2)
+        if "end_sentence" in metrics:
+            e = metrics["end_sentence"]
+            log(f"end sentence {e['text']!r} decodes to {e['decoded']!r} ({'exact' if e['exact'] else 'NOT exact'})")
         if metrics.get("eval_sentences"):
             log(f"held-out round trip: exact match {metrics['exact_match']:.1%}, BLEU {metrics['bleu']:.1f} "
                 f"({metrics['eval_sentences']} sentences; unseen-in-training exact match "

@@ -243,6 +243,10 @@ def build_run(cfg: RunConfig, info: DistInfo, model_factory: ModelFactory, data_
     for name in ("loss", "flops_per_batch", "transformer_blocks", "decoder_to"):  # the ConceptFamily contract
         if not callable(getattr(model, name, None)):
             raise TypeError(f"model family {type(model).__name__} lacks the {name}() method")
+    if info.is_main:  # a SONAR that cannot decode the data's end sentence: no trained model could ever stop
+        from sonar_train.end_sentence import warn_if_end_sentence_lost
+
+        warn_if_end_sentence_lost(model, cfg)
     use_fsdp = uses_fsdp(cfg)
     model = parallelize(model, cfg, info)
     optimizer = build_optimizer(model, cfg.optim, info.device)
