@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from sonar_llm.cli import parser
+    from sonar_llm.cli import int_at_least, parser
 
     p = parser("python -m sonar_llm.convert", description=__doc__.split("\n\n")[0])
     way = p.add_mutually_exclusive_group(required=True)
@@ -241,7 +241,8 @@ def _main(argv: list[str]) -> int:
     way.add_argument("--to", dest="dst", choices=["public"], help="export to the public format")
     p.add_argument("--checkpoint", help="--from public: the public .pt file")
     p.add_argument("--config", help="--from public: the public SonarLLM_*.json (optional: shapes are inferred)")
-    p.add_argument("--head-dim", type=int, default=None, help="--from public without --config: the head width")
+    p.add_argument("--head-dim", type=int_at_least(1), default=None,
+                   help="--from public without --config: the head width")
     p.add_argument("--sonar-decoder-out", help="--from public: also write the frozen SONAR decoder here (fairseq2 layout)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="--from public: cast the weights")
     p.add_argument("--model", help="--to public: an exported .safetensors (with its .json)")
@@ -253,6 +254,8 @@ def _main(argv: list[str]) -> int:
     if args.src == "public":
         if not args.checkpoint:
             p.error("--from public needs --checkpoint")
+        if args.config:  # a bad --config is said before the checkpoint (gigabytes) is read
+            pf.backbone_from_llama_config(pf.read_public_json(args.config)[0], args.config)
         rep = import_public(args.checkpoint, args.out, args.config, args.head_dim, args.sonar_decoder_out,
                             args.dtype)
         b = rep.backbone

@@ -207,9 +207,13 @@ def _iter_jsonl(path: Path, text_field: str, stats: IngestStats) -> Iterator[tup
 
 
 def _iter_parquet(path: Path, text_field: str, stats: IngestStats, batch_rows: int) -> Iterator[tuple[str, str]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:  # truncated or not Parquet: name the file
+        raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
     names = pf.schema_arrow.names
     if text_field not in names:
         raise ValueError(f"parquet file {str(path)!r} has no column {text_field!r}; columns: {names}")

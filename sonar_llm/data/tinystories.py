@@ -95,9 +95,13 @@ def read_story_file(path: str | os.PathLike) -> Iterator[str]:
     if not p.is_file():
         raise FileNotFoundError(f"TinyStories file not found: {p}")
     if name.endswith(".parquet"):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(p)
+        try:
+            pf = pq.ParquetFile(p)
+        except (pa.ArrowException, OSError) as e:  # truncated or not Parquet: name the file
+            raise ValueError(f"{p}: not a readable Parquet file ({e})") from None
         if "text" not in pf.schema_arrow.names:
             raise ValueError(f"{p}: no 'text' column (columns: {pf.schema_arrow.names})")
         for batch in pf.iter_batches(batch_size=4096, columns=["text"]):
@@ -186,15 +190,17 @@ def _stories(files: Iterable[Path]) -> Iterator[str]:
 
 
 def _load_hf() -> tuple[list[str], list[str]]:
+    from sonar_llm.cli import CommandFailed
+
     try:
         import datasets  # optional: only for the online path
     except ImportError as e:
-        raise RuntimeError("reading TinyStories online needs the 'datasets' package (pip install datasets); "
+        raise CommandFailed("reading TinyStories online needs the 'datasets' package (pip install datasets); "
                            "offline, give --data-dir or --train/--validation files") from e
     try:
         ds = datasets.load_dataset(HF_NAME)
     except Exception as e:  # network, hub or cache errors: say what to do instead
-        raise RuntimeError(f"could not load {HF_NAME} through datasets ({type(e).__name__}: {e}); offline, give "
+        raise CommandFailed(f"could not load {HF_NAME} through datasets ({type(e).__name__}: {e}); offline, give "
                            f"--data-dir or --train/--validation files") from e
     return ([t for t in ds["train"]["text"] if t], [t for t in ds["validation"]["text"] if t])
 
@@ -285,7 +291,9 @@ def _materialize(cfg: TinyStoriesConfig, out: Path, log: Callable[[str], None]) 
               "validation_heldout": _write_jsonl(src_dir / "validation.jsonl", held),
               "prompts": _write_jsonl(out / "prompts.jsonl", prompts)}
     if counts["train"] == 0:
-        raise ValueError("no train story was read (empty files?)")
+        for written in (src_dir / "train.jsonl", src_dir / "validation.jsonl", out / "prompts.jsonl"):
+            written.unlink()  # a failed command leaves nothing behind
+        raise ValueError(f"no train story was read from {', '.join(want['train_files']) or HF_NAME} (empty files?)")
     info = {**want, "counts": counts}
     write_json_atomic(marker, info)
     log(f"tinystories: stories {counts}")
@@ -343,7 +351,7 @@ def _sonar_paths(encoder: str | None, tokenizer: str | None, log: Callable[[str]
 
 
 def _parser():
-    from sonar_llm.cli import parser
+    from sonar_llm.cli import int_at_least, parser
 
     p = parser("python -m sonar_llm.data.tinystories", description=__doc__.split("\n")[0])
     d = TinyStoriesConfig()
@@ -351,21 +359,21 @@ def _parser():
     p.add_argument("--data-dir", default="", help="downloaded TinyStories folder (else --train/--validation, else HF)")
     p.add_argument("--train", nargs="+", default=[], help="train story files (.parquet, .txt, .json, .jsonl)")
     p.add_argument("--validation", nargs="+", default=[], help="validation story files (same formats)")
-    p.add_argument("--validation-holdout", type=int, default=d.validation_holdout,
+    p.add_argument("--validation-holdout", type=int_at_least(0), default=d.validation_holdout,
                    help="the last N validation stories are the held-out shards, the rest the prompts (default 2500)")
-    p.add_argument("--max-sentences", type=int, default=d.max_sentences,
+    p.add_argument("--max-sentences", type=int_at_least(1), default=d.max_sentences,
                    help="sentences kept per story before the end sentence (default 32)")
     p.add_argument("--segmenter", default=d.segmenter, choices=("auto", "punkt", "blingfire"),
                    help="sentence splitter (auto: NLTK Punkt when installed, else blingfire)")
-    p.add_argument("--max-train-stories", type=int, default=0, help="train stories to keep (0 = all)")
-    p.add_argument("--shard-size-docs", type=int, default=d.shard_size_docs, help="documents per shard")
+    p.add_argument("--max-train-stories", type=int_at_least(0), default=0, help="train stories to keep (0 = all)")
+    p.add_argument("--shard-size-docs", type=int_at_least(1), default=d.shard_size_docs, help="documents per shard")
     p.add_argument("--dtype", default=d.dtype, choices=("fp16", "bf16"), help="embedding storage dtype")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sentences handed to the encoder at once")
+    p.add_argument("--batch-size", type=int_at_least(1), default=d.batch_size, help="sentences handed to the encoder at once")
     p.add_argument("--overwrite", action="store_true", help="redo a folder written from other sources or settings")
     p.add_argument("--encoder", help="SONAR text encoder checkpoint (default: registry, else the cached tiny SONAR)")
     p.add_argument("--tokenizer", help="NLLB sentencepiece model (default: registry, else the cached tiny SONAR)")
     p.add_argument("--codec-factory", help="'module:callable' returning a SentenceCodec (instead of --encoder)")
-    p.add_argument("--encoder-batch-size", type=int, default=64, help="sentences per encoder forward")
+    p.add_argument("--encoder-batch-size", type=int_at_least(1), default=64, help="sentences per encoder forward")
     p.add_argument("--encoder-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="encoder compute dtype")
     p.add_argument("--device", default="", help="encoder device: cpu, cuda or cuda:N (default: cuda if available)")

@@ -223,9 +223,9 @@ def read_public_json(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
     if not path.is_file():
         raise FileNotFoundError(f"--config: file not found: {path}")
     try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON: {exc}") from exc
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: invalid JSON: {exc}") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("llama_config"), dict):
         raise ValueError(f"{path}: no 'llama_config' block (a public SonarLLM_*.json has one)")
     return dict(cfg["llama_config"]), int(cfg.get("embed_dim", 1024))

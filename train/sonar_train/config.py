@@ -243,9 +243,16 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
+    data = p.read_bytes()
     try:
-        with p.open("rb") as f:
-            return tomllib.load(f)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{p}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x})") from None
+    if not text.strip():
+        raise ConfigError(f"{p}: the config file is empty (a run config has [model], [data], ... sections)")
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML: {e}") from e
 

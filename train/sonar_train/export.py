@@ -53,11 +53,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from sonar_llm.cli import parser
+    from sonar_llm.cli import int_at_least, parser
 
     p = parser("train/export.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="run directory (train.out_dir)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest complete one)")
+    p.add_argument("--step", type=int_at_least(0), default=None, help="checkpoint step (default: the latest complete one)")
     p.add_argument("--out", required=True, help="output .safetensors path")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="cast floating tensors")
     args = p.parse_args(argv)
