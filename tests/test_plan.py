@@ -6,8 +6,11 @@ Reference measurements, independent of the planner's machinery (no MemTracker, n
   running total of the CPU allocator's allocations and frees during the step, read from the PyTorch
   profiler's memory events (`profile_memory=True`: every c10 CPU allocation and free, in time order,
   including those made inside ATen kernels, which no dispatch-level tracker sees). Tolerance: 20%.
-- FLOPs of the real step: torch.utils.flop_counter.FlopCounterMode on real tensors; the planner's fake
+- FLOPs of the real step: torch.utils.flop_counter.FlopCounterMode on real tensors, with the closed form of
+  the CPU attention kernel's products added (FlopCounterMode counts that kernel as zero); the planner's fake
   count must be equal (same ops, same shapes: attention traced on the CPU path in both).
+- The traced count against the family's closed form (SonarLLM.flops_per_batch) for our path and the public
+  one, with and without activation checkpointing (its recompute counted apart).
 """
 import contextlib
 
@@ -71,6 +74,16 @@ def _allocator_peak(prof) -> int:
     return peak
 
 
+# FlopCounterMode counts the CPU fused attention kernel as zero; the reference gives it the closed form of its
+# products: forward QK^T and AV (2 x 2 x B x H x Sq x Sk x Dh), backward the scores again + four products (2.5 x)
+def _attention_fwd_flops(q, k, v, *args, out_shape=None, **kwargs):
+    return 4 * q[0] * q[1] * q[2] * k[2] * q[3]
+
+
+def _attention_bwd_flops(grad, q, k, v, *args, out_shape=None, **kwargs):
+    return 10 * q[0] * q[1] * q[2] * k[2] * q[3]
+
+
 def _real_step(cfg, batch, count_flops=False):
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
@@ -78,7 +91,10 @@ def _real_step(cfg, batch, count_flops=False):
     model, spec = _real_model(cfg)
     optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
     resident = _resident_bytes(model, batch)
-    counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
+    aten = torch.ops.aten
+    cpu_attention = {aten._scaled_dot_product_flash_attention_for_cpu: _attention_fwd_flops,
+                     aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_bwd_flops}
+    counter = FlopCounterMode(display=False, custom_mapping=cpu_attention) if count_flops else contextlib.nullcontext()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, counter:
         loss, _ = spec.loss(model, batch)
         loss.backward()
@@ -160,3 +176,45 @@ def test_inference_cost_grows_with_context_only_through_attention():
     width = sum(m.num_heads * m.head_dim for m in model.modules()
                 if isinstance(getattr(m, "num_heads", None), int) and isinstance(getattr(m, "head_dim", None), int))
     assert (b - a) / 4 == 4 * width
+
+
+# ------------------------------------------------------------------------------ traced count vs the closed form
+@pytest.mark.parametrize("path,checkpointing", [("fast", "none"), ("reference", "none"), ("fast", "full")])
+def test_traced_flops_equal_the_family_closed_form(tmp_path, path, checkpointing):
+    """The planner's traced FLOPs, less the activation-checkpointing recompute it counts apart, equal the family's
+    closed form (SonarLLM.flops_per_batch, model FLOPs of the path it runs) within 0.5%: the closed form counts
+    6 x parameters per sentence for the concept model, which the code does not exactly run (the input
+    projection needs no input gradient, the output projection sees only the predicting rows). The public
+    path (`reference`) is priced as it runs: its padding and full cross-attention on top of our fast path's
+    closed form for the same batch."""
+    cfg, batch = _cfg(tmp_path, sentences=48)
+    cfg.train.activation_checkpointing = checkpointing
+    traced = plan.trace_step(cfg, 1, batch, attention="flash", decoder_preset=DECODER, replay_kernels=False,
+                             overrides={"path": path})
+    f = traced["flops"]
+    assert f["forward"] + f["backward"] + f["recompute"] == f["per_micro_batch"]
+    assert (f["recompute"] > 0) == (checkpointing != "none")
+    assert abs((f["per_micro_batch"] - f["recompute"]) / f["family_formula"] - 1) <= 5e-3
+    if path == "reference":
+        assert f["family_formula"] > 1.5 * f["family_formula_fast_path"]  # padding to the longest sentence
+    else:
+        assert f["family_formula_fast_path"] == f["family_formula"]
+
+
+def test_cpu_attention_is_counted():
+    """FlopCounterMode has no formula for the CPU fused attention kernel; the planner's counter gives it the
+    GPU kernels' count: forward 4 x B x H x Sq x Sk x Dh (QK^T and AV over the whole square), backward 2.5 x."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sonar_train.plan_trace import PlanFlopCounter
+
+    b, h, s, dh = 2, 3, 10, 8
+    q = torch.randn(b, h, s, dh, requires_grad=True)
+    with FlopCounterMode(display=False) as plain:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+    assert plain.get_total_flops() == 0  # the gap this closes
+    counter = PlanFlopCounter([], "model")
+    with counter:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+    assert counter.phases["forward"] == 4 * b * h * s * s * dh
+    assert counter.phases["backward"] == 10 * b * h * s * s * dh

@@ -159,8 +159,12 @@ def test_flops_per_batch_closed_form():
     per_tok = 2 * (dec.num_layers * (4 * dec.model_dim**2 + 2 * dec.model_dim * dec.ffn_dim)
                    + dec.model_dim * dec.vocab_size)
     dec_fwd = per_tok * sum(lens) + 2 * dec.num_layers * dec.model_dim * E * 3
-    dec_fwd += 4 * dec.num_layers * dec.model_dim * sum(n * (n + 1) / 2 for n in lens)
-    assert model.flops_per_batch(batch) == pytest.approx(flops + 2 * dec_fwd, rel=1e-12)
+    attn = 4 * dec.num_layers * dec.model_dim * sum(n * (n + 1) / 2 for n in lens)
+    dec_fwd += attn
+    # backward: input gradients (= the forward's matmuls), attention twice its forward, nothing for layer 0's
+    # self-attention (projections 4 x 2 x D^2 per token, attention backward 2 x its forward)
+    layer0_self = 8 * dec.model_dim**2 * sum(lens) + 2 * attn / dec.num_layers
+    assert model.flops_per_batch(batch) == pytest.approx(flops + 2 * dec_fwd + attn - layer0_self, rel=1e-12)
 
 
 def test_loss_falls_with_training():

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .backbone import Backbone, BackboneConfig
 from .family import ConceptFamily, causal_attention_flops, next_sentence_pairs, select_segments
 
-__all__ = ["SonarLLMConfig", "SonarLLM", "sonar_decoder_flops"]
+__all__ = ["SonarLLMConfig", "SonarLLM", "sonar_decoder_flops", "sonar_decoder_padded_flops"]
 
 PATHS = ("fast", "reference")
 
@@ -73,6 +73,29 @@ def sonar_decoder_flops(decoder_cfg, num_tokens: int, num_sentences: int, sum_sq
     per_sentence = 2.0 * L * d * e
     attn = 4.0 * L * d * sum_sq_half
     return per_token * num_tokens + per_sentence * num_sentences + attn
+
+
+def sonar_decoder_padded_flops(decoder_cfg, num_sentences: int, width: int) -> float:
+    """Forward + backward FLOPs of the frozen SONAR decoder as `path="reference"` runs it
+    (`PackedSonarDecoder.reference_loss`, the public code's computation): `num_sentences` rows padded to
+    `width` positions, real cross-attention to the one predicted embedding (q and output projections at
+    every position, k and v once per sentence), logits at every position. Counted as
+    torch.utils.flop_counter counts the ops: 2 per multiply-add of every matmul; attention over the whole
+    [width, width] (self) and [width, 1] (cross) square, masks saving nothing, its backward 2.5 x its
+    forward (the scores are recomputed). The weights are frozen, so the backward computes input gradients
+    only (one matmul per projection), and none for what depends on the token embeddings alone: layer 0's
+    self-attention and its cross-attention query projection."""
+    d, f, L, V = decoder_cfg.model_dim, decoder_cfg.ffn_dim, decoder_cfg.num_layers, decoder_cfg.vocab_size
+    e = getattr(decoder_cfg, "encoder_dim", None) or d
+    n = float(num_sentences) * width  # padded positions
+    self_proj, cross_qo, cross_kv, ffn = 8.0 * n * d * d, 4.0 * n * d * d, 4.0 * num_sentences * e * d, 4.0 * n * d * f
+    self_attn, cross_attn = 4.0 * n * width * d, 4.0 * n * d
+    vocab = 2.0 * n * d * V
+    forward = L * (self_proj + self_attn + cross_qo + cross_kv + cross_attn + ffn) + vocab
+    layer_bwd = self_proj + 2.5 * self_attn + cross_qo + cross_kv + 2.5 * cross_attn + ffn
+    layer0_bwd = cross_qo / 2 + cross_kv + 2.5 * cross_attn + ffn  # no self-attention, no query projection
+    backward = (L - 1) * layer_bwd + layer0_bwd + vocab
+    return forward + backward
 
 
 class SonarLLM(ConceptFamily):
@@ -193,9 +216,16 @@ class SonarLLM(ConceptFamily):
             metrics["mse"] = mse.detach()
         return loss, metrics
 
-    def flops_per_batch(self, batch) -> float:
-        """Training FLOPs of one step: concept model 6 x params x sentences + 3 x attention; frozen
-        decoder forward + input-gradient backward (about 2 x its forward; no weight gradients)."""
+    def flops_per_batch(self, batch, path: str | None = None) -> float:
+        """Training FLOPs of one step (model FLOPs: activation-checkpointing recomputation is not counted):
+        concept model 6 x params x sentences + 3 x attention; frozen decoder forward + input-gradient
+        backward (no weight gradients). The decoder is counted as `path` (default: the configured one)
+        executes it: "fast" packed target tokens with folded cross-attention (`sonar_decoder_flops` forward,
+        then the backward the code runs, see below), "reference" every sentence padded to the longest
+        (`sonar_decoder_padded_flops`: the padding is counted, as a GPU executes it)."""
+        path = path or self.cfg.path
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         cfg = self.cfg.backbone
         num_sent = int(batch.embeddings.shape[0])
         backbone_params = sum(p.numel() for p in self.backbone.parameters())
@@ -209,10 +239,25 @@ class SonarLLM(ConceptFamily):
         lengths = sent_lens.index_select(0, tgt_rows.to(sent_lens.device))  # decoder inputs per target
         if not self.cfg.extra_eos_target:
             lengths = lengths - 1
+        if path == "reference":
+            if lengths.numel() == 0:
+                return flops
+            width = int(lengths.max())
+            if self.cfg.extra_eos_target:  # the public loss cuts every row at PUBLIC_MAX_TOKENS
+                from sonar_llm.sonar.packed_decoder import PUBLIC_MAX_TOKENS
+
+                width = min(width, PUBLIC_MAX_TOKENS)
+            return flops + sonar_decoder_padded_flops(self.sonar_decoder.cfg, int(lengths.numel()), width)
         num_tokens = float(lengths.sum())
         sum_sq_half = float((lengths * (lengths + 1) / 2).sum())
-        flops += 2.0 * sonar_decoder_flops(self.sonar_decoder.cfg, num_tokens, int(tgt_rows.numel()), sum_sq_half)
-        return flops
+        dec = self.sonar_decoder.cfg
+        forward = sonar_decoder_flops(dec, num_tokens, int(tgt_rows.numel()), sum_sq_half)
+        # backward: input gradients, one matmul per projection (= the forward's), causal attention 2 x its
+        # forward (as the concept model's 3 x above), nothing for layer 0's self-attention (its input, the
+        # token embeddings, needs no gradient)
+        attention = 4.0 * dec.num_layers * dec.model_dim * sum_sq_half
+        layer0_self = 8.0 * dec.model_dim ** 2 * num_tokens + 2.0 * attention / dec.num_layers
+        return flops + 2.0 * forward + attention - layer0_self
 
 
 def build_from_config(cfg, decoder: nn.Module | None = None) -> SonarLLM:

@@ -27,6 +27,13 @@ What it does (train/sonar_train/plan_trace.py holds the machinery):
 6. The public code's path (family configs with a `path` field, i.e. SONAR-LLM): `path="reference"`
    (padded full-logit decoder, full cross-attention) on micro-batches of 1 document, 64 accumulation
    steps; FLOPs of one traced micro-batch x 64 (each of several documents traced, the mean used).
+7. Closed form: each path's traced count is set against the family's closed form (`flops_per_batch`,
+   model FLOPs of the path it runs) after taking out the forward ops that activation checkpointing runs
+   again in the backward pass (counted apart, phase "recompute"); they agree to well under 1% (tested in
+   tests/test_plan.py). For the public path the report also gives the same batch's closed form through
+   our fast path: the rest is the public computation's own cost, every sentence padded to the
+   document's longest and the cross-attention query and output projections run at every position
+   (the fast path folds a one-key cross-attention into one vector per sentence).
 
 Nothing here is measured on a GPU: all figures are computed from the code (shapes, dtypes, op counts).
 The figures differ from a GPU run where the code picks a CPU-only path: the CPU linear cross-entropy
@@ -358,6 +365,9 @@ def trace_step(cfg: RunConfig, nproc: int, batch, *, attention: str = "flash", m
         peak_dev = max(snap, key=lambda d: snap[d]["Total"])
         peak = {getattr(k, "value", k): int(v) for k, v in snap[peak_dev].items()}
         hand_flops = float(spec.flops(model, batch))
+        # a path other than ours (the public reference path): the same batch through our fast path, for the report
+        path = getattr(getattr(model, "cfg", None), "path", "fast")
+        fast_flops = float(model.flops_per_batch(batch, path="fast")) if path != "fast" else hand_flops
         result = {
             "family": cfg.model.family, "preset": cfg.model.preset, "nproc": nproc, "fsdp": fsdp,
             "precision": cfg.train.precision, "attention": attention, "micro_batches": micro_batches,
@@ -381,6 +391,12 @@ def trace_step(cfg: RunConfig, nproc: int, batch, *, attention: str = "flash", m
                 "decoder_and_loss": float(counter.buckets["outside"]),
                 "vocab_projection": float(counter.buckets["vocab"]),
                 "family_formula": hand_flops,
+                "family_formula_fast_path": fast_flops,
+                # the traced count by phase: recompute = forward ops run again in the backward pass by activation
+                # checkpointing, which the closed form (model FLOPs) leaves out
+                "forward": float(counter.phases["forward"]),
+                "backward": float(counter.phases["backward"]),
+                "recompute": float(counter.phases["recompute"]),
             },
         }
     result["kernel_temporaries"] = [kernel_temporaries(r) for r in records[:1]] if replay_kernels else []
@@ -448,7 +464,7 @@ def plan(cfg: RunConfig, nproc: int, gpu: GPU, *, mfu: float = 0.4, headroom: fl
                 pub = copy.deepcopy(pub)
                 n = len(runs)
                 for key in ("per_micro_batch", "concept_model", "decoder_and_loss", "vocab_projection",
-                            "family_formula"):
+                            "family_formula", "family_formula_fast_path", "forward", "backward", "recompute"):
                     pub["flops"][key] = sum(r["flops"][key] for r in runs) / n
                 for key in ("sentences", "target_tokens", "tokens"):
                     pub[key] = sum(r[key] for r in runs) / n
@@ -488,6 +504,28 @@ def _tf(x: float) -> str:
     return f"{x / 1e12:10.2f} TFLOP"
 
 
+def _tf_short(x: float) -> str:
+    return f"{x / 1e12:.2f} TFLOP"
+
+
+def _closed_form_lines(f: dict) -> list[str]:
+    """The traced count set against the family's closed form, with what separates them."""
+    if "recompute" not in f:  # planned before the count was split by phase
+        return [f"    family's closed form per micro-batch: {_tf_short(f['family_formula'])}"]
+    model = f["per_micro_batch"] - f["recompute"]
+    diff = model / f["family_formula"] - 1 if f["family_formula"] else float("nan")
+    lines = [f"    by phase: forward {_tf_short(f['forward'])} + backward {_tf_short(f['backward'])} + activation-checkpointing "
+             f"recompute {_tf_short(f['recompute'])}",
+             f"    family's closed form per micro-batch {_tf_short(f['family_formula'])} (model FLOPs: no recompute); "
+             f"traced minus recompute differs by {diff:+.2%}"]
+    extra = f["family_formula"] - f.get("family_formula_fast_path", f["family_formula"])
+    if extra:
+        lines.append(f"    of the closed form, {_tf_short(f['family_formula_fast_path'])} is the same batch through our "
+                     f"fast path (packed tokens, folded cross-attention) and {_tf_short(extra)} what this path adds: every "
+                     "sentence padded to the longest, cross-attention projections at every position")
+    return lines
+
+
 def format_report(rep: dict) -> str:
     gpu = rep["gpu"]
     lines = [f"plan for {rep['config']} on {rep['nproc']} x {gpu['name']} (computed from the code on fake "
@@ -522,8 +560,8 @@ def format_report(rep: dict) -> str:
         lines += ["  FLOPs (FlopCounterMode):",
                   f"    per micro-batch {_tf(f['per_micro_batch'])}  = concept model {_tf(f['concept_model'])}"
                   f" + decoder/loss {_tf(f['decoder_and_loss'])} + vocabulary projection {_tf(f['vocab_projection'])}",
-                  f"    per step        {_tf(f['per_step'])}   (family's closed form per micro-batch: "
-                  f"{_tf(f['family_formula'])})"]
+                  f"    per step        {_tf(f['per_step'])}"]
+        lines += _closed_form_lines(f)
         t = r["time"]
         lines.append(f"  time at {rep['mfu']:.0%} MFU: {t['step_seconds'] * 1e3:.2f} ms/step, {t['sentences_per_second']:,.0f} "
                      f"sentences/s over {rep['nproc']} GPU(s), {t['flops_per_target_token'] / 1e9:.2f} GFLOP per "
@@ -588,6 +626,13 @@ def _max_batch_cell(r: dict) -> str:
     return f"{r['fit']['max_sentences_per_rank']:,.0f}"
 
 
+def _closed_form_cell(f: dict) -> str:
+    if "recompute" not in f:  # planned before the count was split by phase
+        return "n/a"
+    return (f"{(f['per_micro_batch'] - f['recompute']) / f['family_formula'] - 1:+.2%} "
+            f"({f['recompute'] / f['per_micro_batch']:.0%})")
+
+
 def render_results(out: Path, gpu: GPU, mfu: float) -> str:
     """README.md of bench/results/plan/ from its JSON files."""
     rows, reports = [], []
@@ -613,11 +658,12 @@ def render_results(out: Path, gpu: GPU, mfu: float) -> str:
                          f"{m['peak_total'] / GiB:.2f}",
                          f"{(m['parameters'] + m['gradients'] + m['optimizer_state']) / GiB:.2f}",
                          f"{m['frozen'] / GiB:.2f}", f"{kt / GiB:.2f}" if kt else "-",
-                         f"{f['per_step'] / 1e12:.1f}", f"{t['flops_per_target_token'] / 1e9:.2f}",
+                         f"{f['per_step'] / 1e12:.1f}", _closed_form_cell(f), f"{t['flops_per_target_token'] / 1e9:.2f}",
                          f"{t['step_seconds'] * 1e3:.1f}", f"{t['sentences_per_second']:,.0f}",
                          _max_batch_cell(r), ratio])
     head = ["preset", "GPUs", "path", "docs x micro-batches per rank", "sentences per micro-batch", "peak GiB/rank",
             "params+grads+Adam GiB/rank", "frozen decoder GiB", "LCE scratch GiB", "TFLOP/step/rank",
+            "traced - recompute vs closed form (recompute share)",
             "GFLOP/target token", f"ms/step @{mfu:.0%} MFU", "sentences/s (all GPUs)", "max sentences/rank",
             "public/ours: FLOPs per token / peak memory"]
     lines = [f"# Run plans: SONAR-LLM {', '.join(RESULT_PRESETS)} on {gpu.name} (computed, not measured)", "",
@@ -631,7 +677,10 @@ def render_results(out: Path, gpu: GPU, mfu: float) -> str:
              "path: padded full-logit decoder with real cross-attention, 1 document per micro-batch x "
              f"{PUBLIC_ACCUMULATION} accumulation steps (memory: the larger of {PUBLIC_TRACED_DOCS} traced "
              "documents; FLOPs: their mean). Attention modelled as flash-attn varlen. Time = FLOPs per rank / "
-             f"({gpu.bf16_dense_flops / 1e12:.0f} TFLOP/s x {mfu:.0%} MFU); peak: {gpu.source}. Largest batch: "
+             f"({gpu.bf16_dense_flops / 1e12:.0f} TFLOP/s x {mfu:.0%} MFU); peak: {gpu.source}. Closed form: the "
+             "family's model FLOPs of the path it runs (SonarLLM.flops_per_batch; the public path's padding to the "
+             "longest sentence and per-position cross-attention included); the traced count less the forward ops "
+             "that activation checkpointing recomputes in the backward pass is set against it. Largest batch: "
              "linear fit of the peak through two traced batch sizes, up to 90% of the GPU's memory. How to read "
              "it: docs/benchmarks.md, section 'Run planner'.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -16,9 +16,17 @@ fp32 log-sum-exp [H,T] saved for backward, no mask, FLOPs of the causal part of 
 (4*H*Dh*sum L(L+1)/2 forward, twice that backward). Without it the CPU path (block-diagonal SDPA in groups
 of segments) is traced, which is exact for a CPU run and slow to trace at GPU batch sizes.
 
-`PlanFlopCounter` is `torch.utils.flop_counter.FlopCounterMode` with one addition: every counted op is
-also put in one bucket, "vocab" (a matmul with a [V, D] vocabulary matrix among its arguments), "model"
-(inside a module of the trained model) or "outside" (the frozen decoder, the loss).
+`PlanFlopCounter` is `torch.utils.flop_counter.FlopCounterMode` with three additions:
+  * every counted op is also put in one bucket, "vocab" (a matmul with a [V, D] vocabulary matrix among its
+    arguments), "model" (inside a module of the trained model) or "outside" (the frozen decoder, the loss);
+  * and in one phase: "forward", "backward", or "recompute" (a forward op run again during the backward
+    pass by activation checkpointing: inside a backward graph task with grad mode on), so that the count
+    can be set against a closed form of model FLOPs, which leaves recomputation out;
+  * the CPU fused attention kernel (`aten._scaled_dot_product_flash_attention_for_cpu` and its backward,
+    what `F.scaled_dot_product_attention` runs on CPU tensors, fake ones included) is counted with torch's
+    formulas for the GPU flash kernel (same q, k, v arguments); FlopCounterMode has no entry for it and
+    would count that attention as zero. Those formulas count the whole [Sq, Sk] square whatever the mask,
+    and a backward of 2.5 x the forward (the scores are recomputed).
 
 `fake_process_group(world_size)` is torch's fake process group (collectives do nothing) so that
 `fully_shard` shards for rank 0 of `world_size` inside one process.
@@ -35,8 +43,8 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["PlanFakeMode", "PlanFlopCounter", "fake_process_group", "flash_attention_model", "is_fake",
-           "plain_mem_tracker", "storage_bytes"]
+__all__ = ["PlanFakeMode", "PlanFlopCounter", "cpu_attention_flop_formulas", "fake_process_group",
+           "flash_attention_model", "flop_phase", "is_fake", "plain_mem_tracker", "storage_bytes"]
 
 
 def is_fake(t) -> bool:
@@ -122,8 +130,28 @@ def plain_mem_tracker():
 
 
 # --------------------------------------------------------------------------------------------- FLOPs
+def cpu_attention_flop_formulas() -> dict:
+    """{CPU fused attention op: torch's FLOP formula of the GPU flash kernel} (module docstring). The two ops
+    take (query, key, value, ...) and (grad_out, query, key, value, ...) first, as the GPU ones do."""
+    from torch.utils.flop_counter import flop_registry
+
+    aten = torch.ops.aten
+    return {aten._scaled_dot_product_flash_attention_for_cpu:
+            flop_registry[aten._scaled_dot_product_flash_attention],
+            aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            flop_registry[aten._scaled_dot_product_flash_attention_backward]}
+
+
+def flop_phase() -> str:
+    """"forward", "backward" or "recompute" for an op running now (module docstring)."""
+    if torch._C._current_graph_task_id() == -1:
+        return "forward"
+    return "recompute" if torch.is_grad_enabled() else "backward"
+
+
 class PlanFlopCounter(FlopCounterMode):
-    """FlopCounterMode that also splits its count into "vocab" / "model" / "outside" (module docstring).
+    """FlopCounterMode that also splits its count into "vocab" / "model" / "outside" and into phases, and
+    counts the CPU attention kernel (module docstring).
 
     `vocab_shapes`: the (V, D) shapes of vocabulary matrices; `model_prefix`: the module-tracker name of
     the trained model's root; ops inside its submodules (named `prefix.child...`) are "model", ops of the root's
@@ -131,9 +159,11 @@ class PlanFlopCounter(FlopCounterMode):
 
     def __init__(self, vocab_shapes, model_prefix: str) -> None:
         super().__init__(display=False)
+        self.flop_registry.update(cpu_attention_flop_formulas())
         self.vocab_shapes = {tuple(s) for s in vocab_shapes} | {tuple(reversed(s)) for s in vocab_shapes}
         self.model_prefix = model_prefix
         self.buckets: dict[str, int] = defaultdict(int)
+        self.phases: dict[str, int] = defaultdict(int)
 
     def _count_flops(self, func_packet, out, args, kwargs):
         if func_packet in self.flop_registry:
@@ -147,6 +177,7 @@ class PlanFlopCounter(FlopCounterMode):
                 self.buckets["model"] += flops
             else:
                 self.buckets["outside"] += flops
+            self.phases[flop_phase()] += flops
         return out
 
 
