@@ -74,6 +74,13 @@ def test_default_pipeline_stops_with_one_line_when_the_end_sentence_is_lost(tmp_
     with pytest.raises(RoundTripError, match="Iris learned that kindness beats speed"):
         dp.check_end_sentence(_Codec("Iris learned that kindness beats speed."))
     dp.check_end_sentence(_Codec(EOD))  # passes
+    monkeypatch.setenv("SONAR_LLM_END_CHECK", "warn")  # smoke tests' knob: a warning, and the run goes on
+    dp.check_end_sentence(_Codec("The The The"))
+    assert "warning" in capsys.readouterr().out
+    monkeypatch.setenv("SONAR_LLM_END_CHECK", "maybe")
+    with pytest.raises(ValueError, match="SONAR_LLM_END_CHECK"):
+        dp.check_end_sentence(_Codec(EOD))
+    monkeypatch.delenv("SONAR_LLM_END_CHECK")
 
     def prepare(*a, **k):
         dp.check_end_sentence(_Codec("The The The"))

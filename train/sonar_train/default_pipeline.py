@@ -14,6 +14,8 @@ Under torchrun, rank 0 prepares steps 1-3 while the other ranks wait for its "re
 trains; rank 0 evaluates. Re-running resumes: cached assets and complete shards are reused, and training
 continues from the latest checkpoint in runs/default (delete that folder to start over).
 Environment: SONAR_LLM_DEFAULT_DIR (default "runs/default"), SONAR_LLM_CACHE (tiny SONAR cache),
+SONAR_LLM_END_CHECK ("error", the default: stop when the end sentence does not round-trip through the tiny SONAR;
+"warn": go on, for smoke tests whose tiny SONAR trains too few steps to learn it),
 SONAR_LLM_DEFAULT_STEPS (training steps), SONAR_LLM_DEFAULT_STORIES (keep only that many training stories; the
 held-out split is unchanged), SONAR_LLM_TINY_STEPS (tiny SONAR training steps; default
 TinySonarConfig.train_steps: a fixed count, so two runs give the same tiny SONAR however busy the machine is).
@@ -115,11 +117,20 @@ def prepare(run_dir: Path, tiny_steps: int | None = None, *, n_stories: int = N_
 
 def check_end_sentence(codec) -> None:
     """The end sentence must come back exactly through the SONAR the run uses (else SONAR-LLM could never learn to
-    stop): raises `RoundTripError` naming it and what it decoded to."""
-    from sonar_llm.sonar.round_trip import require_round_trip
+    stop): raises `RoundTripError` naming it and what it decoded to. SONAR_LLM_END_CHECK=warn only warns (smoke
+    tests whose tiny SONAR trains a few steps, too few to learn anything)."""
+    from sonar_llm.sonar.round_trip import round_trip
 
-    require_round_trip(END_OF_DOC, codec.decode, encode=codec.encode)
-    _say(f"the end sentence {END_OF_DOC!r} round-trips exactly through this SONAR")
+    mode = os.environ.get("SONAR_LLM_END_CHECK", "error")
+    if mode not in ("error", "warn"):
+        raise ValueError(f"SONAR_LLM_END_CHECK must be 'error' or 'warn', got {mode!r}")
+    result = round_trip(END_OF_DOC, codec.decode, encode=codec.encode)
+    if result.exact:
+        _say(f"the end sentence {END_OF_DOC!r} round-trips exactly through this SONAR")
+    elif mode == "warn":
+        _say(f"warning: {result.message()} (SONAR_LLM_END_CHECK=warn: going on)")
+    else:
+        raise RoundTripError(result)
 
 
 def training_config(run_dir: Path, assets: dict, steps: int | None, extra: list[str] = (), check_paths: bool = True):
