@@ -176,3 +176,53 @@ def test_explicit_files_cli_and_errors(tmp_path, codec, tiny_punkt, monkeypatch)
     other.write_text("a")
     with pytest.raises(ValueError, match="unknown TinyStories file type"):
         list(T.read_story_file(other))
+
+
+def test_summary_counts_log_and_small_validation_warning(tmp_path, codec, tiny_punkt, monkeypatch, capsys):
+    """Issue 27: the summary's num_docs / num_sentences are the shards' (were always None), the log says
+    'reading the given files' (was 'files files'), and a validation split no larger than the hold-out warns
+    that prompts.jsonl gets no prompt."""
+    _write_layout(tmp_path / "ts", "txt")
+    ts = tmp_path / "ts"
+    monkeypatch.setattr(T, "_load_factory", lambda spec: (lambda: codec))
+    out = tmp_path / "out"
+    files = ["--train", str(ts / "TinyStoriesV2-GPT4-train.txt"), "--validation", str(ts / "TinyStoriesV2-GPT4-valid.txt")]
+    assert T.main(["--out", str(out), *files, "--validation-holdout", "2", "--codec-factory", "x:y"]) == 0
+    err = capsys.readouterr().err
+    assert "reading the given files" in err and "files files" not in err and "warning" not in err
+    summary = json.loads((out / "tinystories.json").read_text())
+    for split in ("train", "valid"):
+        ds = ShardedDataset(out / split)
+        assert summary["splits"][split]["num_docs"] == ds.num_docs > 0
+        assert summary["splits"][split]["num_sentences"] == ds.num_sentences > ds.num_docs
+    n_valid = len([t for t in VALID if t])
+    small = tmp_path / "small"
+    assert T.main(["--out", str(small), *files, "--validation-holdout", str(n_valid), "--codec-factory", "x:y"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and f"has {n_valid} stories" in warnings[0] and "prompts.jsonl" in warnings[0]
+    assert (small / "prompts.jsonl").read_text() == ""
+
+
+def test_every_flag_has_help():
+    actions = [a for a in T._parser()._actions if a.option_strings and a.dest != "help"]
+    assert len(actions) > 15
+    assert [a.option_strings[0] for a in actions if not a.help] == []
+
+
+def test_sonar_falls_back_to_the_cached_tiny_sonar(tmp_path, monkeypatch):
+    """No --encoder/--tokenizer and nothing registered: the cached tiny SONAR, as the other commands."""
+    from sonar_llm.sonar import registry, train_tiny
+
+    tiny = train_tiny.TinySonarPaths.in_dir(tmp_path / "tiny")
+
+    def unregistered(name, path=None, **kw):
+        if path:
+            return tmp_path / path
+        raise FileNotFoundError(f"cannot find the SONAR {name} file")
+
+    monkeypatch.setattr(registry, "resolve_asset", unregistered)
+    monkeypatch.setattr(train_tiny, "ensure_tiny_sonar", lambda: tiny)
+    said = []
+    assert T._sonar_paths(None, None, said.append) == (tiny.encoder, tiny.tokenizer)
+    assert "tiny SONAR" in said[0]
+    assert T._sonar_paths("enc.pt", None, said.append) == (tmp_path / "enc.pt", tiny.tokenizer)
