@@ -198,3 +198,25 @@ def test_cli(server, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"prefix": "A.", "full_text": "B. C."}]))
     assert J.main([str(bad), "--url", server.url]) == 2
+
+
+def test_cli_fails_above_the_allowed_share_says_why_and_shows_retries(server, tmp_path, capsys):
+    """Issue 27: when more than --max-failed-share of the stories fail, exit 1 with one line giving the first
+    reasons and nothing written (was exit 0 and only '1 stories failed'); every retry is said on stderr as it
+    happens (an HTTP 500 sat silent through the backoff); within the share, exit 0 and the result is written."""
+    recs = [{"prefix": "A dog ran.", "full_text": "A dog ran. It was fast."},
+            {"prefix": "A cat sat.", "full_text": "A cat sat. BROKEN now."}]
+    src = tmp_path / "gen.json"
+    src.write_text(json.dumps(recs))
+    out = tmp_path / "judged.json"
+    argv = [str(src), "--url", server.url, "--timeout", "2", "--retries", "2", "--backoff", "0", "--out", str(out)]
+    assert J.main(argv) == 1 and not out.exists()
+    lines = capsys.readouterr().err.splitlines()
+    retries = [line for line in lines if "retry" in line]
+    assert [line.split("retry ")[1].split(" ")[0] for line in retries] == ["1/2", "2/2"]
+    assert all(line.startswith("judge: story 1 review: HTTP 500") for line in retries)
+    assert lines[-1].startswith("judge failed: 1 of 2 stories failed") and "story 1: gave up after 3" in lines[-1]
+    assert "HTTP 500" in lines[-1] and len(lines) == len(retries) + 1
+    assert J.main([*argv, "--max-failed-share", "0.5"]) == 0
+    saved = json.loads(out.read_text())
+    assert [f["index"] for f in saved["failed"]] == [1] and saved["counts"]["grammar"] == 1
