@@ -7,15 +7,21 @@ so that the rest of the stack loads them with the code that loads real SONAR che
 
 Steps when no cached copy with the same configuration hash exists:
 1. generate the story corpus (``sonar_llm.sonar.story_corpus``) and split it like the default pipeline does;
+   every training story ends with the end-of-document sentence (``end_sentence``, "End of sequence."), as the
+   documents SONAR-LLM trains on do, so that it round-trips exactly and a concept model can stop on it;
 2. train a BPE SentencePiece model on the training sentences;
 3. train encoder + decoder end to end as an autoencoder: encoder(``[lang] w.. [eos]``) -> mean-pooled
    embedding (+ small noise) -> decoder teacher-forced on ``[eos, lang] w.. [eos]``, token cross-entropy,
    AdamW with the project's warmup + cosine schedule and decay groups (``sonar_llm.optim``), length-bucketed
    batches, for a fixed number of steps (``train_steps``: the same model on every machine for a given seed and
    thread count, however busy the machine is; the expected time is printed before training starts);
-4. round-trip held-out sentences (greedy decoding): exact-match rate and BLEU;
+4. round-trip held-out sentences (greedy decoding): exact-match rate and BLEU; and the end sentence
+   (``metrics.end_sentence``: what it decodes to, exact or not);
 5. save everything atomically (temporary directory + ``os.replace``) with ``tiny_sonar.json``
-   (configuration, its hash, tokenizer facts, metrics, training time).
+   (configuration, its hash, tokenizer facts, metrics, training time). The decoder's config (in its checkpoint
+   and in ``tiny_sonar.json``) records ``trained_target_len``, the longest training target in tokens after
+   ``[</s>, lang]`` (final ``</s>`` included), which the decoding length guard reads
+   (``sonar_llm.sonar.generation``).
 
 Measured (d=128, 2+2 layers, 1.5M parameters, 2,206 ids): 78K sentences seen (1.5 epochs, 450 s on one
 heavily shared CPU thread, ~170 sentences/s) give 82% exact round trips of held-out sentences (74% of those
