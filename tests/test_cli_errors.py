@@ -548,3 +548,135 @@ def test_bad_input(env, cmd, cls, capsys, monkeypatch, request):
     assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{err}"
     assert case.culprit(env, out) in lines[0], f"{case.culprit(env, out)!r} not named in: {lines[0]}"
     assert not out.exists(), f"a failed command wrote {sorted(str(p) for p in out.rglob('*'))}"
+
+
+# ------------------------------------------------------------------------------------------ one test per fixed item
+def _one_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    return lines[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_train_missing_gpu_in_the_process_group_setup_is_one_line(tmp_path, capsys):
+    """init_distributed ran outside the logged block: train.device=cuda on a machine without CUDA exited 1 with
+    NOTHING on stderr. With custom factories (no path checks) the device is met there: exit 2, one line."""
+    from _train_fakes import fake_data_factory, fake_model_factory
+    from sonar_train.main import main
+
+    rc = main(["--train.device=cuda", "--train.steps=1", f"--train.out_dir={tmp_path / 'run'}"],
+              model_factory=fake_model_factory, data_factory=fake_data_factory)
+    assert rc == 2 and _one_line(capsys).startswith("config error: train.device")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_error_before_the_logged_block_is_never_silent(tmp_path, capsys, monkeypatch):
+    """Any exception raised before run_training's logged block reaches stderr (it used to be swallowed: exit 1,
+    no output); an unexpected one is a bug, so it comes with its traceback."""
+    from _train_fakes import fake_data_factory, fake_model_factory
+    from sonar_train import loop
+    from sonar_train.main import main
+
+    def broken(cfg):
+        raise RuntimeError("resume check broke")
+
+    monkeypatch.setattr(loop, "resume_changes", broken)
+    rc = main(["--train.steps=1", "--train.device=cpu", f"--train.out_dir={tmp_path / 'run'}"],
+              model_factory=fake_model_factory, data_factory=fake_data_factory)
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" in err and err.strip().splitlines()[-1].endswith("resume check broke")
+
+
+def test_dry_run_refuses_what_the_real_run_refuses(tmp_path, capsys, monkeypatch):
+    """A SONAR-LLM config whose sonar.decoder is empty (and no registry / $SONAR_DECODER) passed --dry-run and
+    then failed the real run with a traceback (exit 1). Both now exit 2 with the same line, writing nothing."""
+    from sonar_train.main import main
+
+    monkeypatch.delenv("SONAR_DECODER", raising=False)
+    monkeypatch.setenv("SONAR_LLM_REGISTRY", str(tmp_path / "no_registry.toml"))
+    (tmp_path / "shards").mkdir()
+    argv = ["--config", str(ROOT / "configs" / "sonar_llm_39m.toml"), f"--data.path={tmp_path / 'shards'}",
+            f"--data.val_path={tmp_path / 'shards'}", f"--train.out_dir={tmp_path / 'run'}"]
+    assert main([*argv, "--dry-run"]) == 2
+    dry = _one_line(capsys)
+    assert main(argv) == 2
+    assert _one_line(capsys) == dry and dry.startswith("config error: sonar.decoder: empty")
+    assert not (tmp_path / "run").exists()
+
+
+def _gen(env, *argv):
+    from sonar_llm.generate import main
+
+    return main(["--model", str(env.export), *argv])
+
+
+def test_generate_empty_prompt_and_flag_named_errors(env, capsys):
+    """--prompt "" said "one of the arguments --prompt --prompts is required"; sampling errors named
+    GenerationConfig.top_p / .temperature instead of the flags."""
+    assert _gen(env, "--prompt", "") == 2
+    assert _one_line(capsys) == "generate error: --prompt: the prompt is empty (give the text to continue)"
+    for flag, value in (("--top-p", "1.5"), ("--top-p", "0"), ("--temperature", "0"), ("--top-k", "-1")):
+        assert _gen(env, "--prompt", "Tom ran.", flag, value) == 2
+        line = _one_line(capsys)
+        assert line.startswith(f"generate error: {flag} must be") and "GenerationConfig" not in line, line
+
+
+def test_generate_top_k_zero_means_no_filter_not_sampling():
+    """--top-k 0 switched sampling on; 0 now means "no top-k filter" (Hugging Face's meaning), so the decoding
+    stays SONAR's beam search; any k >= 1 still implies sampling."""
+    from sonar_llm.generate import GenerateConfig, decoding_config
+
+    plain = decoding_config(GenerateConfig(prompt="x", model="m"))
+    zero = decoding_config(GenerateConfig(prompt="x", model="m", top_k=0))
+    assert not GenerateConfig(top_k=0).sampling and zero == plain and (zero.do_sample, zero.beam_size) == (False, 5)
+    three = decoding_config(GenerateConfig(prompt="x", model="m", top_k=3))
+    assert GenerateConfig(top_k=3).sampling and (three.do_sample, three.top_k, three.beam_size) == (True, 3, 1)
+
+
+def test_a_failed_generate_leaves_an_existing_out_file_as_it_was(env, capsys, tmp_path):
+    out = tmp_path / "old.jsonl"
+    out.write_text('{"kept": true}\n')
+    assert _gen(env, "--prompt", "Tom ran.", "--out", str(out), "--device", NO_GPU) == 2
+    assert "--device" in _one_line(capsys)
+    from sonar_llm.generate import main
+
+    assert main(["--model", str(env.trunc_export), "--prompt", "Tom ran.", "--out", str(out), "--encoder",
+                 str(env.root / "enc.pt"), "--decoder", str(env.root / "dec.pt"), "--tokenizer",
+                 str(env.root / "spm.model")]) == 2
+    assert "truncated" in _one_line(capsys)
+    assert out.read_text() == '{"kept": true}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["old.jsonl"]
+
+
+def test_cli_contract_helpers(tmp_path, capsys):
+    """sonar_llm.cli itself: a bug shows its traceback (exit 1), --debug shows it for a user error too, a work
+    failure is one line (exit 1), a multi-line message is folded to one line, atomic_output leaves no file on
+    error and replaces the target only on success."""
+    from sonar_llm import cli
+
+    def bug(argv):
+        raise KeyError("x")
+
+    assert cli.run("demo", bug, []) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("demo failed (a bug")
+
+    def user(argv):
+        raise ValueError("--x: bad\n  value")
+
+    assert cli.run("demo", user, []) == 2 and _one_line(capsys) == "demo error: --x: bad value"
+    assert cli.run("demo", user, ["--debug"]) == 2 and "Traceback" in capsys.readouterr().err
+
+    def work(argv):
+        raise cli.CommandFailed("the endpoint said no")
+
+    assert cli.run("demo", work, []) == 1 and _one_line(capsys) == "demo failed: the endpoint said no"
+    target = tmp_path / "t.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with cli.atomic_output(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("stop")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
+    with cli.atomic_output(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]

@@ -216,7 +216,7 @@ def test_two_tower_samples_and_seeds(default_run, tmp_path):
     for seed in ("1", "1", "2"):
         out = tmp_path / f"s{len(runs)}.jsonl"
         assert _run([*_common(default_run, "two_tower"), "--prompt", PROMPTS[1], "--num-samples", "2",
-                     "--seed", seed, "--out", out, "--eos-threshold", "1.1"]) == 0
+                     "--seed", seed, "--out", out, "--eos-threshold", "1"]) == 0
         runs.append(_records(out))
     assert [r["sample"] for r in runs[0]] == [0, 1]
     assert runs[0] == [dict(r, timings=a["timings"]) for r, a in zip(runs[1], runs[0])]
@@ -290,7 +290,7 @@ def test_target_lang_starts_the_decoder_with_eos_and_the_tag(default_run, tmp_pa
     monkeypatch.setattr(SonarTextEncoder, "forward", spy_forward)
     out = tmp_path / "gen.jsonl"
     assert _run([*_common(default_run, "base_lcm"), "--prompt", PROMPTS[0], "--target-lang", "fra_Latn",
-                 "--eos-threshold", "1.1", "--out", out]) == 0
+                 "--eos-threshold", "1", "--out", out]) == 0
     (rec,) = _records(out)
     assert rec["target_lang"] == "fra_Latn" and len(rec["sentences"]) == 3
     # decode calls: the prefill feeds </s> (3) to every row, the next step the language tag
@@ -350,7 +350,7 @@ def test_imported_public_checkpoint_generates(tmp_path):
     out = tmp_path / "gen.jsonl"
     assert _run(["--model", model, "--prompt", PROMPTS[0], "--encoder", tmp_path / "enc.pt", "--decoder",
                  tmp_path / "dec.pt", "--tokenizer", spm, "--beam", "1", "--max-gen-len", "8", "--max-sentences", "2",
-                 "--eos-threshold", "1.1", "--out", out]) == 0
+                 "--eos-threshold", "1", "--out", out]) == 0
     (rec,) = _records(out)
     assert rec["family"] == "sonar_llm" and rec["step"] == 7 and len(rec["sentences"]) == 2
     prompt = TextToEmbedding(enc, tok).encode(split_sentences(PROMPTS[0]), "eng_Latn")
@@ -364,7 +364,7 @@ def test_samples_of_one_prompt_are_decoded_apart(default_run, tmp_path):
     its own draw (a cache of decodings must not merge equal embeddings)."""
     out = tmp_path / "gen.jsonl"
     argv = [*_common(default_run, "sonar_llm"), "--prompt", PROMPTS[1], "--num-samples", "2", "--temperature", "5",
-            "--eos-threshold", "1.1", "--out", out]
+            "--eos-threshold", "1", "--out", out]
     argv.remove("--beam"), argv.remove("1")
     assert _run(argv) == 0
     a, b = _records(out)
@@ -383,3 +383,48 @@ def test_streamed_texts_are_the_returned_ones_and_equal_rows_decode_apart():
     assert st.decode_new(e[:2]) == ["t3", "t4"]  # streamed
     assert st(e) == ["t3", "t4", "t5"]  # the streamed texts come back, in order; the rest is decoded
     assert st(e[:1]) == ["t6"]  # each streamed text is used once
+
+
+def test_out_in_input_order_and_summary_counts_samples(default_run, tmp_path):
+    """Issue 27: --out came in batch (length-sorted) order; now prompt, then sample, as given. The decoding
+    summary said num_samples 1 under --num-samples 2; it counts the continuations per prompt."""
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) + "\n")  # lengths: middle, short, long
+    out = tmp_path / "gen.jsonl"
+    assert _run([*_common(default_run, "base_lcm"), "--prompts", src, "--num-samples", "2", "--batch-size", "2",
+                 "--out", out]) == 0
+    recs = _records(out)
+    assert [(r["prompt_index"], r["sample"]) for r in recs] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    assert [r["prompt"] for r in recs[::2]] == PROMPTS and all(r["decoding"]["num_samples"] == 2 for r in recs)
+
+
+def test_warning_for_a_target_language_the_sonar_never_learned(default_run, tmp_path, capsys):
+    """The tiny SONAR knows every language tag but learned English only (its tiny_sonar.json records the
+    language): --target-lang fra_Latn warns once on stderr and still runs; English does not warn; a SONAR
+    whose files record no languages (a released one) never warns."""
+    import shutil
+
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    shutil.copy(default_run["root"] / "dec.pt", tiny / "tiny_sonar_decoder.pt")
+    (tiny / "tiny_sonar.json").write_text(json.dumps({"tokenizer": {"lang": "eng_Latn"}}))
+    base = [*_common(default_run, "sonar_llm"), "--prompt", PROMPTS[1], "--max-sentences", "1"]
+    for decoder, lang, warned in ((tiny / "tiny_sonar_decoder.pt", "fra_Latn", True),
+                                  (tiny / "tiny_sonar_decoder.pt", "eng_Latn", False),
+                                  (default_run["root"] / "dec.pt", "fra_Latn", False)):
+        assert _run([*base, "--decoder", decoder, "--target-lang", lang, "--out", tmp_path / "o.jsonl"]) == 0
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+        assert warnings == ([f"warning: --target-lang fra_Latn: this SONAR ({decoder}) was trained on eng_Latn "
+                             "only; its tokenizer knows the tag, but expect no fra_Latn text"] if warned else [])
+
+
+@pytest.mark.parametrize("family", ["sonar_llm", "base_lcm", "two_tower"])
+def test_stop_on_repetition_reaches_every_concept_family(default_run, tmp_path, family):
+    """--stop-on-repetition (Meta's stop_on_repetition_cosine_threshold): at cosine -1 every new concept 'repeats'
+    the one before it, so SONAR-LLM stops on its first and the LCMs on their second (Meta's minimum length);
+    the repeated concept is not kept and the record says why."""
+    out = tmp_path / "gen.jsonl"
+    assert _run([*_common(default_run, family), "--prompt", PROMPTS[0], "--out", out,
+                 "--stop-on-repetition", "-1"]) == 0
+    (rec,) = _records(out)
+    assert rec["stop_reason"] == "repetition" and len(rec["sentences"]) == (0 if family == "sonar_llm" else 1)
