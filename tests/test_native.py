@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from sonar_kernels import native
-from sonar_kernels.functional.linear_cross_entropy import linear_cross_entropy
+from sonar_kernels.functional.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_native
 from sonar_kernels.torch_ops import linear_cross_entropy as torch_lce
 
 built = pytest.mark.skipif(not native.native_available(), reason=str(native.native_load_error()))
@@ -117,7 +117,7 @@ def test_absent_library_is_reported_not_raised(monkeypatch, tmp_path):
         with pytest.raises(RuntimeError, match="not built"):
             native.use_native("native", h)
         with pytest.raises(RuntimeError, match="not built"):
-            native.linear_cross_entropy_native(h, torch.zeros(4, 3), torch.zeros(2, dtype=torch.long))
+            linear_cross_entropy_native(h, torch.zeros(4, 3), torch.zeros(2, dtype=torch.long))
     finally:
         native._load.cache_clear()
 
@@ -192,7 +192,7 @@ def test_matches_float64_reference(reduction, label_smoothing):
     go = torch.randn(37, generator=torch.Generator().manual_seed(seed)) if reduction == "none" else None
     kw = dict(reduction=reduction, label_smoothing=label_smoothing)
     ref = _reference(hidden, weight, target, bias, grad_out=go, **kw)
-    got = _run(native.linear_cross_entropy_native, hidden, weight, target, bias, grad_out=go, **kw)
+    got = _run(linear_cross_entropy_native, hidden, weight, target, bias, grad_out=go, **kw)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
     if reduction == "none":
         assert bool((got[0][target == -100] == 0).all())
@@ -241,7 +241,7 @@ def test_large_logits_online_lse_is_stable():
 def test_float64_matches_reference_tightly_and_gradcheck():
     hidden, weight, target, bias = _inputs(41, n=9, d=6, v=530, dtype=torch.float64, bias=True)
     ref = _reference(hidden, weight, target, bias, reduction="sum", label_smoothing=0.2)
-    got = _run(native.linear_cross_entropy_native, hidden, weight, target, bias, reduction="sum",
+    got = _run(linear_cross_entropy_native, hidden, weight, target, bias, reduction="sum",
                label_smoothing=0.2)
     assert got[0].dtype == torch.float64 and got[2].dtype == torch.float64
     for i, what in enumerate(["loss", "lse", "d_hidden", "d_weight", "d_bias"]):
@@ -251,7 +251,7 @@ def test_float64_matches_reference_tightly_and_gradcheck():
     w = weight.clone().requires_grad_()
     b = bias.clone().requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda h, w, b: native.linear_cross_entropy_native(h, w, target, bias=b, reduction="mean",
+        lambda h, w, b: linear_cross_entropy_native(h, w, target, bias=b, reduction="mean",
                                                            label_smoothing=0.1), (h, w, b))
 
 
@@ -261,7 +261,7 @@ def test_half_inputs_compute_in_float32(dtype):
     hidden, weight, target, _ = _inputs(51, n=33, d=40, v=600, dtype=dtype)
     # reference: float64 of the same (rounded) half inputs
     ref = _reference(hidden, weight, target, None, reduction="sum")
-    got = _run(native.linear_cross_entropy_native, hidden, weight, target, None, reduction="sum")
+    got = _run(linear_cross_entropy_native, hidden, weight, target, None, reduction="sum")
     assert got[0].dtype == torch.float32 and got[2].dtype == dtype and got[3].dtype == dtype
     _close(got[0], ref[0], atol=1e-3, rtol=1e-5, what="loss")
     _close(got[1], ref[1], atol=1e-4, rtol=1e-5, what="lse")
@@ -275,7 +275,7 @@ def test_half_inputs_compute_in_float32(dtype):
 def test_all_ignored_gives_zero_loss_and_zero_grads(reduction):
     hidden, weight, target, _ = _inputs(61, n=12, d=8, v=300, ignore_frac=1.0, ignore_index=-1)
     assert bool((target == -1).all())
-    loss, _, dh, dw, _ = _run(native.linear_cross_entropy_native, hidden, weight, target, None,
+    loss, _, dh, dw, _ = _run(linear_cross_entropy_native, hidden, weight, target, None,
                               ignore_index=-1, reduction=reduction)
     assert bool(torch.isfinite(loss).all()) and bool((loss == 0).all())
     assert bool((dh == 0).all()) and bool((dw == 0).all())
@@ -285,14 +285,14 @@ def test_all_ignored_gives_zero_loss_and_zero_grads(reduction):
 def test_single_token_and_custom_ignore_index():
     hidden, weight, target, _ = _inputs(71, n=1, d=24, v=517, ignore_frac=0.0)
     ref = _reference(hidden, weight, target, None)
-    got = _run(native.linear_cross_entropy_native, hidden, weight, target, None)
+    got = _run(linear_cross_entropy_native, hidden, weight, target, None)
     for i, what in enumerate(["loss", "lse", "d_hidden", "d_weight"]):
         _close(got[i], ref[i], atol=2e-6, rtol=1e-5, what=what)
     # ignore_index that is also a valid class id: those rows are ignored, like F.cross_entropy does
     hidden, weight, target, _ = _inputs(72, n=30, d=24, v=50, ignore_frac=0.0)
     target[::3] = 7
     ref = _reference(hidden, weight, target, None, ignore_index=7)
-    got = _run(native.linear_cross_entropy_native, hidden, weight, target, None, ignore_index=7)
+    got = _run(linear_cross_entropy_native, hidden, weight, target, None, ignore_index=7)
     for i, what in enumerate(["loss", "lse", "d_hidden", "d_weight"]):
         _close(got[i], ref[i], atol=2e-6, rtol=1e-5, what=what)
 
@@ -300,7 +300,7 @@ def test_single_token_and_custom_ignore_index():
 @built
 def test_agrees_with_the_torch_path_and_frozen_weight_gets_no_grad():
     hidden, weight, target, _ = _inputs(81, n=70, d=64, v=2100)
-    got = _run(native.linear_cross_entropy_native, hidden, weight, target, None, grad_weight=False)
+    got = _run(linear_cross_entropy_native, hidden, weight, target, None, grad_weight=False)
     want = _run(linear_cross_entropy, hidden, weight, target, None, grad_weight=False, impl="torch")
     assert got[3] is None and want[3] is None
     for i, what in enumerate(["loss", "lse", "d_hidden"]):
@@ -339,13 +339,13 @@ def test_non_contiguous_inputs_and_validation_errors():
     h_t = hidden.t().contiguous().t()  # same values, column-major
     assert not h_t.is_contiguous()
     ref = _reference(hidden, weight, target, None)
-    _close(native.linear_cross_entropy_native(h_t, weight, target), ref[0], atol=2e-6, rtol=1e-5, what="loss")
+    _close(linear_cross_entropy_native(h_t, weight, target), ref[0], atol=2e-6, rtol=1e-5, what="loss")
     with pytest.raises(ValueError, match="D"):
-        native.linear_cross_entropy_native(hidden, weight[:, :8], target)
+        linear_cross_entropy_native(hidden, weight[:, :8], target)
     with pytest.raises(TypeError, match="target"):
-        native.linear_cross_entropy_native(hidden, weight, target.float())
+        linear_cross_entropy_native(hidden, weight, target.float())
     with pytest.raises(ValueError, match="reduction"):
-        native.linear_cross_entropy_native(hidden, weight, target, reduction="avg")
+        linear_cross_entropy_native(hidden, weight, target, reduction="avg")
     with pytest.raises(ValueError, match="need_bias"):
         native.backward(hidden, weight, target, None, torch.zeros(20), torch.ones(20), need_bias=True)
     with pytest.raises(RuntimeError, match="block_rows"):

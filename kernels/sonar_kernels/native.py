@@ -7,9 +7,10 @@ Importing this module never fails when the library is absent or was built agains
 `native_load_error()` says why.
 
 `forward` / `backward` / `forward_with_grad` have the same signatures and return conventions as
-`sonar_kernels.torch_ops.linear_cross_entropy.forward` / `.backward`, so the autograd Function in
-`functional/linear_cross_entropy.py` runs any of them; `linear_cross_entropy_native` is
-`sonar_kernels.linear_cross_entropy(..., impl="native")`.
+`sonar_kernels.torch_ops.linear_cross_entropy.forward` / `.backward`, so the op in
+`ops/linear_cross_entropy.py` runs any of them; `sonar_kernels.functional.linear_cross_entropy.linear_cross_entropy_native`
+is `linear_cross_entropy(..., impl="native")`. This module imports nothing from functional/ or ops/ (the
+arrow points one way: they import it).
 """
 from __future__ import annotations
 
@@ -168,28 +169,6 @@ def forward_with_grad(
     return torch.ops.sonar_native.lce_forward_grad(
         hidden, weight, target, bias, int(ignore_index), float(label_smoothing), float(z_loss),
         int(chunk_size or 0), int(budget))
-
-
-def linear_cross_entropy_native(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    return_lse: bool = False,
-):
-    """`sonar_kernels.linear_cross_entropy(..., impl="native")`: same arguments, values and gradients.
-
-    CPU tensors only; fp16/bf16 inputs compute in float32 (their gradients come back in their dtype),
-    float64 in float64. Raises RuntimeError when the library is not built.
-    """
-    from .functional.linear_cross_entropy import linear_cross_entropy
-
-    return linear_cross_entropy(hidden, weight, target, bias=bias, ignore_index=ignore_index, reduction=reduction,
-                                label_smoothing=label_smoothing, return_lse=return_lse, impl="native")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -15,6 +15,10 @@ Three ways to run the stack:
   * `Backbone.forward(x[T,d], cu_seqlens, max_seqlen)`: packed documents (no padding), causal inside
     each document, positions restart at 0 per document (training); attention is
     `sonar_kernels.functional.varlen_attention.varlen_causal_attention` (flash-attn / Flex / SDPA).
+    A `TransformerLayer.forward` on packed rows traces without graph breaks (the attention is a
+    sonar_kernels custom op): `sonar_llm.compile.compile_block` compiles it with fullgraph=True and dynamic
+    shapes, one block at a time (torchtitan style); the trainer does that for every family when
+    `train.compile` is set.
   * `Backbone.forward_padded(x[B,S,d])`: a padded batch, causal, positions 0..S-1.
   * `Backbone.step(x[B,n,d], cache)`: incremental decoding with a `KVCache` (generation).
 `Attention.attend(q_in, kv_in, mask)` is the arbitrary-mask / cross-attention path (Two-Tower denoiser).
@@ -198,6 +202,8 @@ class RotaryEmbedding:
 
     def inv_freq(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
         """The per-pair angular frequencies [Dh/2] on `device` in `dtype`."""
+        if torch.compiler.is_compiling():  # a constant of the compiled graph; no Python-side cache
+            return self._inv_freq.to(device=device, dtype=dtype)
         key = (torch.device(device), dtype)
         cached = self._inv_freq_cache.get(key)
         if cached is None:
@@ -219,13 +225,16 @@ class RotaryEmbedding:
                 f"positions.shape {tuple(positions.shape)} does not match the T axis of x.shape {tuple(x.shape)}"
             )
         compute = _compute_dtype(x.dtype)
-        key = (compute, torch.is_inference_mode_enabled())
-        last = self._last
-        if last is not None and last[0] is positions and last[1] == key:
-            cos, sin = last[2], last[3]
-        else:
+        if torch.compiler.is_compiling():  # a compiled block computes (and fuses) cos/sin itself
             cos, sin = self.cos_sin(positions, compute)
-            self._last = (positions, key, cos, sin)
+        else:
+            key = (compute, torch.is_inference_mode_enabled())
+            last = self._last
+            if last is not None and last[0] is positions and last[1] == key:
+                cos, sin = last[2], last[3]
+            else:
+                cos, sin = self.cos_sin(positions, compute)
+                self._last = (positions, key, cos, sin)
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [..., T, 1, Dh/2]
         xf = x.to(compute)
         if self.interleaved:

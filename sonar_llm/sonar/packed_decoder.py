@@ -10,7 +10,9 @@ teacher-forcing every target sentence on its predicted embedding, without paddin
 - the 256k-way output projection and the cross-entropy are fused (`linear_cross_entropy`), so the
   [tokens, vocab] logits are never materialised;
 - everything before layer 0's cross-attention (embeddings, layer 0 self-attention block) does not depend
-  on the embedding and is computed once per batch in `prepare`, under no_grad.
+  on the embedding and is computed once per batch in `prepare`, under no_grad;
+- `compile_layers()` compiles the per-layer unit with fullgraph=True and dynamic shapes (every kernel is a
+  sonar_kernels custom op, so nothing breaks the graph); the trainer calls it when `train.compile` is set.
 Dropout is never applied (the frozen decoder is used in eval mode). `reference_loss` is the padded,
 full-logits computation of the public SONAR-LLM code, kept as the correctness and speed baseline.
 
@@ -40,6 +42,7 @@ from sonar_kernels.functional.cross_attention_constants import (
 from sonar_kernels.functional.linear_cross_entropy import linear_cross_entropy
 from sonar_kernels.functional.varlen_attention import varlen_causal_attention
 from sonar_llm.activation_checkpointing import check_mode, checkpointed_call
+from sonar_llm.compile import compile_fullgraph
 
 from .decoder import SonarTextDecoder
 
@@ -194,6 +197,7 @@ class PackedSonarDecoder(nn.Module):
         self.attn_impl = attn_impl
         self.fuse_qkv = fuse_qkv
         self.activation_checkpointing = check_mode(activation_checkpointing)
+        self._layer_fn, self._last_fn, self._compiled = self._layer_step, self._last_step, False
         cfg = decoder.cfg
         self.num_layers, self.model_dim, self.num_heads = cfg.num_layers, cfg.model_dim, cfg.num_heads
         self.head_dim = cfg.model_dim // cfg.num_heads
@@ -251,11 +255,6 @@ class PackedSonarDecoder(nn.Module):
         o = varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen, impl=self.attn_impl)
         return F.linear(o.reshape(n, self.model_dim), att.output_proj.weight, att.output_proj.bias)
 
-    def _ffn(self, i: int, normed: Tensor) -> Tensor:
-        ffn = self.decoder.decoder.layers[i].ffn
-        h = F.relu(F.linear(normed, ffn.inner_proj.weight, ffn.inner_proj.bias))
-        return F.linear(h, ffn.output_proj.weight, ffn.output_proj.bias)
-
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
     def prepare(self, tokens: Tensor, tok_cu_seqlens: Tensor, extra_eos_target: bool = False) -> PreparedTargets:
@@ -310,19 +309,60 @@ class PackedSonarDecoder(nn.Module):
     def _unit(self, i: int, branch: Tensor, resid: Tensor, const_next: Tensor | None, prepared: PreparedTargets):
         """Layer i's FFN block (its input = resid + branch, branch = cross constant [+ self-attention]),
         then layer i+1's self-attention block plus its cross constant -> (branch, resid); after the last
-        layer the final LayerNorm -> hidden."""
+        layer the final LayerNorm -> hidden. The work is `_layer_step` / `_last_step` on explicit weights,
+        so one compiled graph serves every layer (`compile_layers`)."""
         layers = self.decoder.decoder.layers
-        w, b, eps = self._ln_params(layers[i].ffn_layer_norm)
-        normed, resid = add_layer_norm(branch, resid, w, b, eps, impl=self.impl)
-        ffn_out = self._ffn(i, normed).to(resid.dtype)
+        ffn = self._ffn_weights(i)
         if const_next is None:
-            w, b, eps = self._ln_params(self.decoder.decoder.layer_norm)
-            hidden, _ = add_layer_norm(ffn_out, resid, w, b, eps, impl=self.impl)
-            return hidden
-        w, b, eps = self._ln_params(layers[i + 1].self_attn_layer_norm)
-        normed, resid = add_layer_norm(ffn_out, resid, w, b, eps, impl=self.impl)
-        attn = self._self_attention(i + 1, normed, prepared.cu_seqlens, prepared.max_seqlen).to(resid.dtype)
+            final = self._ln_params(self.decoder.decoder.layer_norm)
+            return self._last_fn(branch, resid, *ffn, *final)
+        att = layers[i + 1].self_attn
+        if self.fuse_qkv:
+            qkv_w, qkv_b = getattr(self, f"qkv_weight_{i + 1}"), getattr(self, f"qkv_bias_{i + 1}")
+        else:  # one [3D, D] product either way (built per call without fuse_qkv)
+            qkv_w = torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])
+            qkv_b = torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias])
+        nxt = self._ln_params(layers[i + 1].self_attn_layer_norm)
+        return self._layer_fn(branch, resid, const_next, prepared, *ffn, *nxt, qkv_w, qkv_b,
+                              att.output_proj.weight, att.output_proj.bias)
+
+    def _ffn_weights(self, i: int) -> tuple:
+        layer = self.decoder.decoder.layers[i]
+        ffn = layer.ffn
+        return (*self._ln_params(layer.ffn_layer_norm), ffn.inner_proj.weight, ffn.inner_proj.bias,
+                ffn.output_proj.weight, ffn.output_proj.bias)
+
+    def _ffn_block(self, branch, resid, ln_w, ln_b, ln_eps, in_w, in_b, out_w, out_b):
+        normed, resid = add_layer_norm(branch, resid, ln_w, ln_b, ln_eps, impl=self.impl)
+        ffn_out = F.linear(F.relu(F.linear(normed, in_w, in_b)), out_w, out_b).to(resid.dtype)
+        return ffn_out, resid
+
+    def _layer_step(self, branch, resid, const_next, prepared, ln_w, ln_b, ln_eps, in_w, in_b, out_w, out_b,
+                    sa_w, sa_b, sa_eps, qkv_w, qkv_b, o_w, o_b):
+        """FFN block of one layer + self-attention block of the next (see `_unit`)."""
+        ffn_out, resid = self._ffn_block(branch, resid, ln_w, ln_b, ln_eps, in_w, in_b, out_w, out_b)
+        normed, resid = add_layer_norm(ffn_out, resid, sa_w, sa_b, sa_eps, impl=self.impl)
+        n = normed.shape[0]
+        q, k, v = F.linear(normed, qkv_w, qkv_b).view(n, 3, self.num_heads, self.head_dim).unbind(1)
+        o = varlen_causal_attention(q, k, v, prepared.cu_seqlens, prepared.max_seqlen, impl=self.attn_impl)
+        attn = F.linear(o.reshape(n, self.model_dim), o_w, o_b).to(resid.dtype)
         return attn + const_next.index_select(0, prepared.sentence_ids), resid
+
+    def _last_step(self, branch, resid, ln_w, ln_b, ln_eps, in_w, in_b, out_w, out_b, fin_w, fin_b, fin_eps):
+        """FFN block of the last layer and the final LayerNorm -> hidden [N, D]."""
+        ffn_out, resid = self._ffn_block(branch, resid, ln_w, ln_b, ln_eps, in_w, in_b, out_w, out_b)
+        hidden, _ = add_layer_norm(ffn_out, resid, fin_w, fin_b, fin_eps, impl=self.impl)
+        return hidden
+
+    def compile_layers(self, backend: str | None = None) -> None:
+        """Compile the per-layer work (`sonar_llm.compile.compile_fullgraph`: fullgraph, dynamic shapes; `backend`
+        default inductor): one graph for the layer unit (shared by all layers: the weights are arguments), one for the last layer + final norm;
+        packed lengths are dynamic, so varying batches do not recompile. Idempotent."""
+        if self._compiled:
+            return
+        self._layer_fn = compile_fullgraph(self._layer_step, backend)
+        self._last_fn = compile_fullgraph(self._last_step, backend)
+        self._compiled = True
 
     def loss(self, pred_emb: Tensor, prepared: PreparedTargets, reduction: str = "mean",
              return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:

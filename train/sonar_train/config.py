@@ -60,7 +60,7 @@ class TrainConfig:
     steps: int = 1000
     grad_accum: int = 1
     precision: str = "bf16"  # bf16 | fp32 | fp16
-    compile: bool = False
+    compile: bool = False  # torch.compile per transformer block and decoder layer: fullgraph=True, dynamic shapes
     activation_checkpointing: str = "none"  # none | selective | full
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda

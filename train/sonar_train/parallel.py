@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sonar_llm.activation_checkpointing import apply_activation_checkpointing
+from sonar_llm.compile import compile_block
 from sonar_llm.models.family import ConceptFamily
 from sonar_llm.sonar.checkpoint import DTYPES  # noqa: F401  (the one dtype table; train/sonar_train/loop.py reads it here)
 from sonar_train.config import ConfigError, RunConfig
@@ -91,6 +92,19 @@ def uses_fsdp(cfg: RunConfig) -> bool:
     return cfg.parallel.fsdp and dist.is_initialized()
 
 
+def compile_model(model: nn.Module, blocks: list[nn.Module], backend: str | None = None) -> None:
+    """`train.compile`: every transformer block's forward compiled with fullgraph=True and dynamic shapes
+    (torchtitan style, before FSDP2 wraps the blocks; `sonar_llm.compile`), and the frozen SONAR decoder's
+    layer units when the family has one (`PackedSonarDecoder.compile_layers`). The kernels (attention, fused
+    add+LayerNorm, linear cross-entropy) are sonar_kernels custom ops, which the graphs call as they are.
+    `backend`: torch.compile's (default inductor)."""
+    for b in blocks:
+        compile_block(b, backend)
+    packed = getattr(model, "_packed", None)  # SonarLLM keeps its frozen decoder outside the module tree
+    if packed is not None:
+        packed.compile_layers(backend)
+
+
 def parallelize(model: nn.Module, cfg: RunConfig, info: DistInfo) -> nn.Module:
     """Move to device, then activation checkpointing, compile (per block) and FSDP2 as configured.
     Returns the (same, now sharded) module; call `model.loss` as usual."""
@@ -112,8 +126,7 @@ def parallelize(model: nn.Module, cfg: RunConfig, info: DistInfo) -> nn.Module:
     else:
         apply_activation_checkpointing(blocks, cfg.train.activation_checkpointing)
     if cfg.train.compile:
-        for b in blocks:
-            b.compile()
+        compile_model(model, blocks)
     if not use_fsdp:
         return model
     from torch.distributed.device_mesh import init_device_mesh

@@ -4,6 +4,8 @@
 layers into one `[L*D, E]` matrix; `cross_attention_constants` evaluates every layer's constant for a
 batch of sentence embeddings with a single GEMM. Gradients flow to `emb`; the weights are frozen
 (autograd does no weight-gradient work unless the caller makes them require grad).
+`cross_attention_constants` runs the custom op `sonar_kernels::cross_attention_constants` (ops/); the folding
+helpers run once at setup, on weights, outside any training graph.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..torch_ops.cross_attention_constants import cross_attention_constants_torch, fold_cross_attention_torch
+from ..ops.cross_attention_constants import cross_attention_constants_op
+from ..torch_ops.cross_attention_constants import fold_cross_attention_torch
 
 
 def fold_cross_attention(
@@ -80,4 +83,4 @@ def cross_attention_constants(emb: Tensor, weight: Tensor, bias: Tensor, num_lay
         raise TypeError(f"emb must be a floating-point tensor, got {emb.dtype}")
     if emb.dtype != weight.dtype:
         emb = emb.to(weight.dtype)  # differentiable cast; gradients come back in emb's dtype
-    return cross_attention_constants_torch(emb, weight, bias, num_layers)
+    return cross_attention_constants_op(emb, weight, bias, num_layers)

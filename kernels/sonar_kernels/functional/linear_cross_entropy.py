@@ -8,33 +8,21 @@ log-sum-exp and the backward recomputes logits tile by tile (Triton) or chunk by
 ("recompute": three products with d_weight). Gradients w.r.t. `weight`/`bias` are computed only when
 those tensors require grad.
 
+The computation is the custom op `sonar_kernels::linear_cross_entropy` (ops/linear_cross_entropy.py; target
+values are checked inside it); this wrapper validates shapes and dtypes and picks the backend and strategy.
+
 Differences from F.cross_entropy: "mean" over a batch whose targets are all `ignore_index` is 0 (with zero
 gradients) instead of NaN; the loss is float32 whatever the input dtype (float64 for float64 inputs).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..backend import use_triton
-from ..torch_ops import linear_cross_entropy as _torch_lce
+from ..ops.linear_cross_entropy import linear_cross_entropy_op
 
 REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _backend_module(backend: str):
-    """The module with `forward(...)`/`backward(...)` for a backend: "torch", "triton" or "native"."""
-    if backend == "triton":
-        from ..triton_kernels import linear_cross_entropy as _triton_lce
-
-        return _triton_lce
-    if backend == "native":
-        from .. import native as _native
-
-        return _native
-    return _torch_lce
 
 
 def _validate(hidden, weight, target, bias, ignore_index, reduction, label_smoothing) -> None:
@@ -83,104 +71,6 @@ def _validate(hidden, weight, target, bias, ignore_index, reduction, label_smoot
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
 
 
-@dataclass(frozen=True)
-class _Options:
-    """The non-tensor settings of one call (see `linear_cross_entropy`)."""
-
-    ignore_index: int
-    reduction: str
-    label_smoothing: float
-    z_loss: float
-    backend: str  # "torch" | "triton" | "native"
-    grad_in_forward: bool
-    chunk_size: int | None  # tokens per chunk of the grad-in-forward strategy (None: the backend's default)
-
-
-def _reduce(rows: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return rows
-    return rows.sum() if reduction == "sum" else rows.sum() / count
-
-
-def _row_scale(grad_loss: torch.Tensor, count: torch.Tensor, reduction: str, n: int) -> torch.Tensor:
-    """d loss / d loss_i for every row [N] (float32/64): the upstream gradient times the reduction's scale."""
-    if reduction == "none":
-        return grad_loss.to(count.dtype)
-    if reduction == "sum":
-        return grad_loss.to(count.dtype).expand(n)
-    return (grad_loss.to(count.dtype) / count).expand(n)
-
-
-def _autocast_off(device: torch.device):
-    """A context that switches autocast off for this device's ops: the Function computes in the precision it
-    documents (fp32 logits, fp32 softmax) whether or not the caller runs under torch.autocast."""
-    return torch.autocast(device_type=device.type, enabled=False)
-
-
-class LinearCrossEntropyFunction(torch.autograd.Function):
-    """autograd.Function: (loss, lse) from hidden/weight/bias; lse is not differentiable (see `z_loss`).
-
-    With `opts.grad_in_forward` (frozen weight and bias) the forward also computes d_hidden for a unit
-    upstream gradient and saves only that; the backward scales its rows by the upstream gradient.
-    Otherwise the forward saves the lse and the backward recomputes the logits (and d_weight / d_bias).
-    Autocast is off inside both: inputs arrive already cast by `linear_cross_entropy`.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, target, bias, opts: _Options):
-        mod = _backend_module(opts.backend)
-        with _autocast_off(hidden.device):
-            if opts.grad_in_forward:
-                kw = {} if opts.chunk_size is None else {"chunk_size": opts.chunk_size}
-                rows, lse, d_hidden = mod.forward_with_grad(
-                    hidden, weight, target, bias, ignore_index=opts.ignore_index,
-                    label_smoothing=opts.label_smoothing, z_loss=opts.z_loss, **kw)
-            else:
-                rows, lse = mod.forward(hidden, weight, target, bias, ignore_index=opts.ignore_index,
-                                        label_smoothing=opts.label_smoothing)
-                if opts.z_loss:
-                    rows = torch.where(target != opts.ignore_index, rows + opts.z_loss * lse * lse, rows)
-                d_hidden = None
-            count = (target != opts.ignore_index).sum().clamp_min(1).to(rows.dtype)
-            loss = _reduce(rows, count, opts.reduction)
-        if opts.grad_in_forward:
-            ctx.save_for_backward(d_hidden, count)
-        else:
-            ctx.save_for_backward(hidden, weight, target, bias, lse, count)
-        ctx.opts = opts
-        ctx.mark_non_differentiable(lse)
-        return loss, lse
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
-        opts: _Options = ctx.opts
-        none = (None,) * 5
-        if grad_loss is None:
-            return none
-        if opts.grad_in_forward:
-            d_hidden_unit, count = ctx.saved_tensors
-            if not ctx.needs_input_grad[0]:
-                return none
-            with _autocast_off(d_hidden_unit.device):
-                g = _row_scale(grad_loss, count, opts.reduction, d_hidden_unit.shape[0])
-                d_hidden = (d_hidden_unit * g[:, None].to(d_hidden_unit.dtype) if d_hidden_unit.dtype == g.dtype
-                            else (d_hidden_unit.to(g.dtype) * g[:, None]).to(d_hidden_unit.dtype))
-            return d_hidden, None, None, None, None
-        hidden, weight, target, bias, lse, count = ctx.saved_tensors
-        need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
-        need_b = need_b and bias is not None
-        if not (need_h or need_w or need_b):
-            return none
-        with _autocast_off(hidden.device):
-            g = _row_scale(grad_loss, count, opts.reduction, hidden.shape[0]).contiguous()
-            kw = {"z_loss": opts.z_loss} if opts.z_loss else {}
-            d_hidden, d_weight, d_bias = _backend_module(opts.backend).backward(
-                hidden, weight, target, bias, lse, g, ignore_index=opts.ignore_index,
-                label_smoothing=opts.label_smoothing, need_hidden=need_h, need_weight=need_w, need_bias=need_b,
-                **kw)
-        return d_hidden, d_weight, None, d_bias, None
-
-
 STRATEGIES = ("auto", "grad_in_forward", "recompute")
 
 
@@ -189,22 +79,6 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     if not torch.is_autocast_enabled(device.type):
         return None
     return torch.get_autocast_dtype(device.type)
-
-
-def check_targets(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """Raise when a target is neither in [0, V) nor ignore_index. CPU: ValueError with the value found.
-    CUDA: an asynchronous device-side assert (no host sync); it surfaces at the next synchronising call."""
-    if target.numel() == 0:
-        return
-    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
-    if target.device.type == "cpu":
-        if bool(bad.any()):
-            value = int(target[bad][0])
-            raise ValueError(f"target values must be in [0, {num_classes}) or ignore_index={ignore_index}, "
-                             f"found {value} (sonar_kernels linear_cross_entropy)")
-        return
-    torch._assert_async(~bad.any(), f"linear_cross_entropy: a target is outside [0, {num_classes}) "
-                                    f"and is not ignore_index={ignore_index}")
 
 
 def linear_cross_entropy(
@@ -258,12 +132,11 @@ def linear_cross_entropy(
         raise ValueError(f"z_loss must be a float >= 0, got {z_loss!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    from .. import native as _native  # imported here so `python -m sonar_kernels.native` runs cleanly
+    from .. import native as _native  # imported here so `python -m sonar_kernels.native` runs cleanly (one-way:
+    # functional -> native; native.py imports nothing from functional/ or ops/)
 
     if target.dtype != torch.int64:
         target = target.long()
-    if validate_targets:
-        check_targets(target, weight.shape[0], ignore_index)
     if hidden.dtype == torch.float64 and impl == "triton":
         raise TypeError("impl='triton' does not support float64 inputs; use impl='torch' or 'auto'")
     if (impl == "native" or hidden.dtype != torch.float64) and _native.use_native(impl, hidden, weight, target, bias):
@@ -282,7 +155,27 @@ def linear_cross_entropy(
         grad_in_forward = True
     else:
         grad_in_forward = False
-    opts = _Options(ignore_index, reduction, float(label_smoothing), float(z_loss), backend, grad_in_forward,
-                    chunk_size)
-    loss, lse = LinearCrossEntropyFunction.apply(hidden, weight, target, bias, opts)
+    loss, lse, _, _ = linear_cross_entropy_op(
+        hidden, weight, target, bias, ignore_index, reduction, float(label_smoothing), float(z_loss), backend,
+        grad_in_forward, chunk_size or 0, bool(validate_targets))
     return (loss, lse) if return_lse else loss
+
+
+def linear_cross_entropy_native(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    return_lse: bool = False,
+):
+    """`linear_cross_entropy(..., impl="native")`: same arguments, values and gradients (kernels/sonar_kernels/native.py).
+
+    CPU tensors only; fp16/bf16 inputs compute in float32 (their gradients come back in their dtype),
+    float64 in float64. Raises RuntimeError when the library is not built.
+    """
+    return linear_cross_entropy(hidden, weight, target, bias=bias, ignore_index=ignore_index, reduction=reduction,
+                                label_smoothing=label_smoothing, return_lse=return_lse, impl="native")

@@ -3,6 +3,10 @@
 Backend choice for `impl="auto"`: flash-attn's varlen kernel when importable, on CUDA, with fp16/bf16;
 else FlexAttention on CUDA; else SDPA with a block-diagonal causal mask (CPU). `impl` may force
 "flash", "flex" or "sdpa". Every backend is differentiable through autograd.
+
+The SDPA and Flex backends run as the custom op `sonar_kernels::varlen_causal_attention` (ops/varlen_attention.py),
+so a compiled model never graph-breaks here: the checks below look only at shapes, dtypes and flags, and the
+checks of cu_seqlens' values run inside the op.
 """
 from __future__ import annotations
 
@@ -11,12 +15,8 @@ import math
 import torch
 from torch import Tensor
 
-from ..torch_ops.varlen_attention import (
-    flash_attn_varlen_available,
-    varlen_attention_flash,
-    varlen_attention_flex,
-    varlen_attention_sdpa,
-)
+from ..ops.varlen_attention import varlen_causal_attention_op
+from ..torch_ops.varlen_attention import flash_attn_varlen_available, varlen_attention_flash
 
 VARLEN_IMPLS = ("auto", "flash", "flex", "sdpa")
 
@@ -45,7 +45,8 @@ def varlen_causal_attention(
 ) -> Tensor:
     """Causal attention inside each packed segment: `q[T,H,Dh]`, `k/v[T,Hkv,Dh]` -> `[T,H,Dh]`.
 
-    `cu_seqlens`: int32 `[B+1]`, starting at 0 and ending at T, non-decreasing. `max_seqlen`: the longest
+    `cu_seqlens`: int32 `[B+1]`, starting at 0 and ending at T, non-decreasing (checked inside the op: a
+    ValueError on the CPU, a device-side assert on CUDA). `max_seqlen`: the longest
     segment. `Hkv` must divide `H` (grouped-query attention). `scale` defaults to `1/sqrt(Dh)`.
     """
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
@@ -64,18 +65,11 @@ def varlen_causal_attention(
         raise ValueError(f"cu_seqlens must be 1-D [B+1], got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"cu_seqlens must be int32 (or int64), got {cu_seqlens.dtype}")
-    if not cu_seqlens.is_cuda:  # cheap checks on the host; on CUDA they would force a sync
-        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != q.shape[0]:
-            raise ValueError(
-                f"cu_seqlens must start at 0 and end at T={q.shape[0]}, got {int(cu_seqlens[0])}..{int(cu_seqlens[-1])}"
-            )
-        if cu_seqlens.numel() > 1 and bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-            raise ValueError("cu_seqlens must be non-decreasing")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     backend = _resolve_impl(impl, q)
     if backend == "flash":
         return varlen_attention_flash(q, k, v, cu_seqlens, max_seqlen, scale)
-    if backend == "flex":
-        return varlen_attention_flex(q, k, v, cu_seqlens, scale)
-    return varlen_attention_sdpa(q, k, v, cu_seqlens, scale)
+    if backend == "flex" and not q.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError("impl='flex' on CPU supports only the forward pass (no grad); use impl='sdpa'")
+    return varlen_causal_attention_op(q, k, v, cu_seqlens, float(scale), backend)

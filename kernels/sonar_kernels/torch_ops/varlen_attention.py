@@ -94,7 +94,7 @@ _SDPA_PLANS = _PlanCache()
 _FLEX_PLANS = _PlanCache()
 
 
-def _sdpa_plan(cu_seqlens: Tensor, device: torch.device, group_tokens: int) -> list[tuple[int, int, Tensor]]:
+def sdpa_plan(cu_seqlens: Tensor, device: torch.device, group_tokens: int) -> list[tuple[int, int, Tensor]]:
     """[(t0, t1, block-diagonal causal mask [t1-t0, t1-t0])] for each group of segments."""
     extra = (str(device), group_tokens)
     plan = _SDPA_PLANS.get(cu_seqlens, extra)
@@ -122,7 +122,7 @@ def varlen_attention_sdpa(
     """Block-diagonal causal SDPA, in groups of segments of at most `group_tokens` tokens."""
     rep = q.shape[1] // k.shape[1]
     outs = []
-    for t0, t1, mask in _sdpa_plan(cu_seqlens, q.device, group_tokens):
+    for t0, t1, mask in sdpa_plan(cu_seqlens, q.device, group_tokens):
         qg = q[t0:t1].transpose(0, 1).unsqueeze(0)
         kg = _expand_kv(k[t0:t1], rep).transpose(0, 1).unsqueeze(0)
         vg = _expand_kv(v[t0:t1], rep).transpose(0, 1).unsqueeze(0)
