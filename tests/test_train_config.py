@@ -16,8 +16,10 @@ def _write(tmp_path, text):
     return p
 
 
-def test_toml_then_cli_overrides_with_types(tmp_path):
+def test_toml_then_cli_overrides_with_types(tmp_path, monkeypatch):
     (tmp_path / "shards").mkdir()
+    (tmp_path / "dec.pt").write_bytes(b"x")  # the default family (SONAR-LLM) needs a findable SONAR decoder
+    monkeypatch.setenv("SONAR_DECODER", str(tmp_path / "dec.pt"))
     p = _write(tmp_path, f'[data]\npath = "{tmp_path / "shards"}"\n[optim]\nlr = 1\n[train]\nsteps = 7\n')
     cfg = load_config(p, ["--optim.lr=3e-4", "--train.grad_accum", "4", "--train.compile=true",
                           "--optim.betas=0.8,0.9", "--model.overrides.num_layers=3", "--model.overrides.name=x"])
