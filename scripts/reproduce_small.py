@@ -179,7 +179,8 @@ def run_config(rc: ReproConfig, assets: dict, family: str, size: str, sonar_dim:
     cfg.train.eval_every, cfg.train.eval_batches = rc.steps, 4
     cfg.train.checkpoint_every, cfg.train.keep_last, cfg.train.resume = 0, 1, False
     cfg.train.out_dir = str(Path(rc.work) / "runs" / f"{family}_{size}")
-    cfg.sonar.decoder, cfg.sonar.encoder, cfg.sonar.tokenizer = assets["decoder"], assets["encoder"], assets["tokenizer"]
+    if family != BPE:  # the BPE token LLM reads no SONAR (its data have no end sentence to check either)
+        cfg.sonar.decoder, cfg.sonar.encoder, cfg.sonar.tokenizer = assets["decoder"], assets["encoder"], assets["tokenizer"]
     validate(cfg)
     return cfg
 

@@ -18,15 +18,17 @@ Fit: `scipy.optimize.curve_fit` (trust-region reflective, bounds E in [0, min L)
 L = E + A_ref * (N / N_ref)^-alpha, N_ref the geometric mean of the N values (for conditioning; A = A_ref *
 N_ref^alpha is reported too). Confidence intervals come from the fit's COVARIANCE matrix (`pcov`, the
 Gauss-Newton approximation, scaled by the residual variance): estimate +- t_{0.975, n-3} * standard error,
-Student t with n - 3 degrees of freedom. With 3 points the fit is exact and has no interval (reported as
-null); a family needs >= 3 points with distinct N to be fitted.
+Student t with n - 3 degrees of freedom. This linearised interval is approximate: on 12 synthetic points
+with 0.03% noise it covered the true alpha in 88-90% of 200 draws at a nominal 95% (tests/test_eval_scaling.py);
+with few points (the reproduction's 4 sizes: 1 degree of freedom) it is very wide. With 3 points the fit is
+exact and has no interval (reported as null); a family needs >= 3 points with distinct N to be fitted.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -76,8 +78,10 @@ def fit_power_law(params: Sequence[float], values: Sequence[float], confidence: 
     lower = [0.0, 0.0, 0.0]
     upper = [max(upper_e, 1e-12), np.inf, ALPHA_MAX]
     p0 = (min(max(p0[0], 0.0), upper[0] * (1 - 1e-9)), max(p0[1], 1e-12), p0[2])
-    popt, pcov = optimize.curve_fit(power_law, x, y, p0=p0, bounds=(lower, upper), method="trf",
-                                    maxfev=20000, x_scale="jac")
+    with warnings.catch_warnings():  # 3 points: no covariance (said below as ci None)
+        warnings.simplefilter("ignore", optimize.OptimizeWarning)
+        popt, pcov = optimize.curve_fit(power_law, x, y, p0=p0, bounds=(lower, upper), method="trf",
+                                        maxfev=20000, x_scale="jac")
     e, a_ref, alpha = (float(v) for v in popt)
     dof = len(y) - 3
     resid = y - power_law(x, *popt)
@@ -179,7 +183,7 @@ def points_from_evals(files: Sequence[str | Path], metric: str) -> list[dict[str
 
 
 def plot_fits(fits: dict[str, Any], path: str | Path, ylabel: str = "loss", title: str = "") -> None:
-    """Points and fitted curves on log-log axes, one colour per family (matplotlib, optional)."""
+    """Points and fitted curves on log-log axes, one colour per family, as PNG (matplotlib, optional)."""
     try:
         import matplotlib
     except ImportError:
@@ -204,68 +208,74 @@ def plot_fits(fits: dict[str, Any], path: str | Path, ylabel: str = "loss", titl
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sonar_llm.eval.scaling", description=__doc__.split("\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--runs", nargs="+", help="run directories (final validation loss)")
-    src.add_argument("--evals", nargs="+", help="evaluate result JSON files run with --nll-data")
-    src.add_argument("--points", help='JSON list of {"family", "params", "value"}')
-    p.add_argument("--metric", default="bits_per_byte", choices=["bits_per_byte", "token_nll"],
-                   help="with --evals: which number of the nll section")
-    p.add_argument("--confidence", type=float, default=0.95)
-    p.add_argument("--out", required=True, help="fit JSON to write")
-    p.add_argument("--plot", default="", help="PNG of points + fits on log axes (needs matplotlib)")
-    a = p.parse_args(argv)
-    if not 0.0 < a.confidence < 1.0:
-        print(f"--confidence: must be in (0, 1), got {a.confidence}", file=sys.stderr)
-        return 2
-    for flag, paths in (("--runs", a.runs or []), ("--evals", a.evals or []), ("--points", [a.points] if a.points else [])):
-        for x in paths:
-            if not Path(x).exists():
-                print(f"{flag}: {x} not found", file=sys.stderr)
-                return 2
-    if a.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print("--plot: needs matplotlib, which is not installed (pip install matplotlib)", file=sys.stderr)
-            return 2
+def _read_points(path: str) -> list[dict[str, Any]]:
     try:
+        raw = json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise ValueError(f"--points: {path} is not JSON: {e}") from None
+    ok = isinstance(raw, list) and raw and all(
+        isinstance(r, dict) and {"family", "params", "value"} <= set(r) and isinstance(r["params"], (int, float))
+        and not isinstance(r["params"], bool) and isinstance(r["value"], (int, float)) for r in raw)
+    if not ok:
+        raise ValueError(f'--points: {path} must be a non-empty list of {{"family", "params", "value"}} with numbers')
+    return raw
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command (module docstring); bad input: exit 2 and one line (`sonar_llm.cli`)."""
+    from sonar_llm.cli import atomic_output, float_in, parser, run
+
+    def body(args: list[str]) -> int:
+        p = parser("python -m sonar_llm.eval.scaling", description=__doc__.split("\n")[0])
+        src = p.add_mutually_exclusive_group(required=True)
+        src.add_argument("--runs", nargs="+", help="run directories (final validation loss)")
+        src.add_argument("--evals", nargs="+", help="evaluate result JSON files run with --nll-data")
+        src.add_argument("--points", help='JSON list of {"family", "params", "value"}')
+        p.add_argument("--metric", default="bits_per_byte", choices=["bits_per_byte", "token_nll"],
+                       help="with --evals: which number of the nll section")
+        p.add_argument("--confidence", type=float_in(0.0, 1.0, low_open=True, high_open=True), default=0.95,
+                       help="of the intervals, in (0, 1)")
+        p.add_argument("--out", required=True, help="fit JSON to write")
+        p.add_argument("--plot", default="", help="PNG of points + fits on log axes (needs matplotlib)")
+        a = p.parse_args(args)
+        for flag, paths in (("--runs", a.runs or []), ("--evals", a.evals or []),
+                            ("--points", [a.points] if a.points else [])):
+            for x in paths:
+                if not Path(x).exists():
+                    raise FileNotFoundError(f"{flag}: {x} not found")
+        if a.plot:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise ValueError("--plot: needs matplotlib, which is not installed (pip install matplotlib)") from None
         if a.runs:
             pts, what = points_from_runs(a.runs), "final validation loss (own objective)"
         elif a.evals:
             pts, what = points_from_evals(a.evals, a.metric), a.metric
         else:
-            try:
-                raw = json.loads(Path(a.points).read_text())
-            except ValueError as e:
-                raise ValueError(f"--points: {a.points} is not JSON: {e}") from None
-            if not isinstance(raw, list) or not all(isinstance(r, dict) and {"family", "params", "value"} <= set(r)
-                                                    and isinstance(r["params"], (int, float))
-                                                    and isinstance(r["value"], (int, float)) for r in raw):
-                raise ValueError(f'--points: {a.points} must be a list of {{"family", "params", "value"}} numbers')
-            pts, what = raw, "value"
-    except ValueError as e:
-        print(str(e), file=sys.stderr)
-        return 2
-    fits = fit_families(pts, a.confidence)
-    result = {"model": "L(N) = E + A * N^-alpha", "metric": what, "fits": fits}
-    Path(a.out).write_text(json.dumps(result, indent=1))
-    for fam, fit in sorted(fits.items()):
-        if "alpha" in fit:
-            ci = fit["ci"]
-            print(f"{fam}: alpha {fit['alpha']:.4f}" + (f" ({a.confidence:.0%} CI {ci['alpha'][0]:.4f} .. "
-                  f"{ci['alpha'][1]:.4f})" if ci else " (3 points: exact fit, no CI)")
-                  + f", E {fit['E']:.4f}, A {fit['A']:.4g}, {fit['num_points']} points")
-        else:
-            print(f"{fam}: not fitted: {fit['error']}")
-    if a.plot:
-        plot_fits(fits, a.plot, ylabel=what)
-    return 0
+            pts, what = _read_points(a.points), "value"
+        fits = fit_families(pts, a.confidence)
+        with atomic_output(a.out) as tmp:
+            Path(tmp).write_text(json.dumps({"model": "L(N) = E + A * N^-alpha", "metric": what, "fits": fits},
+                                            indent=1))
+        if a.plot:
+            with atomic_output(a.plot) as tmp:
+                plot_fits(fits, tmp, ylabel=what)
+        for fam, fit in sorted(fits.items()):
+            if "alpha" in fit:
+                ci = fit["ci"]
+                print(f"{fam}: alpha {fit['alpha']:.4f}" + (f" ({a.confidence:.0%} CI {ci['alpha'][0]:.4f} .. "
+                      f"{ci['alpha'][1]:.4f})" if ci else " (3 points: exact fit, no CI)")
+                      + f", E {fit['E']:.4f}, A {fit['A']:.4g}, {fit['num_points']} points")
+            else:
+                print(f"{fam}: not fitted: {fit['error']}")
+        return 0
+
+    return run("scaling", body, argv)
 
 
 if __name__ == "__main__":
