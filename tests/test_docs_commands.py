@@ -11,11 +11,11 @@ at a tiny budget.
   `runs/x`, ...) are PLACEHOLDERS: small real-format files built once per session (a toy SONAR reading and
   writing 1024-d embeddings as the released one does, story JSONL, shards, a tiny trained run and its export, a
   public-format checkpoint of the public SONAR-LLM code, TinyStories files). A block's workspace holds every
-  placeholder its text names, except those it writes itself (`--out X`, `--output X`). SONAR_ENCODER /
+  placeholder its text names, except those it writes before reading (`--out X`, `--output X`). SONAR_ENCODER /
   SONAR_DECODER / SONAR_TOKENIZER point at the toy SONAR (the README's way of naming the models), HOME is a
   folder of the workspace (so `~/...` and the registry file are the test's), CUDA is hidden.
-- Budget. `python train/main.py` (the embedded default) runs with SONAR_LLM_TINY_STEPS / SONAR_LLM_DEFAULT_STEPS
-  / SONAR_LLM_DEFAULT_STORIES set small; every training command with a --config gets TRAIN_BUDGET appended (the
+- Budget. `python train/main.py` (the embedded default) runs with DEFAULT_BUDGET (its documented variables:
+  SONAR_LLM_TINY_STEPS, SONAR_LLM_DEFAULT_STEPS, SONAR_LLM_DEFAULT_STORIES small, SONAR_LLM_END_CHECK=warn); every training command with a --config gets TRAIN_BUDGET appended (the
   last value of a key wins); torchrun runs one process.
 - What is not run is listed, with the reason, in NOT_RUN below: the one place. A listed command that is no
   longer in the docs fails too, and so does a documented command that neither runs nor is listed.
@@ -249,12 +249,17 @@ def build_placeholders(assets: Path) -> dict[str, Path]:
     return found
 
 
-def _written_by(text: str, name: str) -> bool:
-    return bool(re.search(rf"--(out|output)[ =]{re.escape(name)}(\s|$)", text))
-
-
 def _named(text: str, name: str) -> bool:
     return bool(re.search(rf"(^|[\s=\"']){re.escape(name)}(/|\s|$|[\"'])", text, re.M))
+
+
+def _wanted(block: Block, name: str) -> bool:
+    """The block reads placeholder `name`: the first of its commands that names it does not write it (`--out X`,
+    `--output X`); the configs' data paths (data/tinystories) are read by every command with a --config."""
+    for command in commands(block):
+        if _named(command, name) or (name == "data/tinystories" and "--config configs/" in command):
+            return not re.search(rf"--(out|output)[ =]{re.escape(name)}(\s|$)", command)
+    return False
 
 
 def lay_workspace(block: Block, placeholders: dict[str, Path], where: Path) -> Path:
@@ -264,8 +269,7 @@ def lay_workspace(block: Block, placeholders: dict[str, Path], where: Path) -> P
     for name in LINKED:
         (where / name).symlink_to(ROOT / name)
     for name, src in placeholders.items():
-        implied = name == "data/tinystories" and "--config configs/" in block.text  # the configs' data paths
-        if not (_named(block.text, name) or implied) or _written_by(block.text, name):
+        if not _wanted(block, name):
             continue
         dst = where / ("home" + name[1:] if name.startswith("~") else name)
         dst.parent.mkdir(parents=True, exist_ok=True)
