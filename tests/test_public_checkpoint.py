@@ -33,7 +33,7 @@ CASES = {
 }
 
 
-def public_json(hidden, ffn, layers, heads, head_dim, kv=None) -> dict:
+def public_json(hidden, ffn, layers, heads, head_dim, kv=None, bias="") -> dict:
     """A SonarLLM_*.json as in the public repository (llama3 RoPE scaling, factor 32)."""
     llama = {
         "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
@@ -42,7 +42,7 @@ def public_json(hidden, ffn, layers, heads, head_dim, kv=None) -> dict:
         "tie_word_embeddings": True, "rope_theta": 500000.0,
         "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
                          "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "head_dim": head_dim,
+        "attention_bias": "attn" in bias, "attention_dropout": 0.0, "mlp_bias": "mlp" in bias, "head_dim": head_dim,
     }
     if kv is not None:
         llama["num_key_value_heads"] = kv
@@ -418,14 +418,15 @@ def test_wrapper_prefix_and_config_mismatch(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ any shape, by the command
-# (hidden, ffn, layers, heads, head_dim, kv_heads), none a preset: the issue's shape (4 x 16 = 64 != 96: "nearest
-# preset + overrides" lost head_dim 16, the tiny preset's derived value), wider attention than hidden with GQA,
-# odd ffn with GQA, multi-query attention. transformers 5 wants hidden % heads == 0.
+# (hidden, ffn, layers, heads, head_dim, kv_heads, biases), none a preset: the issue's shape (4 x 16 = 64 != 96:
+# "nearest preset + overrides" lost head_dim 16, the tiny preset's derived value), wider attention than hidden
+# with GQA and attention biases, odd ffn with GQA and MLP biases, multi-query attention with both.
+# transformers 5 wants hidden % heads == 0.
 SHAPES = {
-    "h96_4x16_l3": (96, 160, 3, 4, 16, None),
-    "h80_4x32_kv2": (80, 200, 2, 4, 32, 2),
-    "h48_6x8_kv3_ffn77": (48, 77, 2, 6, 8, 3),
-    "h72_3x40_kv1_ffn150": (72, 150, 2, 3, 40, 1),
+    "h96_4x16_l3": (96, 160, 3, 4, 16, None, ""),
+    "h80_4x32_kv2_attnbias": (80, 200, 2, 4, 32, 2, "attn"),
+    "h48_6x8_kv3_ffn77_mlpbias": (48, 77, 2, 6, 8, 3, "mlp"),
+    "h72_3x40_kv1_ffn150_bias": (72, 150, 2, 3, 40, 1, "attn+mlp"),
 }
 
 
@@ -469,7 +470,7 @@ def test_command_converts_any_shape_both_ways(tmp_path, shape, decoder_file):
     rc, out, err = _cli(["--from", "public", "--checkpoint", str(ckpt), "--config", str(cfg_path),
                          "--out", str(model)], as_subprocess)
     assert rc == 0, err
-    hidden, ffn, layers, heads, head_dim, kv = SHAPES[shape]
+    hidden, ffn, layers, heads, head_dim, kv, bias = SHAPES[shape]
     assert f"d={hidden} ffn={ffn} layers={layers} heads={heads}x{head_dim} kv={kv or heads}" in out
 
     net = load_export(model, decoder_file)
@@ -490,7 +491,7 @@ def test_command_converts_any_shape_both_ways(tmp_path, shape, decoder_file):
         assert v.dtype == original[k].dtype and torch.equal(v, original[k]), k
     written = json.loads(pub_json.read_text())["llama_config"]
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "head_dim",
-                "rms_norm_eps", "rope_theta", "rope_scaling"):
+                "rms_norm_eps", "rope_theta", "rope_scaling", "attention_bias", "mlp_bias"):
         assert written[key] == cfg["llama_config"][key], key
     assert written["num_key_value_heads"] == (kv or heads)
     fresh = PublicWrapper(json.loads(pub_json.read_text())).eval()
@@ -503,6 +504,14 @@ def test_command_converts_any_shape_both_ways(tmp_path, shape, decoder_file):
     assert rc == 0, err
     first, second = load_file(str(model)), load_file(str(again))
     assert set(first) == set(second) and all(torch.equal(first[k], second[k]) for k in first)
+
+    # without the JSON: the shapes, biases included, and --head-dim give the same architecture
+    inferred = tmp_path / "c" / "model.safetensors"
+    rc, _, err = _cli(["--from", "public", "--checkpoint", str(ckpt), "--head-dim", str(head_dim),
+                       "--out", str(inferred)])
+    assert rc == 0, err
+    run_configs = [json.loads(m.with_suffix(".json").read_text())["run_config"] for m in (model, inferred)]
+    assert run_configs[0] == run_configs[1]
 
 
 def test_run_config_names_every_backbone_field():

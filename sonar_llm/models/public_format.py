@@ -13,6 +13,8 @@ The public training script (train_sonarllm_fast.py) saves `torch.save({...})` wi
     llama_model.model.layers.N.mlp.gate_proj.weight            -> backbone.layers.N.ffn.gate_proj.weight
     llama_model.model.layers.N.mlp.up_proj.weight              -> backbone.layers.N.ffn.inner_proj.weight
     llama_model.model.layers.N.mlp.down_proj.weight            -> backbone.layers.N.ffn.output_proj.weight
+    llama_model.model.layers.N.{self_attn.*,mlp.*}_proj.bias   -> the same names' .bias (attention_bias /
+                                                                  mlp_bias = true; the released JSONs: false)
     llama_model.model.norm.weight                              -> backbone.layer_norm.weight
     llama_model.lm_head.weight                                 (tied to embed_tokens): dropped
     forward_proj.linear.{weight,bias}  [d, 1024]               -> input_proj.{weight,bias}
@@ -20,9 +22,9 @@ The public training script (train_sonarllm_fast.py) saves `torch.save({...})` wi
     sonar_decoder.model.decoder.<fairseq2 SONAR decoder keys>  the frozen decoder: skipped, or split off
 
 The architecture is the `llama_config` block of SonarLLM_{100M,300M,600M,900M}.json (a HF LlamaConfig:
-hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, head_dim, rms_norm_eps,
-rope_theta, rope_scaling) or, without it, inferred from the tensor shapes (the head width is then the
-public configs' value: 32 at hidden 512, else 64). Attention width num_heads x head_dim may differ
+hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, head_dim, num_key_value_heads,
+attention_bias, mlp_bias, rms_norm_eps, rope_theta, rope_scaling) or, without it, inferred from the tensor
+shapes (the head width is then the public configs' value: 32 at hidden 512, else 64). Attention width num_heads x head_dim may differ
 from hidden_size (600M: 26 x 64 = 1664 vs 1280; 900M: 32 x 64 = 2048 vs 1536).
 
 A second layout appears in the repository's later script gsm8k_zero_shot.py: `llama.*` keys and
@@ -92,6 +94,14 @@ _LAYER_MAP = {  # public name inside layers.N -> ours
     "mlp.gate_proj.weight": "ffn.gate_proj.weight",
     "mlp.up_proj.weight": "ffn.inner_proj.weight",
     "mlp.down_proj.weight": "ffn.output_proj.weight",
+    # biases: a llama_config with attention_bias (q/k/v/o) or mlp_bias (gate/up/down) = true
+    "self_attn.q_proj.bias": "self_attn.q_proj.bias",
+    "self_attn.k_proj.bias": "self_attn.k_proj.bias",
+    "self_attn.v_proj.bias": "self_attn.v_proj.bias",
+    "self_attn.o_proj.bias": "self_attn.output_proj.bias",
+    "mlp.gate_proj.bias": "ffn.gate_proj.bias",
+    "mlp.up_proj.bias": "ffn.inner_proj.bias",
+    "mlp.down_proj.bias": "ffn.output_proj.bias",
 }
 _TOP_MAP = {
     "llama_model.model.norm.weight": "backbone.layer_norm.weight",
@@ -238,8 +248,6 @@ def backbone_from_llama_config(llama: dict[str, Any], source: str = "llama_confi
             raise ValueError(f"{source}: '{key}' missing or not an int")
     if llama.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{source}: hidden_act {llama['hidden_act']!r} is not supported (SwiGLU uses silu)")
-    if llama.get("mlp_bias", False):
-        raise ValueError(f"{source}: mlp_bias=true is not supported (SonarLLM's Llama backbone has no FFN biases)")
     scaling = llama.get("rope_scaling")
     rope_scaling, factor = None, 8.0
     if scaling is not None:
@@ -259,7 +267,7 @@ def backbone_from_llama_config(llama: dict[str, Any], source: str = "llama_confi
         num_kv_heads=int(llama.get("num_key_value_heads") or heads),
         norm_eps=float(llama.get("rms_norm_eps", 1e-6)), rope_theta=float(llama.get("rope_theta", 1e4)),
         rope_interleaved=False, rope_scaling=rope_scaling, rope_scaling_factor=factor,
-        attn_bias=bias, output_proj_bias=bias, ffn_bias=False, dropout_p=0.0,
+        attn_bias=bias, output_proj_bias=bias, ffn_bias=bool(llama.get("mlp_bias", False)), dropout_p=0.0,
     )
 
 
@@ -267,15 +275,16 @@ def llama_config_from_backbone(cfg: BackboneConfig) -> dict[str, Any]:
     """The `llama_config` block (HF LlamaConfig fields, as in the public JSONs) of a Llama-compatible backbone."""
     if cfg.rope_interleaved:
         raise ValueError("rope_interleaved=True (fairseq2/LCM pairs) has no HF Llama equivalent")
-    if cfg.ffn_bias or cfg.attn_bias != cfg.output_proj_bias:
-        raise ValueError("HF Llama has no FFN biases and one attention_bias for q/k/v/o; this backbone differs")
+    if cfg.attn_bias != cfg.output_proj_bias:
+        raise ValueError("HF Llama has one attention_bias for q/k/v/o; this backbone's attn_bias and "
+                         "output_proj_bias differ")
     out: dict[str, Any] = {
         "hidden_size": cfg.model_dim, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
         "hidden_act": "silu", "max_position_embeddings": 131072, "initializer_range": 0.02,
         "rms_norm_eps": cfg.norm_eps, "use_cache": True, "pretraining_tp": 1, "tie_word_embeddings": True,
         "rope_theta": cfg.rope_theta, "rope_scaling": None, "attention_bias": cfg.attn_bias,
-        "attention_dropout": 0.0, "mlp_bias": False,
+        "attention_dropout": 0.0, "mlp_bias": cfg.ffn_bias,
     }
     if cfg.rope_scaling == "llama3":
         out["rope_scaling"] = {"factor": cfg.rope_scaling_factor, **_LLAMA3_FIXED, "rope_type": "llama3"}
@@ -304,9 +313,12 @@ def infer_backbone_config(state: dict[str, Tensor], head_dim: int | None = None)
     if q.shape[0] % hd or k.shape[0] % hd:
         raise ValueError(f"attention widths q={q.shape[0]}, k={k.shape[0]} are not multiples of head_dim={hd}; "
                          "pass the public JSON (--config) or --head-dim")
+    biases = {"attn_bias": "backbone.layers.0.self_attn.q_proj.bias" in state,
+              "output_proj_bias": "backbone.layers.0.self_attn.output_proj.bias" in state,
+              "ffn_bias": "backbone.layers.0.ffn.gate_proj.bias" in state}
     return BackboneConfig(model_dim=d, ffn_dim=f, num_layers=_num_layers(state, _OUR_LAYER_RE),
                           num_heads=int(q.shape[0]) // hd, num_kv_heads=int(k.shape[0]) // hd, head_dim=hd,
-                          **PUBLIC_NUMERICS)
+                          **{**PUBLIC_NUMERICS, **biases})
 
 
 # ----------------------------------------------------------------------------------------------------- mapping
@@ -354,7 +366,7 @@ def public_to_ours(state: dict[str, Tensor], path: str = "checkpoint") -> tuple[
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"{path}: unexpected keys for the public SONAR-LLM layout (biases or modules SonarLLM "
+        raise ValueError(f"{path}: unexpected keys for the public SONAR-LLM layout (modules SonarLLM "
                          f"lacks): {', '.join(sorted(unknown)[:8])}")
     return ours, notes
 
@@ -375,7 +387,7 @@ def ours_to_public(state: dict[str, Tensor]) -> dict[str, Tensor]:
             unknown.append(key)
     if unknown:
         raise ValueError(f"keys with no place in the public SONAR-LLM layout: {', '.join(sorted(unknown)[:8])} "
-                         "(the public model has no attention/FFN biases or extra modules)")
+                         "(the public model has no extra modules)")
     return out
 
 
@@ -395,6 +407,15 @@ def check_state_matches(state: dict[str, Tensor], cfg: BackboneConfig, sonar_dim
             p + "ffn.gate_proj.weight": (cfg.ffn_dim, d), p + "ffn.inner_proj.weight": (cfg.ffn_dim, d),
             p + "ffn.output_proj.weight": (d, cfg.ffn_dim),
         })
+        if cfg.attn_bias:
+            expected.update({p + "self_attn.q_proj.bias": (cfg.num_heads * hd,),
+                             p + "self_attn.k_proj.bias": (cfg.num_kv_heads * hd,),
+                             p + "self_attn.v_proj.bias": (cfg.num_kv_heads * hd,)})
+        if cfg.output_proj_bias:
+            expected[p + "self_attn.output_proj.bias"] = (d,)
+        if cfg.ffn_bias:
+            expected.update({p + "ffn.gate_proj.bias": (cfg.ffn_dim,), p + "ffn.inner_proj.bias": (cfg.ffn_dim,),
+                             p + "ffn.output_proj.bias": (d,)})
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     wrong = sorted(f"{k} {tuple(state[k].shape)} != {v}" for k, v in expected.items()
