@@ -257,6 +257,7 @@ def kernel_temporaries(record: dict) -> dict[str, Any]:
     from torch.distributed._tools.mem_tracker import MemTracker
 
     from sonar_kernels.functional.linear_cross_entropy import linear_cross_entropy
+    from sonar_kernels.ops.inline import inline_ops
     from sonar_train.plan_trace import PlanFakeMode
 
     allocs: list[tuple[int, tuple, str]] = []
@@ -278,7 +279,7 @@ def kernel_temporaries(record: dict) -> dict[str, Any]:
         inputs = hidden.untyped_storage().nbytes() + weight.untyped_storage().nbytes()
         mt = MemTracker()
         mt.track_external(hidden, weight, target)
-        with mt, _Log():
+        with mt, _Log(), inline_ops():  # inline_ops: the trackers see the kernels' own tensors
             loss = linear_cross_entropy(hidden, weight, target, **record["kwargs"])
             if loss.dim():
                 loss = loss.sum()
@@ -300,6 +301,8 @@ def trace_step(cfg: RunConfig, nproc: int, batch, *, attention: str = "flash", m
     tensors. Returns memory (bytes per rank), FLOPs (per micro-batch and per step; zeros unless
     `count_flops`) and shapes; `replay_kernels` adds the linear cross-entropy scratch (kernel_temporaries)."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    from sonar_kernels.ops.inline import inline_ops
     from sonar_train.optim import build_optimizer
     from sonar_train.parallel import DTYPES, DistInfo, parallelize, uses_fsdp
     from sonar_train.plan_trace import (PlanFakeMode, PlanFlopCounter, fake_process_group, flash_attention_model,
@@ -307,6 +310,9 @@ def trace_step(cfg: RunConfig, nproc: int, batch, *, attention: str = "flash", m
 
     cfg = copy.deepcopy(cfg)
     cfg.train.device = "cpu"
+    # the eager step is traced: compiled regions would need their own fake tracing, and train.compile changes
+    # no parameter, gradient or optimizer byte (activation savings of fused kernels are not modelled)
+    cfg.train.compile = False
     for k, v in (overrides or {}).items():
         cfg.model.overrides[k] = v
     dtype = DTYPES[cfg.train.precision]
@@ -337,7 +343,9 @@ def trace_step(cfg: RunConfig, nproc: int, batch, *, attention: str = "flash", m
         autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
         grads_bytes = 0
         counting = counter if count_flops else contextlib.nullcontext()
-        with tracker, counting, _lce_recorder(records):
+        # inline_ops (innermost): the sonar_kernels custom ops run their own code, so the memory tracker and the
+        # FLOP counter see the kernels' scratch tensors and products
+        with tracker, counting, _lce_recorder(records), inline_ops():
             for micro in range(micro_batches):
                 if fsdp:
                     model.set_requires_gradient_sync(micro == micro_batches - 1)
