@@ -36,6 +36,13 @@ PUBLIC_JSON = {  # SonarLLM_{100M,300M,600M,900M}.json, llama_config
 }
 
 
+@pytest.fixture(autouse=True)
+def _sonar_decoder(tmp_path, monkeypatch):
+    """A findable SONAR decoder: validation (and --dry-run) checks that a SONAR-LLM run could load one."""
+    (tmp_path / "sonar_decoder.pt").write_bytes(b"placeholder")
+    monkeypatch.setenv("SONAR_DECODER", str(tmp_path / "sonar_decoder.pt"))
+
+
 def _config(size, tmp_path):
     return load_config(REPO / "configs" / "public" / f"sonar_llm_{size}.toml",
                        [f"--data.path={tmp_path}", f"--data.val_path={tmp_path}"])
