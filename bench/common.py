@@ -576,20 +576,26 @@ def format_targets(rows: list[dict], gpu: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import json
+    """The command; errors follow sonar_llm.cli (bad input: exit 2, one line)."""
+    from sonar_llm.cli import run
+
+    return run("common", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     from pathlib import Path
 
-    ap = argparse.ArgumentParser(description="bench/common.py helpers: `targets RESULT.json` prints the "
-                                             "issue's targets against a result file")
+    from report import read_result
+
+    from sonar_llm.cli import parser
+
+    ap = parser("bench/common.py", description="bench/common.py helpers: `targets RESULT.json` prints the "
+                                                "issue's targets against a result file")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("targets")
-    t.add_argument("result", type=Path)
+    t = sub.add_parser("targets", help="the issue's targets against a result")
+    t.add_argument("result", type=Path, help="a pytest-benchmark JSON result")
     args = ap.parse_args(argv)
-    if not args.result.is_file():
-        print(f"error: no such result file: {args.result}", file=sys.stderr)
-        return 2
-    result = json.loads(args.result.read_text())
+    result = read_result(args.result)
     gpu = (result.get("machine_info_sonar") or {}).get("gpu")
     print(format_targets(issue_targets(result), gpu))
     return 0

@@ -155,7 +155,7 @@ def compare(old: dict, new: dict) -> str:
     return "\n".join(lines)
 
 
-def _read(path: Path) -> dict:
+def read_result(path: Path) -> dict:
     """A benchmark result file; errors name the file (and the line of bad JSON or bytes)."""
     from sonar_llm.cli import read_utf8
 
@@ -189,9 +189,9 @@ def _main(argv: list[str]) -> int:
     c.add_argument("new", type=Path, help="the later result")
     a = ap.parse_args(argv)
     if a.cmd == "show":
-        print(markdown(_read(a.result)))
+        print(markdown(read_result(a.result)))
     else:
-        print(compare(_read(a.old), _read(a.new)))
+        print(compare(read_result(a.old), read_result(a.new)))
     return 0
 
 

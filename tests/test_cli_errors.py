@@ -237,10 +237,10 @@ def _plan(argv):
 
 def _bench(name):
     def call(argv):
-        sys.path.insert(0, str(ROOT / "bench"))
-        try:
-            import importlib
+        import importlib
 
+        sys.path.insert(0, str(ROOT / "bench"))  # as `python bench/NAME.py` runs it (bench/ imports its siblings)
+        try:
             return importlib.import_module(name).main(argv)
         finally:
             sys.path.remove(str(ROOT / "bench"))
@@ -480,6 +480,17 @@ TABLE: dict[str, tuple[Callable, dict[str, Case | NA]]] = {
         "empty_input": Case(lambda e, o: ["show", str(e.report_empty_json)], P("report_empty_json")),
         "non_utf8": Case(lambda e, o: ["show", str(e.report_utf8_json)], P("report_utf8_json")),
         "no_device": NA("report reads JSON only"),
+        "unreachable_endpoint": NA(NOT_USED.format("endpoint")),
+    }),
+    "bench/common.py targets": (_bench("common"), {
+        "missing_file": Case(lambda e, o: ["targets", str(e.root / "no_result.json")], T("no_result.json")),
+        "truncated_file": Case(lambda e, o: ["targets", str(e.report_trunc_json)], P("report_trunc_json")),
+        "flipped_bytes": Case(lambda e, o: ["targets", str(e.report_flip_json)], P("report_flip_json")),
+        "wrong_type": Case(lambda e, o: ["targets", str(e.report_type_json)], P("report_type_json")),
+        "out_of_range": NA("targets has no numeric flag"),
+        "empty_input": Case(lambda e, o: ["targets", str(e.report_empty_json)], P("report_empty_json")),
+        "non_utf8": Case(lambda e, o: ["targets", str(e.report_utf8_json)], P("report_utf8_json")),
+        "no_device": NA("reads JSON only"),
         "unreachable_endpoint": NA(NOT_USED.format("endpoint")),
     }),
     "bench/measure_lce_cpu.py": (_bench("measure_lce_cpu"), {
