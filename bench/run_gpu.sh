@@ -3,7 +3,8 @@
 #
 # Kernels (linear cross-entropy, decoder fast path), training steps of every family (SONAR-LLM fast vs
 # reference path at the 600M preset with the released SONAR decoder's shape), generation, SONAR decoding
-# and SONAR encoding; sized to finish within 8 minutes on one H200 (a hard stop at SONAR_BENCH_BUDGET_S,
+# and SONAR encoding, then compiled vs eager (bench/measure_compile.py, SONAR_COMPILE_BUDGET_S, default 240 s,
+# a separate stage); the pytest stages are sized to finish within 8 minutes on one H200 (a hard stop at SONAR_BENCH_BUDGET_S,
 # default 380 s, interrupts pytest, which still writes what it measured). Before them, the kernel
 # correctness tests run on the GPU against float64 references (SONAR_GPU_TESTS, a space-separated list of
 # test files, within SONAR_GPU_TEST_BUDGET_S, default 90 s): both stages together stay under 8 minutes.
@@ -110,6 +111,21 @@ timeout --signal=INT --kill-after=30 "$budget" \
     "$py" -m pytest "${files[@]}" -q -p no:cacheprovider ${extra[@]+"${extra[@]}"} "$@" 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
 echo "run_gpu.sh: pytest exit status ${status} after $(( $(date +%s) - start )) s" | tee -a "$log"
+
+# 3. torch.compile (issue 28): the training step (`small` backbone, full-width 2-layer SONAR decoder) and the
+#    decoder loss at the released decoder's shape, compiled per layer vs eager, with compile time, recompiles
+#    over 100 varying batches and graph breaks; a measurement only (its failure does not fail the run).
+#    Written to $results/compile/. A rehearsal skips it unless SONAR_BENCH_COMPILE=1 (then at quick shapes).
+compile_budget="${SONAR_COMPILE_BUDGET_S:-240}"
+if [[ "$rehearse" != "1" || "${SONAR_BENCH_COMPILE:-0}" == "1" ]]; then
+    mkdir -p "$results/compile"
+    compile_args=(--out "$results/compile/compile_${stamp}.json")
+    [[ "$rehearse" == "1" ]] && compile_args+=(--quick --rows decoder-loss --steps 2 --rounds 1)
+    echo "run_gpu.sh: compiled vs eager (budget ${compile_budget} s)" | tee -a "$log"
+    timeout --signal=INT --kill-after=15 "$compile_budget" \
+        "$py" bench/measure_compile.py "${compile_args[@]}" 2>&1 | tee -a "$log"
+    echo "run_gpu.sh: compile measurement exit status ${PIPESTATUS[0]}" | tee -a "$log"
+fi
 
 result="$(find "$results" -maxdepth 1 -name '*.json' -newer "$tmp/started" | sort | tail -n 1)"
 if [[ -n "$result" ]]; then

@@ -45,7 +45,7 @@ def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
     if impl == "torch":
         return False
     if impl == "auto":
-        return triton_available() and on_cuda and torch.cuda.is_available()
+        return on_cuda and torch.cuda.is_available() and triton_available()
     # forced triton
     if not triton_available():
         raise RuntimeError("impl='triton' requested but the triton package is not importable")
