@@ -91,6 +91,7 @@ class ReproConfig:
     tiny_config: dict = field(default_factory=dict)  # TinySonarConfig overrides ({} = the default's)
     two_tower_steps: int = 40
     quick: bool = False
+    command: str = ""  # the command line that made the report (its arguments)
 
     @classmethod
     def quick_config(cls, **kw) -> "ReproConfig":
@@ -289,7 +290,8 @@ def write_report(rc: ReproConfig, assets: dict, rows: list[dict], out: Path, ela
         f"(beam 1), Two-Tower CFG with {rc.two_tower_steps} requested steps (guidance 3, rescale 0.7, noise 0.6); "
         f"token NLL and bits per byte over the first {rc.nll_docs} held-out stories (the continuation after the "
         f"first 2 sentences, its end included).",
-        f"Script: `python scripts/reproduce_small.py{' --quick' if rc.quick else ''}` ({elapsed / 60:.1f} min).",
+        f"Script: `python scripts/reproduce_small.py{' ' + rc.command if rc.command else (' --quick' if rc.quick else '')}` "
+        f"({elapsed / 60:.1f} min).",
         "",
         "| family | size | params (blocks) | params (incl. IO) | final train loss | val loss | token NLL | "
         "bits per byte | BLEU | ROUGE-L | METEOR (no WordNet) | public BLEU | public ROUGE-L | public METEOR | "
@@ -450,6 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny budget everywhere, to test the script")
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--stories", type=int, default=None,
+                   help="corpus size (5%% held out; default 4000, --quick 300); the tiny SONAR keeps its own")
+    p.add_argument("--eval-stories", type=int, default=None, help="held-out stories generated and scored")
+    p.add_argument("--nll-docs", type=int, default=None, help="held-out stories of the token NLL / bits per byte")
     p.add_argument("--tiny-steps", type=int, default=None,
                    help="tiny SONAR training steps (default: its config's; fewer = a shorter run, a weaker autoencoder)")
     p.add_argument("--out", default=None)
@@ -488,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
         rc.steps = a.steps
     if a.tiny_steps:
         rc.tiny_steps = a.tiny_steps
+    rc.command = " ".join(argv if argv is not None else sys.argv[1:])
+    for flag, key in (("stories", "n_stories"), ("eval_stories", "eval_stories"), ("nll_docs", "nll_docs")):
+        if getattr(a, flag):
+            setattr(rc, key, getattr(a, flag))
     t_start = time.perf_counter()
     assets = prepare(rc)
     from sonar_llm.eval.evaluate import SonarAssets, load_sonar_text

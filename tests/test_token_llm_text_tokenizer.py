@@ -144,6 +144,13 @@ def test_trains_reloads_and_generates(corpus, tmp_path, capsys):
     assert abs(losses[0] - np.log(400)) < 0.5
     loaded = load_trained(run=str(tmp_path / "run"))
     assert loaded.model.cfg.whole_documents and loaded.model.vocab_size == 400
+    # the scaling command's reading of a run: non-embedding parameters = the blocks', the final validation loss
+    from sonar_llm.eval.scaling import points_from_runs
+
+    (pt,) = points_from_runs([tmp_path / "run"])
+    blocks = sum(p.numel() for layer in loaded.model.backbone.layers for p in layer.parameters())
+    assert pt == {"family": "token_llm", "params": blocks, "value": pytest.approx(res["eval_loss"]),
+                  "source": str(tmp_path / "run")}
     # generation through the command; it loads a SONAR for every family (a toy one here), this family never
     # uses it: the prompt goes through the BPE
     from fixtures_sonar import toy_decoder, toy_encoder, toy_tokenizer

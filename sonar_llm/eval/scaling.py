@@ -149,7 +149,8 @@ def _final_eval_loss(run: Path) -> float:
 
 def points_from_runs(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
     """(family, non-embedding parameters, final validation loss) of each run directory."""
-    from sonar_llm.eval.evaluate import load_trained
+    from sonar_llm.checkpoints import read_run
+    from sonar_llm.models.build import build_trained
 
     pts = []
     for r in runs:
@@ -157,9 +158,10 @@ def points_from_runs(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
         if not (run / "config.json").is_file():
             raise ValueError(f"--runs: {run} is not a run directory (no config.json)")
         value = _final_eval_loss(run)
-        loaded = load_trained(run=str(run))
-        pts.append({"family": loaded.family, "params": non_embedding_parameters(loaded.model), "value": value,
-                    "source": str(run)})
+        weights = read_run(str(run))
+        model = build_trained(weights)
+        pts.append({"family": weights.run_config["model"]["family"], "params": non_embedding_parameters(model),
+                    "value": value, "source": str(run)})
     return pts
 
 
