@@ -321,7 +321,9 @@ def write_report(rc: ReproConfig, assets: dict, rows: list[dict], out: Path, ela
         "sentences joined by \" \" (the same bytes for every model: see `num_bytes` in results.json). What each "
         "conditions on differs: the token LLMs see the exact previous tokens; SONAR-LLM sees the previous "
         "sentences only through their SONAR embeddings and each sentence's own earlier tokens only inside the "
-        "frozen decoder (docs/evaluation.md). Undefined (—) for the LCMs, which have no token distribution.",
+        "frozen decoder (docs/evaluation.md). Undefined (—) for the LCMs, which have no token distribution. "
+        "SONAR-LLM's number goes through the frozen SONAR decoder, itself a sentence-level language model trained "
+        "on this corpus (not counted in its parameters, N): much of its likelihood is the decoder's.",
         "- BLEU / ROUGE-L / METEOR compare the generated continuation with the original one (0-100); METEOR runs "
         "without WordNet synonyms (a lower bound). REP-4: repeated 4-grams in the continuation; OVL-3: share of "
         "its 3-grams copied from the prompt. Round-trip cos: cosine between a generated embedding and the "

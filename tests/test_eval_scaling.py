@@ -93,3 +93,22 @@ def test_command_bad_input_is_one_line(tmp_path, capsys):
     assert main(["--runs", str(tmp_path), "--out", str(out)]) == 2
     assert "config.json" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_points_from_evaluation_results(tmp_path, capsys):
+    """--evals reads `nll.bits_per_byte` (or token_nll) and `non_embedding_parameters` of evaluate's JSON."""
+    big_n, bpb, _ = _points(0.8, 0.6, n=5)
+    files = []
+    for i, (n, v) in enumerate(zip(big_n, bpb)):
+        f = tmp_path / f"e{i}.json"
+        f.write_text(json.dumps({"family": "token_llm", "non_embedding_parameters": int(n),
+                                 "nll": {"bits_per_byte": float(v), "token_nll": 2.0}}))
+        files.append(str(f))
+    out = tmp_path / "fit.json"
+    assert main(["--evals", *files, "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["metric"] == "bits_per_byte" and abs(res["fits"]["token_llm"]["alpha"] - 0.6) < 0.02
+    (tmp_path / "e0.json").write_text(json.dumps({"family": "base_lcm", "nll": None}))
+    assert main(["--evals", *files, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "e0.json" in err and "nll.bits_per_byte" in err
