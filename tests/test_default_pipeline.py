@@ -1,12 +1,15 @@
 """End to end: `python train/main.py` with no arguments (the embedded default), at a tiny budget.
 
 Runs the real pipeline in a subprocess (corpus -> tiny SONAR -> shards -> SONAR-LLM training -> evaluation ->
-printed continuation) with a 20-step tiny SONAR and 3 training steps, then runs it again to check
-that the second run reuses the cached tiny SONAR and the complete shards and resumes from the checkpoint.
+printed continuation -> plot -> summary) with a 20-step tiny SONAR and 3 training steps, runs the three next
+commands of the summary exactly as printed, then runs the pipeline again to check that the second run reuses
+the cached tiny SONAR and the complete shards and resumes from the checkpoint.
 """
 import hashlib
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +21,54 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(tmp_path: Path, tiny_steps: int = 20) -> subprocess.CompletedProcess:
     env = {**os.environ, "SONAR_LLM_CACHE": str(tmp_path / "cache"), "SONAR_LLM_DEFAULT_DIR": str(tmp_path / "run"),
-           "SONAR_LLM_TINY_STEPS": str(tiny_steps), "SONAR_LLM_DEFAULT_STEPS": "3", "PYTHONUNBUFFERED": "1"}
+           "SONAR_LLM_TINY_STEPS": str(tiny_steps), "SONAR_LLM_DEFAULT_STEPS": "3", "PYTHONUNBUFFERED": "1",
+           "SONAR_LLM_END_CHECK": "warn"}  # a 20-step tiny SONAR cannot decode the end sentence yet
     env.pop("TRITON_INTERPRET", None)
     return subprocess.run([sys.executable, str(ROOT / "train" / "main.py")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+def _next_commands(stdout: str) -> list[str]:
+    """The commands the summary prints under 'next, try (ready to paste):', one per indented line."""
+    lines = stdout.splitlines()
+    start = lines.index("next, try (ready to paste):") + 1
+    cmds = []
+    for line in lines[start:]:
+        if not line.startswith("  "):
+            break
+        cmds.append(line.strip())
+    return cmds
+
+
+def _check_output_speaks_to_a_newcomer(tmp_path: Path, out: str, err: str) -> None:
+    """No public-scoring noise or library warning, a plot path whose PNG exists, and the summary's three
+    commands run as printed."""
+    for noise in (": missing", "not computed", "Total records", "punkt_tab", "nltk.downloader"):  # public scoring
+        assert noise not in out, f"{noise!r} in the output:\n{out}"
+    assert not re.search(r"\w+Warning: |Traceback", out + err), err
+    plot = [line for line in out.splitlines() if "plot of the training" in line]
+    assert len(plot) == 1, out[-3000:]
+    png = tmp_path / plot[0].rsplit(": ", 1)[1]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cmds = _next_commands(out)
+    assert [shlex.split(c)[:3] for c in cmds] == [["python", "-m", "sonar_llm.generate"],
+                                                  ["python", "-m", "sonar_llm.eval.evaluate"],
+                                                  ["python", str(ROOT / "train" / "export.py"), "--run"]]
+    # as a user would paste them: a shell in the run's directory, `python` the interpreter that ran the pipeline,
+    # none of the pipeline's environment knobs
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SONAR_LLM_") and k != "TRITON_INTERPRET"}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    printed = []
+    for cmd in cmds:
+        done = subprocess.run(cmd, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, cmd + "\n" + done.stdout[-2000:] + done.stderr[-2000:]
+        printed.append(done.stdout)
+    assert "Tom had a red ball." in printed[0] and len(printed[0].splitlines()) > 1  # the prompt, then sentences
+    evaluated, exported = shlex.split(cmds[1]), shlex.split(cmds[2])
+    half = json.loads((tmp_path / evaluated[evaluated.index("--out") + 1]).read_text())
+    assert half["settings"]["prompt_mode"] == "half" and half["step"] == 3 and half["items"]
+    model = tmp_path / exported[exported.index("--out") + 1]
+    assert model.is_file() and json.loads(model.with_suffix(".json").read_text())["step"] == 3
 
 
 @pytest.mark.slow
@@ -30,6 +77,7 @@ def test_default_pipeline_end_to_end_and_rerun(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for step in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"):
         assert step in first.stdout, f"{step} missing from the output"
+    _check_output_speaks_to_a_newcomer(tmp_path, first.stdout, first.stderr)
     run = tmp_path / "run"
     result = json.loads((run / "eval" / "protocol_start.json").read_text())
     assert result["family"] == "sonar_llm" and result["step"] == 3
