@@ -1,8 +1,8 @@
 """The documentation is executed: every fenced shell command of README.md and docs/*.md runs here, on the CPU,
 at a tiny budget.
 
-- Blocks. Every fenced block names its language (a block without one fails: diagrams and file maps are
-  ```text); ```bash / ```sh / ```shell / ```console blocks are commands. A block is one flow: its commands run
+- Blocks. Every code block is fenced and names its language (an indented block or a fence without a
+  language fails: diagrams and file maps are ```text); ```bash / ```sh / ```shell / ```console blocks are commands. A block is one flow: its commands run
   in order (`\\` continuations joined, `$ ` prompts of console blocks dropped, `a && b` as two commands), with
   bash, in a fresh workspace folder under pytest's tmp_path, never in the checkout (the workspace links the
   checkout's train/, configs/, scripts/, bench/, docs/ and constraints.txt, read-only in use). Every command
@@ -16,7 +16,7 @@ at a tiny budget.
   folder of the workspace (so `~/...` and the registry file are the test's), CUDA is hidden.
 - Budget. `python train/main.py` (the embedded default) runs with DEFAULT_BUDGET (its documented variables:
   SONAR_LLM_TINY_STEPS, SONAR_LLM_DEFAULT_STEPS, SONAR_LLM_DEFAULT_STORIES small, SONAR_LLM_END_CHECK=warn); every training command with a --config gets TRAIN_BUDGET appended (the
-  last value of a key wins); torchrun runs one process.
+  last value of a key wins), the run planner PLAN_BUDGET; torchrun runs one process.
 - What is not run is listed, with the reason, in NOT_RUN below: the one place. A listed command that is no
   longer in the docs fails too, and so does a documented command that neither runs nor is listed.
 A self-test plants a broken command in a temporary doc and checks that it fails.
@@ -54,6 +54,13 @@ NOT_RUN = {
         "a timing benchmark at a 256 MiB vocabulary weight; the shape variable is tested in tests/test_bench_common.py",
     "python -m sonar_llm.data.tinystories --out data/tinystories":
         "downloads TinyStories from the Hugging Face hub (no network here); the offline layouts run below",
+    "python -m sonar_train.plan --results bench/results/plan":
+        "rewrites the committed result set in bench/results/plan (every preset at 1 and 8 GPUs, minutes); "
+        "tests/test_plan.py checks the planner, the line above runs one plan",
+    "python scripts/mutation_check.py -j 2":
+        "runs the test suite once per mutation (about 600 s); not part of CI by design (docs/design.md)",
+    "python scripts/mutation_check.py --only 'lce-*'":
+        "runs the linear cross-entropy tests once per matching mutation (minutes); --list above runs",
     "torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST0:29500 --rdzv-id=run42 "
     "train/main.py --config configs/two_tower_1.3b.toml":
         "a 4-node rendezvous: waits for three other hosts; the single-node torchrun lines run",
@@ -65,6 +72,9 @@ NEEDS_NATIVE = {"python -m sonar_kernels.native status"}
 TRAIN_BUDGET = ["--model.preset=tiny", "--train.steps=2", "--train.precision=fp32", "--data.max_sentences=64",
                 "--data.max_tokens=2048", "--data.workers=0", "--train.eval_every=2", "--train.eval_batches=1",
                 "--train.checkpoint_every=2", "--train.log_every=1", "--train.peak_flops=1e9"]
+# The run planner with a --config gets this appended: the tiny preset, without the public-code path and the
+# largest-batch fit (the 600M plan of the docs traces for minutes on 2 cores; tests/test_plan.py checks the planner).
+PLAN_BUDGET = ["--model.preset=tiny", "--no-public", "--no-fit"]
 # The embedded default (`python train/main.py`): its documented budget variables, set small.
 # (a 2-step tiny SONAR cannot decode the end sentence: the pipeline's check warns instead of stopping)
 DEFAULT_BUDGET = {"SONAR_LLM_TINY_STEPS": "2", "SONAR_LLM_DEFAULT_STEPS": "2", "SONAR_LLM_DEFAULT_STORIES": "48",
@@ -116,6 +126,27 @@ def fenced_blocks(path: Path) -> list[Block]:
         blocks.append(Block(path, start + 1, lang.lower(), "\n".join(body)))
         i += 1
     return blocks
+
+
+LIST_ITEM = re.compile(r"^\s*([-*+]|\d+[.)])\s")
+
+
+def indented_code_blocks(path: Path) -> list[int]:
+    """Lines that open an indented (4-space) code block: after a blank line, outside fences, not continuing a
+    list item or another indented line. Commands there would escape this test, so the docs fence them."""
+    found, lines, fenced = [], path.read_text(encoding="utf-8").splitlines(), False
+    for i, line in enumerate(lines):
+        if FENCE.match(line):
+            fenced = not fenced
+            continue
+        if fenced or not line.startswith("    ") or not line.strip() or i == 0 or lines[i - 1].strip():
+            continue
+        j = i - 1
+        while j >= 0 and not lines[j].strip():
+            j -= 1
+        if j < 0 or not (LIST_ITEM.match(lines[j]) or lines[j].startswith("  ")):
+            found.append(i + 1)
+    return found
 
 
 def _strip_comment(line: str) -> str:
@@ -288,6 +319,8 @@ def adjust(command: str) -> str:
     command = re.sub(r"--nproc_per_node[ =]\d+", "--nproc_per_node=1", command)
     if re.search(r"\btrain/main\.py\b", command) and "--config" in command and "--dry-run" not in command:
         command += " " + " ".join(TRAIN_BUDGET)
+    if re.search(r"-m sonar_train\.plan\b", command) and "--config" in command:
+        command += " " + " ".join(PLAN_BUDGET)
     return command
 
 
@@ -348,10 +381,12 @@ def session(tmp_path_factory):
             "root": tmp_path_factory.mktemp("docs_runs")}
 
 
-def test_every_fenced_block_names_its_language():
+def test_every_code_block_is_fenced_and_names_its_language():
     untagged = [b.where for p in doc_paths() for b in fenced_blocks(p) if not b.lang]
     assert not untagged, ("fenced blocks without a language (```bash for commands, ```text for the rest), so "
                           f"no command hides from this test: {untagged}")
+    indented = [f"{p.relative_to(ROOT)}:{line}" for p in doc_paths() for line in indented_code_blocks(p)]
+    assert not indented, f"indented code blocks (fence them: ```bash for commands, ```text for the rest): {indented}"
 
 
 def test_not_run_table_lists_only_documented_commands():
@@ -386,12 +421,14 @@ def test_a_broken_documented_command_fails(tmp_path, placeholders):
     doc = tmp_path / "planted.md"
     doc.write_text("# planted\n\n```bash\npython -m sonar_llm.generate --model model.safetensors --prompt \"Hi.\" "
                    "--max-gen-len 4 --beam 1\n```\n\n```bash\npython -m sonar_llm.generate --no-such-flag  # broken\n"
-                   "```\n\n```\npython -c 'hidden'\n```\n\n```console\n$ echo a \\\n  b && echo c\na b\nc\n```\n")
+                   "```\n\n```\npython -c 'hidden'\n```\n\n```console\n$ echo a \\\n  b && echo c\na b\nc\n```\n"
+                   "\nText.\n\n    python -c 'indented'\n\n- a list item\n\n    its continuation\n")
     blocks = shell_blocks([doc])
     assert [commands(b) for b in blocks] == [
         ['python -m sonar_llm.generate --model model.safetensors --prompt "Hi." --max-gen-len 4 --beam 1'],
         ["python -m sonar_llm.generate --no-such-flag"], ["echo a b", "echo c"]]
     assert [b.line for b in fenced_blocks(doc) if not b.lang] == [11]
+    assert indented_code_blocks(doc) == [24]
     done = {}
     assert run_block(blocks[0], placeholders, tmp_path / "good", tmp_path / "cache", done, False) == []
     bad = run_block(blocks[1], placeholders, tmp_path / "bad", tmp_path / "cache", done, False)
