@@ -209,7 +209,7 @@ def shell_blocks(paths) -> list[Block]:
 
 
 # ------------------------------------------------------------------------------------------- placeholders
-def _tiny_run(assets: Path, name: str, family: str = "sonar_llm") -> Path:
+def _tiny_run(assets: Path, name: str, family: str = "sonar_llm", extra: tuple[str, ...] = ()) -> Path:
     """A SONAR-LLM trained two steps on the placeholder shards (the trainer's own loop), exported."""
     from sonar_train.config import load_config
     from sonar_train.export import export
@@ -220,7 +220,7 @@ def _tiny_run(assets: Path, name: str, family: str = "sonar_llm") -> Path:
         f"--model.family={family}", f"--data.path={assets / 'data' / 'train'}",
         f"--data.val_path={assets / 'data' / 'valid'}", *TRAIN_BUDGET, f"--train.out_dir={run_dir}",
         f"--sonar.decoder={assets / 'sonar_text_decoder.pt'}", f"--sonar.encoder={assets / 'sonar_text_encoder.pt'}",
-        f"--sonar.tokenizer={assets / 'sentencepiece.source.256000.model'}"])
+        f"--sonar.tokenizer={assets / 'sentencepiece.source.256000.model'}", *extra])
     run_training(cfg)
     export(run_dir, run_dir / "model.safetensors")
     return run_dir
@@ -271,10 +271,23 @@ def build_placeholders(assets: Path) -> dict[str, Path]:
     (assets / "home" / "TinyStories").mkdir(parents=True)
     for split in ("train", "valid"):
         shutil.copy(assets / f"TinyStoriesV2-GPT4-{split}.txt", assets / "home" / "TinyStories")
+    # a Hugging Face tokenizer.json (the tokenizers library, a test-only reference) for the token LLM
+    from test_token_llm_text_tokenizer import _train_bpe
+
+    _train_bpe(stories, assets / "tokenizer.json", vocab=300)
+    # runs of four sizes (1-4 layers) for the scaling fit, and evaluate results of four sizes (evaluate's JSON
+    # fields that the fit reads; bits per byte on an exact power law 0.8 + 40 N^-0.5)
+    for k in range(1, 5):
+        _tiny_run(assets, f"s{k}", extra=(f"--model.overrides.num_layers={k}",))
+        n = 10_000 * 4 ** k
+        (assets / f"e{k}.json").write_text(json.dumps({
+            "family": "token_llm", "non_embedding_parameters": n,
+            "nll": {"bits_per_byte": 0.8 + 40.0 * n ** -0.5, "token_nll": 2.0}}))
     names = ["sentencepiece.source.256000.model", "sonar_text_encoder.pt", "sonar_text_decoder.pt", "corpus.jsonl",
              "heldout.jsonl", "prompts.jsonl", "data/train", "data/valid", "data/tinystories", "runs/x",
              "runs/default", "model.safetensors", "checkpoint.pt", "SonarLLM_600M.json",
-             "TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-valid.txt"]
+             "TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-valid.txt", "tokenizer.json",
+             *(f"runs/s{k}" for k in range(1, 5)), *(f"e{k}.json" for k in range(1, 5))]
     found = {name: assets / name for name in names}
     found["~/TinyStories"] = assets / "home" / "TinyStories"
     return found
