@@ -335,11 +335,18 @@ def write_report(rc: ReproConfig, assets: dict, rows: list[dict], out: Path, ela
         "means the row was made before this scoring existed (re-run the script)."
         + _missing_note(rows),
     ]
+    huge = [r for r in rows if r["family"] in ("base_lcm", "two_tower") and (r.get("val_loss") or 0) > 1e4]
+    if huge:
+        lines.append("- The LCM losses are MSEs in the normaliser's space (Meta's robust scaler fitted on the "
+                     "training embeddings, with its percent reading of the quantile range): SONAR dimensions that "
+                     "barely vary get tiny scales, so a weak tiny SONAR gives very large values (here "
+                     f"{min(r['val_loss'] for r in huge):.3g}-{max(r['val_loss'] for r in huge):.3g}); they still "
+                     "rank sizes within a family.")
     empty = [r for r in rows if r["metrics"].get("mean_generated_sentences", 1.0) < 0.5]
     if empty:
         lines.append("- Empty continuations (" + ", ".join(f"{FAMILY_NAMES[r['family']]} {r['size']}" for r in empty)
                      + "): with greedy decoding the model's most likely next sentence right after the prompt is "
-                     "the end-of-document sentence, so it stops at once and its text metrics are 0; at this "
+                     "the end-of-document sentence (the whole-story BPE model: its EOS), so it stops at once and its text metrics are 0; at this "
                      "budget its token NLL is the informative number.")
     lines += ["", "![loss vs parameters](loss_vs_params.png)", ""] + fit_section(rows) + [
         "",
