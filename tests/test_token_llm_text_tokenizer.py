@@ -116,6 +116,14 @@ def test_preprocess_errors_are_one_line(corpus, tmp_path, capsys):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "d").exists()
 
 
+def test_missing_tokenizers_library_is_one_line(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "tokenizers", None)  # as if not installed
+    assert preprocess_main(["--input", str(corpus["root"] / "valid.jsonl"), "--output", str(tmp_path / "e"),
+                            "--tokenizer", str(corpus["bpe"])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "sonar-llm[tokenizers]" in err and len(err.splitlines()) == 1 and not (tmp_path / "e").exists()
+
+
 def _train(corpus, tmp_path, tokenizer: Path, data: Path, steps: int = 3):
     from sonar_train.config import load_config
     from sonar_train.loop import run_training

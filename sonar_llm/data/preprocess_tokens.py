@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--{str(e).split(' ')[0].replace('_', '-')}: {e}") from None
         try:
             tok = load_text_tokenizer(a.tokenizer, bos_token=a.bos_token, eos_token=a.eos_token)
-        except (FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ValueError, ImportError) as e:  # ImportError: a tokenizer.json without `tokenizers`
             raise ValueError(f"--tokenizer: {e}") from None
         preprocess_tokens(a.input, a.output, tok, cfg, overwrite=a.overwrite,
                           log=lambda s: print(s, file=sys.stderr, flush=True))

@@ -156,7 +156,7 @@ class TokenLLM(ConceptFamily):
             if tok.vocab_size > self.vocab_size:
                 raise ValueError(f"{self.cfg.text_tokenizer}: {tok.vocab_size} ids, more than the model's "
                                  f"{self.vocab_size}")
-            object.__setattr__(self, "_text_tokenizer", tok)
+            self._text_tokenizer = tok
         return tok
 
     def loss(self, batch) -> tuple[Tensor, dict[str, Any]]:
