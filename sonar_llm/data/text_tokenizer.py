@@ -5,8 +5,8 @@ only when such a file is used: `pip install 'sonar-llm[tokenizers]'`; else a Sen
 `TextTokenizer` with `encode(text) -> ids` (no special tokens), `decode(ids) -> text`, `bos_id`, `eos_id`,
 `vocab_size` and `identity` (file name + sha256, recorded in the data manifest and checked at training).
 
-`document_ids(text)` is the paper's token-baseline document: `[BOS] + encode(text) + [EOS]`, the whole story
-as one stream with no sentence splitting. The public `train_llm.py` builds it as
+The paper's token-baseline document (built by `sonar_llm.data.preprocess_tokens`) is `[BOS] + encode(text) +
+[EOS]`, the whole story as one stream with no sentence splitting. The public `train_llm.py` builds it as
 `tokenizer(text, add_special_tokens=True)["input_ids"]` (Llama-3's post-processor prepends
 `<|begin_of_text|>`) and appends `eos_token_id` when the last id is not already EOS; we add the BOS
 ourselves so that a tokenizer without such a post-processor gives the same format.
@@ -55,10 +55,6 @@ class TextTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`; the BOS and EOS ids are dropped."""
         return self._decode([int(t) for t in ids if int(t) not in (self.bos_id, self.eos_id)])
-
-    def document_ids(self, text: str) -> list[int]:
-        """The paper's whole-document stream: [BOS] + encode(text) + [EOS]."""
-        return [self.bos_id, *self.encode(text), self.eos_id]
 
     def describe(self) -> dict[str, Any]:
         """What the data manifest and the run record about it."""
