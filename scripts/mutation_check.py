@@ -91,11 +91,9 @@ class Project:
     canaries: tuple[tuple[str, str], ...] = (("sonar_llm/__init__.py", "tests/test_eval_metrics.py"),
                                              ("kernels/sonar_kernels/__init__.py", "tests/test_native.py"))
     results_dir: str = "bench/results/mutation"  # where a full run records its results
+    # third-party modules the fork server imports once (never the project's own: each run imports its copy)
+    preload: tuple[str, ...] = ("numpy", "torch", "pytest_benchmark.plugin", "pytest_timeout")
 
-
-T_NATIVE = "tests/test_native.py"
-T_LCE = "tests/test_linear_cross_entropy.py"
-T_LCE_GIF = "tests/test_lce_grad_in_forward.py"
 
 MUTATIONS: list[Mutation] = [
     # ------------------------------------------------------------------ SONAR modules
@@ -128,7 +126,7 @@ MUTATIONS: list[Mutation] = [
         "return torch.stack([layer.cross_attention_constant(e) * (i > 0) for i, layer in "
         "enumerate(self.decoder.layers)], dim=1)",
         "incremental decoding adds layer 0's cross-attention constant too",
-        ("tests/test_sonar_models.py", "tests/test_sonar_generation.py"),
+        ("tests/test_sonar_models.py::test_cross_attention_is_the_one_key_constant",),
     ),
     Mutation(
         "sonar-decoder-eval-dropout-rescale", "sonar_llm/sonar/layers.py",
@@ -144,14 +142,14 @@ MUTATIONS: list[Mutation] = [
         "packed-layer0-cross-constant", "sonar_llm/sonar/packed_decoder.py",
         "branch = consts[:, 0].index_select(0, sid)", "branch = torch.zeros_like(resid)",
         "layer 0's cross-attention constant is added to the residual stream of the fast path",
-        ("tests/test_packed_decoder.py",),
+        ("tests/test_packed_decoder.py::test_loss_and_grad_match_reference",),
     ),
     Mutation(
         "packed-positions-restart-per-sentence", "sonar_llm/sonar/packed_decoder.py",
         "positions = torch.arange(n, device=cu.device) - in_cu[:-1][sentence_ids]",
         "positions = torch.arange(n, device=cu.device)",
         "packed positions restart at 0 in every sentence (pack_targets, shared with reference_loss)",
-        ("tests/test_packed_decoder.py",),
+        ("tests/test_packed_decoder.py::test_pack_targets_matches_python_loop",),
     ),
     Mutation(
         "packed-half-grad-drops-later-constants", "sonar_llm/sonar/packed_decoder.py",
@@ -160,13 +158,13 @@ MUTATIONS: list[Mutation] = [
         ".index_select(0, prepared.sentence_ids), resid",
         "in half precision the gradient w.r.t. the embedding flows through every layer's cross constant "
         "(the loss value is unchanged: only a gradient value check sees it)",
-        ("tests/test_packed_decoder.py",),
+        ("tests/test_packed_decoder.py::test_half_precision_loss_and_grad_match_float64",),
     ),
     Mutation(
         "kernel-varlen-attention-crosses-segments", "kernels/sonar_kernels/torch_ops/varlen_attention.py",
         "(doc[:, None] == doc[None, :]) & (pos[:, None] >= pos[None, :])", "(pos[:, None] >= pos[None, :])",
         "packed self-attention is causal inside each sentence and never crosses sentences",
-        ("tests/test_decoder_ops.py", "tests/test_packed_decoder.py"),
+        ("tests/test_decoder_ops.py::test_varlen_sdpa_matches_reference_with_grads",),
     ),
     # ------------------------------------------------------------------ the families' losses and generation
     Mutation(
@@ -174,65 +172,77 @@ MUTATIONS: list[Mutation] = [
         "target = self.normalizer.normalize(embeddings.index_select(0, tgt_rows))",
         "target = self.normalizer.normalize(embeddings.index_select(0, pred_rows))",
         "Base-LCM's output at sentence k-1 is scored against sentence k (not against its own input)",
-        ("tests/test_base_lcm.py",),
+        ("tests/test_base_lcm.py::test_loss_matches_closed_form",),
     ),
     Mutation(
         "family-base-lcm-normalizer-not-fitted", "sonar_llm/models/base_lcm.py",
         "    if cfg.data_path:\n        fit_normalizer_from_data(model.normalizer",
         "    if False:\n        fit_normalizer_from_data(model.normalizer",
         "a Base-LCM built for training fits its normalizer on the training data (Meta's rule)",
-        ("tests/test_train_family_wiring.py", "tests/test_base_lcm.py", "tests/test_lcm_meta_defaults.py"),
+        ("tests/test_train_family_wiring.py::test_trained_lcm_normalizer_holds_the_training_embeddings_statistics",),
     ),
     Mutation(
         "family-sonar-llm-target-sentences", "sonar_llm/models/sonar_llm.py",
         "tokens, tok_cu = select_segments(batch.tokens, batch.tok_cu_seqlens, tgt_rows)",
         "tokens, tok_cu = select_segments(batch.tokens, batch.tok_cu_seqlens, pred_rows)",
         "SONAR-LLM decodes sentence k's tokens from the prediction made at sentence k-1",
-        ("tests/test_sonar_llm_model.py",),
+        ("tests/test_sonar_llm_model.py::test_fast_reference_and_independent_losses_agree_with_grads",),
     ),
     Mutation(
         "family-token-llm-crosses-documents", "sonar_llm/models/token_llm.py",
         "targets = targets.masked_fill(is_last, -100)", "targets = targets.masked_fill(is_last & False, -100)",
         "the token LLM does not predict the first token of the next stream from the last of this one",
-        ("tests/test_token_llm.py",),
+        ("tests/test_token_llm.py::test_loss_matches_cross_entropy_on_explicit_logits",),
     ),
     Mutation(
         "family-two-tower-loss-mean-over-dims", "sonar_llm/models/two_tower.py",
         "per_pos = (pred.float() - x0).pow(2).sum(-1)", "per_pos = (pred.float() - x0).pow(2).mean(-1)",
         "the Two-Tower loss sums the squared error over the embedding dimensions",
-        ("tests/test_two_tower.py", "tests/test_lcm_meta_defaults.py"),
+        ("tests/test_two_tower.py::test_loss_value_and_decrease",),
     ),
     Mutation(
         "gen-sonar-llm-cosine-unnormalised", "sonar_llm/models/generate.py",
-        "return F.cosine_similarity(x.float(), eos.float().reshape(1, -1).to(x.device), dim=-1)",
-        "return (x.float() * eos.float().reshape(1, -1).to(x.device)).sum(-1)",
-        "the end-of-document rule compares the *cosine* with the end embedding (a helper the reference shared)",
-        ("tests/test_generate.py",),
+        "end = F.cosine_similarity(x, eos_embedding.float().reshape(1, -1).to(x.device), dim=-1) >= eos_threshold",
+        "end = (x * eos_embedding.float().reshape(1, -1).to(x.device)).sum(-1) >= eos_threshold",
+        "the end-of-document rule compares the *cosine* with the end embedding (stop_reasons, shared by the loops)",
+        ("tests/test_generate.py::test_sonar_llm_stop_rule_is_a_cosine_on_unnormalised_embeddings",),
+    ),
+    Mutation(
+        "gen-repetition-rule-off", "sonar_llm/models/generate.py",
+        "    if repetition_threshold is not None:\n        rep = ", "    if False:\n        rep = ",
+        "a concept whose cosine with the previous one reaches stop_on_repetition_cosine_threshold stops the story",
+        ("tests/test_stop_reasons.py::test_repetition_stop_on_a_hand_made_sequence",),
+    ),
+    Mutation(
+        "gen-repetition-compares-with-the-prompt", "sonar_llm/models/generate.py",
+        "        previous = nxt\n", "        pass\n",
+        "the repetition rule compares each new concept with the one generated just before it",
+        ("tests/test_stop_reasons.py::test_repetition_stop_on_a_hand_made_sequence",),
     ),
     Mutation(
         "gen-sonar-llm-next-fn-skips-reencode", "sonar_llm/models/generate.py",
         "        return step_texts, enc.to(pred.device)\n", "        return step_texts, pred\n",
         "SONAR-LLM appends the re-encoded decoded sentence, not the raw prediction (shared next-step helper)",
-        ("tests/test_generate.py",),
+        ("tests/test_generate.py::test_sonar_llm_cached_equals_reference_and_stops",),
     ),
     Mutation(
         "gen-two-tower-nocfg-batch-rows", "sonar_llm/models/generate_two_tower.py",
         "out = model.denoiser(z.to(dtype), t, cross).float()",
         "out = model.denoiser(z[:1].expand_as(z).to(dtype), t, cross).float()",
         "without CFG each row of a batch is denoised from its own latent (finite, right shapes, wrong values)",
-        ("tests/test_two_tower.py", "tests/test_batched_generation.py"),
+        ("tests/test_two_tower.py::test_batched_no_cfg_generation_matches_uncached_reference",),
     ),
     Mutation(
         "gen-base-lcm-denormalize", "sonar_llm/models/generate.py",
         "        return None, model.normalizer.denormalize(pred)\n", "        return None, pred\n",
         "Base-LCM generation returns raw-space embeddings (denormalised predictions)",
-        ("tests/test_generate.py", "tests/test_batched_generation.py"),
+        ("tests/test_generate.py::test_base_lcm_cached_equals_reference",),
     ),
     Mutation(
         "gen-token-llm-ragged-last-position", "sonar_llm/models/generate.py",
         "last = hidden[torch.arange(batch, device=device), lengths - 1]", "last = hidden[:, -1]",
         "the cached token-LLM loop continues each prompt from its own last token (ragged batches)",
-        ("tests/test_generate.py", "tests/test_batched_generation.py"),
+        ("tests/test_generate.py::test_token_llm_cached_equals_uncached",),
     ),
     # ------------------------------------------------------------------ kernels (each path)
     Mutation(
@@ -240,13 +250,13 @@ MUTATIONS: list[Mutation] = [
         "    g = torch.where(valid, grad_rows.to(acc_dtype), torch.zeros((), dtype=acc_dtype, device=hidden.device))\n",
         "    g = grad_rows.to(acc_dtype)\n",
         "ignored rows get no gradient in the PyTorch backward",
-        (T_LCE, "tests/test_packed_decoder.py", "tests/test_token_llm.py"),
+        ("tests/test_linear_cross_entropy.py::test_matches_float64_reference",),
     ),
     Mutation(
         "lce-torch-grad-in-forward-drops-smoothing-loss", "kernels/sonar_kernels/torch_ops/linear_cross_entropy.py",
         "            row_loss -= label_smoothing * z_mean\n", "            pass\n",
         "the gradient-in-forward PyTorch path's loss includes the label-smoothing term",
-        (T_LCE_GIF,),
+        ("tests/test_lce_grad_in_forward.py::test_grad_in_forward_matches_float64",),
     ),
     Mutation(
         "lce-triton-half-dlogits-drops-smoothing", "kernels/sonar_kernels/triton_kernels/linear_cross_entropy.py",
@@ -254,7 +264,7 @@ MUTATIONS: list[Mutation] = [
         "        m, v, d, _n_bucket(m), 1.0 - label_smoothing, (label_smoothing / v) * (hidden.dtype == torch.float32),",
         "the Triton dlogits backward keeps the uniform eps/V label-smoothing term for fp16/bf16 inputs too "
         "(a term below the old 1e-2 / 3e-3-of-the-max tolerances)",
-        (T_LCE,), env=(("TRITON_INTERPRET", "1"),),
+        ("tests/test_linear_cross_entropy.py::test_half_inputs",), env=(("TRITON_INTERPRET", "1"),),
     ),
     Mutation(
         "lce-triton-bf16-dlogits-drops-smoothing", "kernels/sonar_kernels/triton_kernels/linear_cross_entropy.py",
@@ -262,7 +272,7 @@ MUTATIONS: list[Mutation] = [
         "        m, v, d, _n_bucket(m), 1.0 - label_smoothing, (label_smoothing / v) * (hidden.dtype != torch.bfloat16),",
         "the same for bf16 only: below the old 1e-2-of-the-max bf16 tolerance, caught by the bounds derived from "
         "bf16's roundoff and the problem size",
-        (T_LCE,), env=(("TRITON_INTERPRET", "1"),),
+        ("tests/test_linear_cross_entropy.py::test_half_inputs",), env=(("TRITON_INTERPRET", "1"),),
     ),
     Mutation(
         "lce-torch-bf16-backward-drops-smoothing", "kernels/sonar_kernels/torch_ops/linear_cross_entropy.py",
@@ -270,21 +280,21 @@ MUTATIONS: list[Mutation] = [
         "        if label_smoothing and hidden.dtype != torch.bfloat16:\n            z.sub_(label_smoothing / v)\n"
         "        idx = safe_target[start:stop, None]\n",
         "the PyTorch backward keeps the uniform eps/V label-smoothing term for bf16 inputs",
-        (T_LCE,),
+        ("tests/test_linear_cross_entropy.py::test_half_inputs",),
     ),
     Mutation(
         "lce-triton-atomic-drops-smoothing", "kernels/sonar_kernels/triton_kernels/linear_cross_entropy.py",
         "        n, v, d, _n_bucket(n), 1.0 - label_smoothing, label_smoothing / v,",
         "        n, v, d, _n_bucket(n), 1.0 - label_smoothing, 0.0,",
         "the Triton atomic backward keeps the uniform eps/V label-smoothing term",
-        (T_LCE,), env=(("TRITON_INTERPRET", "1"),),
+        ("tests/test_linear_cross_entropy.py::test_triton_backward_strategies_match_float64",), env=(("TRITON_INTERPRET", "1"),),
     ),
     Mutation(
         "lce-native-backward-drops-smoothing", "kernels/sonar_kernels/native.py",
         "        hidden, weight, target, bias, lse, grad_rows, int(ignore_index), float(label_smoothing),",
         "        hidden, weight, target, bias, lse, grad_rows, int(ignore_index), 0.0,",
         "the native backward receives the label smoothing (host code of the native path)",
-        (T_NATIVE,),
+        ("tests/test_native.py::test_matches_float64_reference",),
     ),
     Mutation(
         "lce-native-library-silently-unavailable", "kernels/sonar_kernels/native.py",
@@ -293,7 +303,7 @@ MUTATIONS: list[Mutation] = [
         "a built native library is found and used: a loader that reports it absent turns every native test "
         "into a skip, which a plain run accepts; SONAR_NATIVE_REQUIRED=1 (set here, as where the library is "
         "built for the run) makes it a failure. UNRELIABLE where the library is not built",
-        (T_NATIVE,), env=(("SONAR_NATIVE_REQUIRED", "1"),),
+        ("tests/test_native.py::test_library_required_where_it_is_built_for",), env=(("SONAR_NATIVE_REQUIRED", "1"),),
     ),
     # ------------------------------------------------------------------ training loop
     Mutation(
@@ -302,31 +312,31 @@ MUTATIONS: list[Mutation] = [
         'set_state_dict(model, optimizer, model_state_dict=state["model"], '
         'optim_state_dict={"state": {}, "param_groups": state["optim"]["param_groups"]},',
         "resume restores the optimizer's moments",
-        ("tests/test_train_family_wiring.py", "tests/test_train_checkpoint.py"),
+        ("tests/test_train_checkpoint.py::test_kill_and_resume_is_bitwise_identical",),
     ),
     Mutation(
         "train-resume-drops-rng", "train/sonar_train/checkpoint.py",
         "    set_rng_state(extra.pop(\"rng\"), tensors, _device_of(model))\n", "    extra.pop(\"rng\")\n",
         "resume restores the RNG states (diffusion noise, dropout, CFG rows continue as uninterrupted)",
-        ("tests/test_train_family_wiring.py", "tests/test_train_checkpoint.py"),
+        ("tests/test_train_family_wiring.py::test_resumed_losses_equal_an_uninterrupted_run",),
     ),
     Mutation(
         "train-accumulation-unscaled", "train/sonar_train/loop.py",
         "run.scaler.scale(loss / accum).backward()", "run.scaler.scale(loss).backward()",
         "gradient accumulation averages the micro-batches' gradients",
-        ("tests/test_train_loop.py", "tests/test_lcm_meta_defaults.py"),
+        ("tests/test_train_loop.py::test_first_step_matches_float64_reference",),
     ),
     Mutation(
         "train-no-clipping", "train/sonar_train/loop.py",
         'max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")', 'max_norm = float("inf")',
         "gradients are clipped to optim.grad_clip",
-        ("tests/test_train_loop.py",),
+        ("tests/test_train_loop.py::test_first_step_matches_float64_reference",),
     ),
     Mutation(
         "train-nan-step-not-skipped", "train/sonar_train/loop.py",
         '"bad_ranks": bad.double(),', '"bad_ranks": bad.double() * 0,',
         "a step with a non-finite loss or gradient norm is skipped (no update)",
-        ("tests/test_train_loop.py",),
+        ("tests/test_train_loop.py::test_nan_steps_are_skipped_then_abort",),
     ),
     # ------------------------------------------------------------------ data
     Mutation(
@@ -334,56 +344,290 @@ MUTATIONS: list[Mutation] = [
         'if entry.get("shard_json_sha256") and digest != entry["shard_json_sha256"]:',
         'if False and digest != entry["shard_json_sha256"]:',
         "a shard.json that does not match its sha256 in the manifest is refused, naming the file",
-        ("tests/test_data_shards.py", "tests/test_train_trust.py"),
+        ("tests/test_data_shards.py::test_edited_shard_json_is_named",),
     ),
     Mutation(
         "data-array-checksum-ignored", "sonar_llm/data/shards.py",
         '            if digest != rec["sha256"]:\n', "            if False:\n",
         "an array file that does not match its sha256 in shard.json is refused (verify=full)",
-        ("tests/test_data_shards.py", "tests/test_train_trust.py"),
+        ("tests/test_data_shards.py::test_flipped_byte_is_named_in_full_verification",),
     ),
     Mutation(
         "data-block-checksum-ignored", "sonar_llm/data/shards.py",
         "                            if got != want:\n", "                            if False:\n",
         "a block that does not match its per-block sha256 is refused (verify=sampled)",
-        ("tests/test_data_shards.py", "tests/test_train_trust.py"),
+        ("tests/test_data_shards.py::test_sampled_check_splits_blocks_over_ranks_and_catches_one_flipped_block",),
     ),
     Mutation(
         "data-packing-ignores-document-budget", "sonar_llm/data/loader.py",
         "if cs + s > S or ct + t > T or (D and len(cur) >= D):", "if cs + s > S or ct + t > T:",
         "a batch holds at most max_docs documents (the public recipe's documents per step)",
-        ("tests/test_data_loader.py",),
+        ("tests/test_data_loader.py::test_document_budget",),
     ),
     Mutation(
         "data-packing-ignores-token-budget", "sonar_llm/data/loader.py",
         "if cs + s > S or ct + t > T or (D and len(cur) >= D):", "if cs + s > S or (D and len(cur) >= D):",
         "a batch of whole documents stays within max_tokens target tokens",
-        ("tests/test_data_loader.py",),
+        ("tests/test_data_loader.py::test_packing_budgets_order_and_truncation",),
     ),
     Mutation(
         "data-segment-piece-at-the-limit", "sonar_llm/data/segment.py",
         "limit = max_sentence_chars - 1", "limit = max_sentence_chars",
         "re-split pieces are strictly shorter than max_sentence_chars",
-        ("tests/test_data_segment.py",),
+        ("tests/test_data_segment.py::test_resplit_pieces_are_short_and_lossless",),
     ),
     # ------------------------------------------------------------------ evaluation metrics
     Mutation(
         "eval-rep4-counts-distinct", "sonar_llm/eval/metrics.py",
         "return 1.0 - len(set(grams)) / len(grams)", "return len(set(grams)) / len(grams)",
         "REP-n = 1 - distinct/total n-grams",
-        ("tests/test_eval_metrics.py",),
+        ("tests/test_eval_metrics.py::test_repetition_and_overlap",),
     ),
     Mutation(
         "eval-overlap-unique-grams", "sonar_llm/eval/metrics.py",
         "return sum(g in seen for g in gen) / len(gen)", "return len(set(gen) & seen) / len(gen)",
         "OVL-n counts the generation's n-grams with multiplicity",
-        ("tests/test_eval_metrics.py",),
+        ("tests/test_eval_metrics.py::test_overlap_counts_generated_ngrams_with_multiplicity",),
     ),
     Mutation(
         "eval-round-trip-l2-squared", "sonar_llm/eval/metrics.py",
         "l2 = (e - again).norm(dim=-1)", "l2 = (e - again).pow(2).sum(dim=-1)",
         "round-trip l2 is the Euclidean distance, not its square",
-        ("tests/test_eval_metrics.py",),
+        ("tests/test_eval_metrics.py::test_round_trip_closed_form",),
+    ),
+    # ================================================================== issue 30: every feature of the last rounds
+    # ------------------------------------------------------------------ public format, public objective
+    Mutation(
+        "public-format-swaps-gate-and-up", "sonar_llm/models/public_format.py",
+        '    "mlp.gate_proj.weight": "ffn.gate_proj.weight",\n    "mlp.up_proj.weight": "ffn.inner_proj.weight",\n',
+        '    "mlp.gate_proj.weight": "ffn.inner_proj.weight",\n    "mlp.up_proj.weight": "ffn.gate_proj.weight",\n',
+        "the public checkpoint's gate/up projections map to ours (same shapes: only the outputs tell)",
+        ("tests/test_public_checkpoint.py::test_import_matches_public_model_at_every_position",),
+    ),
+    Mutation(
+        "public-format-export-drops-final-norm", "sonar_llm/models/public_format.py",
+        "        if key in inverse_top:\n            out[inverse_top[key]] = value\n",
+        "        if key in inverse_top:\n            out[inverse_top[key]] = torch.ones_like(value) if 'norm' in key "
+        "else value\n",
+        "exporting to the public layout writes every tensor as it is (the final norm included)",
+        ("tests/test_public_checkpoint.py::test_export_round_trip_bit_exact",),
+    ),
+    Mutation(
+        "public-objective-extra-eos-label", "sonar_llm/sonar/packed_decoder.py",
+        "    labels[cu[1:] - 1] = eos_id\n", "    labels[cu[1:] - 1] = tokens[cu[1:] - 1].long()\n",
+        "the public objective's extra target after each sentence's last token is </s>",
+        ("tests/test_public_objective.py::test_extra_objective_adds_one_eos_term_per_sentence",),
+    ),
+    Mutation(
+        "public-objective-flag-not-passed", "sonar_llm/models/sonar_llm.py",
+        "prepared = packed.prepare(tokens, tok_cu, extra_eos_target=extra)",
+        "prepared = packed.prepare(tokens, tok_cu, extra_eos_target=False)",
+        "SonarLLMConfig.extra_eos_target reaches the fast path (it must equal the reference path's public loss)",
+        ("tests/test_public_objective.py::test_sonar_llm_fast_equals_reference_path",),
+    ),
+    # ------------------------------------------------------------------ evaluation: public scoring, judge, summaries
+    Mutation(
+        "eval-public-scores-whole-continuation", "sonar_llm/eval/public_scoring.py",
+        "g, ref1 = _first_sentence(gen, punkt), _first_sentence(ref, punkt)", "g, ref1 = gen.strip(), ref.strip()",
+        "public scoring compares only the first generated sentence with the first reference sentence",
+        ("tests/test_eval_public_scoring.py::test_hand_worked_bleu_rouge_meteor",
+         "tests/test_eval_public_scoring.py::test_matches_nltk_and_rouge_score_called_directly"),
+    ),
+    Mutation(
+        "eval-public-half-prompt-rounds-up", "sonar_llm/eval/public_scoring.py",
+        'k = 2 if mode == "start" else max(1, len(sents) // 2)',
+        'k = 2 if mode == "start" else max(1, (len(sents) + 1) // 2)',
+        "the 'half' prompt is the first n // 2 sentences (the public cut)",
+        ("tests/test_eval_public_scoring.py::test_public_prompts_start_half_limit",),
+    ),
+    Mutation(
+        "eval-judge-429-not-retried", "sonar_llm/eval/judge.py",
+        "if e.code != 429 and e.code < 500:", "if e.code < 500:",
+        "HTTP 429 (rate limited) is retried with backoff like a 5xx",
+        ("tests/test_eval_judge_transport.py::test_429_is_retried_with_backoff_and_400_is_not",),
+    ),
+    Mutation(
+        "eval-judge-backoff-uncapped", "sonar_llm/eval/judge.py",
+        "delay = min(self.cfg.max_backoff, self.cfg.backoff * 2 ** (attempt - 1))",
+        "delay = self.cfg.backoff * 2 ** (attempt - 1)",
+        "the retry delay doubles but never exceeds max_backoff",
+        ("tests/test_eval_judge_transport.py::test_backoff_doubles_and_is_capped",),
+    ),
+    Mutation(
+        "eval-judge-non-json-reply-not-retried", "sonar_llm/eval/judge.py",
+        "except (ValueError, KeyError, IndexError, TypeError) as e:", "except (KeyError, IndexError, TypeError) as e:",
+        "a reply that is not JSON is a bad body: retried, then reported (not an uncaught JSONDecodeError)",
+        ("tests/test_eval_judge_transport.py::test_a_reply_that_is_not_a_chat_completion_is_retried_then_reported",),
+    ),
+    Mutation(
+        "eval-judge-mark-range-unchecked", "sonar_llm/eval/judge.py",
+        "        if not 1.0 <= value <= 10.0:\n", "        if False:\n",
+        "a mark outside 1-10 is a problem, never a score",
+        ("tests/test_eval_judge.py::test_parse_marks_like_the_public_script",),
+    ),
+    Mutation(
+        "eval-summarization-prompt-not-cut", "sonar_llm/eval/summarization.py",
+        "seg(ex.document)[: cfg.max_prompt_sentences]", "seg(ex.document)",
+        "the summarization prompt keeps the document's first max_prompt_sentences sentences",
+        ("tests/test_eval_summarization.py::test_prompt_cut_to_max_sentences",),
+    ),
+    Mutation(
+        "eval-summarization-lsum-space-joined", "sonar_llm/eval/summarization.py",
+        'lsum.score("\\n".join(ref), "\\n".join(pred))', 'lsum.score(" ".join(ref), " ".join(pred))',
+        "ROUGE-Lsum reads the summaries' sentences joined by newlines (per-sentence LCS union)",
+        ("tests/test_eval_summarization.py::test_protocol_with_a_lead_generator",
+         "tests/test_eval_summarization.py::test_hand_worked_rouge"),
+    ),
+    # ------------------------------------------------------------------ data: TinyStories
+    Mutation(
+        "data-tinystories-holdout-from-the-front", "sonar_llm/data/tinystories.py",
+        "held, prompts = (valid[-h:], valid[:-h]) if h else ([], valid)",
+        "held, prompts = (valid[:h], valid[h:]) if h else ([], valid)",
+        "the held-out validation shards are the split's last stories and the prompts the others (val[:-2500])",
+        ("tests/test_data_tinystories.py::test_blingfire_fallback_and_resume",),
+    ),
+    Mutation(
+        "data-tinystories-punkt-keeps-33", "sonar_llm/data/tinystories.py",
+        "return [s.strip() for s in tok.tokenize(text) if s.strip()][:max_sentences]",
+        "return [s.strip() for s in tok.tokenize(text) if s.strip()][:max_sentences + 1]",
+        "a story is cut to its first 32 Punkt sentences before the end sentence",
+        ("tests/test_data_tinystories.py::test_layouts_with_punkt",),
+    ),
+    # ------------------------------------------------------------------ training: trust, resume, exit codes
+    Mutation(
+        "train-metadata-unpickler-admits-any-global", "sonar_llm/dcp_safe.py",
+        'if name in _ALLOWED.get(module, ()) or (module == "torch" and _torch_constant(name)):', "if True:",
+        "the DCP .metadata unpickler refuses globals outside its allow-list (a planted payload never runs)",
+        ("tests/test_train_trust.py::test_planted_payload_in_a_checkpoint_file_is_refused",),
+    ),
+    Mutation(
+        "train-dcp-entry-unpickled-freely", "sonar_llm/dcp_safe.py",
+        "obj = torch.load(value, weights_only=True)", "obj = torch.load(value, weights_only=False)",
+        "a non-tensor DCP entry is read with weights_only=True",
+        ("tests/test_train_trust.py::test_planted_payload_in_a_dcp_entry_is_refused",),
+    ),
+    Mutation(
+        "train-resume-refuses-nothing", "train/sonar_train/config.py",
+        "(refused if name in RESUME_FIXED else changes).append(", "(changes).append(",
+        "a resume refuses a change of the model / data keys (RESUME_FIXED) and writes nothing",
+        ("tests/test_train_trust.py::test_resume_applies_optimizer_changes_and_refuses_model_changes",),
+    ),
+    Mutation(
+        "train-resume-change-not-reported", "train/sonar_train/config.py",
+        "if name in _RESUME_IGNORED or key not in before or before[key] == value:",
+        'if name in _RESUME_IGNORED or key not in before or before[key] == value or section == "optim":',
+        "an optimizer change on resume is applied and said",
+        ("tests/test_train_trust.py::test_resume_applies_optimizer_changes_and_refuses_model_changes",),
+    ),
+    Mutation(
+        "train-exit-code-4-lost", "train/sonar_train/main.py",
+        "    except CheckpointNotSaved:  # already reported by run_training\n        return 4\n",
+        "    except CheckpointNotSaved:  # already reported by run_training\n        return 1\n",
+        "a run whose last checkpoint could not be saved exits 4 (not 1: the work itself is done)",
+        ("tests/test_train_trust.py::test_failed_last_save_exits_non_zero_naming_the_good_step",),
+    ),
+    Mutation(
+        "train-metrics-rewind-marks-nothing", "train/sonar_train/metrics.py",
+        '            rec["stale"] = True\n', '            rec["stale"] = False\n',
+        "a resume marks the records of the redone steps stale",
+        ("tests/test_train_trust.py::test_metrics_lines_are_whole_and_rewound",),
+    ),
+    Mutation(
+        "train-good-after-skipped-steps", "train/sonar_train/loop.py",
+        "progress = run.step == run.good_base or run.updates_since_good > 0", "progress = True",
+        "a checkpoint after only skipped steps is not called good (the abort names the last good one)",
+        ("tests/test_train_trust.py::test_only_good_checkpoints_are_called_good",),
+    ),
+    Mutation(
+        "train-good-with-non-finite-weights", "train/sonar_train/loop.py",
+        "good=finite and progress, reason=reason)", "good=progress, reason=reason)",
+        "a checkpoint with non-finite weights is not called good",
+        ("tests/test_train_trust.py::test_non_finite_weights_are_not_good_and_the_run_fails",),
+    ),
+    Mutation(
+        "train-plan-charges-gradient-storage", "train/sonar_train/plan.py",
+        "grads_bytes = sum(g.numel() * g.element_size() for g in (_local(p.grad) for p in trainable)",
+        "grads_bytes = sum(g.untyped_storage().nbytes() for g in (_local(p.grad) for p in trainable)",
+        "the planner charges each rank its gradient shards' own bytes, not the group-wide buffer they view",
+        ("tests/test_plan.py::test_sharded_state_per_rank_is_one_shard",),
+    ),
+    # ------------------------------------------------------------------ kernels: z-loss, targets, autocast
+    Mutation(
+        "lce-z-loss-not-squared", "kernels/sonar_kernels/ops/linear_cross_entropy.py",
+        "rows = torch.where(target != ignore_index, rows + z_loss * lse * lse, rows)",
+        "rows = torch.where(target != ignore_index, rows + z_loss * lse, rows)",
+        "the z-loss adds z_loss * lse^2 per non-ignored token (recompute path)",
+        ("tests/test_lce_grad_in_forward.py::test_z_loss_value_and_gradient",),
+    ),
+    Mutation(
+        "lce-out-of-range-target-unchecked", "kernels/sonar_kernels/ops/linear_cross_entropy.py",
+        "        if bool(bad.any()):\n", "        if False:\n",
+        "a target outside [0, V) that is not ignore_index raises on CPU (never read out of bounds)",
+        ("tests/test_lce_grad_in_forward.py::test_out_of_range_targets_raise",),
+    ),
+    Mutation(
+        "lce-autocast-inputs-not-cast", "kernels/sonar_kernels/functional/linear_cross_entropy.py",
+        "    if not torch.is_autocast_enabled(device.type):\n", "    if True:\n",
+        "under autocast, hidden and weight of different dtypes are cast to the autocast dtype (as F.linear)",
+        ("tests/test_lce_grad_in_forward.py::test_autocast_mixed_dtypes_are_cast_to_the_autocast_dtype",),
+    ),
+    # ------------------------------------------------------------------ LCM: SFT mask, normalizer, stop rule
+    Mutation(
+        "family-sft-mask-no-key-padding", "sonar_llm/models/two_tower.py",
+        "mask = (j <= src[:, None, None] + i) & (j <= (src + tgt)[:, None, None])",
+        "mask = (j <= src[:, None, None] + i)",
+        "SFT queries never see keys past their document (fairseq2's key padding mask)",
+        ("tests/test_two_tower_sft.py::test_sft_mask_is_metas_tril_with_key_padding",),
+    ),
+    Mutation(
+        "family-normalizer-true-quartiles-by-default", "sonar_llm/models/normalizer.py",
+        "q_lo, q_hi = (0.0025, 0.0075) if quantile_quirk else (0.25, 0.75)", "q_lo, q_hi = (0.25, 0.75)",
+        "the default fit reads quantile_range=(0.25, 0.75) in percent, as Meta's RobustScaler call does",
+        ("tests/test_lcm_meta_defaults.py::test_default_fit_is_robust_scaler_with_metas_arguments",),
+    ),
+    Mutation(
+        "family-normalizer-sample-stride-offset", "sonar_llm/models/build.py",
+        "rows = torch.from_numpy(np.concatenate(pending)[::down_sample]).float()",
+        "rows = torch.from_numpy(np.concatenate(pending)[down_sample - 1::down_sample]).float()",
+        "the fitting sample is every 5th embedding of each batch starting at its first ([::5])",
+        ("tests/test_lcm_meta_defaults.py::test_fitting_sample_follows_metas_script",),
+    ),
+    Mutation(
+        "family-normalizer-sample-stops-at-max", "sonar_llm/models/build.py",
+        "            if n_kept > max_samples:", "            if n_kept >= max_samples:",
+        "the sample stops after the batch that brings the count above max samples (not at it)",
+        ("tests/test_lcm_meta_defaults.py::test_fitting_sample_follows_metas_script",),
+    ),
+    Mutation(
+        "gen-min-sentences-ignored", "sonar_llm/models/generate.py",
+        "if why[j] is not None and len(appended[b]) + 1 >= min_sentences:", "if why[j] is not None:",
+        "Base-LCM / SONAR-LLM generation cannot stop on the first generated concept by default (Meta)",
+        ("tests/test_lcm_meta_defaults.py::test_base_lcm_cannot_stop_on_the_first_generated_concept",),
+    ),
+    Mutation(
+        "gen-two-tower-min-sentences-ignored", "sonar_llm/models/generate_two_tower.py",
+        "if why[j] is not None and len(outputs[b]) >= min_sentences:", "if why[j] is not None:",
+        "the Two-Tower cannot stop on its first generated concept by default (Meta's min_gen_len)",
+        ("tests/test_lcm_meta_defaults.py::test_two_tower_cannot_stop_on_the_first_generated_concept",),
+    ),
+    # ------------------------------------------------------------------ SONAR: sampling and decoding defaults
+    Mutation(
+        "sonar-sampling-top-p-drops-crossing-token", "sonar_llm/sonar/generation.py",
+        "before = torch.cumsum(sorted_p, dim=-1) - sorted_p", "before = torch.cumsum(sorted_p, dim=-1)",
+        "top-p keeps the token whose mass crosses p (the mass strictly before it is <= p)",
+        ("tests/test_sonar_sampling.py::test_top_k_top_p_support_and_frequencies",),
+    ),
+    Mutation(
+        "sonar-sampling-top-k-one-ignored", "sonar_llm/sonar/generation.py",
+        "    if 0 < top_k < vocab:\n", "    if 1 < top_k < vocab:\n",
+        "top-k 1 keeps only the most likely token (sampling == greedy)",
+        ("tests/test_sonar_sampling.py::test_top_k_one_is_greedy_and_samples_are_embedding_major",),
+    ),
+    Mutation(
+        "sonar-decoding-length-from-one-source-token", "sonar_llm/sonar/generation.py",
+        "gen = int(a * width + b)", "gen = int(a * 1 + b)",
+        "fairseq2's a * source_len + b length rule reads source_len as the embedding width (SONAR's default)",
+        ("tests/test_sonar_decoding_defaults.py::test_max_new_tokens_rule",),
     ),
 ]
 
@@ -495,29 +739,152 @@ def parse_junit(path: Path) -> list[Case] | None:
     return cases
 
 
+# pytest runs in a forked copy of one warm interpreter: the imports every run shares (torch, numpy, pytest and
+# its plugins: ~2 of the ~3 CPU seconds a trivial run costs) are paid once per job slot, not once per run.
+# Nothing of the project is imported before the fork, so each run imports the copy it is pointed at (the
+# preflight's canary proves it), and each run is a fresh child of the same clean parent.
+_FORK_SERVER = r"""
+import json, os, signal, sys, time, traceback
+import pytest
+for _name in json.loads(sys.argv[1]):
+    try:
+        __import__(_name)
+    except ImportError:
+        pass
+_base = [p for p in sys.path if p not in ("", os.getcwd())]
+_reply = os.fdopen(os.dup(1), "w")
+_null = os.open(os.devnull, os.O_RDONLY)
+for _line in sys.stdin:
+    req = json.loads(_line)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setpgid(0, 0)
+            log = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(_null, 0)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            os.chdir(req["cwd"])
+            os.environ.clear()
+            os.environ.update(req["env"])
+            sys.path[:] = [""] + req["roots"] + _base
+            code = pytest.main(req["args"])
+        except BaseException:
+            traceback.print_exc()
+            code = 70
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(int(code))
+    deadline = time.monotonic() + req["timeout"]
+    timed_out, status = False, 0
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            timed_out = True
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _, status = os.waitpid(pid, 0)
+            break
+        time.sleep(0.05)
+    try:  # whatever the run left in its process group (a test's subprocesses)
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    _reply.write(json.dumps({"rc": os.waitstatus_to_exitcode(status), "timed_out": timed_out}) + "\n")
+    _reply.flush()
+"""
+
+
+class ForkServers:
+    """`jobs` warm interpreters (one per job slot), each running one pytest at a time in a forked child."""
+
+    def __init__(self, jobs: int, preload: tuple[str, ...]):
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        self.idle: list[subprocess.Popen] = []
+        self.all: list[subprocess.Popen] = []
+        self.lock = threading.Condition()
+        for _ in range(max(1, jobs)):
+            p = subprocess.Popen([sys.executable, "-c", _FORK_SERVER, json.dumps(list(preload))], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True, env=env, cwd=tempfile.gettempdir())
+            self.idle.append(p)
+            self.all.append(p)
+
+    def run(self, cwd: Path, args: list[str], env: dict[str, str], roots: list[str], timeout: float,
+            log: Path) -> tuple[int, bool]:
+        with self.lock:
+            while not self.idle:
+                self.lock.wait()
+            server = self.idle.pop()
+        try:
+            req = {"cwd": str(cwd), "args": args, "env": env, "roots": roots, "timeout": timeout, "log": str(log)}
+            server.stdin.write(json.dumps(req) + "\n")
+            server.stdin.flush()
+            line = server.stdout.readline()
+            if not line:
+                raise RuntimeError("the fork server died")
+            reply = json.loads(line)
+            return int(reply["rc"]), bool(reply["timed_out"])
+        finally:
+            with self.lock:
+                self.idle.append(server)
+                self.lock.notify()
+
+    def close(self) -> None:
+        for p in self.all:
+            try:
+                p.stdin.close()
+                p.wait(timeout=10)
+            except Exception:  # noqa: BLE001
+                p.kill()
+
+
+_SERVERS: ForkServers | None = None  # set by main() for the run; None: a plain subprocess per pytest run
+
+
 def run_pytest(project: Project, copy: Path, tests, env_extra=(), timeout: float = 1800.0,
                stop_first: bool = False) -> Run:
     """Run the named tests in the copy and read their JUnit XML."""
     xml = copy / ".mutation_check-junit.xml"
-    if xml.exists():
-        xml.unlink()
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-           "-o", "junit_family=xunit1", f"--junitxml={xml}", "-rfE"]
+    log = copy / ".mutation_check-pytest.log"
+    for f in (xml, log):
+        if f.exists():
+            f.unlink()
+    args = ["-q", "-p", "no:cacheprovider", "-o", "addopts=", "-o", "junit_family=xunit1", f"--junitxml={xml}", "-rfE"]
     if importlib.util.find_spec("pytest_benchmark") is not None:
-        cmd.append("--benchmark-disable")
+        args.append("--benchmark-disable")
     if stop_first:
-        cmd.append("-x")
-    cmd += list(tests)
+        args.append("-x")
+    args += list(tests)
+    env = test_env(project, copy, env_extra)
     t0 = time.perf_counter()
-    timed_out = False
-    try:
-        p = subprocess.run(cmd, cwd=copy, env=test_env(project, copy, env_extra), capture_output=True, text=True,
-                           timeout=timeout)
-        out, rc = p.stdout + p.stderr, p.returncode
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        out, rc, timed_out = out + f"\n[timeout after {timeout:.0f} s]", -9, True
+    if _SERVERS is not None:
+        roots = [str((copy / r).resolve()) for r in project.source_roots]
+        rc, timed_out = _SERVERS.run(copy, args, env, roots, timeout, log)
+    else:
+        with open(log, "w") as out:
+            p = subprocess.Popen([sys.executable, "-m", "pytest", *args], cwd=copy, env=env, stdout=out,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                rc, timed_out = p.wait(timeout=timeout), False
+            except subprocess.TimeoutExpired:
+                rc, timed_out = -9, True
+            try:  # the run and anything it started
+                os.killpg(p.pid, 9)
+            except (ProcessLookupError, PermissionError):
+                pass
+            p.wait()
     secs = time.perf_counter() - t0
+    out = log.read_text(errors="replace") if log.exists() else ""
+    if timed_out:
+        out, rc = out + f"\n[timeout after {timeout:.0f} s]", -9
     cases = None if timed_out else parse_junit(xml)
     return Run(rc, cases, out[-3000:], secs, timed_out)
 
@@ -564,7 +931,7 @@ def verdict(tests, run: Run) -> tuple[str, list[str], str]:
 # ---------------------------------------------------------------------------------------------- checks
 
 
-def preflight(project: Project, snap: Path, work: Path) -> list[str]:
+def preflight(project: Project, snap: Path, work: Path, jobs: int = 1) -> list[str]:
     """The copy is what gets imported, and a canary import error planted in it breaks collection."""
     problems = []
     probe = work / "preflight-clean"
@@ -579,16 +946,24 @@ def preflight(project: Project, snap: Path, work: Path) -> list[str]:
             if not Path(line).resolve().is_relative_to(probe.resolve()):
                 problems.append(f"the copy is shadowed: a module resolves to {line}, outside {probe}")
     shutil.rmtree(probe, ignore_errors=True)
-    for rel, probe_tests in project.canaries:
-        canary = work / f"preflight-canary-{rel.replace('/', '-')}"
-        clone(snap, canary)
-        _plant_canary(canary / rel)
-        run = run_pytest(project, canary, ["--collect-only", probe_tests], timeout=600)
+
+    def canary(rel_tests):
+        rel, probe_tests = rel_tests
+        copy = work / f"preflight-canary-{rel.replace('/', '-')}"
+        clone(snap, copy)
+        _plant_canary(copy / rel)
+        try:
+            run = run_pytest(project, copy, ["--collect-only", probe_tests], timeout=600)
+        finally:
+            shutil.rmtree(copy, ignore_errors=True)
         status = verdict([probe_tests], run)[0]
         if run.rc == 0 or "mutation_check canary" not in run.tail or status == "CAUGHT":
-            problems.append(f"a canary planted in {rel} of the copy did not break collection (rc={run.rc}, "
-                            f"verdict {status}): the tests are not importing the copy")
-        shutil.rmtree(canary, ignore_errors=True)
+            return (f"a canary planted in {rel} of the copy did not break collection (rc={run.rc}, "
+                    f"verdict {status}): the tests are not importing the copy")
+        return None
+
+    with cf.ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
+        problems += [p for p in ex.map(canary, project.canaries) if p]
     return problems
 
 
@@ -781,6 +1156,8 @@ def main(argv=None, mutations: list[Mutation] | None = None, project: Project | 
     ap.add_argument("--timeout", type=float, default=900.0, help="most seconds for one mutation's pytest run")
     ap.add_argument("--json", type=Path, help="also write the report as JSON to this file")
     ap.add_argument("--no-record", action="store_true", help=f"a full run does not write {project.results_dir}/")
+    ap.add_argument("--no-fork-server", action="store_true",
+                    help="start every pytest run as a new interpreter (slower; the fork server needs os.fork)")
     args = ap.parse_args(argv)
     if args.jobs < 1:
         return _fail(f"-j/--jobs must be >= 1, got {args.jobs}")
@@ -817,13 +1194,26 @@ def main(argv=None, mutations: list[Mutation] | None = None, project: Project | 
                 dirty=[ln[3:] for ln in _git(project.root, "status", "--porcelain", "--untracked-files=no").splitlines()],
                 command="python scripts/mutation_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 jobs=args.jobs, cpus=os.cpu_count(), python=platform.python_version(),
+                runner="subprocess" if args.no_fork_server or not hasattr(os, "fork") else "fork server",
                 load_start=[round(x, 2) for x in os.getloadavg()])
+    global _SERVERS
+    if not args.no_fork_server and hasattr(os, "fork"):
+        _SERVERS = ForkServers(args.jobs, project.preload)
+    try:
+        return _run(project, args, muts, full, info, t_start)
+    finally:
+        if _SERVERS is not None:
+            _SERVERS.close()
+            _SERVERS = None
+
+
+def _run(project: Project, args, muts: list[Mutation], full: bool, info: dict, t_start: float) -> int:
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="mutation_check-") as tmp:
         work = Path(tmp)
         snap = work / "snapshot"
         snapshot(project.root, snap)
-        problems = preflight(project, snap, work)
+        problems = preflight(project, snap, work, args.jobs)
         if problems:
             print("\nPREFLIGHT FAILED (nothing planted):\n  " + "\n  ".join(problems))
             return 1
@@ -840,6 +1230,7 @@ def main(argv=None, mutations: list[Mutation] | None = None, project: Project | 
                 results.append(Result(m.name, "UNRELIABLE", detail="its tests skip here (baseline): cannot catch"))
             else:
                 todo.append(m)
+        todo.sort(key=lambda m: -expected_seconds(m, base.cases))  # longest first: the jobs end together
         lock = threading.Lock()
         with cf.ThreadPoolExecutor(max_workers=args.jobs) as ex:
             futs = [ex.submit(check_one, project, snap, work, m,

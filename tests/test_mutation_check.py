@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,7 +77,8 @@ def fake(tmp_path):
     _git(root, "add", ".")
     _git(root, "commit", "-q", "-m", "fake")
     project = mc.Project(root=root, source_roots=(".",), packages=("fakepkg",),
-                         canaries=(("fakepkg/__init__.py", "tests/test_fake.py"),), results_dir="results")
+                         canaries=(("fakepkg/__init__.py", "tests/test_fake.py"),), results_dir="results",
+                         preload=())
     return root, project
 
 
@@ -86,15 +89,17 @@ def M(name, file, old, new, tests=("tests/test_fake.py",)):
 CAUGHT = M("caught", "fakepkg/__init__.py", "return a + b", "return a - b", ("tests/test_fake.py::test_add",))
 
 
-def test_a_failing_assertion_is_caught_and_the_full_run_is_recorded(fake, capsys):
+@pytest.mark.parametrize("runner", [[], ["--no-fork-server"]])
+def test_a_failing_assertion_is_caught_and_the_full_run_is_recorded(fake, capsys, runner):
     root, project = fake
-    assert mc.main([], mutations=[CAUGHT], project=project) == 0
+    assert mc.main(runner, mutations=[CAUGHT], project=project) == 0
     out = capsys.readouterr().out
     assert "CAUGHT" in out
     (record,) = (root / "results").glob("*.json")
     doc = json.loads(record.read_text())
     assert doc["commit"] == _git(root, "rev-parse", "HEAD").strip()
     assert doc["counts"] == {"CAUGHT": 1, "SURVIVED": 0, "STALE": 0, "UNRELIABLE": 0}
+    assert doc["runner"] == ("subprocess" if runner else "fork server")
     (r,) = doc["results"]
     assert r["name"] == "caught" and r["status"] == "CAUGHT" and r["seconds"] > 0
     assert r["caught_by"] == ["tests/test_fake.py::test_add"]
@@ -111,12 +116,10 @@ def test_only_a_failing_test_counts_and_anything_else_fails_the_run(fake, capsys
         M("import-error", "fakepkg/__init__.py", "def add(a, b):", "raise ImportError('x')\ndef add(a, b):"),
         M("fixture-error-only", "tests/test_fake.py", "    return add(1, 2)", "    raise RuntimeError('fixture')",
           ("tests/test_fake.py::test_add_fixture",)),
-        M("no-test-collected", "tests/test_fake.py", "def test_", "def check_", ),
-        M("timeout", "fakepkg/__init__.py", "    return a + b", "    import time; time.sleep(120)"),
+        mc.Mutation("no-test-collected", "tests/test_fake.py", "def test_", "def check_", "x", ("tests/test_fake.py",),
+                    count=2),  # pytest exit code 5
     ]
-    muts[-2] = mc.Mutation("no-test-collected", "tests/test_fake.py", "def test_", "def check_", "x",
-                           ("tests/test_fake.py",), count=2)
-    assert mc.main(["-j", "2", "--timeout", "8", "--no-record"], mutations=muts, project=project) == 1
+    assert mc.main(["-j", "2", "--no-record"], mutations=muts, project=project) == 1
     out = capsys.readouterr().out
     status = {}
     for line in out.splitlines():
@@ -125,8 +128,7 @@ def test_only_a_failing_test_counts_and_anything_else_fails_the_run(fake, capsys
             status[parts[1]] = parts[0]
     assert status == {"caught": "CAUGHT", "survivor": "SURVIVED", "stale": "STALE",
                       "syntax-error-in-test-file": "UNRELIABLE", "import-error": "UNRELIABLE",
-                      "fixture-error-only": "UNRELIABLE", "no-test-collected": "UNRELIABLE",
-                      "timeout": "UNRELIABLE"}
+                      "fixture-error-only": "UNRELIABLE", "no-test-collected": "UNRELIABLE"}, out
     assert not (root / "results").exists()  # --no-record
 
 
@@ -147,6 +149,45 @@ def test_a_red_or_incomplete_baseline_stops_before_planting(fake, capsys, tests,
     out = capsys.readouterr().out
     assert "BASELINE FAILED" in out
     assert "would-be-caught (" not in out  # nothing was planted
+
+
+SLEEPER = '''\
+import os
+import subprocess
+import sys
+import time
+
+
+def test_sleeps():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    with open("grandchild.pid", "w") as f:
+        f.write(str(child.pid))
+    time.sleep(120)
+'''
+
+
+@pytest.mark.parametrize("fork_server", [True, False])
+def test_a_timeout_is_unreliable_and_ends_everything_the_run_started(fake, fork_server):
+    root, project = fake
+    (root / "tests" / "test_sleep.py").write_text(SLEEPER)
+    if fork_server:
+        mc._SERVERS = mc.ForkServers(1, ())
+    try:
+        run = mc.run_pytest(project, root, ["tests/test_sleep.py"], timeout=4)
+    finally:
+        if mc._SERVERS is not None:
+            mc._SERVERS.close()
+            mc._SERVERS = None
+    assert run.timed_out and mc.verdict(["tests/test_sleep.py"], run)[0] == "UNRELIABLE"
+    pid = int((root / "grandchild.pid").read_text())
+    for _ in range(100):  # killed with its process group; gone once its parent (init) reaps it
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the test's subprocess {pid} outlived the timeout")
 
 
 def test_verdict_exit_codes_and_junit_content():
