@@ -70,6 +70,14 @@ def test_hand_worked_rouge():
     assert m["rougeL"] == pytest.approx(200 / 3, abs=1e-9) and m["rougeLsum"] == pytest.approx(200 / 3, abs=1e-9)
 
 
+def test_hand_worked_rouge_lsum_reads_sentences():
+    # reference sentences "a b c" / "d e", prediction "d e" / "a b c" (swapped): ROUGE-L on the joined texts has
+    # LCS "a b c" = 3 of 5 tokens (F 60); ROUGE-Lsum takes per reference sentence the union LCS over the
+    # predicted sentences: 3 + 2 = 5 of 5 (F 100)
+    m = S.score_summaries([["d e", "a b c"]], [["a b c", "d e"]])
+    assert m["rougeL"] == pytest.approx(60.0, abs=1e-9) and m["rougeLsum"] == pytest.approx(100.0, abs=1e-9)
+
+
 def test_protocol_with_a_lead_generator(tmp_path):
     path = tmp_path / "cnn.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in CNN) + "\n")
