@@ -335,7 +335,8 @@ def write_report(rc: ReproConfig, assets: dict, rows: list[dict], out: Path, ela
         "means the row was made before this scoring existed (re-run the script)."
         + _missing_note(rows),
     ]
-    huge = [r for r in rows if r["family"] in ("base_lcm", "two_tower") and (r.get("val_loss") or 0) > 1e4]
+    huge = [r for r in rows if get_family(_registry_family(r["family"])).token_nll is None  # the MSE families
+            and (r.get("val_loss") or 0) > 1e4]
     if huge:
         lines.append("- The LCM losses are MSEs in the normaliser's space (Meta's robust scaler fitted on the "
                      "training embeddings, with its percent reading of the quantile range): SONAR dimensions that "
