@@ -19,7 +19,8 @@ with `</s>` and that language's tag). A story stops at the end-of-document sente
 `--eos-threshold`, default the family's), on a repetition (`--stop-on-repetition COSINE`: a new sentence with that
 cosine to the previous one; Meta's LCM option, off by default) or after `--max-sentences` new sentences. A family without
 sentence embeddings (the token LLM) continues the prompt's tokens with its own greedy decoder (the SONAR
-decoder options do not apply: no sampling, no other target language).
+decoder options do not apply: no sampling, no other target language); one with its own tokenizer
+(`text_tokenizer`, whole stories) loads no SONAR at all.
 
 Decoder options (`sonar_llm.sonar.generation.GenerationConfig`): beam search `--beam` (default 5, 1 = greedy),
 or sampling (`--sample`, implied by `--temperature`, `--top-k K >= 1` or `--top-p`; `--top-k 0` means no top-k
@@ -272,13 +273,18 @@ class Generator:
         if cfg.family not in ("auto", self.family):
             raise ValueError(f"--family {cfg.family}: {weights.source} holds a {self.family!r} model")
         self.spec = get_family(self.family)
-        self.assets = resolve_sonar_assets(cfg.encoder, cfg.decoder, cfg.tokenizer, weights.run_config.get("sonar"))
-        self.model = build_trained(weights, decoder=str(self.assets.decoder), device=cfg.device).eval()
-        self.t2e, self.e2t, self.tokenizer = load_sonar_text(self.assets, cfg.device)
+        # a token LLM with its own tokenizer (`text_tokenizer`) reads and writes text itself: no SONAR is loaded
+        own_text = not self.spec.concept_level and bool((weights.run_config["model"].get("overrides") or {})
+                                                        .get("text_tokenizer"))
+        self.assets = None if own_text else resolve_sonar_assets(cfg.encoder, cfg.decoder, cfg.tokenizer,
+                                                                 weights.run_config.get("sonar"))
+        self.model = build_trained(weights, decoder="" if own_text else str(self.assets.decoder),
+                                   device=cfg.device).eval()
+        self.t2e, self.e2t, self.tokenizer = (None, None, None) if own_text else load_sonar_text(self.assets, cfg.device)
         self.target_lang = cfg.target_lang or cfg.source_lang
         self.warnings: list[str] = []  # printed on stderr by `generate`
-        trained = trained_languages(self.assets.decoder)
-        for flag, lang in (("--source-lang", cfg.source_lang), ("--target-lang", self.target_lang)):
+        trained = None if own_text else trained_languages(self.assets.decoder)
+        for flag, lang in () if own_text else (("--source-lang", cfg.source_lang), ("--target-lang", self.target_lang)):
             try:
                 self.tokenizer.lang_id(lang)
             except ValueError as e:
@@ -296,7 +302,7 @@ class Generator:
                                  "model: it decodes its own tokens greedily")
         self.decoding = decoding_config(cfg)
         self.eod_text = end_of_doc_text(weights.run_config, cfg.end_of_doc_text)
-        self.eos_embedding = self.t2e.encode([self.eod_text], cfg.source_lang)[0]
+        self.eos_embedding = None if own_text else self.t2e.encode([self.eod_text], cfg.source_lang)[0]
         self.eos_threshold = cfg.eos_threshold or self.spec.eos_threshold
         self.step = weights.step
         self.source = weights.source

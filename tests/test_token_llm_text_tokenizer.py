@@ -137,7 +137,7 @@ def _train(corpus, tmp_path, tokenizer: Path, data: Path, steps: int = 3):
     return cfg, run_training(cfg)
 
 
-def test_trains_reloads_and_generates(corpus, tmp_path, capsys):
+def test_trains_reloads_and_generates(corpus, tmp_path, capsys, monkeypatch):
     from sonar_llm import generate as G
     from sonar_llm.eval.evaluate import load_trained
 
@@ -159,23 +159,20 @@ def test_trains_reloads_and_generates(corpus, tmp_path, capsys):
     blocks = sum(p.numel() for layer in loaded.model.backbone.layers for p in layer.parameters())
     assert pt == {"family": "token_llm", "params": blocks, "value": pytest.approx(res["eval_loss"]),
                   "source": str(tmp_path / "run")}
-    # generation through the command; it loads a SONAR for every family (a toy one here), this family never
-    # uses it: the prompt goes through the BPE
-    from fixtures_sonar import toy_decoder, toy_encoder, toy_tokenizer
-    from sonar_llm.sonar import NllbTokenizer
-    from sonar_llm.sonar.checkpoint import save_fairseq2_checkpoint
+    # generation through the command, with no SONAR: resolving or loading one fails here (nothing may fall back
+    # to training a tiny SONAR either); the prompt goes through the BPE
+    import sonar_llm.eval.evaluate as EV
 
-    toy_tokenizer(tmp_path / "spm")
-    spm_path = next((tmp_path / "spm").glob("*.model"))
-    kw = dict(vocab_size=NllbTokenizer(spm_path).vocab_size, lang_offset=NllbTokenizer(spm_path).lang_offset)
-    save_fairseq2_checkpoint(toy_encoder(seed=1, **kw), tmp_path / "enc.pt")
-    save_fairseq2_checkpoint(toy_decoder(seed=2, **kw), tmp_path / "dec.pt")
+    def no_sonar(*a, **k):
+        raise AssertionError("a SONAR was asked for")
+
+    monkeypatch.setattr(EV, "resolve_sonar_assets", no_sonar)
+    monkeypatch.setattr(EV, "load_sonar_text", no_sonar)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": corpus["valid"][0].split(". ")[0] + "."}) + "\n")
     out = tmp_path / "gen.jsonl"
     rc = G.main(["--run", str(tmp_path / "run"), "--prompts", str(prompts), "--out", str(out),
-                 "--max-sentences", "4", "--beam", "1", "--encoder", str(tmp_path / "enc.pt"),
-                 "--decoder", str(tmp_path / "dec.pt"), "--tokenizer", str(spm_path)])
+                 "--max-sentences", "4", "--beam", "1"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     rec = json.loads(out.read_text().splitlines()[0])
