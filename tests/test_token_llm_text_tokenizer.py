@@ -209,3 +209,23 @@ def test_public_token_configs_load(size):
     public = {"100m": (512, 2048, 8, 16), "300m": (1024, 4096, 10, 16), "600m": (1280, 5120, 16, 26),
               "900m": (1536, 6144, 17, 32)}[size]
     assert (bb.model_dim, bb.ffn_dim, bb.num_layers, bb.num_heads) == public
+
+
+def test_trainer_end_sentence_check_skips_whole_document_data(corpus, tmp_path):
+    """The trainer's end-sentence round trip (a SONAR configured) has nothing to check in whole-story token shards
+    (no end sentence, no embeddings) and must not fail on them."""
+    import torch
+
+    from fixtures_sonar import toy_decoder, toy_tokenizer
+    from sonar_llm.sonar.checkpoint import save_fairseq2_checkpoint
+    from sonar_train.config import RunConfig
+    from sonar_train.end_sentence import warn_if_end_sentence_lost
+
+    data = tmp_path / "held"
+    assert preprocess_main(["--input", str(corpus["root"] / "valid.jsonl"), "--output", str(data),
+                            "--tokenizer", str(corpus["bpe"])]) == 0
+    tok = toy_tokenizer(tmp_path / "spm")
+    save_fairseq2_checkpoint(toy_decoder(vocab_size=tok.vocab_size, lang_offset=tok.lang_offset), tmp_path / "dec.pt")
+    cfg = RunConfig()
+    cfg.data.path, cfg.sonar.decoder = str(data), str(tmp_path / "dec.pt")
+    assert warn_if_end_sentence_lost(torch.nn.Linear(1, 1), cfg, warn=lambda m: None, tokenizer=tok) is None

@@ -53,6 +53,8 @@ def warn_if_end_sentence_lost(model: nn.Module, cfg: RunConfig, warn: Callable[[
         except FileNotFoundError:
             return None
     data = ShardedDataset(cfg.data.path)
+    if not data.embed_dim or not data.end_of_doc_text:  # whole-document token streams: no end sentence to check
+        return None
     result = round_trip(data.end_of_doc_text, sonar_decode_fn(decoder, tokenizer, cfg.sonar.lang),
                         embedding=data.end_of_doc_embedding().float())
     if result.exact:
