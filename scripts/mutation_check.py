@@ -415,9 +415,9 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "public-objective-extra-eos-label", "sonar_llm/sonar/packed_decoder.py",
-        "    labels[cu[1:] - 1] = eos_id\n", "    labels[-1] = eos_id\n",
-        "the public objective's extra target after each sentence's last token is </s> (not the next sentence's "
-        "first token; a sentence's last token is itself </s>, so copying it would be an equivalent mutant)",
+        "    labels[cu[1:] - 1] = eos_id\n", "    labels[cu[1:] - 1] = eos_id + 1\n",
+        "the public objective's extra target after each sentence's last token is </s> (copying that token, or "
+        "leaving the next sentence's first, would be equivalent mutants: both are </s> in target mode)",
         ("tests/test_public_objective.py::test_extra_objective_adds_one_eos_term_per_sentence",),
     ),
     Mutation(
