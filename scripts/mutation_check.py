@@ -90,7 +90,8 @@ class Project:
     packages: tuple[str, ...] = ("sonar_llm", "sonar_kernels", "sonar_train")  # must import from the copy
     # (file to plant an import error in, tests whose collection must then fail)
     canaries: tuple[tuple[str, str], ...] = (("sonar_llm/__init__.py", "tests/test_eval_metrics.py"),
-                                             ("kernels/sonar_kernels/__init__.py", "tests/test_native.py"))
+                                             ("kernels/sonar_kernels/__init__.py", "tests/test_native.py"),
+                                             ("train/sonar_train/__init__.py", "tests/test_train_optim.py"))
     results_dir: str = "bench/results/mutation"  # where a full run records its results
     # third-party modules the fork server imports once (never the project's own: each run imports its copy)
     preload: tuple[str, ...] = ("numpy", "torch", "pytest_benchmark.plugin", "pytest_timeout")
