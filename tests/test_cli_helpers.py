@@ -1,0 +1,56 @@
+"""The argument helpers every command shares (sonar_llm.cli): range-checked int and float flags, UTF-8 files
+named with the line of the bad byte, devices checked before anything is loaded. Each bound is probed on both
+sides, open and closed."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from sonar_llm.cli import UsageError, check_device, float_in, int_at_least, read_utf8
+
+
+def test_int_at_least_bounds():
+    parse = int_at_least(1)
+    assert parse("1") == 1 and parse("7") == 7
+    for bad, said in (("0", "must be >= 1, got 0"), ("-3", "must be >= 1, got -3"), ("x", "expected an integer")):
+        with pytest.raises(argparse.ArgumentTypeError, match=said):
+            parse(bad)
+    assert int_at_least(0)("0") == 0
+
+
+def test_float_in_bounds_open_and_closed():
+    closed = float_in(0.0, 1.0)
+    assert closed("0") == 0.0 and closed("1") == 1.0 and closed("0.25") == 0.25
+    for bad in ("-0.01", "1.01", "nan", "inf"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"must be in \[0, 1\]"):
+            closed(bad)
+    half_open = float_in(0.0, 10.0, low_open=True)
+    assert half_open("10") == 10.0
+    with pytest.raises(argparse.ArgumentTypeError, match=r"must be in \(0, 10\]"):
+        half_open("0")
+    both_open = float_in(0.0, 1.0, low_open=True, high_open=True)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"must be in \(0, 1\)"):
+        both_open("1")
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a number"):
+        closed("high")
+
+
+def test_read_utf8_names_the_file_and_line(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("one\ntwo é\n", encoding="utf-8")
+    assert read_utf8(good) == "one\ntwo é\n"
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"one\ntwo\nthr\xffee\n")
+    with pytest.raises(UsageError, match=rf"--prompts {bad}:3: not UTF-8 text \(byte 0xff at offset 11\)"):
+        read_utf8(bad, "--prompts")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals of a machine without CUDA")
+def test_check_device_without_cuda():
+    assert check_device("cpu") == "cpu"
+    for device, said in (("cuda", "no CUDA device"), ("cuda:99", "no CUDA device"), ("gpu", "not a device"),
+                         ("meta", "unsupported device type")):
+        with pytest.raises(UsageError, match=rf"--device {device}\b.*{said}|--device '{device}': {said}"):
+            check_device(device)
