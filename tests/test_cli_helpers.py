@@ -54,3 +54,13 @@ def test_check_device_without_cuda():
                          ("meta", "unsupported device type")):
         with pytest.raises(UsageError, match=rf"--device {device}\b.*{said}|--device '{device}': {said}"):
             check_device(device)
+
+
+@pytest.mark.parametrize("flag, value", [("--mfu", "2"), ("--mfu", "0"), ("--headroom", "1.5"), ("--nproc", "0")])
+def test_plan_range_flags_are_checked_before_the_config_is_read(tmp_path, capsys, flag, value):
+    """The planner names a bad range flag before it reads the config (here a missing one) or plans anything."""
+    from sonar_train import plan
+
+    assert plan.main(["--config", str(tmp_path / "missing.toml"), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{flag} must be" in err and "missing.toml" not in err
