@@ -684,6 +684,136 @@ MUTATIONS: list[Mutation] = [
         "the fit reports A of L = E + A N^-alpha in the caller's N (not the conditioning N_ref's)",
         ("tests/test_eval_scaling.py::test_exact_points_and_three_point_fit",),
     ),
+    # ------------------------------------------------------------------ every command's input validation
+    Mutation(
+        "cli-usage-error-exits-1", "sonar_llm/cli.py",
+        "        print(f\"{getattr(e, 'label', label)} error: {_describe(e)}\", file=err, flush=True)\n        return 2\n",
+        "        print(f\"{getattr(e, 'label', label)} error: {_describe(e)}\", file=err, flush=True)\n        return 1\n",
+        "bad input exits 2 (1 is a failure during work), for every command run through sonar_llm.cli.run",
+        ("tests/test_cli_errors.py::test_bad_input[generate-wrong_type]",),
+    ),
+    Mutation(
+        "cli-int-flag-lower-bound-unchecked", "sonar_llm/cli.py",
+        "        if value < low:\n            raise argparse.ArgumentTypeError", "        if False:\n            raise argparse.ArgumentTypeError",
+        "an integer flag below its bound is refused, naming the flag (int_at_least, shared by the commands)",
+        ("tests/test_cli_helpers.py::test_int_at_least_bounds",),
+    ),
+    Mutation(
+        "cli-float-flag-range-unchecked", "sonar_llm/cli.py",
+        "        if not ok:\n            raise argparse.ArgumentTypeError", "        if False:\n            raise argparse.ArgumentTypeError",
+        "a float flag outside its range is refused, naming the flag (float_in)",
+        ("tests/test_cli_helpers.py::test_float_in_bounds_open_and_closed",),
+    ),
+    Mutation(
+        "cli-non-utf8-read-as-replacement-characters", "sonar_llm/cli.py",
+        '        return data.decode("utf-8")\n', '        return data.decode("utf-8", errors="replace")\n',
+        "a file that is not UTF-8 is refused naming the file and line (read_utf8), not read with U+FFFD",
+        ("tests/test_cli_helpers.py::test_read_utf8_names_the_file_and_line",),
+    ),
+    Mutation(
+        "cli-missing-gpu-accepted", "sonar_llm/cli.py",
+        '        if not torch.cuda.is_available():\n            raise UsageError(f"{flag} {device}: no CUDA',
+        '        if False:\n            raise UsageError(f"{flag} {device}: no CUDA',
+        "--device cuda on a machine without CUDA is refused naming --device, before any model is loaded",
+        ("tests/test_cli_helpers.py::test_check_device_without_cuda",),
+    ),
+    Mutation(
+        "cli-train-steps-range", "train/sonar_train/config.py",
+        '_require(t.steps > 0, "train.steps", "int > 0", t.steps)', '_require(t.steps >= 0, "train.steps", "int > 0", t.steps)',
+        "train: train.steps 0 is a config error naming the key, before any folder",
+        ("tests/test_cli_errors.py::test_bad_input[train-out_of_range]",),
+    ),
+    Mutation(
+        "cli-export-unreadable-run-config", "train/sonar_train/export.py",
+        "    except (UnicodeDecodeError, json.JSONDecodeError) as e:\n", "    except json.JSONDecodeError as e:\n",
+        "export: a run whose config.json is not UTF-8 is one line naming the file (--step's own range check is "
+        "redundant: a missing step is named by --step anyway)",
+        ("tests/test_cli_errors.py::test_bad_input[export-non_utf8]",),
+    ),
+    Mutation(
+        "cli-convert-head-dim-zero", "sonar_llm/convert.py",
+        'p.add_argument("--head-dim", type=int_at_least(1), default=None,', 'p.add_argument("--head-dim", type=int, default=None,',
+        "convert: --head-dim 0 is refused naming --head-dim",
+        ("tests/test_cli_errors.py::test_bad_input[convert --from public-out_of_range]",),
+    ),
+    Mutation(
+        "cli-generate-eos-threshold-range", "sonar_llm/generate.py",
+        "        if not 0.0 <= self.eos_threshold <= 1.0:\n", "        if False:\n",
+        "generate: --eos-threshold outside [0, 1] is refused naming the flag",
+        ("tests/test_cli_errors.py::test_bad_input[generate-out_of_range]",),
+    ),
+    Mutation(
+        "cli-evaluate-eos-threshold-range", "sonar_llm/eval/evaluate.py",
+        "        if not 0.0 <= self.eos_threshold <= 1.0:\n", "        if False:\n",
+        "evaluate: --eos-threshold outside [0, 1] is refused naming the flag",
+        ("tests/test_cli_errors.py::test_bad_input[evaluate-out_of_range]",),
+    ),
+    Mutation(
+        "cli-judge-failed-share-range", "sonar_llm/eval/judge.py",
+        "        if not 0.0 <= self.max_failed_share <= 1.0:\n", "        if False:\n",
+        "judge: --max-failed-share outside [0, 1] is refused naming the flag",
+        ("tests/test_cli_errors.py::test_bad_input[judge-out_of_range]",),
+    ),
+    Mutation(
+        "cli-preprocess-shard-size-zero", "sonar_llm/data/preprocess.py",
+        'p.add_argument("--shard-size-docs", type=int_at_least(1), default=1000,',
+        'p.add_argument("--shard-size-docs", type=int, default=1000,',
+        "preprocess: --shard-size-docs 0 is refused naming the flag",
+        ("tests/test_cli_errors.py::test_bad_input[preprocess-out_of_range]",),
+    ),
+    Mutation(
+        "cli-tinystories-max-sentences-zero", "sonar_llm/data/tinystories.py",
+        'p.add_argument("--max-sentences", type=int_at_least(1), default=d.max_sentences,',
+        'p.add_argument("--max-sentences", type=int, default=d.max_sentences,',
+        "tinystories: --max-sentences 0 is refused naming the flag",
+        ("tests/test_cli_errors.py::test_bad_input[tinystories-out_of_range]",),
+    ),
+    Mutation(
+        "cli-plan-mfu-range", "train/sonar_train/plan.py",
+        "    if not 0 < args.mfu <= 1:\n", "    if False:\n",
+        "plan: --mfu outside (0, 1] is refused naming the flag",
+        ("tests/test_cli_helpers.py::test_plan_range_flags_are_checked_before_the_config_is_read",),
+    ),
+    Mutation(
+        "cli-bench-report-accepts-any-json", "bench/report.py",
+        '    if not isinstance(data, dict) or not isinstance(data.get("benchmarks", []), list):\n',
+        "    if False:\n",
+        "bench/report.py: a JSON file that is not a pytest-benchmark result is refused naming it",
+        ("tests/test_cli_errors.py::test_bad_input[bench/report.py-wrong_type]",),
+    ),
+    Mutation(
+        "cli-scaling-points-unchecked", "sonar_llm/eval/scaling.py",
+        "    if not ok:\n        raise ValueError(f'--points:", "    if False:\n        raise ValueError(f'--points:",
+        "scaling: a --points file whose records are not {family, params, value} numbers is one line naming --points "
+        "(the existence check before it is redundant: reading the file names it anyway)",
+        ("tests/test_eval_scaling.py::test_command_bad_input_is_one_line",),
+    ),
+    Mutation(
+        "cli-plot-out-folder-unchecked", "train/sonar_train/plot.py",
+        "    if not out.parent.is_dir():\n", "    if False:\n",
+        "train/plot.py: --out in a folder that does not exist is one line, nothing written",
+        ("tests/test_train_plot.py::test_bad_input_is_one_line_exit_2_nothing_written",),
+    ),
+    Mutation(
+        "cli-public-scoring-record-fields-unchecked", "sonar_llm/eval/public_scoring.py",
+        "        if bad:\n            raise ValueError(f\"record {i} has no string field(s) {bad}\")\n",
+        "        if False:\n            raise ValueError(f\"record {i} has no string field(s) {bad}\")\n",
+        "public scoring: a record without prefix / full_text / original_text is bad input (exit 2)",
+        ("tests/test_eval_public_scoring.py::test_cli_scores_a_generate_py_json",),
+    ),
+    Mutation(
+        "cli-preprocess-tokens-max-tokens-range", "sonar_llm/data/preprocess_tokens.py",
+        "if not isinstance(self.max_tokens, int) or self.max_tokens < 2:",
+        "if not isinstance(self.max_tokens, int) or self.max_tokens < 1:",
+        "preprocess_tokens: --max-tokens 1 is refused naming the flag, nothing written",
+        ("tests/test_token_llm_text_tokenizer.py::test_preprocess_errors_are_one_line",),
+    ),
+    Mutation(
+        "cli-default-run-goes-on-without-end-sentence", "train/sonar_train/default_pipeline.py",
+        "    else:\n        raise RoundTripError(result)\n", "    else:\n        pass\n",
+        "the default run stops with one line when its SONAR cannot decode the end sentence",
+        ("tests/test_end_sentence_round_trip.py::test_default_pipeline_stops_with_one_line_when_the_end_sentence_is_lost",),
+    ),
 ]
 
 

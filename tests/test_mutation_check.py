@@ -221,7 +221,7 @@ def test_changed_selects_mutations_by_planted_file_or_test_file(fake):
 
 def test_the_real_mutation_list_is_well_formed():
     names = [m.name for m in mc.MUTATIONS]
-    assert len(names) == len(set(names))
+    assert len(names) == len(set(names)) and len(names) >= 80
     for m in mc.MUTATIONS:
         assert (ROOT / m.file).is_file(), m.name
         assert m.old != m.new and m.tests and m.breaks, m.name
