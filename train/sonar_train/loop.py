@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from sonar_train import checkpoint as ckpt
 from sonar_train.config import ConfigError, RunConfig, resume_changes, save_config, validate
@@ -467,9 +469,20 @@ def maybe_sample(run: Run) -> None:
 def _weights_finite(run: Run) -> bool:
     """This rank's trainable weights (its shards under FSDP2) are all finite."""
     for p in run.model.parameters():
-        if p.requires_grad and not bool(torch.isfinite(p.to_local() if run.use_fsdp else p).all()):
+        local = p.to_local() if isinstance(p, DTensor) else p
+        if p.requires_grad and not bool(torch.isfinite(local).all()):
             return False
     return True
+
+
+def _reshard(model: nn.Module) -> None:
+    """Give FSDP2 modules back their sharded parameters after forwards without a backward (evaluation,
+    samples): the root is sharded with reshard_after_forward=False and would otherwise stay unsharded, its
+    parameters plain tensors until the next backward (so a checkpoint or a finiteness check in between
+    would see full, not sharded, weights)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def save_checkpoint(run: Run) -> bool:
@@ -593,6 +606,7 @@ def evaluate(model: nn.Module, cfg: RunConfig, info: DistInfo, data_factory: Dat
             total[0] += loss.double()
             total[1] += float(metrics.get("loss_sum_targets", 0))
     model.train(was_training)
+    _reshard(model)
     total = _all_reduce_sum(total, info)
     if total[1] > 0:
         return float(total[0].item()) / float(total[1].item())
@@ -608,6 +622,7 @@ def _write_samples(model: nn.Module, sample_fn: SampleFn, step: int, run_dir: Pa
     with torch.no_grad():
         record = sample_fn(model, step)
     model.train(was_training)
+    _reshard(model)
     if info.is_main and record is not None:
         with (run_dir / "samples.jsonl").open("a") as f:
             f.write(json.dumps({"step": step, **(record if isinstance(record, dict) else {"samples": record})},
