@@ -10,10 +10,12 @@ from __future__ import annotations
 import builtins
 import copy
 import json
+import pickle
 import random
 
 import numpy as np
 import pytest
+
 import torch
 from torch import nn
 
@@ -314,6 +316,20 @@ def test_pickled_code_is_refused_and_not_run(tmp_path):
     assert not (tmp_path / "m.safetensors").exists()
     torch.load(bad, weights_only=False)  # control: the payload really runs code when unpickled unsafely
     assert marker.read_text() == "ran"
+
+
+@pytest.mark.parametrize("content", [b'{"model_state_dict": {}}\n', pickle.dumps({"model_state_dict": {}})])
+def test_a_file_that_is_no_torch_checkpoint_is_named_without_unsafe_advice(tmp_path, content):
+    """A JSON file or a bare (non-torch) pickle: one message naming the file; torch's own text, which advises
+    weights_only=False, is never passed on."""
+    bad = tmp_path / "not_a_checkpoint.pt"
+    bad.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        convert.import_public(bad, tmp_path / "m.safetensors")
+    message = str(info.value)
+    assert message.startswith(str(bad)) and "not a PyTorch checkpoint" in message
+    assert "weights_only" not in message and "\n" not in message
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 def test_numpy_rng_state_is_read(tmp_path):

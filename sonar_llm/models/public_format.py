@@ -178,8 +178,13 @@ def _load_restricted(path: str) -> Any:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as exc:
-        raise ValueError(f"{path}: refusing to unpickle (weights_only load with the NumPy RNG allow-list "
-                         f"failed): {exc}") from exc
+        if not is_zip:
+            raise ValueError(f"{path}: not a PyTorch checkpoint (not a zip archive, and not a legacy torch file "
+                             "the safe loader reads); nothing was executed") from exc
+        # torch's own text advises weights_only=False: keep only what was refused, never that advice
+        what = re.search(r"Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+", str(exc))
+        raise ValueError(f"{path}: refusing to unpickle ({what.group(0) if what else 'the safe loader refused it'}; "
+                         "allowed: tensors, containers, the NumPy RNG state); nothing was executed") from exc
     except (RuntimeError, EOFError, OSError) as exc:
         raise ValueError(f"{path}: corrupt or truncated torch checkpoint: {exc}") from exc
 
