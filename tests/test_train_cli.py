@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+import sonar_train
 from _train_fakes import fake_data_factory, fake_model_factory
 from sonar_train import main as train_main
 from sonar_train.metrics import MetricsLogger, format_line, gpu_peak_flops, measure_cpu_flops
@@ -49,6 +52,34 @@ def test_dry_run_without_config_prints_the_embedded_default_and_prepares_nothing
     assert printed["train"]["steps"] == 7 and printed["optim"]["lr"] == 1e-3
     assert printed["train"]["out_dir"] == str(tmp_path / "run")
     assert list(tmp_path.iterdir()) == []  # nothing prepared, nothing written
+
+
+def test_overrides_without_config_go_on_top_of_the_embedded_default(tmp_path, capsys, monkeypatch):
+    """`python train/main.py --train.steps=5` runs the default with 5 steps (not the bare dataclass defaults);
+    a bad override or a missing GPU fails before anything is prepared, in the dry run as in the real run."""
+    import types
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SONAR_LLM_DEFAULT_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("SONAR_LLM_CACHE", str(tmp_path / "cache"))
+    got = []
+    fake = types.ModuleType("sonar_train.default_pipeline")
+    import sonar_train.default_pipeline as real
+
+    fake.planned_config = real.planned_config
+    fake.main = lambda extra=(): got.append(list(extra)) or 0
+    monkeypatch.setitem(sys.modules, "sonar_train.default_pipeline", fake)
+    monkeypatch.setattr(sonar_train, "default_pipeline", fake, raising=False)
+    assert train_main.main(["--train.steps=5"]) == 0 and got == [["--train.steps=5"]]
+    for argv in (["--train.steps=0"], ["--train.steps=0", "--dry-run"], ["--train.out_dir=elsewhere"]):
+        assert train_main.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and ("train.steps" in err[0] or "train.out_dir" in err[0]), err
+    if not torch.cuda.is_available():
+        for argv in (["--train.device=cuda"], ["--train.device=cuda", "--dry-run"]):
+            assert train_main.main(argv) == 2
+            assert "train.device" in capsys.readouterr().err
+    assert got == [["--train.steps=5"]] and list(tmp_path.iterdir()) == []  # nothing else ran or was written
 
 
 def test_exit_codes_of_training(tmp_path, capsys):

@@ -358,10 +358,10 @@ def validate(cfg: RunConfig, check_paths: bool = True, check_model: bool = True)
                            ("sonar.encoder", cfg.sonar.encoder), ("sonar.tokenizer", cfg.sonar.tokenizer)):
             if value and not Path(value).exists():
                 raise FileNotFoundError(f"{key}: path does not exist: {value}")
-        _check_environment(cfg, check_model)
+        check_environment(cfg, check_model)
 
 
-def _check_environment(cfg: RunConfig, check_model: bool) -> None:
+def check_environment(cfg: RunConfig, check_model: bool) -> None:
     """What the real run needs from this machine, checked by --dry-run too: the CUDA device of
     train.device = "cuda", and the frozen SONAR decoder a family like SONAR-LLM loads when sonar.decoder is
     empty (the registry / $SONAR_DECODER must then name one)."""

@@ -255,7 +255,8 @@ def summary(cfg, run_dir: Path, assets: dict, final: dict, res: dict, train_s: f
     return "\n".join([f"[default] {lines[0]}", *lines[1:], *(f"  {c}" for c in next_commands(run_dir, assets))])
 
 
-def main() -> int:
+def main(extra: list[str] = ()) -> int:
+    """The whole default run; `extra` (--section.key=value) goes on top of the training config."""
     run_dir = Path(os.environ.get("SONAR_LLM_DEFAULT_DIR", "runs/default"))
     steps = os.environ.get("SONAR_LLM_DEFAULT_STEPS")
     if "SONAR_LLM_TINY_BUDGET" in os.environ:
@@ -286,7 +287,7 @@ def main() -> int:
         _wait_for(marker)
         assets = json.loads(marker.read_text())
 
-    cfg = training_config(run_dir, assets, int(steps) if steps else None)
+    cfg = training_config(run_dir, assets, int(steps) if steps else None, extra)
     _say(f"[4/6] training SONAR-LLM ({cfg.model.preset} preset, {cfg.train.steps} steps) in {run_dir}")
     from sonar_train.loop import run_training
 

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 
-from sonar_train.config import ConfigError, load_config, to_toml  # noqa: E402
+from sonar_train.config import ConfigError, check_environment, load_config, to_toml  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     p = parser(
         "train/main.py",
         description="Train a SONAR-LLM / LCM family. Any config value can be overridden with --section.key=value "
-                    "(e.g. --optim.lr=3e-4 --train.steps=1000). With no arguments, runs the embedded default.")
+                    "(e.g. --optim.lr=3e-4 --train.steps=1000). Without --config, runs the embedded default (with any "
+                    "overrides on top of it).")
     p.add_argument("--config", help="TOML config file (sections: model, data, optim, train, parallel, sonar)")
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and exit")
     return p
@@ -54,11 +55,18 @@ def _main(argv: list[str], factories: dict) -> int:
             return 2
         return int(default_pipeline.main() or 0)
     args, overrides = _parser().parse_known_args(argv)
-    if args.dry_run and not args.config and not factories:  # the embedded default, as a plain run resolves it
+    if not args.config and not factories:  # the embedded default, with the overrides on top of it
         from sonar_train import default_pipeline
 
-        print(to_toml(default_pipeline.planned_config(overrides)))
-        return 0
+        if any(o.split("=")[0] == "--train.out_dir" for o in overrides):
+            raise ConfigError("--train.out_dir: the embedded default keeps its data, run and next commands in "
+                              "one folder: set SONAR_LLM_DEFAULT_DIR (default runs/default) instead")
+        cfg = default_pipeline.planned_config(overrides)  # a bad override fails here, before any preparation
+        check_environment(cfg, check_model=False)
+        if args.dry_run:
+            print(to_toml(cfg))
+            return 0
+        return int(default_pipeline.main(overrides) or 0)
     try:
         cfg = load_config(args.config, overrides, check_paths="data_factory" not in factories,
                           check_model="model_factory" not in factories)
