@@ -290,6 +290,31 @@ def test_bad_inputs_are_named(toy, tmp_path, capsys):
         EV.EvalConfig(model=str(path), stories=str(toy["stories"]), beam_size=0).validate()
 
 
+def test_bad_stories_and_an_empty_run_folder_are_named_before_any_sonar_is_resolved(toy, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """A held-out file is read whole: a non-UTF-8 or non-JSON line after good ones is an error naming file and
+    line (ingestion for training skips such lines; evaluation must not silently drop a story). A run folder
+    with no checkpoint is refused before SONAR assets are resolved (which could train the tiny SONAR)."""
+    path, _ = _export_untrained(toy, "base_lcm")
+    good = json.dumps({"text": "Tom had a ball. He liked it."})
+    cases = {"nonutf.jsonl": (good + "\n").encode() + b'{"text": "bad \xff byte"}\n',
+             "cut.jsonl": (good + "\n" + good[:12] + "\n").encode()}
+    monkeypatch.setattr(EV, "resolve_sonar_assets", lambda *a, **k: pytest.fail("resolved SONAR before checking"))
+    for name, data in cases.items():
+        stories = tmp_path / name
+        stories.write_bytes(data)
+        out = tmp_path / "r.json"
+        assert EV.main(["--model", str(path), "--stories", str(stories), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{stories}:2" in err[0], err
+        assert not out.exists()
+    (tmp_path / "emptyrun").mkdir()
+    assert EV.main(["--run", str(tmp_path / "emptyrun"), "--stories", str(toy["stories"]),
+                    "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no complete checkpoint" in err[0] and "emptyrun" in err[0], err
+
+
 def test_run_directory_after_training_and_nll_data(toy, tmp_path):
     """--run: a real 2-step training run on toy shards is reloaded from its DCP checkpoint; the token NLL
     over the held-out shards equals the per-batch function summed over the same documents."""

@@ -43,21 +43,25 @@ class IngestStats:
     """Counts of what ingestion read and skipped.
 
     files: number of files opened; records: records seen (kept + skipped); documents: records kept;
-    skipped: reason -> count, reasons from `SKIP_REASONS`.
+    skipped: reason -> count, reasons from `SKIP_REASONS`; first_skip: "file:line: reason" of the first skipped
+    JSONL record (where a line is known), so a caller that wants every record can name the bad one.
     """
 
     files: int = 0
     records: int = 0
     documents: int = 0
     skipped: Counter = field(default_factory=Counter)
+    first_skip: str = ""
 
     @property
     def num_skipped(self) -> int:
         return sum(self.skipped.values())
 
-    def skip(self, reason: str) -> None:
+    def skip(self, reason: str, where: str = "") -> None:
         if reason not in SKIP_REASONS:
             raise ValueError(f"unknown skip reason {reason!r}; expected one of {SKIP_REASONS}")
+        if where and not self.first_skip:
+            self.first_skip = f"{where}: {reason}"
         self.records += 1
         self.skipped[reason] += 1
 
@@ -183,22 +187,22 @@ def _iter_jsonl(path: Path, text_field: str, stats: IngestStats) -> Iterator[tup
             try:
                 line_s = line.decode("utf-8")
             except UnicodeDecodeError:
-                stats.skip("bad_utf8")
+                stats.skip("bad_utf8", f"{path}:{lineno}")
                 continue
             try:
                 obj = json.loads(line_s)
             except json.JSONDecodeError:
-                stats.skip("bad_json")
+                stats.skip("bad_json", f"{path}:{lineno}")
                 continue
             if not isinstance(obj, dict):
-                stats.skip("not_an_object")
+                stats.skip("not_an_object", f"{path}:{lineno}")
                 continue
             value = obj.get(text_field)
             if value is None:
-                stats.skip("missing_field")
+                stats.skip("missing_field", f"{path}:{lineno}")
                 continue
             if not isinstance(value, str):
-                stats.skip("non_string_field")
+                stats.skip("non_string_field", f"{path}:{lineno}")
                 continue
             text = _check_text(value, stats)
             if text is not None:

@@ -255,12 +255,16 @@ def load_sonar_text(assets: SonarAssets, device: str | torch.device = "cpu", bat
 
 def read_stories(path: str | Path, max_sentence_chars: int = 256) -> list[list[str]]:
     """Held-out stories (JSONL {"text"}, text or Parquet) split into sentences."""
-    from sonar_llm.data.ingest import iter_documents
+    from sonar_llm.data.ingest import IngestStats, iter_documents
     from sonar_llm.data.segment import split_sentences
 
     if not Path(path).exists():
         raise FileNotFoundError(f"--stories: file not found: {path}")
-    stories = [split_sentences(text, max_sentence_chars) for _, text in iter_documents(str(path))]
+    stats = IngestStats()
+    stories = [split_sentences(text, max_sentence_chars) for _, text in iter_documents(str(path), stats=stats)]
+    if stats.first_skip:  # a held-out set is read whole: a bad record is an error, not a silent skip
+        raise ValueError(f"--stories: {stats.first_skip} (a held-out record must be a JSON object with a "
+                         f"UTF-8 \"text\"; {stats.num_skipped} bad record(s))")
     stories = [s for s in stories if s]
     if not stories:
         raise ValueError(f"--stories: {path} holds no story with a sentence")
@@ -361,6 +365,12 @@ def evaluate(cfg: EvalConfig, *, loaded: LoadedModel | None = None, sonar=None,
         cfg.validate()
         if cfg.task == "story":
             read_stories(cfg.stories)  # an empty or unreadable --stories is said before anything loads
+        if cfg.run:  # a run folder without a checkpoint or its config is said before SONAR is resolved
+            from sonar_llm.checkpoints import find_checkpoint
+
+            find_checkpoint(cfg.run)
+            if not (Path(cfg.run) / "config.json").is_file():
+                raise FileNotFoundError(f"--run: {Path(cfg.run) / 'config.json'} is missing (the resolved run config)")
     log = log or (lambda s: None)
     t0 = time.perf_counter()
     assets = None
