@@ -465,9 +465,10 @@ def ensure_tiny_sonar(cache_dir: str | os.PathLike | None = None, *, force: bool
             e = metrics["end_sentence"]
             log(f"end sentence {e['text']!r} decodes to {e['decoded']!r} ({'exact' if e['exact'] else 'NOT exact'})")
         if metrics.get("eval_sentences"):
+            unseen = metrics.get("unseen_exact_match")
+            unseen = "" if unseen is None else f"; unseen-in-training exact match {unseen:.1%}"
             log(f"held-out round trip: exact match {metrics['exact_match']:.1%}, BLEU {metrics['bleu']:.1f} "
-                f"({metrics['eval_sentences']} sentences; unseen-in-training exact match "
-                f"{metrics['unseen_exact_match']})")
+                f"({metrics['eval_sentences']} sentences{unseen})")
 
         _save_checkpoint(encoder, tmp / ENCODER_FILE)
         _save_checkpoint(decoder, tmp / DECODER_FILE)
