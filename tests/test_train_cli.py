@@ -80,6 +80,9 @@ def test_overrides_without_config_go_on_top_of_the_embedded_default(tmp_path, ca
             assert train_main.main(argv) == 2
             assert "train.device" in capsys.readouterr().err
     assert got == [["--train.steps=5"]] and list(tmp_path.iterdir()) == []  # nothing else ran or was written
+    # bringing data (--data.path) without --config: the overrides are the whole config, not the default
+    assert train_main.main([f"--data.path={tmp_path / 'nodata'}", "--train.steps=5", "--dry-run"]) == 2
+    assert "data.path" in capsys.readouterr().err and got == [["--train.steps=5"]]
 
 
 def test_exit_codes_of_training(tmp_path, capsys):
@@ -111,8 +114,8 @@ def test_no_arguments_runs_default_pipeline(monkeypatch):
 
 def test_main_script_runs_standalone(tmp_path):
     """`python train/main.py --dry-run` from another directory: main.py puts the repo root on sys.path."""
-    p = subprocess.run([sys.executable, str(REPO / "train" / "main.py"), "--train.steps=2", "--dry-run",
-                        f"--data.path={tmp_path}"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, str(REPO / "train" / "main.py"), "--train.steps=2", "--dry-run"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "[train]" in p.stdout
 

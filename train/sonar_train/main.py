@@ -29,8 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     p = parser(
         "train/main.py",
         description="Train a SONAR-LLM / LCM family. Any config value can be overridden with --section.key=value "
-                    "(e.g. --optim.lr=3e-4 --train.steps=1000). Without --config, runs the embedded default (with any "
-                    "overrides on top of it).")
+                    "(e.g. --optim.lr=3e-4 --train.steps=1000). Without --config and --data.path, runs the embedded "
+                    "default (any overrides on top of it); with --data.path but no --config, the overrides are the "
+                    "whole config.")
     p.add_argument("--config", help="TOML config file (sections: model, data, optim, train, parallel, sonar)")
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and exit")
     return p
@@ -55,7 +56,8 @@ def _main(argv: list[str], factories: dict) -> int:
             return 2
         return int(default_pipeline.main() or 0)
     args, overrides = _parser().parse_known_args(argv)
-    if not args.config and not factories:  # the embedded default, with the overrides on top of it
+    brings_data = any(o.split("=")[0] == "--data.path" for o in overrides)
+    if not args.config and not factories and not brings_data:  # the embedded default, overrides on top of it
         from sonar_train import default_pipeline
 
         if any(o.split("=")[0] == "--train.out_dir" for o in overrides):
