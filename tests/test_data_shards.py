@@ -213,3 +213,16 @@ def test_garbage_offsets_are_named_even_unverified(tmp_path, fname, value):
     with pytest.raises(ShardCorruptionError, match=str(path)):
         for i in range(ds.num_docs):
             ds.doc(i)
+
+
+def test_shard_groups_assign_documents_by_position_whatever_is_skipped():
+    """Shard k holds documents k*size .. k*size+size-1 (so resumed and multi-rank runs agree), skipped shards
+    are passed over but counted, and the planned shard count covers every document."""
+    from sonar_llm.data.shards import ShardGroups
+
+    docs = [f"d{i}" for i in range(11)]
+    groups = ShardGroups(iter(docs), 3, skip=lambda k: k % 2 == 1)  # rank 0 of 2: shards 0 and 2
+    assert list(groups) == [(0, ["d0", "d1", "d2"]), (2, ["d6", "d7", "d8"])]
+    assert groups.num_docs == 11 and groups.num_shards == 4
+    resumed = ShardGroups(iter(docs), 3, skip=lambda k: k in {0, 1})
+    assert list(resumed) == [(2, ["d6", "d7", "d8"]), (3, ["d9", "d10"])]

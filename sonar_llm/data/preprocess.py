@@ -41,7 +41,7 @@ import torch
 
 from .ingest import IngestStats, iter_documents, list_input_files
 from .segment import SegmentConfig, split_sentences
-from .shards import DatasetWriter, ShardArrays, shard_name, to_storage
+from .shards import DatasetWriter, ShardArrays, ShardGroups, shard_name, to_storage
 
 __all__ = ["SentenceCodec", "SonarCodec", "load_sonar_codec", "PreprocessConfig", "preprocess", "main"]
 
@@ -345,31 +345,14 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir:
 
     t0 = time.time()
     written = 0
-    pending: list[tuple[str, str]] = []
-    pending_idx = -1
-
-    def flush() -> None:
-        nonlocal pending, written
-        arrays, ids, sstats = _encode_shard(pending, codec, cfg, eod_emb, eod_tokens, segment)
-        entry = writer.add_shard(pending_idx, arrays, doc_ids=ids, extra=sstats)
+    groups = ShardGroups(docs, shard_size_docs, skip=lambda k: k % world_size != rank or k in done)
+    for k, group in groups:
+        arrays, ids, sstats = _encode_shard(group, codec, cfg, eod_emb, eod_tokens, segment)
+        entry = writer.add_shard(k, arrays, doc_ids=ids, extra=sstats)
         written += 1
-        log(f"preprocess: rank {rank} wrote {shard_name(pending_idx)} ({entry['num_docs']} docs, "
+        log(f"preprocess: rank {rank} wrote {shard_name(k)} ({entry['num_docs']} docs, "
             f"{entry['num_sentences']} sentences) [{time.time() - t0:.1f}s]")
-        pending = []
-
-    n = 0
-    for doc in docs:
-        k = n // shard_size_docs
-        n += 1
-        if k % world_size != rank or k in done:
-            continue
-        if k != pending_idx and pending:
-            flush()
-        pending_idx = k
-        pending.append(doc)
-    if pending:
-        flush()
-    num_shards = -(-n // shard_size_docs)
+    num_shards = groups.num_shards
     result = writer.finish(num_shards, stats.to_dict())
     log(f"preprocess: rank {rank} done: {written} shards written this run, {len(writer.completed)} of "
         f"{num_shards} shards on this rank; {stats.summary()}; "

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .ingest import IngestStats, iter_documents, list_input_files
-from .shards import DatasetWriter, ShardArrays, shard_name, to_storage
+from .shards import DatasetWriter, ShardArrays, ShardGroups, shard_name, to_storage
 from .text_tokenizer import TextTokenizer, load_text_tokenizer
 
 __all__ = ["TokenStreamConfig", "STREAM_FORMAT", "preprocess_tokens", "token_stream_info", "main"]
@@ -97,35 +97,19 @@ def preprocess_tokens(inputs: str | os.PathLike | Sequence[str | os.PathLike], o
         return writer.manifest
     done = writer.completed
     t0 = time.time()
-    pending: list[tuple[str, str]] = []
-    pending_idx = -1
     cut = 0
-
-    def flush() -> None:
-        nonlocal pending, cut
+    groups = ShardGroups(docs, cfg.shard_size_docs, skip=lambda k: k in done)
+    for k, group in groups:
         streams = [[tokenizer.bos_id, *ids, tokenizer.eos_id]
-                   for ids in tokenizer.encode_batch([text for _, text in pending])]
+                   for ids in tokenizer.encode_batch([text for _, text in group])]
         cut += sum(len(s) > cfg.max_tokens for s in streams)
         streams = [s[:cfg.max_tokens] for s in streams]
-        entry = writer.add_shard(pending_idx, _shard_arrays(streams), doc_ids=[d for d, _ in pending])
-        log(f"preprocess_tokens: wrote {shard_name(pending_idx)} ({entry['num_docs']} documents, "
+        entry = writer.add_shard(k, _shard_arrays(streams), doc_ids=[d for d, _ in group])
+        log(f"preprocess_tokens: wrote {shard_name(k)} ({entry['num_docs']} documents, "
             f"{entry['num_tokens']} tokens) [{time.time() - t0:.1f}s]")
-        pending = []
-
-    n = 0
-    for doc in docs:
-        k = n // cfg.shard_size_docs
-        n += 1
-        if k in done:
-            continue
-        if k != pending_idx and pending:
-            flush()
-        pending_idx = k
-        pending.append(doc)
-    if pending:
-        flush()
-    manifest = writer.finish(-(-n // cfg.shard_size_docs), stats.to_dict())
-    log(f"preprocess_tokens: done: {n} documents in {out}; {cut} cut to {cfg.max_tokens} tokens; {stats.summary()}")
+    manifest = writer.finish(groups.num_shards, stats.to_dict())
+    log(f"preprocess_tokens: done: {groups.num_docs} documents in {out}; {cut} cut to {cfg.max_tokens} tokens; "
+        f"{stats.summary()}")
     return manifest
 
 

@@ -37,7 +37,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -66,6 +66,37 @@ class ShardCorruptionError(ValueError):
 
 def shard_name(index: int) -> str:
     return f"shard_{index:06d}"
+
+
+class ShardGroups:
+    """Documents, in order, grouped into the shards they belong to: shard k holds documents
+    k * shard_size .. (k + 1) * shard_size - 1, so a resumed or multi-rank run assigns every document to the same
+    shard. Iterating yields (k, documents of shard k) for every shard `skip(k)` does not pass over (a completed
+    shard, another rank's); afterwards `num_docs` counts every document seen and `num_shards` the planned shards."""
+
+    def __init__(self, docs: Iterable, shard_size: int, skip: Callable[[int], bool]):
+        self.docs, self.shard_size, self.skip = docs, shard_size, skip
+        self.num_docs = 0
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_docs // self.shard_size)
+
+    def __iter__(self) -> Iterator[tuple[int, list]]:
+        pending: list = []
+        pending_idx = -1
+        for doc in self.docs:
+            k = self.num_docs // self.shard_size
+            self.num_docs += 1
+            if self.skip(k):
+                continue
+            if k != pending_idx and pending:
+                yield pending_idx, pending
+                pending = []
+            pending_idx = k
+            pending.append(doc)
+        if pending:
+            yield pending_idx, pending
 
 
 def manifest_part_name(rank: int, world_size: int) -> str:
