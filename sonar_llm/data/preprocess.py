@@ -363,10 +363,16 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir:
 
 
 def _load_factory(spec: str):
+    """The callable `--codec-factory module:callable` names; UsageError naming the flag when it cannot be had."""
+    from sonar_llm.cli import UsageError
+
     if ":" not in spec:
         raise ValueError(f"--codec-factory must look like 'module:callable', got {spec!r}")
     mod, fn = spec.split(":", 1)
-    return getattr(importlib.import_module(mod), fn)
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise UsageError(f"--codec-factory {spec}: {e}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -379,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from sonar_llm.cli import UsageError, check_device, int_at_least, parser
+    from sonar_llm.cli import check_device, int_at_least, parser
 
     p = parser("python -m sonar_llm.data.preprocess", description=__doc__.split("\n")[0])
     p.add_argument("--input", nargs="+", required=True, help="files, directories or glob patterns")
@@ -414,10 +420,7 @@ def _main(argv: list[str]) -> int:
     list_input_files(args.input)  # a missing input is said before any model loads
     device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.codec_factory:
-        try:
-            codec = _load_factory(args.codec_factory)()
-        except (ImportError, AttributeError) as e:
-            raise UsageError(f"--codec-factory {args.codec_factory}: {e}") from None
+        codec = _load_factory(args.codec_factory)()
     else:  # missing paths come from the SONAR registry / environment
         codec = load_sonar_codec(args.encoder, args.tokenizer, device, getattr(torch, args.encoder_dtype),
                                  lang=args.lang, batch_size=args.encoder_batch_size, decoder_path=args.decoder)

@@ -391,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     import torch
 
-    from sonar_llm.cli import UsageError, check_device
+    from sonar_llm.cli import check_device
 
     a = _parser().parse_args(argv)
     cfg = TinyStoriesConfig(out=a.out, data_dir=a.data_dir, train=a.train, validation=a.validation,
@@ -406,10 +406,7 @@ def _main(argv: list[str]) -> int:
             raise FileNotFoundError(f"{'--train' if f in cfg.train else '--validation'}: file not found: {f}")
     device = check_device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if a.codec_factory:
-        try:
-            codec = _load_factory(a.codec_factory)()
-        except (ImportError, AttributeError) as e:
-            raise UsageError(f"--codec-factory {a.codec_factory}: {e}") from None
+        codec = _load_factory(a.codec_factory)()
     else:
         encoder, tokenizer = _sonar_paths(a.encoder, a.tokenizer, log)
         codec = load_sonar_codec(encoder, tokenizer, device, getattr(torch, a.encoder_dtype), lang=a.lang,
