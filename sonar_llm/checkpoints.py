@@ -260,11 +260,18 @@ def read_exported(path: str | os.PathLike, verify: bool = True) -> TrainedWeight
     return TrainedWeights(_load_safetensors(path), info["run_config"], info.get("step"), str(path))
 
 
-def read_run(run_dir: str | os.PathLike, step: int | None = None) -> TrainedWeights:
-    """A run directory: its resolved `config.json` and the latest (or `step`'s) complete checkpoint."""
+def check_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[Path, Path]:
+    """(checkpoint directory, config.json) of a run, without reading either; FileNotFoundError naming what is
+    missing (a command checks this before any model loads)."""
     ckpt_dir = find_checkpoint(run_dir, step)
-    state = load_dcp_model_state(ckpt_dir)
     cfg_file = Path(run_dir) / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"--run: {cfg_file} is missing (the resolved run config)")
+    return ckpt_dir, cfg_file
+
+
+def read_run(run_dir: str | os.PathLike, step: int | None = None) -> TrainedWeights:
+    """A run directory: its resolved `config.json` and the latest (or `step`'s) complete checkpoint."""
+    ckpt_dir, cfg_file = check_run(run_dir, step)
+    state = load_dcp_model_state(ckpt_dir)
     return TrainedWeights(state, json.loads(cfg_file.read_text()), checkpoint_step(ckpt_dir), str(ckpt_dir))

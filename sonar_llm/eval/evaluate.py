@@ -366,11 +366,9 @@ def evaluate(cfg: EvalConfig, *, loaded: LoadedModel | None = None, sonar=None,
         if cfg.task == "story":
             read_stories(cfg.stories)  # an empty or unreadable --stories is said before anything loads
         if cfg.run:  # a run folder without a checkpoint or its config is said before SONAR is resolved
-            from sonar_llm.checkpoints import find_checkpoint
+            from sonar_llm.checkpoints import check_run
 
-            find_checkpoint(cfg.run)
-            if not (Path(cfg.run) / "config.json").is_file():
-                raise FileNotFoundError(f"--run: {Path(cfg.run) / 'config.json'} is missing (the resolved run config)")
+            check_run(cfg.run)
     log = log or (lambda s: None)
     t0 = time.perf_counter()
     assets = None
