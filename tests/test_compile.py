@@ -26,13 +26,17 @@ import torch.nn.functional as F
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.utils import counters
 
+from _devices import triton_device
 from fixtures_sonar import toy_decoder
 from sonar_kernels.functional.add_layer_norm import add_layer_norm
 from sonar_kernels.functional.cross_attention_constants import cross_attention_constants
 from sonar_kernels.functional.linear_cross_entropy import linear_cross_entropy
 from sonar_kernels.functional.varlen_attention import varlen_causal_attention
+from sonar_kernels.backend import interpret_mode, triton_available
 from sonar_kernels.ops.add_layer_norm import add_layer_norm_backward_op, add_layer_norm_op
+from sonar_kernels.ops.add_layer_norm import triton_ops as add_layer_norm_triton_ops
 from sonar_kernels.ops.cross_attention_constants import cross_attention_constants_op
+from sonar_kernels.ops.triton_op import HAVE_TRITON_OP
 from sonar_kernels.ops.linear_cross_entropy import linear_cross_entropy_backward_op, linear_cross_entropy_op
 from sonar_kernels.ops.varlen_attention import varlen_causal_attention_backward_op, varlen_causal_attention_op
 from sonar_llm.data.batch import ConceptBatch
@@ -258,3 +262,113 @@ def test_fsdp2_compiled_per_block_matches_eager(tmp_path, monkeypatch):
     finally:
         dist.destroy_process_group()
     torch.testing.assert_close(torch.tensor(got), torch.tensor(exp), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------- the Triton path as torch.library.triton_op
+needs_triton = pytest.mark.skipif(
+    not (triton_available() and (torch.cuda.is_available() or interpret_mode())),
+    reason="Triton needs a GPU or TRITON_INTERPRET=1")
+
+
+def _ln_inputs(seed, m=7, n=24, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    ins = [_rand(m, n, g=g, dtype=dtype), _rand(m, n, g=g, dtype=dtype), 1 + 0.1 * _rand(n, g=g, dtype=dtype),
+           _rand(n, g=g, dtype=dtype)]
+    return [t.to(triton_device()).requires_grad_() for t in ins], _rand(m, n, g=g), _rand(m, n, g=g)
+
+
+def _ln_float64(x, r, w, b, eps=1e-5):
+    """LayerNorm(x + r) * w + b and x + r in float64, written out (mean, biased variance)."""
+    s = x.double() + r.double()
+    mu = s.mean(-1, keepdim=True)
+    var = ((s - mu) ** 2).mean(-1, keepdim=True)
+    return (s - mu) / torch.sqrt(var + eps) * w.double() + b.double(), s
+
+
+class _Calls(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@needs_triton
+def test_triton_path_runs_as_triton_op():
+    if not HAVE_TRITON_OP:
+        pytest.skip("torch without torch.library.triton_op: the Triton path stays a custom op")
+    fwd, bwd = add_layer_norm_triton_ops()
+    assert isinstance(fwd, torch._library.custom_ops.CustomOpDef) and str(fwd._opoverload) == "sonar_kernels.add_layer_norm_triton.default"
+    (x, r, w, b), up, _ = _ln_inputs(30)
+    with _Calls() as calls:
+        normed, summed = add_layer_norm(x, r, w, b, 1e-5, impl="triton")
+        (normed.cpu() * up).sum().backward()
+    assert "sonar_kernels.add_layer_norm_triton.default" in calls.names, calls.names
+    assert "sonar_kernels.add_layer_norm_triton_backward.default" in calls.names, calls.names
+    assert not any(n.startswith("sonar_kernels.add_layer_norm.") for n in calls.names)  # not the custom op
+
+
+@needs_triton
+def test_opcheck_add_layer_norm_triton_ops():
+    if not HAVE_TRITON_OP:
+        pytest.skip("torch without torch.library.triton_op")
+    fwd, bwd = add_layer_norm_triton_ops()
+    (x, r, w, b), _, _ = _ln_inputs(31)
+    _opcheck(fwd, (x, r, w, b, 1e-5))
+    _opcheck(fwd, (x, None, None, None, 1e-5))
+    y, s, mean, rstd = fwd(*(t.detach() for t in (x, r, w, b)), 1e-5)
+    dy, ds = (t.to(x.device) for t in _ln_inputs(32)[1:])
+    _opcheck(bwd, (dy, ds, s, w.detach(), mean, rstd, True, True))
+    _opcheck(bwd, (dy, None, s, None, mean, rstd, False, False))
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_add_layer_norm_triton_compiled_fullgraph_matches(backend):
+    """Compiled with fullgraph=True (dynamic shapes, two row counts): outputs and all four gradients equal the
+    eager Triton op's and a float64 closed form at the op's own fp32 tolerances (test_decoder_ops: 2e-5;
+    weight/bias gradients sum over rows, so sqrt(M) times that)."""
+    torch._dynamo.reset()
+    counters.clear()
+
+    def fn(x, r, w, b):
+        return add_layer_norm(x, r, w, b, 1e-5, impl="triton")
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend=backend)
+    for seed, m in ((33, 7), (34, 12)):
+        (x, r, w, b), up_n, up_s = _ln_inputs(seed, m=m)
+        results = []
+        for f in (compiled, fn):
+            ins = [t.detach().clone().requires_grad_() for t in (x, r, w, b)]
+            normed, summed = f(*ins)
+            loss = (normed.cpu().double() * up_n).sum() + (summed.cpu().double() * up_s).sum()
+            results.append(([normed.detach().cpu(), summed.detach().cpu()],
+                            [t.cpu() for t in torch.autograd.grad(loss, ins)]))
+        (got, got_g), (exp, exp_g) = results
+        ins64 = [t.detach().cpu().double().requires_grad_() for t in (x, r, w, b)]
+        ref_n, ref_s = _ln_float64(*ins64)
+        ref_g = torch.autograd.grad((ref_n * up_n.double()).sum() + (ref_s * up_s.double()).sum(), ins64)
+        for name, a, e, ref in zip(("normed", "summed"), got, exp, (ref_n, ref_s)):
+            torch.testing.assert_close(a, e, atol=2e-5, rtol=2e-5, msg=lambda msg, n=name: f"{n}: {msg}")
+            torch.testing.assert_close(a.double(), ref.detach(), atol=2e-5, rtol=2e-5)
+        for name, a, e, ref in zip("xrwb", got_g, exp_g, ref_g):
+            tol = 2e-5 * (m ** 0.5 if a.dim() == 1 else 1)
+            torch.testing.assert_close(a, e, atol=tol, rtol=2e-5, msg=lambda msg, n=name: f"d{n}: {msg}")
+            torch.testing.assert_close(a.double(), ref, atol=tol, rtol=2e-5, msg=lambda msg, n=name: f"d{n}: {msg}")
+    assert not counters["graph_break"]
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and triton_available() and not interpret_mode()),
+                    reason="the decomposition into kernel nodes needs Triton on a GPU (ops/triton_op.py)")
+def test_inductor_sees_the_add_layer_norm_triton_kernels():
+    from torch._inductor.utils import run_and_get_code
+
+    if not HAVE_TRITON_OP:
+        pytest.skip("torch without torch.library.triton_op")
+    (x, r, w, b), _, _ = _ln_inputs(35)
+    compiled = torch.compile(lambda *a: add_layer_norm(*a, 1e-5, impl="triton")[0] * 2, fullgraph=True)
+    _, codes = run_and_get_code(compiled, x.detach(), r.detach(), w.detach(), b.detach())
+    assert any("_add_ln_fwd_kernel" in c for c in codes)
+    assert not any("sonar_kernels.add_layer_norm_triton" in c for c in codes)  # decomposed, not called opaquely

@@ -4,7 +4,9 @@ Rows are processed in tiles of `BLOCK_M` rows x `BLOCK_N >= N` columns (a whole 
 what decoder widths up to a few thousand need). Statistics are fp32; fp16/bf16 loads are converted to
 fp32 at once. The backward computes `d_summed = d_x = d_residual` and, when asked, per-program partial
 sums of `d_weight` / `d_bias` that the launcher reduces. No autograd here: see
-`functional/add_layer_norm.py`.
+`functional/add_layer_norm.py`. The launchers are the bodies of the `torch.library.triton_op`s in
+ops/add_layer_norm.py, so they call the kernels through `wrap_triton` and use torch ops only (compiled graphs
+trace them and see the kernels).
 """
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+# torch >= 2.6; older torch launches the kernels directly (the ops then stay torch.library custom ops)
+wrap_triton = getattr(torch.library, "wrap_triton", lambda kernel: kernel)
 
 MAX_FUSED_COLS = 65536
 
@@ -122,7 +127,7 @@ def add_layer_norm_fwd_triton(
     if m == 0:
         return y, s, mean, rstd
     grid = (triton.cdiv(m, block_m),)
-    _add_ln_fwd_kernel[grid](
+    wrap_triton(_add_ln_fwd_kernel)[grid](
         x, residual if residual is not None else x, weight if weight is not None else x,
         bias if bias is not None else x, y, s if s is not None else y, mean, rstd,
         m, n, eps,
@@ -158,7 +163,7 @@ def add_layer_norm_bwd_triton(
     if m == 0:
         zero = torch.zeros(n, dtype=torch.float32, device=summed.device)
         return dx, (zero if need_dw else None), (zero.clone() if need_db else None)
-    _add_ln_bwd_kernel[(nprog,)](
+    wrap_triton(_add_ln_bwd_kernel)[(nprog,)](
         dy, dsum if dsum is not None else dy, summed, weight if weight is not None else summed,
         mean, rstd, dx, dw_part if dw_part is not None else mean, db_part if db_part is not None else mean,
         m, n, rows_per_prog,
