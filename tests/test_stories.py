@@ -104,3 +104,20 @@ def test_write_corpus_jsonl(tmp_path):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="n_stories"):
         generate_stories(-1)
+
+
+def test_every_story_closes_with_one_closing_line_then_ends(corpus):
+    """CORPUS_VERSION 2: the last sentence of every story is a closing line and no other sentence is one, so
+    after a closing line the end of the document always follows (what a concept model must learn to stop)."""
+    from sonar_llm.sonar.story_corpus import ENDINGS
+
+    # each closing template as a regex: its {placeholders} are free words
+    closings = [re.compile("^" + re.sub(r"\\\{\w+\\\}", ".+", re.escape(t)) + "$") for t in ENDINGS]
+
+    def is_closing(s: str) -> bool:
+        return any(c.match(s) for c in closings)
+
+    assert all(is_closing(story[-1]) for story in corpus)
+    inner = [s for story in corpus for s in story[:-1]]
+    # the free pattern "{H} learned that {lesson}." can match a plot sentence in principle; none does here
+    assert sum(map(is_closing, inner)) == 0, [s for s in inner if is_closing(s)][:5]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from sonar_llm.sonar import train_tiny as tt
 from sonar_llm.sonar.checkpoint import load_sonar_decoder, load_sonar_encoder, load_state_dict_file
 from sonar_llm.sonar.tokenizer import NllbTokenizer
+from sonar_llm.sonar.story_corpus import CORPUS_VERSION
 from sonar_llm.sonar.train_tiny import (
     TinySonarConfig,
     default_cache_dir,
@@ -126,6 +127,9 @@ def test_config_hash_and_validation():
     with pytest.raises(ValueError, match="train_steps"):
         TinySonarConfig(train_steps=0)
     assert a.config_hash() != TinySonarConfig(train_steps=a.train_steps + 1).config_hash()  # steps are in the key
+    # a cache trained on another version of the story generator is stale
+    assert a.corpus_version == CORPUS_VERSION
+    assert a.config_hash() != TinySonarConfig(corpus_version=a.corpus_version - 1).config_hash()
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):

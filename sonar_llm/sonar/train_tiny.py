@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from sonar_llm.optim import lr_factor, param_groups
 
 from .round_trip import END_OF_DOC_TEXT
+from .story_corpus import CORPUS_VERSION
 
 __all__ = [
     "TinySonarConfig",
@@ -88,6 +89,8 @@ class TinySonarConfig:
     # corpus (the same generator and split as the embedded default pipeline)
     n_stories: int = 4000
     corpus_seed: int = 0
+    corpus_version: int = CORPUS_VERSION
+    """The story generator's version (``story_corpus.CORPUS_VERSION``): a cache trained on another corpus is stale."""
     held_out_fraction: float = 0.05
     end_sentence: str = END_OF_DOC_TEXT
     """Appended to every training story, as preprocess appends it to every document SONAR-LLM trains on, so

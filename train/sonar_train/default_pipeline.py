@@ -38,7 +38,7 @@ from sonar_train.config import load_config  # noqa: E402
 
 N_STORIES = 4000
 HELD_OUT_FRACTION = 0.05  # the tiny SONAR's split: its held-out stories are never seen by any model
-EVAL_STORIES = 24
+EVAL_STORIES = 64
 # the evaluation's decoding budget (step 5, and the evaluate command printed at the end)
 EVAL_SETTINGS = {"num_stories": EVAL_STORIES, "max_story_sentences": 20, "beam_size": 1, "max_gen_len": 64}
 END_OF_DOC = END_OF_DOC_TEXT  # "End of sequence.": the tiny SONAR learns it (TinySonarConfig.end_sentence)
