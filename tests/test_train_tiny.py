@@ -187,6 +187,25 @@ def test_publish_replaces_existing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny_sonar"]
 
 
+def test_training_sweeps_what_a_killed_training_left(tmp_path):
+    """A SIGKILLed training leaves its temporary folder (no `except` runs); the next training removes the folders
+    of processes that are gone and keeps those of a live process and anything it cannot attribute."""
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead, live = gone.pid, os.getpid()
+    names = {f".tiny_sonar.tmp-{dead}-ab12": False, f"tiny_sonar.old-{dead}-1700000000": False,
+             f".tiny_sonar.tmp-{live}-cd34": True, ".tiny_sonar.tmp-legacy": True, f".other.tmp-{dead}-x": True}
+    for n in names:
+        (tmp_path / n).mkdir()
+        (tmp_path / n / "encoder.pt").write_bytes(b"partial")
+    ensure_tiny_sonar(tmp_path / "tiny_sonar", progress=False, config=TinySonarConfig(**SMALL), num_threads=1)
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {"tiny_sonar"} | {n for n, keep in names.items() if keep}
+
+
 def test_cli_passes_arguments_and_prints_metrics(trained, monkeypatch, capsys):
     _, paths = trained
     calls = []

@@ -397,6 +397,32 @@ def _publish(tmp: Path, root: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _sweep_stale(root: Path) -> list[Path]:
+    """Remove what a killed training left beside ``root`` (SIGKILL, power loss: no ``except`` ran): temporary
+    ``.{name}.tmp-{pid}-*`` and displaced ``{name}.old-{pid}-*`` folders whose process is gone. Folders of a live
+    process (another training of the same cache, running now) are kept. Returns the removed folders."""
+    removed = []
+    if not root.parent.is_dir():
+        return removed
+    for d in root.parent.iterdir():
+        for prefix in (f".{root.name}.tmp-", f"{root.name}.old-"):
+            pid = d.name[len(prefix):].split("-", 1)[0] if d.name.startswith(prefix) else ""
+            if pid.isdigit() and d.is_dir() and not _pid_alive(int(pid)):
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+    return removed
+
+
 def _cache_hit(paths: TinySonarPaths, want_hash: str) -> bool:
     if not paths.exist():
         return False
@@ -425,7 +451,9 @@ def ensure_tiny_sonar(cache_dir: str | os.PathLike | None = None, *, force: bool
     log = (lambda msg: print(f"[tiny-sonar] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     t_start = time.perf_counter()
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    for d in _sweep_stale(root):
+        log(f"removed {d}, left by an interrupted training")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-{os.getpid()}-", dir=root.parent))
     prev_threads = torch.get_num_threads()
     if num_threads:
         torch.set_num_threads(num_threads)
