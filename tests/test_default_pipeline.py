@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def _run(tmp_path: Path, tiny_steps: int = 20) -> subprocess.CompletedProcess:
     env = {**os.environ, "SONAR_LLM_CACHE": str(tmp_path / "cache"), "SONAR_LLM_DEFAULT_DIR": str(tmp_path / "run"),
            "SONAR_LLM_TINY_STEPS": str(tiny_steps), "SONAR_LLM_DEFAULT_STEPS": "3", "PYTHONUNBUFFERED": "1",
-           "SONAR_LLM_END_CHECK": "warn"}  # a 20-step tiny SONAR cannot decode the end sentence yet
+           "SONAR_LLM_END_CHECK": "warn",  # a 20-step tiny SONAR cannot decode the end sentence yet
+           "SONAR_LLM_DEFAULT_STORIES": "400"}  # training stories encoded (of 11,800): the pipeline, not the budget
     env.pop("TRITON_INTERPRET", None)
     return subprocess.run([sys.executable, str(ROOT / "train" / "main.py")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -103,3 +104,21 @@ def test_default_pipeline_end_to_end_and_rerun(tmp_path):
     for split in ("train", "valid"):
         manifest = json.loads((run / "data" / split / "manifest.json").read_text())
         assert manifest["encoder"] == f"tiny_sonar_encoder.pt (sha256 {digest})"
+
+
+def test_default_corpus_holds_out_what_neither_model_sees():
+    """SONAR-LLM trains on the tiny SONAR's training stories plus stories the generator writes after them; the
+    held-out stories are the tiny SONAR's (so unseen by both models). Reference: the tiny SONAR's own split,
+    computed here as train_tiny does it (generator + split of its TinySonarConfig)."""
+    from sonar_llm.sonar.story_corpus import generate_story_sentences, split_stories
+    from sonar_llm.sonar.train_tiny import TinySonarConfig
+    from sonar_train.default_pipeline import EXTRA_TRAIN_STORIES, default_corpus
+
+    cfg = TinySonarConfig()
+    tiny_train, tiny_valid = split_stories(generate_story_sentences(cfg.n_stories, cfg.corpus_seed),
+                                           cfg.held_out_fraction, cfg.corpus_seed)
+    train, valid = default_corpus()
+    assert valid == [" ".join(s) for s in tiny_valid]
+    assert train[:len(tiny_train)] == [" ".join(s) for s in tiny_train]
+    assert len(train) == len(tiny_train) + EXTRA_TRAIN_STORIES and EXTRA_TRAIN_STORIES > 0
+    assert not set(train) & set(valid) and len(set(train)) == len(train)  # no held-out or repeated story
