@@ -2,12 +2,17 @@
 
     python bench/measure_compile.py                 # CPU, the issue's shapes, 100 varying batches
     python bench/measure_compile.py --quick         # tiny shapes, 5 batches: a smoke run (seconds)
+    python bench/measure_compile.py --rows decoder-ab --steps 0 --rounds 5   # the ReLU-mask A/B below
 
 Two rows, each eager and compiled side by side in one process on the same weights and batches:
   train-step    SONAR-LLM at the `small` backbone preset with a full-width SONAR decoder (d 1024, 2 layers,
                 vocab 256,206): forward + backward + AdamW of one packed batch (4 documents x 6 sentences);
   decoder-loss  PackedSonarDecoder.loss at the released decoder's shape (24 layers x d 1024, vocab 256,206,
                 FFN 8192) on 8 sentences: forward + backward to the predicted embeddings.
+Optional row (`--rows decoder-ab`): the decoder loss at a reduced released shape (d 1024, 4 layers, FFN 8192,
+vocab 256,206, 8 sentences) three ways interleaved in one process: eager, torch's stock inductor
+(`compile_fx`, which saves ReLU's backward mask as a bool tensor) and the project's `inductor_backend`
+(sonar_llm/compile.py, which saves ReLU's output as eager does): the A/B of issue 28's CPU slowdown.
 Per row: the first call of each path (the compiled one includes compilation: `compile_s` is its excess over
 a warm compiled call), the median warm step of each over `--rounds` interleaved rounds, their ratio
 compiled / eager (< 1: compiled is faster), then the compiled path over `--steps` batches of varying packed
@@ -42,6 +47,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TRAIN_DECODER = SonarShape(1024, 2, 16, 8192, 256_206)  # full-width SONAR decoder, 2 layers
 RELEASED_DECODER = SonarShape(1024, 24, 16, 8192, 256_206)  # the released SONAR decoder's shape
 QUICK_DECODER = SonarShape(64, 2, 4, 128, 512)
+AB_DECODER = SonarShape(1024, 4, 16, 8192, 256_206)  # the released width, 4 layers (decoder-ab)
 
 
 def _median_pair(eager_fn, compiled_fn, rounds: int) -> tuple[float, float]:
@@ -153,6 +159,35 @@ def measure_decoder_loss(device, quick: bool, rounds: int, steps: int) -> dict:
                 batch=f"{sentences} sentences")
 
 
+def measure_decoder_ab(device, quick: bool, rounds: int, steps: int) -> dict:
+    from torch._inductor.compile_fx import compile_fx
+
+    shape = QUICK_DECODER if quick else AB_DECODER
+    decoder = random_sonar_decoder(shape, device=device)
+    eager, stock, project = PackedSonarDecoder(decoder), PackedSonarDecoder(decoder), PackedSonarDecoder(decoder)
+    stock.compile_layers(backend=compile_fx)  # torch's inductor as the "inductor" string gives it
+    project.compile_layers()  # sonar_llm.compile.inductor_backend
+    batch = synthetic_concept_batch(shape, 1, 8, (8, 20), seed=0, device=device)
+    prepared, emb = eager.prepare(batch.tokens, batch.tok_cu_seqlens), batch.embeddings
+
+    def step(packed):
+        packed.loss(emb.clone().requires_grad_(), prepared).backward()
+        sync(device)
+
+    first = {name: _timed(lambda m=m: step(m)) for name, m in (("eager", eager), ("stock", stock),
+                                                                ("project", project))}
+    times = {"eager": [], "stock": [], "project": []}
+    for _ in range(rounds):
+        for name, m in (("eager", eager), ("stock", stock), ("project", project)):
+            times[name].append(_timed(lambda m=m: step(m)))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    row = _row("decoder-ab", first["eager"], first["project"], med["eager"], med["project"], 0, {}, 0, 0,
+               decoder=f"d={shape.model_dim} L={shape.num_layers} V={shape.vocab_size}", batch="8 sentences",
+               stock_inductor_step_s=med["stock"], stock_over_eager=med["stock"] / med["eager"],
+               rounds_s=times)
+    return row
+
+
 def _print(rows: list[dict]) -> None:
     print(f"{'row':<13} {'compile s':>9} {'eager s/step':>12} {'compiled s/step':>15} {'compiled/eager':>14} "
           f"{'recompiles':>10} {'graph breaks':>12}")
@@ -160,6 +195,9 @@ def _print(rows: list[dict]) -> None:
         print(f"{r['row']:<13} {r['compile_s']:>9.1f} {r['eager_step_s']:>12.3f} {r['compiled_step_s']:>15.3f} "
               f"{r['compiled_over_eager']:>14.3f} {r['recompiles']:>7} / {r['varying_steps']:<3} "
               f"{r['graph_breaks']:>9}")
+        if "stock_over_eager" in r:
+            print(f"{'':<13} torch's stock inductor: {r['stock_inductor_step_s']:.3f} s/step, "
+                  f"{r['stock_over_eager']:.3f} x eager")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,15 +205,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny shapes and 5 varying steps (a smoke run)")
     p.add_argument("--steps", type=int, default=None, help="varying batches for the recompile count (default 100)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved warm rounds per path (default 3)")
-    p.add_argument("--rows", default="train-step,decoder-loss", help="comma-separated rows to measure")
+    p.add_argument("--rows", default="train-step,decoder-loss",
+                   help="comma-separated rows to measure: train-step, decoder-loss, decoder-ab")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--out", type=Path, default=None, help="result JSON (default bench/results/compile_...)")
     args = p.parse_args(argv)
     steps = args.steps if args.steps is not None else (5 if args.quick else 100)
     rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
-    bad = [r for r in rows_wanted if r not in ("train-step", "decoder-loss")]
+    measures = {"train-step": measure_train_step, "decoder-loss": measure_decoder_loss,
+                "decoder-ab": measure_decoder_ab}
+    bad = [r for r in rows_wanted if r not in measures]
     if bad or not rows_wanted:
-        print(f"--rows: expected train-step and/or decoder-loss, got {args.rows!r}", file=sys.stderr)
+        print(f"--rows: expected train-step, decoder-loss and/or decoder-ab, got {args.rows!r}", file=sys.stderr)
         return 2
     if steps < 0 or args.rounds < 1:
         print("--steps must be >= 0 and --rounds >= 1", file=sys.stderr)
@@ -188,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in rows_wanted:
         torch._dynamo.reset()  # each row compiles (and counts its cache entries) from scratch
-        fn = measure_train_step if name == "train-step" else measure_decoder_loss
-        rows.append(fn(device, args.quick, args.rounds, steps))
+        rows.append(measures[name](device, args.quick, args.rounds, steps))
         _print(rows[-1:])
     print()
     _print(rows)
