@@ -372,3 +372,36 @@ def test_inductor_sees_the_add_layer_norm_triton_kernels():
     _, codes = run_and_get_code(compiled, x.detach(), r.detach(), w.detach(), b.detach())
     assert any("_add_ln_fwd_kernel" in c for c in codes)
     assert not any("sonar_kernels.add_layer_norm_triton" in c for c in codes)  # decomposed, not called opaquely
+
+
+def test_cpu_inductor_saves_relu_output_not_a_bool_mask():
+    """sonar_llm.compile's inductor keeps ReLU's backward as the ATen kernel on the CPU, so the graph saves ReLU's
+    output; torch's stock inductor saves a bool mask there (inductor's AVX2 C++ stores it ~18x slower than ATen:
+    the cause of the compiled SONAR decoder's CPU slowdown, docs/benchmarks.md). Both compiled gradients equal eager's."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.utils import run_and_get_code
+
+    from sonar_llm.compile import compile_fullgraph
+
+    g = torch.Generator().manual_seed(40)
+    w1, w2 = _rand(64, 16, g=g), _rand(16, 64, g=g)
+    x = _rand(10, 16, g=g)
+
+    def ffn(h):
+        return F.linear(F.relu(F.linear(h, w1)), w2)
+
+    def grads(fn):
+        h = x.clone().requires_grad_()
+        fn(h).pow(2).sum().backward()
+        return h.grad
+
+    expected = grads(ffn)
+    for name, compiled in (("project", compile_fullgraph(ffn)),
+                           ("stock", torch.compile(ffn, fullgraph=True, dynamic=True, backend=compile_fx))):
+        torch._dynamo.reset()
+        got, codes = run_and_get_code(grads, compiled)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        code = "\n".join(codes)
+        bool_buffers = "bool*" in code
+        assert bool_buffers == (name == "stock"), (name, code)
+        assert ("aten.threshold_backward.default(" in code) == (name == "project"), (name, code)
