@@ -1,6 +1,7 @@
 """The embedded default: `python train/main.py` with no arguments, offline, on a clean clone.
 
-1. writes the project's own story corpus (sonar_llm.sonar.story_corpus) as train/valid JSONL;
+1. writes the project's own story corpus (sonar_llm.sonar.story_corpus) as train/valid JSONL: the tiny SONAR's
+   3,800 training stories plus 8,000 more for SONAR-LLM, and the 200 stories neither model trains on;
 2. trains the tiny SONAR autoencoder on it, unless a cached copy exists ($SONAR_LLM_CACHE/tiny_sonar);
 3. encodes every sentence with that SONAR into memory-mapped shards (resumable);
 4. trains a small SONAR-LLM with the standard loop (configs/default.toml; FSDP2 under torchrun);
