@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sonar_llm.cli import shareable
+
 __all__ = [
     "ExportIntegrityError",
     "EXPORT_FILES_KEY",
@@ -192,6 +194,7 @@ def write_exported(state: dict[str, Tensor], out: str | os.PathLike, info: dict[
         for role, other in (other_files or {}).items():
             files[role] = {"name": str(other), **file_record(other)}
         info_tmp.write_text(json.dumps({**info, EXPORT_FILES_KEY: files}, indent=2))
+        shareable(tmp)  # safetensors writes it 0600
         os.replace(tmp, out)
         os.replace(info_tmp, info_path)
     finally:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence, TextIO
 
 __all__ = ["UsageError", "CommandFailed", "USAGE_ERRORS", "parser", "run", "one_line", "check_device",
-           "atomic_output", "int_at_least", "float_in", "read_utf8"]
+           "atomic_output", "shareable", "int_at_least", "float_in", "read_utf8"]
 
 
 class UsageError(ValueError):
@@ -131,6 +131,15 @@ def check_device(device: str, flag: str = "--device") -> str:
     return device
 
 
+def shareable(path: str | os.PathLike) -> None:
+    """Give a file the permissions a plain `open(path, "w")` would (0666 minus the umask). Private temporary
+    files (`tempfile.mkstemp`, safetensors >= 0.8) are created 0600; call this before renaming one into place so
+    that an output, an export or a checkpoint can be read by the people the user shares the folder with."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path`, on any error it is removed
@@ -142,6 +151,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        shareable(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

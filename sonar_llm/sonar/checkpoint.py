@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sonar_llm.cli import shareable
+
 from .config import SonarDecoderConfig, SonarEncoderConfig
 from .decoder import SonarTextDecoder
 from .encoder import SonarTextEncoder
@@ -295,6 +297,7 @@ def _atomic_write(path: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        shareable(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -20,6 +20,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from sonar_llm.cli import shareable
+
 __all__ = [
     "generate_story_sentences",
     "generate_stories",
@@ -571,6 +573,7 @@ def write_corpus(path: str | os.PathLike, stories: list[str]) -> Path:
                 fh.write(json.dumps({"text": s}, ensure_ascii=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        shareable(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
