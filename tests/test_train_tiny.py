@@ -187,6 +187,28 @@ def test_publish_replaces_existing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny_sonar"]
 
 
+def test_damaged_cache_is_named_and_retrained(tmp_path, capsys):
+    """A cached copy whose checkpoint was truncated is not used: the next call says which file differs from its
+    recorded size and trains again, leaving intact files behind."""
+    cfg = TinySonarConfig(**SMALL)
+    paths = ensure_tiny_sonar(tmp_path / "tiny_sonar", progress=False, config=cfg, num_threads=1)
+    good = paths.decoder.read_bytes()
+    assert paths.load_info()["checksums"]["tiny_sonar_decoder.pt"]["size"] == len(good)
+    paths.decoder.write_bytes(good[: len(good) // 2])
+    capsys.readouterr()
+    again = ensure_tiny_sonar(tmp_path / "tiny_sonar", progress=True, config=cfg, num_threads=1)
+    err = capsys.readouterr().err
+    assert "damaged" in err and "tiny_sonar_decoder.pt" in err and "size differs" in err
+    assert again.decoder.stat().st_size == len(good)
+    load_sonar_decoder(again.decoder)  # loads
+    # a flipped byte of the same size is caught by the sha256
+    raw = bytearray(again.encoder.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    again.encoder.write_bytes(bytes(raw))
+    ensure_tiny_sonar(tmp_path / "tiny_sonar", progress=True, config=cfg, num_threads=1)
+    assert "tiny_sonar_encoder.pt" in capsys.readouterr().err and again.encoder.read_bytes() != bytes(raw)
+
+
 def test_training_sweeps_what_a_killed_training_left(tmp_path):
     """A SIGKILLed training leaves its temporary folder (no `except` runs); the next training removes the folders
     of processes that are gone and keeps those of a live process and anything it cannot attribute."""

@@ -52,6 +52,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sonar_llm.checkpoints import file_record
 from sonar_llm.optim import lr_factor, param_groups
 
 from .round_trip import END_OF_DOC_TEXT
@@ -423,13 +424,27 @@ def _sweep_stale(root: Path) -> list[Path]:
     return removed
 
 
-def _cache_hit(paths: TinySonarPaths, want_hash: str) -> bool:
+def _cache_state(paths: TinySonarPaths, want_hash: str) -> str | None:
+    """None when ``paths`` hold a usable copy trained with ``want_hash``; else why not ("" when there is simply no
+    copy of this configuration, a sentence when the copy is damaged: its files differ from their recorded
+    sha256/size, e.g. a truncated or overwritten checkpoint)."""
     if not paths.exist():
-        return False
+        return ""
     try:
-        return paths.load_info().get("config_hash") == want_hash
-    except (OSError, ValueError):
-        return False
+        info = paths.load_info()
+    except (OSError, ValueError) as e:
+        return f"{paths.info} is unreadable ({e})"
+    if info.get("config_hash") != want_hash:
+        return ""
+    recorded = info.get("checksums")
+    if not isinstance(recorded, dict) or not recorded:
+        return f"{paths.info} records no checksums"
+    for name, want in recorded.items():
+        got = file_record(paths.root / name)
+        if got != want:
+            what = "size" if got["size"] != want.get("size") else "sha256"
+            return f"{paths.root / name} does not match its record in {paths.info.name} ({what} differs)"
+    return None
 
 
 def ensure_tiny_sonar(cache_dir: str | os.PathLike | None = None, *, force: bool = False, progress: bool = True,
@@ -443,7 +458,8 @@ def ensure_tiny_sonar(cache_dir: str | os.PathLike | None = None, *, force: bool
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     paths = TinySonarPaths.in_dir(root)
     want = cfg.config_hash()
-    if not force and _cache_hit(paths, want):
+    state = None if force else _cache_state(paths, want)
+    if not force and state is None:
         return paths
 
     from .story_corpus import generate_story_sentences, split_stories
@@ -451,6 +467,8 @@ def ensure_tiny_sonar(cache_dir: str | os.PathLike | None = None, *, force: bool
     log = (lambda msg: print(f"[tiny-sonar] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     t_start = time.perf_counter()
     root.parent.mkdir(parents=True, exist_ok=True)
+    if state:
+        log(f"the cached tiny SONAR is damaged: {state}; training it again")
     for d in _sweep_stale(root):
         log(f"removed {d}, left by an interrupted training")
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-{os.getpid()}-", dir=root.parent))
@@ -503,6 +521,7 @@ def ensure_tiny_sonar(cache_dir: str | os.PathLike | None = None, *, force: bool
 
         _save_checkpoint(encoder, tmp / ENCODER_FILE)
         _save_checkpoint(decoder, tmp / DECODER_FILE)
+        checksums = {f: file_record(tmp / f) for f in (ENCODER_FILE, DECODER_FILE, TOKENIZER_FILE)}
         info = {
             "format_version": FORMAT_VERSION,
             "config_hash": want,
@@ -513,6 +532,7 @@ def ensure_tiny_sonar(cache_dir: str | os.PathLike | None = None, *, force: bool
                           "vocab_size": vocab.vocab_size, "lang": LANG, "lang_id": vocab.lang_id,
                           "lang_offset": vocab.lang_offset},
             "files": {"encoder": ENCODER_FILE, "decoder": DECODER_FILE},
+            "checksums": checksums,  # verified before a cached copy is used (`_cache_state`)
             "parameters": n_params,
             "train": train_stats,
             "metrics": metrics,
