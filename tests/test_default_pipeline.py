@@ -25,7 +25,8 @@ def _run(tmp_path: Path, tiny_steps: int = 20) -> subprocess.CompletedProcess:
            "SONAR_LLM_END_CHECK": "warn",  # a 20-step tiny SONAR cannot decode the end sentence yet
            "SONAR_LLM_DEFAULT_STORIES": "400"}  # training stories encoded (of 11,800): the pipeline, not the budget
     env.pop("TRITON_INTERPRET", None)
-    return subprocess.run([sys.executable, str(ROOT / "train" / "main.py")], cwd=tmp_path, env=env,
+    # an evaluation at the last step (the default evaluates every 100), so the summary has a validation loss
+    return subprocess.run([sys.executable, str(ROOT / "train" / "main.py"), "--train.eval_every=3"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -93,6 +94,9 @@ def test_default_pipeline_end_to_end_and_rerun(tmp_path):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert {p.name: p.stat().st_mtime_ns for p in tiny.iterdir()} == mtimes  # cache hit, no retraining
     assert "[6/6]" in second.stdout
+    # the re-run trains no step; it reports the finished run's validation loss, not "n/a"
+    val = [re.search(r"validation loss ([0-9.]+|n/a)", o.split("[5/6]", 1)[1]).group(1) for o in (first.stdout, second.stdout)]
+    assert val[0] != "n/a" and val[1] == val[0], val
 
     # another tiny SONAR (one more step) under the same cache folder: the shards it did not make are rebuilt
     # with it, never reused
@@ -122,3 +126,17 @@ def test_default_corpus_holds_out_what_neither_model_sees():
     assert train[:len(tiny_train)] == [" ".join(s) for s in tiny_train]
     assert len(train) == len(tiny_train) + EXTRA_TRAIN_STORIES and EXTRA_TRAIN_STORIES > 0
     assert not set(train) & set(valid) and len(set(train)) == len(train)  # no held-out or repeated story
+
+
+def test_last_eval_loss_reads_the_runs_last_evaluation(tmp_path):
+    from sonar_train.default_pipeline import last_eval_loss
+
+    path = tmp_path / "metrics.jsonl"
+    recs = [{"kind": "train", "step": 100, "loss": 2.0}, {"kind": "eval", "step": 100, "eval_loss": 1.5},
+            {"kind": "eval", "step": 200, "eval_loss": 1.25}, {"kind": "train", "step": 250, "loss": 1.0},
+            {"kind": "eval", "step": 300, "eval_loss": 9.0, "stale": True}]  # redone after a rewind: skipped
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\nnot json\n")
+    assert last_eval_loss(path, None) == 1.25
+    assert last_eval_loss(path, 150) == 1.5
+    assert last_eval_loss(path, 50) is None
+    assert last_eval_loss(tmp_path / "missing.jsonl", 10) is None
