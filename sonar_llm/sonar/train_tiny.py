@@ -496,7 +496,8 @@ def ensure_tiny_sonar(cache_dir: str | os.PathLike | None = None, *, force: bool
         n_params = sum(p.numel() for p in encoder.parameters()) + sum(p.numel() for p in decoder.parameters())
         log(f"model: d={cfg.model_dim} layers={cfg.num_layers} heads={cfg.num_heads} ffn={cfg.ffn_dim}, "
             f"{n_params / 1e6:.2f}M parameters; training {cfg.train_steps} steps (expected ~"
-            f"{cfg.train_steps * SECONDS_PER_STEP:.0f}s on a 2-core CPU at ~{SECONDS_PER_STEP} s/step)")
+            f"{cfg.train_steps * SECONDS_PER_STEP:.0f}s on a quiet 2-core CPU at ~{SECONDS_PER_STEP} s/step; "
+            "longer when other jobs share it)")
         train_stats = _train(cfg, encoder, decoder, src, tgt, progress)
         # what the decoding length guard reads (sonar_llm.sonar.generation): tokens after [</s>, lang]
         decoder.cfg.trained_target_len = max(len(t) for t in tgt) - 2

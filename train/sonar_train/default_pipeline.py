@@ -195,7 +195,7 @@ def evaluate_and_show(cfg, assets: dict, final: dict) -> dict:
          f"round-trip cosine {fmt(m.get('round_trip_cos'))}")
     _say(end_figures(m))
     item = res["items"][0]
-    print("\n[6/6] a held-out story, continued by the model", flush=True)
+    print("\n[default] [6/6] a held-out story, continued by the model", flush=True)
     print("  prompt:    " + " ".join(item["prompt"]), flush=True)
     print("  generated: " + " ".join(item["generation"]) + f"  [stopped: {item.get('stop_reason')}]", flush=True)
     print("  original:  " + " ".join(item["reference"]), flush=True)
