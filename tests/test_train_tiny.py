@@ -207,6 +207,14 @@ def test_damaged_cache_is_named_and_retrained(tmp_path, capsys):
     again.encoder.write_bytes(bytes(raw))
     ensure_tiny_sonar(tmp_path / "tiny_sonar", progress=True, config=cfg, num_threads=1)
     assert "tiny_sonar_encoder.pt" in capsys.readouterr().err and again.encoder.read_bytes() != bytes(raw)
+    # a record that names other files (hand-edited, or pointing outside the cache) is not trusted either
+    info = json.loads(again.info.read_text())
+    info["checksums"] = {"../elsewhere.pt": {"sha256": "0", "size": 1}}
+    again.info.write_text(json.dumps(info))
+    ensure_tiny_sonar(tmp_path / "tiny_sonar", progress=True, config=cfg, num_threads=1)
+    assert "does not record the checksums" in capsys.readouterr().err
+    assert sorted(json.loads(again.info.read_text())["checksums"]) == sorted(
+        ["tiny_sonar_encoder.pt", "tiny_sonar_decoder.pt", "tiny_sonar.model"])
 
 
 def test_training_sweeps_what_a_killed_training_left(tmp_path):

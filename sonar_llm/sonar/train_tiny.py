@@ -437,12 +437,17 @@ def _cache_state(paths: TinySonarPaths, want_hash: str) -> str | None:
     if info.get("config_hash") != want_hash:
         return ""
     recorded = info.get("checksums")
-    if not isinstance(recorded, dict) or not recorded:
-        return f"{paths.info} records no checksums"
-    for name, want in recorded.items():
-        got = file_record(paths.root / name)
-        if got != want:
-            what = "size" if got["size"] != want.get("size") else "sha256"
+    files = (ENCODER_FILE, DECODER_FILE, TOKENIZER_FILE)
+    if not isinstance(recorded, dict) or sorted(recorded) != sorted(files):
+        return f"{paths.info} does not record the checksums of {', '.join(files)}"
+    for name in files:
+        want = recorded[name]
+        try:
+            got = file_record(paths.root / name)
+        except OSError as e:
+            return f"{paths.root / name} is unreadable ({e})"
+        if not isinstance(want, dict) or got != want:
+            what = "size" if not isinstance(want, dict) or got["size"] != want.get("size") else "sha256"
             return f"{paths.root / name} does not match its record in {paths.info.name} ({what} differs)"
     return None
 
