@@ -132,12 +132,13 @@ def check_device(device: str, flag: str = "--device") -> str:
 
 
 def shareable(path: str | os.PathLike) -> None:
-    """Give a file the permissions a plain `open(path, "w")` would (0666 minus the umask). Private temporary
-    files (`tempfile.mkstemp`, safetensors >= 0.8) are created 0600; call this before renaming one into place so
-    that an output, an export or a checkpoint can be read by the people the user shares the folder with."""
+    """Give a file the permissions a plain `open(path, "w")` would (0666 minus the umask), a folder those of
+    `mkdir` (0777 minus the umask). Private temporary files and folders (`tempfile.mkstemp`/`mkdtemp`,
+    safetensors >= 0.8) are created 0600/0700; call this before renaming one into place so that an output, an
+    export or a checkpoint can be read by the people the user shares the folder with."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
 
 
 @contextlib.contextmanager

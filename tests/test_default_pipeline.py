@@ -135,8 +135,10 @@ def test_last_eval_loss_reads_the_runs_last_evaluation(tmp_path):
     recs = [{"kind": "train", "step": 100, "loss": 2.0}, {"kind": "eval", "step": 100, "eval_loss": 1.5},
             {"kind": "eval", "step": 200, "eval_loss": 1.25}, {"kind": "train", "step": 250, "loss": 1.0},
             {"kind": "eval", "step": 300, "eval_loss": 9.0, "stale": True}]  # redone after a rewind: skipped
-    path.write_text("\n".join(json.dumps(r) for r in recs) + "\nnot json\n")
-    assert last_eval_loss(path, None) == 1.25
-    assert last_eval_loss(path, 150) == 1.5
-    assert last_eval_loss(path, 50) is None
-    assert last_eval_loss(tmp_path / "missing.jsonl", 10) is None
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    assert last_eval_loss(tmp_path, None) == 1.25
+    assert last_eval_loss(tmp_path, 150) == 1.5
+    assert last_eval_loss(tmp_path, 50) is None
+    path.write_text(path.read_text() + "not json\n")  # a corrupt file: the summary says n/a, no traceback
+    assert last_eval_loss(tmp_path, None) is None
+    assert last_eval_loss(tmp_path / "missing", 10) is None

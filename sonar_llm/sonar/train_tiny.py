@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from sonar_llm.checkpoints import file_record
+from sonar_llm.cli import shareable
 from sonar_llm.optim import lr_factor, param_groups
 
 from .round_trip import END_OF_DOC_TEXT
@@ -383,12 +384,10 @@ def _save_checkpoint(module, path: Path) -> None:
 def _publish(tmp: Path, root: Path) -> None:
     """Move the finished temporary directory into place (the old copy, if any, is removed). Temporary
     files are created private (0600/0700): give the published copy the usual permissions (umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    shareable(tmp)
     for f in tmp.iterdir():
         if f.is_file():
-            os.chmod(f, 0o666 & ~umask)
+            shareable(f)
     old = None
     if root.exists():
         old = root.with_name(f"{root.name}.old-{os.getpid()}-{time.time_ns()}")

@@ -202,23 +202,18 @@ def evaluate_and_show(cfg, assets: dict, final: dict) -> dict:
     return res
 
 
-def last_eval_loss(metrics_path: Path, step: int | None) -> float | None:
-    """The validation loss of the run's last evaluation at or before `step` (metrics.jsonl; None when there is
-    none, or the file is missing or unreadable: the summary then says n/a)."""
-    best = None
+def last_eval_loss(run_dir: Path, step: int | None) -> float | None:
+    """The validation loss of the run's last evaluation at or before `step` (its metrics.jsonl, read by
+    sonar_train.plot.read_history; None when there is none, or the file is missing or unreadable: the summary then
+    says n/a)."""
+    from sonar_train.plot import MetricsError, read_history
+
     try:
-        lines = metrics_path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
+        h = read_history(run_dir)
+    except MetricsError:
         return None
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("eval_loss"), (int, float)) and (
-                step is None or rec.get("step", 0) <= step) and not rec.get("stale"):
-            best = float(rec["eval_loss"])
-    return best
+    losses = [v for s, v in zip(h.eval_steps, h.eval_loss) if step is None or s <= step]
+    return losses[-1] if losses else None
 
 
 def end_figures(m: dict) -> str:
@@ -332,7 +327,7 @@ def main(extra: list[str] = ()) -> int:
     if _rank() != 0:
         return 0
     if final.get("eval_loss") is None:  # a re-run of a finished run trains no step: its last evaluation stands
-        final["eval_loss"] = last_eval_loss(Path(cfg.train.out_dir) / "metrics.jsonl", final.get("step"))
+        final["eval_loss"] = last_eval_loss(Path(cfg.train.out_dir), final.get("step"))
     res = evaluate_and_show(cfg, assets, final)
     print("", flush=True)
     print(summary(cfg, run_dir, assets, final, res, train_s, time.perf_counter() - t_start), flush=True)
