@@ -3,8 +3,9 @@
 #
 # Kernels (linear cross-entropy, decoder fast path), training steps of every family (SONAR-LLM fast vs
 # reference path at the 600M preset with the released SONAR decoder's shape), generation, SONAR decoding
-# and SONAR encoding, then compiled vs eager (bench/measure_compile.py, SONAR_COMPILE_BUDGET_S, default 240 s,
-# a separate stage); the pytest stages are sized to finish within 8 minutes on one H200 (a hard stop at SONAR_BENCH_BUDGET_S,
+# and SONAR encoding, then the triton_op compile tests (SONAR_GPU_COMPILE_TESTS, default `tests/test_compile.py -k
+# triton`, within SONAR_COMPILE_TEST_BUDGET_S, default 120 s) and compiled vs eager (bench/measure_compile.py,
+# SONAR_COMPILE_BUDGET_S, default 240 s), a separate stage; the pytest stages are sized to finish within 8 minutes on one H200 (a hard stop at SONAR_BENCH_BUDGET_S,
 # default 380 s, interrupts pytest, which still writes what it measured). Before them, the kernel
 # correctness tests run on the GPU against float64 references (SONAR_GPU_TESTS, a space-separated list of
 # test files, within SONAR_GPU_TEST_BUDGET_S, default 90 s): both stages together stay under 8 minutes.
@@ -121,6 +122,16 @@ if [[ "$rehearse" != "1" || "${SONAR_BENCH_COMPILE:-0}" == "1" ]]; then
     mkdir -p "$results/compile"
     compile_args=(--out "$results/compile/compile_${stamp}.json")
     [[ "$rehearse" == "1" ]] && compile_args+=(--quick --rows decoder-loss --steps 2 --rounds 1)
+    # first the triton_op checks that only a GPU can make (tests/test_compile.py -k triton: inductor traces into
+    # the Triton kernels of add_layer_norm and the linear cross-entropy, compiled vs eager vs float64); a failure
+    # counts as a failed correctness test
+    read -r -a compile_tests <<<"${SONAR_GPU_COMPILE_TESTS:-tests/test_compile.py -k triton}"
+    echo "run_gpu.sh: triton_op compile tests (budget ${SONAR_COMPILE_TEST_BUDGET_S:-120} s)" | tee -a "$log"
+    SONAR_KERNELS_AUTOTUNE=0 timeout --signal=INT --kill-after=15 "${SONAR_COMPILE_TEST_BUDGET_S:-120}" \
+        "$py" -m pytest "${compile_tests[@]}" -q -p no:cacheprovider --benchmark-disable -rfEs 2>&1 | tee -a "$log"
+    compile_test_status=${PIPESTATUS[0]}
+    echo "run_gpu.sh: triton_op compile tests exit status ${compile_test_status}" | tee -a "$log"
+    (( test_status == 0 )) && test_status=$compile_test_status
     echo "run_gpu.sh: compiled vs eager (budget ${compile_budget} s)" | tee -a "$log"
     timeout --signal=INT --kill-after=15 "$compile_budget" \
         "$py" bench/measure_compile.py "${compile_args[@]}" 2>&1 | tee -a "$log"

@@ -38,6 +38,7 @@ from sonar_kernels.ops.add_layer_norm import triton_ops as add_layer_norm_triton
 from sonar_kernels.ops.cross_attention_constants import cross_attention_constants_op
 from sonar_kernels.ops.triton_op import HAVE_TRITON_OP
 from sonar_kernels.ops.linear_cross_entropy import linear_cross_entropy_backward_op, linear_cross_entropy_op
+from sonar_kernels.ops.linear_cross_entropy import triton_ops as lce_triton_ops
 from sonar_kernels.ops.varlen_attention import varlen_causal_attention_backward_op, varlen_causal_attention_op
 from sonar_llm.data.batch import ConceptBatch
 from sonar_llm.models.backbone import TransformerLayer
@@ -55,6 +56,14 @@ def _cu(lengths):
 
 def _rand(*shape, g, grad=False, dtype=torch.float32):
     return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(grad)
+
+
+needs_triton = pytest.mark.skipif(
+    not (triton_available() and (torch.cuda.is_available() or interpret_mode())),
+    reason="Triton needs a GPU or TRITON_INTERPRET=1")
+needs_triton_op = pytest.mark.skipif(
+    not (HAVE_TRITON_OP and triton_available() and (torch.cuda.is_available() or interpret_mode())),
+    reason="the Triton path as a triton_op needs torch >= 2.6 and Triton on a GPU or TRITON_INTERPRET=1")
 
 
 # ------------------------------------------------------------------------------------------------ opcheck
@@ -90,20 +99,31 @@ def test_opcheck_cross_attention_constants():
     _opcheck(cross_attention_constants_op, (emb, w, b, 2))
 
 
+@pytest.mark.parametrize("path", ["custom_op", pytest.param("triton_op", marks=needs_triton_op)])
 @pytest.mark.parametrize("grad_in_forward", [True, False])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_opcheck_linear_cross_entropy(grad_in_forward, reduction):
+def test_opcheck_linear_cross_entropy(grad_in_forward, reduction, path):
+    """The custom ops (PyTorch backend) and the Triton path's triton_ops (the same arguments without `backend`)."""
     g = torch.Generator().manual_seed(3)
     h, w = _rand(7, 16, g=g, grad=True), _rand(11, 16, g=g, grad=not grad_in_forward)
     bias = None if grad_in_forward else _rand(11, g=g, grad=True)
     t = torch.randint(0, 11, (7,), generator=g)
     t[2] = -100
-    _opcheck(linear_cross_entropy_op, (h, w, t, bias, -100, reduction, 0.1, 1e-3, "torch", grad_in_forward, 0, True))
+    rows = _rand(7, g=g)
+    if path == "triton_op":
+        fwd, bwd = lce_triton_ops()
+        h, w, t, rows, bias = (x if x is None else x.detach().to(triton_device()).requires_grad_(x.requires_grad)
+                               for x in (h, w, t, rows, bias))
+        fwd_backend, bwd_backend = (), ()
+    else:
+        fwd, bwd = linear_cross_entropy_op, linear_cross_entropy_backward_op
+        fwd_backend, bwd_backend = ("torch",), ("torch",)
+    _opcheck(fwd, (h, w, t, bias, -100, reduction, 0.1, 1e-3, *fwd_backend, grad_in_forward, 0, True))
     if not grad_in_forward:
-        _, lse, _, _ = linear_cross_entropy_op(h.detach(), w.detach(), t, bias.detach(), -100, "none", 0.1, 0.0,
-                                               "torch", False, 0, True)
-        _opcheck(linear_cross_entropy_backward_op, (h.detach(), w.detach(), t, bias.detach(), lse,
-                                                    _rand(7, g=g), -100, 0.1, 0.0, True, True, True, "torch"))
+        _, lse, _, _ = fwd(h.detach(), w.detach(), t, bias.detach(), -100, "none", 0.1, 0.0, *fwd_backend, False, 0,
+                           True)
+        _opcheck(bwd, (h.detach(), w.detach(), t, bias.detach(), lse, rows, -100, 0.1, 0.0, True, True, True,
+                       *bwd_backend))
 
 
 # ----------------------------------------------------------------------- every public op, compiled
@@ -265,9 +285,6 @@ def test_fsdp2_compiled_per_block_matches_eager(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------- the Triton path as torch.library.triton_op
-needs_triton = pytest.mark.skipif(
-    not (triton_available() and (torch.cuda.is_available() or interpret_mode())),
-    reason="Triton needs a GPU or TRITON_INTERPRET=1")
 
 
 def _ln_inputs(seed, m=7, n=24, dtype=torch.float32):
@@ -308,6 +325,15 @@ def test_triton_path_runs_as_triton_op():
     assert "sonar_kernels.add_layer_norm_triton.default" in calls.names, calls.names
     assert "sonar_kernels.add_layer_norm_triton_backward.default" in calls.names, calls.names
     assert not any(n.startswith("sonar_kernels.add_layer_norm.") for n in calls.names)  # not the custom op
+    fwd, bwd = lce_triton_ops()
+    assert str(fwd._opoverload) == "sonar_kernels.linear_cross_entropy_triton.default"
+    (h, w, b, t), _ = _lce_inputs(36)
+    for frozen in (True, False):  # "grad_in_forward" (backward scales rows) and "recompute" (the backward op)
+        with _Calls() as calls:
+            linear_cross_entropy(h, w.detach().requires_grad_(not frozen), t, impl="triton").backward()
+        assert "sonar_kernels.linear_cross_entropy_triton.default" in calls.names, calls.names
+        assert ("sonar_kernels.linear_cross_entropy_triton_backward.default" in calls.names) is not frozen
+        assert not any(n.startswith("sonar_kernels.linear_cross_entropy.") for n in calls.names)
 
 
 @needs_triton
@@ -360,18 +386,114 @@ def test_add_layer_norm_triton_compiled_fullgraph_matches(backend):
     assert not counters["graph_break"]
 
 
+def _lce_inputs(seed, n=40, d=48, v=300):
+    """(hidden, weight, bias, target) on the Triton device, hidden requiring grad; a quarter of the targets
+    ignored (-100); and an upstream gradient [N] for reduction="none"."""
+    g = torch.Generator().manual_seed(seed)
+    h, w, b = _rand(n, d, g=g), _rand(v, d, g=g) / d ** 0.5, _rand(v, g=g)
+    t = torch.randint(0, v, (n,), generator=g)
+    t[torch.rand(n, generator=g) < 0.25] = -100
+    h, w, b, t = (x.to(triton_device()) for x in (h, w, b, t))
+    return (h.requires_grad_(), w, b, t), _rand(n, g=g)
+
+
+def _lce_float64(h, w, b, t, reduction, smoothing, z_loss):
+    """Cross-entropy of h @ w.T + b in float64 from the full logits: (1 - eps) (lse - z_t) + eps (lse - mean z),
+    plus z_loss lse^2, on non-ignored rows; "mean" over those rows."""
+    z = h @ w.t() + (b if b is not None else 0.0)
+    lse = torch.logsumexp(z, -1)
+    valid = t != -100
+    z_t = z.gather(1, t.clamp_min(0)[:, None])[:, 0]
+    rows = (1 - smoothing) * (lse - z_t) + smoothing * (lse - z.mean(-1)) + z_loss * lse ** 2
+    rows = torch.where(valid, rows, torch.zeros_like(rows))
+    return rows if reduction == "none" else rows.sum() / valid.sum()
+
+
+@needs_triton_op
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("frozen", [True, False], ids=["grad_in_forward", "recompute"])
+def test_linear_cross_entropy_triton_compiled_fullgraph_matches(backend, frozen):
+    """The Triton path (its triton_ops) compiled with fullgraph=True (dynamic shapes, two token counts): loss and
+    gradients (hidden; weight and bias when trainable) equal the eager triton_op's and a float64 reference from
+    the full logits, at test_linear_cross_entropy's fp32 tolerances (loss 2e-5 / 1e-5, gradients 2e-5 / 1e-4)."""
+    torch._dynamo.reset()
+    counters.clear()
+    kw = dict(label_smoothing=0.1, z_loss=1e-3)
+
+    def fn(h, w, b, t):
+        return linear_cross_entropy(h, w, t, bias=b, impl="triton", reduction="none", **kw)
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend=backend)
+    for seed, n in ((37, 40), (38, 29)):
+        (h, w, b, t), up = _lce_inputs(seed, n=n)
+        trainable = (True, not frozen, not frozen)  # hidden, weight, bias
+        results = []
+        for f in (compiled, fn):
+            ins = [x.detach().clone().requires_grad_(grad) for x, grad in zip((h, w, b), trainable)]
+            loss = f(*ins, t)
+            grads = torch.autograd.grad((loss.cpu().double() * up.double()).sum(), [x for x in ins if x.requires_grad])
+            results.append([loss.detach().cpu(), *(x.cpu() for x in grads)])
+        ins64 = [x.detach().cpu().double().requires_grad_(grad) for x, grad in zip((h, w, b), trainable)]
+        ref = _lce_float64(*ins64, t.cpu(), "none", kw["label_smoothing"], kw["z_loss"])
+        ref_g = torch.autograd.grad((ref * up.double()).sum(), [x for x in ins64 if x.requires_grad])
+        for i, (name, got, exp, want) in enumerate(zip(("loss", "d hidden", "d weight", "d bias"), *results,
+                                                       [ref.detach(), *ref_g])):
+            atol, rtol = (2e-5, 1e-5) if i == 0 else (2e-5, 1e-4)
+            torch.testing.assert_close(got, exp, atol=atol, rtol=rtol, msg=lambda m, nm=name: f"{nm} vs eager: {m}")
+            torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol,
+                                       msg=lambda m, nm=name: f"{nm} vs float64: {m}")
+    assert not counters["graph_break"]
+
+
+@needs_triton
+def test_wrap_triton_accepts_every_linear_cross_entropy_kernel():
+    """torch's traceable wrapper (what `wrap_triton` builds for a compiled kernel; on the CPU, where the
+    interpreter's kernels skip it, built directly) accepts each LCE kernel: the atomic backward zeroes its
+    outputs by `reset_to_zero`, not by an autotune pre_hook, which the wrapper refuses (checked here too)."""
+    import triton
+    from torch._higher_order_ops.triton_kernel_wrap import TraceableTritonKernelWrapper
+
+    from sonar_kernels.triton_kernels import linear_cross_entropy as tri
+
+    kernels = [getattr(tri, name) for name in dir(tri) if name.startswith("_lce_") and name.endswith("_kernel")]
+    assert len(kernels) == 4
+    for kernel in kernels:
+        TraceableTritonKernelWrapper(kernel, None, None)
+    hooked = triton.autotune(configs=tri._BWD_CONFIGS, key=["N"], pre_hook=lambda *a, **k: None)
+    hooked = hooked(tri._lce_bwd_kernel.fn)
+    with pytest.raises(RuntimeError, match="pre_hook and post_hook are not supported"):
+        TraceableTritonKernelWrapper(hooked, None, None)
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() and triton_available() and not interpret_mode()),
                     reason="the decomposition into kernel nodes needs Triton on a GPU (ops/triton_op.py)")
-def test_inductor_sees_the_add_layer_norm_triton_kernels():
+@pytest.mark.parametrize("case", ["add_layer_norm", "linear_cross_entropy_grad_in_forward",
+                                  "linear_cross_entropy_recompute"])
+def test_inductor_sees_the_triton_kernels(case):
+    """Compiled with inductor, the Triton paths' triton_ops decompose: the generated code (forward and backward)
+    launches their Triton kernels and never calls the ops opaquely (run by bench/run_gpu.sh's compile stage)."""
     from torch._inductor.utils import run_and_get_code
 
     if not HAVE_TRITON_OP:
         pytest.skip("torch without torch.library.triton_op")
-    (x, r, w, b), _, _ = _ln_inputs(35)
-    compiled = torch.compile(lambda *a: add_layer_norm(*a, 1e-5, impl="triton")[0] * 2, fullgraph=True)
-    _, codes = run_and_get_code(compiled, x.detach(), r.detach(), w.detach(), b.detach())
-    assert any("_add_ln_fwd_kernel" in c for c in codes)
-    assert not any("sonar_kernels.add_layer_norm_triton" in c for c in codes)  # decomposed, not called opaquely
+    torch._dynamo.reset()
+    if case == "add_layer_norm":
+        (x, r, w, b), _, _ = _ln_inputs(35)
+        compiled = torch.compile(lambda *a: add_layer_norm(*a, 1e-5, impl="triton")[0] * 2, fullgraph=True)
+        _, codes = run_and_get_code(compiled, x.detach(), r.detach(), w.detach(), b.detach())
+        kernels, op = ["_add_ln_fwd_kernel"], "sonar_kernels.add_layer_norm_triton"
+    else:
+        frozen = case.endswith("grad_in_forward")
+        (h, w, b, t), _ = _lce_inputs(39)
+        w, b = (x.detach().requires_grad_(not frozen) for x in (w, b))
+        compiled = torch.compile(lambda *a: linear_cross_entropy(*a[:3], bias=a[3], impl="triton") * 2,
+                                 fullgraph=True)
+        _, codes = run_and_get_code(lambda: compiled(h, w, t, b).backward())
+        kernels = ["_lce_softmax_grad_kernel"] if frozen else ["_lce_fwd_kernel", "_lce_dlogits_kernel"]
+        op = "sonar_kernels.linear_cross_entropy_triton"
+    for kernel in kernels:
+        assert any(kernel in c for c in codes), kernel
+    assert not any(op in c for c in codes)  # decomposed, not called opaquely
 
 
 def test_cpu_inductor_saves_relu_output_not_a_bool_mask():

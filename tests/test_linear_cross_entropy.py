@@ -506,15 +506,41 @@ def test_autotune_prunes_configs_that_cannot_fit_shared_memory(monkeypatch):
     assert triton_lce.prune_configs_by_smem([big, small], {"h_ptr": cpu}) == [big, small]  # interpreter
 
 
-def test_atomic_backward_autotune_hook_zeroes_only_the_requested_outputs():
-    """Between autotune trials the atomic backward's outputs are zeroed; outputs not requested are None
-    (frozen weight, no bias) and must be skipped (Triton 3.6's reset_to_zero called .zero_() on None)."""
-    from sonar_kernels.triton_kernels import linear_cross_entropy as triton_lce
+def test_atomic_backward_resets_its_outputs_by_reset_to_zero_on_tensors_only(monkeypatch):
+    """Between autotune trials the atomic backward's accumulated outputs are zeroed by the autotuner's
+    `reset_to_zero` (no pre_hook: `wrap_triton`, the triton_op path, refuses those). Every listed argument the
+    launcher passes is a tensor, also when not requested (frozen weight, no bias: a distinct 1-element
+    placeholder each; Triton 3.6 called .zero_() on None), and the kernel leaves the placeholders alone."""
+    triton_lce = _triton_lce_or_skip()
+    kernel = triton_lce._lce_bwd_kernel
+    assert list(kernel.reset_to_zero) == ["dh_ptr", "dw_ptr", "db_ptr"]
+    assert not kernel.user_defined_pre_hook and all(c.pre_hook is None for c in kernel.configs)
+    launched, real_wrap = [], triton_lce.wrap_triton
 
-    hook = triton_lce._zero_bwd_outputs
-    dh, db = torch.randn(3, 2), torch.randn(5)
-    hook({"dh_ptr": dh, "dw_ptr": None, "db_ptr": db})
-    assert dh.abs().max().item() == 0.0 and db.abs().max().item() == 0.0
-    dh.fill_(2.0)
-    hook({"dh_ptr": dh, "dw_ptr": None, "db_ptr": None}, reset_only=True)
-    assert dh.abs().max().item() == 0.0
+    def spy(k):  # records the arguments of the atomic backward's launch
+        launch = real_wrap(k)
+        if k is not kernel:
+            return launch
+
+        class Recorder:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    launched.append(dict(zip(kernel.arg_names, args)))
+                    return launch[grid](*args, **kwargs)
+                return run
+        return Recorder()
+
+    monkeypatch.setattr(triton_lce, "wrap_triton", spy)
+    hidden, weight, target, _ = _inputs(153, n=20, d=16, v=100)
+    go = torch.full((20,), 0.05)
+    hidden, weight, target, go = for_triton(hidden, weight, target, go)
+    _, lse = triton_lce.forward(hidden, weight, target)
+    dh, dw, db = triton_lce.backward(hidden, weight, target, None, lse, go, strategy="atomic")
+    assert dw is None and db is None and len(launched) == 1
+    nargs = launched[0]
+    spares = [nargs["dw_ptr"], nargs["db_ptr"]]
+    assert all(isinstance(t, torch.Tensor) and t.numel() == 1 and t.item() == 0.0 for t in spares)
+    assert spares[0].data_ptr() != spares[1].data_ptr()
+    assert nargs["dh_ptr"].shape == dh.shape and nargs["dh_ptr"].abs().max().item() > 0
+    kernel.pre_hook(nargs)  # the reset Triton runs before each trial: every listed output zeroed
+    assert nargs["dh_ptr"].abs().max().item() == 0.0

@@ -8,8 +8,9 @@ log-sum-exp and the backward recomputes logits tile by tile (Triton) or chunk by
 ("recompute": three products with d_weight). Gradients w.r.t. `weight`/`bias` are computed only when
 those tensors require grad.
 
-The computation is the custom op `sonar_kernels::linear_cross_entropy` (ops/linear_cross_entropy.py; target
-values are checked inside it); this wrapper validates shapes and dtypes and picks the backend and strategy.
+The computation is the custom op `sonar_kernels::linear_cross_entropy`, or for the Triton backend the triton_op
+`sonar_kernels::linear_cross_entropy_triton` (ops/linear_cross_entropy.py; target values are checked inside
+them); this wrapper validates shapes and dtypes and picks the backend and strategy.
 
 Differences from F.cross_entropy: "mean" over a batch whose targets are all `ignore_index` is 0 (with zero
 gradients) instead of NaN; the loss is float32 whatever the input dtype (float64 for float64 inputs).
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..backend import use_triton
-from ..ops.linear_cross_entropy import linear_cross_entropy_op
+from ..ops.linear_cross_entropy import linear_cross_entropy_call
 
 REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -155,7 +156,7 @@ def linear_cross_entropy(
         grad_in_forward = True
     else:
         grad_in_forward = False
-    loss, lse, _, _ = linear_cross_entropy_op(
+    loss, lse, _, _ = linear_cross_entropy_call(
         hidden, weight, target, bias, ignore_index, reduction, float(label_smoothing), float(z_loss), backend,
         grad_in_forward, chunk_size or 0, bool(validate_targets))
     return (loss, lse) if return_lse else loss

@@ -8,6 +8,12 @@ non-ignored tokens (at least 1). The autograd formula either scales `d_hidden_un
 traceable) or calls the backward op `sonar_kernels::linear_cross_entropy_backward`, which recomputes the
 logits chunk by chunk (or tile by tile). Target values are checked inside the op (`check_targets`), where a
 compiled graph never sees the host read.
+- The torch and native backends (and "triton" where torch has no triton_op, torch < 2.6) run in the `custom_op`
+  pair `sonar_kernels::linear_cross_entropy` / `linear_cross_entropy_backward` (argument `backend`).
+- The Triton path (triton_kernels/linear_cross_entropy.py) is the `triton_op` pair
+  `sonar_kernels::linear_cross_entropy_triton` / `linear_cross_entropy_triton_backward` (`triton_ops()`; the
+  same arguments without `backend`; registered at import where triton imports; see ops/triton_op.py for the
+  interpreter). `linear_cross_entropy_call` picks the op for a backend.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import torch
 
 from ..torch_ops import linear_cross_entropy as _torch_lce
 from .inline import see_through
+from .triton_op import finish_pair, register_at_import, triton_op
 
 BACKENDS = ("torch", "triton", "native")
 
@@ -73,16 +80,11 @@ def row_scale(grad_loss: torch.Tensor, count: torch.Tensor, reduction: str, n: i
     return (grad_loss.to(count.dtype) / count).expand(n)
 
 
-@torch.library.custom_op("sonar_kernels::linear_cross_entropy", mutates_args=())
-def linear_cross_entropy_op(
-    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
-    ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, backend: str,
-    grad_in_forward: bool, chunk_size: int, validate_targets: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, lse [N], d_hidden_unit [N, D] or [0], count []); `chunk_size` 0 = the backend's default."""
+def _forward(mod, hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, grad_in_forward,
+             chunk_size, validate_targets):
+    """The forward op's body with backend module `mod` (the custom op's and the Triton triton_op's)."""
     if validate_targets:
         check_targets(target, weight.shape[0], ignore_index)
-    mod = backend_module(backend)
     with _autocast_off(hidden.device):
         if grad_in_forward:
             kw = {"chunk_size": chunk_size} if chunk_size else {}
@@ -100,9 +102,8 @@ def linear_cross_entropy_op(
     return loss, lse, d_hidden, count
 
 
-@linear_cross_entropy_op.register_fake
-def _(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, backend, grad_in_forward,
-      chunk_size, validate_targets):
+def _forward_fake(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, grad_in_forward,
+                  chunk_size, validate_targets):
     n = hidden.shape[0]
     acc = _acc_dtype(hidden.dtype)
     loss = hidden.new_empty(n, dtype=acc) if reduction == "none" else hidden.new_empty((), dtype=acc)
@@ -110,16 +111,12 @@ def _(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_
     return loss, hidden.new_empty(n, dtype=acc), d_hidden, hidden.new_empty((), dtype=acc)
 
 
-@torch.library.custom_op("sonar_kernels::linear_cross_entropy_backward", mutates_args=())
-def linear_cross_entropy_backward_op(
-    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
-    lse: torch.Tensor, grad_rows: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-    need_hidden: bool, need_weight: bool, need_bias: bool, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d_hidden, d_weight, d_bias) of sum_i grad_rows[i] * loss_i; a gradient not asked for is an empty [0]."""
+def _backward_body(mod, hidden, weight, target, bias, lse, grad_rows, ignore_index, label_smoothing, z_loss,
+                   need_hidden, need_weight, need_bias):
+    """The backward op's body with backend module `mod` (the custom op's and the Triton triton_op's)."""
     kw = {"z_loss": z_loss} if z_loss else {}
     with _autocast_off(hidden.device):
-        dh, dw, db = backend_module(backend).backward(
+        dh, dw, db = mod.backward(
             hidden, weight, target, bias, lse, grad_rows, ignore_index=ignore_index,
             label_smoothing=label_smoothing, need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
             **kw)
@@ -129,51 +126,150 @@ def linear_cross_entropy_backward_op(
             db.to(bias.dtype) if need_bias else empty.clone())
 
 
-@linear_cross_entropy_backward_op.register_fake
-def _(hidden, weight, target, bias, lse, grad_rows, ignore_index, label_smoothing, z_loss, need_hidden,
-      need_weight, need_bias, backend):
+def _backward_fake(hidden, weight, target, bias, lse, grad_rows, ignore_index, label_smoothing, z_loss, need_hidden,
+                   need_weight, need_bias):
     return (hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0),
             weight.new_empty(weight.shape) if need_weight else hidden.new_empty(0),
             bias.new_empty(bias.shape) if need_bias else hidden.new_empty(0))
 
 
-def _setup_context(ctx, inputs, output):
-    (hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, backend, grad_in_forward,
-     _chunk, _validate) = inputs
+def _save(ctx, inputs, output) -> None:
+    """setup_context of both forward ops; `inputs` without the custom op's `backend`."""
+    (hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, grad_in_forward, _chunk,
+     _validate) = inputs
     _, lse, d_hidden, count = output
     if grad_in_forward:
         ctx.save_for_backward(d_hidden, count)
     else:
         ctx.save_for_backward(hidden, weight, target, bias, lse, count)
     ctx.mark_non_differentiable(lse, d_hidden, count)
-    ctx.settings = (ignore_index, reduction, float(label_smoothing), float(z_loss), backend, grad_in_forward,
+    ctx.settings = (ignore_index, reduction, float(label_smoothing), float(z_loss), grad_in_forward,
                     bias is not None)
 
 
-def _backward(ctx, grad_loss, _grad_lse, _grad_dh, _grad_count):
-    ignore_index, reduction, label_smoothing, z_loss, backend, grad_in_forward, has_bias = ctx.settings
-    none = (None,) * 12
+def _grads(ctx, grad_loss, backward_op):
+    """(d_hidden, d_weight, d_bias), each None when not needed; `backward_op` takes `_backward_body`'s
+    arguments after `mod`."""
+    ignore_index, reduction, label_smoothing, z_loss, grad_in_forward, has_bias = ctx.settings
     if grad_loss is None:
-        return none
+        return None, None, None
     if grad_in_forward:
         d_hidden_unit, count = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return none
+            return None, None, None
         g = row_scale(grad_loss, count, reduction, d_hidden_unit.shape[0])
         d_hidden = (d_hidden_unit * g[:, None].to(d_hidden_unit.dtype) if d_hidden_unit.dtype == g.dtype
                     else (d_hidden_unit.to(g.dtype) * g[:, None]).to(d_hidden_unit.dtype))
-        return (d_hidden,) + none[1:]
+        return d_hidden, None, None
     hidden, weight, target, bias, lse, count = ctx.saved_tensors
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = has_bias and ctx.needs_input_grad[3]
     if not (need_h or need_w or need_b):
-        return none
+        return None, None, None
     g = row_scale(grad_loss, count, reduction, hidden.shape[0]).contiguous()
-    dh, dw, db = linear_cross_entropy_backward_op(hidden, weight, target, bias, lse, g, ignore_index,
-                                                  label_smoothing, z_loss, need_h, need_w, need_b, backend)
-    return (dh if need_h else None, dw if need_w else None, None, db if need_b else None) + none[4:]
+    dh, dw, db = backward_op(hidden, weight, target, bias, lse, g, ignore_index, label_smoothing, z_loss, need_h,
+                             need_w, need_b)
+    return dh if need_h else None, dw if need_w else None, db if need_b else None
+
+
+# ------------------------------------------------------------- custom ops: every backend (torch, native; triton
+# where torch has no triton_op)
+@torch.library.custom_op("sonar_kernels::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy_op(
+    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
+    ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, backend: str,
+    grad_in_forward: bool, chunk_size: int, validate_targets: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, lse [N], d_hidden_unit [N, D] or [0], count []); `chunk_size` 0 = the backend's default."""
+    return _forward(backend_module(backend), hidden, weight, target, bias, ignore_index, reduction,
+                    label_smoothing, z_loss, grad_in_forward, chunk_size, validate_targets)
+
+
+@linear_cross_entropy_op.register_fake
+def _(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, backend, grad_in_forward,
+      chunk_size, validate_targets):
+    return _forward_fake(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss,
+                         grad_in_forward, chunk_size, validate_targets)
+
+
+@torch.library.custom_op("sonar_kernels::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward_op(
+    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
+    lse: torch.Tensor, grad_rows: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
+    need_hidden: bool, need_weight: bool, need_bias: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d_hidden, d_weight, d_bias) of sum_i grad_rows[i] * loss_i; a gradient not asked for is an empty [0]."""
+    return _backward_body(backend_module(backend), hidden, weight, target, bias, lse, grad_rows, ignore_index,
+                          label_smoothing, z_loss, need_hidden, need_weight, need_bias)
+
+
+@linear_cross_entropy_backward_op.register_fake
+def _(hidden, weight, target, bias, lse, grad_rows, ignore_index, label_smoothing, z_loss, need_hidden,
+      need_weight, need_bias, backend):
+    return _backward_fake(hidden, weight, target, bias, lse, grad_rows, ignore_index, label_smoothing, z_loss,
+                          need_hidden, need_weight, need_bias)
+
+
+def _setup_context(ctx, inputs, output):
+    _save(ctx, inputs[:8] + inputs[9:], output)
+    ctx.backend = inputs[8]
+
+
+def _backward(ctx, grad_loss, _grad_lse, _grad_dh, _grad_count):
+    backend = ctx.backend
+    dh, dw, db = _grads(ctx, grad_loss, lambda *a: linear_cross_entropy_backward_op(*a, backend))
+    return (dh, dw, None, db) + (None,) * 8
 
 
 linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 see_through(linear_cross_entropy_op)
 see_through(linear_cross_entropy_backward_op)
+
+
+# ---------------------------------------------------------------------------------- Triton path: triton_ops
+def _register_triton_ops():
+    from ..triton_kernels import linear_cross_entropy as tri
+
+    @triton_op("sonar_kernels::linear_cross_entropy_triton", _forward_fake)
+    def fwd_op(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
+               ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, grad_in_forward: bool,
+               chunk_size: int, validate_targets: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`linear_cross_entropy_op` with backend "triton", by the Triton kernels."""
+        return _forward(tri, hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss,
+                        grad_in_forward, chunk_size, validate_targets)
+
+    @triton_op("sonar_kernels::linear_cross_entropy_triton_backward", _backward_fake)
+    def bwd_op(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
+               lse: torch.Tensor, grad_rows: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
+               need_hidden: bool, need_weight: bool, need_bias: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`linear_cross_entropy_backward_op` with backend "triton", by the Triton kernels."""
+        return _backward_body(tri, hidden, weight, target, bias, lse, grad_rows, ignore_index, label_smoothing,
+                              z_loss, need_hidden, need_weight, need_bias)
+
+    def backward(ctx, grad_loss, _grad_lse, _grad_dh, _grad_count):
+        dh, dw, db = _grads(ctx, grad_loss, bwd_op)
+        return (dh, dw, None, db) + (None,) * 7
+
+    return finish_pair(fwd_op, bwd_op, backward, _save)
+
+
+_TRITON_OPS = register_at_import(_register_triton_ops)
+
+
+def triton_ops():
+    """(forward op, backward op) of the Triton path as torch.library.triton_ops (the custom ops' contract without
+    `backend`), or None without triton or without triton_op (torch < 2.6)."""
+    return _TRITON_OPS
+
+
+def linear_cross_entropy_call(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss,
+                              backend, grad_in_forward, chunk_size, validate_targets):
+    """`linear_cross_entropy_op`'s outputs by the op that runs `backend`: the triton_op for "triton" where
+    torch has triton_op, else the custom op."""
+    args = (hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss)
+    rest = (grad_in_forward, chunk_size, validate_targets)
+    if backend == "triton" and _TRITON_OPS is not None:
+        return _TRITON_OPS[0](*args, *rest)
+    return linear_cross_entropy_op(*args, backend, *rest)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..backend import interpret_mode
+from ..backend import interpret_mode, triton_available
 
 HAVE_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
 
@@ -45,4 +45,22 @@ def triton_op(name: str, fake: Callable) -> Callable:
     return register
 
 
-__all__ = ["HAVE_TRITON_OP", "triton_op"]
+def register_at_import(register: Callable):
+    """`register()` (which registers an op's triton_op pair and returns it) where torch has triton_op and triton
+    imports, else None. Called at import (TRITON_INTERPRET must be set before sonar_kernels is imported), not on
+    first use: a first use inside a compiled region would have dynamo trace the registration."""
+    return register() if (HAVE_TRITON_OP and triton_available()) else None
+
+
+def finish_pair(fwd_op, bwd_op, backward: Callable, setup_context: Callable):
+    """The forward triton_op's autograd (`backward`, `setup_context`), and FLOP counters seeing through both ops
+    (ops/inline.py); returns (fwd_op, bwd_op)."""
+    from .inline import see_through
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+    see_through(fwd_op)
+    see_through(bwd_op)
+    return fwd_op, bwd_op
+
+
+__all__ = ["HAVE_TRITON_OP", "finish_pair", "register_at_import", "triton_op"]

@@ -1,5 +1,10 @@
 """Triton kernels for the fused linear cross-entropy (no autograd here; see `functional/`).
 
+The launchers (`forward`, `forward_with_grad`, `backward`) are the bodies of the `torch.library.triton_op`s
+in ops/linear_cross_entropy.py, so they launch every kernel through `wrap_triton` and use torch ops only:
+compiled graphs trace them and see the kernels (on a GPU; ops/triton_op.py for the interpreter).
+`LAUNCH_COUNTS` counts launcher calls (when compiled, at trace time).
+
 Forward: a program owns BLOCK_N tokens and one contiguous split of the vocabulary. It walks that split in
 BLOCK_V tiles, builds each [BLOCK_N, BLOCK_V] logit tile with tl.dot over BLOCK_D slices of D, and keeps
 an online log-sum-exp, the target logit and (for label smoothing) the sum of logits per token. Only those
@@ -47,9 +52,13 @@ import triton
 import triton.language as tl
 
 from ..backend import interpret_mode
+
+# torch >= 2.6: the launchers are the bodies of triton_ops (ops/linear_cross_entropy.py), so every kernel is
+# launched through wrap_triton; older torch launches the kernels directly (the custom op then runs them)
+wrap_triton = getattr(torch.library, "wrap_triton", lambda kernel: kernel)
 from ..torch_ops.linear_cross_entropy import z_loss_shifted_lse
 
-# Kernel launches so far; tests assert that a frozen weight never launches weight-gradient work.
+# Launcher calls so far; tests assert that a frozen weight never launches weight-gradient work.
 LAUNCH_COUNTS = {"forward": 0, "backward": 0, "backward_dweight": 0, "forward_with_grad": 0}
 
 _INTERPRET = interpret_mode()
@@ -193,18 +202,14 @@ def _lce_fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, zt_ptr, zsum_ptr,
         tl.store(zsum_ptr + out, zsum, mask=n_mask)
 
 
-def _zero_bwd_outputs(nargs, reset_only=False):
-    """The atomic backward's reset_to_zero while autotuning, skipping outputs not requested (None).
-
-    Not `reset_to_zero=[...]`: Triton 3.6 (torch 2.11's) calls `.zero_()` on every listed argument, None
-    included, so autotuning with a frozen weight (dw None) or no bias (db None) raised AttributeError;
-    Triton 3.9 skips None itself. A pre_hook behaves the same on both."""
-    for name in ("dh_ptr", "dw_ptr", "db_ptr"):
-        if nargs.get(name) is not None:
-            nargs[name].zero_()
+# The outputs accumulate atomically: autotuning zeroes them between trials. Each is always a tensor (the
+# launcher passes a 1-element placeholder for one not requested; COMPUTE_* skips it): Triton 3.6 called
+# `.zero_()` on a None listed here, and inductor's autotuner asserts a tensor. Not a pre_hook: `wrap_triton`
+# (the triton_op path, ops/linear_cross_entropy.py) refuses those, and accepts reset_to_zero.
+_BWD_OUTPUTS = ["dh_ptr", "dw_ptr", "db_ptr"]
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["N_BUCKET", "V", "D"], pre_hook=_zero_bwd_outputs,
+@triton.autotune(configs=_BWD_CONFIGS, key=["N_BUCKET", "V", "D"], reset_to_zero=_BWD_OUTPUTS,
                  prune_configs_by=_PRUNE)
 @triton.jit
 def _lce_bwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
@@ -365,7 +370,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bi
     part_zsum = torch.empty_like(part_lse) if smooth else None
     target = target.contiguous()
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
-    _lce_fwd_kernel[grid](
+    wrap_triton(_lce_fwd_kernel)[grid](
         hidden, weight, bias, target, part_lse, part_zt, part_zsum,
         n, v, d, v_per_split, _n_bucket(n),
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
@@ -455,14 +460,18 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, b
 
 def _backward_atomic(hidden, weight, target, bias, lse, g, label_smoothing, upcast, precision,
                      need_hidden, need_weight, need_bias):
-    """fp32 (dh, dw, db) from one launch of `_lce_bwd_kernel` (atomic adds)."""
+    """fp32 (dh, dw, db) from one launch of `_lce_bwd_kernel` (atomic adds). An output not requested is a
+    1-element placeholder, never None (the kernel's reset_to_zero zeroes every listed argument; COMPUTE_*
+    keeps the kernel off it)."""
     n, d = hidden.shape
     v = weight.shape[0]
-    dh = torch.zeros(n, d, dtype=torch.float32, device=hidden.device) if need_hidden else None
-    dw = torch.zeros(v, d, dtype=torch.float32, device=hidden.device) if need_weight else None
-    db = torch.zeros(v, dtype=torch.float32, device=hidden.device) if need_bias else None
+
+    def zeros(need, *shape):
+        return torch.zeros(*(shape if need else (1,)), dtype=torch.float32, device=hidden.device)
+
+    dh, dw, db = zeros(need_hidden, n, d), zeros(need_weight, v, d), zeros(need_bias, v)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)  # noqa: E731
-    _lce_bwd_kernel[grid](
+    wrap_triton(_lce_bwd_kernel)[grid](
         hidden, weight, bias, target, lse, g, dh, dw, db,
         n, v, d, _n_bucket(n), 1.0 - label_smoothing, label_smoothing / v,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
@@ -483,7 +492,7 @@ def write_dlogits(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
         raise ValueError(f"out must be [{m}, {v}] with unit column stride, got {tuple(out.shape)} "
                          f"strides {out.stride()}")
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)  # noqa: E731
-    _lce_dlogits_kernel[grid](
+    wrap_triton(_lce_dlogits_kernel)[grid](
         hidden, weight, bias, target, lse, g, out,
         m, v, d, _n_bucket(m), 1.0 - label_smoothing, label_smoothing / v,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
@@ -584,7 +593,7 @@ def softmax_grad_rows(z: torch.Tensor, out: torch.Tensor, target: torch.Tensor, 
     loss = torch.empty(rows, dtype=torch.float32, device=z.device)
     lse = torch.empty_like(loss)
     if rows:
-        _lce_softmax_grad_kernel[(rows,)](
+        wrap_triton(_lce_softmax_grad_kernel)[(rows,)](
             z, out, target, loss, lse, v, z.stride(0), out.stride(0), ignore_index,
             1.0 - label_smoothing, label_smoothing / v, float(z_loss),
             SMOOTH=label_smoothing != 0.0, ZLOSS=z_loss != 0.0, BLOCK_V=SOFTMAX_GRAD_BLOCK_V,
