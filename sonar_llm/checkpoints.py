@@ -46,6 +46,7 @@ __all__ = [
     "EXPORT_FILES_KEY",
     "file_record",
     "write_exported",
+    "read_run_config",
     "verify_export_file",
     "TrainedWeights",
     "step_dir_name",
@@ -273,8 +274,19 @@ def check_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[Path
     return ckpt_dir, cfg_file
 
 
+def read_run_config(cfg_file: str | os.PathLike) -> dict[str, Any]:
+    """A run's resolved `config.json`; ValueError naming the file when it is not UTF-8 JSON holding an object."""
+    try:
+        cfg = json.loads(Path(cfg_file).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg_file}: not a readable run config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_file}: not a run config (expected a JSON object, got {type(cfg).__name__})")
+    return cfg
+
+
 def read_run(run_dir: str | os.PathLike, step: int | None = None) -> TrainedWeights:
     """A run directory: its resolved `config.json` and the latest (or `step`'s) complete checkpoint."""
     ckpt_dir, cfg_file = check_run(run_dir, step)
-    state = load_dcp_model_state(ckpt_dir)
-    return TrainedWeights(state, json.loads(cfg_file.read_text()), checkpoint_step(ckpt_dir), str(ckpt_dir))
+    run_cfg = read_run_config(cfg_file)  # a damaged config is named before the weights are read
+    return TrainedWeights(load_dcp_model_state(ckpt_dir), run_cfg, checkpoint_step(ckpt_dir), str(ckpt_dir))

@@ -13,6 +13,8 @@ No silent exit: every non-zero exit says why on stderr. An exception may carry a
 
 Outputs: `atomic_output(path)` writes through a temporary file beside `path`, renamed over it only when
 the block succeeds, so a failed command leaves no output file written or changed.
+`check_output_path(path, flag)` refuses an output path that cannot be written (a folder, or below a file) before
+any work starts; a missing folder is created when the output is written.
 Inputs: `check_device` (an unavailable accelerator is bad input, said before anything loads), argparse
 types for ranges (`int_at_least`, `float_in`), `read_utf8` (names the file and line of bad bytes).
 """
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence, TextIO
 
 __all__ = ["UsageError", "CommandFailed", "USAGE_ERRORS", "parser", "run", "one_line", "check_device",
-           "atomic_output", "shareable", "int_at_least", "float_in", "read_utf8"]
+           "check_output_path", "atomic_output", "shareable", "int_at_least", "float_in", "read_utf8"]
 
 
 class UsageError(ValueError):
@@ -129,6 +131,20 @@ def check_device(device: str, flag: str = "--device") -> str:
     elif dev.type != "cpu":
         raise UsageError(f"{flag} {device}: unsupported device type {dev.type!r} (expected cpu or cuda)")
     return device
+
+
+def check_output_path(path: str | os.PathLike, flag: str = "--out") -> None:
+    """UsageError naming `flag` when `path` cannot be written as a file: it is a folder, or one of the folders
+    above it is a file. Call it before the command's work, so that a typo costs no model load or generation; the
+    missing folders above `path` are created when it is written (`atomic_output`)."""
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{flag} {path}: is a folder (expected a file path)")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{flag} {path}: {parent} is a file, not a folder")
+            break
 
 
 def shareable(path: str | os.PathLike) -> None:

@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from sonar_llm.cli import int_at_least, parser
+    from sonar_llm.cli import check_output_path, int_at_least, parser
 
     p = parser("python -m sonar_llm.convert", description=__doc__.split("\n\n")[0])
     way = p.add_mutually_exclusive_group(required=True)
@@ -251,6 +251,10 @@ def _main(argv: list[str]) -> int:
                    help="--to public: skip the sha256 check of --model against its model.json")
     p.add_argument("--out", required=True, help="output file")
     args = p.parse_args(argv)
+    for flag, value in (("--out", args.out), ("--sonar-decoder-out", args.sonar_decoder_out),
+                        ("--config-out", args.config_out)):
+        if value:
+            check_output_path(value, flag)
     if args.src == "public":
         if not args.checkpoint:
             p.error("--from public needs --checkpoint")

@@ -426,11 +426,13 @@ def _record(g: Generator, c: Continuation) -> dict[str, Any]:
 def generate(cfg: GenerateConfig, *, stdout: TextIO | None = None, stderr: TextIO | None = None,
              stdin: TextIO | None = None) -> list[Continuation]:
     """Run the command: load, continue every prompt (batched by length), print or write JSONL."""
-    from sonar_llm.cli import atomic_output, check_device
+    from sonar_llm.cli import atomic_output, check_device, check_output_path
 
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     cfg.validate()
     check_device(cfg.device)
+    if cfg.out:
+        check_output_path(cfg.out)
     texts = [cfg.prompt] if cfg.prompt else read_prompts(cfg.prompts, stdin)
     g = Generator(cfg)
     for line in g.warnings:

@@ -691,3 +691,56 @@ def test_cli_contract_helpers(tmp_path, capsys):
     with cli.atomic_output(target) as tmp:
         tmp.write_text("new")
     assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
+
+
+@pytest.mark.parametrize("cmd", ["generate", "evaluate", "export", "convert --to public", "judge"])
+def test_an_out_path_below_a_file_is_refused_before_any_work(env, cmd, capsys, tmp_path):
+    """`--out a_file/x`: exit 2, one line naming --out, before the command reads its model (the other inputs here
+    would fail later with another message: generate's and evaluate's SONAR files are junk), nothing written."""
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("keep")
+    out = str(blocker / "result.json")
+    argv = {"generate": gen_argv("--prompt", "Tom ran."), "evaluate": eval_argv(),
+            "export": lambda e, o: ["--run", str(e.run), "--out", str(o / "m.safetensors")],
+            "convert --to public": lambda e, o: ["--to", "public", "--model", str(e.p["export"]), "--out",
+                                                 str(o / "c.pt")],
+            "judge": judge_argv()}[cmd](env, tmp_path / "unused")
+    argv[argv.index("--out") + 1] = out
+    main = TABLE[cmd][0]
+    capsys.readouterr()
+    assert main(argv) == 2
+    line = _one_line(capsys)
+    assert "--out" in line and str(blocker) in line and "is a file" in line, line
+    assert blocker.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("cmd", ["generate", "evaluate"])
+def test_a_damaged_run_config_is_named(env, cmd, capsys, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(env.run, run)
+    (run / "config.json").write_text('{"model": {"family": "sonar_llm", ')  # cut off
+    argv = {"generate": gen_argv("--prompt", "Tom ran."), "evaluate": eval_argv()}[cmd](env, tmp_path / "o")
+    i = argv.index("--model")
+    argv[i:i + 2] = ["--run", str(run)]
+    capsys.readouterr()
+    assert TABLE[cmd][0](argv) == 2
+    line = _one_line(capsys)
+    assert f"{run / 'config.json'}: not a readable run config" in line, line
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_resuming_from_a_damaged_checkpoint_is_one_line(tmp_path, capsys):
+    """A run whose only checkpoint was cut short: the rerun names the shard (exit 2, no traceback) and leaves
+    the checkpoint as it was (not deleted, not overwritten)."""
+    from _train_fakes import fake_data_factory, fake_model_factory
+    from sonar_train.main import main
+
+    argv = ["--train.steps=2", "--train.checkpoint_every=2", "--train.device=cpu", f"--train.out_dir={tmp_path}"]
+    assert main(argv, model_factory=fake_model_factory, data_factory=fake_data_factory) == 0
+    shard = next((tmp_path / "checkpoints").rglob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(argv + ["--train.steps=3"], model_factory=fake_model_factory, data_factory=fake_data_factory) == 2
+    line = _one_line(capsys)
+    assert line.startswith("train error:") and shard.name in line and "100 bytes" in line, line
+    assert shard.stat().st_size == 100

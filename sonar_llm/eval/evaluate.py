@@ -162,9 +162,10 @@ class EvalConfig:
                             ("--summ-data", self.summ_data)):
             if value and not Path(value).exists():
                 raise FileNotFoundError(f"{name}: path does not exist: {value}")
-        from sonar_llm.cli import check_device
+        from sonar_llm.cli import check_device, check_output_path
 
         check_device(self.device)
+        check_output_path(self.out)
         if not 0.0 <= self.eos_threshold <= 1.0:
             raise ValueError(f"--eos-threshold must be a cosine in [0, 1] (0 = the family's default), "
                              f"got {self.eos_threshold}")

@@ -365,7 +365,7 @@ def read_records(path: str | os.PathLike) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command; exit 0, 2 on bad input, 1 when more than --max-failed-share of the stories failed."""
-    from sonar_llm.cli import atomic_output, parser, run
+    from sonar_llm.cli import atomic_output, check_output_path, parser, run
 
     def body(args: list[str]) -> int:
         p = parser("python -m sonar_llm.eval.judge", description=__doc__.split("\n")[0])
@@ -375,6 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         a = p.parse_args(args)
         cfg = config_from_args(a)
         cfg.validate()
+        if a.out:
+            check_output_path(a.out)
         records = read_records(a.input_json)
         prompts, gens = split_records(records, a.input_json)
         if not prompts:

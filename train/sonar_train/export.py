@@ -10,12 +10,12 @@ every loader (sonar_llm.checkpoints.read_exported) checks the file against that 
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
-from sonar_llm.checkpoints import checkpoint_step, find_checkpoint, load_dcp_model_state, write_exported
+from sonar_llm.checkpoints import (checkpoint_step, find_checkpoint, load_dcp_model_state, read_run_config,
+                                   write_exported)
 from sonar_llm.sonar.checkpoint import DTYPES as _DTYPES
 
 load_model_state = load_dcp_model_state  # the model state of a DCP checkpoint directory (kept name)
@@ -33,10 +33,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None 
         state = {k: v.to(_DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
     state = {k: v.contiguous() for k, v in state.items()}
     cfg_file = Path(run_dir) / "config.json"
-    try:
-        run_cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{cfg_file}: not a readable run config ({e})") from None
+    run_cfg = read_run_config(cfg_file) if cfg_file.is_file() else {}
     model_cfg = run_cfg.get("model", {})
     step_n = checkpoint_step(path)
     info = {"run_config": run_cfg, "step": step_n, "family": model_cfg.get("family"),
@@ -53,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from sonar_llm.cli import int_at_least, parser
+    from sonar_llm.cli import check_output_path, int_at_least, parser
 
     p = parser("train/export.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="run directory (train.out_dir)")
@@ -61,6 +58,7 @@ def _main(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="output .safetensors path")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="cast floating tensors")
     args = p.parse_args(argv)
+    check_output_path(args.out)
     out = export(args.run, args.out, args.step, args.dtype)
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0

@@ -574,8 +574,8 @@ def run_training(cfg: RunConfig, *, model_factory: ModelFactory | None = None,
                         sample_fn, stream, changes)
         return train(run)
     except BaseException as e:
-        if isinstance(e, ConfigError):  # one line, from the caller (train/main.py: exit 2)
-            raise
+        if isinstance(e, (ConfigError, ckpt.CheckpointError)):  # bad input (a damaged checkpoint names its file):
+            raise  # one line, from the caller (train/main.py: exit 2)
         if not isinstance(e, KeyboardInterrupt):
             print(f"[rank {info.rank}] training failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             if not isinstance(e, (TrainingAborted, CheckpointNotSaved)):

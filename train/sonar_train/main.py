@@ -41,8 +41,10 @@ def main(argv: list[str] | None = None, **factories) -> int:
     """Run the command; returns the process exit code. `factories` (model_factory, data_factory,
     sample_fn) are passed to run_training (tests and custom scripts plug in their own families)."""
     from sonar_llm.cli import run
+    from sonar_train.checkpoint import CheckpointError
 
-    return run("train", lambda args: _main(args, factories), argv)
+    # a damaged checkpoint to resume from is bad input (the message names the file): one line, exit 2
+    return run("train", lambda args: _main(args, factories), argv, usage_errors=(CheckpointError,))
 
 
 def _main(argv: list[str], factories: dict) -> int:
