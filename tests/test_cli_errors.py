@@ -715,7 +715,14 @@ def test_an_out_path_below_a_file_is_refused_before_any_work(env, cmd, capsys, t
 
 
 @pytest.mark.parametrize("cmd", ["generate", "evaluate"])
-def test_a_damaged_run_config_is_named(env, cmd, capsys, tmp_path):
+def test_a_damaged_run_config_is_named(env, cmd, capsys, tmp_path, monkeypatch):
+    """Named before SONAR is resolved (evaluate without SONAR flags would otherwise train a tiny SONAR)."""
+    from sonar_llm.eval import evaluate
+
+    def too_early(*a, **k):
+        raise AssertionError("SONAR resolved before the run config was read")
+
+    monkeypatch.setattr(evaluate, "resolve_sonar_assets", too_early)
     run = tmp_path / "run"
     shutil.copytree(env.run, run)
     (run / "config.json").write_text('{"model": {"family": "sonar_llm", ')  # cut off

@@ -366,10 +366,10 @@ def evaluate(cfg: EvalConfig, *, loaded: LoadedModel | None = None, sonar=None,
         cfg.validate()
         if cfg.task == "story":
             read_stories(cfg.stories)  # an empty or unreadable --stories is said before anything loads
-        if cfg.run:  # a run folder without a checkpoint or its config is said before SONAR is resolved
-            from sonar_llm.checkpoints import check_run
+        if cfg.run:  # a run folder without a checkpoint, or with a missing or damaged config, is said before
+            from sonar_llm.checkpoints import check_run, read_run_config  # SONAR is resolved (or trained)
 
-            check_run(cfg.run)
+            read_run_config(check_run(cfg.run)[1])
     log = log or (lambda s: None)
     t0 = time.perf_counter()
     assets = None
