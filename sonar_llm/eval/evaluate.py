@@ -353,7 +353,9 @@ def _run_sonar_section(cfg: EvalConfig) -> dict[str, Any] | None:
             info = json.loads(Path(cfg.model).with_suffix(".json").read_text())
             return (info.get("run_config") or {}).get("sonar")
         if cfg.run:
-            return json.loads((Path(cfg.run) / "config.json").read_text()).get("sonar")
+            from sonar_llm.checkpoints import read_run_config
+
+            return read_run_config(Path(cfg.run) / "config.json").get("sonar")
     except (OSError, ValueError):
         return None
     return None
