@@ -66,6 +66,28 @@ needs_triton_op = pytest.mark.skipif(
     reason="the Triton path as a triton_op needs torch >= 2.6 and Triton on a GPU or TRITON_INTERPRET=1")
 
 
+@needs_triton
+def test_backend_choice_traces_without_warnings():
+    """torch.compile traces the backend choice (use_triton -> triton_available) without a warning: it used to be
+    functools.lru_cache-wrapped, which dynamo warns about on every compile ("Dynamo detected a call to a
+    `functools.lru_cache`-wrapped function")."""
+    import warnings
+
+    from sonar_kernels.backend import use_triton
+
+    torch._dynamo.reset()
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def pick(x):
+        return x + 1 if use_triton("triton", x) else x - 1
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = pick(torch.zeros(2))
+    assert torch.equal(out, torch.ones(2))  # the Triton branch: forced, and runnable here
+    assert [str(w.message) for w in caught] == []
+
+
 # ------------------------------------------------------------------------------------------------ opcheck
 def _opcheck(op, args):
     result = torch.library.opcheck(op, args)

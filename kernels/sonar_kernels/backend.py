@@ -16,14 +16,21 @@ import torch
 IMPLS = ("auto", "triton", "torch")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_IMPORTS: bool | None = None  # triton_available()'s answer, once asked
+
+
 def triton_available() -> bool:
-    """True when the `triton` package imports."""
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    """True when the `triton` package imports (asked once; a module global rather than functools.lru_cache, which
+    torch.compile warns about when it traces a call to it)."""
+    global _TRITON_IMPORTS
+    if _TRITON_IMPORTS is None:
+        try:
+            import triton  # noqa: F401
+        except Exception:
+            _TRITON_IMPORTS = False
+        else:
+            _TRITON_IMPORTS = True
+    return _TRITON_IMPORTS
 
 
 def interpret_mode() -> bool:
