@@ -25,8 +25,9 @@ def _run(tmp_path: Path, tiny_steps: int = 20) -> subprocess.CompletedProcess:
            "SONAR_LLM_END_CHECK": "warn",  # a 20-step tiny SONAR cannot decode the end sentence yet
            "SONAR_LLM_DEFAULT_STORIES": "400"}  # training stories encoded (of 11,800): the pipeline, not the budget
     env.pop("TRITON_INTERPRET", None)
-    # an evaluation at the last step (the default evaluates every 100), so the summary has a validation loss
-    return subprocess.run([sys.executable, str(ROOT / "train" / "main.py"), "--train.eval_every=3"], cwd=tmp_path, env=env,
+    # 3 steps and the default's eval_every (100): the loop still evaluates at the last step, so the summary has a
+    # validation loss (asserted below)
+    return subprocess.run([sys.executable, str(ROOT / "train" / "main.py")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -126,6 +127,32 @@ def test_default_corpus_holds_out_what_neither_model_sees():
     assert train[:len(tiny_train)] == [" ".join(s) for s in tiny_train]
     assert len(train) == len(tiny_train) + EXTRA_TRAIN_STORIES and EXTRA_TRAIN_STORIES > 0
     assert not set(train) & set(valid) and len(set(train)) == len(train)  # no held-out or repeated story
+
+
+def test_a_run_that_cannot_resume_is_refused_before_any_preparation(tmp_path, monkeypatch):
+    """A run folder made with another model shape (here a 6-layer backbone) with a complete checkpoint: re-running
+    the default says which key differs, in one line with exit 2, before writing the corpus or training a tiny
+    SONAR (it used to spend minutes preparing first)."""
+    monkeypatch.setenv("SONAR_LLM_DEFAULT_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("SONAR_LLM_CACHE", str(tmp_path / "cache"))
+    from sonar_train.default_pipeline import planned_config
+
+    old = planned_config().to_dict()
+    assert old["model"]["overrides"] == {}, "this test needs model.overrides to differ from the default's"
+    old["model"]["overrides"] = {"num_layers": 6}
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_000100").mkdir(parents=True)
+    (run / "checkpoints" / "step_000100" / "COMPLETE").write_text("")
+    (run / "config.json").write_text(json.dumps(old))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, str(ROOT / "train" / "main.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.overrides" in lines[0] and "train.resume=false" in lines[0], done.stderr
+    assert "[1/6]" not in done.stdout and not (run / "data").exists() and not (tmp_path / "cache").exists()
+    assert json.loads((run / "config.json").read_text()) == old  # the run folder is as it was
 
 
 def test_last_eval_loss_reads_the_runs_last_evaluation(tmp_path):

@@ -103,3 +103,17 @@ def test_resumed_losses_equal_an_uninterrupted_run(assets, tmp_path, family):
     for step in (1, 2, 3):
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), (family, step, got, want)
     assert len({want[1], want[2], want[3]}) == 3  # the losses move: the comparison says something
+
+
+def test_evaluation_does_not_change_training(assets, tmp_path):
+    """Two-Tower's loss draws diffusion noise, in evaluation too: training losses are the same with an evaluation
+    after every step as with none (the loop restores the random state after evaluating)."""
+    root, _ = assets
+    runs = {}
+    for every in (1, 0):
+        out = tmp_path / f"eval_every_{every}"
+        run_training(load_config(None, [*_args(root, "two_tower", out, steps=3), f"--train.eval_every={every}"]))
+        runs[every] = _train_losses(out)
+        with open(out / "metrics.jsonl") as f:
+            assert sum(r["kind"] == "eval" for r in map(json.loads, f)) == (3 if every else 0)
+    assert sorted(runs[1]) == [1, 2, 3] and runs[1] == runs[0]

@@ -106,6 +106,16 @@ def test_eval_and_samples(tmp_path):
     assert json.loads(samples[0]) == {"step": 4, "text": "sample at 4"}
 
 
+def test_eval_at_the_last_step_of_a_run_shorter_than_the_period(tmp_path):
+    """A run of 3 steps with eval_every=5 still ends with a validation loss (a newcomer's short run used to report
+    "validation loss n/a"); with eval_every=0 there is none."""
+    res = run(fake_cfg(tmp_path / "a", steps=3, eval_every=5, eval_batches=2))
+    evals = read_metrics(fake_cfg(tmp_path / "a", steps=3), "eval")
+    assert [e["step"] for e in evals] == [3] and res["eval_loss"] == evals[0]["eval_loss"]
+    res = run(fake_cfg(tmp_path / "b", steps=3, eval_every=0))
+    assert read_metrics(fake_cfg(tmp_path / "b", steps=3), "eval") == [] and res.get("eval_loss") is None
+
+
 def test_eval_loss_is_mean_over_validation_batches(tmp_path):
     """With lr so small the weights barely move, the eval loss equals a direct float64 mean over the batches."""
     cfg = fake_cfg(tmp_path, steps=1, eval_every=1, eval_batches=2)

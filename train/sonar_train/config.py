@@ -65,7 +65,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10
-    eval_every: int = 0  # 0 = never
+    eval_every: int = 0  # 0 = never; else also at the last step
     eval_batches: int = 8
     sample_every: int = 0  # 0 = never
     checkpoint_every: int = 0  # 0 = only at the end

@@ -13,7 +13,8 @@ a short summary: what was trained, the evaluation headline and three commands to
 
 Under torchrun, rank 0 prepares steps 1-3 while the other ranks wait for its "ready" marker; every rank
 trains; rank 0 evaluates. Re-running resumes: cached assets and complete shards are reused, and training
-continues from the latest checkpoint in runs/default (delete that folder to start over).
+continues from the latest checkpoint in runs/default (delete that folder to start over); a run folder that
+cannot be resumed with this config (another model shape, data or SONAR) is refused before step 1.
 Environment: SONAR_LLM_DEFAULT_DIR (default "runs/default"), SONAR_LLM_CACHE (tiny SONAR cache),
 SONAR_LLM_END_CHECK ("error", the default: stop when the end sentence does not round-trip through the tiny SONAR;
 "warn": go on, for smoke tests whose tiny SONAR trains too few steps to learn it),
@@ -41,7 +42,7 @@ N_STORIES = 4000  # the tiny SONAR's corpus (TinySonarConfig.n_stories): split i
 HELD_OUT_FRACTION = 0.05  # the tiny SONAR's split: its held-out stories are never seen by any model
 # SONAR-LLM also trains on this many more stories of the same generator (the ones it writes after the first
 # N_STORIES), which the tiny SONAR never saw either: on the 3,800 alone the 4.26M-parameter model overfits
-# within the step budget (the 4-layer default of the time; docs/evaluation.md, issue 26). The generator is free; encoding them costs seconds.
+# within the step budget (docs/evaluation.md, issue 26). The generator is free; encoding them costs seconds.
 EXTRA_TRAIN_STORIES = 8000
 EVAL_STORIES = 64  # of the 200 held-out stories (docs/evaluation.md gives the default's figures on all 200)
 # the evaluation's decoding budget (step 5, and the evaluate command printed at the end)
@@ -294,6 +295,9 @@ def main(extra: list[str] = ()) -> int:
         raise ValueError("SONAR_LLM_TINY_BUDGET (seconds) was replaced by SONAR_LLM_TINY_STEPS: the tiny SONAR "
                          "trains a fixed number of steps")
     tiny_steps = int(os.environ["SONAR_LLM_TINY_STEPS"]) if os.environ.get("SONAR_LLM_TINY_STEPS") else None
+    from sonar_train.config import resume_changes
+
+    resume_changes(planned_config(extra))  # a run that cannot be resumed is refused before minutes of preparation
     marker = run_dir / ".prepared.json"
     t_start = time.perf_counter()
     if _rank() == 0:

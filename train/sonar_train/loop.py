@@ -456,7 +456,9 @@ def log_progress(run: Run, stats: StepStats, lr: float, window: _Window) -> _Win
 
 
 def maybe_evaluate(run: Run) -> None:
-    if _every(run.step, run.cfg.train.eval_every):
+    """Every `train.eval_every` steps and at the last step (so a run shorter than the period reports one)."""
+    every = run.cfg.train.eval_every
+    if _every(run.step, every) or (every and run.step == run.cfg.train.steps):
         run.eval_loss = evaluate(run.model, run.cfg, run.info, run.data_factory, run.autocast)
         run.logger.log({"kind": "eval", "step": run.step, "eval_loss": run.eval_loss})
 
@@ -592,13 +594,16 @@ def evaluate(model: nn.Module, cfg: RunConfig, info: DistInfo, data_factory: Dat
              autocast=None) -> float:
     """Mean loss over `train.eval_batches` validation micro-batches per rank (a fresh loader each time, so
     every evaluation sees the same batches), averaged over ranks; for sum-reduced losses
-    (`metrics["loss_sum_targets"]`) the sum of all losses over the sum of all targets."""
+    (`metrics["loss_sum_targets"]`) the sum of all losses over the sum of all targets. The random state is
+    restored afterwards (a loss that draws noise, as Two-Tower's, would otherwise shift training's draws), so
+    training is the same whatever the evaluation schedule, and a resumed run equals an uninterrupted one."""
     loader = data_factory(cfg, "val", info)
     stream = _BatchStream(loader)
     total = torch.zeros(2, dtype=torch.float64, device=info.device)  # losses, targets of sum-reduced losses
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    devices = [info.device] if info.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
         for _ in range(cfg.train.eval_batches):
             batch = stream.next().to(info.device)
             with autocast or contextlib.nullcontext():
