@@ -129,3 +129,38 @@ def test_sigusr1_saves_and_stops_then_resume_matches(tmp_path, monkeypatch):
     res = run(cfg)
     assert res["step"] == 6 and "stopped" not in res
     assert losses(tmp_path / "stop") == losses(tmp_path / "full")
+
+
+def test_starting_over_sets_the_old_runs_checkpoints_aside(tmp_path):
+    """train.resume=false in a folder with checkpoints: the new run's checkpoints are never pruned in favour of
+    the old run's (higher-numbered) ones, a later resume continues the new run, and nothing old is deleted."""
+    out = tmp_path / "run"
+    run(fake_cfg(out, 4, checkpoint_every=1, keep_last=3))
+    root = out / "checkpoints"
+    old = {s: load_model_state(root / ckpt.step_dir_name(s)) for s in (2, 3, 4)}
+    res = run(fake_cfg(out, 1, checkpoint_every=1, keep_last=3, resume=False))
+    assert res["checkpoint"].endswith("step_000001")
+    assert ckpt.complete_steps(root) == [1]
+    assert ckpt.latest_checkpoint(root).name == "step_000001"
+    assert ckpt.find_resumable(root, say=lambda _m: None).name == "step_000001"
+    for s, weights in old.items():  # the old run's checkpoints, intact, where the run said it put them
+        kept = load_model_state(root / "set_aside" / ckpt.step_dir_name(s))
+        assert all(torch.equal(kept[k], weights[k]) for k in weights)
+
+
+def test_resuming_past_a_damaged_checkpoint_keeps_the_new_ones(tmp_path, capsys):
+    """The newest checkpoint fails verification, the run falls back to an older one, and keep_last=1: the
+    checkpoints it saves afterwards survive pruning (the damaged one, marked good, used to win), and the
+    damaged one is kept aside for inspection, not deleted."""
+    out = tmp_path / "run"
+    run(fake_cfg(out, 4, checkpoint_every=2, keep_last=2))
+    root = out / "checkpoints"
+    shard = next((root / "step_000004").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-7])  # truncated
+    res = run(fake_cfg(out, 3, checkpoint_every=1, keep_last=1))
+    assert "step_000004 fails verification" in capsys.readouterr().out
+    assert res["step"] == 3 and res["checkpoint"].endswith("step_000003")
+    assert ckpt.complete_steps(root) == [3]
+    assert ckpt.find_resumable(root, say=lambda _m: None).name == "step_000003"
+    kept = root / "set_aside" / "step_000004"
+    assert (kept / shard.name).is_file() and (kept / "COMPLETE").is_file()

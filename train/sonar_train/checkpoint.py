@@ -16,6 +16,10 @@ Layout of `<run>/checkpoints/`:
         COMPLETE          the step number
     step_000200.tmp/      a save in progress (or one that failed): never read, removed on the next start
     latest                the name of the newest complete *good* checkpoint (replaced atomically)
+    set_aside/step_000300/  a checkpoint after the step the run started from (one passed over on resume, or
+                          every one when `train.resume=false` starts over): moved here before training
+                          (`set_aside_newer`), so it neither outranks the run's new checkpoints in pruning and
+                          resume nor is overwritten by a save of the same step; never read or deleted
 Save: every rank writes into `step_X.tmp/`; once all succeeded, the ranks hash the files (each a share of
 them), rank 0 writes checksums.json and COMPLETE, fsyncs, renames the folder to `step_X/` and, if the
 checkpoint is good, replaces `latest`. A failure anywhere (e.g. ENOSPC) is agreed on by all ranks, the .tmp
@@ -276,7 +280,7 @@ def find_resumable(ckpt_root: str | os.PathLike, say: Callable[[str], None] = pr
         say(f"checkpoint {passed[-1]}; trying an older one")
     if passed:
         raise CheckpointError(f"no checkpoint under {root} can be resumed: {'; '.join(passed)}. Move them away "
-                              f"or set train.resume=false to start over")
+                              f"or set train.resume=false to start over (they are then moved to {root / 'set_aside'})")
     return None
 
 
@@ -300,6 +304,37 @@ def prune(ckpt_root: Path, keep_last: int) -> None:
     for s in steps:
         if s not in keep:
             shutil.rmtree(ckpt_root / step_dir_name(s), ignore_errors=True)
+
+
+def set_aside_newer(ckpt_root: str | os.PathLike, step: int) -> list[Path]:
+    """Move every checkpoint folder of a step after `step` (the step this run starts from: the resumed one, or
+    0 when starting over) into `<ckpt_root>/set_aside/` (rank 0, before training). They belong to another
+    run or failed verification; left in place they would outrank this run's checkpoints in pruning and in
+    the next resume, and a save of the same step would delete them. Set aside, they are never read, pruned
+    or deleted. `latest` is pointed at `step`'s checkpoint (removed if there is none). Returns the new paths."""
+    root = Path(ckpt_root)
+    moved: list[Path] = []
+    for s in complete_steps(root):
+        if s <= step:
+            continue
+        src = root / step_dir_name(s)
+        dest = root / "set_aside" / src.name
+        n = 0
+        while dest.exists():  # a step set aside before: keep both
+            n += 1
+            dest = root / "set_aside" / f"{src.name}.{n}"
+        dest.parent.mkdir(exist_ok=True)
+        os.replace(src, dest)
+        moved.append(dest)
+    if moved:
+        pointer, current = root / "latest", root / step_dir_name(step)
+        if (current / "COMPLETE").is_file():
+            (root / "latest.tmp").write_text(current.name + "\n")
+            os.replace(root / "latest.tmp", pointer)
+        else:
+            pointer.unlink(missing_ok=True)
+        _fsync_dir(root)
+    return moved
 
 
 def remove_stale_tmp(ckpt_root: str | os.PathLike) -> None:

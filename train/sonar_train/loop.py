@@ -272,6 +272,9 @@ def build_run(cfg: RunConfig, info: DistInfo, model_factory: ModelFactory, data_
     if not (t_cfg.resume and _resume(run, changes)):
         _seed_all(t_cfg.seed + 1 + info.rank)  # per-rank streams for dropout / diffusion noise
     if info.is_main:
+        for path in ckpt.set_aside_newer(ckpt_root, run.step):
+            run.logger.message(f"checkpoint {path.name} is after the step this run starts from ({run.step}): "
+                               f"moved to {path} (never resumed or pruned; delete it when you no longer need it)")
         save_config(cfg, run_dir)
         dropped = rewind_metrics(run_dir / "metrics.jsonl", run.step)
         if dropped:
