@@ -407,13 +407,17 @@ def to_toml(cfg: RunConfig) -> str:
 
 
 def save_config(cfg: RunConfig, run_dir: str | os.PathLike) -> None:
-    """Write the resolved config as config.toml and config.json into the run directory (atomically)."""
+    """Write the resolved config as config.toml and config.json into the run directory (atomically), and
+    inputs.json: what its data and SONAR decoder are, so that a moved run folder can resume (`run_inputs`)."""
+    from sonar_train.run_inputs import record_inputs
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     for name, text in (("config.toml", to_toml(cfg)), ("config.json", json.dumps(cfg.to_dict(), indent=2))):
         tmp = run_dir / (name + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, run_dir / name)
+    record_inputs(cfg.to_dict(), run_dir)
 
 
 # keys a resumed run may not change: they define the weights' shapes or the data stream the checkpoint is in
@@ -426,7 +430,10 @@ def resume_changes(cfg: RunConfig) -> list[str]:
     """Compare `cfg` with the config of the run it would resume (`<out_dir>/config.json`, when the run has a
     complete checkpoint and `train.resume`). Returns the changed keys as "key: old -> new" (they are applied:
     optimizer, schedule, cadence...); raises ConfigError naming the first key in RESUME_FIXED that changed.
-    Reads only: nothing is written into the run folder."""
+    `data.path` and `sonar.decoder` may change to a path with the same content as recorded in the run's
+    inputs.json (a moved or copied run). Reads only: nothing is written into the run folder."""
+    from sonar_train.run_inputs import same_content
+
     run_dir = Path(cfg.train.out_dir)
     path = run_dir / "config.json"
     if not cfg.train.resume or not path.is_file() or not any((run_dir / "checkpoints").glob("step_*/COMPLETE")):
@@ -442,8 +449,16 @@ def resume_changes(cfg: RunConfig) -> list[str]:
             name = f"{section}.{key}"
             if name in _RESUME_IGNORED or key not in before or before[key] == value:
                 continue
-            (refused if name in RESUME_FIXED else changes).append(f"{name}: {before[key]!r} -> {value!r}")
+            change = f"{name}: {before[key]!r} -> {value!r}"
+            same = same_content(name, value, run_dir) if isinstance(value, str) else None
+            if same:
+                changes.append(f"{change} ({same})")
+            else:
+                (refused if name in RESUME_FIXED else changes).append(change)
     if refused:
+        moved = ("; a path to the same content would be accepted, but this one's content differs from the one "
+                 "recorded in inputs.json, or none was recorded") if refused[0].startswith(("data.path",
+                                                                                           "sonar.decoder")) else ""
         raise ConfigError(f"{refused[0]} differs from the run being resumed in {run_dir}; this key cannot change "
-                          f"on resume (use another train.out_dir, or train.resume=false to start over)")
+                          f"on resume{moved} (use another train.out_dir, or train.resume=false to start over)")
     return changes
