@@ -169,3 +169,19 @@ def test_last_eval_loss_reads_the_runs_last_evaluation(tmp_path):
     path.write_text(path.read_text() + "not json\n")  # a corrupt file: the summary says n/a, no traceback
     assert last_eval_loss(tmp_path, None) is None
     assert last_eval_loss(tmp_path / "missing", 10) is None
+
+
+@pytest.mark.parametrize("extra, shown", [([], "small preset ("),
+                                          (["--model.overrides.num_layers=8", "--model.overrides.d_model=128"],
+                                           "small preset, d_model=128, num_layers=8 (")])
+def test_the_summary_names_the_model_that_was_trained(tmp_path, extra, shown):
+    """A run with model overrides must not be reported as the plain preset (the figures are of another model)."""
+    from sonar_train.default_pipeline import summary, training_config
+
+    assets = {k: str(tmp_path / k) for k in ("train", "valid", "decoder", "encoder", "tokenizer", "corpus_valid")}
+    cfg = training_config(tmp_path / "run", assets, 5, extra, check_paths=False)
+    text = summary(cfg, tmp_path / "run", assets, {"step": 5, "eval_loss": 1.25},
+                   {"metrics": {"bleu": 3.0}, "items": [{}] * 7, "num_parameters": 2_500_000}, 1.0, 2.0)
+    trained = next(line for line in text.splitlines() if line.lstrip().startswith("trained:"))
+    assert f"SONAR-LLM, {shown}2.50M parameters), step 5 of 5" in trained, trained
+    assert "evaluated: 7 held-out stories: validation loss 1.250, token NLL n/a, BLEU 3.00" in text
