@@ -481,6 +481,7 @@ def generate(cfg: GenerateConfig, *, stdout: TextIO | None = None, stderr: TextI
 
 def _parser() -> argparse.ArgumentParser:
     from sonar_llm.cli import parser
+    from sonar_llm.eval.evaluate import add_stop_arguments
 
     p = parser("python -m sonar_llm.generate", description=__doc__.split("\n\n")[0],
                epilog="examples:\n" + __doc__.split("\n\n")[1] + "\n\ndetails: docs/generation.md",
@@ -517,12 +518,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="positions per sentence, [</s>, lang] included (default 256, the public SONAR-LLM value)")
     g.add_argument("--max-gen-len", type=int, default=None,
                    help="tokens per sentence, EOS included (default: SONAR's rule, embedding width + 128)")
-    g.add_argument("--length-guard", type=float, default=d.length_guard,
-                   help="at most this many times the decoder's longest trained target, in tokens, when its checkpoint "
-                        "records it (the tiny SONAR does; default 1.5); 0 = SONAR's own rule")
-    p.add_argument("--stop-on-repetition", type=float, default=None, metavar="COSINE",
-                   help="stop a continuation when a new sentence has cosine >= COSINE with the previous one "
-                        "(Meta's LCM stop_on_repetition_cosine_threshold; default off)")
+    add_stop_arguments(g, d.length_guard)
     t = p.add_argument_group("Two-Tower diffusion")
     t.add_argument("--steps", type=int, default=d.steps, help="requested DDIM steps per concept")
     t.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale")

@@ -538,6 +538,17 @@ def _summarize(cfg: EvalConfig, loaded: LoadedModel, sonar, load_s: float, log: 
     return result
 
 
+
+def add_stop_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, length_guard: float) -> None:
+    """The two options that bound a generation, shared by `evaluate` and `generate`: --length-guard (tokens per
+    decoded sentence) and --stop-on-repetition (Meta's LCM option)."""
+    p.add_argument("--length-guard", type=float, default=length_guard,
+                   help="a sentence gets at most this many times the decoder's longest trained target in tokens "
+                        "(when its checkpoint records it, e.g. the tiny SONAR; default 1.5); 0 = SONAR's own rule")
+    p.add_argument("--stop-on-repetition", type=float, default=None, metavar="COSINE",
+                   help="stop a continuation when a new sentence has cosine >= COSINE with the previous one "
+                        "(Meta's LCM stop_on_repetition_cosine_threshold; default off)")
+
 def _parser() -> argparse.ArgumentParser:
     from sonar_llm.cli import parser
 
@@ -564,12 +575,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=d.max_seq_len,
                    help="SONAR decoder positions per sentence, [</s>, lang] included (default 256, the public "
                         "SONAR-LLM generation's value)")
-    p.add_argument("--length-guard", type=float, default=d.length_guard,
-                   help="a sentence gets at most this many times the decoder's longest trained target in tokens "
-                        "(when its checkpoint records it, e.g. the tiny SONAR; default 1.5); 0 = SONAR's own rule")
-    p.add_argument("--stop-on-repetition", type=float, default=None, metavar="COSINE",
-                   help="stop a continuation when a new sentence has cosine >= COSINE with the previous one "
-                        "(Meta's stop_on_repetition_cosine_threshold; default off)")
+    add_stop_arguments(p, d.length_guard)
     p.add_argument("--end-recall-docs", type=int, default=d.end_recall_docs,
                    help="held-out documents for the teacher-forced end recall (SONAR-LLM; 0 = skip)")
     p.add_argument("--end-of-doc-text", default="")
