@@ -314,6 +314,8 @@ class Generator:
             return None
         out = self.decoding.summary(self.e2t.decoder.cfg)
         out["num_samples"] = self.cfg.num_samples  # continuations per prompt (each decodes one sample per sentence)
+        if not out.get("do_sample"):  # beam search draws nothing: a "seed": null here read as --seed being ignored
+            out.pop("seed", None)
         return out
 
     def continue_prompts(self, prompts: list[str], *, indices: list[int] | None = None,

@@ -751,3 +751,11 @@ def test_train_resuming_from_a_damaged_checkpoint_is_one_line(tmp_path, capsys):
     line = _one_line(capsys)
     assert line.startswith("train error:") and shard.name in line and "100 bytes" in line, line
     assert shard.stat().st_size == 100
+
+
+@pytest.mark.parametrize("flag", ["--num-stories", "--batch-size", "--max-new-tokens"])
+def test_evaluate_names_the_one_flag_out_of_range_and_its_value(env, flag, capsys, tmp_path):
+    """`--num-stories -5` said "--num-stories, --batch-size and --max-new-tokens must be >= 1": three flags, no value."""
+    assert _evaluate(eval_argv(flag, "-5")(env, tmp_path)) == 2
+    assert _one_line(capsys) == f"evaluate error: {flag} must be >= 1, got -5"
+    assert not (tmp_path / "r.json").exists()

@@ -151,6 +151,8 @@ def test_a_run_that_cannot_resume_is_refused_before_any_preparation(tmp_path, mo
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "model.overrides" in lines[0] and "train.resume=false" in lines[0], done.stderr
+    # the way out it names is one the default accepts (it refuses --train.out_dir)
+    assert "set SONAR_LLM_DEFAULT_DIR to another folder" in lines[0] and "train.out_dir" not in lines[0], lines[0]
     assert "[1/6]" not in done.stdout and not (run / "data").exists() and not (tmp_path / "cache").exists()
     assert json.loads((run / "config.json").read_text()) == old  # the run folder is as it was
 
@@ -180,8 +182,14 @@ def test_the_summary_names_the_model_that_was_trained(tmp_path, extra, shown):
 
     assets = {k: str(tmp_path / k) for k in ("train", "valid", "decoder", "encoder", "tokenizer", "corpus_valid")}
     cfg = training_config(tmp_path / "run", assets, 5, extra, check_paths=False)
-    text = summary(cfg, tmp_path / "run", assets, {"step": 5, "eval_loss": 1.25},
-                   {"metrics": {"bleu": 3.0}, "items": [{}] * 7, "num_parameters": 2_500_000}, 1.0, 2.0)
-    trained = next(line for line in text.splitlines() if line.lstrip().startswith("trained:"))
-    assert f"SONAR-LLM, {shown}2.50M parameters), step 5 of 5" in trained, trained
-    assert "evaluated: 7 held-out stories: validation loss 1.250, token NLL n/a, BLEU 3.00" in text
+    res = {"metrics": {"bleu": 3.0}, "items": [{}] * 7, "num_parameters": 2_500_000}
+
+    def trained(start_step):
+        text = summary(cfg, tmp_path / "run", assets, {"step": 5, "start_step": start_step, "eval_loss": 1.25},
+                       res, 41.0, 52.0)
+        assert "evaluated: 7 held-out stories: validation loss 1.250, token NLL n/a, BLEU 3.00" in text
+        return next(line for line in text.splitlines() if line.lstrip().startswith("trained:"))
+
+    assert f"SONAR-LLM, {shown}2.50M parameters), step 5 of 5 (41s of training in this run)" in trained(2)
+    # a re-run of a finished run trains nothing: it must not claim the start-up second as training
+    assert "step 5 of 5 (already trained: resumed, no step to train in this run)" in trained(5)

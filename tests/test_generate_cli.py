@@ -428,3 +428,12 @@ def test_stop_on_repetition_reaches_every_concept_family(default_run, tmp_path, 
                  "--stop-on-repetition", "-1"]) == 0
     (rec,) = _records(out)
     assert rec["stop_reason"] == "repetition" and len(rec["sentences"]) == (0 if family == "sonar_llm" else 1)
+
+
+def test_a_beam_search_header_shows_no_unused_decoder_seed(default_run, tmp_path):
+    """Beam search draws nothing: the decoding record must not carry the decoder's `"seed": null` (read by a new
+    user as --seed being ignored); the command's --seed stays in the record."""
+    out = tmp_path / "gen.jsonl"
+    assert _run([*_common(default_run, "sonar_llm"), "--prompt", PROMPTS[0], "--seed", "4", "--out", out]) == 0
+    rec = _records(out)[0]
+    assert rec["decoding"]["strategy"] != "sample" and "seed" not in rec["decoding"] and rec["seed"] == 4

@@ -154,8 +154,9 @@ class EvalConfig:
             raise ValueError(f"--stop-on-repetition must be a cosine in [-1, 1], got {self.stop_on_repetition}")
         if self.end_recall_docs < 0:
             raise ValueError(f"--end-recall-docs must be >= 0, got {self.end_recall_docs}")
-        if self.num_stories < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError("--num-stories, --batch-size and --max-new-tokens must be >= 1")
+        for name in ("num_stories", "batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name, value in (("--model", self.model), ("--run", self.run), ("--stories", self.stories),
                             ("--encoder", self.encoder), ("--decoder", self.decoder),
                             ("--tokenizer", self.tokenizer), ("--nll-data", self.nll_data),

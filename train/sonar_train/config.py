@@ -426,12 +426,13 @@ RESUME_FIXED = ("model.family", "model.preset", "model.overrides", "data.path", 
 _RESUME_IGNORED = ("train.out_dir", "train.resume")
 
 
-def resume_changes(cfg: RunConfig) -> list[str]:
+def resume_changes(cfg: RunConfig, elsewhere: str = "use another train.out_dir") -> list[str]:
     """Compare `cfg` with the config of the run it would resume (`<out_dir>/config.json`, when the run has a
     complete checkpoint and `train.resume`). Returns the changed keys as "key: old -> new" (they are applied:
     optimizer, schedule, cadence...); raises ConfigError naming the first key in RESUME_FIXED that changed.
     `data.path` and `sonar.decoder` may change to a path with the same content as recorded in the run's
-    inputs.json (a moved or copied run). Reads only: nothing is written into the run folder."""
+    inputs.json (a moved or copied run). `elsewhere`: how the refusal tells the user to train in another folder.
+    Reads only: nothing is written into the run folder."""
     from sonar_train.run_inputs import same_content
 
     run_dir = Path(cfg.train.out_dir)
@@ -460,5 +461,5 @@ def resume_changes(cfg: RunConfig) -> list[str]:
                  "recorded in inputs.json, or none was recorded") if refused[0].startswith(("data.path",
                                                                                            "sonar.decoder")) else ""
         raise ConfigError(f"{refused[0]} differs from the run being resumed in {run_dir}; this key cannot change "
-                          f"on resume{moved} (use another train.out_dir, or train.resume=false to start over)")
+                          f"on resume{moved} ({elsewhere}, or train.resume=false to start over)")
     return changes

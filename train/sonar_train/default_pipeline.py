@@ -276,10 +276,12 @@ def summary(cfg, run_dir: Path, assets: dict, final: dict, res: dict, train_s: f
     headline = ", ".join([fmt("validation loss", final.get("eval_loss")), fmt("token NLL", m.get("token_nll")),
                           fmt("BLEU", m.get("bleu"), ".2f"), fmt("round-trip cosine", m.get("round_trip_cos"))])
     changed = "".join(f", {k}={v}" for k, v in sorted(cfg.model.overrides.items()))
+    trained_here = ("already trained: resumed, no step to train in this run" if final.get("start_step") ==
+                    final.get("step") else f"{train_s:.0f}s of training in this run")
     lines = [f"done in {total_s:.0f}s.",
              f"  trained:   {get_family(cfg.model.family).title}, {cfg.model.preset} preset{changed} "
              f"({res['num_parameters'] / 1e6:.2f}M parameters), step {final.get('step')} of {cfg.train.steps} "
-             f"({train_s:.0f}s of training in this run), in {_path(run_dir)}",
+             f"({trained_here}), in {_path(run_dir)}",
              f"  evaluated: {len(res['items'])} held-out stories: {headline} (generations in "
              f"{_path(run_dir / 'eval' / 'protocol_start.json')})",
              f"  {draw(run_dir)}",
@@ -297,7 +299,9 @@ def main(extra: list[str] = ()) -> int:
     tiny_steps = int(os.environ["SONAR_LLM_TINY_STEPS"]) if os.environ.get("SONAR_LLM_TINY_STEPS") else None
     from sonar_train.config import resume_changes
 
-    resume_changes(planned_config(extra))  # a run that cannot be resumed is refused before minutes of preparation
+    # a run that cannot be resumed is refused before minutes of preparation (the default's folder is not
+    # train.out_dir, which it refuses, but SONAR_LLM_DEFAULT_DIR)
+    resume_changes(planned_config(extra), elsewhere="set SONAR_LLM_DEFAULT_DIR to another folder")
     marker = run_dir / ".prepared.json"
     t_start = time.perf_counter()
     if _rank() == 0:

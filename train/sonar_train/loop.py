@@ -531,7 +531,8 @@ def stop_if_requested(run: Run, stats: StepStats) -> bool:
 # ------------------------------------------------------------------------------------------------ the loop
 def train(run: Run) -> dict[str, Any]:
     """Run the remaining steps; returns the final metrics."""
-    result: dict[str, Any] = {"step": run.step, "loss": None, "eval_loss": None, "skipped_steps": run.skipped}
+    result: dict[str, Any] = {"step": run.step, "start_step": run.step, "loss": None, "eval_loss": None,
+                              "skipped_steps": run.skipped}
     first_step, step_times, window = run.step, [], _Window()
     _STOP.install()
     run.model.train()
