@@ -539,7 +539,6 @@ def _summarize(cfg: EvalConfig, loaded: LoadedModel, sonar, load_s: float, log: 
     return result
 
 
-
 def add_stop_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, length_guard: float) -> None:
     """The two options that bound a generation, shared by `evaluate` and `generate`: --length-guard (tokens per
     decoded sentence) and --stop-on-repetition (Meta's LCM option)."""
@@ -549,6 +548,7 @@ def add_stop_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, len
     p.add_argument("--stop-on-repetition", type=float, default=None, metavar="COSINE",
                    help="stop a continuation when a new sentence has cosine >= COSINE with the previous one "
                         "(Meta's LCM stop_on_repetition_cosine_threshold; default off)")
+
 
 def _parser() -> argparse.ArgumentParser:
     from sonar_llm.cli import parser

@@ -12,23 +12,15 @@ the recorded one, and says so; otherwise the key is refused as before.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from sonar_llm.checkpoints import file_record
+
 INPUTS_FILE = "inputs.json"
 FORMAT = 1
-_CHUNK = 1 << 24
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def identity(key: str, value: str) -> dict[str, Any]:
@@ -37,9 +29,10 @@ def identity(key: str, value: str) -> dict[str, Any]:
     path = Path(value)
     if key == "data.path":
         manifest = path / "manifest.json"
-        return {"path": value, "manifest_sha256": _sha256(manifest) if manifest.is_file() else None}
+        return {"path": value, "manifest_sha256": file_record(manifest)["sha256"] if manifest.is_file() else None}
     if path.is_file():
-        return {"path": value, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+        record = file_record(path)
+        return {"path": value, "bytes": record["size"], "sha256": record["sha256"]}
     return {"path": value}
 
 
