@@ -127,11 +127,11 @@ def prepare_bpe(data: Path, assets: dict) -> dict:
 
     from sonar_llm.data.ingest import iter_documents
     from sonar_llm.data.preprocess_tokens import TokenStreamConfig, preprocess_tokens
-    from sonar_llm.data.shards import read_manifest
+    from sonar_llm.data.shards import input_paths, read_manifest
     from sonar_llm.data.text_tokenizer import load_text_tokenizer
 
     t0 = time.perf_counter()
-    inputs = read_manifest(assets["train"])["config"]["inputs"]  # the stories the SONAR training shards hold
+    inputs = input_paths(read_manifest(assets["train"]), assets["train"])  # the stories the SONAR training shards hold
     texts = [t for _, t in iter_documents(inputs)]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -145,7 +145,7 @@ def prepare_bpe(data: Path, assets: dict) -> dict:
     text_tok = load_text_tokenizer(path)
     out = {"bpe_tokenizer": str(path)}
     for split in ("train", "valid"):
-        src = read_manifest(assets[split])["config"]["inputs"]
+        src = input_paths(read_manifest(assets[split]), assets[split])
         preprocess_tokens(src, data / "bpe" / split, text_tok, TokenStreamConfig(shard_size_docs=1000),
                           overwrite=True, log=None)
         out[f"bpe_{split}"] = str(data / "bpe" / split)

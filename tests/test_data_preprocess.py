@@ -77,7 +77,16 @@ def _run(inputs, out, codec=None, **kw):
 
 
 def _tree(root: Path) -> dict:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file's bytes; a manifest's `config.inputs` (paths relative to its folder, so they differ between
+    two datasets in different folders) by the absolute paths they point to."""
+    def content(p: Path) -> bytes:
+        if not p.name.startswith("manifest"):
+            return p.read_bytes()
+        m = json.loads(p.read_text())
+        m["config"]["inputs"] = [os.path.normpath(os.path.join(p.parent, x)) for x in m["config"]["inputs"]]
+        return json.dumps(m, sort_keys=True).encode()
+
+    return {str(p.relative_to(root)): content(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +210,43 @@ def test_rerun_with_other_settings_is_refused(corpus, tmp_path):
     assert m["complete"] and len(m["shards"]) == 4
     assert sorted(p.name for p in out.glob("shard_*")) == [f"shard_{k:06d}" for k in range(4)]
     assert ShardedDataset(out).doc(0)[0].dtype == torch.bfloat16
+
+
+def test_a_moved_tree_of_inputs_and_dataset_is_the_same_dataset(corpus, tmp_path):
+    """Inputs and dataset moved together: re-running preprocess finds the same settings (it used to compare the
+    inputs' absolute paths, call them other settings and make the caller rebuild), leaves the manifest
+    byte-identical, and the manifest's inputs name the moved files. Other inputs are still other settings."""
+    import shutil
+
+    from sonar_llm.data.shards import input_paths, read_manifest
+
+    base, _, _ = corpus
+    old = tmp_path / "old"
+    shutil.copytree(base / "corpus", old / "corpus")
+    _run(old / "corpus", old / "data")
+    before = (old / "data" / "manifest.json").read_bytes()
+    new = tmp_path / "new"
+    shutil.move(old, new)
+    m = _run(new / "corpus", new / "data")
+    assert m["complete"] and (new / "data" / "manifest.json").read_bytes() == before
+    assert sorted(input_paths(read_manifest(new / "data"), new / "data")) == sorted(
+        str(p) for p in (new / "corpus").iterdir())
+    (new / "other").mkdir()
+    shutil.copy(new / "corpus" / "a.txt", new / "other" / "a.txt")
+    with pytest.raises(DatasetSettingsMismatch, match="config.inputs"):
+        _run(new / "other", new / "data")
+
+
+def test_a_manifest_with_absolute_inputs_still_matches_where_they_point(corpus, tmp_path):
+    """Manifests written before recorded absolute input paths: the same inputs are the same settings."""
+    base, _, _ = corpus
+    out = tmp_path / "o"
+    _run(base / "corpus", out)
+    path = out / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["config"]["inputs"] = [str((out / p).resolve()) for p in manifest["config"]["inputs"]]
+    path.write_text(json.dumps(manifest))
+    assert _run(base / "corpus", out)["complete"]
 
 
 def test_truncation_of_long_targets_and_truncate_mode(tmp_path):

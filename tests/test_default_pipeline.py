@@ -19,8 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(tmp_path: Path, tiny_steps: int = 20) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SONAR_LLM_CACHE": str(tmp_path / "cache"), "SONAR_LLM_DEFAULT_DIR": str(tmp_path / "run"),
+def _run(tmp_path: Path, tiny_steps: int = 20, run_dir: str = "run") -> subprocess.CompletedProcess:
+    env = {**os.environ, "SONAR_LLM_CACHE": str(tmp_path / "cache"), "SONAR_LLM_DEFAULT_DIR": str(tmp_path / run_dir),
            "SONAR_LLM_TINY_STEPS": str(tiny_steps), "SONAR_LLM_DEFAULT_STEPS": "3", "PYTHONUNBUFFERED": "1",
            "SONAR_LLM_END_CHECK": "warn",  # a 20-step tiny SONAR cannot decode the end sentence yet
            "SONAR_LLM_DEFAULT_STORIES": "400"}  # training stories encoded (of 11,800): the pipeline, not the budget
@@ -91,17 +91,24 @@ def test_default_pipeline_end_to_end_and_rerun(tmp_path):
     tiny = tmp_path / "cache" / "tiny_sonar"
     mtimes = {p.name: p.stat().st_mtime_ns for p in tiny.iterdir()}
 
-    second = _run(tmp_path)
+    # the re-run, from the run folder moved elsewhere (corpus, shards and checkpoints inside it): it reuses the
+    # shards (they record their corpus relative to themselves) and resumes, saying why the new data path is the
+    # same data; before, it rebuilt the shards and then refused to resume
+    run.rename(tmp_path / "moved")
+    run = tmp_path / "moved"
+    second = _run(tmp_path, run_dir="moved")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert {p.name: p.stat().st_mtime_ns for p in tiny.iterdir()} == mtimes  # cache hit, no retraining
-    assert "[6/6]" in second.stdout
+    assert "[6/6]" in second.stdout and "rebuilding" not in second.stdout
+    assert f"resumed from {run / 'checkpoints' / 'step_000003'}" in second.stdout, second.stdout[-3000:]
+    assert "(the same data: its manifest.json is byte-identical)" in second.stdout
     # the re-run trains no step; it reports the finished run's validation loss, not "n/a"
     val = [re.search(r"validation loss ([0-9.]+|n/a)", o.split("[5/6]", 1)[1]).group(1) for o in (first.stdout, second.stdout)]
     assert val[0] != "n/a" and val[1] == val[0], val
 
     # another tiny SONAR (one more step) under the same cache folder: the shards it did not make are rebuilt
     # with it, never reused
-    third = _run(tmp_path, tiny_steps=21)
+    third = _run(tmp_path, tiny_steps=21, run_dir="moved")
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert "shards were made with other settings, rebuilding them" in third.stdout
     encoder = tmp_path / "cache" / "tiny_sonar" / "tiny_sonar_encoder.pt"

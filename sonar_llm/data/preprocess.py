@@ -41,7 +41,7 @@ import torch
 
 from .ingest import IngestStats, iter_documents, list_input_files
 from .segment import SegmentConfig, split_sentences
-from .shards import DatasetWriter, ShardArrays, ShardGroups, shard_name, to_storage
+from .shards import DatasetWriter, ShardArrays, ShardGroups, relative_inputs, shard_name, to_storage
 
 __all__ = ["SentenceCodec", "SonarCodec", "load_sonar_codec", "PreprocessConfig", "preprocess", "main"]
 
@@ -312,7 +312,7 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir:
     out = Path(out_dir)
     encoder_id, tokenizer_id = _identifiers(codec)
     config = asdict(cfg)
-    config["inputs"] = files
+    config["inputs"] = relative_inputs(files, out)  # relative to the dataset folder (shards.relative_inputs)
     if segment is not None:
         config["segmenter"] = segmenter or getattr(segment, "__name__", "custom")
 

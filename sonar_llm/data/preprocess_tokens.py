@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .ingest import IngestStats, iter_documents, list_input_files
-from .shards import DatasetWriter, ShardArrays, ShardGroups, shard_name, to_storage
+from .shards import DatasetWriter, ShardArrays, ShardGroups, relative_inputs, shard_name, to_storage
 from .text_tokenizer import TextTokenizer, load_text_tokenizer
 
 __all__ = ["TokenStreamConfig", "STREAM_FORMAT", "preprocess_tokens", "token_stream_info", "main"]
@@ -87,7 +87,7 @@ def preprocess_tokens(inputs: str | os.PathLike | Sequence[str | os.PathLike], o
         raise ValueError(f"--input holds no documents: {', '.join(files)} ({stats.summary()}); nothing written")
     docs = itertools.chain([first], docs)
     config = asdict(cfg)
-    config["inputs"] = files
+    config["inputs"] = relative_inputs(files, out)  # relative to the dataset folder (shards.relative_inputs)
     config["token_stream"] = {"format": STREAM_FORMAT, **tokenizer.describe()}
     writer = DatasetWriter(out, embed_dim=0, dtype="fp16", end_of_doc_text="", end_of_doc_tokens=[tokenizer.eos_id],
                            end_of_doc_embedding=np.zeros(0, dtype=np.float32), encoder="",

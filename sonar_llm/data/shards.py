@@ -14,7 +14,10 @@ Layout of a dataset directory:
 
 `manifest.json` holds: format/version, embed_dim, dtype, encoder and tokenizer identifiers, the
 end-of-document sentence (text, token ids, file), the writer's config, the list of completed shards
-(name, counts, sha256 of shard.json), totals, and `complete` (True once every shard is written).
+(name, counts, sha256 of shard.json), totals, and `complete` (True once every shard is written). The
+config's `inputs` are the input files' paths relative to the dataset folder (`input_paths` reads them back),
+so a folder tree holding both the inputs and the dataset can be moved or copied and the same settings still
+match; manifests written before recorded absolute paths, which still compare equal where they point.
 
 Multi-rank writing: with world_size > 1 each rank keeps its own manifest part
 `manifest.rank{r:05d}-of-{w:05d}.json`; `merge_manifest_parts` writes manifest.json once every part is
@@ -44,7 +47,8 @@ import torch
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "ShardCorruptionError", "ShardArrays", "write_shard", "DatasetWriter",
            "write_json_atomic", "write_npy_atomic", "shard_name", "manifest_part_name", "read_manifest",
-           "merge_manifest_parts", "ShardedDataset", "to_storage", "from_storage", "sha256_file"]
+           "merge_manifest_parts", "ShardedDataset", "to_storage", "from_storage", "sha256_file", "relative_inputs",
+           "input_paths"]
 
 FORMAT_NAME = "sonar-llm-shards"
 FORMAT_VERSION = 1
@@ -272,6 +276,19 @@ def write_shard(out_dir: str | os.PathLike, index: int, arrays: ShardArrays, *, 
             "num_tokens": info["num_tokens"], "shard_json_sha256": sha256_file(final / "shard.json")}
 
 
+def relative_inputs(files: Sequence[str], out_dir: str | os.PathLike) -> list[str]:
+    """The manifest's `config.inputs` for `files`: each path relative to the dataset folder `out_dir`."""
+    root = os.path.abspath(out_dir)
+    return [os.path.relpath(os.path.abspath(f), root) for f in files]
+
+
+def input_paths(manifest: dict, dataset_dir: str | os.PathLike) -> list[str]:
+    """The input files a manifest's `config.inputs` names, as paths usable from here (relative entries are
+    relative to the dataset folder; absolute ones, from manifests written before, stay as they are)."""
+    root = os.path.abspath(dataset_dir)
+    return [os.path.normpath(os.path.join(root, p)) for p in (manifest.get("config") or {}).get("inputs") or []]
+
+
 def _load_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
@@ -393,7 +410,8 @@ class DatasetWriter:
             keys = ("format", "version", "embed_dim", "dtype", "encoder", "tokenizer", "end_of_doc", "world_size")
             bad = [k for k in keys if old.get(k) != self.manifest[k]]
             old_cfg, new_cfg = old.get("config", {}), self.manifest["config"]
-            bad += [f"config.{k}" for k in sorted(set(old_cfg) | set(new_cfg)) if old_cfg.get(k) != new_cfg.get(k)]
+            bad += [f"config.{k}" for k in sorted(set(old_cfg) | set(new_cfg)) if old_cfg.get(k) != new_cfg.get(k)
+                    and not (k == "inputs" and input_paths(old, self.root) == input_paths(self.manifest, self.root))]
             if bad:
                 raise DatasetSettingsMismatch(f"{self.path} was written with different settings ({bad}); use "
                                               f"another output directory or overwrite=True")
