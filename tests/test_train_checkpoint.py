@@ -131,7 +131,7 @@ def test_sigusr1_saves_and_stops_then_resume_matches(tmp_path, monkeypatch):
     assert losses(tmp_path / "stop") == losses(tmp_path / "full")
 
 
-def test_starting_over_sets_the_old_runs_checkpoints_aside(tmp_path):
+def test_starting_over_sets_the_old_runs_checkpoints_aside(tmp_path, capsys):
     """train.resume=false in a folder with checkpoints: the new run's checkpoints are never pruned in favour of
     the old run's (higher-numbered) ones, a later resume continues the new run, and nothing old is deleted."""
     out = tmp_path / "run"
@@ -139,6 +139,8 @@ def test_starting_over_sets_the_old_runs_checkpoints_aside(tmp_path):
     root = out / "checkpoints"
     old = {s: load_model_state(root / ckpt.step_dir_name(s)) for s in (2, 3, 4)}
     res = run(fake_cfg(out, 1, checkpoint_every=1, keep_last=3, resume=False))
+    assert f"checkpoint of step 4 is after the step this run starts from (0): moved to {root / 'set_aside'}" in \
+        capsys.readouterr().out
     assert res["checkpoint"].endswith("step_000001")
     assert ckpt.complete_steps(root) == [1]
     assert ckpt.latest_checkpoint(root).name == "step_000001"

@@ -273,8 +273,9 @@ def build_run(cfg: RunConfig, info: DistInfo, model_factory: ModelFactory, data_
         _seed_all(t_cfg.seed + 1 + info.rank)  # per-rank streams for dropout / diffusion noise
     if info.is_main:
         for path in ckpt.set_aside_newer(ckpt_root, run.step):
-            run.logger.message(f"checkpoint {path.name} is after the step this run starts from ({run.step}): "
-                               f"moved to {path} (never resumed or pruned; delete it when you no longer need it)")
+            run.logger.message(f"checkpoint of step {ckpt.checkpoint_step(path)} is after the step this run starts "
+                               f"from ({run.step}): moved to {path} (never resumed or pruned; delete it when you no "
+                               f"longer need it)")
         save_config(cfg, run_dir)
         dropped = rewind_metrics(run_dir / "metrics.jsonl", run.step)
         if dropped:
