@@ -157,6 +157,15 @@ def shareable(path: str | os.PathLike) -> None:
     os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
 
 
+def shareable_folder(path: str | os.PathLike) -> None:
+    """`shareable` for a folder and the files directly in it (a checkpoint or a model folder about to be
+    renamed into place)."""
+    shareable(path)
+    for f in Path(path).iterdir():
+        if f.is_file():
+            shareable(f)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path`, on any error it is removed

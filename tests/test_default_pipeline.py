@@ -200,3 +200,22 @@ def test_the_summary_names_the_model_that_was_trained(tmp_path, extra, shown):
     assert f"SONAR-LLM, {shown}2.50M parameters), step 5 of 5 (41s of training in this run)" in trained(2)
     # a re-run of a finished run trains nothing: it must not claim the start-up second as training
     assert "step 5 of 5 (already trained: resumed, no step to train in this run)" in trained(5)
+
+
+def test_step_4_says_whether_it_trains_resumes_or_has_nothing_to_train(tmp_path):
+    """A re-run of a finished default run announced "training SONAR-LLM (..., 1000 steps)" and trained nothing."""
+    from sonar_train.default_pipeline import training_config, training_plan
+
+    assets = {k: str(tmp_path / k) for k in ("train", "valid", "decoder", "encoder", "tokenizer")}
+    cfg = training_config(tmp_path / "run", assets, 10, check_paths=False)
+    assert training_plan(cfg) == "training SONAR-LLM (small preset, 10 steps)"
+    for step, complete in ((4, True), (8, False)):  # step 8 was never completed: not a checkpoint
+        (tmp_path / "run" / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
+        if complete:
+            (tmp_path / "run" / "checkpoints" / f"step_{step:06d}" / "COMPLETE").write_text(f"{step}\n")
+    assert training_plan(cfg) == "training SONAR-LLM (small preset, steps 4->10, resuming its checkpoint)"
+    (tmp_path / "run" / "checkpoints" / "step_000010").mkdir()
+    (tmp_path / "run" / "checkpoints" / "step_000010" / "COMPLETE").write_text("10\n")
+    assert training_plan(cfg) == "SONAR-LLM (small preset) already trained to step 10 of 10: resuming it, nothing to train"
+    cfg.train.resume = False
+    assert training_plan(cfg) == "training SONAR-LLM (small preset, 10 steps)"

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from sonar_llm.checkpoints import file_record
-from sonar_llm.cli import shareable
+from sonar_llm.cli import shareable_folder
 from sonar_llm.optim import lr_factor, param_groups
 
 from .round_trip import END_OF_DOC_TEXT
@@ -384,10 +384,7 @@ def _save_checkpoint(module, path: Path) -> None:
 def _publish(tmp: Path, root: Path) -> None:
     """Move the finished temporary directory into place (the old copy, if any, is removed). Temporary
     files are created private (0600/0700): give the published copy the usual permissions (umask)."""
-    shareable(tmp)
-    for f in tmp.iterdir():
-        if f.is_file():
-            shareable(f)
+    shareable_folder(tmp)
     old = None
     if root.exists():
         old = root.with_name(f"{root.name}.old-{os.getpid()}-{time.time_ns()}")

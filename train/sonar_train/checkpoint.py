@@ -49,7 +49,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from sonar_llm.checkpoints import (checkpoint_step, complete_steps, latest_checkpoint,  # noqa: F401 (re-exported)
                                    step_dir_name)
 from sonar_llm.checkpoints import quiet_single_process as _quiet_single_process
-from sonar_llm.cli import shareable
+from sonar_llm.cli import shareable_folder
 from sonar_llm.dcp_safe import (CHECKSUMS_FILE, SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError,
                                 file_digest, read_checksums, verify_checkpoint)
 
@@ -220,9 +220,7 @@ def save_checkpoint(ckpt_root: str | os.PathLike, step: int, model: torch.nn.Mod
             _write_json(tmp / CHECKSUMS_FILE, {"format": CHECKSUM_FORMAT, "step": step, "good": good,
                                                "reason": "; ".join(sorted(set(reasons))), "files": digests})
             (tmp / "COMPLETE").write_text(f"{step}\n")
-            for f in tmp.iterdir():  # safetensors writes its files 0600: give them the umask's permissions
-                if f.is_file():
-                    shareable(f)
+            shareable_folder(tmp)  # safetensors writes its files 0600: give them the umask's permissions
             _fsync_dir(tmp)
             if final.exists():  # a stale copy of the same step from an earlier attempt
                 shutil.rmtree(final)

@@ -264,6 +264,21 @@ def draw(run_dir: Path) -> str:
         return f"no plot: {e}"
 
 
+def training_plan(cfg) -> str:
+    """What step 4 is about to do: train from scratch, resume, or (a finished run) train nothing. Read from the
+    run's complete checkpoints; the loop decides (a checkpoint that fails verification is passed over)."""
+    from sonar_llm.checkpoints import complete_steps
+
+    steps = cfg.train.steps
+    done = max(complete_steps(Path(cfg.train.out_dir) / "checkpoints"), default=0) if cfg.train.resume else 0
+    what = f"SONAR-LLM ({cfg.model.preset} preset"
+    if done >= steps:
+        return f"{what}) already trained to step {done} of {steps}: resuming it, nothing to train"
+    if done:
+        return f"training {what}, steps {done}->{steps}, resuming its checkpoint)"
+    return f"training {what}, {steps} steps)"
+
+
 def summary(cfg, run_dir: Path, assets: dict, final: dict, res: dict, train_s: float, total_s: float) -> str:
     """The closing lines: what was trained, the evaluation headline, the plot and the next commands."""
     from sonar_llm.models.family import get_family
@@ -327,7 +342,7 @@ def main(extra: list[str] = ()) -> int:
         assets = json.loads(marker.read_text())
 
     cfg = training_config(run_dir, assets, int(steps) if steps else None, extra)
-    _say(f"[4/6] training SONAR-LLM ({cfg.model.preset} preset, {cfg.train.steps} steps) in {run_dir}")
+    _say(f"[4/6] {training_plan(cfg)} in {run_dir}")
     from sonar_train.loop import run_training
 
     t_train = time.perf_counter()
