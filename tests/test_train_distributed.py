@@ -89,6 +89,20 @@ def test_two_ranks_match_one_and_survive_a_dead_rank(tmp_path):
     for r in resumed:
         assert abs(r["loss"] - lb[r["step"]]) <= 1e-6 * abs(lb[r["step"]])
 
+    # two ranks past a damaged newest checkpoint: both verify it (each hashes a share), fall back to step 4, rank 0
+    # sets step 6 aside, and steps 5-6 follow the uninterrupted trajectory again
+    two_dir = tmp_path / "two"
+    shard = sorted((two_dir / "checkpoints" / "step_000006").glob("*.distcp"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-5])
+    p, _ = torchrun(BASE + [f"--train.out_dir={two_dir}", "--train.checkpoint_every=2"])
+    assert final(p)["step"] == 6 and "step_000006 fails verification" in p.stdout, p.stdout[-3000:]
+    assert (two_dir / "checkpoints" / "set_aside" / "step_000006" / shard.name).is_file()
+    with open(two_dir / "metrics.jsonl") as f:
+        again = [r for r in map(json.loads, f) if r["kind"] == "train"][-2:]
+    assert [r["step"] for r in again] == [5, 6]
+    for r in again:
+        assert abs(r["loss"] - lb[r["step"]]) <= 1e-6 * abs(lb[r["step"]])
+
 
 def test_bf16_sharded_decoder_checkpointing_and_replicated_mode(tmp_path):
     """Two jobs at once: bf16 FSDP2 (frozen decoder replicated in bf16) with full activation checkpointing (close
@@ -106,17 +120,3 @@ def test_bf16_sharded_decoder_checkpointing_and_replicated_mode(tmp_path):
         assert abs(lb[s] - lf[s]) <= 3e-2 * abs(lf[s]), (s, lb[s], lf[s])
     for s in range(1, 7):
         assert abs(ld[s] - lf[s]) <= 1e-5 * abs(lf[s]), (s, ld[s], lf[s])
-
-    # two ranks past a damaged newest checkpoint: both verify it (each hashes a share), fall back to step 4, rank 0
-    # sets step 6 aside, and steps 5-6 follow the uninterrupted trajectory again
-    two_dir = tmp_path / "two"
-    shard = sorted((two_dir / "checkpoints" / "step_000006").glob("*.distcp"))[-1]
-    shard.write_bytes(shard.read_bytes()[:-5])
-    p, _ = torchrun(BASE + [f"--train.out_dir={two_dir}", "--train.checkpoint_every=2"])
-    assert final(p)["step"] == 6 and "step_000006 fails verification" in p.stdout, p.stdout[-3000:]
-    assert (two_dir / "checkpoints" / "set_aside" / "step_000006" / shard.name).is_file()
-    with open(two_dir / "metrics.jsonl") as f:
-        again = [r for r in map(json.loads, f) if r["kind"] == "train"][-2:]
-    assert [r["step"] for r in again] == [5, 6]
-    for r in again:
-        assert abs(r["loss"] - lb[r["step"]]) <= 1e-6 * abs(lb[r["step"]])
