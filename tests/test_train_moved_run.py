@@ -56,9 +56,17 @@ def first_run(tmp_path, monkeypatch):
     return new
 
 
-def test_a_moved_run_resumes_and_says_why(first_run, capsys):
+def test_a_moved_run_resumes_and_says_why(first_run, capsys, monkeypatch):
+    import sonar_train.run_inputs as run_inputs
+
+    hashed = []
+    real = run_inputs.file_record
+    monkeypatch.setattr(run_inputs, "file_record", lambda p: hashed.append(str(p)) or real(p))
     new = first_run
     res = run(cfg_for(new / "run", new / "data", new / "decoder.safetensors", 4))
+    # the resume check and inputs.json's new record hash each moved file once (a real decoder is gigabytes)
+    assert sorted(hashed) == sorted([str((new / "data" / "manifest.json").resolve()),
+                                     str((new / "decoder.safetensors").resolve())]), hashed
     out = capsys.readouterr().out
     assert "resumed from" in out and "the same data: its manifest.json is byte-identical" in out
     assert "the same decoder file" in out

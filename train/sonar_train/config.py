@@ -433,7 +433,7 @@ def resume_changes(cfg: RunConfig, elsewhere: str = "use another train.out_dir")
     `data.path` and `sonar.decoder` may change to a path with the same content as recorded in the run's
     inputs.json (a moved or copied run). `elsewhere`: how the refusal tells the user to train in another folder.
     Reads only: nothing is written into the run folder."""
-    from sonar_train.run_inputs import same_content
+    from sonar_train.run_inputs import KEYS as IDENTIFIED, same_content
 
     run_dir = Path(cfg.train.out_dir)
     path = run_dir / "config.json"
@@ -451,15 +451,17 @@ def resume_changes(cfg: RunConfig, elsewhere: str = "use another train.out_dir")
             if name in _RESUME_IGNORED or key not in before or before[key] == value:
                 continue
             change = f"{name}: {before[key]!r} -> {value!r}"
-            same = same_content(name, value, run_dir) if isinstance(value, str) else None
+            same = same_content(name, value, run_dir) if name in IDENTIFIED else None
             if same:
                 changes.append(f"{change} ({same})")
+            elif name in RESUME_FIXED:
+                refused.append((name, change))
             else:
-                (refused if name in RESUME_FIXED else changes).append(change)
+                changes.append(change)
     if refused:
+        name, change = refused[0]
         moved = ("; a path to the same content would be accepted, but this one's content differs from the one "
-                 "recorded in inputs.json, or none was recorded") if refused[0].startswith(("data.path",
-                                                                                           "sonar.decoder")) else ""
-        raise ConfigError(f"{refused[0]} differs from the run being resumed in {run_dir}; this key cannot change "
+                 "recorded in inputs.json, or none was recorded") if name in IDENTIFIED else ""
+        raise ConfigError(f"{change} differs from the run being resumed in {run_dir}; this key cannot change "
                           f"on resume{moved} ({elsewhere}, or train.resume=false to start over)")
     return changes

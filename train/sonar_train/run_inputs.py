@@ -12,6 +12,7 @@ the recorded one, and says so; otherwise the key is refused as before.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -21,17 +22,30 @@ from sonar_llm.checkpoints import file_record
 
 INPUTS_FILE = "inputs.json"
 FORMAT = 1
+KEYS = ("data.path", "sonar.decoder")  # the config keys identified by content
+
+
+@functools.lru_cache(maxsize=8)
+def _record(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
+    """file_record of `path`, once per process for an unchanged file (size and mtime are the cache key): a
+    moved run's resume checks the decoder's identity before preparing, again in the loop, and records it."""
+    return file_record(path)
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return _record(str(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
 def identity(key: str, value: str) -> dict[str, Any]:
-    """The identity record of `value` for `key` ("data.path" or "sonar.decoder"); {"path": value} alone when
-    there is nothing on disk to identify (no manifest.json, an asset name)."""
+    """The identity record of `value` for `key` (one of KEYS); {"path": value} alone when there is nothing on
+    disk to identify (no manifest.json, an asset name)."""
     path = Path(value)
     if key == "data.path":
         manifest = path / "manifest.json"
-        return {"path": value, "manifest_sha256": file_record(manifest)["sha256"] if manifest.is_file() else None}
+        return {"path": value, "manifest_sha256": _file_record(manifest)["sha256"] if manifest.is_file() else None}
     if path.is_file():
-        record = file_record(path)
+        record = _file_record(path)
         return {"path": value, "bytes": record["size"], "sha256": record["sha256"]}
     return {"path": value}
 
@@ -46,7 +60,7 @@ def record_inputs(cfg_dict: dict[str, Any], run_dir: str | os.PathLike) -> None:
     run_dir = Path(run_dir)
     old = read_inputs(run_dir)
     out: dict[str, Any] = {"format": FORMAT}
-    for key in ("data.path", "sonar.decoder"):
+    for key in KEYS:
         section, name = key.split(".")
         value = (cfg_dict.get(section) or {}).get(name)
         if not isinstance(value, str) or not value:
@@ -68,8 +82,8 @@ def read_inputs(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def same_content(key: str, new_value: str, run_dir: str | os.PathLike) -> str | None:
-    """Why `new_value` holds the same content as the value recorded for `key` in the run's inputs.json (a
-    phrase for the log), or None when it does not or cannot be told."""
+    """Why `new_value` holds the same content as the value recorded for `key` (one of KEYS) in the run's
+    inputs.json (a phrase for the log), or None when it does not or cannot be told."""
     before = read_inputs(run_dir).get(key)
     if not isinstance(before, dict) or not _known(before):
         return None
