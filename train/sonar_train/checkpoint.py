@@ -157,6 +157,13 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: unreadable ({e})") from e
 
 
+def _point_latest(root: Path, name: str) -> None:
+    """Replace `<root>/latest` with `name` atomically (the caller fsyncs `root`)."""
+    pointer = root / "latest.tmp"
+    pointer.write_text(name + "\n")
+    os.replace(pointer, root / "latest")
+
+
 def _device_of(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -226,9 +233,7 @@ def save_checkpoint(ckpt_root: str | os.PathLike, step: int, model: torch.nn.Mod
                 shutil.rmtree(final)
             os.replace(tmp, final)
             if good:
-                pointer = root / "latest.tmp"
-                pointer.write_text(final.name + "\n")
-                os.replace(pointer, root / "latest")
+                _point_latest(root, final.name)
             _fsync_dir(root)
         except OSError as e:
             ok, error = False, e
@@ -325,12 +330,11 @@ def set_aside_newer(ckpt_root: str | os.PathLike, step: int) -> list[Path]:
         os.replace(src, dest)
         moved.append(dest)
     if moved:
-        pointer, current = root / "latest", root / step_dir_name(step)
+        current = root / step_dir_name(step)
         if (current / "COMPLETE").is_file():
-            (root / "latest.tmp").write_text(current.name + "\n")
-            os.replace(root / "latest.tmp", pointer)
+            _point_latest(root, current.name)
         else:
-            pointer.unlink(missing_ok=True)
+            (root / "latest").unlink(missing_ok=True)
         _fsync_dir(root)
     return moved
 
