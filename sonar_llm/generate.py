@@ -58,6 +58,15 @@ from typing import Any, Callable, TextIO
 import torch
 from torch import Tensor
 
+from sonar_llm.eval.evaluate import (
+    SAMPLING_FLAGS,
+    add_sampling_arguments,
+    add_stop_arguments,
+    check_sampling,
+    sampling_kwargs,
+    sampling_requested,
+)
+
 __all__ = ["GenerateConfig", "read_prompts", "decoding_config", "Generator", "main"]
 
 
@@ -105,9 +114,8 @@ class GenerateConfig:
 
     @property
     def sampling(self) -> bool:
-        """Sampling instead of beam search: `--sample`, or a sampling flag that changes something (`--top-k 0`
-        means "no top-k filter", as in Hugging Face's generate, so it does not switch sampling on)."""
-        return self.sample or self.temperature is not None or bool(self.top_k) or self.top_p is not None
+        """Sampling instead of beam search (`sonar_llm.eval.evaluate.sampling_requested`)."""
+        return sampling_requested(self)
 
     def validate(self) -> None:
         if bool(self.model) == bool(self.run):
@@ -119,17 +127,9 @@ class GenerateConfig:
         for name in ("max_sentences", "batch_size", "num_samples", "steps", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.beam is not None and self.beam < 1:
-            raise ValueError(f"--beam must be >= 1, got {self.beam}")
         if not 0.0 <= self.eos_threshold <= 1.0:
             raise ValueError(f"--eos-threshold must be a cosine in [0, 1] (0 = the family's default), "
                              f"got {self.eos_threshold}")
-        if self.temperature is not None and not self.temperature > 0:
-            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"--top-k must be >= 0 (0 = no top-k filter), got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.max_seq_len < 3:
             raise ValueError(f"--max-seq-len must be >= 3 ([</s>, lang] and one token), got {self.max_seq_len}")
         if self.max_gen_len is not None and self.max_gen_len < 1:
@@ -138,8 +138,7 @@ class GenerateConfig:
             raise ValueError(f"--length-guard must be >= 1 (or 0 for SONAR's own rule), got {self.length_guard}")
         if self.stop_on_repetition is not None and not -1.0 <= self.stop_on_repetition <= 1.0:
             raise ValueError(f"--stop-on-repetition must be a cosine in [-1, 1], got {self.stop_on_repetition}")
-        if self.sampling and (self.beam or 1) > 1:
-            raise ValueError("--beam > 1 and sampling (--sample/--temperature/--top-k/--top-p) exclude each other")
+        check_sampling(self, self.beam, "--beam")
         for name, value in (("--model", self.model), ("--run", self.run), ("--encoder", self.encoder),
                             ("--decoder", self.decoder), ("--tokenizer", self.tokenizer)):
             if value and not Path(value).exists():
@@ -195,8 +194,7 @@ def decoding_config(cfg: GenerateConfig):
     if cfg.max_gen_len is not None:
         kw["max_gen_len"] = cfg.max_gen_len
     if cfg.sampling:
-        kw.update(do_sample=True, seed=cfg.seed, temperature=1.0 if cfg.temperature is None else cfg.temperature,
-                  top_k=cfg.top_k or 0, top_p=1.0 if cfg.top_p is None else cfg.top_p)
+        kw.update(sampling_kwargs(cfg))
     return GenerationConfig(**kw)
 
 
@@ -298,7 +296,7 @@ class Generator:
                 raise ValueError(f"--target-lang: a {self.family} model writes tokens itself, in the prompt's "
                                  "language; only concept models decode into another language")
             if cfg.sampling:
-                raise ValueError(f"sampling (--sample/--temperature/--top-k/--top-p) does not apply to a {self.family} "
+                raise ValueError(f"sampling ({SAMPLING_FLAGS}) does not apply to a {self.family} "
                                  "model: it decodes its own tokens greedily")
         self.decoding = decoding_config(cfg)
         self.eod_text = end_of_doc_text(weights.run_config, cfg.end_of_doc_text)
@@ -483,7 +481,6 @@ def generate(cfg: GenerateConfig, *, stdout: TextIO | None = None, stderr: TextI
 
 def _parser() -> argparse.ArgumentParser:
     from sonar_llm.cli import parser
-    from sonar_llm.eval.evaluate import add_stop_arguments
 
     p = parser("python -m sonar_llm.generate", description=__doc__.split("\n\n")[0],
                epilog="examples:\n" + __doc__.split("\n\n")[1] + "\n\ndetails: docs/generation.md",
@@ -510,12 +507,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the sampling and of the Two-Tower's noise")
     g = p.add_argument_group("SONAR decoder")
     g.add_argument("--beam", type=int, default=None, help="beam size (1 = greedy; default 5, SONAR's)")
-    g.add_argument("--sample", action="store_true", help="sample tokens instead of beam search")
-    g.add_argument("--temperature", type=float, default=None, help="sampling temperature > 0 (implies --sample; 1.0)")
-    g.add_argument("--top-k", type=int, default=None,
-                   help="sample among the k most likely tokens (k >= 1 implies --sample; 0 = no top-k filter, as in "
-                        "Hugging Face, and does not switch sampling on)")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (implies --sample)")
+    add_sampling_arguments(g)
     g.add_argument("--max-seq-len", type=int, default=d.max_seq_len,
                    help="positions per sentence, [</s>, lang] included (default 256, the public SONAR-LLM value)")
     g.add_argument("--max-gen-len", type=int, default=None,

@@ -366,3 +366,52 @@ def test_decoding_caps_are_applied_and_stated(toy, tmp_path):
     default = EV.decoding_config(EV.EvalConfig(stories="x"))
     assert default == GenerationConfig(beam_size=5, max_seq_len=256)
     assert default.max_new_tokens(1024, 512) == 256 - 2  # the public cap binds before SONAR's 510
+
+
+def test_sampled_decoding_reaches_the_decoder_and_is_seeded(toy, tmp_path, capsys):
+    """--temperature/--top-k/--top-p/--sample sample the SONAR decoder's tokens (one generator seeded by --seed for
+    the whole evaluation); top-k 1 sampling is greedy decoding, so it must give the greedy run's stories; the
+    teacher-forced end recall decodes greedily either way."""
+    from sonar_llm.sonar.generation import GenerationConfig
+
+    path, _ = _export_untrained(toy, "sonar_llm", seed=4)
+
+    def stories(*extra):
+        out = tmp_path / "res.json"
+        assert _cli(toy, path, out, "--eos-threshold", "0.999", "--end-recall-docs", "2", *extra) == 0, \
+            capsys.readouterr().err
+        res = json.loads(out.read_text())
+        return [it["generation"] for it in res["items"]], res
+
+    greedy, greedy_res = stories()
+    top1, res = stories("--top-k", "1", "--temperature", "0.5")
+    assert top1 == greedy and any(greedy)
+    assert res["decoding"]["do_sample"] and res["decoding"]["top_k"] == 1 and res["decoding"]["temperature"] == 0.5
+    hot, res = stories("--temperature", "2.0", "--seed", "1")
+    again, _ = stories("--temperature", "2.0", "--seed", "1")
+    other, _ = stories("--temperature", "2.0", "--seed", "2")
+    assert hot == again and hot != other and hot != greedy
+    assert res["decoding"]["seed"] == 1 and res["decoding"]["strategy"] != "greedy"
+    assert res["end_recall"] == greedy_res["end_recall"]  # the decoded predictions it names included
+    assert greedy_res["end_recall"]["missed_end_examples"]
+    sampled = EV.EvalConfig(stories="x", top_p=0.9, seed=3)
+    assert EV.decoding_config(sampled) == GenerationConfig(beam_size=1, max_seq_len=256, do_sample=True, top_p=0.9,
+                                                           seed=3)
+    assert EV.decoding_config(sampled, sampled=False) == GenerationConfig(beam_size=1, max_seq_len=256)
+
+
+def test_bad_sampling_flags_are_one_line_errors(toy, tmp_path, capsys):
+    path, _ = _export_untrained(toy, "sonar_llm")
+    token, _ = _export_untrained(toy, "token_llm")
+    out = tmp_path / "r.json"
+    for extra, says in ((["--temperature", "0"], "--temperature must be > 0, got 0.0"),
+                        (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+                        (["--top-k", "-1"], "--top-k must be >= 0"),
+                        (["--beam-size", "3", "--sample"], "--beam-size > 1 and sampling")):
+        assert _cli(toy, path, out, *extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and says in err and "Traceback" not in err, err
+    assert _cli(toy, token, out, "--top-p", "0.9") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "does not apply to a token_llm model" in err
+    assert not out.exists()

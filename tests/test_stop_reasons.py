@@ -218,4 +218,22 @@ def test_protocol_records_stop_reasons_shares_and_duplicates():
     assert m["stop_token_cap"] == 0.0
     # duplicates counted by hand: X. X. (2 of story 2), P2a. (story 3: in its prompt) -> 3 of 9 sentences
     assert m["duplicate_sentence_rate"] == pytest.approx(3 / 9)
+    # near-duplicates (difflib 2M/T >= 0.8), by hand: the 3 exact ones, and "Z ." after "Z." (M = 2 of 2 + 3
+    # characters: 0.8); "Y." after "X." is 2 x 1 / 4 = 0.5 -> 4 of 9
+    assert m["near_duplicate_sentence_rate"] == pytest.approx(4 / 9)
     assert m["mean_reference_sentences"] == 3.0 and m["mean_generated_sentences"] == pytest.approx(9 / 4)
+
+
+def test_near_duplicates_count_loops_that_vary_a_word():
+    """2M/T by hand: "Tom ran to the park." / "Tom ran to the barn." share "Tom ran to the " (15), "ar" and "."
+    -> 2 x 18 / 40 = 0.9; a different sentence stays below 0.8; white space runs are one space."""
+    stories = [["P a.", "P b.", "R a.", "R b."]]
+
+    def rate(generation):
+        res = run_protocol(stories, lambda prompts: [StoryContinuation(generation, STOP_END)],
+                           ProtocolConfig(num_stories=1), batch_size=1)
+        return res["metrics"]["near_duplicate_sentence_rate"], res["metrics"]["duplicate_sentence_rate"]
+
+    assert rate(["Tom ran to the park.", "Tom ran to the barn."]) == (0.5, 0.0)
+    assert rate(["Tom ran to the park.", "Sam sat under a big tree."]) == (0.0, 0.0)
+    assert rate(["Tom ran to  the park.", "Tom ran to the park."]) == (0.5, 0.5)

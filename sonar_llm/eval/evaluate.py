@@ -87,7 +87,13 @@ class EvalConfig:
     decoder: str = ""
     tokenizer: str = ""
     lang: str = "eng_Latn"
-    beam_size: int = 5
+    beam_size: int | None = None  # None: 5, SONAR's default (1 when sampling)
+    # sampling the SONAR decoder's tokens instead of beam search (as generate's flags; one torch.Generator seeded
+    # with `seed` draws for the whole evaluation); the teacher-forced end recall still decodes greedily
+    sample: bool = False
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
     # SONAR decoder length caps (sonar_llm.sonar.generation.GenerationConfig): max_gen_len None = SONAR's own
     # rule (width + 128 tokens, capped by the position table); max_seq_len 256 = what the public SONAR-LLM
     # generate.py passes to the pipeline (254 tokens after [</s>, lang]). The report states both under "decoding".
@@ -146,8 +152,7 @@ class EvalConfig:
             raise ValueError("--stories is required")
         if self.task == "summarization" and not self.summ_data:
             raise ValueError("--task summarization needs --summ-data")
-        if self.beam_size < 1:
-            raise ValueError(f"--beam-size must be >= 1, got {self.beam_size}")
+        check_sampling(self, self.beam_size, "--beam-size")
         if self.length_guard is not None and not self.length_guard >= 1:
             raise ValueError(f"--length-guard must be >= 1 (or 0 for none), got {self.length_guard}")
         if self.stop_on_repetition is not None and not -1 <= self.stop_on_repetition <= 1:
@@ -315,13 +320,18 @@ class _Recorder:
         return M.round_trip(emb, lambda _e: texts, encode)
 
 
-def decoding_config(cfg: EvalConfig):
-    """The SONAR decoder's `GenerationConfig` for an evaluation: beam `beam_size`, the length caps and guard."""
+def decoding_config(cfg: EvalConfig, *, sampled: bool = True):
+    """The SONAR decoder's `GenerationConfig` for an evaluation: beam `beam_size` (default 5) or, with the
+    sampling flags, token sampling (`sampled=False`: greedy instead, for the teacher-forced end recall), the
+    length caps and guard."""
     from sonar_llm.sonar.generation import GenerationConfig
 
-    kw = {} if cfg.max_gen_len is None else {"max_gen_len": cfg.max_gen_len}
-    return GenerationConfig(beam_size=cfg.beam_size, max_seq_len=cfg.max_seq_len, length_guard=cfg.length_guard,
-                            **kw)
+    sampling = sampling_requested(cfg)
+    kw: dict[str, Any] = {} if cfg.max_gen_len is None else {"max_gen_len": cfg.max_gen_len}
+    if sampling and sampled:
+        kw.update(sampling_kwargs(cfg))
+    beam = 1 if sampling else 5 if cfg.beam_size is None else cfg.beam_size
+    return GenerationConfig(beam_size=beam, max_seq_len=cfg.max_seq_len, length_guard=cfg.length_guard, **kw)
 
 
 def make_generate_fn(loaded: LoadedModel, cfg: EvalConfig, t2e, e2t, tokenizer,
@@ -332,7 +342,11 @@ def make_generate_fn(loaded: LoadedModel, cfg: EvalConfig, t2e, e2t, tokenizer,
 
     spec = get_family(loaded.family)
     device = next(loaded.model.parameters()).device
-    decode_fn, encode_fn = sonar_text_functions(t2e, e2t, cfg.lang, cfg=decoding_config(cfg))
+    if sampling_requested(cfg) and not spec.concept_level:
+        raise ValueError(f"sampling ({SAMPLING_FLAGS}) does not apply to a {loaded.family} model: it decodes its own "
+                         "tokens greedily")
+    draws = torch.Generator(device="cpu").manual_seed(cfg.seed) if sampling_requested(cfg) else None
+    decode_fn, encode_fn = sonar_text_functions(t2e, e2t, cfg.lang, cfg=decoding_config(cfg), generator=draws)
     eod_text = end_of_doc_text(loaded.run_config, cfg.end_of_doc_text)
     settings = GenerationSettings(
         eos_embedding=encode_fn([eod_text])[0].to(device), max_sentences=cfg.max_story_sentences,
@@ -480,7 +494,7 @@ def _end_diagnostics(cfg: EvalConfig, loaded: LoadedModel, t2e, e2t, result: dic
     eod = end_of_doc_text(loaded.run_config, cfg.end_of_doc_text)
     line = f"end sentence {eod!r}: "
     if cfg.end_recall_docs and supports_end_recall(loaded.model):
-        decode_fn, encode_fn = sonar_text_functions(t2e, e2t, cfg.lang, cfg=decoding_config(cfg))
+        decode_fn, encode_fn = sonar_text_functions(t2e, e2t, cfg.lang, cfg=decoding_config(cfg, sampled=False))
         stories = read_stories(cfg.stories)[:cfg.end_recall_docs]
         flat = encode_fn([s for st in stories for s in st])
         docs, i = [], 0
@@ -499,7 +513,8 @@ def _end_diagnostics(cfg: EvalConfig, loaded: LoadedModel, t2e, e2t, result: dic
 
     line += ("generations stopped by: " + ", ".join(f"{r.replace('_', ' ')} {pct(m.get(f'stop_{r}'))}"
                                                      for r in ("end", "repetition", "sentence_cap", "token_cap"))
-             + f"; duplicate sentences {pct(m.get('duplicate_sentence_rate'))}; mean sentences generated "
+             + f"; duplicate sentences {pct(m.get('duplicate_sentence_rate'))} (near-duplicates "
+             f"{pct(m.get('near_duplicate_sentence_rate'))}); mean sentences generated "
              f"{m['mean_generated_sentences']:.1f} (references {m['mean_reference_sentences']:.1f})")
     log(line)
 
@@ -539,6 +554,45 @@ def _summarize(cfg: EvalConfig, loaded: LoadedModel, sonar, load_s: float, log: 
     return result
 
 
+SAMPLING_FLAGS = "--sample/--temperature/--top-k/--top-p"
+
+
+def add_sampling_arguments(g: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Token sampling instead of beam search, shared by `evaluate` and `generate`."""
+    g.add_argument("--sample", action="store_true", help="sample tokens instead of beam search")
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature > 0 (implies --sample; 1.0)")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k most likely tokens (k >= 1 implies --sample; 0 = no top-k filter, as in "
+                        "Hugging Face, and does not switch sampling on)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (implies --sample)")
+
+
+def sampling_requested(cfg) -> bool:
+    """Sampling instead of beam search: `--sample`, or a sampling flag that changes something (`--top-k 0`
+    means "no top-k filter", as in Hugging Face's generate, so it does not switch sampling on)."""
+    return cfg.sample or cfg.temperature is not None or bool(cfg.top_k) or cfg.top_p is not None
+
+
+def check_sampling(cfg, beam: int | None, beam_flag: str) -> None:
+    """The sampling flags' ranges, and the beam flag's, which excludes sampling when > 1."""
+    if beam is not None and beam < 1:
+        raise ValueError(f"{beam_flag} must be >= 1, got {beam}")
+    if cfg.temperature is not None and not cfg.temperature > 0:
+        raise ValueError(f"--temperature must be > 0, got {cfg.temperature}")
+    if cfg.top_k is not None and cfg.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (0 = no top-k filter), got {cfg.top_k}")
+    if cfg.top_p is not None and not 0.0 < cfg.top_p <= 1.0:
+        raise ValueError(f"--top-p must be in (0, 1], got {cfg.top_p}")
+    if sampling_requested(cfg) and (beam or 1) > 1:
+        raise ValueError(f"{beam_flag} > 1 and sampling ({SAMPLING_FLAGS}) exclude each other")
+
+
+def sampling_kwargs(cfg) -> dict[str, Any]:
+    """`GenerationConfig` fields of the sampling flags."""
+    return dict(do_sample=True, seed=cfg.seed, temperature=1.0 if cfg.temperature is None else cfg.temperature,
+                top_k=cfg.top_k or 0, top_p=1.0 if cfg.top_p is None else cfg.top_p)
+
+
 def add_stop_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, length_guard: float) -> None:
     """The two options that bound a generation, shared by `evaluate` and `generate`: --length-guard (tokens per
     decoded sentence) and --stop-on-repetition (Meta's LCM option)."""
@@ -570,7 +624,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder", default="")
     p.add_argument("--tokenizer", default="")
     p.add_argument("--lang", default=d.lang)
-    p.add_argument("--beam-size", type=int, default=d.beam_size)
+    p.add_argument("--beam-size", type=int, default=d.beam_size, help="SONAR decoder beam (default 5; 1 = greedy)")
+    add_sampling_arguments(p)
     p.add_argument("--max-gen-len", type=int, default=d.max_gen_len,
                    help="SONAR decoder token cap per sentence (default: SONAR's rule, width + 128)")
     p.add_argument("--max-seq-len", type=int, default=d.max_seq_len,
@@ -622,7 +677,8 @@ def _main(argv: list[str]) -> int:
     cfg = EvalConfig(model=a.model, verify=a.verify, run=a.run, family=a.family, stories=a.stories, out=a.out,
                      prompt_mode=a.prompt_mode, num_stories=a.num_stories,
                      max_story_sentences=a.max_story_sentences, encoder=a.encoder, decoder=a.decoder,
-                     tokenizer=a.tokenizer, lang=a.lang, beam_size=a.beam_size, max_gen_len=a.max_gen_len,
+                     tokenizer=a.tokenizer, lang=a.lang, beam_size=a.beam_size, sample=a.sample,
+                     temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, max_gen_len=a.max_gen_len,
                      max_seq_len=a.max_seq_len, length_guard=a.length_guard or None,
                      stop_on_repetition=a.stop_on_repetition, end_recall_docs=a.end_recall_docs,
                      end_of_doc_text=a.end_of_doc_text,

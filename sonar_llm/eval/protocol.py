@@ -16,6 +16,7 @@ references' mean length (`mean_reference_sentences`, beside `mean_generated_sent
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import time
@@ -88,20 +89,38 @@ def _norm(sentence: str) -> str:
     return " ".join(sentence.split())
 
 
+NEAR_DUPLICATE_RATIO = 0.8  # difflib similarity 2M/T at or above which a sentence is a near-duplicate
+
+
+def _near(sentence: str, earlier: Sequence[str]) -> bool:
+    """`sentence` has a difflib similarity (2 x matching characters / both lengths) of at least
+    NEAR_DUPLICATE_RATIO with one of `earlier`."""
+    t = NEAR_DUPLICATE_RATIO
+    for e in earlier:
+        sm = difflib.SequenceMatcher(None, sentence, e, autojunk=False)
+        if sm.real_quick_ratio() >= t and sm.quick_ratio() >= t and sm.ratio() >= t:
+            return True
+    return False
+
+
 def stop_diagnostics(items: Sequence[ProtocolItem]) -> dict[str, float | None]:
     """Share of each stop reason among the items that state one (None when none does), the duplicate-sentence
     rate (generated sentences equal, up to white space, to an earlier sentence of the same story, prompt
-    included; None without generated sentences) and the references' mean number of sentences."""
+    included; None without generated sentences), the near-duplicate rate (the same with a difflib similarity of
+    at least NEAR_DUPLICATE_RATIO: "Tom ran to the park." / "Tom ran to the barn." is 0.9; it counts the loops that
+    vary a word, as sampled decoding does) and the references' mean number of sentences."""
     known = [it.stop_reason for it in items if it.stop_reason is not None]
     out: dict[str, float | None] = {f"stop_{r}": (known.count(r) / len(known) if known else None) for r in STOP_REASONS}
-    generated = dups = 0
+    generated = dups = near = 0
     for it in items:
-        seen = {_norm(s) for s in it.prompt}
-        for s in it.generation:
+        seen = [_norm(s) for s in it.prompt]
+        for s in map(_norm, it.generation):
             generated += 1
-            dups += _norm(s) in seen
-            seen.add(_norm(s))
+            dups += s in seen
+            near += _near(s, seen)
+            seen.append(s)
     out["duplicate_sentence_rate"] = dups / generated if generated else None
+    out["near_duplicate_sentence_rate"] = near / generated if generated else None
     out["mean_reference_sentences"] = sum(len(it.reference) for it in items) / len(items)
     return out
 
