@@ -67,6 +67,7 @@ def _check_output_speaks_to_a_newcomer(tmp_path: Path, out: str, err: str) -> No
         assert done.returncode == 0, cmd + "\n" + done.stdout[-2000:] + done.stderr[-2000:]
         printed.append(done.stdout)
     assert "Tom had a red ball." in printed[0] and len(printed[0].splitlines()) > 1  # the prompt, then sentences
+    assert "--temperature 0.8 --top-p 0.9" in cmds[0] and "--temperature 0.8 --top-p 0.9" in cmds[1]
     evaluated, exported = shlex.split(cmds[1]), shlex.split(cmds[2])
     half = json.loads((tmp_path / evaluated[evaluated.index("--out") + 1]).read_text())
     assert half["settings"]["prompt_mode"] == "half" and half["step"] == 3 and half["items"]
@@ -86,6 +87,15 @@ def test_default_pipeline_end_to_end_and_rerun(tmp_path):
     assert result["family"] == "sonar_llm" and result["step"] == 3
     assert len(result["items"]) > 0 and all(it["prompt"] and it["reference"] for it in result["items"])
     assert set(result["metrics"]) >= {"bleu", "rouge1", "rougeL", "meteor_no_wordnet", "rep4", "ovl3", "token_nll"}
+    # step 5 samples the decoder's tokens (issue 26) and reports the same stories decoded greedily beside it
+    d = result["decoding"]
+    assert (d["do_sample"], d["temperature"], d["top_p"], d["seed"], d["beam_size"]) == (True, 0.8, 0.9, 0, 1)
+    greedy = json.loads((run / "eval" / "protocol_start_greedy.json").read_text())
+    assert not greedy["decoding"]["do_sample"] and greedy["decoding"]["beam_size"] == 1
+    assert [it["prompt"] for it in greedy["items"]] == [it["prompt"] for it in result["items"]]
+    said = re.search(r"decoded greedily instead: (\d+)% end, duplicate sentences (\d+)%", first.stdout)
+    assert said and said.groups() == (f"{greedy['metrics']['stop_end']:.0%}"[:-1],
+                                      f"{greedy['metrics']['duplicate_sentence_rate']:.0%}"[:-1])
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert metrics and all(m["loss"] == m["loss"] for m in metrics if "loss" in m)  # finite (no NaN)
     tiny = tmp_path / "cache" / "tiny_sonar"

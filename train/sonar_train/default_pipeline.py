@@ -45,8 +45,14 @@ HELD_OUT_FRACTION = 0.05  # the tiny SONAR's split: its held-out stories are nev
 # within the step budget (docs/evaluation.md, issue 26). The generator is free; encoding them costs seconds.
 EXTRA_TRAIN_STORIES = 8000
 EVAL_STORIES = 64  # of the 200 held-out stories (docs/evaluation.md gives the default's figures on all 200)
-# the evaluation's decoding budget (step 5, and the evaluate command printed at the end)
-EVAL_SETTINGS = {"num_stories": EVAL_STORIES, "max_story_sentences": 20, "beam_size": 1, "max_gen_len": 64}
+# How the SONAR decoder turns the model's predictions into sentences in step 5, the continuation of step 6 and the
+# generate and evaluate commands printed at the end: token sampling at temperature 0.8 and top-p 0.9 (the values of
+# docs/generation.md's example; one generator seeded with 0), not greedy decoding. Where the next sentence is
+# uncertain, this deterministic model predicts a blend of the possible sentences; greedy decoding turns it into the
+# same generic sentence again and again (7-11% of the sentences repeat), sampling into one reading (0.7-1.1%).
+# Step 5 also reports the greedy figures (docs/evaluation.md, issue 26, fifth round).
+DECODING = {"temperature": 0.8, "top_p": 0.9, "max_gen_len": 64}
+EVAL_SETTINGS = {"num_stories": EVAL_STORIES, "max_story_sentences": 20, **DECODING}
 END_OF_DOC = END_OF_DOC_TEXT  # "End of sequence.": the tiny SONAR learns it (TinySonarConfig.end_sentence)
 NEXT_PROMPT = "Tom had a red ball. He liked to play with it."  # the generate command's prompt
 
@@ -177,7 +183,10 @@ def planned_config(extra: list[str] = ()):
 
 
 def evaluate_and_show(cfg, assets: dict, final: dict) -> dict:
-    """Steps 5-6: the generation protocol (with round trip and token NLL) and one continuation in full."""
+    """Steps 5-6: the generation protocol (with round trip and token NLL) and one continuation in full; the same
+    stories decoded greedily beside it (eval/protocol_start_greedy.json)."""
+    import dataclasses
+
     from sonar_llm.eval.evaluate import EvalConfig, evaluate
 
     t0 = time.perf_counter()
@@ -187,6 +196,9 @@ def evaluate_and_show(cfg, assets: dict, final: dict) -> dict:
                       **EVAL_SETTINGS)
     res = evaluate(ecfg, log=lambda table: print(table, flush=True))
     m = res["metrics"]
+    greedy_cfg = dataclasses.replace(ecfg, temperature=None, top_p=None, beam_size=1, nll_data="", end_recall_docs=0,
+                                     round_trip=False, out=str(Path(ecfg.out).with_name("protocol_start_greedy.json")))
+    greedy = evaluate(greedy_cfg, log=lambda _line: None)["metrics"]
 
     def fmt(v) -> str:
         return "n/a" if v is None else f"{v:.3f}"
@@ -195,6 +207,9 @@ def evaluate_and_show(cfg, assets: dict, final: dict) -> dict:
          f"validation loss {fmt(final.get('eval_loss'))}, token NLL {fmt(m.get('token_nll'))}, "
          f"round-trip cosine {fmt(m.get('round_trip_cos'))}")
     _say(end_figures(m))
+    _say(f"the same stories decoded greedily instead: {greedy['stop_end']:.0%} end, duplicate sentences "
+         f"{greedy['duplicate_sentence_rate']:.0%} (near-duplicates {greedy['near_duplicate_sentence_rate']:.0%}; "
+         "docs/evaluation.md, \"How the embedded default's stories end\")")
     item = res["items"][0]
     print("\n[default] [6/6] a held-out story, continued by the model", flush=True)
     print("  prompt:    " + " ".join(item["prompt"]), flush=True)
@@ -224,10 +239,11 @@ def end_figures(m: dict) -> str:
 
     recall = (f"teacher-forced end recall {pct('end_recall')}, false ends {pct('false_end_rate')}; "
               if "end_recall" in m else "")
-    return (f"how stories end: {recall}{pct('stop_end')} of the generations end on {END_OF_DOC!r} (repetition "
+    return (f"how stories end (sampled at temperature {DECODING['temperature']}, top-p {DECODING['top_p']}): "
+            f"{recall}{pct('stop_end')} of the generations end on {END_OF_DOC!r} (repetition "
             f"{pct('stop_repetition')}, sentence cap {pct('stop_sentence_cap')}); {m['mean_generated_sentences']:.1f} "
             f"sentences generated on average (references {m['mean_reference_sentences']:.1f}); duplicate sentences "
-            f"{pct('duplicate_sentence_rate')}")
+            f"{pct('duplicate_sentence_rate')} (near-duplicates {pct('near_duplicate_sentence_rate')})")
 
 
 def _path(p: str | Path) -> str:
@@ -249,7 +265,8 @@ def next_commands(run_dir: Path, assets: dict) -> list[str]:
                 "--prompt-mode half"]
     evaluate += [f"--{k.replace('_', '-')} {v}" for k, v in EVAL_SETTINGS.items()]
     evaluate += ["--out", _path(run_dir / "eval" / "protocol_half.json")]
-    return [f"python -m sonar_llm.generate --run {run} --prompt {shlex.quote(NEXT_PROMPT)}",
+    decoding = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DECODING.items())
+    return [f"python -m sonar_llm.generate --run {run} --prompt {shlex.quote(NEXT_PROMPT)} {decoding}",
             " ".join(evaluate),
             f"python {_path(_ROOT / 'train' / 'export.py')} --run {run} --out {_path(run_dir / 'model.safetensors')}"]
 
