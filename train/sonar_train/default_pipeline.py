@@ -49,7 +49,8 @@ EVAL_STORIES = 64  # of the 200 held-out stories (docs/evaluation.md gives the d
 # generate and evaluate commands printed at the end: token sampling at temperature 0.8 and top-p 0.9 (the values of
 # docs/generation.md's example; one generator seeded with 0), not greedy decoding. Where the next sentence is
 # uncertain, this deterministic model predicts a blend of the possible sentences; greedy decoding turns it into the
-# same generic sentence again and again (7-11% of the sentences repeat), sampling into one reading (0.7-1.1%).
+# same generic sentence again and again (6.7-10.3% of the sentences repeat over three seeds), sampling into one
+# reading (0.7-1.1%).
 # Step 5 also reports the greedy figures (docs/evaluation.md, issue 26, fifth round).
 DECODING = {"temperature": 0.8, "top_p": 0.9, "max_gen_len": 64}
 EVAL_SETTINGS = {"num_stories": EVAL_STORIES, "max_story_sentences": 20, **DECODING}
@@ -257,16 +258,20 @@ def _path(p: str | Path) -> str:
     return shlex.quote(str(p))
 
 
+def _flags(settings: dict) -> list[str]:
+    """`{"top_p": 0.9}` -> `["--top-p 0.9"]`."""
+    return [f"--{k.replace('_', '-')} {v}" for k, v in settings.items()]
+
+
 def next_commands(run_dir: Path, assets: dict) -> list[str]:
     """Three commands to try with this run, ready to paste in the directory the run was started from:
     generate from it, evaluate it with the paper's other prompt mode (the same budget as step 5), export it."""
     run = _path(run_dir)
     evaluate = ["python -m sonar_llm.eval.evaluate --run", run, "--stories", _path(assets["corpus_valid"]),
                 "--prompt-mode half"]
-    evaluate += [f"--{k.replace('_', '-')} {v}" for k, v in EVAL_SETTINGS.items()]
-    evaluate += ["--out", _path(run_dir / "eval" / "protocol_half.json")]
-    decoding = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DECODING.items())
-    return [f"python -m sonar_llm.generate --run {run} --prompt {shlex.quote(NEXT_PROMPT)} {decoding}",
+    evaluate += _flags(EVAL_SETTINGS) + ["--out", _path(run_dir / "eval" / "protocol_half.json")]
+    generate = ["python -m sonar_llm.generate --run", run, "--prompt", shlex.quote(NEXT_PROMPT), *_flags(DECODING)]
+    return [" ".join(generate),
             " ".join(evaluate),
             f"python {_path(_ROOT / 'train' / 'export.py')} --run {run} --out {_path(run_dir / 'model.safetensors')}"]
 
