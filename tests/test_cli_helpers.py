@@ -64,3 +64,25 @@ def test_plan_range_flags_are_checked_before_the_config_is_read(tmp_path, capsys
     assert plan.main(["--config", str(tmp_path / "missing.toml"), flag, value]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{flag} must be" in err and "missing.toml" not in err
+
+
+@pytest.mark.parametrize("module", ["sonar_llm.eval.evaluate", "sonar_llm.generate"])
+def test_commands_let_idle_openmp_threads_wait_passively(module):
+    """Run as a command, evaluate and generate set OMP_WAIT_POLICY=PASSIVE before torch loads (spinning threads made
+    the default run's printed evaluate command 8x slower on 2 shared cores); a value the user set wins; imported as a
+    library they leave the environment alone."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import os, runpy, sys; sys.argv = ['cmd', '--help']\n"
+             "try:\n    runpy.run_module(%r, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print('POLICY=' + os.environ.get('OMP_WAIT_POLICY', '-'))" % module)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    for given, want in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        e = dict(env, **({"OMP_WAIT_POLICY": given} if given else {}))
+        out = subprocess.run([sys.executable, "-c", probe], env=e, capture_output=True, text=True, timeout=300)
+        assert f"POLICY={want}" in out.stdout, out.stderr[-2000:]
+    lib = subprocess.run([sys.executable, "-c", f"import os, {module}; print(os.environ.get('OMP_WAIT_POLICY', '-'))"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert lib.stdout.strip() == "-", lib.stderr[-2000:]

@@ -93,9 +93,13 @@ def test_default_pipeline_end_to_end_and_rerun(tmp_path):
     greedy = json.loads((run / "eval" / "protocol_start_greedy.json").read_text())
     assert not greedy["decoding"]["do_sample"] and greedy["decoding"]["beam_size"] == 1
     assert [it["prompt"] for it in greedy["items"]] == [it["prompt"] for it in result["items"]]
-    said = re.search(r"decoded greedily instead: (\d+)% end, duplicate sentences (\d+)%", first.stdout)
-    assert said and said.groups() == (f"{greedy['metrics']['stop_end']:.0%}"[:-1],
-                                      f"{greedy['metrics']['duplicate_sentence_rate']:.0%}"[:-1])
+    said = re.search(r"decoded greedily instead: (\d+)% end, ([0-9.]+) sentences on average, duplicate sentences "
+                     r"(\d+)% \(near-duplicates (\d+)%\); (\S+);", first.stdout)
+    g = greedy["metrics"]
+    assert said and said.groups() == (f"{g['stop_end']:.0%}"[:-1], f"{g['mean_generated_sentences']:.1f}",
+                                      f"{g['duplicate_sentence_rate']:.0%}"[:-1],
+                                      f"{g['near_duplicate_sentence_rate']:.0%}"[:-1],
+                                      "run/eval/protocol_start_greedy.json"), first.stdout[-3000:]
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert metrics and all(m["loss"] == m["loss"] for m in metrics if "loss" in m)  # finite (no NaN)
     tiny = tmp_path / "cache" / "tiny_sonar"

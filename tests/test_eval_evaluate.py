@@ -404,7 +404,8 @@ def test_bad_sampling_flags_are_one_line_errors(toy, tmp_path, capsys):
     path, _ = _export_untrained(toy, "sonar_llm")
     token, _ = _export_untrained(toy, "token_llm")
     out = tmp_path / "r.json"
-    for extra, says in ((["--temperature", "0"], "--temperature must be > 0, got 0.0"),
+    for extra, says in ((["--temperature", "0"], "--temperature must be a finite number > 0, got 0.0"),
+                        (["--temperature", "inf"], "--temperature must be a finite number > 0, got inf"),
                         (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
                         (["--top-k", "-1"], "--top-k must be >= 0"),
                         (["--beam-size", "3", "--sample"], "--beam-size > 1 and sampling")):

@@ -38,13 +38,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
+if __name__ == "__main__":
+    # The command (python -m ...): OpenMP threads that spin while they wait made it 8x slower on 2 shared cores, as
+    # train/main.py found for the default run (docs/training.md). Set before torch loads OpenMP; the user's value wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 from torch import Tensor, nn
 
 from sonar_llm.models.family import FAMILIES as REGISTERED_FAMILIES
@@ -577,8 +583,8 @@ def check_sampling(cfg, beam: int | None, beam_flag: str) -> None:
     """The sampling flags' ranges, and the beam flag's, which excludes sampling when > 1."""
     if beam is not None and beam < 1:
         raise ValueError(f"{beam_flag} must be >= 1, got {beam}")
-    if cfg.temperature is not None and not cfg.temperature > 0:
-        raise ValueError(f"--temperature must be > 0, got {cfg.temperature}")
+    if cfg.temperature is not None and not 0 < cfg.temperature < float("inf"):
+        raise ValueError(f"--temperature must be a finite number > 0, got {cfg.temperature}")
     if cfg.top_k is not None and cfg.top_k < 0:
         raise ValueError(f"--top-k must be >= 0 (0 = no top-k filter), got {cfg.top_k}")
     if cfg.top_p is not None and not 0.0 < cfg.top_p <= 1.0:

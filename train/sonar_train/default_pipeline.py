@@ -52,7 +52,7 @@ EVAL_STORIES = 64  # of the 200 held-out stories (docs/evaluation.md gives the d
 # same generic sentence again and again (6.7-10.3% of the sentences repeat over three seeds), sampling into one
 # reading (0.7-1.1%).
 # Step 5 also reports the greedy figures (docs/evaluation.md, issue 26, fifth round).
-DECODING = {"temperature": 0.8, "top_p": 0.9, "max_gen_len": 64}
+DECODING = {"temperature": 0.8, "top_p": 0.9}  # sentence length: the tiny SONAR's length guard (33 tokens)
 EVAL_SETTINGS = {"num_stories": EVAL_STORIES, "max_story_sentences": 20, **DECODING}
 END_OF_DOC = END_OF_DOC_TEXT  # "End of sequence.": the tiny SONAR learns it (TinySonarConfig.end_sentence)
 NEXT_PROMPT = "Tom had a red ball. He liked to play with it."  # the generate command's prompt
@@ -208,11 +208,12 @@ def evaluate_and_show(cfg, assets: dict, final: dict) -> dict:
          f"validation loss {fmt(final.get('eval_loss'))}, token NLL {fmt(m.get('token_nll'))}, "
          f"round-trip cosine {fmt(m.get('round_trip_cos'))}")
     _say(end_figures(m))
-    _say(f"the same stories decoded greedily instead: {greedy['stop_end']:.0%} end, duplicate sentences "
-         f"{greedy['duplicate_sentence_rate']:.0%} (near-duplicates {greedy['near_duplicate_sentence_rate']:.0%}; "
-         "docs/evaluation.md, \"How the embedded default's stories end\")")
+    _say(f"the same stories decoded greedily instead: {greedy['stop_end']:.0%} end, "
+         f"{greedy['mean_generated_sentences']:.1f} sentences on average, duplicate sentences "
+         f"{greedy['duplicate_sentence_rate']:.0%} (near-duplicates {greedy['near_duplicate_sentence_rate']:.0%}); "
+         f"{_path(greedy_cfg.out)}; why sampling: docs/evaluation.md, \"How the embedded default's stories end\"")
     item = res["items"][0]
-    print("\n[default] [6/6] a held-out story, continued by the model", flush=True)
+    print("\n[default] [6/6] a held-out story, continued by the model (sampled, as in step 5)", flush=True)
     print("  prompt:    " + " ".join(item["prompt"]), flush=True)
     print("  generated: " + " ".join(item["generation"]) + f"  [stopped: {item.get('stop_reason')}]", flush=True)
     print("  original:  " + " ".join(item["reference"]), flush=True)
