@@ -87,6 +87,11 @@ def test_default_pipeline_end_to_end_and_rerun(tmp_path):
     assert result["family"] == "sonar_llm" and result["step"] == 3
     assert len(result["items"]) > 0 and all(it["prompt"] and it["reference"] for it in result["items"])
     assert set(result["metrics"]) >= {"bleu", "rouge1", "rougeL", "meteor_no_wordnet", "rep4", "ovl3", "token_nll"}
+    # step 5's table comes under its header, once; step 6 says when its one story did not end, and how many did not
+    out = first.stdout
+    assert out.count("| model |") == 1 and out.index("[5/6]") < out.index("| model |") < out.index("[6/6]")
+    if result["items"][0]["stop_reason"] != "end":
+        assert f"(this one did not end: {1 - result['metrics']['stop_end']:.0%} of the 64 stories" in out
     # step 5 samples the decoder's tokens (issue 26) and reports the same stories decoded greedily beside it
     d = result["decoding"]
     assert (d["do_sample"], d["temperature"], d["top_p"], d["seed"], d["beam_size"]) == (True, 0.8, 0.9, 0, 1)

@@ -195,7 +195,8 @@ def evaluate_and_show(cfg, assets: dict, final: dict) -> dict:
                       decoder=assets["decoder"], tokenizer=assets["tokenizer"], nll_data=assets["valid"],
                       nll_docs=64, out=str(Path(cfg.train.out_dir) / "eval" / "protocol_start.json"),
                       **EVAL_SETTINGS)
-    res = evaluate(ecfg, log=lambda table: print(table, flush=True))
+    said: list[str] = []  # the evaluator's table, printed under step 5's header (its one-line summary is ours below)
+    res = evaluate(ecfg, log=said.append)
     m = res["metrics"]
     greedy_cfg = dataclasses.replace(ecfg, temperature=None, top_p=None, beam_size=1, nll_data="", end_recall_docs=0,
                                      round_trip=False, out=str(Path(ecfg.out).with_name("protocol_start_greedy.json")))
@@ -207,16 +208,23 @@ def evaluate_and_show(cfg, assets: dict, final: dict) -> dict:
     _say(f"[5/6] evaluated on {len(res['items'])} held-out stories ({time.perf_counter() - t0:.0f}s): "
          f"validation loss {fmt(final.get('eval_loss'))}, token NLL {fmt(m.get('token_nll'))}, "
          f"round-trip cosine {fmt(m.get('round_trip_cos'))}")
+    for text in said:
+        if text.startswith("| model |"):
+            print(text, flush=True)
     _say(end_figures(m))
     _say(f"the same stories decoded greedily instead: {greedy['stop_end']:.0%} end, "
          f"{greedy['mean_generated_sentences']:.1f} sentences on average, duplicate sentences "
          f"{greedy['duplicate_sentence_rate']:.0%} (near-duplicates {greedy['near_duplicate_sentence_rate']:.0%}); "
-         f"{_path(greedy_cfg.out)}; why sampling: docs/evaluation.md, \"How the embedded default's stories end\"")
+         f"{_path(greedy_cfg.out)}; why sampling (far fewer repeats, as many endings on 200 stories): "
+         "docs/evaluation.md, \"How the embedded default's stories end\"")
     item = res["items"][0]
-    print("\n[default] [6/6] a held-out story, continued by the model (sampled, as in step 5)", flush=True)
+    print("\n[default] [6/6] the first held-out story, continued by the model (sampled, as in step 5)", flush=True)
     print("  prompt:    " + " ".join(item["prompt"]), flush=True)
     print("  generated: " + " ".join(item["generation"]) + f"  [stopped: {item.get('stop_reason')}]", flush=True)
     print("  original:  " + " ".join(item["reference"]), flush=True)
+    if item.get("stop_reason") != "end":
+        print(f"  (this one did not end: {1 - (m.get('stop_end') or 0):.0%} of the {len(res['items'])} stories of step 5 "
+              "did not; docs/evaluation.md)", flush=True)
     return res
 
 
