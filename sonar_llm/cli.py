@@ -147,6 +147,14 @@ def check_output_path(path: str | os.PathLike, flag: str = "--out") -> None:
             break
 
 
+def wait_passively() -> None:
+    """Set OMP_WAIT_POLICY=PASSIVE unless the environment sets it: OpenMP threads that spin while they wait made
+    the tiny SONAR's steps 10x and the printed evaluate command 8x slower on 2 shared cores (docs/training.md,
+    "Time of the default run"). No number changes, only how idle threads wait. Call it before torch is imported
+    (this module does not import torch); the user's value wins."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def shareable(path: str | os.PathLike) -> None:
     """Give a file the permissions a plain `open(path, "w")` would (0666 minus the umask), a folder those of
     `mkdir` (0777 minus the umask). Private temporary files and folders (`tempfile.mkstemp`/`mkdtemp`,

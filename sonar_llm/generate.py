@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections import defaultdict, deque
@@ -56,10 +55,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-if __name__ == "__main__":
-    # The command (python -m ...): OpenMP threads that spin while they wait made it 8x slower on 2 shared cores, as
-    # train/main.py found for the default run (docs/training.md). Set before torch loads OpenMP; the user's value wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if __name__ == "__main__":  # the command (python -m ...), before torch loads OpenMP
+    from sonar_llm.cli import wait_passively
+
+    wait_passively()
 
 import torch  # noqa: E402
 from torch import Tensor

@@ -86,3 +86,21 @@ def test_commands_let_idle_openmp_threads_wait_passively(module):
     lib = subprocess.run([sys.executable, "-c", f"import os, {module}; print(os.environ.get('OMP_WAIT_POLICY', '-'))"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert lib.stdout.strip() == "-", lib.stderr[-2000:]
+
+
+def test_the_default_run_waits_passively_and_a_config_run_is_left_alone():
+    """train/main.py sets OMP_WAIT_POLICY=PASSIVE for the embedded default (no --config), through the same
+    `cli.wait_passively`, and leaves a --config run's environment as it is."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    main = Path(__file__).resolve().parents[1] / "train" / "main.py"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    for args, want in ((["--help"], "PASSIVE"), (["--config", "x.toml", "--help"], "-")):
+        probe = (f"import os, runpy, sys; sys.argv = {[str(main), *args]!r}\n"
+                 f"try:\n    runpy.run_path({str(main)!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+                 "print('POLICY=' + os.environ.get('OMP_WAIT_POLICY', '-'))")
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+        assert f"POLICY={want}" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]

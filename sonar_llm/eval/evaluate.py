@@ -38,17 +38,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-if __name__ == "__main__":
-    # The command (python -m ...): OpenMP threads that spin while they wait made it 8x slower on 2 shared cores, as
-    # train/main.py found for the default run (docs/training.md). Set before torch loads OpenMP; the user's value wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if __name__ == "__main__":  # the command (python -m ...), before torch loads OpenMP
+    from sonar_llm.cli import wait_passively
+
+    wait_passively()
 
 import torch  # noqa: E402
 from torch import Tensor, nn
@@ -69,6 +68,7 @@ __all__ = [
     "read_stories",
     "make_generate_fn",
     "evaluate",
+    "result_table",
     "main",
 ]
 
@@ -444,8 +444,13 @@ def evaluate(cfg: EvalConfig, *, loaded: LoadedModel | None = None, sonar=None,
                   settings=asdict(cfg), load_seconds=load_s)
     if cfg.out:
         write_result(result, cfg.out)
-    log(metrics_table({f"{loaded.family} ({Path(loaded.source).name})": result}))
+    log(result_table(result))
     return result
+
+
+def result_table(result: dict[str, Any]) -> str:
+    """The markdown metrics table of one story evaluation, its row named by family and checkpoint."""
+    return metrics_table({f"{result['family']} ({Path(result['source']).name})": result})
 
 
 def _generate_and_score(cfg: EvalConfig, gen_fn, pcfg: ProtocolConfig, log: Callable[[str], None]) -> dict:

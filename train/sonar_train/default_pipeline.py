@@ -188,19 +188,18 @@ def evaluate_and_show(cfg, assets: dict, final: dict) -> dict:
     stories decoded greedily beside it (eval/protocol_start_greedy.json)."""
     import dataclasses
 
-    from sonar_llm.eval.evaluate import EvalConfig, evaluate
+    from sonar_llm.eval.evaluate import EvalConfig, evaluate, result_table
 
     t0 = time.perf_counter()
     ecfg = EvalConfig(run=str(cfg.train.out_dir), stories=assets["corpus_valid"], encoder=assets["encoder"],
                       decoder=assets["decoder"], tokenizer=assets["tokenizer"], nll_data=assets["valid"],
                       nll_docs=64, out=str(Path(cfg.train.out_dir) / "eval" / "protocol_start.json"),
                       **EVAL_SETTINGS)
-    said: list[str] = []  # the evaluator's table, printed under step 5's header (its one-line summary is ours below)
-    res = evaluate(ecfg, log=said.append)
+    res = evaluate(ecfg, log=None)  # its table is printed under step 5's header below, its summary line is ours
     m = res["metrics"]
     greedy_cfg = dataclasses.replace(ecfg, temperature=None, top_p=None, beam_size=1, nll_data="", end_recall_docs=0,
                                      round_trip=False, out=str(Path(ecfg.out).with_name("protocol_start_greedy.json")))
-    greedy = evaluate(greedy_cfg, log=lambda _line: None)["metrics"]
+    greedy = evaluate(greedy_cfg, log=None)["metrics"]
 
     def fmt(v) -> str:
         return "n/a" if v is None else f"{v:.3f}"
@@ -208,9 +207,7 @@ def evaluate_and_show(cfg, assets: dict, final: dict) -> dict:
     _say(f"[5/6] evaluated on {len(res['items'])} held-out stories ({time.perf_counter() - t0:.0f}s): "
          f"validation loss {fmt(final.get('eval_loss'))}, token NLL {fmt(m.get('token_nll'))}, "
          f"round-trip cosine {fmt(m.get('round_trip_cos'))}")
-    for text in said:
-        if text.startswith("| model |"):
-            print(text, flush=True)
+    print(result_table(res), flush=True)
     _say(end_figures(m))
     _say(f"the same stories decoded greedily instead: {greedy['stop_end']:.0%} end, "
          f"{greedy['mean_generated_sentences']:.1f} sentences on average, duplicate sentences "
