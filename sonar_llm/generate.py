@@ -358,7 +358,7 @@ class Generator:
         return stories
 
     def _concepts(self, stories: list[Continuation], limit: int, stream) -> list[tuple[list[str], str, Tensor]]:
-        from sonar_llm.models.generate import GenerationSettings, sonar_text_functions
+        from sonar_llm.models.generate import GenerationSettings, end_reader, sonar_text_functions
         from sonar_llm.sonar.generation import make_generator
 
         cfg = self.cfg
@@ -385,7 +385,8 @@ class Generator:
             decode_fn=decode_fn, encode_fn=encode_fn, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
             guidance_rescale=cfg.guidance_rescale, initial_noise_scale=cfg.noise,
             generator=[_seeded(cfg.seed, s.index, s.sample) for s in stories], on_step=on_step,
-            stop_on_repetition_cosine_threshold=cfg.stop_on_repetition)
+            stop_on_repetition_cosine_threshold=cfg.stop_on_repetition,
+            reads_as_end=end_reader(self.e2t, self.eod_text, self.target_lang, self.decoding))
         res = self.spec.generate(self.model, prompts, settings)
         return [(list(r.texts), r.stop_reason, r.embeddings) for r in res]
 

@@ -400,6 +400,32 @@ def test_sampled_decoding_reaches_the_decoder_and_is_seeded(toy, tmp_path, capsy
     assert EV.decoding_config(sampled, sampled=False) == GenerationConfig(beam_size=1, max_seq_len=256)
 
 
+def test_sampling_leaves_the_end_to_the_greedy_reading(toy, tmp_path, capsys, monkeypatch):
+    """With sampling, the evaluation asks the decoder whether each prediction's greedy reading is the end sentence
+    (EmbeddingToText.reads_as, under the run's decoding; tested against greedy decoding in test_sonar_pipeline.py)
+    and ends a story where it is, whatever the draw; beam search and greedy decoding are not asked."""
+    import sonar_llm.sonar.pipeline as P
+
+    asked = []
+
+    def reads_as(self, embeddings, text, lang=None, *, cfg=None):
+        asked.append((embeddings.shape[0], text, lang, cfg.do_sample, cfg.temperature))
+        return torch.ones(embeddings.shape[0], dtype=torch.bool)
+
+    monkeypatch.setattr(P.EmbeddingToText, "reads_as", reads_as)
+    path, _ = _export_untrained(toy, "sonar_llm", seed=4)
+    out = tmp_path / "res.json"
+
+    def items(*extra):
+        assert _cli(toy, path, out, "--eos-threshold", "0.999", "--end-recall-docs", "0", *extra) == 0, \
+            capsys.readouterr().err
+        return [(it["generation"], it["stop_reason"]) for it in json.loads(out.read_text())["items"]]
+
+    assert items() == [([""] * 5, "sentence_cap")] * 2 and not asked  # greedy: never ends, never asked
+    assert items("--temperature", "3.0") == [([], "end")] * 2
+    assert asked == [(2, "End of sequence.", "eng_Latn", True, 3.0)]
+
+
 def test_bad_sampling_flags_are_one_line_errors(toy, tmp_path, capsys):
     path, _ = _export_untrained(toy, "sonar_llm")
     token, _ = _export_untrained(toy, "token_llm")

@@ -437,3 +437,27 @@ def test_a_beam_search_header_shows_no_unused_decoder_seed(default_run, tmp_path
     assert _run([*_common(default_run, "sonar_llm"), "--prompt", PROMPTS[0], "--seed", "4", "--out", out]) == 0
     rec = _records(out)[0]
     assert rec["decoding"]["strategy"] != "sample" and "seed" not in rec["decoding"] and rec["seed"] == 4
+
+
+def test_sampling_leaves_the_end_to_the_greedy_reading(default_run, tmp_path, monkeypatch):
+    """Sampled SONAR-LLM continuations end where the decoder says a prediction's greedy reading is the end
+    sentence (EmbeddingToText.reads_as, under the command's decoding; tested against greedy decoding in
+    test_sonar_pipeline.py), whatever the draw; beam search and greedy decoding are not asked."""
+    import sonar_llm.sonar.pipeline as P
+
+    asked = []
+
+    def reads_as(self, embeddings, text, lang=None, *, cfg=None):
+        asked.append((text, lang, cfg.do_sample, cfg.top_p))
+        return torch.ones(embeddings.shape[0], dtype=torch.bool)
+
+    monkeypatch.setattr(P.EmbeddingToText, "reads_as", reads_as)
+    out = tmp_path / "gen.jsonl"
+    argv = [*_common(default_run, "sonar_llm"), "--prompt", PROMPTS[0], "--eos-threshold", "1", "--out", out]
+    assert _run(argv) == 0
+    assert _records(out)[0]["stop_reason"] == "sentence_cap" and not asked
+    argv.remove("--beam"), argv.remove("1")
+    assert _run([*argv, "--top-p", "0.9"]) == 0
+    (rec,) = _records(out)
+    assert (rec["sentences"], rec["stop_reason"]) == ([], "end")
+    assert asked == [("End of sequence.", "eng_Latn", True, 0.9)]

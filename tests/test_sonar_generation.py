@@ -6,6 +6,7 @@ import torch
 
 from fixtures_sonar import toy_decoder
 from sonar_llm.sonar import GenerationConfig, beam_search, generate, greedy_decode
+from sonar_llm.sonar.generation import greedy_reads
 
 LANG = 80  # toy preset: first language tag id
 
@@ -131,3 +132,32 @@ def test_generation_argument_errors():
         generate(dec, torch.randn(32, dtype=torch.float64), LANG)
     with pytest.raises(ValueError, match="encoder_dim"):
         generate(dec, torch.randn(2, 16, dtype=torch.float64), LANG)
+
+
+@pytest.mark.parametrize("cfg,tempting", [
+    (GenerationConfig(max_gen_len=12), False),  # SONAR's bans
+    (GenerationConfig(max_gen_len=12, min_gen_len=4, banned_ids=(0, 1)), False),  # EOS banned early
+    (GenerationConfig(max_gen_len=12, banned_ids=(0, 1)), True),  # banned ids would win every step
+    (GenerationConfig(max_gen_len=5, do_sample=True, temperature=0.7, top_p=0.9), False),  # the cap forces EOS;
+    # sampling fields are ignored: the check is about the greedy reading
+], ids=["sonar", "min-len", "bans", "cap"])
+def test_greedy_reads_agrees_with_greedy_decoding(cfg, tempting):
+    """greedy_reads(target) is True exactly where greedy decoding gives `target`, for each row's own reading and
+    for near misses (a token dropped, added or changed), without decoding."""
+    dec, emb = gen_decoder(), embeddings(n=12, seed=10)
+    if tempting:
+        with torch.no_grad():
+            dec.decoder_frontend.embed.weight[0:2].mul_(50.0)
+    readings = greedy_decode(dec, emb, LANG, cfg=cfg)
+    cap = cfg.token_cap(dec.cfg, emb.size(1))
+    assert any(len(r) < cap - 1 for r in readings) and any(len(r) == cap - 1 for r in readings)  # EOS chosen, forced
+    assert len({tuple(r) for r in readings}) > 1
+    targets = []
+    for r in readings:
+        targets += [r, r[:-1], r + [r[-1] if r else 5], r[:1] + [(r[1] + 1) if len(r) > 1 else 7] + r[2:]]
+    for target in targets:
+        want = [r == target for r in readings]
+        got = greedy_reads(dec, emb, LANG, target, cfg)
+        assert got.tolist() == want, target
+    assert greedy_reads(dec, emb, LANG, [5] * cap, cfg).tolist() == [False] * emb.size(0)  # longer than the cap
+    assert greedy_reads(dec, emb[:0], LANG, readings[0], cfg).shape == (0,)

@@ -66,3 +66,20 @@ def test_pipeline_argument_errors(tok):
         EmbeddingToText(toy_decoder(vocab_size=50), tok)
     with pytest.raises(ValueError, match=r"\[N, E\]"):
         EmbeddingToText(toy_decoder(vocab_size=tok.vocab_size), tok).decode(torch.zeros(32))
+
+
+def test_reads_as_is_the_greedy_reading(tok):
+    """reads_as(text) is True exactly for the embeddings whose greedy decoding is `text`'s tokens, across
+    batches (batch_size 2, 5 rows), whatever sampling fields the configuration carries."""
+    from sonar_llm.sonar import GenerationConfig
+
+    dec = toy_decoder(seed=3, std=0.5, vocab_size=tok.vocab_size)
+    emb = torch.randn(5, 32, generator=torch.Generator().manual_seed(3))
+    emb[3] = emb[0]
+    pipe = EmbeddingToText(dec, tok, batch_size=2)
+    cfg = GenerationConfig(max_gen_len=8, do_sample=True, temperature=0.8, top_p=0.9)
+    ids = pipe.decode_ids(emb, "eng_Latn", cfg=GenerationConfig(beam_size=1, max_gen_len=8))
+    text = tok.decode([ids[0]])[0]
+    assert tok.tokenize(text)[0] == ids[0] and len(set(map(tuple, ids))) > 1
+    assert pipe.reads_as(emb, text, "eng_Latn", cfg=cfg).tolist() == [i == ids[0] for i in ids]
+    assert pipe.reads_as(emb, text + " more", "eng_Latn", cfg=cfg).tolist() == [False] * 5

@@ -139,6 +139,48 @@ def test_end_stop_is_recorded_as_end():
     assert (res.embeddings.shape[0], res.stop_reason, res.stopped_by_eos) == (3, STOP_END, True)  # c, d, d'; e ends
 
 
+def test_reads_as_end_ends_a_story_whatever_the_draw_said():
+    """A sampled decode_fn turns the prediction that reads as the end (here concept e, v[5]) into another
+    sentence; `reads_as_end` still ends that story there, and the draw is not kept. The other story of the batch,
+    whose chain never meets e, runs on to the cap."""
+    v = _story(2)
+    model = Chain(v[:-1], v[1:])
+    eos = -v.sum(0)  # the cosine rule never fires
+    draws = lambda e: [f"Tara End of sequence. {i}" for i in range(e.shape[0])]  # noqa: E731
+    reads = lambda e: torch.tensor([_cos(x, v[5]) > 0.999 for x in e])  # noqa: E731
+    prompts = [v[:2], v[6:8]]
+    res = generate_sonar_llm(model, prompts, draws, None, reencode=False, max_sentences=8, eos_embedding=eos,
+                             eos_threshold=0.99, reads_as_end=reads)
+    assert (res[0].embeddings.shape[0], res[0].stop_reason, len(res[0].texts)) == (3, STOP_END, 3)  # c, d, d'
+    assert torch.equal(res[0].embeddings, v[2:5].float())
+    assert (res[1].embeddings.shape[0], res[1].stop_reason) == (7, STOP_SENTENCE_CAP)
+    plain = generate_sonar_llm(model, prompts[:1], draws, None, reencode=False, max_sentences=8, eos_embedding=eos,
+                               eos_threshold=0.99)[0]
+    assert plain.stop_reason == STOP_SENTENCE_CAP  # without it, the draw runs on past the end
+    with pytest.raises(ValueError, match="reads_as_end"):
+        generate_sonar_llm(model, prompts, draws, None, reencode=False, eos_embedding=eos,
+                           reads_as_end=lambda e: torch.ones(1, dtype=torch.bool))
+
+
+def test_end_reader_only_when_sampling():
+    """`end_reader` asks the decoder for the end sentence's greedy reading under the run's decoding, and only
+    when that decoding samples (beam search and greedy decoding decide the end themselves)."""
+    from sonar_llm.models.generate import end_reader
+    from sonar_llm.sonar.generation import GenerationConfig
+
+    calls = []
+
+    class Reader:
+        def reads_as(self, e, text, lang, *, cfg):
+            calls.append((e.shape[0], text, lang, cfg))
+            return torch.zeros(e.shape[0], dtype=torch.bool)
+
+    assert end_reader(Reader(), "The end.", "eng_Latn", GenerationConfig(beam_size=1)) is None
+    sampled = GenerationConfig(do_sample=True, temperature=0.8)
+    fn = end_reader(Reader(), "The end.", "eng_Latn", sampled)
+    assert fn(torch.zeros(3, E)).tolist() == [False] * 3 and calls == [(3, "The end.", "eng_Latn", sampled)]
+
+
 def test_two_tower_shares_the_rule():
     from sonar_llm.models.generate import GenerationSettings
     from sonar_llm.models.generate_two_tower import two_tower_concepts

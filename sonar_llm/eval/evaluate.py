@@ -343,7 +343,7 @@ def decoding_config(cfg: EvalConfig, *, sampled: bool = True):
 def make_generate_fn(loaded: LoadedModel, cfg: EvalConfig, t2e, e2t, tokenizer,
                      recorder: _Recorder | None = None) -> Callable[[list[list[str]]], list[list[str]]]:
     """`generate(prompts) -> continuations` for the protocol: the loaded family's `story_generator`."""
-    from sonar_llm.models.generate import GenerationSettings, sonar_text_functions
+    from sonar_llm.models.generate import GenerationSettings, end_reader, sonar_text_functions
     from sonar_llm.models.stories import StoryContext
 
     spec = get_family(loaded.family)
@@ -352,7 +352,8 @@ def make_generate_fn(loaded: LoadedModel, cfg: EvalConfig, t2e, e2t, tokenizer,
         raise ValueError(f"sampling ({SAMPLING_FLAGS}) does not apply to a {loaded.family} model: it decodes its own "
                          "tokens greedily")
     draws = torch.Generator(device="cpu").manual_seed(cfg.seed) if sampling_requested(cfg) else None
-    decode_fn, encode_fn = sonar_text_functions(t2e, e2t, cfg.lang, cfg=decoding_config(cfg), generator=draws)
+    decoding = decoding_config(cfg)
+    decode_fn, encode_fn = sonar_text_functions(t2e, e2t, cfg.lang, cfg=decoding, generator=draws)
     eod_text = end_of_doc_text(loaded.run_config, cfg.end_of_doc_text)
     settings = GenerationSettings(
         eos_embedding=encode_fn([eod_text])[0].to(device), max_sentences=cfg.max_story_sentences,
@@ -360,7 +361,8 @@ def make_generate_fn(loaded: LoadedModel, cfg: EvalConfig, t2e, e2t, tokenizer,
         num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
         guidance_rescale=cfg.guidance_rescale, initial_noise_scale=cfg.initial_noise_scale,
         generator=torch.Generator(device="cpu").manual_seed(cfg.seed),
-        stop_on_repetition_cosine_threshold=cfg.stop_on_repetition)
+        stop_on_repetition_cosine_threshold=cfg.stop_on_repetition,
+        reads_as_end=end_reader(e2t, eod_text, cfg.lang, decoding))
     ctx = StoryContext(settings, end_of_doc_text=eod_text, tokenizer=tokenizer, lang=cfg.lang,
                        max_new_tokens=cfg.max_new_tokens, record=recorder.add if recorder is not None else None)
     return spec.story_generator(loaded.model, ctx)

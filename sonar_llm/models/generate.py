@@ -5,7 +5,10 @@ Concept models (SONAR-LLM, Base-LCM) generate one sentence embedding per step:
     (`decode_fn`, greedy or beam), re-encode the text with the SONAR encoder (`encode_fn`, as the paper
     does; `reencode=False` keeps the predicted vector) and append it; stop a story when the appended
     vector has cosine >= `eos_threshold` (0.98) with the end-of-document embedding (the end sentence is
-    not kept), or by the sentence limit.
+    not kept), or by the sentence limit. When `decode_fn` samples, sampling picks the words but not whether
+    the document ends: `reads_as_end` (`end_reader`) stops a story where the prediction's greedy reading is
+    the end sentence, whatever the draw made of it (a draw such as "Tara End of sequence." would otherwise be
+    kept as a sentence and the story run on past its end).
   * `generate_sonar_llm_reference`: the public code's loop, one story at a time, re-running the
     backbone over all embeddings at every step (no KV cache). Same outputs; the speed baseline.
   * `generate_base_lcm`: the LCM's loop: the prediction itself (denormalised) is appended; cosine stop
@@ -60,6 +63,7 @@ __all__ = [
     "generate_base_lcm",
     "generate_token_llm",
     "sonar_text_functions",
+    "end_reader",
     "LCM_MIN_SENTENCES",
 ]
 
@@ -80,6 +84,8 @@ STOP_REASONS = (STOP_END, STOP_REPETITION, STOP_SENTENCE_CAP, STOP_TOKEN_CAP)
 
 DecodeFn = Callable[[Tensor], list[str]]
 EncodeFn = Callable[[list[str]], Tensor]
+# predictions [B, E] -> bool [B]: those whose greedy reading is the end sentence (`end_reader`)
+EndFn = Callable[[Tensor], Tensor]
 # called after every generation step with the concepts just added to stories (end-of-document ones excluded):
 # (indices of their prompts, the concepts [k, E], their decoded texts when the loop decodes them, else None)
 StepFn = Callable[[list[int], Tensor, "list[str] | None"], None]
@@ -116,6 +122,8 @@ class GenerationSettings:
     generator: torch.Generator | Sequence[torch.Generator] | None = None  # diffusion noise: one, or one per prompt
     stop_on_repetition_cosine_threshold: float | None = None  # Meta's option (None = off): stop when a new
     # concept has cosine >= this with the previous one (`stop_reasons`)
+    reads_as_end: EndFn | None = None  # SONAR-LLM: predictions whose greedy reading is the end sentence stop
+    # the story whatever decode_fn made of them (`end_reader`: set when decode_fn samples); None = decode_fn alone
     on_step: StepFn | None = None  # on_step(prompt indices, new concepts [k, E], their texts or None) per step
 
 
@@ -145,9 +153,10 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def stop_reasons(concepts: Tensor, previous: Tensor, *, eos_embedding: Tensor | None, eos_threshold: float | None,
-                 repetition_threshold: float | None) -> list[str | None]:
+                 repetition_threshold: float | None, ended: Tensor | None = None) -> list[str | None]:
     """The stop rules of Meta's LCM generators (`finalize_step`) for one step of new concepts [A, E]:
-    `STOP_END` when cos(concept, eos_embedding) >= eos_threshold, else `STOP_REPETITION` when
+    `STOP_END` when cos(concept, eos_embedding) >= eos_threshold (or `ended[a]`, the caller's own end test,
+    bool [A]), else `STOP_REPETITION` when
     cos(concept, previous[a]) >= repetition_threshold (`previous`: [A, E], the concept before each new one), else
     None (go on). A None threshold (or end embedding) disables its rule. The caller applies the minimum length.
     Cosines in fp32, as Meta's (torch's cosine_similarity)."""
@@ -155,6 +164,8 @@ def stop_reasons(concepts: Tensor, previous: Tensor, *, eos_embedding: Tensor | 
     end = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     if eos_embedding is not None and eos_threshold is not None:
         end = F.cosine_similarity(x, eos_embedding.float().reshape(1, -1).to(x.device), dim=-1) >= eos_threshold
+    if ended is not None:
+        end = end | ended.to(device=x.device, dtype=torch.bool)
     rep = torch.zeros_like(end)
     if repetition_threshold is not None:
         rep = F.cosine_similarity(x, previous.float().to(x.device), dim=-1) >= repetition_threshold
@@ -164,7 +175,7 @@ def stop_reasons(concepts: Tensor, previous: Tensor, *, eos_embedding: Tensor | 
 def _concept_loop(
     model: nn.Module,
     prompts: Sequence[Tensor],
-    next_fn: Callable[[Tensor], tuple[list[str] | None, Tensor]],
+    next_fn: Callable[[Tensor], tuple[list[str] | None, Tensor, Tensor | None]],
     *,
     max_sentences: int,
     eos_embedding: Tensor,
@@ -177,7 +188,9 @@ def _concept_loop(
     lengths), then one step per new sentence for the stories still running (finished ones are dropped from
     the cache); a story's sentences do not depend on the other prompts of the batch. The end embedding (and
     the repetition rule, `repetition_threshold`) stops a story only from its `min_sentences`-th new sentence
-    on (the stopping one counted; see `stop_reasons`). `on_step` sees every step's new sentences (streaming)."""
+    on (the stopping one counted; see `stop_reasons`). `next_fn(last hidden [A, D])` gives the step's texts (or
+    None), its concepts [A, E] and which of them end by the caller's own test (bool [A], or None).
+    `on_step` sees every step's new sentences (streaming)."""
     dim = eos_embedding.numel()
     _check_prompts(prompts, dim)
     if max_sentences < 1:
@@ -201,9 +214,9 @@ def _concept_loop(
         totals = {b: lengths[b] for b in active}
         previous = torch.stack([prompts[b][-1] for b in active]).to(device)  # the concept before the next one
     while active:
-        step_texts, nxt = next_fn(last)
+        step_texts, nxt, ended = next_fn(last)
         why = stop_reasons(nxt, previous, eos_embedding=eos_embedding, eos_threshold=eos_threshold,
-                           repetition_threshold=repetition_threshold)
+                           repetition_threshold=repetition_threshold, ended=ended)
         keep, added = [], []
         for j, b in enumerate(active):
             if why[j] is not None and len(appended[b]) + 1 >= min_sentences:
@@ -234,21 +247,26 @@ def _concept_loop(
     return out
 
 
-def _sonar_llm_next_fn(model, decode_fn: DecodeFn, encode_fn: EncodeFn, reencode: bool):
-    def next_fn(last_hidden: Tensor) -> tuple[list[str], Tensor]:
+def _sonar_llm_next_fn(model, decode_fn: DecodeFn, encode_fn: EncodeFn, reencode: bool,
+                       reads_as_end: EndFn | None):
+    def next_fn(last_hidden: Tensor) -> tuple[list[str], Tensor, Tensor | None]:
         pred = model.predict_embedding(last_hidden)
         step_texts = list(decode_fn(pred))
         if len(step_texts) != pred.shape[0]:
             raise ValueError(f"decode_fn returned {len(step_texts)} texts for {pred.shape[0]} embeddings")
+        ended = None if reads_as_end is None else reads_as_end(pred)
+        if ended is not None and (not isinstance(ended, Tensor) or tuple(ended.shape) != (pred.shape[0],)):
+            raise ValueError(f"reads_as_end must return a bool [{pred.shape[0]}] tensor, got "
+                             f"{tuple(ended.shape) if isinstance(ended, Tensor) else type(ended).__name__}")
         if not reencode:
-            return step_texts, pred
+            return step_texts, pred, ended
         enc = encode_fn(step_texts)
         if not isinstance(enc, Tensor) or enc.shape != pred.shape:
             raise ValueError(
                 f"encode_fn must return a [{pred.shape[0]}, {pred.shape[1]}] tensor, got "
                 f"{tuple(enc.shape) if isinstance(enc, Tensor) else type(enc).__name__}"
             )
-        return step_texts, enc.to(pred.device)
+        return step_texts, enc.to(pred.device), ended
 
     return next_fn
 
@@ -265,14 +283,17 @@ def generate_sonar_llm(
     reencode: bool = True,
     stop_on_repetition_cosine_threshold: float | None = None,
     on_step: StepFn | None = None,
+    reads_as_end: EndFn | None = None,
 ) -> list[ConceptGeneration]:
     """Continue every story (prompt_embeddings[i]: [n_i, E]) with SONAR-LLM, batched (prompts of any
     lengths), KV-cached; `on_step` sees each step's new sentences. The repetition rule compares the appended
-    (re-encoded) vectors; None = off."""
+    (re-encoded) vectors; None = off. `reads_as_end(predictions [A, E]) -> bool [A]` (`end_reader`) also ends
+    the stories where it is True, whatever `decode_fn` made of their prediction."""
     if reencode and encode_fn is None:
         raise ValueError("reencode=True needs an encode_fn")
     with _inference(model):
-        return _concept_loop(model, prompt_embeddings, _sonar_llm_next_fn(model, decode_fn, encode_fn, reencode),
+        return _concept_loop(model, prompt_embeddings,
+                             _sonar_llm_next_fn(model, decode_fn, encode_fn, reencode, reads_as_end),
                              max_sentences=max_sentences, eos_embedding=eos_embedding,
                              eos_threshold=eos_threshold, repetition_threshold=stop_on_repetition_cosine_threshold,
                              on_step=on_step)
@@ -361,12 +382,12 @@ def generate_base_lcm(
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
 
-    def next_fn(last_hidden: Tensor) -> tuple[None, Tensor]:
+    def next_fn(last_hidden: Tensor) -> tuple[None, Tensor, None]:
         pred = model.predict_normalized(last_hidden)
         if sample_latent_variable:
             noise = torch.randn(pred.shape, generator=generator, device=pred.device, dtype=pred.dtype)
             pred = pred + noise * temperature
-        return None, model.normalizer.denormalize(pred)
+        return None, model.normalizer.denormalize(pred), None
 
     with _inference(model):
         results = _concept_loop(model, prompt_embeddings, next_fn, max_sentences=max_sentences,
@@ -387,7 +408,7 @@ def sonar_llm_concepts(model: nn.Module, prompts: Sequence[Tensor], s: Generatio
     return generate_sonar_llm(model, prompts, s.decode_fn, s.encode_fn, max_sentences=s.max_sentences,
                               eos_embedding=s.eos_embedding, eos_threshold=s.eos_threshold, reencode=True,
                               stop_on_repetition_cosine_threshold=s.stop_on_repetition_cosine_threshold,
-                              on_step=s.on_step)
+                              on_step=s.on_step, reads_as_end=s.reads_as_end)
 
 
 def base_lcm_concepts(model: nn.Module, prompts: Sequence[Tensor], s: GenerationSettings
@@ -491,3 +512,17 @@ def sonar_text_functions(
         return text_to_embedding.encode(texts, lang)
 
     return decode_fn, encode_fn
+
+
+def end_reader(embedding_to_text, end_text: str, lang: str | None, cfg) -> EndFn | None:
+    """`GenerationSettings.reads_as_end` for a decoding `cfg` (`sonar_llm.sonar.generation.GenerationConfig`):
+    when it samples, the predictions whose greedy reading is `end_text` (`EmbeddingToText.reads_as`: one short
+    teacher-forced pass, no decoding), so that sampling chooses the words of a sentence but not whether the
+    document ends, as beam search and greedy decoding decide it; None (decode_fn alone) when it does not sample."""
+    if not cfg.do_sample:
+        return None
+
+    def reads_as_end(predictions: Tensor) -> Tensor:
+        return embedding_to_text.reads_as(predictions, end_text, lang, cfg=cfg)
+
+    return reads_as_end

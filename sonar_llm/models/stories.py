@@ -114,7 +114,8 @@ def sonar_llm_stories(model: nn.Module, ctx: StoryContext) -> StoryFn:
 
         res = generate_sonar_llm(model, encode_prompts(prompts), dec, enc, max_sentences=s.max_sentences,
                                  eos_embedding=s.eos_embedding, eos_threshold=s.eos_threshold, reencode=True,
-                                 stop_on_repetition_cosine_threshold=s.stop_on_repetition_cosine_threshold)
+                                 stop_on_repetition_cosine_threshold=s.stop_on_repetition_cosine_threshold,
+                                 reads_as_end=s.reads_as_end)
         return [StoryContinuation(r.texts, r.stop_reason) for r in res]
 
     return generate

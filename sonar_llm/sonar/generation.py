@@ -68,7 +68,7 @@ from .decoder import SonarTextDecoder
 
 __all__ = [
     "PROMPT_LEN", "DEFAULT_LENGTH_GUARD", "GenerationConfig", "Hypothesis", "decode_hypotheses", "beam_search", "sample_hypotheses",
-    "generate", "greedy_decode", "make_generator",
+    "generate", "greedy_decode", "greedy_reads", "make_generator",
 ]
 
 PROMPT_LEN = 2  # [eos, lang]
@@ -389,6 +389,44 @@ def beam_search(decoder: SonarTextDecoder, embeddings: Tensor, lang_ids: int | T
     for hyps in output:
         hyps.sort(key=lambda h: h.score, reverse=True)
     return output
+
+
+@torch.inference_mode()
+def greedy_reads(decoder: SonarTextDecoder, embeddings: Tensor, lang_ids: int | Tensor | list[int],
+                 target: list[int], cfg: GenerationConfig | None = None) -> Tensor:
+    """Bool [B]: whether greedy decoding of each embedding (beam 1 under ``cfg``'s rules: banned ids, minimum
+    length, token cap; sampling fields ignored) gives exactly the ids ``target`` (final EOS excluded), found
+    without decoding. Greedy decoding gives ``target`` iff ``target`` then EOS is the best token at every step,
+    so one teacher-forced pass over ``[eos, lang, *target, eos]`` decides it: a few positions, however long
+    the decoder would have run on a vector it cannot read. A tie for the best token counts as read."""
+    cfg = dataclasses.replace(cfg or GenerationConfig(), beam_size=1, do_sample=False, num_samples=1)
+    if not isinstance(embeddings, Tensor) or embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be [B, E], got {type(embeddings).__name__}")
+    vcfg = decoder.cfg
+    if embeddings.size(1) != vcfg.encoder_dim:
+        raise ValueError(f"embeddings dim {embeddings.size(1)} != decoder encoder_dim {vcfg.encoder_dim}")
+    w = decoder.decoder_frontend.embed.weight
+    batch = embeddings.size(0)
+    max_seq_len = PROMPT_LEN + cfg.token_cap(vcfg, embeddings.size(1))
+    length = PROMPT_LEN + len(target) + 1  # the prompt, the target, its EOS
+    if batch == 0 or length > max_seq_len:  # the cap cuts greedy decoding before the target's EOS
+        return torch.zeros(batch, dtype=torch.bool, device=w.device)
+    seqs = torch.empty(batch, length, dtype=torch.int64, device=w.device)
+    seqs[:, 0] = vcfg.eos_idx
+    seqs[:, 1] = _lang_column(lang_ids, batch, w.device)
+    seqs[:, PROMPT_LEN:-1] = torch.as_tensor(target, dtype=torch.int64, device=w.device)
+    seqs[:, -1] = vcfg.eos_idx
+    logits = decoder(seqs[:, :-1], embeddings.to(device=w.device, dtype=w.dtype))[:, PROMPT_LEN - 1:].float()
+    steps = torch.arange(PROMPT_LEN, length, device=w.device)  # the step each row of logits chooses for
+    allowed = torch.ones_like(logits[0], dtype=torch.bool)  # [steps, V], the rules of _Setup.step_lprobs
+    allowed[:, list(cfg.resolved_banned_ids(vcfg))] = False
+    allowed[steps < min(max_seq_len, PROMPT_LEN + cfg.min_gen_len) - 1, vcfg.eos_idx] = False
+    last = steps == max_seq_len - 1  # the forced EOS
+    allowed[last] = False
+    allowed[last, vcfg.eos_idx] = True
+    logits = logits.masked_fill(~allowed, -torch.inf)
+    chosen = logits.gather(-1, seqs[:, PROMPT_LEN:, None]).squeeze(-1)
+    return (torch.isfinite(chosen) & (chosen >= logits.amax(-1))).all(-1)
 
 
 def make_generator(cfg: GenerationConfig, device: torch.device | str = "cpu") -> torch.Generator | None:

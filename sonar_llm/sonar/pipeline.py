@@ -4,7 +4,8 @@
 ``max_tokens``), truncates to the encoder's 514 positions with a
 warning (the EOS is lost, as in SONAR), and returns embeddings in input order. ``EmbeddingToText`` decodes
 through the decoder's KV cache with SONAR's own defaults (beam 5, its length rule and banned ids; see
-``sonar_llm.sonar.generation``), or with any ``GenerationConfig`` (greedy, other caps, sampling).
+``sonar_llm.sonar.generation``), or with any ``GenerationConfig`` (greedy, other caps, sampling);
+``EmbeddingToText.reads_as`` tells which embeddings decode greedily to a given text, without decoding them.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from .decoder import SonarTextDecoder
 from .encoder import SonarTextEncoder
-from .generation import GenerationConfig, generate, make_generator
+from .generation import GenerationConfig, generate, greedy_reads, make_generator
 from .tokenizer import NllbTokenizer
 
 __all__ = ["TextToEmbedding", "EmbeddingToText"]
@@ -125,3 +126,17 @@ class EmbeddingToText:
         """[N, E] -> texts in language ``lang`` (N, or N * num_samples when sampling; see ``decode_ids``)."""
         return self.tokenizer.decode(self.decode_ids(embeddings, lang, beam_size, max_gen_len, cfg=cfg,
                                                      generator=generator))
+
+    @torch.inference_mode()
+    def reads_as(self, embeddings: Tensor, text: str, lang: str | None = None, *,
+                 cfg: GenerationConfig | None = None) -> Tensor:
+        """Bool [N]: whether greedy decoding of each embedding (under ``cfg``'s length rules and bans) gives
+        ``text`` as the tokenizer writes it, by one short teacher-forced pass per batch instead of a decode
+        (``sonar_llm.sonar.generation.greedy_reads``). A reading spelled with other tokens does not count."""
+        if not isinstance(embeddings, Tensor) or embeddings.dim() != 2:
+            raise ValueError("embeddings must be a [N, E] tensor")
+        target = self.tokenizer.tokenize(text)[0]
+        lang_id = self.tokenizer.lang_id(lang)
+        out = [greedy_reads(self.decoder, embeddings[start:start + self.batch_size], lang_id, target, cfg)
+               for start in range(0, embeddings.size(0), self.batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=self.device)

@@ -212,7 +212,7 @@ def evaluate_and_show(cfg, assets: dict, final: dict) -> dict:
     _say(f"the same stories decoded greedily instead: {greedy['stop_end']:.0%} end, "
          f"{greedy['mean_generated_sentences']:.1f} sentences on average, duplicate sentences "
          f"{greedy['duplicate_sentence_rate']:.0%} (near-duplicates {greedy['near_duplicate_sentence_rate']:.0%}); "
-         f"{_path(greedy_cfg.out)}; why sampling (far fewer repeats, as many endings on 200 stories): "
+         f"{_path(greedy_cfg.out)}; why sampling (far fewer repeats, more endings on 200 stories): "
          "docs/evaluation.md, \"How the embedded default's stories end\"")
     item = res["items"][0]
     print("\n[default] [6/6] the first held-out story, continued by the model (sampled, as in step 5)", flush=True)
