@@ -43,7 +43,8 @@ __all__ = [
     "FeedForward", "LayerKVCache", "MultiheadAttention", "SinusoidalPositions", "sinusoid_table",
     "convert_from_safetensors", "convert_to_safetensors", "infer_config", "load_sonar_decoder",
     "load_sonar_encoder", "load_state_dict_file", "save_fairseq2_checkpoint", "GenerationConfig",
-    "Hypothesis", "beam_search", "generate", "greedy_decode", "greedy_reads", "decode_hypotheses", "sample_hypotheses", "make_generator",
+    "Hypothesis", "beam_search", "generate", "greedy_decode", "greedy_reads", "decode_hypotheses", "sample_hypotheses",
+    "make_generator",
     "PROMPT_LEN", "EmbeddingToText", "TextToEmbedding",
     "resolve_asset", "resolve_assets", "SONAR_LANGS", "NllbTokenizer",
 ]

@@ -416,7 +416,8 @@ def greedy_reads(decoder: SonarTextDecoder, embeddings: Tensor, lang_ids: int | 
     seqs[:, 1] = _lang_column(lang_ids, batch, w.device)
     seqs[:, PROMPT_LEN:-1] = torch.as_tensor(target, dtype=torch.int64, device=w.device)
     seqs[:, -1] = vcfg.eos_idx
-    logits = decoder(seqs[:, :-1], embeddings.to(device=w.device, dtype=w.dtype))[:, PROMPT_LEN - 1:].float()
+    hidden = decoder.hidden_states(seqs[:, :-1], embeddings.to(device=w.device, dtype=w.dtype))
+    logits = decoder.project(hidden[:, PROMPT_LEN - 1:]).float()  # the positions that choose a token
     steps = torch.arange(PROMPT_LEN, length, device=w.device)  # the step each row of logits chooses for
     allowed = torch.ones_like(logits[0], dtype=torch.bool)  # [steps, V], the rules of _Setup.step_lprobs
     allowed[:, list(cfg.resolved_banned_ids(vcfg))] = False
