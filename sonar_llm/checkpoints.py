@@ -248,6 +248,9 @@ def read_exported(path: str | os.PathLike, verify: bool = True) -> TrainedWeight
     """An exported model: `path` (safetensors) and its `model.json` (same name, .json suffix). With `verify`,
     the file is checked against model.json's sha256 and size before it is parsed (`verify_export_file`)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"--model: {path} is a folder (expected an exported .safetensors file; "
+                                "a training run folder goes to --run)")
     if not path.is_file():
         raise FileNotFoundError(f"--model: file not found: {path}")
     info_path = path.with_suffix(".json")

@@ -64,6 +64,7 @@ import torch  # noqa: E402
 from torch import Tensor
 
 from sonar_llm.eval.evaluate import (
+    FAMILIES,
     SAMPLING_FLAGS,
     add_sampling_arguments,
     add_stop_arguments,
@@ -132,6 +133,10 @@ class GenerateConfig:
         for name in ("max_sentences", "batch_size", "num_samples", "steps", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
+        if self.family != "auto" and self.family not in FAMILIES:
+            raise ValueError(f"--family must be 'auto' or one of {FAMILIES}, got {self.family!r}")
         if not 0.0 <= self.eos_threshold <= 1.0:
             raise ValueError(f"--eos-threshold must be a cosine in [0, 1] (0 = the family's default), "
                              f"got {self.eos_threshold}")
@@ -148,6 +153,8 @@ class GenerateConfig:
                             ("--decoder", self.decoder), ("--tokenizer", self.tokenizer)):
             if value and not Path(value).exists():
                 raise FileNotFoundError(f"{name}: path does not exist: {value}")
+        if self.prompts and self.prompts != "-" and Path(self.prompts).is_dir():
+            raise IsADirectoryError(f"--prompts: {self.prompts} is a folder (expected a .jsonl file, or - for stdin)")
         if self.prompts and self.prompts != "-" and not Path(self.prompts).is_file():
             raise FileNotFoundError(f"--prompts: file not found: {self.prompts}")
 

@@ -759,3 +759,36 @@ def test_evaluate_names_the_one_flag_out_of_range_and_its_value(env, flag, capsy
     assert _evaluate(eval_argv(flag, "-5")(env, tmp_path)) == 2
     assert _one_line(capsys) == f"evaluate error: {flag} must be >= 1, got -5"
     assert not (tmp_path / "r.json").exists()
+
+
+def test_new_user_findings_name_the_flag_and_say_it_early(env, capsys, tmp_path):
+    """A new user's trial (2026-12-07): `--seed -1` named GenerationConfig.seed; `--max-story-sentences 2` said
+    "no story has between 3 and max_story_sentences sentences"; `--family banana` said the run "holds a
+    'sonar_llm' model"; a folder given to --prompts or --model was "file not found"; a wrong `--nll-data` was
+    found only after the whole evaluation had run. Each is now one line naming the flag, before any model loads
+    (the cells give no SONAR asset that could load)."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.txt").write_text("not shards")
+    cases = [
+        (lambda: _gen(env, "--prompt", "Tom ran.", "--seed", "-1", "--temperature", "0.8"),
+         "generate error: --seed must be >= 0, got -1"),
+        (lambda: _gen(env, "--prompt", "Tom ran.", "--family", "banana"),
+         "generate error: --family must be 'auto' or one of"),
+        (lambda: _gen(env, "--prompts", str(tmp_path / "folder")), "generate error: --prompts: "),
+        (lambda: _generate(["--model", str(tmp_path / "folder"), "--prompt", "Tom ran."]), "generate error: --model: "),
+        (lambda: _evaluate(eval_argv("--seed", "-3")(env, tmp_path)), "evaluate error: --seed must be >= 0, got -3"),
+        (lambda: _evaluate(eval_argv("--max-story-sentences", "2")(env, tmp_path)),
+         "evaluate error: --max-story-sentences must be >= 3"),
+        (lambda: _evaluate(eval_argv("--nll-data", str(tmp_path / "folder"))(env, tmp_path)),
+         f"evaluate error: --nll-data {tmp_path / 'folder'}: no manifest.json"),
+        (lambda: _evaluate(eval_argv("--nll-data", str(tmp_path / "notes.txt"))(env, tmp_path)),
+         f"evaluate error: --nll-data {tmp_path / 'notes.txt'}: not a folder"),
+    ]
+    lines = []
+    for command, said in cases:
+        rc = command()
+        line = _one_line(capsys)
+        lines.append(line)
+        assert rc == 2 and line.startswith(said), (said, line)
+    assert "is a folder" in lines[2] and "is a folder" in lines[3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "notes.txt"]  # nothing written

@@ -57,6 +57,8 @@ def test_command_writes_the_png_into_the_run_folder(tmp_path, capsys):
     assert imread(png).shape[:2] == (400, 1000)  # 10 x 4 inches at 100 dpi
     other = tmp_path / "elsewhere.png"
     assert P.main(["--run", str(run), "--out", str(other)]) == 0 and other.is_file()
+    nested = tmp_path / "new" / "folder" / "plot.png"  # missing folders are created, as by every command
+    assert P.main(["--run", str(run), "--out", str(nested)]) == 0 and nested.read_bytes()[:4] == b"\x89PNG"
 
 
 def _bad(kind: str, tmp_path):
@@ -81,14 +83,17 @@ def _bad(kind: str, tmp_path):
     if kind == "no loss":
         _write(run, [{"kind": "train", "step": 1, "loss": None}])
         return ["--run", str(run)], "no training or validation loss"
-    if kind == "out folder missing":
+    if kind == "out below a file":
         _write(run, RECORDS)
-        return ["--run", str(run), "--out", str(tmp_path / "no" / "x.png")], "does not exist"
+        return ["--run", str(run), "--out", str(run / "metrics.jsonl" / "x.png")], "is a file, not a folder"
+    if kind == "out is a folder":
+        _write(run, RECORDS)
+        return ["--run", str(run), "--out", str(run)], "is a folder"
     raise AssertionError(kind)
 
 
 @pytest.mark.parametrize("kind", ["no run folder", "no metrics.jsonl", "empty", "truncated line", "not a record",
-                                  "not UTF-8", "no loss", "out folder missing"])
+                                  "not UTF-8", "no loss", "out below a file", "out is a folder"])
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, kind):
     argv, said = _bad(kind, tmp_path)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))

@@ -165,6 +165,11 @@ class EvalConfig:
             raise ValueError(f"--stop-on-repetition must be a cosine in [-1, 1], got {self.stop_on_repetition}")
         if self.end_recall_docs < 0:
             raise ValueError(f"--end-recall-docs must be >= 0, got {self.end_recall_docs}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
+        if self.max_story_sentences < 3:
+            raise ValueError(f"--max-story-sentences must be >= 3 (stories of 3 to that many sentences are "
+                             f"evaluated: a prompt and a reference), got {self.max_story_sentences}")
         for name in ("num_stories", "batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -178,6 +183,16 @@ class EvalConfig:
 
         check_device(self.device)
         check_output_path(self.out)
+        if self.nll_data:  # a wrong folder is said before the model loads and the stories are generated
+            from sonar_llm.data.shards import read_manifest
+
+            if not Path(self.nll_data).is_dir() and not Path(self.nll_data).name.startswith("manifest"):
+                raise NotADirectoryError(f"--nll-data {self.nll_data}: not a folder (expected the held-out shards' "
+                                         "folder, with its manifest.json)")
+            try:
+                read_manifest(self.nll_data)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"--nll-data {self.nll_data}: {e}") from None
         if not 0.0 <= self.eos_threshold <= 1.0:
             raise ValueError(f"--eos-threshold must be a cosine in [0, 1] (0 = the family's default), "
                              f"got {self.eos_threshold}")

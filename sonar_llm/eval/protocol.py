@@ -69,7 +69,7 @@ def make_items(stories: Sequence[Sequence[str]], cfg: ProtocolConfig) -> list[Pr
         if len(items) == cfg.num_stories:
             break
     if not items:
-        raise ValueError("no story has between 3 and max_story_sentences sentences")
+        raise ValueError(f"no story has between 3 and {cfg.max_story_sentences} sentences (max_story_sentences)")
     return items
 
 

@@ -207,7 +207,8 @@ def evaluate_and_show(cfg, assets: dict, final: dict) -> dict:
 
     _say(f"[5/6] evaluated on {len(res['items'])} held-out stories ({time.perf_counter() - t0:.0f}s): "
          f"validation loss {fmt(final.get('eval_loss'))}, token NLL {fmt(m.get('token_nll'))}, "
-         f"round-trip cosine {fmt(m.get('round_trip_cos'))}")
+         f"round-trip cosine {fmt(m.get('round_trip_cos'))} (low by design for SONAR-LLM: docs/evaluation.md, "
+         "Metrics)")
     print(result_table(res), flush=True)
     _say(end_figures(m))
     _say(f"the same stories decoded greedily instead: {greedy['stop_end']:.0%} end, "

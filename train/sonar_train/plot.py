@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from sonar_llm.cli import UsageError, atomic_output, parser, read_utf8, run
+from sonar_llm.cli import UsageError, atomic_output, check_output_path, parser, read_utf8, run
 
 __all__ = ["History", "MetricsError", "MatplotlibMissing", "PLOT_NAME", "read_history", "figure", "plot_run",
            "main"]
@@ -134,8 +134,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     """Draw the run's history into `out` (default `<run>/training.png`, written atomically); returns the path."""
     h = read_history(run_dir)
     out = Path(out) if out else Path(run_dir) / PLOT_NAME
-    if not out.parent.is_dir():
-        raise UsageError(f"--out {out}: folder {out.parent} does not exist")
+    check_output_path(out)  # a folder, or below a file: refused; missing folders are created, as by every command
     fig = figure(h, title=str(run_dir))
     with atomic_output(out) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
