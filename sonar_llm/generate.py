@@ -154,7 +154,8 @@ class GenerateConfig:
             if value and not Path(value).exists():
                 raise FileNotFoundError(f"{name}: path does not exist: {value}")
         if self.prompts and self.prompts != "-" and Path(self.prompts).is_dir():
-            raise IsADirectoryError(f"--prompts: {self.prompts} is a folder (expected a .jsonl file, or - for stdin)")
+            raise IsADirectoryError(f"--prompts: {self.prompts} is a folder (expected a prompts file, JSONL or one "
+                                    "prompt per line, or - for stdin)")
         if self.prompts and self.prompts != "-" and not Path(self.prompts).is_file():
             raise FileNotFoundError(f"--prompts: file not found: {self.prompts}")
 

@@ -8,8 +8,9 @@ skipped, as every reader of that file does. The default run (train/sonar_train/d
 `plot_run` at its end. matplotlib is optional (`pip install matplotlib`; the `dev` and `bench` extras have
 it): without it `plot_run` raises `MatplotlibMissing`, which says so in one line.
 
-Bad input (no run folder, no metrics.jsonl, an empty one, a line that is not a metrics record, an --out
-folder that does not exist): one line on stderr, exit 2, nothing written.
+Bad input (no run folder, no metrics.jsonl, an empty one, a line that is not a metrics record, an --out that is
+a folder or lies below a file): one line on stderr, exit 2, nothing written. Missing folders above --out are
+created, as by every command (sonar_llm.cli).
 """
 from __future__ import annotations
 
