@@ -520,7 +520,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=d.num_samples, help="continuations per prompt")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the sampling and of the Two-Tower's noise")
     g = p.add_argument_group("SONAR decoder")
-    g.add_argument("--beam", type=int, default=None, help="beam size (1 = greedy; default 5, SONAR's)")
+    g.add_argument("--beam", "--beam-size", dest="beam", type=int, default=None,
+                   help="beam size (1 = greedy; default 5, SONAR's); --beam-size is the evaluate command's name for it")
     add_sampling_arguments(g)
     g.add_argument("--max-seq-len", type=int, default=d.max_seq_len,
                    help="positions per sentence, [</s>, lang] included (default 256, the public SONAR-LLM value)")

@@ -792,3 +792,15 @@ def test_new_user_findings_name_the_flag_and_say_it_early(env, capsys, tmp_path)
         assert rc == 2 and line.startswith(said), (said, line)
     assert "is a folder" in lines[2] and "is a folder" in lines[3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "notes.txt"]  # nothing written
+
+
+def test_each_command_takes_the_others_beam_flag():
+    """`generate --beam` vs `evaluate --beam-size` (a user trial): each command takes the other's name too."""
+    from sonar_llm.eval.evaluate import _parser as eval_parser
+    from sonar_llm.generate import _parser as gen_parser
+
+    gen = ["--model", "m.safetensors", "--prompt", "x"]
+    ev = ["--model", "m.safetensors", "--stories", "s.jsonl", "--out", "r.json"]
+    for flag in ("--beam", "--beam-size"):
+        assert gen_parser().parse_args([*gen, flag, "3"]).beam == 3
+        assert eval_parser().parse_args([*ev, flag, "4"]).beam_size == 4

@@ -652,7 +652,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder", default="")
     p.add_argument("--tokenizer", default="")
     p.add_argument("--lang", default=d.lang)
-    p.add_argument("--beam-size", type=int, default=d.beam_size, help="SONAR decoder beam (default 5; 1 = greedy)")
+    p.add_argument("--beam-size", "--beam", dest="beam_size", type=int, default=d.beam_size,
+                   help="SONAR decoder beam (default 5; 1 = greedy); --beam is the generate command's name for it")
     add_sampling_arguments(p)
     p.add_argument("--max-gen-len", type=int, default=d.max_gen_len,
                    help="SONAR decoder token cap per sentence (default: SONAR's rule, width + 128)")
