@@ -133,8 +133,6 @@ class GenerateConfig:
         for name in ("max_sentences", "batch_size", "num_samples", "steps", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.seed < 0:
-            raise ValueError(f"--seed must be >= 0, got {self.seed}")
         if self.family != "auto" and self.family not in FAMILIES:
             raise ValueError(f"--family must be 'auto' or one of {FAMILIES}, got {self.family!r}")
         if not 0.0 <= self.eos_threshold <= 1.0:

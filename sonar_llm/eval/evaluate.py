@@ -165,8 +165,6 @@ class EvalConfig:
             raise ValueError(f"--stop-on-repetition must be a cosine in [-1, 1], got {self.stop_on_repetition}")
         if self.end_recall_docs < 0:
             raise ValueError(f"--end-recall-docs must be >= 0, got {self.end_recall_docs}")
-        if self.seed < 0:
-            raise ValueError(f"--seed must be >= 0, got {self.seed}")
         if self.max_story_sentences < 3:
             raise ValueError(f"--max-story-sentences must be >= 3 (stories of 3 to that many sentences are "
                              f"evaluated: a prompt and a reference), got {self.max_story_sentences}")
@@ -602,7 +600,9 @@ def sampling_requested(cfg) -> bool:
 
 
 def check_sampling(cfg, beam: int | None, beam_flag: str) -> None:
-    """The sampling flags' ranges, and the beam flag's, which excludes sampling when > 1."""
+    """The sampling flags' ranges (--seed's too), and the beam flag's, which excludes sampling when > 1."""
+    if cfg.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {cfg.seed}")
     if beam is not None and beam < 1:
         raise ValueError(f"{beam_flag} must be >= 1, got {beam}")
     if cfg.temperature is not None and not 0 < cfg.temperature < float("inf"):

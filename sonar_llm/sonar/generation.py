@@ -250,26 +250,36 @@ def _lang_column(lang_ids: int | Tensor | list[int], batch: int, device) -> Tens
     return col
 
 
+def _check_embeddings(decoder: SonarTextDecoder, embeddings: Tensor) -> None:
+    if not isinstance(embeddings, Tensor) or embeddings.dim() != 2:
+        shape = tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings).__name__
+        raise ValueError(f"embeddings must be [B, E], got {shape}")
+    if embeddings.size(1) != decoder.cfg.encoder_dim:
+        raise ValueError(f"embeddings dim {embeddings.size(1)} != decoder encoder_dim {decoder.cfg.encoder_dim}")
+
+
+def _seq_lens(cfg: GenerationConfig, vcfg: SonarDecoderConfig, width: int) -> tuple[int, int]:
+    """(max_seq_len, min_seq_len), prompt included: the last step forces EOS at max_seq_len - 1; EOS is banned
+    before step min_seq_len - 1."""
+    max_seq_len = PROMPT_LEN + cfg.token_cap(vcfg, width)
+    return max_seq_len, min(max_seq_len, PROMPT_LEN + cfg.min_gen_len)
+
+
 class _Setup:
     """What beam search and sampling share: checked embeddings, the prompt, the length limits, the stepper,
     and the prompt's score (the prefill)."""
 
     def __init__(self, decoder: SonarTextDecoder, embeddings: Tensor, lang_ids: int | Tensor | list[int],
                  cfg: GenerationConfig) -> None:
-        if not isinstance(embeddings, Tensor) or embeddings.dim() != 2:
-            shape = tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings).__name__
-            raise ValueError(f"embeddings must be [B, E], got {shape}")
+        _check_embeddings(decoder, embeddings)
         vcfg = decoder.cfg
-        if embeddings.size(1) != vcfg.encoder_dim:
-            raise ValueError(f"embeddings dim {embeddings.size(1)} != decoder encoder_dim {vcfg.encoder_dim}")
         w = decoder.decoder_frontend.embed.weight
         self.device = w.device
         self.emb = embeddings.to(device=self.device, dtype=w.dtype)
         self.num_prompts = self.emb.size(0)
         self.eos = vcfg.eos_idx
         self.banned = torch.tensor(cfg.resolved_banned_ids(vcfg), dtype=torch.int64, device=self.device)
-        self.max_seq_len = PROMPT_LEN + cfg.token_cap(vcfg, embeddings.size(1))
-        self.min_seq_len = min(self.max_seq_len, PROMPT_LEN + cfg.min_gen_len)
+        self.max_seq_len, self.min_seq_len = _seq_lens(cfg, vcfg, embeddings.size(1))
         self.cfg = cfg
         if self.num_prompts == 0:
             return
@@ -400,14 +410,11 @@ def greedy_reads(decoder: SonarTextDecoder, embeddings: Tensor, lang_ids: int | 
     so one teacher-forced pass over ``[eos, lang, *target, eos]`` decides it: a few positions, however long
     the decoder would have run on a vector it cannot read. A tie for the best token counts as read."""
     cfg = dataclasses.replace(cfg or GenerationConfig(), beam_size=1, do_sample=False, num_samples=1)
-    if not isinstance(embeddings, Tensor) or embeddings.dim() != 2:
-        raise ValueError(f"embeddings must be [B, E], got {type(embeddings).__name__}")
+    _check_embeddings(decoder, embeddings)
     vcfg = decoder.cfg
-    if embeddings.size(1) != vcfg.encoder_dim:
-        raise ValueError(f"embeddings dim {embeddings.size(1)} != decoder encoder_dim {vcfg.encoder_dim}")
     w = decoder.decoder_frontend.embed.weight
     batch = embeddings.size(0)
-    max_seq_len = PROMPT_LEN + cfg.token_cap(vcfg, embeddings.size(1))
+    max_seq_len, min_seq_len = _seq_lens(cfg, vcfg, embeddings.size(1))
     length = PROMPT_LEN + len(target) + 1  # the prompt, the target, its EOS
     if batch == 0 or length > max_seq_len:  # the cap cuts greedy decoding before the target's EOS
         return torch.zeros(batch, dtype=torch.bool, device=w.device)
@@ -421,7 +428,7 @@ def greedy_reads(decoder: SonarTextDecoder, embeddings: Tensor, lang_ids: int | 
     steps = torch.arange(PROMPT_LEN, length, device=w.device)  # the step each row of logits chooses for
     allowed = torch.ones_like(logits[0], dtype=torch.bool)  # [steps, V], the rules of _Setup.step_lprobs
     allowed[:, list(cfg.resolved_banned_ids(vcfg))] = False
-    allowed[steps < min(max_seq_len, PROMPT_LEN + cfg.min_gen_len) - 1, vcfg.eos_idx] = False
+    allowed[steps < min_seq_len - 1, vcfg.eos_idx] = False
     last = steps == max_seq_len - 1  # the forced EOS
     allowed[last] = False
     allowed[last, vcfg.eos_idx] = True
