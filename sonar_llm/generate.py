@@ -29,9 +29,10 @@ filter, as in Hugging Face, and leaves beam search on) with `--seed`; caps `--ma
 `--max-gen-len` (tokens per sentence; default SONAR's rule, embedding width + 128). `--num-samples N` writes N
 continuations per prompt (they differ where something is random: decoder sampling, the Two-Tower's noise; the
 decoding summary's `num_samples` counts them).
-Randomness: the Two-Tower's noise comes from one generator per continuation seeded from (`--seed`, prompt
-number, sample number), so it does not depend on the batch; the decoder's sampling draws from one generator
-per batch (same `--seed` and `--batch-size` -> same output).
+Randomness: the Two-Tower's noise, and SONAR-LLM's sampled words, come from one generator per continuation
+seeded from (`--seed`, prompt number, sample number) (`sonar_llm.sonar.generation.story_generator`), so a
+continuation does not depend on the batch or on the other prompts; the decoder's sampling for Base-LCM and the
+Two-Tower draws from one generator per batch (same `--seed` and `--batch-size` -> same output).
 
 Output: a single prompt to a terminal streams its sentences as they are generated; several prompts print one
 block per continuation, with a progress line on stderr. `--out FILE.jsonl` writes one JSON record per
@@ -209,14 +210,6 @@ def decoding_config(cfg: GenerateConfig):
     return GenerationConfig(**kw)
 
 
-def _seeded(seed: int, prompt_index: int, sample: int) -> torch.Generator:
-    """A generator for one continuation, seeded from (seed, prompt number, sample number)."""
-    import numpy as np
-
-    state = int(np.random.SeedSequence([seed, prompt_index, sample]).generate_state(1, np.uint64)[0])
-    return torch.Generator().manual_seed(state)
-
-
 class _StreamedTexts:
     """The decode_fn of a streamed story: `decode_new(emb)` decodes the concepts of one step for the terminal and
     queues each row's text under its values; a later call (the family decoding its story at the end) takes the
@@ -237,7 +230,7 @@ class _StreamedTexts:
             self.queued[self._key(row)].append(text)
         return texts
 
-    def __call__(self, emb: Tensor) -> list[str]:
+    def __call__(self, emb: Tensor, draws: list[torch.Generator] | None = None) -> list[str]:
         out: list[str | None] = [None] * emb.shape[0]
         todo = []
         for i, row in enumerate(emb):
@@ -247,7 +240,8 @@ class _StreamedTexts:
             else:
                 todo.append(i)
         if todo:
-            for i, text in zip(todo, self.decode(emb[todo])):
+            kw = {} if draws is None else {"draws": [draws[i] for i in todo]}  # the rows' own generators
+            for i, text in zip(todo, self.decode(emb[todo], **kw)):
                 out[i] = text
         return out  # type: ignore[return-value]
 
@@ -365,7 +359,7 @@ class Generator:
 
     def _concepts(self, stories: list[Continuation], limit: int, stream) -> list[tuple[list[str], str, Tensor]]:
         from sonar_llm.models.generate import GenerationSettings, end_reader, sonar_text_functions
-        from sonar_llm.sonar.generation import make_generator
+        from sonar_llm.sonar.generation import make_generator, story_generator
 
         cfg = self.cfg
         device = next(self.model.parameters()).device
@@ -390,7 +384,9 @@ class Generator:
             eos_embedding=self.eos_embedding.to(device), max_sentences=limit, eos_threshold=self.eos_threshold,
             decode_fn=decode_fn, encode_fn=encode_fn, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
             guidance_rescale=cfg.guidance_rescale, initial_noise_scale=cfg.noise,
-            generator=[_seeded(cfg.seed, s.index, s.sample) for s in stories], on_step=on_step,
+            generator=[story_generator(cfg.seed, s.index, s.sample) for s in stories], on_step=on_step,
+            decode_draws=[story_generator(cfg.seed, s.index, s.sample, self.e2t.device) for s in stories]
+            if self.decoding.do_sample else None,
             stop_on_repetition_cosine_threshold=cfg.stop_on_repetition,
             reads_as_end=end_reader(self.e2t, self.eod_text, self.target_lang, self.decoding))
         res = self.spec.generate(self.model, prompts, settings)

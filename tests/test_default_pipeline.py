@@ -99,12 +99,23 @@ def test_default_pipeline_end_to_end_and_rerun(tmp_path):
     assert not greedy["decoding"]["do_sample"] and greedy["decoding"]["beam_size"] == 1
     assert [it["prompt"] for it in greedy["items"]] == [it["prompt"] for it in result["items"]]
     said = re.search(r"decoded greedily instead: (\d+)% end, ([0-9.]+) sentences on average, duplicate sentences "
-                     r"(\d+)% \(near-duplicates (\d+)%\); (\S+);", first.stdout)
+                     r"([0-9.]+)% \(near-duplicates ([0-9.]+)%\); (\S+);", first.stdout)
     g = greedy["metrics"]
     assert said and said.groups() == (f"{g['stop_end']:.0%}"[:-1], f"{g['mean_generated_sentences']:.1f}",
-                                      f"{g['duplicate_sentence_rate']:.0%}"[:-1],
-                                      f"{g['near_duplicate_sentence_rate']:.0%}"[:-1],
+                                      f"{100 * g['duplicate_sentence_rate']:.1f}",
+                                      f"{100 * g['near_duplicate_sentence_rate']:.1f}",
                                       "run/eval/protocol_start_greedy.json"), first.stdout[-3000:]
+    m = result["metrics"]  # step 5's figures are the report's (issue 26's targets are read from this line)
+    said = re.search(r"how stories end \(sampled at temperature 0.8, top-p 0.9\): teacher-forced end recall (\d+)%, "
+                     r"false ends (\d+)%; (\d+)% of the generations end on 'End of sequence.' \(repetition (\d+)%, "
+                     r"sentence cap (\d+)%\); ([0-9.]+) sentences generated on average \(references ([0-9.]+)\); "
+                     r"duplicate sentences ([0-9.]+)% \(near-duplicates ([0-9.]+)%\)", out)
+    assert said and said.groups() == (
+        *(f"{100 * m[k]:.0f}" for k in ("end_recall", "false_end_rate", "stop_end", "stop_repetition",
+                                        "stop_sentence_cap")),
+        f"{m['mean_generated_sentences']:.1f}", f"{m['mean_reference_sentences']:.1f}",
+        f"{100 * m['duplicate_sentence_rate']:.1f}", f"{100 * m['near_duplicate_sentence_rate']:.1f}"), out[-3000:]
+    assert result["config"]["max_story_sentences"] == 32  # the public protocol's cap (and prompt filter)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert metrics and all(m["loss"] == m["loss"] for m in metrics if "loss" in m)  # finite (no NaN)
     tiny = tmp_path / "cache" / "tiny_sonar"

@@ -369,8 +369,7 @@ def test_decoding_caps_are_applied_and_stated(toy, tmp_path):
 
 
 def test_sampled_decoding_reaches_the_decoder_and_is_seeded(toy, tmp_path, capsys):
-    """--temperature/--top-k/--top-p/--sample sample the SONAR decoder's tokens (one generator seeded by --seed for
-    the whole evaluation); top-k 1 sampling is greedy decoding, so it must give the greedy run's stories; the
+    """--temperature/--top-k/--top-p/--sample sample the SONAR decoder's tokens (seeded by --seed); top-k 1 sampling is greedy decoding, so it must give the greedy run's stories; the
     teacher-forced end recall decodes greedily either way."""
     from sonar_llm.sonar.generation import GenerationConfig
 
@@ -398,6 +397,22 @@ def test_sampled_decoding_reaches_the_decoder_and_is_seeded(toy, tmp_path, capsy
     assert EV.decoding_config(sampled) == GenerationConfig(beam_size=1, max_seq_len=256, do_sample=True, top_p=0.9,
                                                            seed=3)
     assert EV.decoding_config(sampled, sampled=False) == GenerationConfig(beam_size=1, max_seq_len=256)
+
+
+def test_sampled_stories_do_not_depend_on_the_batching(toy, tmp_path, capsys):
+    """With sampling, SONAR-LLM's k-th story draws its words from story_generator(--seed, k): --batch-size 1
+    and 2 give the same stories, and the first story is the same whether one or two are evaluated."""
+    path, _ = _export_untrained(toy, "sonar_llm", seed=4)
+
+    def stories(*extra):
+        out = tmp_path / "res.json"
+        assert _cli(toy, path, out, "--eos-threshold", "0.999", "--end-recall-docs", "0", "--temperature", "5",
+                    "--seed", "2", *extra) == 0, capsys.readouterr().err
+        return [it["generation"] for it in json.loads(out.read_text())["items"]]
+
+    pairs, singles = stories("--batch-size", "2"), stories("--batch-size", "1")
+    assert pairs == singles and len(pairs) == 2 and pairs[0] != pairs[1]
+    assert stories("--num-stories", "1") == pairs[:1]
 
 
 def test_sampling_leaves_the_end_to_the_greedy_reading(toy, tmp_path, capsys, monkeypatch):

@@ -191,6 +191,24 @@ def test_batched_prompts_of_mixed_lengths_equal_one_at_a_time(default_run, tmp_p
     assert batched[0]["timings"]["batch_size"] == 3 and single[0]["timings"]["batch_size"] == 1
 
 
+def test_sampled_sonar_llm_stories_do_not_depend_on_the_batch(default_run, tmp_path):
+    """With decoder sampling, each continuation draws its words from its own generator, seeded from (--seed,
+    prompt number, sample number): three prompts in one batch give what each gives alone, and the sample numbers
+    of one prompt differ. The prompts are one text three times: one batch, one prediction, only the draws differ."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join([PROMPTS[0]] * 3) + "\n")
+    runs = {}
+    for bs in ("3", "1"):
+        out = tmp_path / f"gen_{bs}.jsonl"
+        argv = [*_common(default_run, "sonar_llm"), "--prompts", prompts, "--batch-size", bs, "--temperature", "5",
+                "--seed", "3", "--num-samples", "2", "--eos-threshold", "1", "--out", out]
+        argv.remove("--beam"), argv.remove("1")
+        assert _run(argv) == 0
+        runs[bs] = [(r["prompt_index"], r["sample"], r["sentences"]) for r in _records(out)]
+    assert runs["3"] == runs["1"] and len(runs["3"]) == 6
+    assert len({tuple(r[2]) for r in runs["3"]}) == 6  # each prompt number and sample number its own draws
+
+
 @pytest.mark.parametrize("family", ["sonar_llm", "base_lcm", "two_tower"])
 def test_generator_batches_mixed_lengths_like_single_prompts(default_run, family):
     """The command's Generator: the concepts of a mixed-length batch == those of each prompt alone (the

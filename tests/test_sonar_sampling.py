@@ -223,3 +223,49 @@ def test_sampling_config_errors():
                       ({"temperature": 0.0}, "temperature"), ({"seed": -1}, "seed")]:
         with pytest.raises(ValueError, match=match):
             GenerationConfig(**kw)
+
+
+def test_one_generator_per_embedding_draws_apart_from_the_batch(tmp_path):
+    """Given one generator per embedding, each embedding's samples are what that embedding alone gives with that
+    generator (the single-generator path, whose frequencies are tested above): the other rows, their lengths and
+    the batch size change nothing. The pipeline splits the generators with its batches."""
+    from sonar_llm.sonar.generation import story_generator
+
+    dec = sampling_decoder()
+    emb = torch.randn(5, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    cfg = GenerationConfig(do_sample=True, num_samples=2, max_gen_len=10, temperature=1.5)
+    alone = [generate(dec, emb[k:k + 1], LANG, cfg=cfg, generator=story_generator(4, k)) for k in range(5)]
+    batched = generate(dec, emb, LANG, cfg=cfg, generator=[story_generator(4, k) for k in range(5)])
+    assert batched == [t for a in alone for t in a]
+    assert len({len(t) for t in batched}) > 1  # rows stop at different steps: a row's draws must not shift
+    order = [3, 0, 4]
+    shuffled = generate(dec, emb[order], LANG, cfg=cfg, generator=[story_generator(4, k) for k in order])
+    assert shuffled == [t for k in order for t in alone[k]]
+    assert generate(dec, emb, LANG, cfg=cfg, generator=story_generator(4, 0)) != batched  # one stream differs
+
+    tok = toy_tokenizer(tmp_path)
+    pdec = toy_decoder(seed=3, std=0.5, vocab_size=tok.vocab_size, dtype=torch.float64)
+    pemb = torch.randn(5, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    one = dataclasses.replace(cfg, num_samples=1)
+    want = [generate(pdec, pemb[k:k + 1], tok.lang_id("fra_Latn"), cfg=one, generator=story_generator(1, k))[0]
+            for k in range(5)]
+    for batch_size in (2, 5):  # chunks of 2, 2, 1 and one chunk
+        pipe = EmbeddingToText(pdec, tok, batch_size=batch_size)
+        assert pipe.decode_ids(pemb, "fra_Latn", cfg=one, generator=[story_generator(1, k) for k in range(5)]) == want
+
+
+def test_story_generators_and_their_errors():
+    from sonar_llm.sonar.generation import story_generator
+
+    def stream(*a):
+        return torch.rand(4, generator=story_generator(*a)).tolist()
+
+    assert stream(0, 1) == stream(0, 1)
+    streams = [stream(0, 1), stream(1, 0), stream(0, 2), stream(0, 1, 1), stream(0, 0)]
+    assert len({tuple(s) for s in streams}) == 5  # (seed, story) and (story, seed) are not one stream, nor neighbours
+    dec = sampling_decoder()
+    emb = torch.randn(3, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    cfg = GenerationConfig(do_sample=True, max_gen_len=6)
+    for gens in ([story_generator(0, 0)] * 2, [story_generator(0, k) for k in range(4)], [None] * 3):
+        with pytest.raises(ValueError, match="one per embedding"):
+            sample_hypotheses(dec, emb, LANG, cfg, gens)

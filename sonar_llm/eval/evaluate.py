@@ -94,8 +94,9 @@ class EvalConfig:
     tokenizer: str = ""
     lang: str = "eng_Latn"
     beam_size: int | None = None  # None: 5, SONAR's default (1 when sampling)
-    # sampling the SONAR decoder's tokens instead of beam search (as generate's flags; one torch.Generator seeded
-    # with `seed` draws for the whole evaluation); the teacher-forced end recall still decodes greedily
+    # sampling the SONAR decoder's tokens instead of beam search (as generate's flags; SONAR-LLM's k-th story
+    # draws from its own generator, seeded from (`seed`, k), the other families' decoding from one seeded with
+    # `seed` for the whole evaluation); the teacher-forced end recall still decodes greedily
     sample: bool = False
     temperature: float | None = None
     top_k: int | None = None
@@ -353,6 +354,22 @@ def decoding_config(cfg: EvalConfig, *, sampled: bool = True):
     return GenerationConfig(beam_size=beam, max_seq_len=cfg.max_seq_len, length_guard=cfg.length_guard, **kw)
 
 
+def _story_draws(seed: int, device) -> Callable[[int], list[torch.Generator]]:
+    """`StoryContext.story_draws` for the protocol, which continues the stories in order: the k-th story of
+    the evaluation samples its words from `story_generator(seed, k)`, whatever the batching and however the
+    stories before it went."""
+    from sonar_llm.sonar.generation import story_generator
+
+    seen = 0
+
+    def next_stories(n: int) -> list[torch.Generator]:
+        nonlocal seen
+        seen += n
+        return [story_generator(seed, k, 0, device) for k in range(seen - n, seen)]
+
+    return next_stories
+
+
 def make_generate_fn(loaded: LoadedModel, cfg: EvalConfig, t2e, e2t, tokenizer,
                      recorder: _Recorder | None = None) -> Callable[[list[list[str]]], list[list[str]]]:
     """`generate(prompts) -> continuations` for the protocol: the loaded family's `story_generator`."""
@@ -364,7 +381,7 @@ def make_generate_fn(loaded: LoadedModel, cfg: EvalConfig, t2e, e2t, tokenizer,
     if sampling_requested(cfg) and not spec.concept_level:
         raise ValueError(f"sampling ({SAMPLING_FLAGS}) does not apply to a {loaded.family} model: it decodes its own "
                          "tokens greedily")
-    draws = torch.Generator(device="cpu").manual_seed(cfg.seed) if sampling_requested(cfg) else None
+    draws = torch.Generator(device=e2t.device).manual_seed(cfg.seed) if sampling_requested(cfg) else None
     decoding = decoding_config(cfg)
     decode_fn, encode_fn = sonar_text_functions(t2e, e2t, cfg.lang, cfg=decoding, generator=draws)
     eod_text = end_of_doc_text(loaded.run_config, cfg.end_of_doc_text)
@@ -377,7 +394,8 @@ def make_generate_fn(loaded: LoadedModel, cfg: EvalConfig, t2e, e2t, tokenizer,
         stop_on_repetition_cosine_threshold=cfg.stop_on_repetition,
         reads_as_end=end_reader(e2t, eod_text, cfg.lang, decoding))
     ctx = StoryContext(settings, end_of_doc_text=eod_text, tokenizer=tokenizer, lang=cfg.lang,
-                       max_new_tokens=cfg.max_new_tokens, record=recorder.add if recorder is not None else None)
+                       max_new_tokens=cfg.max_new_tokens, record=recorder.add if recorder is not None else None,
+                       story_draws=_story_draws(cfg.seed, e2t.device) if sampling_requested(cfg) else None)
     return spec.story_generator(loaded.model, ctx)
 
 

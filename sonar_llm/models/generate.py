@@ -120,6 +120,8 @@ class GenerationSettings:
     guidance_rescale: float = 0.7  # diffusion: guidance rescale
     initial_noise_scale: float = 0.6  # diffusion: std of the initial latent
     generator: torch.Generator | Sequence[torch.Generator] | None = None  # diffusion noise: one, or one per prompt
+    decode_draws: Sequence[torch.Generator] | None = None  # SONAR-LLM, sampling: one generator per prompt for
+    # the decoder's draws (`story_generator`), so a story's words do not depend on the batch; None = decode_fn's own
     stop_on_repetition_cosine_threshold: float | None = None  # Meta's option (None = off): stop when a new
     # concept has cosine >= this with the previous one (`stop_reasons`)
     reads_as_end: EndFn | None = None  # SONAR-LLM: predictions whose greedy reading is the end sentence stop
@@ -175,7 +177,7 @@ def stop_reasons(concepts: Tensor, previous: Tensor, *, eos_embedding: Tensor | 
 def _concept_loop(
     model: nn.Module,
     prompts: Sequence[Tensor],
-    next_fn: Callable[[Tensor], tuple[list[str] | None, Tensor, Tensor | None]],
+    next_fn: Callable[[Tensor, list[int]], tuple[list[str] | None, Tensor, Tensor | None]],
     *,
     max_sentences: int,
     eos_embedding: Tensor,
@@ -188,8 +190,9 @@ def _concept_loop(
     lengths), then one step per new sentence for the stories still running (finished ones are dropped from
     the cache); a story's sentences do not depend on the other prompts of the batch. The end embedding (and
     the repetition rule, `repetition_threshold`) stops a story only from its `min_sentences`-th new sentence
-    on (the stopping one counted; see `stop_reasons`). `next_fn(last hidden [A, D])` gives the step's texts (or
-    None), its concepts [A, E] and which of them end by the caller's own test (bool [A], or None).
+    on (the stopping one counted; see `stop_reasons`). `next_fn(last hidden [A, D], prompt indices of those A
+    rows)` gives the step's texts (or None), its concepts [A, E] and which of them end by the caller's own test
+    (bool [A], or None).
     `on_step` sees every step's new sentences (streaming)."""
     dim = eos_embedding.numel()
     _check_prompts(prompts, dim)
@@ -214,7 +217,7 @@ def _concept_loop(
         totals = {b: lengths[b] for b in active}
         previous = torch.stack([prompts[b][-1] for b in active]).to(device)  # the concept before the next one
     while active:
-        step_texts, nxt, ended = next_fn(last)
+        step_texts, nxt, ended = next_fn(last, active)
         why = stop_reasons(nxt, previous, eos_embedding=eos_embedding, eos_threshold=eos_threshold,
                            repetition_threshold=repetition_threshold, ended=ended)
         keep, added = [], []
@@ -248,10 +251,10 @@ def _concept_loop(
 
 
 def _sonar_llm_next_fn(model, decode_fn: DecodeFn, encode_fn: EncodeFn, reencode: bool,
-                       reads_as_end: EndFn | None):
-    def next_fn(last_hidden: Tensor) -> tuple[list[str], Tensor, Tensor | None]:
+                       reads_as_end: EndFn | None, draws: Sequence[torch.Generator] | None):
+    def next_fn(last_hidden: Tensor, rows: list[int]) -> tuple[list[str], Tensor, Tensor | None]:
         pred = model.predict_embedding(last_hidden)
-        step_texts = list(decode_fn(pred))
+        step_texts = list(decode_fn(pred) if draws is None else decode_fn(pred, draws=[draws[b] for b in rows]))
         if len(step_texts) != pred.shape[0]:
             raise ValueError(f"decode_fn returned {len(step_texts)} texts for {pred.shape[0]} embeddings")
         ended = None if reads_as_end is None else reads_as_end(pred)
@@ -284,16 +287,21 @@ def generate_sonar_llm(
     stop_on_repetition_cosine_threshold: float | None = None,
     on_step: StepFn | None = None,
     reads_as_end: EndFn | None = None,
+    draws: Sequence[torch.Generator] | None = None,
 ) -> list[ConceptGeneration]:
     """Continue every story (prompt_embeddings[i]: [n_i, E]) with SONAR-LLM, batched (prompts of any
     lengths), KV-cached; `on_step` sees each step's new sentences. The repetition rule compares the appended
     (re-encoded) vectors; None = off. `reads_as_end(predictions [A, E]) -> bool [A]` (`end_reader`) also ends
-    the stories where it is True, whatever `decode_fn` made of their prediction."""
+    the stories where it is True, whatever `decode_fn` made of their prediction. `draws`: one generator per
+    prompt, handed to `decode_fn(predictions, draws=[the running stories' generators])` (`sonar_text_functions`
+    takes it), so that a sampled story does not depend on the others."""
     if reencode and encode_fn is None:
         raise ValueError("reencode=True needs an encode_fn")
+    if draws is not None and len(draws) != len(prompt_embeddings):
+        raise ValueError(f"draws: one generator per prompt ({len(prompt_embeddings)}), got {len(draws)}")
     with _inference(model):
         return _concept_loop(model, prompt_embeddings,
-                             _sonar_llm_next_fn(model, decode_fn, encode_fn, reencode, reads_as_end),
+                             _sonar_llm_next_fn(model, decode_fn, encode_fn, reencode, reads_as_end, draws),
                              max_sentences=max_sentences, eos_embedding=eos_embedding,
                              eos_threshold=eos_threshold, repetition_threshold=stop_on_repetition_cosine_threshold,
                              on_step=on_step)
@@ -382,7 +390,7 @@ def generate_base_lcm(
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
 
-    def next_fn(last_hidden: Tensor) -> tuple[None, Tensor, None]:
+    def next_fn(last_hidden: Tensor, rows: list[int]) -> tuple[None, Tensor, None]:
         pred = model.predict_normalized(last_hidden)
         if sample_latent_variable:
             noise = torch.randn(pred.shape, generator=generator, device=pred.device, dtype=pred.dtype)
@@ -408,7 +416,7 @@ def sonar_llm_concepts(model: nn.Module, prompts: Sequence[Tensor], s: Generatio
     return generate_sonar_llm(model, prompts, s.decode_fn, s.encode_fn, max_sentences=s.max_sentences,
                               eos_embedding=s.eos_embedding, eos_threshold=s.eos_threshold, reencode=True,
                               stop_on_repetition_cosine_threshold=s.stop_on_repetition_cosine_threshold,
-                              on_step=s.on_step, reads_as_end=s.reads_as_end)
+                              on_step=s.on_step, reads_as_end=s.reads_as_end, draws=s.decode_draws)
 
 
 def base_lcm_concepts(model: nn.Module, prompts: Sequence[Tensor], s: GenerationSettings
@@ -495,8 +503,9 @@ def sonar_text_functions(
 ) -> tuple[DecodeFn, EncodeFn]:
     """(decode_fn, encode_fn) from `sonar_llm.sonar.pipeline.TextToEmbedding` / `EmbeddingToText`, both in
     language `lang`. Decoding follows `cfg` (a `sonar_llm.sonar.generation.GenerationConfig`: beam, greedy
-    or sampling with one sample per embedding; draws from `generator`), else
-    `GenerationConfig(beam_size=beam_size, max_gen_len=max_gen_len)` (None: SONAR's own length rule)."""
+    or sampling with one sample per embedding; draws from `generator`, or from `decode_fn(embeddings,
+    draws=[one generator per embedding])`), else `GenerationConfig(beam_size=beam_size, max_gen_len=max_gen_len)`
+    (None: SONAR's own length rule)."""
     from sonar_llm.sonar.generation import GenerationConfig
 
     if cfg is None:
@@ -505,8 +514,8 @@ def sonar_text_functions(
         raise ValueError(f"decode_fn gives one text per embedding: cfg.num_samples must be 1, got {cfg.num_samples}"
                          " (repeat the prompts for several continuations)")
 
-    def decode_fn(embeddings: Tensor) -> list[str]:
-        return embedding_to_text.decode(embeddings, lang, cfg=cfg, generator=generator)
+    def decode_fn(embeddings: Tensor, draws: Sequence[torch.Generator] | None = None) -> list[str]:
+        return embedding_to_text.decode(embeddings, lang, cfg=cfg, generator=generator if draws is None else draws)
 
     def encode_fn(texts: list[str]) -> Tensor:
         return text_to_embedding.encode(texts, lang)

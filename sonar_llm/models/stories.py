@@ -56,6 +56,9 @@ class StoryContext:
     lang: str = "eng_Latn"
     max_new_tokens: int = 512  # token LLM cap per story
     record: RecordFn | None = None  # record(generated embeddings [m, E], their texts, re-encodings or None)
+    story_draws: Callable[[int], list[torch.Generator]] | None = None  # SONAR-LLM, sampling: the decoder's
+    # generators of the next n stories, one each (evaluate: `story_generator(seed, story number)`); None =
+    # settings.decode_draws, else decode_fn's own generator
 
 
 def _prompt_encoder(model: nn.Module, encode_fn) -> Callable[[list[list[str]]], list[Tensor]]:
@@ -100,8 +103,8 @@ def sonar_llm_stories(model: nn.Module, ctx: StoryContext) -> StoryFn:
     def generate(prompts: list[list[str]]) -> list[list[str]]:
         pending: list[tuple[Tensor, list[str]]] = []
 
-        def dec(e: Tensor) -> list[str]:
-            texts = s.decode_fn(e)
+        def dec(e: Tensor, **kw) -> list[str]:
+            texts = s.decode_fn(e, **kw)  # draws=, when the stories have their own generators
             pending.append((e, list(texts)))
             return texts
 
@@ -115,7 +118,8 @@ def sonar_llm_stories(model: nn.Module, ctx: StoryContext) -> StoryFn:
         res = generate_sonar_llm(model, encode_prompts(prompts), dec, enc, max_sentences=s.max_sentences,
                                  eos_embedding=s.eos_embedding, eos_threshold=s.eos_threshold, reencode=True,
                                  stop_on_repetition_cosine_threshold=s.stop_on_repetition_cosine_threshold,
-                                 reads_as_end=s.reads_as_end)
+                                 reads_as_end=s.reads_as_end,
+                                 draws=ctx.story_draws(len(prompts)) if ctx.story_draws else s.decode_draws)
         return [StoryContinuation(r.texts, r.stop_reason) for r in res]
 
     return generate

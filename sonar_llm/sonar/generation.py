@@ -47,7 +47,9 @@ and apply in the order top-k, renormalise, top-p. Differences from fairseq2, cho
 temperature stays 1.0 (fairseq2's sampling generator defaults to 0.6: pass ``temperature=0.6`` to match it),
 and scores are always computed (as fairseq2's ``compute_scores=True``: from the temperature softmax before
 the top-k/top-p filters). Draws come from ``generator`` (or one seeded from ``seed``), so they depend on
-the batch composition: the same seed and batch give the same samples.
+the batch composition: the same seed and batch give the same samples. Given one generator per embedding
+instead (``story_generator``), each embedding's tokens are drawn from its own generator only, and only while
+its sentence runs: they do not depend on the other embeddings of the batch nor on the batch size.
 
 The incremental path uses the decoder's KV cache and the exact one-key cross-attention constants
 (``W_o (W_v e + b_v) + b_o`` per layer); ``use_cache=False`` runs the full reference forward at every step
@@ -57,6 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,8 +71,10 @@ from .decoder import SonarTextDecoder
 
 __all__ = [
     "PROMPT_LEN", "DEFAULT_LENGTH_GUARD", "GenerationConfig", "Hypothesis", "decode_hypotheses", "beam_search", "sample_hypotheses",
-    "generate", "greedy_decode", "greedy_reads", "make_generator",
+    "generate", "greedy_decode", "greedy_reads", "make_generator", "story_generator",
 ]
+
+Draws = torch.Generator | Sequence[torch.Generator] | None  # one generator, or one per embedding
 
 PROMPT_LEN = 2  # [eos, lang]
 DEFAULT_LENGTH_GUARD = 1.5  # x the longest trained target (GenerationConfig.length_guard)
@@ -444,6 +449,28 @@ def make_generator(cfg: GenerationConfig, device: torch.device | str = "cpu") ->
     return torch.Generator(device=device).manual_seed(cfg.seed)
 
 
+def story_generator(seed: int, story: int, sample: int = 0,
+                    device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of one story's draws, seeded from (``seed``, story number, sample number) through numpy's
+    ``SeedSequence`` (so neighbouring numbers give unrelated streams): a story's draws then depend on its own
+    number only, not on the batch or on the stories before it."""
+    import numpy as np
+
+    state = int(np.random.SeedSequence([seed, story, sample]).generate_state(1, np.uint64)[0])
+    return torch.Generator(device=device).manual_seed(state)
+
+
+def _per_row(generator, rows: int) -> list[torch.Generator] | None:
+    """``generator`` as a list of one generator per embedding (None when it is one generator, or None)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return None
+    gens = list(generator)
+    if len(gens) != rows or not all(isinstance(g, torch.Generator) for g in gens):
+        raise ValueError(f"generator: give one torch.Generator, or one per embedding ({rows}), got "
+                         f"{len(gens)} item(s)")
+    return gens
+
+
 def _filter_probs(probs: Tensor, top_k: int, top_p: float) -> Tensor:
     """probs [N, V] (banned ids at 0) -> unnormalised sampling weights after top-k, then top-p. Each filter
     sees a renormalised distribution (the bans removed some mass), as fairseq2's samplers do."""
@@ -464,12 +491,14 @@ def _filter_probs(probs: Tensor, top_k: int, top_p: float) -> Tensor:
 
 @torch.inference_mode()
 def sample_hypotheses(decoder: SonarTextDecoder, embeddings: Tensor, lang_ids: int | Tensor | list[int],
-           cfg: GenerationConfig | None = None, generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
+           cfg: GenerationConfig | None = None, generator: Draws = None) -> list[list[Hypothesis]]:
     """``cfg.num_samples`` sampled hypotheses per embedding, in sample order (not sorted by score).
-    ``generator`` (on the decoder's device) drives the draws; None = one seeded from ``cfg.seed``, or
-    torch's global RNG when no seed is set."""
+    ``generator`` (on the decoder's device) drives the draws: one for the batch, or one per embedding (each
+    embedding's samples draw from its own, so they do not depend on the rest of the batch); None = one
+    seeded from ``cfg.seed``, or torch's global RNG when no seed is set."""
     cfg = cfg or GenerationConfig(do_sample=True)
     run = _Setup(decoder, embeddings, lang_ids, cfg)
+    own = _per_row(generator, embeddings.size(0))
     if run.num_prompts == 0:
         return []
     if generator is None:
@@ -479,7 +508,7 @@ def sample_hypotheses(decoder: SonarTextDecoder, embeddings: Tensor, lang_ids: i
     fan_out = torch.arange(run.num_prompts, device=device).repeat_interleave(n)
     run.reorder(fan_out)
     score = run.prompt_score.index_select(0, fan_out)
-    slot = torch.arange(run.num_prompts * n, device=device)
+    slot = torch.arange(run.num_prompts * n, device=device)  # row -> sample r % n of embedding r // n
     done: list[Hypothesis | None] = [None] * (run.num_prompts * n)
 
     for step_nr in range(PROMPT_LEN, run.max_seq_len):
@@ -488,7 +517,11 @@ def sample_hypotheses(decoder: SonarTextDecoder, embeddings: Tensor, lang_ids: i
             tokens = torch.full((lprobs.size(0),), eos, dtype=torch.int64, device=device)
         else:
             weights = _filter_probs(lprobs.exp(), cfg.top_k, cfg.top_p)
-            tokens = torch.multinomial(weights, 1, generator=generator).squeeze(-1)
+            if own is None:
+                tokens = torch.multinomial(weights, 1, generator=generator).squeeze(-1)
+            else:  # each running row draws from its embedding's generator, one row at a time
+                tokens = torch.cat([torch.multinomial(weights[i:i + 1], 1, generator=own[r // n])[0]
+                                    for i, r in enumerate(slot.tolist())])
         score = score + lprobs.gather(-1, tokens[:, None]).squeeze(-1)
         run.seqs[:, step_nr] = tokens
         finished = tokens == eos
@@ -506,8 +539,7 @@ def sample_hypotheses(decoder: SonarTextDecoder, embeddings: Tensor, lang_ids: i
 
 
 def decode_hypotheses(decoder: SonarTextDecoder, embeddings: Tensor, lang_ids: int | Tensor | list[int],
-                      cfg: GenerationConfig | None = None,
-                      generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
+                      cfg: GenerationConfig | None = None, generator: Draws = None) -> list[list[Hypothesis]]:
     """:func:`sample_hypotheses` when ``cfg.do_sample``, else :func:`beam_search`."""
     cfg = cfg or GenerationConfig()
     if cfg.do_sample:
@@ -517,7 +549,7 @@ def decode_hypotheses(decoder: SonarTextDecoder, embeddings: Tensor, lang_ids: i
 
 def generate(decoder: SonarTextDecoder, embeddings: Tensor, lang_ids: int | Tensor | list[int], *,
              beam_size: int = 5, max_gen_len: int | tuple[float, float] | None = None, use_cache: bool = True,
-             cfg: GenerationConfig | None = None, generator: torch.Generator | None = None) -> list[list[int]]:
+             cfg: GenerationConfig | None = None, generator: Draws = None) -> list[list[int]]:
     """Token ids without the final EOS: the best hypothesis per embedding (beam search), or, when
     ``cfg.do_sample``, ``cfg.num_samples`` samples per embedding, embedding-major (``B * num_samples``
     lists). ``cfg`` overrides the keywords; ``max_gen_len=None`` keeps SONAR's default rule."""

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .decoder import SonarTextDecoder
 from .encoder import SonarTextEncoder
-from .generation import GenerationConfig, generate, greedy_reads, make_generator
+from .generation import Draws, GenerationConfig, generate, greedy_reads, make_generator
 from .tokenizer import NllbTokenizer
 
 __all__ = ["TextToEmbedding", "EmbeddingToText"]
@@ -101,28 +101,31 @@ class EmbeddingToText:
     @torch.inference_mode()
     def decode_ids(self, embeddings: Tensor, lang: str | None = None, beam_size: int = 5,
                    max_gen_len: int | tuple[float, float] | None = None, *, cfg: GenerationConfig | None = None,
-                   generator: torch.Generator | None = None) -> list[list[int]]:
+                   generator: Draws = None) -> list[list[int]]:
         """[N, E] -> token ids (final EOS removed): the best hypothesis per embedding, or with
         ``cfg.do_sample`` ``cfg.num_samples`` samples per embedding, embedding-major (N * num_samples lists).
         ``cfg`` overrides ``beam_size``/``max_gen_len``; the defaults are SONAR's pipeline (see
         ``sonar_llm.sonar.generation``). Sampling draws from ``generator``, else one seeded from ``cfg.seed``
-        for the whole call (so results depend on ``batch_size``)."""
+        for the whole call (so results depend on ``batch_size``); given N generators, one per embedding
+        (``story_generator``), each embedding's draws come from its own and do not depend on the batch."""
         if not isinstance(embeddings, Tensor) or embeddings.dim() != 2:
             raise ValueError("embeddings must be a [N, E] tensor")
         if cfg is None:
             cfg = GenerationConfig(beam_size=beam_size, **({} if max_gen_len is None else {"max_gen_len": max_gen_len}))
         if cfg.do_sample and generator is None:
             generator = make_generator(cfg, self.device)
+        own = generator is not None and not isinstance(generator, torch.Generator)  # one per embedding
         lang_id = self.tokenizer.lang_id(lang)
         out: list[list[int]] = []
         for start in range(0, embeddings.size(0), self.batch_size):
-            out += generate(self.decoder, embeddings[start:start + self.batch_size], lang_id, cfg=cfg,
-                            generator=generator)
+            stop = start + self.batch_size
+            out += generate(self.decoder, embeddings[start:stop], lang_id, cfg=cfg,
+                            generator=list(generator[start:stop]) if own else generator)
         return out
 
     def decode(self, embeddings: Tensor, lang: str | None = None, beam_size: int = 5,
                max_gen_len: int | tuple[float, float] | None = None, *, cfg: GenerationConfig | None = None,
-               generator: torch.Generator | None = None) -> list[str]:
+               generator: Draws = None) -> list[str]:
         """[N, E] -> texts in language ``lang`` (N, or N * num_samples when sampling; see ``decode_ids``)."""
         return self.tokenizer.decode(self.decode_ids(embeddings, lang, beam_size, max_gen_len, cfg=cfg,
                                                      generator=generator))
