@@ -137,6 +137,8 @@ def check_output_path(path: str | os.PathLike, flag: str = "--out") -> None:
     """UsageError naming `flag` when `path` cannot be written as a file: it is a folder, or one of the folders
     above it is a file. Call it before the command's work, so that a typo costs no model load or generation; the
     missing folders above `path` are created when it is written (`atomic_output`)."""
+    if not str(path).strip():
+        raise UsageError(f"{flag}: the path is empty (give the file to write)")
     p = Path(path)
     if p.is_dir():
         raise UsageError(f"{flag} {path}: is a folder (expected a file path)")

@@ -69,6 +69,7 @@ from sonar_llm.eval.evaluate import (
     SAMPLING_FLAGS,
     add_sampling_arguments,
     add_stop_arguments,
+    check_decoding,
     check_sampling,
     sampling_kwargs,
     sampling_requested,
@@ -139,14 +140,7 @@ class GenerateConfig:
         if not 0.0 <= self.eos_threshold <= 1.0:
             raise ValueError(f"--eos-threshold must be a cosine in [0, 1] (0 = the family's default), "
                              f"got {self.eos_threshold}")
-        if self.max_seq_len < 3:
-            raise ValueError(f"--max-seq-len must be >= 3 ([</s>, lang] and one token), got {self.max_seq_len}")
-        if self.max_gen_len is not None and self.max_gen_len < 1:
-            raise ValueError(f"--max-gen-len must be >= 1, got {self.max_gen_len}")
-        if self.length_guard and not self.length_guard >= 1:
-            raise ValueError(f"--length-guard must be >= 1 (or 0 for SONAR's own rule), got {self.length_guard}")
-        if self.stop_on_repetition is not None and not -1.0 <= self.stop_on_repetition <= 1.0:
-            raise ValueError(f"--stop-on-repetition must be a cosine in [-1, 1], got {self.stop_on_repetition}")
+        check_decoding(self)
         check_sampling(self, self.beam, "--beam")
         for name, value in (("--model", self.model), ("--run", self.run), ("--encoder", self.encoder),
                             ("--decoder", self.decoder), ("--tokenizer", self.tokenizer)):
@@ -502,7 +496,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip the sha256 check of the --model export against its model.json (load a file known to differ)")
     pr = p.add_mutually_exclusive_group(required=True)
     pr.add_argument("--prompt", default=None, help="one prompt text")
-    pr.add_argument("--prompts", default="", help="JSONL, one prompt per line ({\"prompt\": ...}); - = stdin")
+    pr.add_argument("--prompts", default="", help="one prompt per line: {\"prompt\": ...} or {\"text\": ...}, "
+                    "a JSON string, or plain text; - = stdin")
     p.add_argument("--out", default="", help="write JSONL records here instead of printing")
     p.add_argument("--source-lang", default=d.source_lang, help="prompt language (SONAR code, e.g. eng_Latn)")
     p.add_argument("--target-lang", default="", help="continuation language (default: the source language)")

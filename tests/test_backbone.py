@@ -331,3 +331,21 @@ def test_rope_cache_survives_inference_mode_then_training():
     out = model(x, cu, 5, positions=pos)  # same positions object, now with autograd
     out.sum().backward()
     torch.testing.assert_close(out.detach(), ref)
+
+
+def test_kv_cache_reserve_grows_and_keeps_what_is_filled():
+    """A cache that starts small and grows (`reserve`, used by the generation loops) gives the same outputs as one
+    allocated for the whole length up front, step by step."""
+    bb = make_model(5, num_kv_heads=2)
+    x = torch.randn(3, 9, 32, dtype=torch.float64)
+    big, small = bb.new_cache(3, 9, dtype=torch.float64), bb.new_cache(3, 2, dtype=torch.float64)
+    with torch.no_grad():
+        want = [bb.step(x[:, :2], big)] + [bb.step(x[:, i:i + 1], big) for i in range(2, 9)]
+        got = [bb.step(x[:, :2], small)]
+        for i in range(2, 9):
+            small.reserve(small.upper + 1)
+            got.append(bb.step(x[:, i:i + 1], small))
+    assert small.max_len == 16  # 2 -> 4 -> 8 -> 16: doubled, not one position at a time
+    torch.testing.assert_close(torch.cat(got, 1), torch.cat(want, 1), rtol=0, atol=1e-12)
+    small.reserve(4)  # never shrinks
+    assert small.max_len == 16

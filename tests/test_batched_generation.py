@@ -172,3 +172,42 @@ def test_token_llm_batched_equals_one_at_a_time():
     single = [generate_token_llm(model, [p], max_new_tokens=9, stop_ids=(3, 5))[0] for p in ps]
     assert batched == single
     assert len({tuple(t) for t in batched}) > 1
+
+
+@pytest.mark.parametrize("family", ["sonar_llm", "base_lcm", "two_tower", "token_llm"])
+def test_caches_that_grow_give_what_full_caches_give(family, monkeypatch):
+    """The loops' KV caches start with room for the prompts and CACHE_STRETCH more positions and grow as the
+    stories run (a huge cap costs no memory up front). With a stretch of 1 they grow at almost every step; the
+    stories must not change."""
+    import sonar_llm.models.generate as G
+    import sonar_llm.models.generate_two_tower as GT
+
+    book = Book()
+
+    def run():
+        if family == "token_llm":
+            from sonar_llm.models.backbone import BackboneConfig
+            from sonar_llm.models.token_llm import TokenLLM
+
+            torch.manual_seed(0)
+            model = TokenLLM(BackboneConfig(model_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=48),
+                             vocab_size=50).double().eval()
+            g = torch.Generator().manual_seed(2)
+            return generate_token_llm(model, [torch.randint(4, 50, (n,), generator=g) for n in (7, 2, 11, 4)],
+                                      max_new_tokens=9, stop_ids=(3,))
+        model = _model(family, torch.float32 if family == "two_tower" else torch.float64)
+        extra = {"generator": _gens(3, len(LENGTHS))} if family == "two_tower" else {}
+        ps = _prompts(dtype=torch.float32 if family == "two_tower" else torch.float64)
+        return [(r.embeddings, r.stop_reason) for r in get_family(family).generate(model, ps, _settings(book, **extra))]
+
+    full = run()
+    for module in (G, GT):
+        monkeypatch.setattr(module, "CACHE_STRETCH", 1)
+    grown = run()
+    if family == "token_llm":
+        assert grown == full and max(map(len, full)) > 1
+        return
+    for (e1, r1), (e2, r2) in zip(grown, full):
+        assert r1 == r2 and e1.shape == e2.shape
+        torch.testing.assert_close(e1, e2, rtol=0, atol=1e-5)
+    assert max(e.shape[0] for e, _ in full) > 2  # stories ran past the first stretch

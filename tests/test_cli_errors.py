@@ -148,7 +148,7 @@ def env(tmp_path_factory) -> Env:
     recs = json.dumps([{"prefix": "A dog ran.", "full_text": "A dog ran. It was fast."}]).encode()
     texts = {
         "prompts_empty.jsonl": b"\n\n", "prompts_utf8.jsonl": b'{"prompt": "Tom ran."}\n' + bad,
-        "stories.jsonl": b'{"text": "Tom had a ball. He liked it."}\n', "stories_empty.jsonl": b"",
+        "stories.jsonl": b'{"text": "Tom had a ball. He liked it. It was red."}\n', "stories_empty.jsonl": b"",
         "stories_utf8.txt": bad,
         "judge.json": recs, "judge_trunc.json": recs[: len(recs) // 2], "judge_flip.json": _flip(recs, 1, 1),
         "judge_empty.json": b"[]", "judge_utf8.json": recs[:-2] + b'\xff"}]',
@@ -769,20 +769,35 @@ def test_new_user_findings_name_the_flag_and_say_it_early(env, capsys, tmp_path)
     (the cells give no SONAR asset that could load)."""
     (tmp_path / "folder").mkdir()
     (tmp_path / "notes.txt").write_text("not shards")
+    (tmp_path / "short.jsonl").write_text('{"text": "Tom ran. He fell."}\n')
     cases = [
         (lambda: _gen(env, "--prompt", "Tom ran.", "--seed", "-1", "--temperature", "0.8"),
-         "generate error: --seed must be >= 0, got -1"),
+         "generate error: --seed must be in [0, 2^64 - 1], got -1"),
         (lambda: _gen(env, "--prompt", "Tom ran.", "--family", "banana"),
          "generate error: --family must be 'auto' or one of"),
         (lambda: _gen(env, "--prompts", str(tmp_path / "folder")), "generate error: --prompts: "),
         (lambda: _generate(["--model", str(tmp_path / "folder"), "--prompt", "Tom ran."]), "generate error: --model: "),
-        (lambda: _evaluate(eval_argv("--seed", "-3")(env, tmp_path)), "evaluate error: --seed must be >= 0, got -3"),
+        (lambda: _evaluate(eval_argv("--seed", "-3")(env, tmp_path)),
+         "evaluate error: --seed must be in [0, 2^64 - 1], got -3"),
         (lambda: _evaluate(eval_argv("--max-story-sentences", "2")(env, tmp_path)),
          "evaluate error: --max-story-sentences must be >= 3"),
         (lambda: _evaluate(eval_argv("--nll-data", str(tmp_path / "folder"))(env, tmp_path)),
          f"evaluate error: --nll-data {tmp_path / 'folder'}: no manifest.json"),
         (lambda: _evaluate(eval_argv("--nll-data", str(tmp_path / "notes.txt"))(env, tmp_path)),
          f"evaluate error: --nll-data {tmp_path / 'notes.txt'}: not a folder"),
+        # the seventh round's trial: a seed past 2^64 was said after the load (and only when sampling), these named
+        # internal fields or came after the generation, and an empty --out was "a folder"
+        (lambda: _gen(env, "--prompt", "Tom ran.", "--seed", str(2**64)), "generate error: --seed must be in"),
+        (lambda: _evaluate(eval_argv("--seed", str(2**64))(env, tmp_path)), "evaluate error: --seed must be in"),
+        (lambda: _evaluate(eval_argv("--max-seq-len", "1")(env, tmp_path)), "evaluate error: --max-seq-len must be"),
+        (lambda: _evaluate(eval_argv("--max-gen-len", "0")(env, tmp_path)), "evaluate error: --max-gen-len must be"),
+        (lambda: _evaluate(eval_argv("--nll-docs", "0")(env, tmp_path)), "evaluate error: --nll-docs must be >= 1"),
+        (lambda: _evaluate(eval_argv()(env, tmp_path)[:2] + ["--stories", str(tmp_path / "short.jsonl")]
+                           + eval_argv()(env, tmp_path)[4:]),
+         f"evaluate error: --stories {tmp_path / 'short.jsonl'}: no story has between 3 and 32 sentences "
+         "(--max-story-sentences 32)"),
+        (lambda: _evaluate(eval_argv()(env, tmp_path)[:-6] + ["--out", ""] + eval_argv()(env, tmp_path)[-6:]),
+         "evaluate error: --out: the path is empty"),
     ]
     lines = []
     for command, said in cases:
@@ -791,7 +806,7 @@ def test_new_user_findings_name_the_flag_and_say_it_early(env, capsys, tmp_path)
         lines.append(line)
         assert rc == 2 and line.startswith(said), (said, line)
     assert "is a folder" in lines[2] and "is a folder" in lines[3]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "notes.txt"]  # nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "notes.txt", "short.jsonl"]  # nothing written
 
 
 def test_each_command_takes_the_others_beam_flag():

@@ -449,7 +449,16 @@ def test_bad_sampling_flags_are_one_line_errors(toy, tmp_path, capsys):
                         (["--temperature", "inf"], "--temperature must be a finite number > 0, got inf"),
                         (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
                         (["--top-k", "-1"], "--top-k must be >= 0"),
-                        (["--beam-size", "3", "--sample"], "--beam-size > 1 and sampling")):
+                        (["--beam-size", "3", "--sample"], "--beam-size > 1 and sampling"),
+                        (["--seed", str(2**64)], "--seed must be in [0, 2^64 - 1]"),
+                        # a new user's trial: these named internal fields, or came only after the generation
+                        (["--max-seq-len", "1"], "--max-seq-len must be >= 3"),
+                        (["--max-gen-len", "0"], "--max-gen-len must be >= 1"),
+                        (["--nll-docs", "0"], "--nll-docs must be >= 1"),
+                        (["--lang", "xx"], "--lang: unknown language 'xx'"),
+                        (["--max-story-sentences", "3"], f"--stories {toy['stories']}: no story has between 3 and 3 "
+                                                         "sentences (--max-story-sentences 3)"),
+                        (["--out", ""], "--out: the path is empty")):
         assert _cli(toy, path, out, *extra) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and says in err and "Traceback" not in err, err

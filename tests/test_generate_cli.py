@@ -322,6 +322,7 @@ def test_target_lang_starts_the_decoder_with_eos_and_the_tag(default_run, tmp_pa
     (["--source-lang", "en"], "--source-lang: unknown language 'en'"),
     (["--beam", "2", "--top-k", "3"], "exclude each other"),
     (["--max-sentences", "0"], "--max-sentences must be >= 1"),
+    (["--seed", str(2**64)], "--seed must be in [0, 2^64 - 1]"),  # was said only when sampling, after the load
 ])
 def test_bad_flags_exit_2_naming_the_problem(default_run, capsys, argv, message):
     assert _run([*_common(default_run, "sonar_llm"), "--prompt", PROMPTS[1], *argv]) == 2

@@ -56,7 +56,7 @@ from sonar_llm.models.family import FAMILIES as REGISTERED_FAMILIES
 from sonar_llm.models.family import get_family
 
 from . import metrics as M
-from .protocol import PROMPT_MODES, ProtocolConfig, metrics_table, run_protocol, write_result
+from .protocol import PROMPT_MODES, ProtocolConfig, make_items, metrics_table, run_protocol, write_result
 
 __all__ = [
     "EvalConfig",
@@ -160,16 +160,13 @@ class EvalConfig:
         if self.task == "summarization" and not self.summ_data:
             raise ValueError("--task summarization needs --summ-data")
         check_sampling(self, self.beam_size, "--beam-size")
-        if self.length_guard is not None and not self.length_guard >= 1:
-            raise ValueError(f"--length-guard must be >= 1 (or 0 for none), got {self.length_guard}")
-        if self.stop_on_repetition is not None and not -1 <= self.stop_on_repetition <= 1:
-            raise ValueError(f"--stop-on-repetition must be a cosine in [-1, 1], got {self.stop_on_repetition}")
+        check_decoding(self)
         if self.end_recall_docs < 0:
             raise ValueError(f"--end-recall-docs must be >= 0, got {self.end_recall_docs}")
         if self.max_story_sentences < 3:
             raise ValueError(f"--max-story-sentences must be >= 3 (stories of 3 to that many sentences are "
                              f"evaluated: a prompt and a reference), got {self.max_story_sentences}")
-        for name in ("num_stories", "batch_size", "max_new_tokens"):
+        for name in ("num_stories", "batch_size", "max_new_tokens", "nll_docs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name, value in (("--model", self.model), ("--run", self.run), ("--stories", self.stories),
@@ -420,8 +417,11 @@ def evaluate(cfg: EvalConfig, *, loaded: LoadedModel | None = None, sonar=None,
     """Run the protocol (and the token NLL when asked) and write `cfg.out`; returns the result dict."""
     if loaded is None:
         cfg.validate()
-        if cfg.task == "story":
-            read_stories(cfg.stories)  # an empty or unreadable --stories is said before anything loads
+        if cfg.task == "story":  # an empty or unreadable --stories, or one without a usable story, is said first
+            stories = read_stories(cfg.stories)
+            if cfg.scoring == "ours":
+                make_items(stories, ProtocolConfig(prompt_mode=cfg.prompt_mode, num_stories=1,
+                                                   max_story_sentences=cfg.max_story_sentences), source=cfg.stories)
         if cfg.run:  # a run folder without a checkpoint, or with a missing or damaged config, is said before
             from sonar_llm.checkpoints import check_run, read_run_config  # SONAR is resolved (or trained)
 
@@ -436,6 +436,10 @@ def evaluate(cfg: EvalConfig, *, loaded: LoadedModel | None = None, sonar=None,
     if sonar is None:
         sonar = load_sonar_text(assets, cfg.device)
     t2e, e2t, tokenizer = sonar
+    try:
+        tokenizer.lang_id(cfg.lang)
+    except ValueError as e:
+        raise ValueError(f"--lang: {e}") from None
     load_s = time.perf_counter() - t0
     if cfg.task == "summarization":
         return _summarize(cfg, loaded, sonar, load_s, log)
@@ -552,13 +556,13 @@ def _end_diagnostics(cfg: EvalConfig, loaded: LoadedModel, t2e, e2t, result: dic
         line += (f"teacher-forced end recall {rec['end_recall']:.1%} ({rec['documents']} documents), false ends "
                  f"{rec['false_end_rate']:.1%}; ")
 
-    def pct(v) -> str:
-        return "n/a" if v is None else f"{v:.0%}"
+    def pct(v, digits: int = 0) -> str:
+        return "n/a" if v is None else f"{v:.{digits}%}"
 
     line += ("generations stopped by: " + ", ".join(f"{r.replace('_', ' ')} {pct(m.get(f'stop_{r}'))}"
                                                      for r in ("end", "repetition", "sentence_cap", "token_cap"))
-             + f"; duplicate sentences {pct(m.get('duplicate_sentence_rate'))} (near-duplicates "
-             f"{pct(m.get('near_duplicate_sentence_rate'))}); mean sentences generated "
+             + f"; duplicate sentences {pct(m.get('duplicate_sentence_rate'), 1)} (near-duplicates "
+             f"{pct(m.get('near_duplicate_sentence_rate'), 1)}); mean sentences generated "
              f"{m['mean_generated_sentences']:.1f} (references {m['mean_reference_sentences']:.1f})")
     log(line)
 
@@ -619,8 +623,8 @@ def sampling_requested(cfg) -> bool:
 
 def check_sampling(cfg, beam: int | None, beam_flag: str) -> None:
     """The sampling flags' ranges (--seed's too), and the beam flag's, which excludes sampling when > 1."""
-    if cfg.seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {cfg.seed}")
+    if not 0 <= cfg.seed < 2**64:
+        raise ValueError(f"--seed must be in [0, 2^64 - 1], got {cfg.seed}")
     if beam is not None and beam < 1:
         raise ValueError(f"{beam_flag} must be >= 1, got {beam}")
     if cfg.temperature is not None and not 0 < cfg.temperature < float("inf"):
@@ -631,6 +635,18 @@ def check_sampling(cfg, beam: int | None, beam_flag: str) -> None:
         raise ValueError(f"--top-p must be in (0, 1], got {cfg.top_p}")
     if sampling_requested(cfg) and (beam or 1) > 1:
         raise ValueError(f"{beam_flag} > 1 and sampling ({SAMPLING_FLAGS}) exclude each other")
+
+
+def check_decoding(cfg) -> None:
+    """The SONAR decoder's limits and the repetition stop, as both commands name them."""
+    if cfg.max_seq_len < 3:
+        raise ValueError(f"--max-seq-len must be >= 3 ([</s>, lang] and one token), got {cfg.max_seq_len}")
+    if cfg.max_gen_len is not None and cfg.max_gen_len < 1:
+        raise ValueError(f"--max-gen-len must be >= 1, got {cfg.max_gen_len}")
+    if cfg.length_guard and not cfg.length_guard >= 1:
+        raise ValueError(f"--length-guard must be >= 1 (or 0 for SONAR's own rule), got {cfg.length_guard}")
+    if cfg.stop_on_repetition is not None and not -1.0 <= cfg.stop_on_repetition <= 1.0:
+        raise ValueError(f"--stop-on-repetition must be a cosine in [-1, 1], got {cfg.stop_on_repetition}")
 
 
 def sampling_kwargs(cfg) -> dict[str, Any]:

@@ -55,8 +55,9 @@ class ProtocolItem:
     stop_reason: str | None = None  # why the generation stopped (sonar_llm.models.generate.STOP_REASONS); None: not said
 
 
-def make_items(stories: Sequence[Sequence[str]], cfg: ProtocolConfig) -> list[ProtocolItem]:
-    """Select eligible stories (3..max sentences) and split each into prompt and reference."""
+def make_items(stories: Sequence[Sequence[str]], cfg: ProtocolConfig, source: str = "") -> list[ProtocolItem]:
+    """Select eligible stories (3..max sentences) and split each into prompt and reference; `source` (the
+    stories' file) is named when none is eligible."""
     cfg.validate()
     items = []
     for sents in stories:
@@ -69,7 +70,9 @@ def make_items(stories: Sequence[Sequence[str]], cfg: ProtocolConfig) -> list[Pr
         if len(items) == cfg.num_stories:
             break
     if not items:
-        raise ValueError(f"no story has between 3 and {cfg.max_story_sentences} sentences (max_story_sentences)")
+        where = f"--stories {source}: " if source else ""
+        raise ValueError(f"{where}no story has between 3 and {cfg.max_story_sentences} sentences "
+                         f"(--max-story-sentences {cfg.max_story_sentences})")
     return items
 
 

@@ -295,6 +295,17 @@ class KVCache:
         self.max_len = max_len
         self.upper = 0
 
+    def reserve(self, length: int) -> None:
+        """Room for `length` positions per row: the capacity at least doubles when it grows, what is filled is
+        kept. A loop that may stop long before its cap (a story, a token stream) starts small and grows as it
+        runs, instead of holding memory for the whole cap from the start."""
+        if length <= self.max_len:
+            return
+        extra = max(length, 2 * self.max_len) - self.max_len
+        self.k = [F.pad(t, (0, 0, 0, 0, 0, extra)) for t in self.k]  # [B, L, H, D]: grow L
+        self.v = [F.pad(t, (0, 0, 0, 0, 0, extra)) for t in self.v]
+        self.max_len += extra
+
     def reorder(self, index: Tensor) -> None:
         """Keep/duplicate batch rows (beam search, dropping finished stories)."""
         self.k = [t.index_select(0, index) for t in self.k]

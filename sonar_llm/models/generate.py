@@ -83,6 +83,7 @@ STOP_TOKEN_CAP = "token_cap"  # the token LLM ran out of tokens (its last senten
 STOP_REASONS = (STOP_END, STOP_REPETITION, STOP_SENTENCE_CAP, STOP_TOKEN_CAP)
 
 DecodeFn = Callable[[Tensor], list[str]]
+CACHE_STRETCH = 64  # positions a generation loop's KV cache holds beyond its prompts at first (`KVCache.reserve`)
 EncodeFn = Callable[[list[str]], Tensor]
 # predictions [B, E] -> bool [B]: those whose greedy reading is the end sentence (`end_reader`)
 EndFn = Callable[[Tensor], Tensor]
@@ -210,7 +211,10 @@ def _concept_loop(
         padded = torch.zeros(len(active), n_max, dim, device=device, dtype=dtype)
         for j, b in enumerate(active):
             padded[j, : lengths[b]] = prompts[b].to(device=device, dtype=dtype)
-        cache = model.backbone.new_cache(len(active), max(n_max, max_sentences + 1) + 1, device, dtype)
+        # room for the prompts and a first stretch; it grows as the stories run (a cap of a million sentences
+        # must not take the memory of a million before the first one)
+        cache = model.backbone.new_cache(len(active), min(max(n_max, max_sentences + 1) + 1, n_max + CACHE_STRETCH),
+                                         device, dtype)
         lens = torch.tensor([lengths[b] for b in active], device=device)
         hidden = model.backbone.step(model.embed_inputs(padded), cache, lengths=lens)
         last = hidden[torch.arange(len(active), device=device), lens - 1]
@@ -242,6 +246,7 @@ def _concept_loop(
         active = [active[j] for j in keep]
         nxt = nxt.index_select(0, index).to(device=device, dtype=dtype)
         previous = nxt
+        cache.reserve(cache.upper + 1)
         last = model.backbone.step(model.embed_inputs(nxt)[:, None], cache)[:, 0]
     out = []
     for b in range(batch):
@@ -468,7 +473,7 @@ def generate_token_llm(
         for b, p in enumerate(prompts):
             padded[b, : p.numel()] = p.to(device, torch.int64)
         dtype = model.embed.weight.dtype
-        cache = model.backbone.new_cache(batch, n_max + max_new_tokens + 1, device, dtype)
+        cache = model.backbone.new_cache(batch, n_max + min(max_new_tokens, CACHE_STRETCH) + 1, device, dtype)
         hidden = model.backbone.step(model.embed(padded), cache, lengths=lengths)
         last = hidden[torch.arange(batch, device=device), lengths - 1]
         active = list(range(batch))
@@ -487,6 +492,7 @@ def generate_token_llm(
             index = torch.tensor(keep, device=device)
             cache.reorder(index)
             active = [active[j] for j in keep]
+            cache.reserve(cache.upper + 1)
             last = model.backbone.step(model.embed(toks.index_select(0, index))[:, None], cache)[:, 0]
     return outputs
 

@@ -26,6 +26,7 @@ from sonar_llm.models.backbone import Attention
 from sonar_llm.models.diffusion import cfg_combine
 
 from sonar_llm.models.generate import (
+    CACHE_STRETCH,
     LCM_MIN_SENTENCES,
     STOP_SENTENCE_CAP,
     ConceptGeneration,
@@ -244,8 +245,8 @@ def _generate(model, prompts, limits, eos_embedding, eos_threshold, num_inferenc
     lengths = [int(p.shape[0]) for p in prompts]
 
     x = [model.sonar_normalizer.normalize(p.to(device).float()).to(dtype) for p in prompts]
-    cache = model.context_encoder.new_cache(B, max(n + m for n, m in zip(lengths, limits)), device=device,
-                                            dtype=dtype)
+    cache = model.context_encoder.new_cache(B, min(max(n + m for n, m in zip(lengths, limits)),
+                                                   max(lengths) + CACHE_STRETCH), device=device, dtype=dtype)
     cross = CachedCrossAttention(model.denoiser, B, dtype, device)
     ctx_max = max(lengths) - 1
     if ctx_max > 0:  # prefill every prompt but its last concept: right-padded, per-row lengths
@@ -264,6 +265,7 @@ def _generate(model, prompts, limits, eos_embedding, eos_threshold, num_inferenc
     prev_raw = torch.stack([p[-1].to(device).float() for p in prompts])
     while active:
         A = len(active)
+        cache.reserve(cache.upper + 1)  # it starts small and grows as the stories run
         cross.extend(model.context_encoder.step(model.encoder_frontend(last), cache))
         z = (_randn(active, E, generator, device) * initial_noise_scale).clamp(-clip_noise, clip_noise)
         pred_x0 = z  # latents and DDIM maths in fp32
