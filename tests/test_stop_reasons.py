@@ -44,7 +44,12 @@ class _Identity(nn.Module):
     """A 'backbone' whose hidden state is its input: the KV cache holds nothing."""
 
     class Cache:
+        upper = 0  # nothing is cached: the loop's growth requests (`KVCache.reserve`) have nothing to do
+
         def reorder(self, index):
+            pass
+
+        def reserve(self, length):
             pass
 
     def new_cache(self, batch, max_len, device=None, dtype=None):
