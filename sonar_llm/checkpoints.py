@@ -262,6 +262,7 @@ def read_exported(path: str | os.PathLike, verify: bool = True) -> TrainedWeight
         raise ValueError(f"{info_path}: not valid JSON ({exc})") from None
     if not isinstance(info, dict) or not isinstance(info.get("run_config"), dict) or not info["run_config"]:
         raise ValueError(f"{info_path}: no 'run_config' (the training run's resolved config)")
+    _check_model_table(info["run_config"], f"{info_path} (its run_config)")
     if verify:
         verify_export_file(path, info, info_path)
     return TrainedWeights(_load_safetensors(path), info["run_config"], info.get("step"), str(path))
@@ -285,7 +286,16 @@ def read_run_config(cfg_file: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{cfg_file}: not a readable run config ({e})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{cfg_file}: not a run config (expected a JSON object, got {type(cfg).__name__})")
+    _check_model_table(cfg, cfg_file)
     return cfg
+
+
+def _check_model_table(run_config: dict[str, Any], where: str | os.PathLike) -> None:
+    """ValueError naming `where` when the run config has no [model] table naming its family (every loader
+    starts there)."""
+    model = run_config.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("family"), str) or not model["family"]:
+        raise ValueError(f"{where}: not a run config (no [model] table with a family)")
 
 
 def read_run(run_dir: str | os.PathLike, step: int | None = None) -> TrainedWeights:

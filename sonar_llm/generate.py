@@ -70,6 +70,7 @@ from sonar_llm.eval.evaluate import (
     add_sampling_arguments,
     add_stop_arguments,
     check_decoding,
+    check_diffusion,
     check_sampling,
     sampling_kwargs,
     sampling_requested,
@@ -142,6 +143,8 @@ class GenerateConfig:
                              f"got {self.eos_threshold}")
         check_decoding(self)
         check_sampling(self, self.beam, "--beam")
+        check_diffusion(self.steps, self.guidance, self.guidance_rescale, self.noise,
+                        ("--steps", "--guidance", "--guidance-rescale", "--noise"))
         for name, value in (("--model", self.model), ("--run", self.run), ("--encoder", self.encoder),
                             ("--decoder", self.decoder), ("--tokenizer", self.tokenizer)):
             if value and not Path(value).exists():
@@ -155,8 +158,9 @@ class GenerateConfig:
 
 def read_prompts(source: str, stream: TextIO | None = None) -> list[str]:
     """Prompt texts of a JSONL file (or `stream` for "-"): per non-empty line {"prompt": text}, {"text": text}
-    or a JSON string; a line that does not start with `{` or `"` is taken as plain text. Text that is not
-    UTF-8 is refused naming the file and line."""
+    or a JSON string; any other line is plain text, including one that opens with a quote but is not a JSON
+    string (`"Hi," said Tom.`). A line starting with `{` must be a JSON object. Text that is not UTF-8 is refused
+    naming the file and line."""
     from sonar_llm.cli import read_utf8
 
     name = "<stdin>" if source == "-" else source
@@ -179,6 +183,9 @@ def read_prompts(source: str, stream: TextIO | None = None) -> list[str]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as e:
+            if line[0] == '"':  # dialogue opening a story, not a JSON string
+                out.append(line)
+                continue
             raise ValueError(f"--prompts {name}:{n}: not valid JSON ({e.msg})") from None
         if isinstance(value, dict):
             value = value.get("prompt", value.get("text"))
@@ -316,21 +323,26 @@ class Generator:
         return out
 
     def continue_prompts(self, prompts: list[str], *, indices: list[int] | None = None,
+                         samples: list[int] | None = None,
                          stream: Callable[[int, str], None] | None = None) -> list[Continuation]:
         """Continue `prompts` as one batch (`num_samples` continuations each, prompt-major). `indices`: the
-        prompts' numbers (records, and the seeds of the Two-Tower's noise; default 0, 1, ...).
-        `stream(k, text)` sees each new sentence of continuation k as it is generated (concept families)."""
+        prompts' numbers (records, and the seeds of the random draws; default 0, 1, ...). `samples`: one sample
+        number per prompt, which then gets that one continuation only (a prompt may repeat: how the command
+        splits many samples of a prompt over batches). `stream(k, text)` sees each new sentence of continuation
+        k as it is generated (concept families)."""
         from sonar_llm.data.segment import split_sentences
         from sonar_llm.models.generate import STOP_SENTENCE_CAP
 
         cfg = self.cfg
         indices = list(range(len(prompts))) if indices is None else list(indices)
+        numbers = [None] * len(prompts) if samples is None else list(samples)
         stories = []
-        for i, text in zip(indices, prompts):
+        for i, text, sample in zip(indices, prompts, numbers):
             sents = split_sentences(text)
             if not sents:
                 raise ValueError(f"prompt {i + 1} has no sentence: {text!r}")
-            stories += [Continuation(i, j, text, sents) for j in range(cfg.num_samples)]
+            stories += [Continuation(i, j, text, sents)
+                        for j in (range(cfg.num_samples) if sample is None else [sample])]
         # the family limit counts the story (prompt included) and allows one more: room for max_sentences new
         # ones after the longest prompt; each continuation is cut at its own max_sentences below
         limit = max(len(s.prompt_sentences) for s in stories) + cfg.max_sentences - 1
@@ -445,18 +457,21 @@ def generate(cfg: GenerateConfig, *, stdout: TextIO | None = None, stderr: TextI
     to_file = bool(cfg.out)
     streaming = len(texts) == 1 and cfg.num_samples == 1 and not to_file and g.spec.concept_level
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
-    per_batch = max(1, cfg.batch_size // cfg.num_samples)
+    # (prompt, sample) pairs, --batch-size of them per batch: the samples of one prompt may span batches
+    units = [(i, j) for i in order for j in range(cfg.num_samples)]
+    what = "prompts" if cfg.num_samples == 1 else "continuations"
     done: list[Continuation] = []
     t0 = time.perf_counter()
 
     def stream(_k: int, text: str) -> None:
         print("  " + text, file=stdout, flush=True)
 
-    for start in range(0, len(order), per_batch):
-        idx = order[start:start + per_batch]
+    for start in range(0, len(units), cfg.batch_size):
+        chunk = units[start:start + cfg.batch_size]
         if streaming:
             print(texts[0], file=stdout, flush=True)
-        conts = g.continue_prompts([texts[i] for i in idx], indices=idx, stream=stream if streaming else None)
+        conts = g.continue_prompts([texts[i] for i, _ in chunk], indices=[i for i, _ in chunk],
+                                   samples=[j for _, j in chunk], stream=stream if streaming else None)
         for c in conts:
             done.append(c)
             if to_file:
@@ -467,10 +482,10 @@ def generate(cfg: GenerateConfig, *, stdout: TextIO | None = None, stderr: TextI
                 for sent in c.sentences:
                     print("  " + sent, file=stdout)
             print(f"  [{c.stop_reason}]", file=stdout, flush=True)
-        if len(texts) > 1:
-            n = min(start + per_batch, len(order))
+        if len(units) > 1:
+            n = min(start + cfg.batch_size, len(units))
             elapsed = time.perf_counter() - t0
-            print(f"[generate] {n}/{len(order)} prompts, {elapsed:.1f}s, {elapsed / n:.2f}s per prompt",
+            print(f"[generate] {n}/{len(units)} {what}, {elapsed:.1f}s, {elapsed / n:.2f}s per {what[:-1]}",
                   file=stderr, flush=True)
     done.sort(key=lambda c: (c.index, c.sample))  # input order (batches are sorted by length)
     if to_file:  # written once every continuation is done: a failed run leaves no partial or changed file
@@ -497,7 +512,7 @@ def _parser() -> argparse.ArgumentParser:
     pr = p.add_mutually_exclusive_group(required=True)
     pr.add_argument("--prompt", default=None, help="one prompt text")
     pr.add_argument("--prompts", default="", help="one prompt per line: {\"prompt\": ...} or {\"text\": ...}, "
-                    "a JSON string, or plain text; - = stdin")
+                    "a JSON string, or plain text (a line starting with { must be JSON); - = stdin")
     p.add_argument("--out", default="", help="write JSONL records here instead of printing")
     p.add_argument("--source-lang", default=d.source_lang, help="prompt language (SONAR code, e.g. eng_Latn)")
     p.add_argument("--target-lang", default="", help="continuation language (default: the source language)")

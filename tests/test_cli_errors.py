@@ -798,6 +798,14 @@ def test_new_user_findings_name_the_flag_and_say_it_early(env, capsys, tmp_path)
          "(--max-story-sentences 32)"),
         (lambda: _evaluate(eval_argv()(env, tmp_path)[:-6] + ["--out", ""] + eval_argv()(env, tmp_path)[-6:]),
          "evaluate error: --out: the path is empty"),
+        # the judge's settings were checked after the whole generation, in one line naming no flag
+        (lambda: _evaluate(eval_argv("--judge-url", "http://127.0.0.1:9/v1", "--judge-api-key-env",
+                                     "SONAR_LLM_TEST_UNSET_KEY")(env, tmp_path)),
+         "evaluate error: --judge-api-key-env SONAR_LLM_TEST_UNSET_KEY: the judge's API key variable is not set"),
+        (lambda: _evaluate(eval_argv("--judge-url", "http://127.0.0.1:9/v1", "--judge-backoff", "nan")(env, tmp_path)),
+         "evaluate error: --judge-backoff must be a finite number >= 0, got nan"),
+        (lambda: _evaluate(eval_argv("--judge-url", "http://127.0.0.1:9/v1", "--judge-concurrency", "0")(env, tmp_path)),
+         "evaluate error: --judge-concurrency must be >= 1, got 0"),
     ]
     lines = []
     for command, said in cases:
@@ -819,3 +827,22 @@ def test_each_command_takes_the_others_beam_flag():
     for flag in ("--beam", "--beam-size"):
         assert gen_parser().parse_args([*gen, flag, "3"]).beam == 3
         assert eval_parser().parse_args([*ev, flag, "4"]).beam_size == 4
+
+
+def test_export_needs_the_run_config(env, capsys, tmp_path):
+    """A user trial: a run without config.json (or with `{}`) was exported with exit 0, into a model.json that every
+    loader then refused. Now export refuses it, naming the file, and writes nothing."""
+    import shutil
+
+    for name, config in (("no_config", None), ("empty_config", "{}")):
+        run = tmp_path / name
+        shutil.copytree(env.p["run"], run)
+        if config is None:
+            (run / "config.json").unlink()
+        else:
+            (run / "config.json").write_text(config)
+        out = tmp_path / f"{name}.safetensors"
+        assert _export(["--run", str(run), "--out", str(out)]) == 2
+        line = _one_line(capsys)
+        assert str(run / "config.json") in line, line
+        assert not out.exists() and not out.with_suffix(".json").exists()

@@ -290,6 +290,26 @@ def test_bad_inputs_are_named(toy, tmp_path, capsys):
         EV.EvalConfig(model=str(path), stories=str(toy["stories"]), beam_size=0).validate()
 
 
+def test_a_run_config_that_does_not_describe_the_weights_is_named(toy, tmp_path, capsys):
+    """A user trial: model.json (or a run's config.json) edited to another preset, or emptied, gave a traceback
+    (a size mismatch in load_state_dict, a KeyError). Now one line naming the file, exit 2."""
+    path, _ = _export_untrained(toy, "sonar_llm")
+    info = json.loads(path.with_suffix(".json").read_text())
+    out = tmp_path / "r.json"
+    for model, says in (({**info["run_config"]["model"], "overrides": {"num_layers": 2, "model_dim": 64,
+                                                                           "num_heads": 4, "ffn_dim": 96}},
+                          "the run config does not describe these weights (sonar_llm): "),
+                         ({}, "(its run_config): not a run config (no [model] table with a family)")):
+        edited = tmp_path / f"edited{len(says)}.safetensors"
+        edited.write_bytes(path.read_bytes())
+        edited.with_suffix(".json").write_text(json.dumps({**info, "run_config": {**info["run_config"],
+                                                                                   "model": model}}))
+        assert _cli(toy, edited, out) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and says in err and str(edited.with_suffix("")) in err, err
+    assert not out.exists()
+
+
 def test_bad_stories_and_an_empty_run_folder_are_named_before_any_sonar_is_resolved(toy, tmp_path, capsys,
                                                                                       monkeypatch):
     """A held-out file is read whole: a non-UTF-8 or non-JSON line after good ones is an error naming file and
@@ -458,7 +478,10 @@ def test_bad_sampling_flags_are_one_line_errors(toy, tmp_path, capsys):
                         (["--lang", "xx"], "--lang: unknown language 'xx'"),
                         (["--max-story-sentences", "3"], f"--stories {toy['stories']}: no story has between 3 and 3 "
                                                          "sentences (--max-story-sentences 3)"),
-                        (["--out", ""], "--out: the path is empty")):
+                        (["--out", ""], "--out: the path is empty"),
+                        (["--initial-noise-scale", "nan"], "--initial-noise-scale must be a finite number >= 0"),
+                        (["--guidance-scale", "nan"], "--guidance-scale must be a finite number >= 0"),
+                        (["--num-inference-steps", "0"], "--num-inference-steps must be >= 1")):
         assert _cli(toy, path, out, *extra) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and says in err and "Traceback" not in err, err

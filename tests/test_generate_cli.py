@@ -209,6 +209,24 @@ def test_sampled_sonar_llm_stories_do_not_depend_on_the_batch(default_run, tmp_p
     assert len({tuple(r[2]) for r in runs["3"]}) == 6  # each prompt number and sample number its own draws
 
 
+def test_samples_of_a_prompt_span_batches_of_batch_size(default_run, tmp_path, capsys):
+    """A user trial: all --num-samples of a prompt went into one batch whatever --batch-size (a million samples
+    were killed for memory). Now --batch-size continuations per batch, the samples of a prompt spread over
+    batches, with the same continuations as in one batch (each draws from its own generator)."""
+    runs = {}
+    for bs in ("2", "8"):
+        out = tmp_path / f"gen_{bs}.jsonl"
+        argv = [*_common(default_run, "sonar_llm"), "--prompt", PROMPTS[0], "--num-samples", "5", "--batch-size",
+                bs, "--temperature", "5", "--eos-threshold", "1", "--out", out]
+        argv.remove("--beam"), argv.remove("1")
+        assert _run(argv) == 0
+        runs[bs] = _records(out)
+    assert [r["timings"]["batch_size"] for r in runs["2"]] == [2, 2, 2, 2, 1]
+    assert [r["timings"]["batch_size"] for r in runs["8"]] == [5] * 5
+    assert [(r["sample"], r["sentences"]) for r in runs["2"]] == [(r["sample"], r["sentences"]) for r in runs["8"]]
+    assert "[generate] 5/5 continuations" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("family", ["sonar_llm", "base_lcm", "two_tower"])
 def test_generator_batches_mixed_lengths_like_single_prompts(default_run, family):
     """The command's Generator: the concepts of a mixed-length batch == those of each prompt alone (the
@@ -323,6 +341,10 @@ def test_target_lang_starts_the_decoder_with_eos_and_the_tag(default_run, tmp_pa
     (["--beam", "2", "--top-k", "3"], "exclude each other"),
     (["--max-sentences", "0"], "--max-sentences must be >= 1"),
     (["--seed", str(2**64)], "--seed must be in [0, 2^64 - 1]"),  # was said only when sampling, after the load
+    (["--noise", "nan"], "--noise must be a finite number >= 0, got nan"),  # a NaN gave empty sentences, exit 0
+    (["--guidance", "nan"], "--guidance must be a finite number >= 0"),
+    (["--guidance-rescale", "-1"], "--guidance-rescale must be a finite number in [0, 1]"),
+    (["--steps", "0"], "--steps must be >= 1"),
 ])
 def test_bad_flags_exit_2_naming_the_problem(default_run, capsys, argv, message):
     assert _run([*_common(default_run, "sonar_llm"), "--prompt", PROMPTS[1], *argv]) == 2
@@ -338,6 +360,19 @@ def test_token_llm_refuses_another_language_and_decoder_options(default_run, cap
     bad.write_text('{"prompt": "ok."}\n{"prompt": \n')
     assert _run([*_common(default_run, "base_lcm"), "--prompts", bad]) == 2
     assert f"--prompts {bad}:2: not valid JSON" in capsys.readouterr().err
+
+
+def test_prompt_lines_that_open_with_dialogue_are_plain_text(tmp_path):
+    """A user trial: a plain-text prompt opening with a quote ("Hi," said Tom.) was refused as bad JSON. A line
+    starting with a quote that is not a JSON string is plain text; a JSON string is still decoded; a line starting
+    with { must still be JSON."""
+    f = tmp_path / "p.txt"
+    f.write_text('"Hi," said Tom. He ran home.\n"Tom had a \\"red\\" ball."\n{"text": "Ann sang."}\nPlain words.\n')
+    assert G.read_prompts(str(f)) == ['"Hi," said Tom. He ran home.', 'Tom had a "red" ball.', "Ann sang.",
+                                      "Plain words."]
+    f.write_text('"Hi," said Tom.\n{"text": "Ann\n')
+    with pytest.raises(ValueError, match=f"--prompts {f}:2: not valid JSON"):
+        G.read_prompts(str(f))
 
 
 def test_imported_public_checkpoint_generates(tmp_path):

@@ -59,6 +59,11 @@ def test_command_writes_the_png_into_the_run_folder(tmp_path, capsys):
     assert P.main(["--run", str(run), "--out", str(other)]) == 0 and other.is_file()
     nested = tmp_path / "new" / "folder" / "plot.png"  # missing folders are created, as by every command
     assert P.main(["--run", str(run), "--out", str(nested)]) == 0 and nested.read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    before = png.read_bytes()  # an explicit empty --out is refused (it replaced the run's own plot)
+    assert P.main(["--run", str(run), "--out", ""]) == 2
+    assert capsys.readouterr().err.strip() == "plot error: --out: the path is empty (give the file to write)"
+    assert png.read_bytes() == before
 
 
 def _bad(kind: str, tmp_path):

@@ -161,6 +161,10 @@ class EvalConfig:
             raise ValueError("--task summarization needs --summ-data")
         check_sampling(self, self.beam_size, "--beam-size")
         check_decoding(self)
+        check_diffusion(self.num_inference_steps, self.guidance_scale, self.guidance_rescale, self.initial_noise_scale,
+                        ("--num-inference-steps", "--guidance-scale", "--guidance-rescale", "--initial-noise-scale"))
+        if self.judge_url:  # the judge's settings and key are said before the generation, not after it
+            _judge_config(self).validate("--judge-")
         if self.end_recall_docs < 0:
             raise ValueError(f"--end-recall-docs must be >= 0, got {self.end_recall_docs}")
         if self.max_story_sentences < 3:
@@ -647,6 +651,20 @@ def check_decoding(cfg) -> None:
         raise ValueError(f"--length-guard must be >= 1 (or 0 for SONAR's own rule), got {cfg.length_guard}")
     if cfg.stop_on_repetition is not None and not -1.0 <= cfg.stop_on_repetition <= 1.0:
         raise ValueError(f"--stop-on-repetition must be a cosine in [-1, 1], got {cfg.stop_on_repetition}")
+
+
+def check_diffusion(steps: int, guidance: float, rescale: float, noise: float,
+                    flags: tuple[str, str, str, str]) -> None:
+    """The Two-Tower's settings (a NaN ran silently into empty sentences); `flags` name them in this order."""
+    import math
+
+    if steps < 1:
+        raise ValueError(f"{flags[0]} must be >= 1, got {steps}")
+    for flag, value, low, high in ((flags[1], guidance, 0.0, math.inf), (flags[2], rescale, 0.0, 1.0),
+                                   (flags[3], noise, 0.0, math.inf)):
+        if not (low <= value <= high and math.isfinite(value)):
+            span = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+            raise ValueError(f"{flag} must be a finite number {span}, got {value}")
 
 
 def sampling_kwargs(cfg) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import re
 import sys
@@ -73,15 +74,24 @@ class JudgeConfig:
     prompt_file: str = ""  # "" = the packaged sonar_llm/assets/judge_prompt.txt
     max_failed_share: float = 0.0  # the command fails (exit 1) when more than this share of the stories failed
 
-    def validate(self) -> None:
+    def validate(self, flags: str = "--") -> None:
+        """ValueError naming the flag (`flags` + the field's name: "--" for the judge command, "--judge-" for
+        evaluate's) of a wrong setting, and a key variable that is named but not set."""
         if not self.url.startswith(("http://", "https://")):
-            raise ValueError(f"judge url must start with http:// or https://, got {self.url!r}")
+            raise ValueError(f"{flags}url must start with http:// or https://, got {self.url!r}")
         if not self.model:
-            raise ValueError("judge model name is empty")
-        if self.concurrency < 1 or self.retries < 0 or self.timeout <= 0 or self.backoff < 0 or self.max_tokens < 1:
-            raise ValueError("judge concurrency >= 1, retries >= 0, timeout > 0, backoff >= 0, max_tokens >= 1")
-        if not 0.0 <= self.max_failed_share <= 1.0:
-            raise ValueError(f"judge max-failed-share must be in [0, 1], got {self.max_failed_share}")
+            raise ValueError(f"{flags}model: the judge model name is empty")
+        for name, value, ok, rule in (("concurrency", self.concurrency, self.concurrency >= 1, ">= 1"),
+                                      ("retries", self.retries, self.retries >= 0, ">= 0"),
+                                      ("timeout", self.timeout, 0 < self.timeout < math.inf, "a finite number > 0"),
+                                      ("backoff", self.backoff, 0 <= self.backoff < math.inf, "a finite number >= 0"),
+                                      ("max-tokens", self.max_tokens, self.max_tokens >= 1, ">= 1"),
+                                      ("max-failed-share", self.max_failed_share, 0.0 <= self.max_failed_share <= 1.0,
+                                       "in [0, 1]")):
+            if not ok:
+                raise ValueError(f"{flags}{name} must be {rule}, got {value}")
+        if self.api_key_env and not os.environ.get(self.api_key_env):  # said now, not after the generation
+            raise ValueError(f"{flags}api-key-env {self.api_key_env}: the judge's API key variable is not set")
 
     def endpoint(self) -> str:
         url = self.url.rstrip("/")

@@ -229,6 +229,12 @@ def build_trained(weights, decoder: str = "", family: str = "", device: str | to
         cfg.sonar_decoder = str(decoder)
     net = spec.build(cfg)
     state = {k: v.float() if v.is_floating_point() else v for k, v in weights.state.items()}
+    own = net.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (the config builds {tuple(own[k].shape)})" for k, v in state.items()
+             if k in own and own[k].shape != v.shape]
+    if wrong:  # a config that does not describe these weights (another preset, an edited config)
+        raise ValueError(f"{weights.source}: the run config does not describe these weights ({cfg.family}): "
+                         f"{'; '.join(wrong[:3])}{f'; {len(wrong) - 3} more' if len(wrong) > 3 else ''}")
     result = net.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("freqs") and "rope" not in k]
     if missing or result.unexpected_keys:

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from sonar_llm.checkpoints import (checkpoint_step, find_checkpoint, load_dcp_model_state, read_run_config,
+from sonar_llm.checkpoints import (check_run, checkpoint_step, load_dcp_model_state, read_run_config,
                                    write_exported)
 from sonar_llm.sonar.checkpoint import DTYPES as _DTYPES
 
@@ -27,14 +27,13 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None 
     safetensors path."""
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"--dtype: expected one of {', '.join(_DTYPES)}, got {dtype!r}")
-    path = find_checkpoint(run_dir, step)
+    path, cfg_file = check_run(run_dir, step)  # the weights are useless without the config that builds them
+    run_cfg = read_run_config(cfg_file)
     state = load_model_state(path)
     if dtype is not None:
         state = {k: v.to(_DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
     state = {k: v.contiguous() for k, v in state.items()}
-    cfg_file = Path(run_dir) / "config.json"
-    run_cfg = read_run_config(cfg_file) if cfg_file.is_file() else {}
-    model_cfg = run_cfg.get("model", {})
+    model_cfg = run_cfg["model"]
     step_n = checkpoint_step(path)
     info = {"run_config": run_cfg, "step": step_n, "family": model_cfg.get("family"),
             "preset": model_cfg.get("preset"), "dtype": dtype or "as trained", "checkpoint": str(path)}

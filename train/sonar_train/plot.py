@@ -145,9 +145,11 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
 def _main(argv: list[str]) -> int:
     p = parser("train/plot.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="run folder (train.out_dir), with its metrics.jsonl")
-    p.add_argument("--out", default="", help=f"PNG to write (default: <run>/{PLOT_NAME})")
+    p.add_argument("--out", default=None, help=f"PNG to write (default: <run>/{PLOT_NAME})")
     a = p.parse_args(argv)
-    print(f"wrote {plot_run(a.run, a.out or None)}")
+    if a.out is not None:  # an explicit `--out ""` is refused, not read as the default (it replaced the run's plot)
+        check_output_path(a.out)
+    print(f"wrote {plot_run(a.run, a.out)}")
     return 0
 
 
