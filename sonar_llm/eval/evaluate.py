@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -656,8 +657,6 @@ def check_decoding(cfg) -> None:
 def check_diffusion(steps: int, guidance: float, rescale: float, noise: float,
                     flags: tuple[str, str, str, str]) -> None:
     """The Two-Tower's settings (a NaN ran silently into empty sentences); `flags` name them in this order."""
-    import math
-
     if steps < 1:
         raise ValueError(f"{flags[0]} must be >= 1, got {steps}")
     for flag, value, low, high in ((flags[1], guidance, 0.0, math.inf), (flags[2], rescale, 0.0, 1.0),

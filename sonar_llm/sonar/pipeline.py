@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .decoder import SonarTextDecoder
 from .encoder import SonarTextEncoder
-from .generation import Draws, GenerationConfig, generate, greedy_reads, make_generator
+from .generation import Draws, GenerationConfig, _per_row, generate, greedy_reads, make_generator
 from .tokenizer import NllbTokenizer
 
 __all__ = ["TextToEmbedding", "EmbeddingToText"]
@@ -114,13 +114,13 @@ class EmbeddingToText:
             cfg = GenerationConfig(beam_size=beam_size, **({} if max_gen_len is None else {"max_gen_len": max_gen_len}))
         if cfg.do_sample and generator is None:
             generator = make_generator(cfg, self.device)
-        own = generator is not None and not isinstance(generator, torch.Generator)  # one per embedding
+        own = _per_row(generator, embeddings.size(0))  # one generator per embedding, split with the batches
         lang_id = self.tokenizer.lang_id(lang)
         out: list[list[int]] = []
         for start in range(0, embeddings.size(0), self.batch_size):
             stop = start + self.batch_size
             out += generate(self.decoder, embeddings[start:stop], lang_id, cfg=cfg,
-                            generator=list(generator[start:stop]) if own else generator)
+                            generator=generator if own is None else own[start:stop])
         return out
 
     def decode(self, embeddings: Tensor, lang: str | None = None, beam_size: int = 5,
